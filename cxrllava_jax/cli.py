@@ -1,0 +1,41 @@
+"""The `cxrllava` command: one subcommand per job, each implemented next to the code it drives."""
+
+import importlib
+import sys
+
+# name -> ("module:function", one-line help). Each function takes the remaining argv and parses it itself,
+# so a subcommand's flags live beside its implementation and importing this file stays cheap.
+COMMANDS = {
+    "synth": ("input_pipeline.synthetic:main", "generate the synthetic CXR dataset (MIMIC-CXR-JPG layout)"),
+    "refine": ("input_pipeline.refine:main", "refine reports (strip comparisons, history, devices, numbers)"),
+    "label": ("cxrllava_jax.evaluation.cli:label_main", "label reports with the CheXpert-style labeler"),
+    "reader-study": ("cxrllava_jax.evaluation.cli:reader_study_main", "export/analyse a blinded reader study"),
+    "import-torch": ("cxrllava_jax.convert.cli:import_main", "PyTorch safetensors directory -> our checkpoint"),
+    "export-torch": ("cxrllava_jax.convert.cli:export_main", "our checkpoint -> PyTorch safetensors directory"),
+    "report": ("cxrllava_jax.inference.cli:report_main", "write a radiologic report for each image"),
+    "ask": ("cxrllava_jax.inference.cli:ask_main", "ask a question about an image"),
+    "chat": ("cxrllava_jax.inference.cli:chat_main", "interactive multi-turn chat about an image"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: cxrllava COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<14} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"cxrllava: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, func_name = COMMANDS[name][0].split(":")
+    return getattr(importlib.import_module(module_name), func_name)(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""The device mesh and the one table that maps logical axis names to mesh axes.
+
+Every weight and every constrained activation in the models carries logical names
+(`embed`, `mlp`, `heads`, ...). Nothing outside this module knows which mesh axis a
+name lands on, so changing a parallelism strategy is an edit of `LOGICAL_AXIS_RULES`.
+"""
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# FSDP shards the model dimension of every weight; tensor parallelism splits heads and the MLP.
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("kv", None),
+    ("length", None),
+    ("layers", None),
+    ("patch", None),
+    ("channels", None),
+    ("classes", None),
+    ("clip", None),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; -1 in `data` takes the devices the other axes leave."""
+    devices = list(jax.devices() if devices is None else devices)
+    if data == -1:
+        if len(devices) % (fsdp * tensor):
+            raise ValueError(f"{len(devices)} devices do not divide into fsdp={fsdp} x tensor={tensor}")
+        data = len(devices) // (fsdp * tensor)
+    shape = (data, fsdp, tensor)
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {np.prod(shape)} devices, have {len(devices)}")
+    try:
+        device_array = mesh_utils.create_device_mesh(shape, devices)
+    except (AssertionError, NotImplementedError, ValueError):
+        device_array = np.asarray(devices).reshape(shape)
+    return Mesh(device_array, MESH_AXES)
+
+
+def logical_shardings(abstract_tree: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
+    """NamedShardings for a tree of (boxed) logical-partitioned values, e.g. from `jax.eval_shape(init)`."""
+    specs = nn.get_partition_spec(abstract_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def create_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args, rules=LOGICAL_AXIS_RULES) -> tuple[Any, Any]:
+    """Runs `init_fn(*args)` with every output already placed on its shard: no full copy on one device.
+
+    Returns (unboxed variables, their shardings).
+    """
+    abstract = jax.eval_shape(init_fn, *args)
+    shardings = logical_shardings(abstract, mesh, rules)
+    with mesh, nn.logical_axis_rules(rules):
+        boxed = jax.jit(init_fn, out_shardings=shardings)(*args)
+    return nn.meta.unbox(boxed), nn.meta.unbox(shardings)
+
+
+def batch_sharding(mesh: Mesh, rank: int) -> NamedSharding:
+    """Batch-major arrays split over the data-parallel axes, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (rank - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
