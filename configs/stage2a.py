@@ -1,0 +1,17 @@
+"""Stage 2A, feature alignment: only the projector trains (Adam lr 2e-3, batch 16, 1 epoch) on image-report
+pairs, from stage 1B's image encoder and LLaMA-2-7B-chat."""
+
+from configs import base
+
+
+def get_config():
+    c = base.get_config()
+    c.stage = "2a"
+    c.data.sources = ("mimic",)
+    c.data.conversations = "report"
+    c.optim.update(name="adam", learning_rate=2e-3)
+    c.frozen = ("img/.*", "llm/.*")
+    c.num_epochs = 1.0
+    c.init.update(checkpoint="workdirs/stage1b_reports/model", towers=("img",), llama="pretrained/llama-2-7b-chat-hf")
+    c.data.tokenizer = "pretrained/llama-2-7b-chat-hf"
+    return c

@@ -1,0 +1,61 @@
+"""Where a stage's weights come from when it is not resuming, and the model each stage hands on.
+
+Order: random init (tiny sizes, or towers nobody provides), then the towers listed in
+`config.init.towers` from the previous stage's exported model, then pretrained Hugging Face towers
+(`config.init.llama`, `config.init.bert`) converted on the fly.
+"""
+
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from cxrllava_jax.convert import checkpoint as model_checkpoint
+from cxrllava_jax.convert import hf_bert, hf_llama
+from cxrllava_jax.convert.layout import relayout
+from cxrllava_jax.training.tasks import runtime
+
+STAGE_MODEL_KIND = {"1a": "vit_classifier", "1b": "contrastive", "2a": "cxr_llava", "2b": "cxr_llava"}
+
+
+def load(cfg, params, shardings):
+    """Returns `params` with the configured pretrained parts swapped in, placed with `shardings`."""
+    params = dict(params)
+    scan = cfg.runtime.scan
+    if cfg.init.checkpoint:
+        _, _, source = model_checkpoint.load_model(cfg.init.checkpoint, runtime(cfg))
+        for tower in cfg.init.towers:
+            if tower not in source:
+                raise ValueError(f"config.init.towers names {tower!r}, but {cfg.init.checkpoint} holds only "
+                                 f"{sorted(source)}")
+            params[tower] = _checked(params[tower], source[tower], f"{cfg.init.checkpoint}:{tower}")
+    if cfg.init.llama:
+        _, llm = hf_llama.load_hf_llama(cfg.init.llama)
+        params["llm"] = _checked(params["llm"], relayout(llm, scan=scan), cfg.init.llama)
+    if cfg.init.bert:
+        _, bert = hf_bert.load_hf_bert(cfg.init.bert)
+        txt = dict(params["txt"])
+        txt["bert"] = _checked(txt["bert"], relayout(bert, scan=scan), cfg.init.bert)
+        params["txt"] = txt
+    return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x, dtype=x.dtype), s), params, shardings)
+
+
+def _checked(expected, found, origin: str):
+    """`found` if it has exactly `expected`'s structure and shapes; else one error listing every difference."""
+    want = traverse_util.flatten_dict(expected, sep="/")
+    have = traverse_util.flatten_dict(found, sep="/")
+    problems = [f"missing {k} {want[k].shape}" for k in sorted(set(want) - set(have))]
+    problems += [f"unexpected {k} {have[k].shape}" for k in sorted(set(have) - set(want))]
+    problems += [f"{k}: expected {want[k].shape}, found {have[k].shape}"
+                 for k in sorted(set(want) & set(have)) if want[k].shape != have[k].shape]
+    if problems:
+        raise ValueError(f"initial weights from {origin} do not fit the model:\n  " + "\n  ".join(problems))
+    return traverse_util.unflatten_dict({k: np.asarray(v).astype(want[k].dtype) for k, v in have.items()}, sep="/")
+
+
+def export_model(path: Path, task, params, cfg):
+    """Writes the stage's model in our checkpoint format; the next stage's `config.init.checkpoint`."""
+    tokenizer = cfg.data.tokenizer or None
+    model_checkpoint.save_model(path, STAGE_MODEL_KIND[cfg.stage], task.config, jax.device_get(params),
+                                tokenizer_dir=tokenizer, scan=cfg.runtime.scan, overwrite=True)

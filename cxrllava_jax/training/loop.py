@@ -1,0 +1,149 @@
+"""`train_and_evaluate`: one stage of training, from config to a saved model.
+
+Sections in order: mesh, task and data, optimizer, initial state (resume > previous stage and
+pretrained towers > random), the loop (steps, NaN guard, logging, evaluation, checkpoints),
+and the final model export that the next stage starts from.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from cxrllava_jax import sharding
+from cxrllava_jax.training import data as stage_data
+from cxrllava_jax.training import initial_weights
+from cxrllava_jax.training.checkpoints import RunCheckpoints, abstract_like
+from cxrllava_jax.training.optim import build_optimizer
+from cxrllava_jax.training.reporting import Reporter, auroc
+from cxrllava_jax.training.steps import TrainState, init_opt_state, make_eval_step, make_train_step
+from cxrllava_jax.training.tasks import make_task
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def frozen_at(cfg, step: int) -> tuple[str, ...]:
+    """Frozen parameter regexes in force at `step`: the text tower waits for `text_unfreeze_step`."""
+    frozen = tuple(cfg.frozen)
+    if step < cfg.get("text_unfreeze_step", 0):
+        frozen += ("txt/.*",)
+    return frozen
+
+
+def train_and_evaluate(cfg, workdir) -> dict:
+    """Trains one stage in `workdir`; returns the summary also written to `workdir/summary.json`."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+
+    mesh = sharding.make_mesh(**cfg.mesh.to_dict())
+    task = make_task(cfg)
+    data = stage_data.make_stage_data(cfg, task)
+    total_steps = cfg.num_train_steps or math.ceil(cfg.num_epochs * data.steps_per_epoch)
+    tx, schedule = build_optimizer(cfg.optim, total_steps)
+    checkpoints = RunCheckpoints(workdir / "checkpoints", cfg.checkpoint)
+    reporter = Reporter(workdir, total_steps, task.unit, cfg.stage)
+
+    with mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        state, state_shardings = _initial_state(cfg, task, tx, mesh, checkpoints, data.train)
+        step = int(state.step)
+        frozen = frozen_at(cfg, step)
+        train_step = _compile_step(task, tx, frozen, state_shardings)
+        eval_step = jax.jit(make_eval_step(task))
+        rng = jax.random.key(cfg.seed + 1)
+        collected, last_eval = None, {}
+        reporter.start(step)
+        while step < total_steps:
+            if frozen_at(cfg, step) != frozen:
+                frozen = frozen_at(cfg, step)
+                state = state.replace(opt_state=init_opt_state(tx, state.params, frozen, previous=state.opt_state))
+                state_shardings = jax.tree.map(lambda x: x.sharding, state)
+                train_step = _compile_step(task, tx, frozen, state_shardings)
+            batch = data.global_batch(next(data.train), mesh)
+            state, metrics, loss = train_step(state, batch, rng)
+            step += 1
+            _check_finite(loss, step, cfg.stage, checkpoints)
+            collected = metrics if collected is None else collected.merge(metrics)
+            reporter.count(task.units(batch))
+            if step % cfg.log_every_steps == 0 or step == total_steps:
+                reporter.progress(step, _host_values(collected), float(schedule(step)))
+                collected = None
+            evaluate_now = data.eval is not None and (step % cfg.eval_every_steps == 0 or step == total_steps)
+            if evaluate_now:
+                last_eval = evaluate(task, eval_step, state.params, data, mesh)
+                reporter.scalars(step, last_eval, "eval")
+                print(f"[stage {cfg.stage}] eval at step {step}: " +
+                      ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()), flush=True)
+            if step % cfg.checkpoint.every_steps == 0 or step == total_steps:
+                checkpoints.save(step, state, data.train, metrics=last_eval if evaluate_now else None)
+        checkpoints.wait()
+        final_params = _params_to_export(cfg, checkpoints, state, state_shardings)
+    summary = {"stage": cfg.stage, "steps": step, "eval": last_eval, "best_step": checkpoints.best_step()}
+    initial_weights.export_model(workdir / "model", task, final_params, cfg)
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    checkpoints.close()
+    reporter.close()
+    return summary
+
+
+def _initial_state(cfg, task, tx, mesh, checkpoints, train_iterator):
+    """Resume from this run's latest checkpoint if there is one, else start from the configured weights."""
+    init_fn = lambda rng: task.init(rng, task.dummy_batch(1))["params"]  # noqa: E731
+    params, param_shardings = sharding.create_sharded(init_fn, mesh, jax.random.key(cfg.seed))
+    latest = checkpoints.latest_step()
+    if latest is None:
+        params = initial_weights.load(cfg, params, param_shardings)
+    state = TrainState(step=0, params=params, opt_state=init_opt_state(tx, params, frozen_at(cfg, latest or 0)))
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    if latest is not None:
+        state = checkpoints.restore(latest, abstract_like(state, state_shardings), train_iterator)
+        print(f"[stage {cfg.stage}] resumed from step {latest}", flush=True)
+    return state, state_shardings
+
+
+def _compile_step(task, tx, frozen, state_shardings):
+    return jax.jit(make_train_step(task, tx, frozen), donate_argnums=0,
+                   out_shardings=(state_shardings, None, None))
+
+
+def _check_finite(loss, step: int, stage: str, checkpoints: RunCheckpoints):
+    value = float(loss)
+    if not math.isfinite(value):
+        checkpoints.wait()
+        raise NonFiniteLossError(
+            f"stage {stage}: the training loss became {value} at step {step}; stopped without saving. "
+            f"The last good checkpoint is step {checkpoints.latest_step()} in {checkpoints.manager.directory}.")
+
+
+def _host_values(collection) -> dict:
+    return {k: float(v) for k, v in collection.compute().items()}
+
+
+def evaluate(task, eval_step, params, data, mesh) -> dict:
+    """Validation metrics over the whole eval split; stage 1A adds AUROC of normal vs abnormal."""
+    collected, scores, labels = None, [], []
+    for host_batch in data.eval():
+        metrics, outputs = eval_step(params, data.global_batch(host_batch, mesh))
+        collected = metrics if collected is None else collected.merge(metrics)
+        if "probability" in outputs:
+            scores.append(np.asarray(jax.device_get(outputs["probability"])))
+            labels.append(np.asarray(jax.device_get(outputs["label"])))
+    values = _host_values(collected)
+    if scores:
+        values["auroc"] = auroc(np.concatenate(scores), np.concatenate(labels))
+    return values
+
+
+def _params_to_export(cfg, checkpoints, state, state_shardings):
+    """The best checkpoint by the validation metric where the stage selects one (1A, 1B), else the last."""
+    best = checkpoints.best_step()
+    if not cfg.checkpoint.best_metric or best is None or best == int(state.step):
+        return state.params
+    restored = checkpoints.restore_state(best, abstract_like(state, state_shardings))
+    print(f"[stage {cfg.stage}] exporting the best step {best} by {cfg.checkpoint.best_metric}", flush=True)
+    return restored.params

@@ -1,0 +1,66 @@
+"""Optimizers, schedules and freezing, all from config.
+
+Freezing is by parameter-path regex (`config.frozen`): frozen parameters are left out of the tree the
+step differentiates and the optimizer sees, so they get no backward pass and no optimizer state.
+"""
+
+import re
+from typing import Any, Iterable
+
+import optax
+from flax import traverse_util
+
+Params = dict[str, Any]
+
+
+def param_path(path: tuple[str, ...]) -> str:
+    return "/".join(path)
+
+
+def split_trainable(params: Params, frozen: Iterable[str]) -> tuple[dict, dict]:
+    """Flat {path: leaf} dicts (trainable, frozen) by regexes matched against 'img/resblocks_0/...' paths."""
+    patterns = [re.compile(p) for p in frozen]
+    trainable, fixed = {}, {}
+    for path, leaf in traverse_util.flatten_dict(params, sep="/").items():
+        (fixed if any(p.fullmatch(path) for p in patterns) else trainable)[path] = leaf
+    if not trainable:
+        raise ValueError(f"config.frozen {list(frozen)} freezes every parameter: nothing would train")
+    return trainable, fixed
+
+
+def merge(trainable: dict, fixed: dict) -> Params:
+    return traverse_util.unflatten_dict({**fixed, **trainable}, sep="/")
+
+
+def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
+    """Linear warmup, then `cfg.schedule` ('cosine', 'linear' or 'constant') to the end of training."""
+    decay_steps = max(total_steps - cfg.warmup_steps, 1)
+    decays = {
+        "cosine": lambda: optax.cosine_decay_schedule(cfg.learning_rate, decay_steps, alpha=cfg.end_lr_fraction),
+        "linear": lambda: optax.linear_schedule(cfg.learning_rate, cfg.learning_rate * cfg.end_lr_fraction,
+                                                decay_steps),
+        "constant": lambda: optax.constant_schedule(cfg.learning_rate),
+    }
+    if cfg.schedule not in decays:
+        raise ValueError(f"config.optim.schedule must be one of {sorted(decays)}, got {cfg.schedule!r}")
+    if cfg.warmup_steps <= 0:
+        return decays[cfg.schedule]()
+    warmup = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
+    return optax.join_schedules([warmup, decays[cfg.schedule]()], [cfg.warmup_steps])
+
+
+def build_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The paper's optimizers (SGD for stage 1, Adam for stage 2) plus clipping and accumulation."""
+    schedule = learning_rate_schedule(cfg, total_steps)
+    makers = {
+        "sgd": lambda: optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=False),
+        "adam": lambda: optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+        "adamw": lambda: optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
+    }
+    if cfg.name not in makers:
+        raise ValueError(f"config.optim.name must be one of {sorted(makers)}, got {cfg.name!r}")
+    chain = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm else []
+    tx = optax.chain(*chain, makers[cfg.name]())
+    if cfg.grad_accum_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps)
+    return tx, schedule

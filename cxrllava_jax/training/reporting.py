@@ -1,0 +1,63 @@
+"""What a run tells its user: a progress line, TensorBoard event files (no TensorFlow), AUROC."""
+
+import time
+
+import jax
+import numpy as np
+from scipy.stats import rankdata
+from tensorboardX import SummaryWriter
+
+
+def auroc(scores, labels) -> float:
+    """Area under the ROC curve via the Mann-Whitney rank statistic (ties get average ranks)."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels) > 0.5
+    positives, negatives = labels.sum(), (~labels).sum()
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    ranks = rankdata(scores)
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+class Reporter:
+    """Writes scalars to TensorBoard on the first process and prints one progress line per log step."""
+
+    def __init__(self, workdir, total_steps: int, unit: str, stage: str):
+        self.total_steps, self.unit, self.stage = total_steps, unit, stage
+        self.writer = SummaryWriter(str(workdir / "tensorboard")) if jax.process_index() == 0 else None
+        self._mark_step, self._mark_time, self._units = None, None, 0
+
+    def start(self, step: int):
+        self._mark_step, self._mark_time, self._units = step, time.perf_counter(), 0
+
+    def count(self, units: int):
+        self._units += units
+
+    def scalars(self, step: int, values: dict, prefix: str):
+        if self.writer:
+            for name, value in values.items():
+                self.writer.add_scalar(f"{prefix}/{name}", float(value), step)
+            self.writer.flush()
+
+    def progress(self, step: int, values: dict, learning_rate: float):
+        elapsed = time.perf_counter() - self._mark_time
+        steps = step - self._mark_step
+        rate = self._units / elapsed if elapsed > 0 else 0.0
+        eta = (self.total_steps - step) * elapsed / steps if steps else 0.0
+        shown = " | ".join(f"{k} {v:.4f}" for k, v in values.items())
+        line = (f"[stage {self.stage}] step {step}/{self.total_steps} | {shown} | lr {learning_rate:.2e} | "
+                f"{rate:,.0f} {self.unit}/s | ETA {format_duration(eta)}")
+        if jax.process_index() == 0:
+            print(line, flush=True)
+        self.scalars(step, {**values, "learning_rate": learning_rate, f"{self.unit}_per_s": rate}, "train")
+        self.start(step)
+
+    def close(self):
+        if self.writer:
+            self.writer.close()
