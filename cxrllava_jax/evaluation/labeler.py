@@ -1,0 +1,168 @@
+"""CheXpert-style report labeler: free-text report -> positive / negative / uncertain / not mentioned per observation.
+
+The stages follow the CheXpert labeler: split the report into sentences and clauses, extract mentions with the
+phrase lists in `phrases`, then classify each mention by the cues in its clause, in this order: pre-negation
+uncertainty ("cannot exclude pneumonia" is uncertain, not negative), negation, post-negation uncertainty.
+Mentions of one observation are aggregated positive > uncertain > negative, and No Finding is derived: positive
+when no observation other than Support Devices is positive or uncertain, otherwise not mentioned.
+Rules instead of a dependency parse: a cue reaches forward or back within its clause, stopped by a verb or by a
+comma that starts a new finding (see `phrases.FORWARD_SCOPE_STOP`).
+"""
+
+import functools
+import re
+
+import numpy as np
+
+from cxrllava_jax.evaluation import phrases
+from cxrllava_jax.findings import CHEXPERT_OBSERVATIONS, NEGATIVE, POSITIVE, UNCERTAIN
+
+NOT_MENTIONED = float("nan")
+LABELED_OBSERVATIONS = tuple(o for o in CHEXPERT_OBSERVATIONS if o != "No Finding")
+_PRECEDENCE = {POSITIVE: 2, UNCERTAIN: 1, NEGATIVE: 0}
+
+# Sentence ends: punctuation then space (so "1.5 cm" stays whole), or a blank line; single newlines are line wraps.
+_SENTENCE_END = re.compile(r"(?<=[.?!])\s+|\n\s*\n")
+_SEGMENT = re.compile(r",|\band\b")
+_LIST_LINK = re.compile(r"\b(?:and|or)\b")
+_TRAILING_VERB = re.compile(r"\b(?:is|are|was|were)\s*$")
+
+
+def _compile(fragments):
+    return re.compile("|".join(f"(?:{f})" for f in fragments))
+
+
+class ReportLabeler:
+    """Compiles the phrase lists once; `label` is then a pure function of the report text."""
+
+    def __init__(self):
+        self._mentions = {o: _compile(phrases.MENTIONS[o]) for o in LABELED_OBSERVATIONS}
+        self._normal = {o: _compile(p) for o, p in phrases.NORMAL_STATEMENTS.items()}
+        self._unmentions = {o: _compile(p) for o, p in phrases.UNMENTIONS.items()}
+        self._clause_break = re.compile(phrases.CLAUSE_BREAKS)
+        self._pre_negation_uncertainty = _compile(phrases.PRE_NEGATION_UNCERTAINTY)
+        self._negation_before = _compile(phrases.NEGATION_BEFORE)
+        self._negation_after = _compile(phrases.NEGATION_AFTER)
+        self._uncertainty_before = _compile(phrases.UNCERTAINTY_BEFORE)
+        self._uncertainty_after = _compile(phrases.UNCERTAINTY_AFTER)
+        self._pseudo_negation = _compile(phrases.PSEUDO_NEGATION)
+        self._scope_stop = re.compile(phrases.FORWARD_SCOPE_STOP)
+        self._new_finding = re.compile(phrases.NEW_FINDING_START)
+
+    def label(self, report: str) -> dict:
+        """{observation: POSITIVE | NEGATIVE | UNCERTAIN | NOT_MENTIONED (NaN)} for all 14 observations."""
+        labels = {}
+        for clause in self._clauses(report):
+            for observation, value in self._clause_labels(clause):
+                previous = labels.get(observation)
+                if previous is None or _PRECEDENCE[value] > _PRECEDENCE[previous]:
+                    labels[observation] = value
+        findings = [v for o, v in labels.items() if o != "Support Devices"]
+        labels["No Finding"] = POSITIVE if all(v == NEGATIVE for v in findings) else NOT_MENTIONED
+        return {o: labels.get(o, NOT_MENTIONED) for o in CHEXPERT_OBSERVATIONS}
+
+    def label_many(self, reports) -> np.ndarray:
+        """(n_reports, 14) float array in CHEXPERT_OBSERVATIONS order, NaN for not mentioned."""
+        return np.array([list(self.label(r).values()) for r in reports], dtype=np.float64).reshape(-1, 14)
+
+    def _clauses(self, report):
+        for sentence in _SENTENCE_END.split(report.lower()):
+            for clause in self._clause_break.split(" ".join(sentence.split())):
+                if clause.strip():
+                    yield clause
+
+    def _clause_labels(self, clause):
+        cues = None  # found lazily: most clauses mention nothing
+        for observation in LABELED_OBSERVATIONS:
+            normal = self._normal.get(observation)
+            normal_spans = [m.span() for m in normal.finditer(clause)] if normal else []
+            mention_spans = [m.span() for m in self._mentions[observation].finditer(clause)]
+            if not mention_spans and not normal_spans:
+                continue
+            unmention = self._unmentions.get(observation)
+            excluded = normal_spans + ([m.span() for m in unmention.finditer(clause)] if unmention else [])
+            for _ in normal_spans:
+                yield observation, NEGATIVE
+            for span in mention_spans:
+                if any(_overlaps(span, other) for other in excluded):
+                    continue
+                if cues is None:
+                    cues = self._cues(clause)
+                yield observation, self._classify(clause, span, cues)
+
+    def _cues(self, clause):
+        pseudo = [m.span() for m in self._pseudo_negation.finditer(clause)]
+
+        def spans(pattern):
+            return [m.span() for m in pattern.finditer(clause) if not any(_overlaps(m.span(), p) for p in pseudo)]
+
+        return {
+            "pre_negation_uncertainty": spans(self._pre_negation_uncertainty),
+            "negation_before": spans(self._negation_before),
+            "negation_after": spans(self._negation_after),
+            "uncertainty_before": spans(self._uncertainty_before),
+            "uncertainty_after": spans(self._uncertainty_after),
+        }
+
+    def _classify(self, clause, span, cues):
+        pre = cues["pre_negation_uncertainty"]
+        if self._reached_forward(clause, pre, span) or self._reached_back(clause, pre, span):
+            return UNCERTAIN
+        if self._reached_forward(clause, cues["negation_before"], span) or self._reached_back(
+            clause, cues["negation_after"], span
+        ):
+            return NEGATIVE
+        if self._reached_forward(clause, cues["uncertainty_before"], span) or self._reached_back(
+            clause, cues["uncertainty_after"], span
+        ):
+            return UNCERTAIN
+        return POSITIVE
+
+    def _reached_forward(self, clause, cue_spans, mention):
+        start, end = mention
+        for cue_start, cue_end in cue_spans:
+            if cue_start >= end:
+                continue
+            if cue_end > start:  # the cue sits inside the mention: "heart is not enlarged"
+                return True
+            between = clause[cue_end:start]
+            if self._scope_stop.search(between):
+                continue
+            segments = _SEGMENT.split(between)[1:]
+            if not any(self._new_finding.match(s.lstrip()) for s in segments):
+                return True
+        return False
+
+    def _reached_back(self, clause, cue_spans, mention):
+        end = mention[1]
+        for cue_start, _ in cue_spans:
+            if cue_start < end:
+                continue
+            # The verb that links the mention to its cue ("pneumonia is not excluded") does not end the scope.
+            between = _TRAILING_VERB.sub("", clause[end:cue_start])
+            if self._scope_stop.search(between):
+                continue
+            # Back across a comma only through a list: "effusion, consolidation or pneumothorax is not seen".
+            if "," in between and not _LIST_LINK.search(between.rsplit(",", 1)[1]):
+                continue
+            return True
+        return False
+
+
+def _overlaps(a, b):
+    return a[0] < b[1] and b[0] < a[1]
+
+
+@functools.cache
+def default_labeler() -> ReportLabeler:
+    return ReportLabeler()
+
+
+def label_report(report: str) -> dict:
+    """Labels of one report: {observation: 1.0 / 0.0 / -1.0 / NaN}."""
+    return default_labeler().label(report)
+
+
+def label_reports(reports) -> np.ndarray:
+    """Labels of many reports as an (n, 14) array in CHEXPERT_OBSERVATIONS order."""
+    return default_labeler().label_many(reports)

@@ -1,0 +1,173 @@
+"""The evaluation protocol end to end: records of generated text -> labels -> scores -> tables and a results JSON.
+
+Two tasks, as in the paper (Figure 2):
+- "report" (MIMIC, Indiana): the generated report and the reference report are both labeled by the report
+  labeler, and the labels compared.
+- "json_labels" (CheXpert test): the model answered the label-generation prompt; its JSON is parsed and compared
+  with reference labels.
+A record is {"id", "generated", "reference"}: `reference` is the reference report (text) or its labels
+({finding: 1 / 0 / -1 / null}). `evaluate_records` is everything after generation; a model run feeds it records.
+Files written to the workdir: reference_labels.csv and predicted_labels.csv (CheXpert labeler format with an id
+column first), table.md, table.csv, results.json.
+"""
+
+import json
+import pathlib
+
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from cxrllava_jax.evaluation import json_labels, label_files, labeler, metrics, paper_tables, tables
+from cxrllava_jax.findings import CHEXPERT_OBSERVATIONS
+
+TASKS = ("report", "json_labels")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The fields every configs/eval_*.py sets; defaults follow the paper's MIMIC evaluation."""
+    config = ml_collections.ConfigDict()
+    config.dataset = "mimic"
+    config.split = "test"
+    config.paper_table = "mimic"  # key into paper_tables.TABLES
+    config.task = "report"  # or "json_labels"
+    config.uncertain = "exclude"  # or "positive", "negative": see metrics.LabelPolicy
+    config.missing_reference = "exclude"  # or "negative"
+    config.min_class_count = 10
+    config.min_class_fraction = 0.05
+    config.always_excluded = ("No Finding", "Enlarged Cardiomediastinum")
+    config.bootstrap_samples = 1000
+    config.seed = 0
+    config.confidence = 0.95
+    return config
+
+
+def evaluate_predictions(config, predictions_path, workdir) -> dict:
+    """Scores a JSONL of records generated elsewhere (no model needed)."""
+    return evaluate_records(config, read_prediction_records(predictions_path), workdir)
+
+
+def read_prediction_records(path) -> list:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_number}: not a JSON object ({e})") from None
+            missing = [k for k in ("id", "generated", "reference") if k not in record]
+            if missing:
+                raise ValueError(f"{path}:{line_number}: record lacks {missing}")
+            records.append(record)
+    return records
+
+
+def evaluate_records(config, records, workdir) -> dict:
+    """Labels both sides of each {id, generated, reference} record, scores them, writes everything to `workdir`."""
+    if config.task not in TASKS:
+        raise ValueError(f"config.task={config.task!r}: expected one of {TASKS}")
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    records = list(records)
+    ids = [str(r["id"]) for r in records]
+    report_labeler = labeler.default_labeler()
+    reference_rows, predicted_rows, unparsed = [], [], []
+    for record in tqdm(records, desc="labeling", unit="record", disable=None):
+        reference_rows.append(_reference_row(record, report_labeler))
+        if config.task == "report":
+            predicted_rows.append(list(report_labeler.label(record["generated"]).values()))
+        else:
+            parsed = json_labels.parse_json_labels(record["generated"])
+            predicted_rows.append(parsed.as_row())
+            if not parsed.parsed:
+                unparsed.append(str(record["id"]))
+    reference = label_files.LabelTable(_rows(reference_rows), ids, [_reference_text(r) for r in records])
+    predicted = label_files.LabelTable(_rows(predicted_rows), ids, [r["generated"] for r in records])
+    label_files.write_labels_csv(workdir / "reference_labels.csv", reference.reports, reference.labels, ids)
+    label_files.write_labels_csv(workdir / "predicted_labels.csv", predicted.reports, predicted.labels, ids)
+    extra = {"task": config.task}
+    if config.task == "json_labels":
+        extra["unparsed_predictions"] = {"count": len(unparsed), "ids": unparsed}
+    return score_and_write(config, reference, predicted, workdir, extra)
+
+
+def evaluate_label_files(config, reference_csv, predicted_csv, workdir) -> dict:
+    """Scores two label CSVs (ours, the CheXpert labeler's or CheXbert's): rows matched by id if both files have
+    one, else by order."""
+    reference, predicted = label_files.read_labels_csv(reference_csv), label_files.read_labels_csv(predicted_csv)
+    if sorted(reference.ids) == sorted(predicted.ids):
+        order = {id_: i for i, id_ in enumerate(predicted.ids)}
+        rows = [order[id_] for id_ in reference.ids]
+        predicted = label_files.LabelTable(predicted.labels[rows], reference.ids, [predicted.reports[i] for i in rows])
+    elif len(reference.ids) != len(predicted.ids):
+        raise ValueError(f"{reference_csv} has {len(reference.ids)} rows but {predicted_csv} has {len(predicted.ids)}")
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    return score_and_write(config, reference, predicted, workdir, {"task": "label_files"})
+
+
+def score_and_write(config, reference, predicted, workdir, extra=None) -> dict:
+    """Scores two LabelTables by the config's protocol; writes table.md, table.csv and results.json."""
+    paper = paper_tables.TABLES[config.paper_table]
+    result = metrics.score_labels(
+        reference.labels,
+        predicted.labels,
+        policy=metrics.LabelPolicy(config.uncertain, config.missing_reference),
+        rules=metrics.ExclusionRules(config.min_class_count, config.min_class_fraction, tuple(config.always_excluded)),
+        bootstrap_samples=config.bootstrap_samples,
+        seed=config.seed,
+        confidence=config.confidence,
+        averages={label: findings for label, (findings, _) in paper.averages.items()},
+    )
+    title = f"{paper.title}: ours on {config.dataset} / {config.split}"
+    (workdir / "table.md").write_text(tables.markdown_table(result, paper, title), encoding="utf-8")
+    (workdir / "table.csv").write_text(tables.csv_table(result, paper), encoding="utf-8")
+    results = {
+        "dataset": config.dataset,
+        "split": config.split,
+        "paper_table": config.paper_table,
+        **(extra or {}),
+        "reference_label_counts": _label_counts(reference.labels),
+        "predicted_label_counts": _label_counts(predicted.labels),
+        "result": result.to_dict(),
+    }
+    (workdir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    return results
+
+
+def _reference_row(record, report_labeler):
+    reference = record["reference"]
+    if isinstance(reference, str):
+        return list(report_labeler.label(reference).values())
+    if not isinstance(reference, dict):
+        raise ValueError(f"record {record['id']}: reference must be a report (text) or labels (object)")
+    unknown = set(reference) - set(CHEXPERT_OBSERVATIONS)
+    if unknown:
+        raise ValueError(f"record {record['id']}: unknown findings in reference labels: {sorted(unknown)}")
+    where = f"record {record['id']} reference"
+    return [label_files.parse_label_cell("" if reference.get(o) is None else str(reference[o]), where)
+            for o in CHEXPERT_OBSERVATIONS]
+
+
+def _reference_text(record):
+    return record["reference"] if isinstance(record["reference"], str) else ""
+
+
+def _rows(rows):
+    return np.array(rows, dtype=np.float64).reshape(-1, len(CHEXPERT_OBSERVATIONS))
+
+
+def _label_counts(labels) -> dict:
+    """{finding: {"positive", "negative", "uncertain", "not_mentioned"}}, as the paper's supplement tabulates."""
+    counts = {}
+    for j, finding in enumerate(CHEXPERT_OBSERVATIONS):
+        column = labels[:, j]
+        counts[finding] = {
+            "positive": int((column == 1).sum()),
+            "negative": int((column == 0).sum()),
+            "uncertain": int((column == -1).sum()),
+            "not_mentioned": int(np.isnan(column).sum()),
+        }
+    return counts

@@ -1,0 +1,32 @@
+"""Evaluation entry point: the paper's Tables 2-4 for texts generated elsewhere, or for two label files.
+
+  python eval.py --config=configs/eval_mimic.py --predictions=PRED.jsonl --workdir=DIR
+  python eval.py --config=configs/eval_mimic.py --reference_labels=REF.csv --predicted_labels=PRED.csv --workdir=DIR
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from cxrllava_jax.evaluation import run
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "an evaluation config (configs/eval_*.py)", lock_config=True)
+_PREDICTIONS = flags.DEFINE_string("predictions", None, "JSONL of {id, generated, reference} records")
+_REFERENCE_LABELS = flags.DEFINE_string("reference_labels", None, "reference label CSV (CheXpert labeler format)")
+_PREDICTED_LABELS = flags.DEFINE_string("predicted_labels", None, "predicted label CSV (CheXpert labeler format)")
+_WORKDIR = flags.DEFINE_string("workdir", None, "where labels, tables and results.json are written")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    if _PREDICTIONS.value:
+        run.evaluate_predictions(_CONFIG.value, _PREDICTIONS.value, _WORKDIR.value)
+    elif _REFERENCE_LABELS.value and _PREDICTED_LABELS.value:
+        run.evaluate_label_files(_CONFIG.value, _REFERENCE_LABELS.value, _PREDICTED_LABELS.value, _WORKDIR.value)
+    else:
+        raise app.UsageError("give --predictions, or both --reference_labels and --predicted_labels")
+    print(open(f"{_WORKDIR.value}/table.md", encoding="utf-8").read())
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,106 @@
+"""The report labeler against hand-labeled cases, the CheXpert labeler's own samples, and standard phrasing."""
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+
+from cxrllava_jax.evaluation.label_files import read_labels_csv, read_reports_csv
+from cxrllava_jax.evaluation.labeler import label_report, label_reports
+from cxrllava_jax.findings import CHEXPERT_OBSERVATIONS, NEGATIVE, POSITIVE, UNCERTAIN
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CHEXPERT_SAMPLES = Path(__file__).parents[2] / "shared" / "fixtures" / "chexpert-labeler-samples"
+ABBREVIATIONS = {
+    "EC": "Enlarged Cardiomediastinum", "CM": "Cardiomegaly", "LL": "Lung Lesion", "LO": "Lung Opacity",
+    "ED": "Edema", "CO": "Consolidation", "PN": "Pneumonia", "AT": "Atelectasis", "PX": "Pneumothorax",
+    "PE": "Pleural Effusion", "PO": "Pleural Other", "FX": "Fracture", "SD": "Support Devices",
+}
+
+
+def _mentioned(labels):
+    return {o: v for o, v in labels.items() if not math.isnan(v)}
+
+
+def _expected(cell):
+    """'CM=1 PE=0' -> all 14 labels, with No Finding derived by the CheXpert rule."""
+    labels = {ABBREVIATIONS[k]: float(v) for k, v in (token.split("=") for token in cell.split())}
+    findings = [v for o, v in labels.items() if o != "Support Devices"]
+    if all(v == NEGATIVE for v in findings):
+        labels["No Finding"] = POSITIVE
+    return labels
+
+
+def test_agreement_with_hand_labeled_cases():
+    with open(FIXTURES / "labeler_cases.csv", newline="") as f:
+        cases = list(csv.DictReader(f))
+    assert len(cases) >= 150
+    misses = [(c["text"], _expected(c["expected"]), _mentioned(label_report(c["text"]))) for c in cases]
+    misses = [m for m in misses if m[1] != m[2]]
+    agreement = 1 - len(misses) / len(cases)
+    print(f"labeler agreement (exact match of all 14 labels): {agreement:.3f} on {len(cases)} cases")
+    assert agreement >= 0.95, misses
+
+
+def test_cases_cover_every_observation_positive_negative_and_uncertain():
+    with open(FIXTURES / "labeler_cases.csv", newline="") as f:
+        expected = [_expected(c["expected"]) for c in csv.DictReader(f)]
+    for observation in ABBREVIATIONS.values():
+        seen = {labels[observation] for labels in expected if observation in labels}
+        assert seen == {POSITIVE, NEGATIVE, UNCERTAIN}, observation
+        assert any(observation not in labels for labels in expected)
+
+
+def test_chexpert_labeler_samples_exactly():
+    reports = read_reports_csv(CHEXPERT_SAMPLES / "sample_reports.csv")
+    reference = read_labels_csv(CHEXPERT_SAMPLES / "labeled_reports.csv")
+    assert reports == reference.reports and len(reports) == 4
+    ours = label_reports(reports)
+    for report, expected, got in zip(reports, reference.labels, ours):
+        assert [_cell(v) for v in got] == [_cell(v) for v in expected], report
+
+
+def _cell(value):
+    return "" if math.isnan(value) else value
+
+
+@pytest.mark.parametrize(
+    "sentence, expected",
+    [
+        ("There is a small right pleural effusion.", {"Pleural Effusion": POSITIVE}),
+        ("No pneumothorax.", {"Pneumothorax": NEGATIVE, "No Finding": POSITIVE}),
+        ("The heart is enlarged.", {"Cardiomegaly": POSITIVE}),
+        ("Heart size is normal.", {"Cardiomegaly": NEGATIVE, "No Finding": POSITIVE}),
+        ("Patchy consolidation in the left lower lobe.", {"Consolidation": POSITIVE}),
+        ("No focal consolidation, effusion or pneumothorax.",
+         {"Consolidation": NEGATIVE, "Pleural Effusion": NEGATIVE, "Pneumothorax": NEGATIVE, "No Finding": POSITIVE}),
+        ("Endotracheal tube in place.", {"Support Devices": POSITIVE, "No Finding": POSITIVE}),
+        ("Cannot exclude pneumonia.", {"Pneumonia": UNCERTAIN}),
+        ("Findings may represent atelectasis.", {"Atelectasis": UNCERTAIN}),
+        ("Resolved edema.", {"Edema": NEGATIVE, "No Finding": POSITIVE}),
+        ("Left basilar opacity without effusion.", {"Lung Opacity": POSITIVE, "Pleural Effusion": NEGATIVE}),
+        ("", {"No Finding": POSITIVE}),
+    ],
+)
+def test_standard_phrasing(sentence, expected):
+    assert _mentioned(label_report(sentence)) == expected
+
+
+def test_no_finding_follows_the_chexpert_rule():
+    # Support devices do not make a study abnormal; an uncertain finding does; No Finding is never negative.
+    assert label_report("Pacemaker in place. No effusion.")["No Finding"] == POSITIVE
+    assert math.isnan(label_report("Possible small effusion.")["No Finding"])
+    assert math.isnan(label_report("Mild cardiomegaly. No effusion.")["No Finding"])
+
+
+def test_mentions_aggregate_positive_over_uncertain_over_negative():
+    assert label_report("No effusion on the right. Possible left effusion.")["Pleural Effusion"] == UNCERTAIN
+    assert label_report("Possible right effusion. Definite left effusion.")["Pleural Effusion"] == POSITIVE
+
+
+def test_label_reports_shape_and_order():
+    labels = label_reports(["Mild cardiomegaly.", "No pneumothorax."])
+    assert labels.shape == (2, 14)
+    assert labels[0, CHEXPERT_OBSERVATIONS.index("Cardiomegaly")] == POSITIVE
+    assert labels[1, CHEXPERT_OBSERVATIONS.index("Pneumothorax")] == NEGATIVE
