@@ -25,6 +25,8 @@ def get_config() -> ml_collections.ConfigDict:
         source="mimic", sources=(), data_dir="", batch_size=16, eval_batch_size=16,
         text_length=128, seq_length=2048, tokenizer="", uncertain_policy="abnormal",
         num_workers=0, max_bad_fraction=0.0, shuffle_seed=0, eval_split="validate", train_split="train",
+        image_mean=0.5, image_std=0.5, image_mode="crop",  # normalisation and crop/letterbox
+        text_tokenizer="",  # stage 1B: BERT tokenizer dir (defaults to config.init.bert)
         text_kind="labels",  # stage 1B texts: 'labels' (keywords) or 'reports'
         conversations="instruction",  # stage 2: 'report' (2A alignment) or 'instruction' (2B)
     ))

@@ -84,7 +84,7 @@ class VisionTransformer(nn.Module):
         x = nn.Conv(
             cfg.width, (cfg.patch_size, cfg.patch_size), strides=(cfg.patch_size, cfg.patch_size), padding="VALID",
             use_bias=False, dtype=dtype, param_dtype=param_dtype, name="conv1",
-            kernel_init=partitioned(nn.initializers.lecun_normal(), "patch", "patch", "channels", "embed"),
+            kernel_init=partitioned(nn.initializers.lecun_normal(), "patch_h", "patch_w", "channels", "embed"),
         )(images.astype(dtype))
         x = x.reshape(x.shape[0], -1, cfg.width)  # row-major over the grid, as torch's flatten(2)
         scale = cfg.width**-0.5

@@ -98,7 +98,8 @@ def _initial_state(cfg, task, tx, mesh, checkpoints, train_iterator):
     latest = checkpoints.latest_step()
     if latest is None:
         params = initial_weights.load(cfg, params, param_shardings)
-    state = TrainState(step=0, params=params, opt_state=init_opt_state(tx, params, frozen_at(cfg, latest or 0)))
+    step = jax.device_put(np.int32(0), sharding.replicated(mesh))
+    state = TrainState(step=step, params=params, opt_state=init_opt_state(tx, params, frozen_at(cfg, latest or 0)))
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     if latest is not None:
         state = checkpoints.restore(latest, abstract_like(state, state_shardings), train_iterator)

@@ -1,5 +1,6 @@
 """What a run tells its user: a progress line, TensorBoard event files (no TensorFlow), AUROC."""
 
+import json
 import time
 
 import jax
@@ -31,6 +32,8 @@ class Reporter:
     def __init__(self, workdir, total_steps: int, unit: str, stage: str):
         self.total_steps, self.unit, self.stage = total_steps, unit, stage
         self.writer = SummaryWriter(str(workdir / "tensorboard")) if jax.process_index() == 0 else None
+        # The same scalars as JSON lines, for notebooks and scripts that should not parse event files.
+        self.jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8") if jax.process_index() == 0 else None
         self._mark_step, self._mark_time, self._units = None, None, 0
 
     def start(self, step: int):
@@ -44,6 +47,9 @@ class Reporter:
             for name, value in values.items():
                 self.writer.add_scalar(f"{prefix}/{name}", float(value), step)
             self.writer.flush()
+            record = {"step": step, "split": prefix, **{k: float(v) for k, v in values.items()}}
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
 
     def progress(self, step: int, values: dict, learning_rate: float):
         elapsed = time.perf_counter() - self._mark_time
@@ -61,3 +67,4 @@ class Reporter:
     def close(self):
         if self.writer:
             self.writer.close()
+            self.jsonl.close()

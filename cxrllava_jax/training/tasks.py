@@ -120,7 +120,8 @@ class InstructionTask:
 
     def __init__(self, cfg):
         llama = _preset(mc.LLAMA_PRESETS, cfg.model.llama, cfg.model.get("llama_overrides"))
-        self.config = mc.CXRLLaVAConfig(vision=vision_config(cfg), llama=llama, projector=cfg.model.projector)
+        self.config = mc.CXRLLaVAConfig(vision=vision_config(cfg), llama=llama, projector=cfg.model.projector,
+                                        image_mean=cfg.data.image_mean, image_std=cfg.data.image_std)
         self.model = CXRLLaVA(self.config, runtime(cfg))
         self.seq_length = cfg.data.seq_length
 

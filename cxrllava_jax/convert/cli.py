@@ -1,0 +1,106 @@
+"""`cxrllava import-torch` and `cxrllava export-torch`."""
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from cxrllava_jax.convert import checkpoint, hf_bert, hf_llama, release
+from cxrllava_jax.convert.layout import stack_layers, unstack_layers
+from cxrllava_jax.models.configs import Runtime
+
+FORMATS = ("release", "hf-llama", "hf-bert")
+
+
+def detect_format(src: Path) -> str:
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{src}: no config.json; give --format")
+    config = json.loads(config_path.read_text())
+    if "clip_vision_cfg" in config:
+        return "release"
+    kind = config.get("model_type")
+    if kind in ("llama", "bert"):
+        return f"hf-{kind}"
+    raise ValueError(f"{config_path}: cannot tell the format (model_type={kind!r}); give --format")
+
+
+def import_main(argv) -> int:
+    parser = argparse.ArgumentParser(prog="cxrllava import-torch",
+                                     description="PyTorch safetensors directory -> cxrllava-jax checkpoint")
+    parser.add_argument("--src", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--format", choices=FORMATS, help="default: detected from config.json")
+    parser.add_argument("--scan", action="store_true", help="store layers stacked (for scan=True runtimes)")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    fmt = args.format or detect_format(args.src)
+    kind, (config, params) = {
+        "release": lambda: ("cxr_llava", release.load_release(args.src)),
+        "hf-llama": lambda: ("llama", hf_llama.load_hf_llama(args.src)),
+        "hf-bert": lambda: ("bert", hf_bert.load_hf_bert(args.src)),
+    }[fmt]()
+    tokenizer = _tokenizer_files(args.src)
+    try:
+        stored = stack_layers(params) if args.scan else params
+        checkpoint.save_model(args.out, kind, config, stored, tokenizer_dir=tokenizer, scan=args.scan,
+                              overwrite=args.overwrite)
+    finally:
+        if tokenizer:
+            shutil.rmtree(tokenizer)
+    print(f"imported {fmt} {args.src} -> {args.out} ({kind})")
+    return 0
+
+
+def export_main(argv) -> int:
+    parser = argparse.ArgumentParser(prog="cxrllava export-torch",
+                                     description="cxrllava-jax checkpoint -> PyTorch safetensors directory")
+    parser.add_argument("--checkpoint", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--layout", choices=("release", "hf-llama"), default="release")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    parser.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB")
+    args = parser.parse_args(argv)
+    if args.out.exists() and any(args.out.iterdir()):
+        raise SystemExit(f"cxrllava export-torch: {args.out} is not empty; refusing to overwrite")
+    kind, config, params = checkpoint.load_model(args.checkpoint, Runtime(scan=False))
+    params = unstack_layers(params)
+    shard_bytes = _parse_size(args.max_shard_size)
+    if args.layout == "release":
+        if kind != "cxr_llava":
+            raise SystemExit(f"cxrllava export-torch: --layout release needs a cxr_llava checkpoint, not {kind}")
+        release.save_release(args.out, config, params, args.dtype, shard_bytes)
+    else:
+        llama_config, llama_params = (config.llama, params["llm"]) if kind == "cxr_llava" else (config, params)
+        if kind not in ("cxr_llava", "llama"):
+            raise SystemExit(f"cxrllava export-torch: --layout hf-llama needs a LLaMA, not a {kind} checkpoint")
+        dtype = ml_dtypes.bfloat16 if args.dtype == "bfloat16" else np.float32
+        hf_llama.save_hf_llama(args.out, llama_config, llama_params, dtype, shard_bytes)
+    source_tokenizer = checkpoint.tokenizer_dir(args.checkpoint)
+    if source_tokenizer:
+        for f in source_tokenizer.iterdir():
+            shutil.copy2(f, args.out / f.name)
+    print(f"exported {args.checkpoint} -> {args.out} ({args.layout}, {args.dtype})")
+    return 0
+
+
+def _tokenizer_files(src: Path) -> Path | None:
+    present = [src / name for name in hf_llama.TOKENIZER_FILES if (src / name).is_file()]
+    if not present:
+        return None
+    staging = Path(tempfile.mkdtemp(prefix="cxrllava-tokenizer-"))
+    for f in present:
+        shutil.copy2(f, staging / f.name)
+    return staging
+
+
+def _parse_size(text: str) -> int:
+    units = {"GB": 2**30, "MB": 2**20, "KB": 2**10}
+    for unit, factor in units.items():
+        if text.upper().endswith(unit):
+            return int(float(text[:-len(unit)]) * factor)
+    return int(text)

@@ -1,0 +1,87 @@
+"""The released CXR-LLaVA-v2 layout (REFERENCE.md): `vision_tower.*` (open_clip), `mm_projector.*`,
+`llama.*`, `lm_head.weight`, and its config.json (clip_vision_cfg, clip_embed_dim, mm_projector_dim,
+llama, image_preprocess_cfg)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cxrllava_jax.convert import hf_llama
+from cxrllava_jax.convert.mapping import Entry, expected_shapes, export_tensors, import_params
+from cxrllava_jax.convert.open_clip import vit_entries
+from cxrllava_jax.convert.safetensors_io import SafetensorsReader, write_sharded
+from cxrllava_jax.models.configs import CXRLLaVAConfig, VisionConfig
+
+VISION_FIELDS = ("image_size", "layers", "width", "head_width", "mlp_ratio", "patch_size", "ls_init_value",
+                 "patch_dropout", "no_ln_pre", "final_ln_after_pool", "pool_type")
+RELEASE_ONLY = {"attentional_pool": False, "pos_embed_type": "learnable", "output_tokens": True}
+
+
+def is_release_dir(directory) -> bool:
+    config = Path(directory) / "config.json"
+    return config.is_file() and "clip_vision_cfg" in json.loads(config.read_text())
+
+
+def config_from_release(release: dict, origin: str) -> CXRLLaVAConfig:
+    vision_cfg = release["clip_vision_cfg"]
+    unsupported = {k: vision_cfg[k] for k, ok in RELEASE_ONLY.items() if k in vision_cfg and vision_cfg[k] != ok
+                   and not (k == "output_tokens")}
+    if unsupported:
+        raise ValueError(f"{origin}: unsupported vision options {unsupported}")
+    eps = (vision_cfg.get("norm_kwargs") or {}).get("eps", 1e-5)
+    vision = VisionConfig(**{k: vision_cfg[k] for k in VISION_FIELDS if k in vision_cfg},
+                          embed_dim=release["clip_embed_dim"], layer_norm_eps=eps)
+    if release.get("mm_projector_dim", vision.width) != vision.width:
+        raise ValueError(f"{origin}: mm_projector_dim {release['mm_projector_dim']} != vision width {vision.width}")
+    preprocess = release.get("image_preprocess_cfg", {})
+    return CXRLLaVAConfig(vision=vision, llama=hf_llama.config_from_hf(release["llama"], f"{origin}: llama"),
+                          projector="linear", image_mean=float(np.ravel(preprocess.get("mean", [0.5]))[0]),
+                          image_std=float(np.ravel(preprocess.get("std", [0.5]))[0]))
+
+
+def config_to_release(cfg: CXRLLaVAConfig) -> dict:
+    v = cfg.vision
+    vision = {k: getattr(v, k) for k in VISION_FIELDS}
+    vision.update(RELEASE_ONLY, norm_kwargs={"eps": v.layer_norm_eps}, act_kwargs={})
+    return {"clip_vision_cfg": vision, "clip_embed_dim": v.embed_dim, "mm_projector_dim": v.width,
+            "llama": hf_llama.config_to_hf(cfg.llama),
+            "image_preprocess_cfg": {"mean": [cfg.image_mean], "std": [cfg.image_std]}}
+
+
+def release_entries(cfg: CXRLLaVAConfig) -> list[Entry]:
+    if cfg.projector != "linear":
+        raise ValueError(f"the release layout has a linear projector; this model's is {cfg.projector!r}")
+    return (vit_entries(cfg.vision, "vision_tower.", "img/")
+            + [Entry("mm_projector.weight", "projector/linear/kernel", "linear"),
+               Entry("mm_projector.bias", "projector/linear/bias", "copy")]
+            + hf_llama.llama_entries(cfg.llama, "llama.", "lm_head.weight", "llm/"))
+
+
+def release_expected_shapes(cfg: CXRLLaVAConfig) -> dict:
+    import jax.numpy as jnp
+
+    from cxrllava_jax.models.cxr_llava import CXRLLaVA
+
+    size = cfg.vision.image_size
+    tokens = jnp.full((1, cfg.num_image_tokens + 1), cfg.image_token_id, jnp.int32)
+    return expected_shapes(CXRLLaVA(cfg), jnp.zeros((1, size, size, cfg.vision.in_channels)), tokens)
+
+
+def load_release(directory) -> tuple[CXRLLaVAConfig, dict]:
+    directory = Path(directory)
+    cfg = config_from_release(json.loads((directory / "config.json").read_text()), str(directory / "config.json"))
+    reader = SafetensorsReader(directory)
+    ignored = [k for k in reader.keys() if k.endswith("rotary_emb.inv_freq")]
+    params = import_params(release_entries(cfg), reader, str(directory), release_expected_shapes(cfg), ignored)
+    return cfg, params
+
+
+def save_release(directory, cfg: CXRLLaVAConfig, params: dict, dtype="bfloat16", max_shard_bytes: int = 5 * 2**30):
+    """Sharded safetensors (bfloat16 by default, as released) + config.json in the release schema."""
+    import ml_dtypes
+
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    directory = Path(directory)
+    write_sharded(directory, export_tensors(release_entries(cfg), params, np_dtype), max_shard_bytes)
+    (directory / "config.json").write_text(json.dumps(config_to_release(cfg), indent=2))
