@@ -1,20 +1,30 @@
-"""Radiograph decoding and preprocessing: any PNG/JPEG (8 or 16 bit, gray/RGB/RGBA) or DICOM file ->
+"""Radiograph decoding and preprocessing: any PNG/JPEG/TIFF (8 or 16 bit, gray/RGB/RGBA) or DICOM file ->
 `float32 [size, size, 1]`, normalised as the model expects.
 
-The release feeds CLIPImageProcessor with an 8-bit grayscale image: shortest edge resized to the model
-size with LANCZOS, center crop, x/255, (x - mean) / std. We do the same, after bringing 16-bit and
-DICOM pixel data into the 8-bit range (DICOM through its modality and VOI LUTs, MONOCHROME1 inverted).
+The release feeds CLIPImageProcessor with an 8-bit grayscale image: shortest edge resized to the model size with
+LANCZOS, center crop, x/255, (x - mean) / std. We do the same after bringing other pixel data into the 8-bit
+range:
+- 16-bit (and 32-bit integer or float) images: their own [min, max] stretched linearly onto [0, 255];
+- DICOM: the modality LUT (rescale slope/intercept or LUT sequence), then the first VOI transform, whose output
+  range becomes [0, 255]: a VOI LUT sequence's table (output range = the table's [min, max]) or window centre /
+  width (DICOM's LINEAR, LINEAR_EXACT or SIGMOID function); without either, [min, max] as above;
+  MONOCHROME1 (high values dark) is inverted last;
+- colour: ITU-R 601 luma (PIL's 'L' conversion); RGBA is composited over black first.
+(Pillow cannot decode 12-bit JPEG; 16-bit sources come as PNG, TIFF or DICOM.)
 """
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from input_pipeline.errors import InputError
 
-class InputError(ValueError):
-    """A record that cannot be used; the message names the file or row and what is wrong."""
+# The release's ViT patch: an image smaller than this on either side cannot make a single patch.
+RELEASE_PATCH_SIZE = 16
+_HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
 def load_grayscale(path) -> Image.Image:
@@ -22,56 +32,103 @@ def load_grayscale(path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: image file not found")
-    data = path.read_bytes()
+    return decode_grayscale(path.read_bytes(), path)
+
+
+def decode_grayscale(data: bytes, origin) -> Image.Image:
+    """The bytes of a supported file (named `origin` in errors; its suffix may mark DICOM) -> 8-bit grayscale."""
     if not data:
-        raise InputError(f"{path}: image file is empty")
-    if path.suffix.lower() in (".dcm", ".dicom") or data[128:132] == b"DICM":
-        return Image.fromarray(dicom_to_uint8(path))
+        raise InputError(f"{origin}: image file is empty")
+    if str(origin).lower().endswith((".dcm", ".dicom")) or data[128:132] == b"DICM":
+        return Image.fromarray(dicom_to_uint8(io.BytesIO(data), origin))
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise InputError(f"{path}: cannot decode image ({error})") from error
-    return to_uint8_gray(image, path)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise InputError(f"{origin}: cannot decode image ({error})") from error
+    return to_uint8_gray(image, origin)
 
 
 def to_uint8_gray(image: Image.Image, origin="image") -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+    """A decoded PIL image of any mode -> 8-bit grayscale ('L')."""
+    if image.mode in _HIGH_DEPTH_MODES:
         pixels = np.asarray(image, dtype=np.float64)
         return Image.fromarray(window_to_uint8(pixels, pixels.min(), pixels.max()))
-    if image.mode == "RGBA":
-        background = Image.new("RGB", image.size, (0, 0, 0))
-        background.paste(image, mask=image.getchannel("A"))
-        image = background
-    if image.mode not in ("L", "RGB", "P", "LA", "1"):
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, rgba)
+    if image.mode not in ("L", "RGB", "RGBA", "P", "1", "CMYK", "YCbCr"):
         raise InputError(f"{origin}: unsupported image mode {image.mode}")
     return image.convert("L")
 
 
 def window_to_uint8(pixels: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Linear map of [low, high] onto [0, 255], clipped."""
+    """Linear map of [low, high] onto [0, 255], rounded and clipped; a constant image becomes 0."""
     if high <= low:
         return np.zeros(pixels.shape, np.uint8)
     return np.clip(np.rint((pixels - low) / (high - low) * 255.0), 0, 255).astype(np.uint8)
 
 
-def dicom_to_uint8(path) -> np.ndarray:
+def dicom_to_uint8(source, origin) -> np.ndarray:
+    """DICOM pixel data -> uint8 [H, W] through the modality LUT, the first VOI transform and MONOCHROME1."""
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_modality_lut
 
     try:
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(source)
         pixels = ds.pixel_array
-    except Exception as error:  # pydicom raises many types for broken files
-        raise InputError(f"{path}: cannot read DICOM pixel data ({error})") from error
-    pixels = apply_modality_lut(pixels, ds)
-    if "VOILUTSequence" in ds or "WindowCenter" in ds:
-        pixels = apply_voi_lut(pixels, ds, index=0)
-    pixels = np.asarray(pixels, np.float64)
-    image = window_to_uint8(pixels, pixels.min(), pixels.max())
-    if getattr(ds, "PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
-        image = 255 - image  # MONOCHROME1: high values are dark
-    return image
+    except Exception as error:  # pydicom raises many types for broken or undecodable files
+        raise InputError(f"{origin}: cannot read DICOM pixel data ({type(error).__name__}: {error}); "
+                         "compressed transfer syntaxes may need pylibjpeg plugins") from error
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        raise InputError(f"{origin}: multi-frame DICOM ({ds.NumberOfFrames} frames); a radiograph has one")
+    if pixels.ndim == 3:  # colour (pydicom returns RGB): luma like the PNG path
+        return np.asarray(Image.fromarray(pixels.astype(np.uint8)).convert("L"))
+    pixels = np.asarray(apply_modality_lut(pixels, ds), np.float64)
+    image = _apply_voi(pixels, ds)
+    return 255 - image if photometric == "MONOCHROME1" else image
+
+
+def _apply_voi(pixels: np.ndarray, ds) -> np.ndarray:
+    if "VOILUTSequence" in ds:
+        item = ds.VOILUTSequence[0]
+        entries, first, bits = (int(v) for v in item.LUTDescriptor)
+        lut = _lut_data(item, entries or 65536, bits)
+        index = np.clip(np.rint(pixels) - first, 0, len(lut) - 1).astype(np.int64)
+        return window_to_uint8(lut[index], lut.min(), lut.max())
+    if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        return _window(pixels, _first(ds.WindowCenter), _first(ds.WindowWidth),
+                       str(ds.get("VOILUTFunction", "LINEAR")).upper())
+    return window_to_uint8(pixels, pixels.min(), pixels.max())
+
+
+def _lut_data(item, entries: int, bits: int) -> np.ndarray:
+    data = item.LUTData
+    if isinstance(data, bytes):  # stored as OW: raw little-endian words
+        data = np.frombuffer(data, "<u2" if bits > 8 else "u1")
+    return np.asarray(data, np.float64).reshape(-1)[:entries]
+
+
+def _first(value) -> float:
+    """Window tags may hold several values (alternative windows); the first is the default."""
+    return float(value[0] if isinstance(value, Sequence) else value)
+
+
+def _window(x: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2 windowing straight to [0, 255]."""
+    if function == "SIGMOID":
+        y = 255.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+    elif function == "LINEAR_EXACT":
+        y = (x - center) / width * 255.0 + 127.5
+    elif function == "LINEAR":
+        if width < 1:
+            raise InputError(f"window width {width} < 1 is invalid for the LINEAR VOI function")
+        y = ((x - (center - 0.5)) / (width - 1) + 0.5) * 255.0
+    else:
+        raise InputError(f"unknown VOI LUT function {function!r}")
+    return np.clip(np.rint(y), 0, 255).astype(np.uint8)
 
 
 def resize_and_crop(image: Image.Image, size: int) -> Image.Image:
@@ -97,8 +154,15 @@ def letterbox(image: Image.Image, size: int) -> Image.Image:
     return canvas
 
 
-def preprocess(image, size: int, mean: float, std: float, mode: str = "crop", min_size: int = 1) -> np.ndarray:
-    """Path / PIL image / array -> float32 [size, size, 1] normalised."""
+def preprocess(image, size: int, mean: float, std: float, mode: str = "crop",
+               min_size: int = RELEASE_PATCH_SIZE) -> np.ndarray:
+    """Path / PIL image / array -> float32 [size, size, 1] normalised.
+
+    `mode` is 'crop' (the release: shortest edge to `size`, center crop) or 'pad' (letterbox). An image smaller
+    than `min_size` (the model's patch) on either side is refused.
+    """
+    if mode not in ("crop", "pad"):
+        raise ValueError(f"image mode must be 'crop' or 'pad', got {mode!r}")
     origin = image if isinstance(image, (str, Path)) else "image"
     if isinstance(image, (str, Path)):
         image = load_grayscale(image)
@@ -107,10 +171,11 @@ def preprocess(image, size: int, mean: float, std: float, mode: str = "crop", mi
     else:
         image = to_uint8_gray(image, origin)
     if min(image.size) < min_size:
-        raise InputError(f"{origin}: image {image.size[0]}x{image.size[1]} is smaller than one {min_size}-pixel patch")
+        raise InputError(f"{origin}: image {image.size[0]}x{image.size[1]} is smaller than one "
+                         f"{min_size}-pixel patch")
     image = resize_and_crop(image, size) if mode == "crop" else letterbox(image, size)
-    pixels = np.asarray(image, np.float32) * (1.0 / 255.0)
-    return ((pixels - mean) / std)[..., None]
+    pixels = np.asarray(image, np.float32) * np.float32(1.0 / 255.0)
+    return ((pixels - np.float32(mean)) / np.float32(std))[..., None]
 
 
 def _array_to_pil(array: np.ndarray) -> Image.Image:

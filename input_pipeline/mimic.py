@@ -1,52 +1,47 @@
 """MIMIC-CXR-JPG as published: metadata, CheXpert labels and split CSVs (optionally .gz), JPGs under
 files/pXX/pSUBJECT/sSTUDY/, and the MIMIC-CXR reports (files/pXX/pSUBJECT/sSTUDY.txt, here under
 `reports/`). Frontal (PA/AP) images only; the report keeps its FINDINGS and IMPRESSION sections.
+The split names are MIMIC's own: train, validate, test.
 The synthetic dataset is written in this layout, so this adapter reads it too (plus its instruction
 turns when `synthetic-instructions.jsonl` is present).
 """
 
-import csv
-import gzip
 import json
 import re
 from pathlib import Path
 
-from input_pipeline.records import FRONTAL_VIEWS, Record, labels_from
+from input_pipeline import tables
+from input_pipeline.records import FRONTAL_VIEWS, Record, labels_from, sectioned_report
 
 SECTION = re.compile(r"^\s*(FINDINGS|IMPRESSION)\s*:\s*", re.MULTILINE)
 ANY_SECTION = re.compile(r"^\s*[A-Z][A-Z /]+:\s*", re.MULTILINE)
 
 
-def _rows(root: Path, name: str) -> list[dict]:
-    for candidate in (root / name, root / f"{name}.gz"):
-        if candidate.is_file():
-            opener = gzip.open if candidate.suffix == ".gz" else open
-            with opener(candidate, "rt", newline="") as f:
-                return list(csv.DictReader(f))
-    raise FileNotFoundError(f"{root}: {name}(.gz) not found (is this a MIMIC-CXR-JPG directory?)")
-
-
 def report_sections(text: str) -> str:
     """FINDINGS and IMPRESSION sections of a MIMIC report, whitespace collapsed; the whole text if neither."""
-    kept = []
+    sections = []
     for match in SECTION.finditer(text):
         rest = text[match.end():]
         following = ANY_SECTION.search(rest)
-        body = rest[:following.start()] if following else rest
-        kept.append(f"{match.group(1)}: {' '.join(body.split())}")
-    return "\n\n".join(kept) if kept else " ".join(text.split())
+        sections.append((match.group(1), rest[:following.start()] if following else rest))
+    return sectioned_report(sections) if sections else " ".join(text.split())
 
 
 def load(root, split: str | None = None) -> list[Record]:
     root = Path(root)
-    splits = {r["dicom_id"]: r["split"] for r in _rows(root, "mimic-cxr-2.0.0-split.csv")}
-    labels = {(r["subject_id"], r["study_id"]): r for r in _rows(root, "mimic-cxr-2.0.0-chexpert.csv")}
+
+    def table(name, columns):
+        return tables.rows(tables.require(root, name, dataset="MIMIC-CXR-JPG"), columns)
+
+    splits = {r["dicom_id"]: r["split"] for _, r in table("mimic-cxr-2.0.0-split.csv", ("dicom_id", "split"))}
+    labels = {(r["subject_id"], r["study_id"]): (origin, r)
+              for origin, r in table("mimic-cxr-2.0.0-chexpert.csv", ("subject_id", "study_id"))}
     instructions = {}
     if (root / "synthetic-instructions.jsonl").is_file():
         with open(root / "synthetic-instructions.jsonl") as f:
             instructions = {str(r["study_id"]): r["conversations"] for r in map(json.loads, f)}
     records = []
-    for row in _rows(root, "mimic-cxr-2.0.0-metadata.csv"):
+    for origin, row in table("mimic-cxr-2.0.0-metadata.csv", ("dicom_id", "subject_id", "study_id", "ViewPosition")):
         if row["ViewPosition"] not in FRONTAL_VIEWS:
             continue
         record_split = splits.get(row["dicom_id"], "")
@@ -56,11 +51,11 @@ def load(root, split: str | None = None) -> list[Record]:
         relative = Path("files") / f"p{subject[:2]}" / f"p{subject}" / f"s{study}"
         report_file = root / "reports" / relative.parent / f"s{study}.txt"
         report = report_sections(report_file.read_text()) if report_file.is_file() else ""
-        origin = f"mimic-cxr-2.0.0-chexpert.csv (subject {subject}, study {study})"
+        label_origin, label_row = labels.get((subject, study), (origin, {}))
         records.append(Record(
             image=str(root / relative / f"{row['dicom_id']}.jpg"),
-            labels=labels_from(labels.get((subject, study), {}), origin),
+            labels=labels_from(label_row, label_origin),
             report=report, dataset="mimic", split=record_split, view=row["ViewPosition"], study_id=study,
-            conversations=instructions.get(study),
+            conversations=instructions.get(study), origin=origin,
         ))
     return records

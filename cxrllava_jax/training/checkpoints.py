@@ -15,10 +15,14 @@ class RunCheckpoints:
     def __init__(self, directory, cfg):
         policies = [pp.LatestN(n=cfg.keep)]
         self.best_metric, self.best_mode = cfg.best_metric, cfg.best_mode
+        best_fn = None
         if self.best_metric:
-            policies.append(pp.BestN(get_metric_fn=lambda m: m[self.best_metric], reverse=cfg.best_mode == "min",
-                                     n=1, keep_checkpoints_without_metrics=False))
+            best_fn = lambda metrics: metrics[self.best_metric]  # noqa: E731
+            policies.append(pp.BestN(get_metric_fn=best_fn, reverse=cfg.best_mode == "min", n=1,
+                                     keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
+            # best_fn also makes Orbax store each step's metrics, which BestN and best_step() read.
+            best_fn=best_fn, best_mode=cfg.best_mode,
             preservation_policy=pp.AnyPreservationPolicy(policies),
             enable_async_checkpointing=cfg.get("async_save", True),
             cleanup_tmp_directories=True,

@@ -43,6 +43,9 @@ def load(cfg, params, shardings):
 
 def _checked(expected, found, origin: str):
     """`found` if it has exactly `expected`'s structure and shapes; else one error listing every difference."""
+    if not isinstance(expected, dict):  # a single parameter such as the contrastive logit scale
+        expected, found = {"value": expected}, {"value": found}
+        return _checked(expected, found, origin)["value"]
     want = traverse_util.flatten_dict(expected, sep="/")
     have = traverse_util.flatten_dict(found, sep="/")
     problems = [f"missing {k} {want[k].shape}" for k in sorted(set(want) - set(have))]
@@ -56,6 +59,7 @@ def _checked(expected, found, origin: str):
 
 def export_model(path: Path, task, params, cfg):
     """Writes the stage's model in our checkpoint format; the next stage's `config.init.checkpoint`."""
-    tokenizer = cfg.data.tokenizer or None
+    # The tokenizer belongs to the language model: stages 2A/2B hand it on, stage 1 models have none.
+    tokenizer = cfg.data.tokenizer if STAGE_MODEL_KIND[cfg.stage] == "cxr_llava" else None
     model_checkpoint.save_model(path, STAGE_MODEL_KIND[cfg.stage], task.config, jax.device_get(params),
                                 tokenizer_dir=tokenizer, scan=cfg.runtime.scan, overwrite=True)

@@ -12,10 +12,9 @@ import numpy as np
 
 from cxrllava_jax.inference import prompting
 from cxrllava_jax.inference.tokenizer import load_tokenizer
-from input_pipeline import images, mimic
+from input_pipeline import images, instructions
 from input_pipeline.records import is_abnormal, keyword_text
-
-ADAPTERS = {"mimic": mimic.load, "synthetic": mimic.load}
+from input_pipeline.sources import ADAPTERS
 
 
 @dataclasses.dataclass
@@ -43,15 +42,18 @@ def _view(cfg, records) -> list[Example]:
         return [Example(r.image, label=int(y)) for r, y in labelled if y is not None]
     if stage == "1b":
         if cfg.data.text_kind == "labels":
-            return [Example(r.image, text=keyword_text(r.labels)) for r in records]
+            # Records whose labels say nothing certain have no keyword text and are left out.
+            texts = ((r, keyword_text(r.labels, r.findings)) for r in records)
+            return [Example(r.image, text=t) for r, t in texts if t]
         return [Example(r.image, text=r.report) for r in records if r.report]
-    report_turns = lambda r: [{"role": "user", "content": prompting.REPORT_PROMPT},  # noqa: E731
-                              {"role": "assistant", "content": r.report}]
     if cfg.data.conversations == "report":
+        report_turns = lambda r: [{"role": "user", "content": prompting.REPORT_PROMPT},  # noqa: E731
+                                  {"role": "assistant", "content": r.report}]
         return [Example(r.image, conversation=report_turns(r)) for r in records if r.report]
-    # Instruction tuning: the study's instruction turns where the source has them, else its report.
-    return [Example(r.image, conversation=c) for r in records if r.report or r.conversations
-            for c in (r.conversations or [report_turns(r)])]
+    # Instruction tuning: the study's own instruction turns where the source has them (the synthetic set),
+    # else the ones built from its report.
+    return [Example(r.image, conversation=c) for r in records
+            for c in (r.conversations or instructions.conversations(r))]
 
 
 def encoder(cfg, task):
