@@ -4,6 +4,10 @@
 files/pXX/pSUBJECT/sSTUDY/, the metadata, CheXpert-label and split CSVs, and the MIMIC-CXR reports), so
 the MIMIC adapter reads it like the real thing, plus `synthetic-instructions.jsonl` with question/answer
 turns about each study (the paper's GPT-4 instruction data, here written from the drawn ground truth).
+A study has no finding or up to three of: pleural effusion, cardiomegaly, pneumothorax, consolidation, edema,
+atelectasis, nodule (a mass when large) and an endotracheal tube, each with the side and size or degree that
+its drawing, its report sentence and the answers about it share. Reports vary their phrasing and negate the
+main findings that are absent, so the CheXpert-style labeler reads back exactly the labels written.
 Everything is a function of the seed: the same seed gives the same bytes.
 """
 
@@ -24,7 +28,9 @@ FINDINGS = ("effusion", "cardiomegaly", "pneumothorax", "consolidation", "edema"
 OBSERVATION = {"effusion": "Pleural Effusion", "cardiomegaly": "Cardiomegaly", "pneumothorax": "Pneumothorax",
                "consolidation": "Consolidation", "edema": "Edema", "atelectasis": "Atelectasis",
                "nodule": "Lung Lesion", "device": "Support Devices"}
-SEVERITIES = ("small", "moderate", "large")
+SEVERITIES = ("small", "moderate", "large")  # size of an effusion, pneumothorax, consolidation or nodule
+DEGREES = ("mild", "moderate", "severe")  # degree of cardiomegaly or edema
+SIDED = ("effusion", "pneumothorax", "consolidation", "atelectasis", "nodule")
 SPLIT_FRACTIONS = (("train", 0.8), ("validate", 0.1), ("test", 0.1))
 
 
@@ -32,7 +38,7 @@ SPLIT_FRACTIONS = (("train", 0.8), ("validate", 0.1), ("test", 0.1))
 class Finding:
     name: str
     side: str = ""  # 'left' / 'right' / '' (bilateral or central)
-    severity: str = ""
+    severity: str = ""  # one of SEVERITIES, or of DEGREES for cardiomegaly and edema
     zone: str = ""  # 'upper' / 'lower'
 
 
@@ -53,7 +59,6 @@ class Study:
 def draw_radiograph(findings: list[Finding], size: int, rng: np.random.Generator) -> np.ndarray:
     """A PA chest radiograph as uint8 [size, size]: bright bone and soft tissue, dark lungs."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    names = {f.name for f in findings}
     img = 0.15 + 0.05 * rng.random()
     body = _ellipse(x, y, 0.5, 0.55, 0.46, 0.52)
     img = img + 0.35 * body
@@ -65,7 +70,8 @@ def draw_radiograph(findings: list[Finding], size: int, rng: np.random.Generator
     for k in range(6):  # ribs: faint bright arcs over the lungs
         rib = np.exp(-(((y - 0.3 - 0.08 * k) - 0.15 * (x - 0.5) ** 2 * 4) ** 2) / 2e-4)
         img = img + 0.06 * rib * (lungs["right"] + lungs["left"])
-    heart_width = 0.12 if "cardiomegaly" not in names else 0.2
+    enlarged = {f.name: f.severity for f in findings}.get("cardiomegaly")
+    heart_width = {None: 0.12, "mild": 0.17, "moderate": 0.2, "severe": 0.23}[enlarged]
     heart = _ellipse(x, y, 0.53, 0.62, heart_width + rng.normal(0, 0.008), 0.14)
     img = img + 0.4 * heart + 0.3 * _ellipse(x, y, 0.5, 0.35, 0.05, 0.2)  # heart and mediastinum
     img = img + 0.4 * (y > 0.78 + 0.05 * np.abs(x - 0.5)) * body  # diaphragm and abdomen
@@ -99,13 +105,15 @@ def _draw_finding(img, f: Finding, x, y, lungs, rng):
         cy = 0.4 if f.zone == "upper" else 0.62
         return img + 0.45 * lung * (_blob(x, y, cx, cy, 0.06 * scale) > 0.35)
     if f.name == "edema":  # bilateral perihilar haze
-        return img + 0.3 * lung * (_blob(x, y, 0.36, 0.5, 0.09) + _blob(x, y, 0.64, 0.5, 0.09))
+        density = {"mild": 0.22, "moderate": 0.3, "severe": 0.4}.get(f.severity, 0.3)
+        return img + density * lung * (_blob(x, y, 0.36, 0.5, 0.09) + _blob(x, y, 0.64, 0.5, 0.09))
     if f.name == "atelectasis":  # a horizontal band at the base
         band = np.exp(-((y - 0.68 + 0.1 * (x - cx)) ** 2) / (2 * 0.012 ** 2))
         return img + 0.5 * lung * band * (np.abs(x - cx) < 0.12)
-    if f.name == "nodule":
+    if f.name == "nodule":  # a large one is a mass
         cy = 0.38 if f.zone == "upper" else 0.6
-        return img + 0.55 * (_blob(x, y, cx + rng.normal(0, 0.02), cy, 0.025 * scale) > 0.5)
+        radius = {"small": 0.018, "moderate": 0.025, "large": 0.045}.get(f.severity, 0.025)
+        return img + 0.55 * (_blob(x, y, cx + rng.normal(0, 0.02), cy, radius) > 0.5)
     if f.name == "device":  # an endotracheal tube down the midline
         return img + 0.5 * ((np.abs(x - 0.5) < 0.012) & (y < 0.38)).astype(np.float32)
     raise ValueError(f"unknown finding {f.name!r}")
@@ -118,27 +126,62 @@ def sample_findings(rng: np.random.Generator) -> list[Finding]:
         return [Finding("device")] if rng.random() < 0.1 else []
     count = rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15])
     names = rng.choice(FINDINGS, size=count, replace=False)
-    return [Finding(str(n), side=str(rng.choice(["left", "right"])) if n not in ("cardiomegaly", "edema", "device")
-                    else "", severity=str(rng.choice(SEVERITIES)) if n in ("effusion", "pneumothorax", "nodule",
-                                                                             "consolidation") else "",
+    return [Finding(str(n), side=str(rng.choice(["left", "right"])) if n in SIDED else "",
+                    severity=_draw_severity(str(n), rng),
                     zone=str(rng.choice(["upper", "lower"])) if n in ("consolidation", "nodule") else "")
             for n in sorted(names, key=FINDINGS.index)]
 
 
+def _draw_severity(name: str, rng) -> str:
+    if name in ("cardiomegaly", "edema"):
+        return str(rng.choice(DEGREES))
+    if name in ("effusion", "pneumothorax", "nodule", "consolidation"):
+        return str(rng.choice(SEVERITIES))
+    return ""
+
+
+def _lesion(f: Finding) -> str:
+    return "mass" if f.severity == "large" else "nodule"
+
+
 def _sentence(f: Finding, rng) -> str:
-    side, sev, zone = f.side, f.severity, f.zone
+    side, sev, zone, lesion = f.side, f.severity, f.zone, _lesion(f)
     options = {
-        "effusion": [f"There is a {sev} {side} pleural effusion.", f"{sev.capitalize()} {side} pleural effusion."],
-        "cardiomegaly": ["The heart is enlarged.", "Cardiomegaly is present.", "There is moderate cardiomegaly."],
-        "pneumothorax": [f"There is a {sev} {side} pneumothorax.", f"{sev.capitalize()} {side} apical pneumothorax."],
+        "effusion": [f"There is a {sev} {side} pleural effusion.", f"{sev.capitalize()} {side} pleural effusion.",
+                     f"A {sev} {side} pleural effusion is present."],
+        "cardiomegaly": {"mild": ["The heart is mildly enlarged.", "Mild cardiomegaly."],
+                         "moderate": ["There is moderate cardiomegaly.", "The heart is moderately enlarged."],
+                         "severe": ["Severe cardiomegaly.", "The heart is markedly enlarged."],
+                         }.get(sev, ["Cardiomegaly."]),
+        "pneumothorax": [f"There is a {sev} {side} pneumothorax.", f"{sev.capitalize()} {side} apical pneumothorax.",
+                         f"A {sev} {side} pneumothorax is seen."],
         "consolidation": [f"Patchy consolidation in the {side} {zone} lobe.",
-                          f"There is focal consolidation in the {side} {zone} lobe."],
-        "edema": ["There is mild pulmonary edema.", "Pulmonary edema is present."],
-        "atelectasis": [f"There is {side} basilar atelectasis.", f"Linear atelectasis at the {side} lung base."],
-        "nodule": [f"A {sev} nodule is seen in the {side} {zone} lung.", f"There is a {sev} {side} {zone} lung nodule."],
-        "device": ["Endotracheal tube in place.", "An endotracheal tube is present."],
+                          f"There is focal consolidation in the {side} {zone} lobe.",
+                          f"Airspace consolidation in the {side} {zone} lobe."],
+        "edema": [f"There is {sev} pulmonary edema.", f"{sev.capitalize()} pulmonary edema.",
+                  f"Findings are consistent with {sev} pulmonary edema."],
+        "atelectasis": [f"There is {side} basilar atelectasis.", f"Linear atelectasis at the {side} lung base.",
+                        f"Plate-like atelectasis in the {side} lower lung."],
+        "nodule": [f"A {sev} {lesion} is seen in the {side} {zone} lung.",
+                   f"There is a {sev} {side} {zone} lung {lesion}."],
+        "device": ["Endotracheal tube in place.", "An endotracheal tube is present.",
+                   "Endotracheal tube terminates above the carina."],
     }[f.name]
     return str(rng.choice(options))
+
+
+NEGATED = {"consolidation": "focal consolidation", "effusion": "pleural effusion", "pneumothorax": "pneumothorax"}
+
+
+def _negation(names: list[str], rng) -> str:
+    """'No A, B or C.' in one of several phrasings a radiologist uses."""
+    listed = [NEGATED[n] for n in names]
+    joined = listed[0] if len(listed) == 1 else ", ".join(listed[:-1]) + " or " + listed[-1]
+    form = int(rng.integers(4))
+    if form == 3:  # 'X and Y are not seen.'
+        joined = listed[0] if len(listed) == 1 else ", ".join(listed[:-1]) + " and " + listed[-1]
+        return f"{joined[0].upper()}{joined[1:]} {'is' if len(listed) == 1 else 'are'} not seen."
+    return ("No {}.", "There is no {}.", "No evidence of {}.")[form].format(joined)
 
 
 def write_report(findings: list[Finding], rng: np.random.Generator) -> tuple[str, dict]:
@@ -149,20 +192,18 @@ def write_report(findings: list[Finding], rng: np.random.Generator) -> tuple[str
     for f in findings:
         labels[OBSERVATION[f.name]] = 1.0
     if "cardiomegaly" in names:
-        sentences.insert(0, _sentence(Finding("cardiomegaly"), rng))
+        sentences.insert(0, _sentence(next(f for f in findings if f.name == "cardiomegaly"), rng))
     else:
-        sentences.insert(0, str(rng.choice(["Heart size is normal.", "The cardiac silhouette is normal in size."])))
+        sentences.insert(0, str(rng.choice(["Heart size is normal.", "The cardiac silhouette is normal in size.",
+                                            "Heart size is within normal limits."])))
         labels["Cardiomegaly"] = 0.0
-    absent = [n for n in ("consolidation", "effusion", "pneumothorax") if n not in names]
+    absent = [n for n in NEGATED if n not in names]
     if absent:
-        words = {"consolidation": "focal consolidation", "effusion": "pleural effusion", "pneumothorax": "pneumothorax"}
-        listed = [words[n] for n in absent]
-        phrase = listed[0] if len(listed) == 1 else ", ".join(listed[:-1]) + " or " + listed[-1]
-        sentences.append(f"No {phrase}.")
+        sentences.append(_negation(absent, rng))
         for n in absent:
             labels[OBSERVATION[n]] = 0.0
     if "edema" not in names and rng.random() < 0.5:
-        sentences.append("No pulmonary edema.")
+        sentences.append(str(rng.choice(["No pulmonary edema.", "There is no pulmonary edema."])))
         labels["Edema"] = 0.0
     abnormal = [f for f in findings if f.name != "device"]
     if abnormal:
@@ -174,10 +215,10 @@ def write_report(findings: list[Finding], rng: np.random.Generator) -> tuple[str
 
 
 def _impression(f: Finding) -> str:
-    text = {"effusion": f"{f.severity} {f.side} pleural effusion", "cardiomegaly": "cardiomegaly",
+    text = {"effusion": f"{f.severity} {f.side} pleural effusion", "cardiomegaly": f"{f.severity} cardiomegaly",
             "pneumothorax": f"{f.severity} {f.side} pneumothorax", "consolidation": f"{f.side} {f.zone} lobe consolidation",
-            "edema": "pulmonary edema", "atelectasis": f"{f.side} basilar atelectasis",
-            "nodule": f"{f.side} {f.zone} lung nodule"}[f.name]
+            "edema": f"{f.severity} pulmonary edema", "atelectasis": f"{f.side} basilar atelectasis",
+            "nodule": f"{f.side} {f.zone} lung {_lesion(f)}"}[f.name]
     return text[0].upper() + text[1:] + "."
 
 
@@ -190,10 +231,20 @@ DIFFERENTIALS = {
     "atelectasis": "subsegmental atelectasis from hypoventilation or mucus plugging",
     "nodule": "granuloma, primary lung cancer or metastasis",
 }
+# Yes/no questions about one finding, and the answer when it is absent.
+QUESTIONS = {
+    "effusion": ("Is there a pleural effusion?", "No. There is no pleural effusion."),
+    "cardiomegaly": ("Is the heart enlarged?", "No. The heart size is normal."),
+    "pneumothorax": ("Is there a pneumothorax?", "No. There is no pneumothorax."),
+    "consolidation": ("Is there any consolidation?", "No. There is no focal consolidation."),
+    "edema": ("Is there pulmonary edema?", "No. There is no pulmonary edema."),
+    "atelectasis": ("Is there atelectasis?", "No. There is no atelectasis."),
+    "nodule": ("Is there a lung nodule or mass?", "No. There is no lung nodule or mass."),
+}
 
 
 def write_conversations(findings: list[Finding], report: str, rng) -> list[list[dict]]:
-    """Instruction data like the paper's: the report, a differential diagnosis and location questions."""
+    """Instruction data like the paper's: the report, a differential diagnosis and questions about findings."""
     from cxrllava_jax.inference.prompting import DIFFERENTIAL_PROMPT, REPORT_PROMPT, question_prompt
 
     abnormal = [f for f in findings if f.name != "device"]
@@ -206,7 +257,7 @@ def write_conversations(findings: list[Finding], report: str, rng) -> list[list[
     sided = [f for f in abnormal if f.side]
     if sided:
         f = sided[int(rng.integers(len(sided)))]
-        name = _impression(Finding(f.name, "", "", ""))[:-1].strip().lower().replace("  ", " ")
+        name = f"lung {_lesion(f)}" if f.name == "nodule" else NEGATED.get(f.name, f.name).removeprefix("focal ")
         conversations.append([
             {"role": "user", "content": question_prompt("Is there any abnormality on this radiograph?")},
             {"role": "assistant", "content": f"Yes. {_impression(f)}"},
@@ -218,7 +269,25 @@ def write_conversations(findings: list[Finding], report: str, rng) -> list[list[
         conversations.append([
             {"role": "user", "content": question_prompt("Is there any abnormality on this radiograph?")},
             {"role": "assistant", "content": answer}])
+    conversations.append(_finding_question(abnormal, rng, question_prompt))
     return conversations
+
+
+def _finding_question(abnormal: list[Finding], rng, question_prompt) -> list[dict]:
+    """A yes/no question about one finding (present half the time when there is one), with its size if asked."""
+    present = {f.name: f for f in abnormal}
+    asked = (str(rng.choice(sorted(present))) if present and rng.random() < 0.5
+             else str(rng.choice(sorted(QUESTIONS))))
+    question, negative = QUESTIONS[asked]
+    turns = [{"role": "user", "content": question_prompt(question)}]
+    if asked not in present:
+        return turns + [{"role": "assistant", "content": negative}]
+    f = present[asked]
+    turns.append({"role": "assistant", "content": f"Yes. {_impression(f)}"})
+    if f.severity:
+        turns += [{"role": "user", "content": "How severe is it?"},
+                  {"role": "assistant", "content": f"It is {f.severity}."}]
+    return turns
 
 
 # ---------------------------------------------------------------- the dataset on disk

@@ -1,0 +1,107 @@
+"""TFDS builders: a source's records written once as ArrayRecord, read back by Grain without TensorFlow.
+
+One builder class, `CxrRecords`, with one config per source adapter in `ADAPTERS` (an adapter is
+`load(root, split=None) -> list[Record]`; adding a source is one line there). The builder's manual_dir is the
+dataset as published, which the adapter reads; `download_and_prepare` writes every split the adapter reports
+as ArrayRecord shards under `data_dir/cxr_records/<source>/<version>/`.
+
+TensorFlow is not a dependency, and `tfds.features.Image` needs it to encode PNGs. So an example keeps the
+image file's own bytes (a scalar `tfds.features.Tensor` of dtype object, stored as is) and Grain decodes them
+with PIL or pydicom exactly as it decodes a file on disk: 16-bit PNG and DICOM keep their full range and
+windowing until preprocessing, and the stored file is no bigger than the original. The rest are plain
+features: labels float32 [14] (NaN = not mentioned), report, dataset, split, view, study id, the instruction
+conversations as JSON, and the image's path under manual_dir (the name a decoding error gives).
+
+    build("synthetic", manual_dir="data/synthetic", data_dir="data/tfds")
+    source = data_source("synthetic", "data/tfds", "train")  # random access: grain.MapDataset.source(source)
+    image = decode_image(source[0], size=512, mean=0.5, std=0.5)
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from cxrllava_jax.findings import CHEXPERT_OBSERVATIONS
+from input_pipeline import images
+from input_pipeline.errors import InputError
+from input_pipeline.sources import ADAPTERS
+
+
+FEATURES = tfds.features.FeaturesDict({
+    "image_bytes": tfds.features.Tensor(shape=(), dtype=np.object_),  # the image file, byte for byte
+    "image_name": tfds.features.Text(),  # its path under manual_dir
+    "labels": tfds.features.Tensor(shape=(len(CHEXPERT_OBSERVATIONS),), dtype=np.float32),
+    "report": tfds.features.Text(),
+    "dataset": tfds.features.Text(),
+    "split": tfds.features.Text(),
+    "view": tfds.features.Text(),
+    "study_id": tfds.features.Text(),
+    "conversations": tfds.features.Text(),  # JSON list of conversations, '' when the source has none
+})
+
+
+class CxrRecords(tfds.core.GeneratorBasedBuilder):
+    """Chest radiographs of one source in the common record schema, with the encoded image files."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Records of every split the source's adapter reports, image files as bytes."}
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name, description=f"the {name} source") for name in ADAPTERS]
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "Put the dataset as published (the layout its adapter in input_pipeline/ reads) in manual_dir; "
+        "for the synthetic one, `cxrllava synth --out MANUAL_DIR`.")
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(builder=self, description=__doc__.splitlines()[0], features=FEATURES)
+
+    def _split_generators(self, dl_manager):
+        root = Path(dl_manager.manual_dir)
+        by_split = {}
+        for record in ADAPTERS[self.builder_config.name](root):
+            if not record.split:
+                raise InputError(f"{record.image}: the {self.builder_config.name} adapter gives it no split")
+            by_split.setdefault(record.split, []).append(record)
+        return {split: self._generate_examples(root, records) for split, records in sorted(by_split.items())}
+
+    def _generate_examples(self, root: Path, records):
+        for record in records:
+            path = Path(record.image)
+            if not path.is_file():
+                raise InputError(f"{path}: image file not found")
+            name = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+            yield name, {
+                "image_bytes": path.read_bytes(), "image_name": name, "labels": record.labels,
+                "report": record.report, "dataset": record.dataset, "split": record.split, "view": record.view,
+                "study_id": record.study_id,
+                "conversations": json.dumps(record.conversations) if record.conversations else "",
+            }
+
+
+def build(source: str, manual_dir, data_dir) -> CxrRecords:
+    """Writes (once; later calls reuse it) the ArrayRecord version of `source` read from `manual_dir`."""
+    if source not in ADAPTERS:
+        raise ValueError(f"no TFDS builder config for source {source!r}; sources: {sorted(ADAPTERS)}")
+    builder = CxrRecords(data_dir=str(data_dir), config=source, file_format="array_record")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+    return builder
+
+
+def data_source(source: str, data_dir, split: str):
+    """The built split as a random-access sequence of example dicts (text features come back as bytes)."""
+    builder = CxrRecords(data_dir=str(data_dir), config=source)
+    if not builder.is_prepared():
+        raise ValueError(f"{builder.data_dir}: the {source} records are not built; run tfds_builders.build first")
+    if split not in builder.info.splits:
+        raise ValueError(f"{builder.data_dir}: no split {split!r}; built splits: {sorted(builder.info.splits)}")
+    return builder.as_data_source(split=split)
+
+
+def decode_image(example: dict, size: int, mean: float, std: float, mode: str = "crop") -> np.ndarray:
+    """An example's image file bytes -> float32 [size, size, 1], exactly as `images.preprocess` reads the file."""
+    name = example["image_name"].decode()
+    image = images.decode_grayscale(example["image_bytes"], name)
+    try:
+        return images.preprocess(image, size, mean, std, mode=mode)
+    except InputError as error:  # preprocess calls an in-memory image just 'image'
+        raise InputError(f"{name}: {error}") from error
