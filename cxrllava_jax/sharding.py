@@ -5,6 +5,7 @@ Every weight and every constrained activation in the models carries logical name
 name lands on, so changing a parallelism strategy is an edit of `LOGICAL_AXIS_RULES`.
 """
 
+import contextlib
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -57,6 +58,17 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) 
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+    """The context to trace and run sharded model code in: the mesh and the logical rules.
+
+    It must be `jax.set_mesh`: the models' activation constraints (`nn.with_logical_constraint`) look
+    for the mesh there and silently do nothing under a bare `with mesh:`.
+    """
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
 def create_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args, rules=LOGICAL_AXIS_RULES) -> tuple[Any, Any]:
     """Runs `init_fn(*args)` with every output already placed on its shard: no full copy on one device.
 
@@ -64,7 +76,7 @@ def create_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args, rules=LOGICAL
     """
     abstract = jax.eval_shape(init_fn, *args)
     shardings = logical_shardings(abstract, mesh, rules)
-    with mesh, nn.logical_axis_rules(rules):
+    with activate(mesh, rules):
         boxed = jax.jit(init_fn, out_shardings=shardings)(*args)
     return nn.meta.unbox(boxed), nn.meta.unbox(shardings)
 

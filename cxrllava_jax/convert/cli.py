@@ -6,14 +6,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import ml_dtypes
-import numpy as np
-
 from cxrllava_jax.convert import checkpoint, hf_bert, hf_llama, release
-from cxrllava_jax.convert.layout import stack_layers, unstack_layers
+from cxrllava_jax.convert.layout import stack_layers
 from cxrllava_jax.models.configs import Runtime
 
 FORMATS = ("release", "hf-llama", "hf-bert")
+# Files of a Hugging Face directory that belong to the tokenizer (SentencePiece for LLaMA, WordPiece for BERT)
+# or to generation; they travel with the weights in both directions.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.txt", "generation_config.json")
 
 
 def detect_format(src: Path) -> str:
@@ -38,6 +39,8 @@ def import_main(argv) -> int:
     parser.add_argument("--scan", action="store_true", help="store layers stacked (for scan=True runtimes)")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
+    if args.out.exists() and not args.overwrite:  # before reading gigabytes of weights
+        raise SystemExit(f"cxrllava import-torch: {args.out} exists; pass --overwrite to replace it")
     fmt = args.format or detect_format(args.src)
     kind, (config, params) = {
         "release": lambda: ("cxr_llava", release.load_release(args.src)),
@@ -67,19 +70,18 @@ def export_main(argv) -> int:
     args = parser.parse_args(argv)
     if args.out.exists() and any(args.out.iterdir()):
         raise SystemExit(f"cxrllava export-torch: {args.out} is not empty; refusing to overwrite")
-    kind, config, params = checkpoint.load_model(args.checkpoint, Runtime(scan=False))
-    params = unstack_layers(params)
+    kind = checkpoint.read_model_config(args.checkpoint)[0]
+    exportable = {"release": ("cxr_llava",), "hf-llama": ("cxr_llava", "llama")}[args.layout]
+    if kind not in exportable:
+        raise SystemExit(f"cxrllava export-torch: --layout {args.layout} needs a {' or '.join(exportable)} "
+                         f"checkpoint; {args.checkpoint} holds a {kind}")
+    _, config, params = checkpoint.load_model(args.checkpoint, Runtime(scan=False))
     shard_bytes = _parse_size(args.max_shard_size)
     if args.layout == "release":
-        if kind != "cxr_llava":
-            raise SystemExit(f"cxrllava export-torch: --layout release needs a cxr_llava checkpoint, not {kind}")
         release.save_release(args.out, config, params, args.dtype, shard_bytes)
     else:
         llama_config, llama_params = (config.llama, params["llm"]) if kind == "cxr_llava" else (config, params)
-        if kind not in ("cxr_llava", "llama"):
-            raise SystemExit(f"cxrllava export-torch: --layout hf-llama needs a LLaMA, not a {kind} checkpoint")
-        dtype = ml_dtypes.bfloat16 if args.dtype == "bfloat16" else np.float32
-        hf_llama.save_hf_llama(args.out, llama_config, llama_params, dtype, shard_bytes)
+        hf_llama.save_hf_llama(args.out, llama_config, llama_params, args.dtype, shard_bytes)
     source_tokenizer = checkpoint.tokenizer_dir(args.checkpoint)
     if source_tokenizer:
         for f in source_tokenizer.iterdir():
@@ -89,7 +91,7 @@ def export_main(argv) -> int:
 
 
 def _tokenizer_files(src: Path) -> Path | None:
-    present = [src / name for name in hf_llama.TOKENIZER_FILES if (src / name).is_file()]
+    present = [src / name for name in TOKENIZER_FILES if (src / name).is_file()]
     if not present:
         return None
     staging = Path(tempfile.mkdtemp(prefix="cxrllava-tokenizer-"))

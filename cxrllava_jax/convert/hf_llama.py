@@ -1,12 +1,11 @@
 """Hugging Face LLaMA directories (`LlamaForCausalLM`: `model.*` + `lm_head.weight`, LlamaConfig JSON)."""
 
+import dataclasses
 import json
 from pathlib import Path
 
-import numpy as np
-
 from cxrllava_jax.convert.mapping import Entry, expected_shapes, export_tensors, import_params
-from cxrllava_jax.convert.safetensors_io import SafetensorsReader, write_sharded
+from cxrllava_jax.convert.safetensors_io import SafetensorsReader, storage_dtype, write_sharded
 from cxrllava_jax.models.configs import LlamaConfig
 
 # Our LlamaConfig field <- Hugging Face LlamaConfig key.
@@ -15,22 +14,27 @@ HF_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermed
              "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim", "rms_norm_eps": "rms_norm_eps",
              "rope_theta": "rope_theta", "max_position_embeddings": "max_position_embeddings",
              "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "pad_token_id": "pad_token_id"}
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")
 
 
 def config_from_hf(hf: dict, origin: str = "config.json") -> LlamaConfig:
+    """Reads transformers 4.x configs (`rope_theta`, `rope_scaling`) and 5.x ones (`rope_parameters`)."""
+    rope = hf.get("rope_parameters") or {}
     unsupported = {k: hf[k] for k in ("rope_scaling", "attention_bias", "mlp_bias", "tie_word_embeddings")
                    if hf.get(k) not in (None, False)}
+    if rope.get("rope_type", "default") != "default":
+        unsupported["rope_parameters"] = rope
+    if hf.get("hidden_act", "silu") != "silu":
+        unsupported["hidden_act"] = hf["hidden_act"]
     if unsupported:
         raise ValueError(f"{origin}: unsupported LLaMA options {unsupported}")
     values = {ours: hf[theirs] for ours, theirs in HF_FIELDS.items() if hf.get(theirs) is not None}
-    values.setdefault("num_kv_heads", values["num_heads"])
-    if "rope_theta" not in values and isinstance(hf.get("rope_parameters"), dict):
-        values["rope_theta"] = hf["rope_parameters"].get("rope_theta", 10000.0)
-    if values.get("head_dim") == values["hidden_size"] // values["num_heads"]:
-        values.pop("head_dim")
-    return LlamaConfig(**values)
+    values.setdefault("rms_norm_eps", 1e-6)  # transformers' default when the file leaves it out, not ours
+    values.setdefault("num_kv_heads", values.get("num_heads", LlamaConfig.num_heads))
+    if "rope_theta" not in values and "rope_theta" in rope:
+        values["rope_theta"] = rope["rope_theta"]
+    cfg = LlamaConfig(**values)
+    # transformers 5 always writes head_dim; the implied one is the same model, so keep configs comparable.
+    return dataclasses.replace(cfg, head_dim=None) if cfg.head_dim == cfg.hidden_size // cfg.num_heads else cfg
 
 
 def config_to_hf(cfg: LlamaConfig) -> dict:
@@ -74,10 +78,11 @@ def load_hf_llama(directory) -> tuple[LlamaConfig, dict]:
     return cfg, import_params(llama_entries(cfg), reader, str(directory), llama_expected_shapes(cfg), ignored)
 
 
-def save_hf_llama(directory, cfg: LlamaConfig, params: dict, dtype=np.float32, max_shard_bytes: int = 5 * 2**30):
+def save_hf_llama(directory, cfg: LlamaConfig, params: dict, dtype: str = "bfloat16",
+                  max_shard_bytes: int = 5 * 2**30):
     """A directory `transformers.LlamaForCausalLM.from_pretrained` loads (params unscanned)."""
     directory = Path(directory)
-    write_sharded(directory, export_tensors(llama_entries(cfg), params, dtype), max_shard_bytes)
+    write_sharded(directory, export_tensors(llama_entries(cfg), params, storage_dtype(dtype)), max_shard_bytes)
     hf = config_to_hf(cfg)
-    hf["torch_dtype"] = np.dtype(dtype).name
+    hf["torch_dtype"] = dtype
     (directory / "config.json").write_text(json.dumps(hf, indent=2))

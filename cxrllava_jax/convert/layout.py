@@ -14,12 +14,6 @@ STACK_NAMES = ("resblocks", "block", "layer")
 _NUMBERED = re.compile(rf"^({'|'.join(STACK_NAMES)})_(\d+)$")
 
 
-def is_scanned(tree) -> bool:
-    if not isinstance(tree, dict):
-        return False
-    return any(k in STACK_NAMES or is_scanned(v) for k, v in tree.items())
-
-
 def relayout(tree, scan: bool):
     return stack_layers(tree) if scan else unstack_layers(tree)
 

@@ -84,9 +84,13 @@ def expected_shapes(model, *init_args) -> dict:
 def export_tensors(entries: list[Entry], params: dict, dtype) -> Iterator[tuple[str, np.ndarray]]:
     """(PyTorch key, tensor) pairs, one at a time, from our (unscanned) parameter tree."""
     flat = traverse_util.flatten_dict(params, sep="/")
-    missing = [e.path for e in entries if e.path not in flat]
-    if missing:
-        raise ConversionError(f"the checkpoint lacks {len(missing)} parameter(s) the format needs: {missing[:10]}")
+    wanted = {e.path for e in entries}
+    # A parameter the format has no place for would be dropped silently: the export would be another model.
+    problems = [f"missing {p}" for p in sorted(wanted - set(flat))]
+    problems += [f"unexpected {p} {np.shape(flat[p])}" for p in sorted(set(flat) - wanted)]
+    if problems:
+        raise ConversionError(f"the checkpoint does not fit the format: {len(problems)} problem(s):\n  "
+                              + "\n  ".join(problems))
     fused: dict[str, list] = {}
     for entry in entries:
         tensor = np.ascontiguousarray(entry.to_torch(np.asarray(flat[entry.path])).astype(dtype))

@@ -10,12 +10,14 @@ import numpy as np
 from cxrllava_jax.convert import hf_llama
 from cxrllava_jax.convert.mapping import Entry, expected_shapes, export_tensors, import_params
 from cxrllava_jax.convert.open_clip import vit_entries
-from cxrllava_jax.convert.safetensors_io import SafetensorsReader, write_sharded
+from cxrllava_jax.convert.safetensors_io import SafetensorsReader, storage_dtype, write_sharded
 from cxrllava_jax.models.configs import CXRLLaVAConfig, VisionConfig
 
 VISION_FIELDS = ("image_size", "layers", "width", "head_width", "mlp_ratio", "patch_size", "ls_init_value",
                  "patch_dropout", "no_ln_pre", "final_ln_after_pool", "pool_type")
-RELEASE_ONLY = {"attentional_pool": False, "pos_embed_type": "learnable", "output_tokens": True}
+# open_clip options our ViT does not implement, with the one value we accept (and write on export).
+FIXED_VISION = {"attentional_pool": False, "pos_embed_type": "learnable"}
+REQUIRED = ("clip_vision_cfg", "clip_embed_dim", "llama")
 
 
 def is_release_dir(directory) -> bool:
@@ -24,9 +26,13 @@ def is_release_dir(directory) -> bool:
 
 
 def config_from_release(release: dict, origin: str) -> CXRLLaVAConfig:
+    missing = [k for k in REQUIRED if k not in release]
+    if missing:
+        raise ValueError(f"{origin}: not a CXR-LLaVA release config, it lacks {missing}")
     vision_cfg = release["clip_vision_cfg"]
-    unsupported = {k: vision_cfg[k] for k, ok in RELEASE_ONLY.items() if k in vision_cfg and vision_cfg[k] != ok
-                   and not (k == "output_tokens")}
+    unsupported = {k: vision_cfg[k] for k, ok in FIXED_VISION.items() if vision_cfg.get(k, ok) != ok}
+    if vision_cfg.get("act_kwargs"):  # anything but open_clip's default exact GELU
+        unsupported["act_kwargs"] = vision_cfg["act_kwargs"]
     if unsupported:
         raise ValueError(f"{origin}: unsupported vision options {unsupported}")
     eps = (vision_cfg.get("norm_kwargs") or {}).get("eps", 1e-5)
@@ -43,7 +49,7 @@ def config_from_release(release: dict, origin: str) -> CXRLLaVAConfig:
 def config_to_release(cfg: CXRLLaVAConfig) -> dict:
     v = cfg.vision
     vision = {k: getattr(v, k) for k in VISION_FIELDS}
-    vision.update(RELEASE_ONLY, norm_kwargs={"eps": v.layer_norm_eps}, act_kwargs={})
+    vision.update(FIXED_VISION, output_tokens=True, norm_kwargs={"eps": v.layer_norm_eps}, act_kwargs={})
     return {"clip_vision_cfg": vision, "clip_embed_dim": v.embed_dim, "mm_projector_dim": v.width,
             "llama": hf_llama.config_to_hf(cfg.llama),
             "image_preprocess_cfg": {"mean": [cfg.image_mean], "std": [cfg.image_std]}}
@@ -77,11 +83,9 @@ def load_release(directory) -> tuple[CXRLLaVAConfig, dict]:
     return cfg, params
 
 
-def save_release(directory, cfg: CXRLLaVAConfig, params: dict, dtype="bfloat16", max_shard_bytes: int = 5 * 2**30):
+def save_release(directory, cfg: CXRLLaVAConfig, params: dict, dtype: str = "bfloat16",
+                 max_shard_bytes: int = 5 * 2**30):
     """Sharded safetensors (bfloat16 by default, as released) + config.json in the release schema."""
-    import ml_dtypes
-
-    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
     directory = Path(directory)
-    write_sharded(directory, export_tensors(release_entries(cfg), params, np_dtype), max_shard_bytes)
+    write_sharded(directory, export_tensors(release_entries(cfg), params, storage_dtype(dtype)), max_shard_bytes)
     (directory / "config.json").write_text(json.dumps(config_to_release(cfg), indent=2))

@@ -3,11 +3,17 @@
 import json
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 INDEX = "model.safetensors.index.json"
+
+
+def storage_dtype(name: str) -> np.dtype:
+    """The numpy dtype for a dtype name, bfloat16 included (numpy has none of its own)."""
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
 class SafetensorsReader:

@@ -72,7 +72,8 @@ def encode_prompt(turns: Sequence[dict], tokenizer, num_image_tokens: int, image
     if not turns or turns[-1]["role"] != "user":
         raise ValueError("the prompt's last turn must be the user's")
     ids, _ = encode_conversation(turns, tokenizer, num_image_tokens, image_token_id, system)
-    if max_length is not None and len(ids) >= max_length:
+    # The release writes at most max_length - prompt length - 1 tokens: at least one must fit.
+    if max_length is not None and len(ids) + 1 >= max_length:
         raise PromptTooLongError(
             f"the prompt is {len(ids)} tokens ({num_image_tokens} of them image positions) but the model's "
             f"context is {max_length}: nothing would be left to generate")

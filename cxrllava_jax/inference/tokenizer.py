@@ -37,3 +37,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir) -> transform
     tokenizer = transformers.LlamaTokenizer.from_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     return tokenizer
+
+
+def check_vocabulary(tokenizer, vocab_size: int, origin: str):
+    """Refuses a tokenizer that does not belong to a model with `vocab_size` embedding rows.
+
+    The table may be padded past the tokenizer (to a multiple of 64 or 128, as LLaVA-style models do);
+    a tokenizer with more ids than the table, or a table larger than such padding explains, is another
+    model's tokenizer, and its ids would mean other words.
+    """
+    size = len(tokenizer)
+    if size > vocab_size or vocab_size > -(-size // 128) * 128:
+        raise ValueError(f"{origin}: the tokenizer has {size} tokens but the model's vocabulary has {vocab_size}; "
+                         "this tokenizer does not belong to this checkpoint")

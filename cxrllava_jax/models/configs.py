@@ -150,7 +150,8 @@ LLAMA_PRESETS = {
 BERT_PRESETS = {
     "bert_base": BertConfig(),
     "minilm_l6": BertConfig(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536),
-    "bert_tiny": BertConfig(vocab_size=512, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+    # The standard uncased WordPiece vocabulary, so any BERT tokenizer (MiniLM's included) feeds it.
+    "bert_tiny": BertConfig(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
                             max_position_embeddings=64),
 }
 

@@ -56,7 +56,10 @@ class CXRLLaVA(nn.Module):
 
     def encode_images(self, images):
         """[batch, H, W, 1] normalised -> [batch, num_image_tokens, llm hidden]."""
-        return self.projector(self.img(images)["tokens"])
+        # Tower outputs are pinned to batch sharding. Left to sharding propagation, XLA (jax 0.10.2) compiled
+        # ViT -> projector on a (data, fsdp, tensor) mesh into a program that returned wrong rows.
+        features = self.projector(self.img(images)["tokens"])
+        return nn.with_logical_constraint(features, ("batch", "length", "embed"))
 
     def embed(self, tokens, image_features):
         """Token embeddings with the image positions (`image_token_id`) replaced by projected image tokens."""

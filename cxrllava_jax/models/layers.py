@@ -5,6 +5,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -17,15 +18,50 @@ def partitioned(init: Callable, *names: str | None) -> Callable:
     return nn.with_logical_partitioning(init, names)
 
 
+class Dense(nn.Module):
+    """`nn.DenseGeneral` with the same parameters (`kernel` [*in, *out], `bias` [*out]) and the same init.
+
+    Flax's DenseGeneral initialises and boxes the kernel flattened to 2-D and reshapes it afterwards,
+    so the kernel's logical names (one per real axis) fail against the flat value as soon as a global
+    mesh is set (`jax.set_mesh`), which is what makes activation constraints take effect. Here the
+    kernel is created at its real shape; fan-in/fan-out are still those of the flattened matrix.
+    """
+
+    features: tuple[int, ...]
+    in_axes: tuple[int, ...]
+    in_names: tuple[str, ...]
+    out_names: tuple[str, ...]
+    use_bias: bool
+    dtype: Dtype
+    param_dtype: Dtype
+    kernel_init: Callable
+
+    @nn.compact
+    def __call__(self, x):
+        in_axes = tuple(a % x.ndim for a in self.in_axes)
+        in_shape = tuple(x.shape[a] for a in in_axes)
+        flat = (int(np.prod(in_shape)), int(np.prod(self.features)))
+
+        def kernel_init(rng, shape, dtype):
+            return self.kernel_init(rng, flat, dtype).reshape(shape)
+
+        kernel = self.param("kernel", partitioned(kernel_init, *self.in_names, *self.out_names),
+                            in_shape + self.features, self.param_dtype)
+        bias = (self.param("bias", partitioned(nn.initializers.zeros_init(), *self.out_names), self.features,
+                           self.param_dtype) if self.use_bias else None)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        contract = (in_axes, tuple(range(len(in_axes))))
+        out = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+        return out if bias is None else out + bias
+
+
 def dense(features, axes: tuple[tuple[str, ...], tuple[str, ...]], *, use_bias: bool, dtype, param_dtype,
-          name: str, in_axis=-1, kernel_init=nn.initializers.lecun_normal()) -> nn.DenseGeneral:
-    """A DenseGeneral whose kernel and bias carry logical axis names: (input names, output names)."""
+          name: str, in_axis=-1, kernel_init=nn.initializers.lecun_normal()) -> Dense:
+    """A dense layer whose kernel and bias carry logical axis names: (input names, output names)."""
     in_names, out_names = axes
-    return nn.DenseGeneral(
-        features, axis=in_axis, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-        kernel_init=partitioned(kernel_init, *in_names, *out_names),
-        bias_init=partitioned(nn.initializers.zeros_init(), *out_names),
-    )
+    return Dense(tuple(features) if isinstance(features, (tuple, list)) else (features,),
+                 tuple(in_axis) if isinstance(in_axis, (tuple, list)) else (in_axis,), tuple(in_names),
+                 tuple(out_names), use_bias, dtype, param_dtype, kernel_init, name=name)
 
 
 def attention(q, k, v, mask=None, *, implementation: str | None = None):

@@ -105,7 +105,7 @@ class Llama(nn.Module):
                              kernel_init=nn.initializers.normal(0.02))
 
     def embed(self, tokens):
-        return self.embed_tokens(tokens)
+        return nn.with_logical_constraint(self.embed_tokens(tokens), ("batch", "length", "embed"))
 
     def decode(self, embeds, positions, mask, cache=None, cache_index=0):
         """embeds: [batch, length, hidden]; mask: [batch, 1, length, kv_len]. Returns (logits fp32, cache)."""

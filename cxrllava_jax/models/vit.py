@@ -108,7 +108,8 @@ class VisionTransformer(nn.Module):
             pooled = ln_post(pooled)
         proj = self.param("proj", partitioned(nn.initializers.normal(scale), "embed", "clip"),
                           (cfg.width, cfg.embed_dim), param_dtype)
-        return {"pooled": pooled, "embedding": pooled @ proj.astype(dtype), "tokens": x[:, 1:]}
+        tokens = nn.with_logical_constraint(x[:, 1:], ("batch", "length", "embed"))
+        return {"pooled": pooled, "embedding": pooled @ proj.astype(dtype), "tokens": tokens}
 
 
 class ViTClassifier(nn.Module):

@@ -9,7 +9,6 @@ import json
 import math
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import numpy as np
 
@@ -49,7 +48,7 @@ def train_and_evaluate(cfg, workdir) -> dict:
     checkpoints = RunCheckpoints(workdir / "checkpoints", cfg.checkpoint)
     reporter = Reporter(workdir, total_steps, task.unit, cfg.stage)
 
-    with mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    with sharding.activate(mesh):
         state, state_shardings = _initial_state(cfg, task, tx, mesh, checkpoints, data.train)
         step = int(state.step)
         frozen = frozen_at(cfg, step)
@@ -71,7 +70,10 @@ def train_and_evaluate(cfg, workdir) -> dict:
             collected = metrics if collected is None else collected.merge(metrics)
             reporter.count(task.units(batch))
             if step % cfg.log_every_steps == 0 or step == total_steps:
-                reporter.progress(step, _host_values(collected), float(schedule(step)))
+                values = _host_values(collected)
+                if data.train.bad_records:  # only runs with config.data.max_bad_fraction > 0 skip any
+                    values["bad_records"] = data.train.bad_records
+                reporter.progress(step, values, float(schedule(step)))
                 collected = None
             evaluate_now = data.eval is not None and (step % cfg.eval_every_steps == 0 or step == total_steps)
             if evaluate_now:

@@ -68,6 +68,7 @@ def encoder(cfg, task):
         return lambda e: {"image": image(e), "label": np.int32(e.label)}
     if cfg.stage == "1b":
         tokenizer = load_text_tokenizer(cfg)
+        _check_vocabulary(tokenizer, task.config.text.vocab_size, cfg.data.text_tokenizer or cfg.init.bert)
 
         def encode_text(e):
             out = tokenizer(e.text, max_length=cfg.data.text_length, padding="max_length", truncation=True)
@@ -77,6 +78,7 @@ def encoder(cfg, task):
         return encode_text
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     model_config = task.config
+    _check_vocabulary(tokenizer, model_config.llama.vocab_size, cfg.data.tokenizer)
 
     def encode_conversation(e):
         tokens, mask = prompting.encode_conversation(e.conversation, tokenizer, model_config.num_image_tokens,
@@ -85,6 +87,13 @@ def encoder(cfg, task):
         return {"image": image(e), "tokens": tokens, "loss_mask": mask, "valid": valid}
 
     return encode_conversation
+
+
+def _check_vocabulary(tokenizer, model_vocab_size: int, origin: str):
+    """Token ids past the embedding table would be silently clamped by the gather: refuse them up front."""
+    if len(tokenizer) > model_vocab_size:
+        raise ValueError(f"the tokenizer in {origin} has {len(tokenizer)} tokens but the model's vocabulary is "
+                         f"{model_vocab_size}; use a matching tokenizer or a larger vocab_size")
 
 
 def task_image_size(task) -> int:

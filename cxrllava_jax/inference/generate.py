@@ -1,0 +1,241 @@
+"""Batched generation over a preallocated KV cache: one jitted prefill, one jitted `lax.while_loop` decode.
+
+Prompts of different lengths are left-padded so that they all end at the same cache slot; each row's
+positions count only its real tokens (as `Llama.__call__` does), so padding changes nothing a row computes.
+Shapes are bucketed (the prompt and the cache round up to multiples of `length_bucket`, the batch to a
+power of two), so a new prompt length reuses its bucket's two compiled functions. The decode loop ends
+when every row has produced EOS or used its token budget; to stream, it runs in chunks of steps and the
+host hands each chunk's tokens to the caller between calls (the same compiled loop, a different stop step).
+
+Works for the language model alone (`models.llama.Llama`, prompts of token ids) and for CXR-LLaVA
+(`models.cxr_llava.CXRLLaVA`, prompts holding the image positions, plus one image per prompt).
+"""
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cxrllava_jax.inference.prompting import PromptTooLongError
+from cxrllava_jax.models.cxr_llava import CXRLLaVA
+from cxrllava_jax.models.layers import dtype_of
+from cxrllava_jax.models.llama import attention_mask, init_cache
+
+# The release writes at most this many tokens (and never past the context window).
+RELEASE_MAX_NEW_TOKENS = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    """The release's defaults: temperature 0.2 and top-p 0.8; temperature 0 is greedy decoding."""
+
+    temperature: float = 0.2
+    top_p: float = 0.8
+    max_new_tokens: int = RELEASE_MAX_NEW_TOKENS
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+def sample_next(logits, temperature, top_p, key):
+    """logits [batch, vocab] fp32 -> next ids [batch]: argmax when temperature is 0, otherwise a draw from
+    softmax(logits / temperature) restricted to the top-p nucleus (transformers' TopPLogitsWarper rule: a
+    token stays if the tokens more likely than it hold less than `top_p` of the mass)."""
+
+    def greedy(_):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def nucleus(_):
+        scaled = logits / temperature
+        descending = -jnp.sort(-scaled, axis=-1)
+        probs = jax.nn.softmax(descending, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        threshold = jnp.min(jnp.where(mass_before < top_p, descending, jnp.inf), axis=-1, keepdims=True)
+        return jax.random.categorical(key, jnp.where(scaled >= threshold, scaled, -jnp.inf)).astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, nucleus, greedy, None)
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """What the decode loop carries. `tokens[:, :step]` are generated; finished rows hold EOS after their end."""
+
+    step: jax.Array  # int32 scalar: tokens generated so far (the same for every row)
+    tokens: jax.Array  # [batch, max_steps] int32
+    done: jax.Array  # [batch] bool
+    budget: jax.Array  # [batch] int32: how many tokens each row may generate
+    positions: jax.Array  # [batch] int32: the next token's position in each row
+    kv_valid: jax.Array  # [batch, cache_length] bool
+    cache: dict
+    key: jax.Array
+    temperature: jax.Array
+    top_p: jax.Array
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+    """The static half of the jitted functions. Flax modules compare by configuration, so every Generator of
+    an equal model shares the compiled functions (loading a model twice does not compile twice)."""
+
+    model: Any  # models.llama.Llama or models.cxr_llava.CXRLLaVA
+    eos_id: int
+    vocab_limit: int | None  # the tokenizer's size: ids past it (a padded embedding table) are never sampled
+
+    @property
+    def llama_config(self):
+        return self.model.config.llama if isinstance(self.model, CXRLLaVA) else self.model.config
+
+    def mask_vocab(self, logits):
+        if self.vocab_limit is None or self.vocab_limit >= logits.shape[-1]:
+            return logits
+        return jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_limit, logits, -jnp.inf)
+
+
+class Generator:
+    """Generates continuations of token prompts with `model` (a Llama or a CXRLLaVA) and its `params`."""
+
+    def __init__(self, model, params, *, eos_id: int, vocab_limit: int | None = None, length_bucket: int = 64):
+        self.spec = DecodeSpec(model, eos_id, vocab_limit)
+        self.params, self.length_bucket = params, length_bucket
+        self.multimodal = isinstance(model, CXRLLaVA)
+
+    def generate(self, prompts: Sequence[np.ndarray], images: np.ndarray | None = None,
+                 options: SamplingOptions = SamplingOptions(),
+                 on_tokens: Callable[[list[list[int]]], None] | None = None, stream_every: int = 4) -> list[list[int]]:
+        """Continuations of `prompts` (1-D token arrays), each cut before its EOS.
+
+        `images` [batch, H, W, 1] go with the prompts of a CXRLLaVA model. Each row writes at most
+        `options.max_new_tokens` and never past the context window (the release's rule: at most
+        context - prompt length - 1). With `on_tokens`, every `stream_every` steps it receives each row's
+        new tokens (an empty list for rows that have finished).
+        """
+        batch = len(prompts)
+        if batch == 0:
+            return []
+        if self.multimodal != (images is not None):
+            raise ValueError("a CXR-LLaVA model needs one image per prompt; the language model takes none")
+        if images is not None and len(images) != batch:
+            raise ValueError(f"{batch} prompts but {len(images)} images")
+        lengths = np.array([len(p) for p in prompts])
+        context = self.spec.llama_config.max_position_embeddings
+        budget = np.minimum(options.max_new_tokens, context - lengths - 1)
+        if budget.min() < 1:
+            row = int(budget.argmin())
+            raise PromptTooLongError(f"prompt {row} is {lengths[row]} tokens but the model's context is {context}: "
+                                     "nothing would be left to generate")
+        tokens, valid, images, budget = self._pad_batch(prompts, images, budget)
+        cache_length = round_up(tokens.shape[1] + int(budget.max()) - 1, self.length_bucket)
+        state = prefill(self.spec, self.params, tokens, valid, images, budget, jnp.float32(options.temperature),
+                        jnp.float32(options.top_p), jax.random.key(options.seed), cache_length=cache_length)
+        max_steps, step = int(budget.max()), 1
+        if on_tokens is not None:
+            on_tokens(self._new_tokens(state, 0, step, batch))
+        while step < max_steps and not bool(state.done.all()):
+            stop = max_steps if on_tokens is None else min(step + stream_every, max_steps)
+            state = decode(self.spec, self.params, state, jnp.int32(stop))
+            previous, step = step, int(state.step)
+            if on_tokens is not None:
+                on_tokens(self._new_tokens(state, previous, step, batch))
+        return [_cut_at_eos(row[:step], self.spec.eos_id) for row in np.asarray(state.tokens)[:batch]]
+
+    def _pad_batch(self, prompts, images, budget):
+        """Left-pads to the prompt bucket; fills the batch up to a power of two with finished copies of row 0."""
+        batch = len(prompts)
+        padded_batch = 1 << (batch - 1).bit_length()
+        length = round_up(max(len(p) for p in prompts), self.length_bucket)
+        tokens = np.zeros((padded_batch, length), np.int32)
+        valid = np.zeros((padded_batch, length), bool)
+        for row in range(padded_batch):
+            prompt = np.asarray(prompts[row if row < batch else 0], np.int32)
+            tokens[row, length - len(prompt):] = prompt
+            valid[row, length - len(prompt):] = True
+        budget = np.concatenate([budget, np.zeros(padded_batch - batch, budget.dtype)]).astype(np.int32)
+        if images is not None:
+            images = np.concatenate([images, np.repeat(images[:1], padded_batch - batch, axis=0)])
+        return tokens, valid, images, budget
+
+    def _new_tokens(self, state, start, stop, batch) -> list[list[int]]:
+        eos = self.spec.eos_id
+        rows = np.asarray(state.tokens[:batch, :stop])
+        return [[] if eos in rows[i, :start] else _cut_at_eos(rows[i, start:], eos) for i in range(batch)]
+
+
+# ---------------------------------------------------------------- the jitted parts
+
+@functools.partial(jax.jit, static_argnames=("spec", "cache_length"))
+def prefill(spec: DecodeSpec, params, tokens, valid, images, budget, temperature, top_p, key, *,
+            cache_length: int) -> DecodeState:
+    """Left-padded prompts [batch, length] into a fresh cache of `cache_length` slots; samples the first token."""
+    batch, prompt_length = tokens.shape
+    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+    kv_valid = jnp.pad(valid, ((0, 0), (0, cache_length - prompt_length)))
+    mask = attention_mask(jnp.broadcast_to(jnp.arange(prompt_length), tokens.shape), kv_valid)
+    cache = init_cache(spec.llama_config, batch, cache_length, dtype_of(spec.model.runtime.dtype))
+    logits, cache = spec.model.apply(params, tokens, images, positions, mask, cache, method=_prefill_last_logits)
+    first = sample_next(spec.mask_vocab(logits), temperature, top_p, jax.random.fold_in(key, 0))
+    out = jnp.full((batch, cache_length - prompt_length + 1), spec.eos_id, jnp.int32).at[:, 0].set(first)
+    return DecodeState(step=jnp.int32(1), tokens=out, done=(first == spec.eos_id) | (budget <= 1), budget=budget,
+                       positions=valid.sum(axis=1).astype(jnp.int32), kv_valid=kv_valid, cache=cache, key=key,
+                       temperature=temperature, top_p=top_p)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("state",))
+def decode(spec: DecodeSpec, params, state: DecodeState, stop_step) -> DecodeState:
+    """Generates one token per row and step until `stop_step` tokens exist or every row is done."""
+    first_slot = state.kv_valid.shape[1] - state.tokens.shape[1] + 1  # = the bucketed prompt length
+
+    def keep_going(s: DecodeState):
+        return (s.step < stop_step) & ~s.done.all()
+
+    def one_token(s: DecodeState):
+        slot = first_slot + s.step - 1  # where the previous token's key/value go
+        previous = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=1, keepdims=True)
+        kv_valid = s.kv_valid.at[:, slot].set(True)
+        mask = attention_mask(jnp.full((previous.shape[0], 1), slot), kv_valid)
+        logits, cache = spec.model.apply(params, previous, s.positions[:, None], mask, s.cache, slot,
+                                         method=_step_logits)
+        new = sample_next(spec.mask_vocab(logits), s.temperature, s.top_p, jax.random.fold_in(s.key, s.step))
+        new = jnp.where(s.done, spec.eos_id, new)
+        done = s.done | (new == spec.eos_id) | (s.step + 1 >= s.budget)
+        return s.replace(step=s.step + 1, tokens=s.tokens.at[:, s.step].set(new), done=done,
+                         positions=s.positions + 1, kv_valid=kv_valid, cache=cache)
+
+    return jax.lax.while_loop(keep_going, one_token, state)
+
+
+def _language_model(module):
+    return module.llm if isinstance(module, CXRLLaVA) else module
+
+
+def _prefill_last_logits(module, tokens, images, positions, mask, cache):
+    """Runs the prompt through the decoder into the cache; returns only the last slot's logits [batch, vocab]
+    (the lm_head over every prompt slot would cost [batch, length, vocab] for nothing)."""
+    embeds = module.embed(tokens, module.encode_images(images)) if images is not None else module.embed(tokens)
+    llm = _language_model(module)
+    x, cache = llm.layers(embeds, cache, positions, mask, 0)
+    return llm.lm_head(llm.norm(x[:, -1:]))[:, 0].astype(jnp.float32), cache
+
+
+def _step_logits(module, tokens, positions, mask, cache, slot):
+    llm = _language_model(module)
+    logits, cache = llm.decode(llm.embed(tokens), positions, mask, cache, slot)
+    return logits[:, 0], cache
+
+
+def _cut_at_eos(ids: np.ndarray, eos_id: int) -> list[int]:
+    ids = [int(i) for i in ids]
+    return ids[:ids.index(eos_id)] if eos_id in ids else ids

@@ -1,0 +1,100 @@
+"""Tiny CXR-LLaVA models for the inference tests, the notebook test and the inference benchmark.
+
+Built once and cached on disk (keyed by this file's contents, so an edit rebuilds them), each written
+beside and renamed into place so that test processes running at the same time never see half a model:
+- a LLaMA-style SentencePiece tokenizer trained on synthetic reports and the prompts;
+- `release_dir()`: a release-layout PyTorch directory (`torch_reference.ReleaseCXRLLaVA` with random
+  weights, float32 safetensors, config.json, the tokenizer files), the thing users download;
+- `checkpoint_dir()`: the same weights imported into our checkpoint with the tokenizer under tokenizer/.
+"""
+
+import dataclasses
+import functools
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cxrllava_jax.convert import checkpoint, release
+from cxrllava_jax.inference import prompting
+from cxrllava_jax.inference.tokenizer import load_tokenizer, train_tokenizer
+from cxrllava_jax.models.configs import CXR_LLAVA_PRESETS
+from input_pipeline import synthetic
+from torch_reference import ReleaseCXRLLaVA, randomize_, save_release_dir
+
+TOKENIZER_VOCAB = 512
+_ROOT = Path(tempfile.gettempdir()) / ("cxrllava-inference-fixtures-"
+                                       + hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:12])
+
+
+def synthetic_texts(num_studies: int = 300, seed: int = 0) -> list[str]:
+    """Reports, instruction turns and the prompts: what the tiny tokenizer learns its pieces from."""
+    rng = np.random.default_rng(seed)
+    texts = [prompting.SYSTEM_PROMPT]
+    for _ in range(num_studies):
+        findings = synthetic.sample_findings(rng)
+        report, _ = synthetic.write_report(findings, rng)
+        texts.append(report)
+        texts += [turn["content"] for c in synthetic.write_conversations(findings, report, rng) for turn in c]
+    return texts
+
+
+def tiny_config(vocab_size: int):
+    base = CXR_LLAVA_PRESETS["cxr_llava_tiny"]
+    return dataclasses.replace(base, llama=dataclasses.replace(base.llama, vocab_size=vocab_size))
+
+
+@functools.cache
+def tokenizer_dir() -> Path:
+    return _built("tokenizer", lambda out: train_tokenizer(synthetic_texts(), TOKENIZER_VOCAB, out))
+
+
+@functools.cache
+def release_dir() -> Path:
+    def build(out):
+        config = tiny_config(len(load_tokenizer(tokenizer_dir())))
+        torch.manual_seed(0)
+        model = randomize_(ReleaseCXRLLaVA(config), seed=3)
+        save_release_dir(model, config, out, num_shards=2)
+        for f in tokenizer_dir().iterdir():
+            shutil.copy(f, out / f.name)
+
+    return _built("release", build)
+
+
+@functools.cache
+def checkpoint_dir() -> Path:
+    def build(out):
+        config, params = release.load_release(release_dir())
+        checkpoint.save_model(out, "cxr_llava", config, params, tokenizer_dir=tokenizer_dir())
+
+    return _built("checkpoint", build)
+
+
+def synthetic_radiograph(path, seed: int, size: int = 96) -> Path:
+    """A drawn chest radiograph (8-bit PNG) with a random finding or none."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(synthetic.draw_radiograph(synthetic.sample_findings(rng), size, rng)).save(path)
+    return Path(path)
+
+
+def _built(name: str, build) -> Path:
+    final = _ROOT / name
+    if final.is_dir():
+        return final
+    _ROOT.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=_ROOT))
+    # save_model refuses an existing directory and writes beside it: build into a fresh child.
+    build(staging / "out")
+    try:
+        os.rename(staging / "out", final)
+    except OSError:  # another process finished first; theirs is as good as ours
+        pass
+    shutil.rmtree(staging, ignore_errors=True)
+    return final

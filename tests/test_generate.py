@@ -1,0 +1,161 @@
+"""Generation from the language model: token for token what transformers' greedy `generate` produces,
+what recomputing the whole sequence produces, batched as one by one; EOS, sampling, streaming and
+the number of compilations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from cxrllava_jax.convert import hf_llama
+from cxrllava_jax.inference import generate
+from cxrllava_jax.inference.generate import Generator, SamplingOptions, sample_next
+from cxrllava_jax.inference.prompting import PromptTooLongError
+from cxrllava_jax.models.configs import LlamaConfig
+from cxrllava_jax.models.llama import Llama
+from torch_reference import hf_llama_config, randomize_
+
+CONFIG = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+                     rope_theta=500.0, max_position_embeddings=128)
+LENGTHS = (5, 19, 11)
+NEW_TOKENS = 16
+BUCKET = 32  # every test prompt in one bucket: one-by-one runs compile once
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    torch.manual_seed(0)
+    model = randomize_(transformers.LlamaForCausalLM(hf_llama_config(CONFIG)), seed=1, std=0.2)
+    directory = tmp_path_factory.mktemp("hf_llama")
+    model.save_pretrained(directory)
+    config, params = hf_llama.load_hf_llama(directory)
+    rng = np.random.RandomState(2)
+    prompts = [rng.randint(3, CONFIG.vocab_size, n).astype(np.int32) for n in LENGTHS]
+    return model, config, {"params": params}, prompts
+
+
+@pytest.fixture(scope="module")
+def generator(hf):
+    _, config, params, _ = hf
+    return Generator(Llama(config), params, eos_id=config.eos_token_id, length_bucket=BUCKET)
+
+
+@pytest.fixture(scope="module")
+def greedy_batch(hf, generator):
+    return generator.generate(hf[3], options=SamplingOptions(temperature=0.0, max_new_tokens=NEW_TOKENS))
+
+
+def _cut(ids, eos):
+    ids = list(ids)
+    return ids[:ids.index(eos)] if eos in ids else ids
+
+
+def test_greedy_batch_equals_transformers_generate(hf, greedy_batch):
+    model, config, _, prompts = hf
+    expected = []
+    for prompt in prompts:
+        with torch.no_grad():
+            out = model.generate(torch.as_tensor(prompt[None], dtype=torch.long), do_sample=False,
+                                 max_new_tokens=NEW_TOKENS, eos_token_id=config.eos_token_id,
+                                 pad_token_id=config.pad_token_id)
+        expected.append(_cut(out[0, len(prompt):].tolist(), config.eos_token_id))
+    assert greedy_batch == expected
+    assert max(len(r) for r in greedy_batch) == NEW_TOKENS  # the comparison covers whole continuations
+
+
+def test_cached_decoding_equals_recomputing_the_sequence(hf, greedy_batch):
+    _, config, params, prompts = hf
+    model = Llama(config)
+    width = max(LENGTHS) + NEW_TOKENS
+    forward = jax.jit(lambda tokens, valid: model.apply(params, tokens, valid))
+    for prompt, cached in zip(prompts, greedy_batch):
+        sequence = list(prompt)
+        for _ in range(len(cached)):
+            tokens = np.zeros((1, width), np.int32)
+            tokens[0, :len(sequence)] = sequence
+            logits = forward(tokens, np.arange(width)[None] < len(sequence))
+            sequence.append(int(jnp.argmax(logits[0, len(sequence) - 1])))
+        assert sequence[len(prompt):] == cached
+
+
+def test_batch_equals_one_by_one(hf, generator, greedy_batch):
+    options = SamplingOptions(temperature=0.0, max_new_tokens=NEW_TOKENS)
+    assert [generator.generate([p], options=options)[0] for p in hf[3]] == greedy_batch
+
+
+def test_each_row_stops_at_its_eos(hf, greedy_batch):
+    _, config, params, prompts = hf
+    eos = greedy_batch[0][3]
+    stopping = Generator(Llama(config), params, eos_id=eos, length_bucket=BUCKET)
+    out = stopping.generate(prompts, options=SamplingOptions(temperature=0.0, max_new_tokens=NEW_TOKENS))
+    assert out == [_cut(row, eos) for row in greedy_batch]
+    assert len(out[0]) <= 3 < len(greedy_batch[0])
+
+
+def test_same_seed_same_sample(hf, generator, greedy_batch):
+    def sample(seed):
+        return generator.generate(hf[3], options=SamplingOptions(temperature=1.0, top_p=0.95, seed=seed,
+                                                                 max_new_tokens=NEW_TOKENS))
+
+    first = sample(7)
+    assert sample(7) == first
+    assert sample(8) != first
+    assert first != greedy_batch
+
+
+def test_streaming_hands_out_every_token_in_chunks(hf, generator, greedy_batch):
+    chunks = []
+    out = generator.generate(hf[3], options=SamplingOptions(temperature=0.0, max_new_tokens=NEW_TOKENS),
+                             on_tokens=chunks.append, stream_every=3)
+    assert out == greedy_batch
+    assert len(chunks) >= NEW_TOKENS // 3
+    for row, expected in enumerate(greedy_batch):
+        assert [t for chunk in chunks for t in chunk[row]] == expected
+
+
+def test_prompt_lengths_in_one_bucket_compile_once(hf):
+    _, config, params, _ = hf
+    # A bucket no other test uses, so these shapes are compiled here first.
+    fresh = Generator(Llama(config), params, eos_id=config.eos_token_id, length_bucket=48)
+    options = SamplingOptions(temperature=0.0, max_new_tokens=8)
+    rng = np.random.RandomState(3)
+
+    def compilations():
+        return generate.prefill._cache_size(), generate.decode._cache_size()
+
+    before = compilations()
+    for lengths in [(3, 7), (12, 9), (48, 2)]:
+        fresh.generate([rng.randint(3, 200, n) for n in lengths], options=options)
+    fresh.generate([rng.randint(3, 200, 10)] * 2, options=options, on_tokens=lambda chunk: None, stream_every=2)
+    fresh.generate([rng.randint(3, 200, 4)] * 2, options=SamplingOptions(temperature=0.7, seed=3, max_new_tokens=8))
+    # Loading the same model again (a new Generator of an equal module) reuses the compiled functions.
+    Generator(Llama(config), params, eos_id=config.eos_token_id, length_bucket=48).generate(
+        [rng.randint(3, 200, 30)] * 2, options=options)
+    assert np.subtract(compilations(), before).tolist() == [1, 1]
+    fresh.generate([rng.randint(3, 200, 49)] * 2, options=options)  # the next bucket
+    assert np.subtract(compilations(), before).tolist() == [2, 2]
+
+
+def test_prompt_that_fills_the_context_is_refused(generator):
+    with pytest.raises(PromptTooLongError, match="127 tokens.*context is 128"):
+        generator.generate([np.full(127, 5, np.int32)], options=SamplingOptions(temperature=0.0))
+
+
+def test_top_p_samples_only_the_nucleus():
+    probs = np.array([0.5, 0.3, 0.15, 0.05], np.float32)
+    logits = jnp.log(jnp.asarray(probs))[None]
+    keys = jax.random.split(jax.random.key(0), 4000)
+
+    draw = jax.jit(jax.vmap(lambda t, p, k: sample_next(logits, t, p, k)[0], in_axes=(None, None, 0)))
+
+    def frequencies(temperature, top_p):
+        return np.bincount(np.asarray(draw(jnp.float32(temperature), jnp.float32(top_p), keys)), minlength=4) / len(keys)
+
+    np.testing.assert_allclose(frequencies(1.0, 0.7), [0.625, 0.375, 0, 0], atol=0.03)
+    np.testing.assert_allclose(frequencies(1.0, 0.5), [1, 0, 0, 0])
+    np.testing.assert_allclose(frequencies(1.0, 1.0), probs, atol=0.03)
+    sharpened = probs**2 / (probs**2).sum()  # temperature 0.5
+    np.testing.assert_allclose(frequencies(0.5, 1.0), sharpened, atol=0.03)
+    np.testing.assert_allclose(frequencies(0.0, 1.0), [1, 0, 0, 0])

@@ -1,0 +1,192 @@
+"""The release's Python interface on the tiny model: parity with the release's PyTorch forward on image
+prompts, both checkpoint kinds, batches, every image kind, chat, streaming and clear errors."""
+
+import shutil
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from safetensors.torch import load_file
+
+from cxrllava_jax.inference import prompting
+from cxrllava_jax.inference.api import CXRLLaVA, _TextStream
+from cxrllava_jax.inference.generate import SamplingOptions
+from cxrllava_jax.inference.tokenizer import load_tokenizer, train_tokenizer
+from input_pipeline.images import InputError
+from inference_fixtures import checkpoint_dir, release_dir, synthetic_radiograph, tiny_config
+from torch_reference import IMAGE_PLACEHOLDER, ReleaseCXRLLaVA
+
+GREEDY = dict(temperature=0.0, max_new_tokens=12)
+REPORT = [{"role": "user", "content": prompting.REPORT_PROMPT}]
+QUESTION = [{"role": "user", "content": prompting.question_prompt("Is there a pleural effusion?")}]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return CXRLLaVA.from_pretrained(checkpoint_dir())
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    return [synthetic_radiograph(folder / f"cxr{i}.png", seed=i) for i in range(3)]
+
+
+def _release_torch_model(config):
+    torch_model = ReleaseCXRLLaVA(config)
+    state = {}
+    for shard in sorted(release_dir().glob("*.safetensors")):
+        state.update(load_file(shard))
+    torch_model.load_state_dict(state)
+    return torch_model.eval()
+
+
+def _torch_greedy(torch_model, pixels, ids, steps, eos_id):
+    """The release's semantics, recomputed in full each step: one placeholder -> projected image tokens."""
+    embeds = torch_model.multimodal_embeds(torch.as_tensor(pixels).permute(0, 3, 1, 2),
+                                           torch.as_tensor(ids[None], dtype=torch.long))
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            hidden = torch_model.llama(inputs_embeds=embeds).last_hidden_state
+            token = int(torch_model.lm_head(hidden[:, -1]).argmax(-1))
+            if token == eos_id:
+                break
+            out.append(token)
+            embeds = torch.cat([embeds, torch_model.llama.embed_tokens(torch.tensor([[token]]))], dim=1)
+    return out
+
+
+def test_image_prompts_match_the_release_forward_in_pytorch(model, images):
+    converted = CXRLLaVA.from_pretrained(release_dir())  # the release's directory, converted on the fly
+    torch_model = _release_torch_model(tiny_config(converted.config.llama.vocab_size))
+    conversations = [REPORT, QUESTION]
+    pixels = np.stack([converted.preprocess(i) for i in images[:2]])
+    ours = converted.generator.generate([converted._encode(c) for c in conversations], pixels,
+                                        SamplingOptions(**GREEDY))
+    tokenizer = converted.tokenizer
+    for row, turns in enumerate(conversations):
+        ids = prompting.encode_prompt(turns, tokenizer, num_image_tokens=1, image_token_id=IMAGE_PLACEHOLDER)
+        assert ours[row] == _torch_greedy(torch_model, pixels[row:row + 1], ids, GREEDY["max_new_tokens"],
+                                          tokenizer.eos_token_id)
+    assert max(map(len, ours)) == GREEDY["max_new_tokens"]
+    # Our checkpoint of the same weights answers the same.
+    assert model.generate(conversations, images[:2], **GREEDY) == [converted.decode(ids) for ids in ours]
+
+
+def test_batch_equals_one_by_one(model, images):
+    reports = model.write_radiologic_reports(images, **GREEDY)
+    assert reports == [model.write_radiologic_report(i, **GREEDY) for i in images]
+    assert all(reports) and len(set(reports)) > 1
+
+
+def _full_range_gray(path):
+    pixels = np.asarray(Image.open(path).convert("L"), np.float64)
+    return np.rint((pixels - pixels.min()) / (pixels.max() - pixels.min()) * 255).astype(np.uint8)
+
+
+def _write_dicom(path, pixels: np.ndarray):
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "CR"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return path
+
+
+def test_every_image_kind_gives_the_same_report(model, images, tmp_path):
+    gray = _full_range_gray(images[0])  # full 8-bit range: 16-bit and DICOM versions window back exactly
+    Image.fromarray(gray).save(tmp_path / "8bit.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "16bit.png")
+    kinds = [tmp_path / "8bit.png", str(tmp_path / "16bit.png"), Image.fromarray(gray), gray,
+             _write_dicom(tmp_path / "cxr.dcm", gray.astype(np.uint16) * 257)]
+    for kind in kinds[1:]:
+        np.testing.assert_array_equal(model.preprocess(kind), model.preprocess(kinds[0]))
+    reports = model.write_radiologic_reports(kinds[:4], **GREEDY)
+    assert reports == [model.write_radiologic_report(kinds[4], **GREEDY)] * 4
+
+
+def test_questions_and_chat(model, images):
+    question = "Is there a pleural effusion?"
+    answer = model.ask_question(question, images[0], **GREEDY)
+    assert model.chat([{"role": "user", "content": question}], images[0], **GREEDY) == answer
+    assert model.ask_questions([question, question], images[:2], **GREEDY)[0] == answer
+    history = [{"role": "user", "content": question}, {"role": "assistant", "content": "No."},
+               {"role": "user", "content": "Is the heart enlarged?"}]
+    follow_up = model.chat(history, images[0], **GREEDY)
+    with_marker = [{**history[0], "content": f"<image>\n{question}"}] + history[1:]
+    assert model.chat(with_marker, images[0], **GREEDY) == follow_up
+    assert isinstance(model.write_differential_diagnosis(images[0], **GREEDY), str)
+
+
+def test_chat_streams_the_answer(model, images):
+    pieces = []
+    answer = model.chat([{"role": "user", "content": "Describe the lungs."}], images[1], on_text=pieces.append,
+                        temperature=0.0, max_new_tokens=40)
+    assert len(pieces) > 1
+    assert "".join(pieces) == answer
+
+
+def test_text_stream_waits_for_whole_characters(model):
+    tokenizer = model.tokenizer
+    text = "Small left pleural effusion, 2 cm, 37°C. No pneumothorax."
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    pieces = []
+    stream = _TextStream(tokenizer, pieces.append)
+    for i in range(len(ids)):
+        stream([ids[i:i + 1]])
+    stream.finish(model.decode(ids))
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_sampling_is_reproducible_by_seed(model, images):
+    first = model.write_radiologic_report(images[0], max_new_tokens=12, seed=5)
+    assert model.write_radiologic_report(images[0], max_new_tokens=12, seed=5) == first
+
+
+def test_unreadable_image_names_the_file(model, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(InputError, match="broken.png: cannot decode image"):
+        model.write_radiologic_report(broken)
+    with pytest.raises(InputError, match="missing.png: image file not found"):
+        model.write_radiologic_report(tmp_path / "missing.png")
+
+
+def test_overlong_question_gives_the_lengths(model, images):
+    with pytest.raises(prompting.PromptTooLongError, match=r"\d+ tokens \(16 of them image positions\).*context is 512"):
+        model.ask_question("effusion " * 600, images[0])
+
+
+def test_bad_generation_options_are_refused(model, images):
+    with pytest.raises(ValueError, match="top_p"):
+        model.write_radiologic_report(images[0], top_p=0.0)
+    with pytest.raises(TypeError, match="beam"):
+        model.write_radiologic_report(images[0], beams=4)
+
+
+def test_tokenizer_of_another_model_is_refused(tmp_path):
+    mismatched = tmp_path / "ckpt"
+    shutil.copytree(checkpoint_dir(), mismatched)
+    shutil.rmtree(mismatched / "tokenizer")
+    train_tokenizer(["a small left pleural effusion", "no pneumothorax"] * 50, 300, mismatched / "tokenizer")
+    size = len(load_tokenizer(mismatched / "tokenizer"))
+    with pytest.raises(ValueError, match=f"tokenizer has {size} tokens but the model's vocabulary has 512"):
+        CXRLLaVA.from_pretrained(mismatched)
+
+
+def test_directory_that_is_no_model_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a cxrllava-jax checkpoint"):
+        CXRLLaVA.from_pretrained(tmp_path)

@@ -1,0 +1,121 @@
+"""`cxrllava report`, `ask` and `chat` on the tiny model; chat is driven through a pseudo-terminal."""
+
+import json
+import os
+import pty
+import select
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cxrllava_jax import cli
+from cxrllava_jax.inference.api import CXRLLaVA
+from inference_fixtures import checkpoint_dir, synthetic_radiograph
+
+OPTIONS = ["--temperature", "0", "--max-new-tokens", "10"]
+GREEDY = dict(temperature=0.0, max_new_tokens=10)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("study")
+    for i in range(3):
+        synthetic_radiograph(folder / f"cxr{i}.png", seed=i)
+    (folder / "nested").mkdir()
+    synthetic_radiograph(folder / "nested" / "cxr3.png", seed=3)
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model():
+    return CXRLLaVA.from_pretrained(checkpoint_dir())
+
+
+def test_report_for_a_folder_to_jsonl(folder, model, tmp_path, capsys):
+    study = tmp_path / "study"
+    shutil.copytree(folder, study)
+    (study / "zz_broken.png").write_bytes(b"\x89PNG broken")
+    out = tmp_path / "reports.jsonl"
+    code = cli.main(["report", str(study), "--checkpoint", str(checkpoint_dir()), "--jsonl", str(out),
+                     "--batch-size", "2", *OPTIONS])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    images = sorted(p for p in study.rglob("*.png"))
+    assert code == 1  # one image could not be read
+    assert sorted(r["image"] for r in records) == [str(p) for p in images]
+    errors = [r for r in records if "error" in r]
+    assert [r["image"] for r in errors] == [str(study / "zz_broken.png")] and "cannot decode" in errors[0]["error"]
+    good = [p for p in images if p.name != "zz_broken.png"]
+    expected = dict(zip(map(str, good), model.write_radiologic_reports(good, **GREEDY)))
+    assert {r["image"]: r["report"] for r in records if "report" in r} == expected
+    err = capsys.readouterr().err
+    assert "zz_broken.png" in err and "5/5" in err  # the progress bar reached the end
+
+
+def test_report_prints_one_report_per_image(folder, model, capsys):
+    images = [folder / "cxr0.png", folder / "cxr1.png"]
+    assert cli.main(["report", *map(str, images), "--checkpoint", str(checkpoint_dir()), *OPTIONS]) == 0
+    out = capsys.readouterr().out
+    for image, report in zip(images, model.write_radiologic_reports(images, **GREEDY)):
+        assert f"== {image} ==\n{report}\n" in out
+
+
+def test_ask_prints_the_answer(folder, model, capsys):
+    question = "Is there a pleural effusion?"
+    assert cli.main(["ask", str(folder / "cxr0.png"), question, "--checkpoint", str(checkpoint_dir()), *OPTIONS]) == 0
+    assert capsys.readouterr().out == model.ask_question(question, folder / "cxr0.png", **GREEDY) + "\n"
+
+
+def test_missing_image_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path / "nowhere.png"), "--checkpoint", str(checkpoint_dir())]) == 1
+    assert "nowhere.png: no such image file or directory" in capsys.readouterr().err
+
+
+def _read_until(fd, marker: bytes, seen: bytearray, timeout: float = 120.0) -> bytes:
+    deadline = time.monotonic() + timeout
+    while marker not in seen:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise AssertionError(f"no {marker!r} within {timeout}s; terminal so far: {bytes(seen)!r}")
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # the child closed the terminal
+            chunk = b""
+        if not chunk:
+            raise AssertionError(f"the chat ended before {marker!r}; terminal: {bytes(seen)!r}")
+        seen += chunk
+    before, _, after = bytes(seen).partition(marker)
+    seen[:] = after
+    return before
+
+
+@pytest.mark.slow
+def test_chat_in_a_terminal(folder, model):
+    image = folder / "cxr1.png"
+    parent, child = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cxrllava_jax.cli", "chat", str(image), "--checkpoint", str(checkpoint_dir()),
+         *OPTIONS], stdin=child, stdout=child, stderr=child, close_fds=True, start_new_session=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    os.close(child)
+    seen = bytearray()
+    try:
+        _read_until(parent, b"you> ", seen)
+        os.write(parent, b"Is there a pleural effusion?\n")
+        first = _read_until(parent, b"you> ", seen).decode(errors="replace").replace("\r\n", "\n")
+        os.write(parent, b"Which side?\n")
+        second = _read_until(parent, b"you> ", seen).decode(errors="replace").replace("\r\n", "\n")
+        os.write(parent, b"\x04")  # Ctrl-D at an empty line: EOF
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(parent)
+    history = [{"role": "user", "content": "Is there a pleural effusion?"}]
+    answer = model.chat(history, image, **GREEDY)
+    assert first.endswith(f"cxr-llava> {answer}\n"), (first, answer)
+    history += [{"role": "assistant", "content": answer}, {"role": "user", "content": "Which side?"}]
+    assert second.endswith(f"cxr-llava> {model.chat(history, image, **GREEDY)}\n")

@@ -1,0 +1,61 @@
+"""The Colab notebooks run top to bottom (nbclient, a kernel on this interpreter), offline, on tiny models."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from inference_fixtures import release_dir
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((REPO / "colab").glob("*.ipynb"))
+KERNEL = "cxrllava-tests"
+
+
+def notebook_environment(name: str) -> dict:
+    """What each notebook's parameters cell reads from the environment in place of Colab paths."""
+    if name == "inference.ipynb":
+        # The release layout (the notebook converts it); short answers: a random tiny model's chat history
+        # would soon overflow its 512-token context.
+        return {"CXRLLAVA_CHECKPOINT": str(release_dir()), "CXRLLAVA_MAX_NEW_TOKENS": "24"}
+    return {}
+
+
+def test_the_inference_notebook_is_there():
+    assert REPO / "colab" / "inference.ipynb" in NOTEBOOKS
+
+
+@pytest.fixture(scope="module")
+def kernel_dir(tmp_path_factory):
+    """A kernelspec for this very interpreter, so the test needs no kernel installed on the machine."""
+    root = tmp_path_factory.mktemp("jupyter")
+    spec = root / "kernels" / KERNEL
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "cxrllava-jax tests", "language": "python"}))
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_runs_top_to_bottom(path, kernel_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("JUPYTER_PATH", str(kernel_dir))
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    for key, value in notebook_environment(path.name).items():
+        monkeypatch.setenv(key, value)
+    notebook = nbformat.read(path, as_version=4)
+    NotebookClient(notebook, timeout=600, kernel_name=KERNEL, resources={"metadata": {"path": str(tmp_path)}}).execute()
+
+    code_cells = [c for c in notebook.cells if c.cell_type == "code"]
+    assert all(c.execution_count for c in code_cells)
+    if path.name == "inference.ipynb":
+        printed = "".join(o.get("text", "") for c in code_cells for o in c.outputs)
+        assert "imported release" in printed  # the release directory was converted to our checkpoint
+        assert all(f"== sample_images/cxr{i}.png ==" in printed for i in range(4))  # the batch
+        assert (tmp_path / "cxr-llava-jax" / "model_config.json").is_file()

@@ -1,0 +1,188 @@
+"""train_and_evaluate end to end at tiny sizes: every stage runs and chains, runs resume exactly after
+SIGKILL, a non-finite loss stops the run without losing the last checkpoint, sharded and multi-process
+runs give the single-device losses, and every config loads."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from cxrllava_jax.convert import checkpoint as model_checkpoint
+from cxrllava_jax.training import loop
+from cxrllava_jax.training.tasks import make_task
+from tests import training_setup as setup
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return setup.dataset(str(tmp_path_factory.getbasetemp() / "training_data"))
+
+
+def flat_params(model_dir) -> dict:
+    _, _, params = model_checkpoint.load_model(model_dir)
+    return traverse_util.flatten_dict(params, sep="/")
+
+
+def test_every_stage_runs_and_hands_its_model_to_the_next(data, tmp_path):
+    """1A -> 1B (labels, text tower released mid-run) -> 1B (reports) -> 2A -> 2B, each from the previous model."""
+    chain = [("1a", {}), ("1b_labels", {"text_unfreeze_step": 2, "checkpoint.best_metric": ""}),
+             ("1b_reports", {}), ("2a", {}), ("2b", {})]
+    previous = None
+    for stage, overrides in chain:
+        if previous:
+            overrides = {**overrides, "init.checkpoint": str(tmp_path / previous / "model")}
+        cfg = setup.parse(setup.stage_flags(stage, *data, steps=4, eval_every_steps=4, **overrides))
+        summary = loop.train_and_evaluate(cfg, tmp_path / stage)
+        assert summary["steps"] == 4
+        assert all(np.isfinite(v) for v in summary["eval"].values()), summary
+        assert (tmp_path / stage / "model" / "model_config.json").is_file()
+        assert list((tmp_path / stage / "tensorboard").glob("events.out.tfevents.*"))
+        previous = stage
+    assert "auroc" in json.loads((tmp_path / "1a" / "summary.json").read_text())["eval"]
+    # The towers named in config.init.towers arrive unchanged; 2B's frozen image encoder leaves unchanged.
+    stage2a, stage2b = flat_params(tmp_path / "2a" / "model"), flat_params(tmp_path / "2b" / "model")
+    for path in (p for p in stage2a if p.startswith("img/")):
+        np.testing.assert_array_equal(stage2a[path], stage2b[path], err_msg=path)
+    assert any(not np.array_equal(stage2a[p], stage2b[p]) for p in stage2a if p.startswith("llm/"))
+    assert (tmp_path / "2b" / "model" / "tokenizer" / "tokenizer.model").is_file()
+
+
+def test_resume_after_sigkill_is_bitwise_exact(data, tmp_path):
+    """A run killed with SIGKILL right after a checkpoint, resumed, ends where an uninterrupted run ends."""
+    args = setup.stage_flags("2b", *data, steps=40, **{"checkpoint.every_steps": 4, "data.shuffle_seed": 7})
+    killed = setup.TrainProcess(args, tmp_path / "killed", log_name="killed.log")
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 240
+    while not (checkpoints / "8" / "commit_success.txt").exists() and killed.poll() is None:
+        assert time.time() < deadline, "no checkpoint at step 8 within 4 minutes"
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, killed.log_path.read_text()
+    assert not (tmp_path / "killed" / "model").exists(), "the run finished before it could be killed"
+
+    resumed = setup.TrainProcess(args, tmp_path / "killed", log_name="resumed.log")
+    output = resumed.finish()
+    assert resumed.returncode == 0, output
+    assert "resumed from step" in output
+    uninterrupted = setup.TrainProcess(args, tmp_path / "straight")
+    output = uninterrupted.finish()
+    assert uninterrupted.returncode == 0, output
+
+    a, b = flat_params(tmp_path / "killed" / "model"), flat_params(tmp_path / "straight" / "model")
+    assert a.keys() == b.keys()
+    for path in a:
+        np.testing.assert_array_equal(a[path], b[path], err_msg=path)
+    # Same data order too: the losses of the steps after the resume are the uninterrupted run's.
+    straight = setup.train_losses(tmp_path / "straight")
+    assert setup.train_losses(tmp_path / "killed")[-len(straight) // 2:] == straight[-len(straight) // 2:]
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch):
+    real_step = loop.make_train_step
+
+    def poisoned(task, tx, frozen):
+        """The loss turns NaN from step 5 on, as a diverging run's would."""
+        step_fn = real_step(task, tx, frozen)
+
+        def train_step(state, batch, rng):
+            new_state, metrics, loss = step_fn(state, batch, rng)
+            return new_state, metrics, jnp.where(state.step >= 4, jnp.nan, loss)
+
+        return train_step
+
+    monkeypatch.setattr(loop, "make_train_step", poisoned)
+    cfg = setup.parse(setup.stage_flags("1a", *data, steps=10))
+    with pytest.raises(loop.NonFiniteLossError, match=r"became nan at step 5; stopped without saving. The last good checkpoint is step 4"):
+        loop.train_and_evaluate(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints" / "6").exists()
+    monkeypatch.setattr(loop, "make_train_step", real_step)
+    cfg = setup.parse(setup.stage_flags("1a", *data, steps=6))
+    summary = loop.train_and_evaluate(cfg, tmp_path / "run")  # resumes from step 4 and finishes
+    assert summary["steps"] == 6
+
+
+SHARDED = """
+import json, sys
+sys.path.insert(0, {root!r})
+import jax
+from tests import training_setup as setup
+from cxrllava_jax.training.loop import train_and_evaluate
+assert jax.device_count() == 8, jax.devices()
+for name, args in json.loads(sys.argv[1]).items():
+    train_and_evaluate(setup.parse(args), name)
+"""
+
+
+def test_sharded_and_remeshed_runs_match_one_device(data, tmp_path):
+    """(data=2, fsdp=2, tensor=2) on 8 CPU devices gives the 1-device losses; a 1-device checkpoint resumes there."""
+    mesh = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+    single = setup.stage_flags("2b", *data, steps=3)
+    loop.train_and_evaluate(setup.parse(single), tmp_path / "single")
+    longer = setup.stage_flags("2b", *data, steps=5)
+    loop.train_and_evaluate(setup.parse(longer), tmp_path / "single_longer")
+    # The 8-device process resumes a copy of the 1-device run at step 3 and carries it on to step 5.
+    subprocess.run(["cp", "-r", str(tmp_path / "single"), str(tmp_path / "remeshed")], check=True)
+    runs = {str(tmp_path / "sharded"): setup.stage_flags("2b", *data, steps=3, **mesh),
+            str(tmp_path / "remeshed"): setup.stage_flags("2b", *data, steps=5, **mesh)}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    result = subprocess.run([sys.executable, "-c", SHARDED.format(root=str(setup.ROOT)), json.dumps(runs)],
+                            cwd=setup.ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    np.testing.assert_allclose(setup.train_losses(tmp_path / "sharded"), setup.train_losses(tmp_path / "single"),
+                               rtol=0, atol=1e-5)
+    assert "resumed from step 3" in result.stdout
+    np.testing.assert_allclose(setup.train_losses(tmp_path / "remeshed")[-2:],
+                               setup.train_losses(tmp_path / "single_longer")[-2:], rtol=0, atol=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(data, tmp_path):
+    """Two processes on localhost through jax.distributed (gloo collectives) train as one process does."""
+    args = setup.stage_flags("1a", *data, steps=3, **{"checkpoint.every_steps": 3})
+    loop.train_and_evaluate(setup.parse(args), tmp_path / "one")
+    port = _free_port()
+    workers = [setup.TrainProcess(args, tmp_path / "two", log_name=f"process{i}.log", env={
+        "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}"})
+        for i in range(2)]
+    outputs = [w.finish(timeout=300) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], "\n\n".join(outputs)
+    np.testing.assert_allclose(setup.train_losses(tmp_path / "two"), setup.train_losses(tmp_path / "one"),
+                               rtol=0, atol=1e-5)
+
+
+def test_every_config_loads_and_takes_overrides():
+    configs = sorted(Path(setup.ROOT, "configs").glob("*.py"))
+    stages = [p for p in configs if p.stem.startswith("stage")]
+    assert len(stages) == 5
+    for path in stages:
+        cfg = setup.parse([f"--config={path}", "--config.optim.learning_rate=0.5", "--config.mesh.fsdp=4"])
+        assert cfg.optim.learning_rate == 0.5 and cfg.mesh.fsdp == 4
+        assert cfg.stage in ("1a", "1b", "2a", "2b")
+    for stage in ("1a", "1b_labels", "1b_reports", "2a", "2b"):
+        make_task(setup.parse([f"--config=configs/demo.py:{stage}"]))  # the model builds from the config
+    for path in (p for p in configs if p.stem.startswith("eval_")):
+        assert setup.parse([f"--config={path}"]).task in ("report", "json_labels")
+    paper = {p.stem: setup.parse([f"--config={p}"]) for p in stages}
+    assert (paper["stage1a"].optim.name, paper["stage1a"].optim.learning_rate) == ("sgd", 1e-3)
+    assert (paper["stage2b"].optim.name, paper["stage2b"].optim.learning_rate) == ("adam", 2e-5)
+    assert paper["stage2a"].frozen == ("img/.*", "llm/.*") and paper["stage2b"].frozen == ("img/.*",)
+    with pytest.raises(Exception, match="no_such_field"):
+        setup.parse(["--config=configs/stage2b.py", "--config.no_such_field=1"])
