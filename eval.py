@@ -1,5 +1,7 @@
-"""Evaluation entry point: the paper's Tables 2-4 for texts generated elsewhere, or for two label files.
+"""Evaluation entry point: the paper's Tables 2-4 for a checkpoint, for texts generated elsewhere, or for two
+label files.
 
+  python eval.py --config=configs/eval_mimic.py --checkpoint=CKPT --data_dir=DATA --workdir=DIR
   python eval.py --config=configs/eval_mimic.py --predictions=PRED.jsonl --workdir=DIR
   python eval.py --config=configs/eval_mimic.py --reference_labels=REF.csv --predicted_labels=PRED.csv --workdir=DIR
 """
@@ -10,21 +12,28 @@ from ml_collections import config_flags
 from cxrllava_jax.evaluation import run
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "an evaluation config (configs/eval_*.py)", lock_config=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "our checkpoint or a release-layout PyTorch directory")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "the test set as published (read by config.dataset's adapter)")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "images per generation batch")
 _PREDICTIONS = flags.DEFINE_string("predictions", None, "JSONL of {id, generated, reference} records")
 _REFERENCE_LABELS = flags.DEFINE_string("reference_labels", None, "reference label CSV (CheXpert labeler format)")
 _PREDICTED_LABELS = flags.DEFINE_string("predicted_labels", None, "predicted label CSV (CheXpert labeler format)")
-_WORKDIR = flags.DEFINE_string("workdir", None, "where labels, tables and results.json are written")
+_WORKDIR = flags.DEFINE_string("workdir", None, "where answers, labels, tables and results.json are written")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     del argv
-    if _PREDICTIONS.value:
+    if _CHECKPOINT.value:
+        if not _DATA_DIR.value:
+            raise app.UsageError("--checkpoint needs --data_dir (the test set)")
+        run.evaluate_model(_CONFIG.value, _CHECKPOINT.value, _DATA_DIR.value, _WORKDIR.value, _BATCH_SIZE.value)
+    elif _PREDICTIONS.value:
         run.evaluate_predictions(_CONFIG.value, _PREDICTIONS.value, _WORKDIR.value)
     elif _REFERENCE_LABELS.value and _PREDICTED_LABELS.value:
         run.evaluate_label_files(_CONFIG.value, _REFERENCE_LABELS.value, _PREDICTED_LABELS.value, _WORKDIR.value)
     else:
-        raise app.UsageError("give --predictions, or both --reference_labels and --predicted_labels")
+        raise app.UsageError("give --checkpoint and --data_dir, --predictions, or both label files")
     print(open(f"{_WORKDIR.value}/table.md", encoding="utf-8").read())
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from configs import demo as demo_configs
 from cxrllava_jax.evaluation import run as evaluation
 from cxrllava_jax.inference import prompting
+from cxrllava_jax.inference.api import CXRLLaVA
 from cxrllava_jax.inference.tokenizer import train_tokenizer
 from cxrllava_jax.training.loop import train_and_evaluate
 from input_pipeline import mimic, synthetic
@@ -48,23 +49,11 @@ def stage_config(stage: str, workdir: Path, data_dir: Path, tokenizer_dir: Path,
     return cfg
 
 
-def evaluate_reports(model_dir: Path, data_dir: Path, out_dir: Path, batch_size: int) -> tuple[dict, list]:
-    """Greedy reports for the synthetic test split, scored against the ground-truth reports."""
-    from cxrllava_jax.inference.api import CXRLLaVA
-
-    model = CXRLLaVA.from_pretrained(model_dir)
-    test = mimic.load(data_dir, "test")
-    generated = []
-    for start in range(0, len(test), batch_size):
-        chunk = test[start:start + batch_size]
-        generated += model.write_radiologic_reports([r.image for r in chunk], temperature=0.0)
-    records = [{"id": r.study_id, "generated": g, "reference": r.report} for r, g in zip(test, generated)]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "generated.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+def evaluation_config():
+    """Table 2's protocol (reports labeled on both sides, the paper's exclusions) on the synthetic test split."""
     config = evaluation.default_config()
     config.dataset, config.split, config.bootstrap_samples = "synthetic", "test", 200
-    return evaluation.evaluate_records(config, records, out_dir), records, model
+    return config
 
 
 def main(argv=None) -> int:
@@ -86,7 +75,9 @@ def main(argv=None) -> int:
         stages[stage] = train_and_evaluate(stage_config(stage, workdir, data_dir, tokenizer_dir, args.steps),
                                            workdir / stage)
     print("[demo] evaluation: reports for the synthetic test split", flush=True)
-    results, records, model = evaluate_reports(workdir / "2b" / "model", data_dir, workdir / "eval", batch_size=50)
+    model = CXRLLaVA.from_pretrained(workdir / "2b" / "model")
+    results = evaluation.evaluate_model(evaluation_config(), None, data_dir, workdir / "eval", batch_size=50,
+                                        model=model)
     print((workdir / "eval" / "table.md").read_text())
 
     example = mimic.load(data_dir, "test")[0]

@@ -6,11 +6,11 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from input_pipeline.errors import InputError
+from dicom_files import write_dicom
 from input_pipeline.images import load_grayscale, preprocess
 
 MEAN, STD = 0.4978, 0.2487  # one channel, as the release's image_preprocess_cfg
@@ -78,25 +78,6 @@ def test_16bit_png_is_stretched_to_the_8bit_range(tmp_path):
     low, high = pixels.min(), pixels.max()
     expected = np.rint((pixels.astype(np.float64) - low) / (high - low) * 255).astype(np.uint8)
     np.testing.assert_array_equal(np.asarray(load_grayscale(tmp_path / "16bit.png")), expected)
-
-
-def write_dicom(path, stored: np.ndarray, photometric="MONOCHROME2", **elements):
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    for name, value in elements.items():
-        setattr(ds, name, value)
-    ds.PixelData = stored.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def stored_pixels(seed=3):

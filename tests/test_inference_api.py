@@ -4,12 +4,9 @@ prompts, both checkpoint kinds, batches, every image kind, chat, streaming and c
 import shutil
 
 import numpy as np
-import pydicom
 import pytest
 import torch
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from safetensors.torch import load_file
 
 from cxrllava_jax.inference import prompting
@@ -17,6 +14,7 @@ from cxrllava_jax.inference.api import CXRLLaVA, _TextStream
 from cxrllava_jax.inference.generate import SamplingOptions
 from cxrllava_jax.inference.tokenizer import load_tokenizer, train_tokenizer
 from input_pipeline.images import InputError
+from dicom_files import write_dicom
 from inference_fixtures import checkpoint_dir, release_dir, synthetic_radiograph, tiny_config
 from torch_reference import IMAGE_PLACEHOLDER, ReleaseCXRLLaVA
 
@@ -89,28 +87,12 @@ def _full_range_gray(path):
     return np.rint((pixels - pixels.min()) / (pixels.max() - pixels.min()) * 255).astype(np.uint8)
 
 
-def _write_dicom(path, pixels: np.ndarray):
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "CR"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    pydicom.dcmwrite(path, ds, enforce_file_format=True)
-    return path
-
-
 def test_every_image_kind_gives_the_same_report(model, images, tmp_path):
     gray = _full_range_gray(images[0])  # full 8-bit range: 16-bit and DICOM versions window back exactly
     Image.fromarray(gray).save(tmp_path / "8bit.png")
     Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "16bit.png")
     kinds = [tmp_path / "8bit.png", str(tmp_path / "16bit.png"), Image.fromarray(gray), gray,
-             _write_dicom(tmp_path / "cxr.dcm", gray.astype(np.uint16) * 257)]
+             write_dicom(tmp_path / "cxr.dcm", gray.astype(np.uint16) * 257, bits_stored=16)]
     for kind in kinds[1:]:
         np.testing.assert_array_equal(model.preprocess(kind), model.preprocess(kinds[0]))
     reports = model.write_radiologic_reports(kinds[:4], **GREEDY)

@@ -22,6 +22,8 @@ def notebook_environment(name: str) -> dict:
         # The release layout (the notebook converts it); short answers: a random tiny model's chat history
         # would soon overflow its 512-token context.
         return {"CXRLLAVA_CHECKPOINT": str(release_dir()), "CXRLLAVA_MAX_NEW_TOKENS": "24"}
+    if name == "training_demo.ipynb":  # every stage for a few steps: the code paths, not the learning
+        return {"CXRLLAVA_DEMO_STUDIES": "100", "CXRLLAVA_DEMO_STEPS": "3"}
     return {}
 
 
@@ -59,3 +61,7 @@ def test_notebook_runs_top_to_bottom(path, kernel_dir, tmp_path, monkeypatch):
         assert "imported release" in printed  # the release directory was converted to our checkpoint
         assert all(f"== sample_images/cxr{i}.png ==" in printed for i in range(4))  # the batch
         assert (tmp_path / "cxr-llava-jax" / "model_config.json").is_file()
+    if path.name == "training_demo.ipynb":
+        assert sorted(p.name for p in tmp_path.joinpath("demo_workdir").iterdir()) == [
+            "1a", "1b_labels", "1b_reports", "2a", "2b", "data", "eval", "tokenizer"]
+        assert (tmp_path / "demo_workdir" / "eval" / "table.md").is_file()

@@ -42,6 +42,20 @@ def default_config() -> ml_collections.ConfigDict:
     return config
 
 
+def evaluate_model(config, checkpoint, data_dir, workdir, batch_size: int = 16, model=None) -> dict:
+    """Generates with the model at `checkpoint` (or `model`) over the test split, then scores the answers.
+
+    The answers are kept in workdir/generated.jsonl, which `evaluate_predictions` re-scores.
+    """
+    from cxrllava_jax.evaluation import generation
+    from cxrllava_jax.inference.api import CXRLLaVA
+
+    model = model or CXRLLaVA.from_pretrained(checkpoint)
+    records = generation.generate_records(config, model, data_dir, pathlib.Path(workdir) / "generated.jsonl",
+                                          batch_size)
+    return evaluate_records(config, records, workdir)
+
+
 def evaluate_predictions(config, predictions_path, workdir) -> dict:
     """Scores a JSONL of records generated elsewhere (no model needed)."""
     return evaluate_records(config, read_prediction_records(predictions_path), workdir)

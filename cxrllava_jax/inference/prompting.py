@@ -15,6 +15,12 @@ IMAGE = "<image>"
 REPORT_PROMPT = (f"{IMAGE}\nWrite a radiologic report on the given chest radiograph, including information about "
                  "atelectasis, cardiomegaly, consolidation, pulmonary edema, pleural effusion, and pneumothorax.\n")
 DIFFERENTIAL_PROMPT = f"{IMAGE}\nWhat are the possible differential diagnoses for this patient?\n"
+# The paper's label-generation prompt (Figure 2b) is not published; this one asks for the same 14 binary
+# labels as a JSON object, which evaluation.json_labels reads.
+LABEL_PROMPT = (f"{IMAGE}\nFor each of the following findings, answer 1 if it is present on the chest radiograph "
+                "and 0 if it is not, as a JSON object with the findings as keys: No Finding, Enlarged "
+                "Cardiomediastinum, Cardiomegaly, Lung Lesion, Lung Opacity, Edema, Consolidation, Pneumonia, "
+                "Atelectasis, Pneumothorax, Pleural Effusion, Pleural Other, Fracture, Support Devices.\n")
 
 
 def question_prompt(question: str) -> str:

@@ -7,7 +7,6 @@ is pure: (params, batch, rng) -> (scalar loss, per-batch outputs the metrics red
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax

@@ -1,0 +1,63 @@
+"""The model's side of an evaluation: answers for every image of a test set, written as JSONL records.
+
+A test set is a dataset adapter's split (`config.dataset`, `config.split`). The task decides the prompt and
+the reference: "report" asks for the radiologic report and compares with the record's report; "json_labels"
+asks for the 14 labels as JSON and compares with the record's labels. Records without a reference are left
+out (and counted). The JSONL is what `eval.py --predictions` reads, so a run can be re-scored without a model.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from cxrllava_jax.findings import CHEXPERT_OBSERVATIONS
+from cxrllava_jax.inference import prompting
+from input_pipeline.sources import ADAPTERS
+
+PROMPTS = {"report": prompting.REPORT_PROMPT, "json_labels": prompting.LABEL_PROMPT}
+
+
+def test_records(config, data_dir) -> tuple[list, int]:
+    """(records of the test split that have a reference for the task, number left out without one)."""
+    if config.dataset not in ADAPTERS:
+        raise ValueError(f"config.dataset={config.dataset!r}: adapters exist for {sorted(ADAPTERS)}")
+    records = ADAPTERS[config.dataset](Path(data_dir), config.split)
+    usable = [r for r in records if _reference(config.task, r) is not None]
+    return usable, len(records) - len(usable)
+
+
+def generate_records(config, model, data_dir, out_path, batch_size: int = 16) -> list[dict]:
+    """Greedy answers for the test split; writes and returns {id, image, generated, reference} records."""
+    records, skipped = test_records(config, data_dir)
+    if not records:
+        raise ValueError(f"{data_dir}: the {config.dataset} {config.split} split has no records with a reference "
+                         f"for the {config.task} task ({skipped} without)")
+    conversation = [{"role": "user", "content": PROMPTS[config.task]}]
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    results = []
+    with open(out_path, "w", encoding="utf-8") as out, tqdm(total=len(records), desc="generating", unit="image",
+                                                              disable=None) as progress:
+        for start in range(0, len(records), batch_size):
+            chunk = records[start:start + batch_size]
+            answers = model.generate([conversation] * len(chunk), [r.image for r in chunk], batch_size=batch_size,
+                                     temperature=0.0)
+            for record, answer in zip(chunk, answers):
+                result = {"id": Path(record.image).stem, "image": record.image,
+                          "generated": answer, "reference": _reference(config.task, record)}
+                out.write(json.dumps(result) + "\n")
+                results.append(result)
+            progress.update(len(chunk))
+    if skipped:
+        print(f"[eval] {skipped} {config.dataset} {config.split} records have no reference and were left out")
+    return results
+
+
+def _reference(task: str, record):
+    if task == "report":
+        return record.report or None
+    if np.isnan(record.labels).all():
+        return None
+    return {name: (None if np.isnan(v) else float(v)) for name, v in zip(CHEXPERT_OBSERVATIONS, record.labels)}
