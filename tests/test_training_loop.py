@@ -89,7 +89,7 @@ def test_resume_after_sigkill_is_bitwise_exact(data, tmp_path):
     assert setup.train_losses(tmp_path / "killed")[-len(straight) // 2:] == straight[-len(straight) // 2:]
 
 
-def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch, capsys):
     real_step = loop.make_train_step
 
     def poisoned(task, tx, frozen):
@@ -106,11 +106,18 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(data, tmp_p
     cfg = setup.parse(setup.stage_flags("1a", *data, steps=10))
     with pytest.raises(loop.NonFiniteLossError, match=r"became nan at step 5; stopped without saving. The last good checkpoint is step 4"):
         loop.train_and_evaluate(cfg, tmp_path / "run")
-    assert not (tmp_path / "run" / "checkpoints" / "6").exists()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert not (checkpoints / "6").exists()
+    # A save cut off mid-write leaves only Orbax's temporary directory: it must never be picked up.
+    partial = checkpoints / "6.orbax-checkpoint-tmp-1795560000000000"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "half-written").write_bytes(b"\0" * 100)
     monkeypatch.setattr(loop, "make_train_step", real_step)
     cfg = setup.parse(setup.stage_flags("1a", *data, steps=6))
     summary = loop.train_and_evaluate(cfg, tmp_path / "run")  # resumes from step 4 and finishes
     assert summary["steps"] == 6
+    assert "resumed from step 4" in capsys.readouterr().out
+    assert not partial.exists()
 
 
 SHARDED = """

@@ -35,7 +35,7 @@ def save_model(path, kind: str, config, params, *, tokenizer_dir=None, scan: boo
     staging = path.with_name(path.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _process_local_checkpointer() as checkpointer:
         checkpointer.save(staging / "params", jax.tree.map(np.asarray, jax.device_get(params)))
     meta = {"model": kind, "config": mc.to_dict(config), "scan": bool(scan)}
     (staging / "model_config.json").write_text(json.dumps(meta, indent=2))
@@ -45,6 +45,14 @@ def save_model(path, kind: str, config, params, *, tokenizer_dir=None, scan: boo
         shutil.rmtree(path)
     staging.rename(path)
     return path
+
+
+def _process_local_checkpointer() -> ocp.StandardCheckpointer:
+    """A model file holds plain host arrays: the one process that writes it (or each that reads it) works alone,
+    without the cross-process barriers Orbax otherwise expects every process of a multi-host job to join."""
+    me = jax.process_index()
+    only_me = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ocp.StandardCheckpointer(multiprocessing_options=only_me)
 
 
 def read_model_config(path):
@@ -62,7 +70,7 @@ def read_model_config(path):
 def load_model(path, runtime: mc.Runtime = mc.Runtime()):
     """(kind, config, params as numpy) in the layer layout `runtime.scan` asks for."""
     kind, config, _ = read_model_config(path)
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _process_local_checkpointer() as checkpointer:
         params = checkpointer.restore(Path(path).absolute() / "params")
     return kind, config, relayout(params, scan=runtime.scan)
 

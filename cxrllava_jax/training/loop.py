@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from cxrllava_jax import sharding
@@ -38,7 +39,9 @@ def train_and_evaluate(cfg, workdir) -> dict:
     """Trains one stage in `workdir`; returns the summary also written to `workdir/summary.json`."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+    writer = jax.process_index() == 0  # one process writes what is not a checkpoint
+    if writer:
+        (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
 
     mesh = sharding.make_mesh(**cfg.mesh.to_dict())
     task = make_task(cfg)
@@ -84,10 +87,11 @@ def train_and_evaluate(cfg, workdir) -> dict:
             if step % cfg.checkpoint.every_steps == 0 or step == total_steps:
                 checkpoints.save(step, state, data.train, metrics=last_eval if evaluate_now else None)
         checkpoints.wait()
-        final_params = _params_to_export(cfg, checkpoints, state, state_shardings)
+        final_params = _to_host(_params_to_export(cfg, checkpoints, state, state_shardings))
     summary = {"stage": cfg.stage, "steps": step, "eval": last_eval, "best_step": checkpoints.best_step()}
-    initial_weights.export_model(workdir / "model", task, final_params, cfg)
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if writer:
+        initial_weights.export_model(workdir / "model", task, final_params, cfg)
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     checkpoints.close()
     reporter.close()
     return summary
@@ -123,6 +127,12 @@ def _check_finite(loss, step: int, stage: str, checkpoints: RunCheckpoints):
             f"The last good checkpoint is step {checkpoints.latest_step()} in {checkpoints.manager.directory}.")
 
 
+def _to_host(tree):
+    """Every array's whole value as numpy; a collective when arrays span several processes' devices."""
+    return jax.tree.map(lambda x: np.asarray(x) if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True),
+                        tree)
+
+
 def _host_values(collection) -> dict:
     return {k: float(v) for k, v in collection.compute().items()}
 
@@ -133,9 +143,9 @@ def evaluate(task, eval_step, params, data, mesh) -> dict:
     for host_batch in data.eval():
         metrics, outputs = eval_step(params, data.global_batch(host_batch, mesh))
         collected = metrics if collected is None else collected.merge(metrics)
-        if "probability" in outputs:
-            scores.append(np.asarray(jax.device_get(outputs["probability"])))
-            labels.append(np.asarray(jax.device_get(outputs["label"])))
+        if "probability" in outputs:  # the whole global batch on every process (each holds only its rows)
+            scores.append(multihost_utils.process_allgather(outputs["probability"], tiled=True))
+            labels.append(multihost_utils.process_allgather(outputs["label"], tiled=True))
     values = _host_values(collected)
     if scores:
         values["auroc"] = auroc(np.concatenate(scores), np.concatenate(labels))
