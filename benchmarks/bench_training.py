@@ -7,6 +7,7 @@ pipeline's (benchmarks/bench_input_pipeline.py measures that).
 """
 
 import json
+import os
 import pathlib
 import platform
 import time
@@ -65,8 +66,9 @@ def main():
         print(f"{r['stage']:<10} {r['batch_size']:>5} {r['compile_s']:>9} {r['step_ms']:>8} "
               f"{r['per_s']:>10,.0f} {r['unit']}/s")
     out = pathlib.Path(__file__).parent / "results" / "training.json"
-    out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "cpu_count": jax.device_count(),
-                               "backend": jax.default_backend(), "stages": rows}, indent=2))
+    out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                               "devices": jax.device_count(), "backend": jax.default_backend(),
+                               "load_average_1m": os.getloadavg()[0], "stages": rows}, indent=2))
     print(f"wrote {out}")
 
 

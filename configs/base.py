@@ -26,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
         text_length=128, seq_length=2048, tokenizer="", uncertain_policy="abnormal",
         num_workers=0, max_bad_fraction=0.0, shuffle_seed=0, eval_split="validate", train_split="train",
         image_mean=0.5, image_std=0.5, image_mode="crop",  # normalisation and crop/letterbox
+        tfds_dir="",  # read the sources' ArrayRecord version (input_pipeline/tfds_builders.py) instead of files
         text_tokenizer="",  # stage 1B: BERT tokenizer dir (defaults to config.init.bert)
         text_kind="labels",  # stage 1B texts: 'labels' (keywords) or 'reports'
         conversations="instruction",  # stage 2: 'report' (2A alignment) or 'instruction' (2B)

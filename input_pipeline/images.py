@@ -156,7 +156,7 @@ def letterbox(image: Image.Image, size: int) -> Image.Image:
 
 def preprocess(image, size: int, mean: float, std: float, mode: str = "crop",
                min_size: int = RELEASE_PATCH_SIZE) -> np.ndarray:
-    """Path / PIL image / array -> float32 [size, size, 1] normalised.
+    """Path (or stored image file) / PIL image / array -> float32 [size, size, 1] normalised.
 
     `mode` is 'crop' (the release: shortest edge to `size`, center crop) or 'pad' (letterbox). An image smaller
     than `min_size` (the model's patch) on either side is refused.
@@ -166,6 +166,9 @@ def preprocess(image, size: int, mean: float, std: float, mode: str = "crop",
     origin = image if isinstance(image, (str, Path)) else "image"
     if isinstance(image, (str, Path)):
         image = load_grayscale(image)
+    elif hasattr(image, "read_bytes"):  # an image file held elsewhere (tfds_builders.StoredImage), named by str()
+        origin = image
+        image = decode_grayscale(image.read_bytes(), image)
     elif isinstance(image, np.ndarray):
         image = _array_to_pil(image)
     else:

@@ -15,8 +15,13 @@ conversations as JSON, and the image's path under manual_dir (the name a decodin
     build("synthetic", manual_dir="data/synthetic", data_dir="data/tfds")
     source = data_source("synthetic", "data/tfds", "train")  # random access: grain.MapDataset.source(source)
     image = decode_image(source[0], size=512, mean=0.5, std=0.5)
+    records("synthetic", "data/tfds", "train")  # Records whose images are read from the ArrayRecord shards
+
+Training reads a built source with `config.data.tfds_dir` (see `records`).
 """
 
+import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -26,6 +31,7 @@ import tensorflow_datasets as tfds
 from cxrllava_jax.findings import CHEXPERT_OBSERVATIONS
 from input_pipeline import images
 from input_pipeline.errors import InputError
+from input_pipeline.records import Record
 from input_pipeline.sources import ADAPTERS
 
 
@@ -105,3 +111,49 @@ def decode_image(example: dict, size: int, mean: float, std: float, mode: str = 
         return images.preprocess(image, size, mean, std, mode=mode)
     except InputError as error:  # preprocess calls an in-memory image just 'image'
         raise InputError(f"{name}: {error}") from error
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredImage:
+    """An image file kept in a built split, read from the ArrayRecord shards when it is decoded.
+
+    Only names travel with it (it pickles small, into Grain worker processes too); each process opens the
+    split once. `images.preprocess` takes it like a path.
+    """
+
+    source: str
+    data_dir: str
+    split: str
+    index: int
+    name: str
+
+    def read_bytes(self) -> bytes:
+        return _open_split(self.source, self.data_dir, self.split)[self.index]["image_bytes"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@functools.lru_cache(maxsize=None)
+def _open_split(source: str, data_dir: str, split: str):
+    return data_source(source, data_dir, split)
+
+
+def records(source: str, data_dir, split: str) -> list[Record]:
+    """The split's records, as the source's adapter gives them, with images left in the shards.
+
+    One pass over the split reads the label and text features (ArrayRecord reads whole examples, so this
+    streams the images once too); the images are read again only when a batch decodes them.
+    """
+    split_source = _open_split(source, str(data_dir), split)
+    out = []
+    for index in range(len(split_source)):
+        example = split_source[index]
+        text = {k: example[k].decode() for k in ("image_name", "report", "dataset", "split", "view", "study_id",
+                                                 "conversations")}
+        out.append(Record(
+            image=StoredImage(source, str(data_dir), split, index, text["image_name"]),
+            labels=np.asarray(example["labels"], np.float32), report=text["report"], dataset=text["dataset"],
+            split=text["split"], view=text["view"], study_id=text["study_id"],
+            conversations=json.loads(text["conversations"]) if text["conversations"] else None))
+    return out

@@ -77,3 +77,29 @@ def test_bad_image_bytes_are_named_and_can_be_skipped(tmp_path):
         list(batches())
     iterator = iter(batches(max_bad_fraction=0.2))
     assert len(list(iterator)) == len(source) // 3 and iterator.bad_records == 1
+
+
+def test_training_reads_the_built_records_as_it_reads_the_files(built):
+    """config.data.tfds_dir: the same examples, encoded to the same arrays, as from the published files."""
+    from configs import demo
+    from cxrllava_jax.training import data as stage_data
+    from cxrllava_jax.training import stage_records
+    from cxrllava_jax.training.tasks import make_task
+
+    manual, data_dir = built
+    configs = {}
+    for name, tfds_dir in (("files", ""), ("tfds", str(data_dir))):
+        configs[name] = cfg = demo.get_config("1a")
+        cfg.data.update(data_dir=str(manual), tfds_dir=tfds_dir, batch_size=4, eval_batch_size=2)
+    task = make_task(configs["files"])
+    encode = stage_records.encoder(configs["files"], task)
+    from_files = {str(e.image).removeprefix(f"{manual}/"): e for e in stage_records.load(configs["files"], "train")}
+    from_tfds = {str(e.image): e for e in stage_records.load(configs["tfds"], "train")}
+    assert from_files.keys() == from_tfds.keys()
+    for name, example in from_tfds.items():
+        assert isinstance(example.image, tfds_builders.StoredImage)
+        a, b = encode(from_files[name]), encode(example)
+        np.testing.assert_array_equal(a["image"], b["image"], err_msg=name)
+        assert a["label"] == b["label"], name
+    batch = next(stage_data.make_stage_data(configs["tfds"], task).train)
+    assert batch["image"].shape == (4, 64, 64, 1)

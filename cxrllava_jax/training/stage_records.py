@@ -12,26 +12,32 @@ import numpy as np
 
 from cxrllava_jax.inference import prompting
 from cxrllava_jax.inference.tokenizer import load_tokenizer
-from input_pipeline import images, instructions
+from input_pipeline import images, instructions, tfds_builders
 from input_pipeline.records import is_abnormal, keyword_text
 from input_pipeline.sources import ADAPTERS
 
 
 @dataclasses.dataclass
 class Example:
-    image: str
+    image: str | tfds_builders.StoredImage
     label: int = 0
     text: str = ""
     conversation: list | None = None
 
 
 def load(cfg, split: str) -> list[Example]:
+    """The split's examples from every configured source: the published files under `config.data.data_dir`
+    read by the adapters, or, with `config.data.tfds_dir`, the ArrayRecord version `tfds_builders.build` wrote."""
     examples = []
     for source in cfg.data.sources:
         if source not in ADAPTERS:
             raise ValueError(f"config.data.sources names {source!r}; adapters exist for {sorted(ADAPTERS)}")
-        root = Path(cfg.data.data_dir) / source if len(cfg.data.sources) > 1 else Path(cfg.data.data_dir)
-        examples += _view(cfg, ADAPTERS[source](root, split))
+        if cfg.data.get("tfds_dir"):
+            records = tfds_builders.records(source, cfg.data.tfds_dir, split)
+        else:
+            root = Path(cfg.data.data_dir) / source if len(cfg.data.sources) > 1 else Path(cfg.data.data_dir)
+            records = ADAPTERS[source](root, split)
+        examples += _view(cfg, records)
     return examples
 
 
