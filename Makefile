@@ -26,7 +26,7 @@ test: $(VENV)/.test
 	$(PY) -m pytest -q tests
 
 benchmarks: $(VENV)/.test
-	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+	for b in benchmarks/bench_*.py; do PYTHONPATH=. $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)
