@@ -60,15 +60,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cxrllava_jax.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="demo_workdir", type=Path)
     parser.add_argument("--num-studies", type=int, default=demo_configs.NUM_STUDIES)
-    parser.add_argument("--image-size", type=int, default=demo_configs.IMAGE_SIZE)
     parser.add_argument("--steps", type=int, default=None, help="override every stage's number of steps")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     workdir = args.workdir.absolute()
     started = time.perf_counter()
-    print(f"[demo] synthetic dataset: {args.num_studies} studies at {args.image_size} px in {workdir / 'data'}")
-    data_dir, tokenizer_dir = prepare_data(workdir, args.num_studies, args.image_size, demo_configs.VOCAB_SIZE,
-                                           args.seed)
+    print(f"[demo] synthetic dataset: {args.num_studies} studies at {demo_configs.IMAGE_SIZE} px in "
+          f"{workdir / 'data'}")
+    data_dir, tokenizer_dir = prepare_data(workdir, args.num_studies, demo_configs.IMAGE_SIZE,
+                                           demo_configs.VOCAB_SIZE, args.seed)
     stages = {}
     for stage in STAGES:
         print(f"[demo] stage {stage}", flush=True)

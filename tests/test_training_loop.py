@@ -104,7 +104,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(data, tmp_p
 
     monkeypatch.setattr(loop, "make_train_step", poisoned)
     cfg = setup.parse(setup.stage_flags("1a", *data, steps=10))
-    with pytest.raises(loop.NonFiniteLossError, match=r"became nan at step 5; stopped without saving. The last good checkpoint is step 4"):
+    with pytest.raises(loop.NonFiniteLossError, match=r"became nan by step 5; stopped without saving. The last good checkpoint is step 4"):
         loop.train_and_evaluate(cfg, tmp_path / "run")
     checkpoints = tmp_path / "run" / "checkpoints"
     assert not (checkpoints / "6").exists()

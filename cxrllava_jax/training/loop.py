@@ -66,13 +66,16 @@ def train_and_evaluate(cfg, workdir) -> dict:
                 state = state.replace(opt_state=init_opt_state(tx, state.params, frozen, previous=state.opt_state))
                 state_shardings = jax.tree.map(lambda x: x.sharding, state)
                 train_step = _compile_step(task, tx, frozen, state_shardings)
-            batch = data.global_batch(next(data.train), mesh)
-            state, metrics, loss = train_step(state, batch, rng)
+            host_batch = next(data.train)
+            state, metrics, loss = train_step(state, data.global_batch(host_batch, mesh), rng)
             step += 1
-            _check_finite(loss, step, cfg.stage, checkpoints)
             collected = metrics if collected is None else collected.merge(metrics)
-            reporter.count(task.units(batch))
-            if step % cfg.log_every_steps == 0 or step == total_steps:
+            reporter.count(task.units(host_batch) * jax.process_count())
+            log_now = step % cfg.log_every_steps == 0 or step == total_steps
+            save_now = step % cfg.checkpoint.every_steps == 0 or step == total_steps
+            if log_now or save_now:  # the host waits for the device only here, not every step
+                _check_finite(loss, step, cfg.stage, checkpoints)
+            if log_now:
                 values = _host_values(collected)
                 if data.train.bad_records:  # only runs with config.data.max_bad_fraction > 0 skip any
                     values["bad_records"] = data.train.bad_records
@@ -84,7 +87,7 @@ def train_and_evaluate(cfg, workdir) -> dict:
                 reporter.scalars(step, last_eval, "eval")
                 print(f"[stage {cfg.stage}] eval at step {step}: " +
                       ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()), flush=True)
-            if step % cfg.checkpoint.every_steps == 0 or step == total_steps:
+            if save_now:
                 checkpoints.save(step, state, data.train, metrics=last_eval if evaluate_now else None)
         checkpoints.wait()
         final_params = _to_host(_params_to_export(cfg, checkpoints, state, state_shardings))
@@ -119,11 +122,13 @@ def _compile_step(task, tx, frozen, state_shardings):
 
 
 def _check_finite(loss, step: int, stage: str, checkpoints: RunCheckpoints):
+    """Stops before a non-finite state is saved. Checked at log and checkpoint steps (a NaN spreads through
+    the parameters, so the losses after it stay non-finite), so the step named is where it was seen."""
     value = float(loss)
     if not math.isfinite(value):
         checkpoints.wait()
         raise NonFiniteLossError(
-            f"stage {stage}: the training loss became {value} at step {step}; stopped without saving. "
+            f"stage {stage}: the training loss became {value} by step {step}; stopped without saving. "
             f"The last good checkpoint is step {checkpoints.latest_step()} in {checkpoints.manager.directory}.")
 
 
