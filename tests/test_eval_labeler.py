@@ -11,7 +11,8 @@ from cxrllava_jax.evaluation.labeler import label_report, label_reports
 from cxrllava_jax.findings import CHEXPERT_OBSERVATIONS, NEGATIVE, POSITIVE, UNCERTAIN
 
 FIXTURES = Path(__file__).parent / "fixtures"
-CHEXPERT_SAMPLES = Path(__file__).parents[2] / "shared" / "fixtures" / "chexpert-labeler-samples"
+# The CheXpert labeler's published sample reports and outputs (MIT licence alongside), kept with the tests.
+CHEXPERT_SAMPLES = FIXTURES / "chexpert-labeler-samples"
 ABBREVIATIONS = {
     "EC": "Enlarged Cardiomediastinum", "CM": "Cardiomegaly", "LL": "Lung Lesion", "LO": "Lung Opacity",
     "ED": "Edema", "CO": "Consolidation", "PN": "Pneumonia", "AT": "Atelectasis", "PX": "Pneumothorax",
