@@ -161,8 +161,10 @@ def _free_port() -> int:
 
 
 def test_two_processes_match_one(data, tmp_path):
-    """Two processes on localhost through jax.distributed (gloo collectives) train as one process does."""
-    args = setup.stage_flags("1a", *data, steps=3, **{"checkpoint.every_steps": 3})
+    """Two processes on localhost through jax.distributed (gloo collectives) train as one process does; with the
+    full-size runtime (scanned layers, rematerialisation) that the tiny configs otherwise leave off."""
+    args = setup.stage_flags("1a", *data, steps=3, **{"checkpoint.every_steps": 3, "runtime.scan": True,
+                                                        "runtime.remat_policy": "nothing_saveable"})
     loop.train_and_evaluate(setup.parse(args), tmp_path / "one")
     port = _free_port()
     workers = [setup.TrainProcess(args, tmp_path / "two", log_name=f"process{i}.log", env={
@@ -172,6 +174,7 @@ def test_two_processes_match_one(data, tmp_path):
     assert [w.returncode for w in workers] == [0, 0], "\n\n".join(outputs)
     np.testing.assert_allclose(setup.train_losses(tmp_path / "two"), setup.train_losses(tmp_path / "one"),
                                rtol=0, atol=1e-5)
+    assert json.loads((tmp_path / "two" / "model" / "model_config.json").read_text())["scan"] is True
 
 
 def test_every_config_loads_and_takes_overrides():
