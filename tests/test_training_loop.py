@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from flax import traverse_util
 
 from cxrllava_jax.convert import checkpoint as model_checkpoint
 from cxrllava_jax.training import loop
+from cxrllava_jax.training.checkpoints import RunCheckpoints
 from cxrllava_jax.training.tasks import make_task
 from tests import training_setup as setup
 
@@ -87,6 +89,25 @@ def test_resume_after_sigkill_is_bitwise_exact(data, tmp_path):
     # Same data order too: the losses of the steps after the resume are the uninterrupted run's.
     straight = setup.train_losses(tmp_path / "straight")
     assert setup.train_losses(tmp_path / "killed")[-len(straight) // 2:] == straight[-len(straight) // 2:]
+
+
+def test_resume_and_best_export_across_the_text_tower_release(data, tmp_path, capsys):
+    """Checkpoints taken before the text tower is released hold Adam state for fewer parameters: resuming
+    from the one at the release step works, and so does exporting the parameters of an earlier (best) step."""
+    release = {"text_unfreeze_step": 4, "checkpoint.every_steps": 2, "checkpoint.keep": 3}
+    loop.train_and_evaluate(setup.parse(setup.stage_flags("1b_labels", *data, steps=4, **release)), tmp_path)
+    summary = loop.train_and_evaluate(setup.parse(setup.stage_flags("1b_labels", *data, steps=6, **release)),
+                                      tmp_path)
+    assert "resumed from step 4" in capsys.readouterr().out and summary["steps"] == 6
+    exported = flat_params(tmp_path / "model")
+    checkpoints = RunCheckpoints(tmp_path / "checkpoints", setup.parse(setup.stage_flags("1b_labels", *data, 6))
+                                 .checkpoint)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(
+        jax.devices()[0])), traverse_util.unflatten_dict(exported, sep="/"))
+    before_release = traverse_util.flatten_dict(checkpoints.restore_params(2, abstract), sep="/")
+    assert before_release.keys() == exported.keys()
+    assert any(not np.array_equal(before_release[k], exported[k]) for k in exported)
+    checkpoints.close()
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch, capsys):

@@ -46,9 +46,13 @@ class RunCheckpoints:
                                   data=grain.checkpoint.CheckpointRestore(data_iterator))
         return self.manager.restore(step, args=args)["state"]
 
-    def restore_state(self, step: int, abstract_state):
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-        return self.manager.restore(step, args=args)["state"]
+    def restore_params(self, step: int, abstract_params):
+        """The parameters of a step's train state, without its optimizer state."""
+        target = {"params": abstract_params}
+        restore = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                         partial_restore=True)
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            return checkpointer.restore(self.manager.directory / str(step) / "state", args=restore)["params"]
 
     def best_step(self) -> int | None:
         """The kept step with the best validation metric, or None if none was evaluated."""

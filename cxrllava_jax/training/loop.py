@@ -28,7 +28,9 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def frozen_at(cfg, step: int) -> tuple[str, ...]:
-    """Frozen parameter regexes in force at `step`: the text tower waits for `text_unfreeze_step`."""
+    """Frozen parameter regexes in force for the update that takes the model from `step` to `step + 1`: the
+    text tower waits for `text_unfreeze_step`. A checkpoint of step s holds the optimizer state of
+    `frozen_at(s - 1)`, so that is what restoring it expects."""
     frozen = tuple(cfg.frozen)
     if step < cfg.get("text_unfreeze_step", 0):
         frozen += ("txt/.*",)
@@ -54,7 +56,7 @@ def train_and_evaluate(cfg, workdir) -> dict:
     with sharding.activate(mesh):
         state, state_shardings = _initial_state(cfg, task, tx, mesh, checkpoints, data.train)
         step = int(state.step)
-        frozen = frozen_at(cfg, step)
+        frozen = frozen_at(cfg, max(step - 1, 0))  # what the state was built for; the loop moves on from there
         train_step = _compile_step(task, tx, frozen, state_shardings)
         eval_step = jax.jit(make_eval_step(task))
         rng = jax.random.key(cfg.seed + 1)
@@ -108,7 +110,8 @@ def _initial_state(cfg, task, tx, mesh, checkpoints, train_iterator):
     if latest is None:
         params = initial_weights.load(cfg, params, param_shardings)
     step = jax.device_put(np.int32(0), sharding.replicated(mesh))
-    state = TrainState(step=step, params=params, opt_state=init_opt_state(tx, params, frozen_at(cfg, latest or 0)))
+    frozen = frozen_at(cfg, max((latest or 0) - 1, 0))
+    state = TrainState(step=step, params=params, opt_state=init_opt_state(tx, params, frozen))
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     if latest is not None:
         state = checkpoints.restore(latest, abstract_like(state, state_shardings), train_iterator)
@@ -162,6 +165,7 @@ def _params_to_export(cfg, checkpoints, state, state_shardings):
     best = checkpoints.best_step()
     if not cfg.checkpoint.best_metric or best is None or best == int(state.step):
         return state.params
-    restored = checkpoints.restore_state(best, abstract_like(state, state_shardings))
+    # Only the parameters: the best step's optimizer state may cover other parameters (before a release).
+    params = checkpoints.restore_params(best, abstract_like(state.params, state_shardings.params))
     print(f"[stage {cfg.stage}] exporting the best step {best} by {cfg.checkpoint.best_metric}", flush=True)
-    return restored.params
+    return params
