@@ -30,7 +30,7 @@ def test_eval_py_generates_with_a_checkpoint_then_rescores_its_answers(tmp_path)
     assert "Table 2" in completed.stdout
 
     generated = [json.loads(line) for line in open(tmp_path / "model" / "generated.jsonl")]
-    assert [g["id"] for g in generated] == [Path(r.image).stem for r in test_split]
+    assert [g["id"] for g in generated] == [str(Path(r.image).relative_to(data)) for r in test_split]
     assert [g["reference"] for g in generated] == [r.report for r in test_split]
     assert all(isinstance(g["generated"], str) for g in generated)
     for name in ("reference_labels.csv", "predicted_labels.csv", "table.md", "table.csv", "results.json"):

@@ -80,3 +80,22 @@ def test_released_group_keeps_optimizer_state_of_others():
 def test_freezing_everything_is_refused():
     with pytest.raises(ValueError, match="freezes every parameter"):
         split_trainable({"img": {"w": jnp.ones(1)}}, (".*",))
+
+
+def test_accumulation_schedules_over_optimizer_updates():
+    """With gradients accumulated over 2 steps, 8 steps are 4 updates, and the schedule runs over those 4."""
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict(dict(name="sgd", learning_rate=1.0, momentum=0.0, b1=0.9, b2=0.999, eps=1e-8,
+                                         weight_decay=0.0, warmup_steps=0, schedule="linear", end_lr_fraction=0.0,
+                                         grad_clip_norm=0.0, grad_accum_steps=2))
+    tx, learning_rate = build_optimizer(cfg, total_steps=8)
+    params = {"w": jnp.zeros(())}
+    state = tx.init(params)
+    moves = []
+    for step in range(8):
+        updates, state = tx.update({"w": jnp.ones(())}, state, params)
+        params = optax.apply_updates(params, updates)
+        moves.append(float(-updates["w"]))
+    np.testing.assert_allclose(moves, [0, 1.0, 0, 0.75, 0, 0.5, 0, 0.25], atol=1e-6)
+    np.testing.assert_allclose([float(learning_rate(s)) for s in (0, 1, 2, 7)], [1.0, 1.0, 0.75, 0.25])

@@ -71,8 +71,13 @@ class TrainProcess(subprocess.Popen):
                              stdout=log, stderr=subprocess.STDOUT)
 
     def finish(self, timeout: float = 600) -> str:
-        """Waits for the run; returns its output."""
-        self.wait(timeout)
+        """Waits for the run (killed if it overruns `timeout`); returns its output."""
+        try:
+            self.wait(timeout)
+        finally:
+            if self.poll() is None:
+                self.kill()
+                self.wait()
         return self.log_path.read_text(encoding="utf-8")
 
 

@@ -45,7 +45,8 @@ def generate_records(config, model, data_dir, out_path, batch_size: int = 16) ->
             answers = model.generate([conversation] * len(chunk), [r.image for r in chunk], batch_size=batch_size,
                                      temperature=0.0)
             for record, answer in zip(chunk, answers):
-                result = {"id": Path(record.image).stem, "image": record.image,
+                # The path under the data directory: file names alone repeat (CheXpert's view1_frontal.jpg).
+                result = {"id": _relative(record.image, data_dir), "image": str(record.image),
                           "generated": answer, "reference": _reference(config.task, record)}
                 out.write(json.dumps(result) + "\n")
                 results.append(result)
@@ -53,6 +54,11 @@ def generate_records(config, model, data_dir, out_path, batch_size: int = 16) ->
     if skipped:
         print(f"[eval] {skipped} {config.dataset} {config.split} records have no reference and were left out")
     return results
+
+
+def _relative(image, data_dir) -> str:
+    path, root = Path(str(image)), Path(data_dir)
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
 def _reference(task: str, record):

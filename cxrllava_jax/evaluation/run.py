@@ -11,6 +11,7 @@ Files written to the workdir: reference_labels.csv and predicted_labels.csv (Che
 column first), table.md, table.csv, results.json.
 """
 
+import collections
 import json
 import pathlib
 
@@ -111,6 +112,10 @@ def evaluate_label_files(config, reference_csv, predicted_csv, workdir) -> dict:
     """Scores two label CSVs (ours, the CheXpert labeler's or CheXbert's): rows matched by id if both files have
     one, else by order."""
     reference, predicted = label_files.read_labels_csv(reference_csv), label_files.read_labels_csv(predicted_csv)
+    for path, table in ((reference_csv, reference), (predicted_csv, predicted)):
+        repeated = sorted(i for i, n in collections.Counter(table.ids).items() if n > 1)
+        if repeated:
+            raise ValueError(f"{path}: ids must be unique to match rows; repeated: {repeated[:5]}")
     if sorted(reference.ids) == sorted(predicted.ids):
         order = {id_: i for i, id_ in enumerate(predicted.ids)}
         rows = [order[id_] for id_ in reference.ids]

@@ -38,7 +38,8 @@ def load(cfg, params, shardings):
         txt = dict(params["txt"])
         txt["bert"] = _checked(txt["bert"], relayout(bert, scan=scan), cfg.init.bert)
         params["txt"] = txt
-    return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x, dtype=x.dtype), s), params, shardings)
+    # Loaded towers arrive as host arrays and go to their shards; the rest stays where `create_sharded` put it.
+    return jax.tree.map(lambda x, s: x if isinstance(x, jax.Array) else jax.device_put(x, s), params, shardings)
 
 
 def _checked(expected, found, origin: str):

@@ -51,6 +51,10 @@ def train_and_evaluate(cfg, workdir) -> dict:
     total_steps = cfg.num_train_steps or math.ceil(cfg.num_epochs * data.steps_per_epoch)
     tx, schedule = build_optimizer(cfg.optim, total_steps)
     checkpoints = RunCheckpoints(workdir / "checkpoints", cfg.checkpoint)
+    if cfg.checkpoint.best_metric and cfg.checkpoint.every_steps % cfg.eval_every_steps:
+        print(f"[stage {cfg.stage}] note: only checkpoints on evaluation steps carry {cfg.checkpoint.best_metric!r}; "
+              f"checkpoint.every_steps={cfg.checkpoint.every_steps} is not a multiple of eval_every_steps="
+              f"{cfg.eval_every_steps}, so the best step is chosen among fewer checkpoints", flush=True)
     reporter = Reporter(workdir, total_steps, task.unit, cfg.stage)
 
     with sharding.activate(mesh):

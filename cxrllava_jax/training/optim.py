@@ -4,6 +4,7 @@ Freezing is by parameter-path regex (`config.frozen`): frozen parameters are lef
 step differentiates and the optimizer sees, so they get no backward pass and no optimizer state.
 """
 
+import math
 import re
 from typing import Any, Iterable
 
@@ -50,8 +51,13 @@ def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
 
 
 def build_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The paper's optimizers (SGD for stage 1, Adam for stage 2) plus clipping and accumulation."""
-    schedule = learning_rate_schedule(cfg, total_steps)
+    """The paper's optimizers (SGD for stage 1, Adam for stage 2) plus clipping and accumulation.
+
+    Returns the optimizer and the learning rate as a function of the training step. With accumulation over k
+    steps the optimizer updates once every k steps, so the schedule (warmup included) counts updates.
+    """
+    every = max(cfg.grad_accum_steps, 1)
+    schedule = learning_rate_schedule(cfg, math.ceil(total_steps / every))
     makers = {
         "sgd": lambda: optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=False),
         "adam": lambda: optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
@@ -61,6 +67,6 @@ def build_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation
         raise ValueError(f"config.optim.name must be one of {sorted(makers)}, got {cfg.name!r}")
     chain = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm else []
     tx = optax.chain(*chain, makers[cfg.name]())
-    if cfg.grad_accum_steps > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps)
-    return tx, schedule
+    if every > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=every)
+    return tx, lambda step: schedule(step // every)

@@ -120,8 +120,8 @@ def fit_length(tokens, mask, length: int, origin: str):
     """Right-pads (or truncates the end of) a conversation to `length`; truncation never cuts the image."""
     first_answer = int(np.argmax(mask)) if mask.any() else len(tokens)
     if first_answer >= length:
-        raise ValueError(f"{origin}: the prompt alone is {first_answer} tokens, more than config.data.seq_length="
-                         f"{length}")
+        raise ValueError(f"{origin}: the prompt alone is {first_answer} tokens, leaving no room for the answer in "
+                         f"config.data.seq_length={length}")
     valid = np.zeros(length, bool)
     valid[:min(len(tokens), length)] = True
     out_tokens = np.zeros(length, np.int32)
