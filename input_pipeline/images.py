@@ -183,7 +183,10 @@ def preprocess(image, size: int, mean: float, std: float, mode: str = "crop",
 
 def _array_to_pil(array: np.ndarray) -> Image.Image:
     if array.ndim == 3 and array.shape[-1] in (3, 4):
-        return to_uint8_gray(Image.fromarray(array.astype(np.uint8)))
+        if array.dtype == np.uint8:
+            return to_uint8_gray(Image.fromarray(array))
+        # Float or 16-bit colour: PIL's luma weights (as its 'L' conversion), then windowed like gray arrays.
+        array = array[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
     array = np.squeeze(array)
     if array.ndim != 2:
         raise InputError(f"an image array must be [H, W] or [H, W, 1|3|4], got shape {array.shape}")

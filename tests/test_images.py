@@ -145,3 +145,14 @@ def test_bad_files_are_refused_with_their_name(tmp_path):
         with pytest.raises(InputError, match=f"{name}.*{problem}"):
             preprocess(tmp_path / name, 32, MEAN, STD)
     assert pydicom.misc.is_dicom(tmp_path / "broken.dcm")
+
+
+def test_float_and_16_bit_colour_arrays_are_windowed_not_wrapped():
+    rng = np.random.default_rng(0)
+    colour = rng.random((40, 50, 3))
+    luma = colour @ np.array([0.299, 0.587, 0.114])
+    np.testing.assert_array_equal(preprocess(colour, 32, 0.5, 0.5), preprocess(luma, 32, 0.5, 0.5))
+    wide = (colour * 65535).astype(np.uint16)  # a uint8 cast would wrap these values around
+    wide_luma = wide.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    np.testing.assert_array_equal(preprocess(wide, 32, 0.5, 0.5), preprocess(wide_luma, 32, 0.5, 0.5))
+    np.testing.assert_allclose(preprocess(wide, 32, 0.5, 0.5), preprocess(colour, 32, 0.5, 0.5), atol=2 / 255)
