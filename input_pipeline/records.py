@@ -106,6 +106,12 @@ def hashed_split(key: str, validate_fraction: float = VALIDATE_FRACTION) -> str:
     return "validate" if draw < validate_fraction else "train"
 
 
+def relative_name(path, root) -> str:
+    """A file's name under a dataset root (what errors, TFDS keys and evaluation ids use); absolute if outside."""
+    path, root = Path(str(path)), Path(root)
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
 def require_images(records: Sequence[Record]) -> None:
     """Raises an InputError naming the label rows whose image file is missing.
 

@@ -31,7 +31,7 @@ import tensorflow_datasets as tfds
 from cxrllava_jax.findings import CHEXPERT_OBSERVATIONS
 from input_pipeline import images
 from input_pipeline.errors import InputError
-from input_pipeline.records import Record
+from input_pipeline.records import Record, relative_name
 from input_pipeline.sources import ADAPTERS
 
 
@@ -75,7 +75,7 @@ class CxrRecords(tfds.core.GeneratorBasedBuilder):
             path = Path(record.image)
             if not path.is_file():
                 raise InputError(f"{path}: image file not found")
-            name = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+            name = relative_name(path, root)
             yield name, {
                 "image_bytes": path.read_bytes(), "image_name": name, "labels": record.labels,
                 "report": record.report, "dataset": record.dataset, "split": record.split, "view": record.view,

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from cxrllava_jax.findings import CHEXPERT_OBSERVATIONS
 from cxrllava_jax.inference import prompting
+from input_pipeline.records import relative_name
 from input_pipeline.sources import ADAPTERS
 
 PROMPTS = {"report": prompting.REPORT_PROMPT, "json_labels": prompting.LABEL_PROMPT}
@@ -46,7 +47,7 @@ def generate_records(config, model, data_dir, out_path, batch_size: int = 16) ->
                                      temperature=0.0)
             for record, answer in zip(chunk, answers):
                 # The path under the data directory: file names alone repeat (CheXpert's view1_frontal.jpg).
-                result = {"id": _relative(record.image, data_dir), "image": str(record.image),
+                result = {"id": relative_name(record.image, data_dir), "image": str(record.image),
                           "generated": answer, "reference": _reference(config.task, record)}
                 out.write(json.dumps(result) + "\n")
                 results.append(result)
@@ -54,11 +55,6 @@ def generate_records(config, model, data_dir, out_path, batch_size: int = 16) ->
     if skipped:
         print(f"[eval] {skipped} {config.dataset} {config.split} records have no reference and were left out")
     return results
-
-
-def _relative(image, data_dir) -> str:
-    path, root = Path(str(image)), Path(data_dir)
-    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
 def _reference(task: str, record):
