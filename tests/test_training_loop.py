@@ -109,6 +109,20 @@ def test_resume_and_best_export_across_the_text_tower_release(data, tmp_path, ca
     checkpoints.close()
 
 
+def test_a_run_resumed_before_the_release_ends_where_an_uninterrupted_one_does(data, tmp_path):
+    """The release is a schedule inside the optimizer: stopping before it and resuming changes nothing."""
+    release = {"text_unfreeze_step": 3, "checkpoint.every_steps": 2, "checkpoint.best_metric": ""}
+    for steps in (2, 5):  # stopped at step 2 (before the release at 3), then carried on
+        loop.train_and_evaluate(setup.parse(setup.stage_flags("1b_labels", *data, steps=steps, **release)),
+                                tmp_path / "resumed")
+    loop.train_and_evaluate(setup.parse(setup.stage_flags("1b_labels", *data, steps=5, **release)), tmp_path / "straight")
+    a, b = flat_params(tmp_path / "resumed" / "model"), flat_params(tmp_path / "straight" / "model")
+    assert a.keys() == b.keys()
+    for path in a:
+        np.testing.assert_array_equal(a[path], b[path], err_msg=path)
+    assert setup.train_losses(tmp_path / "resumed") == setup.train_losses(tmp_path / "straight")
+
+
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch, capsys):
     real_step = loop.make_train_step
 

@@ -11,6 +11,7 @@ Generation keywords and their release defaults: temperature=0.2 (0 = greedy), to
 max_new_tokens=512 (and never past the context window), seed=0.
 """
 
+import re
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -171,12 +172,17 @@ def _task(prompt: str) -> list[dict]:
     return [{"role": "user", "content": prompt}]
 
 
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
+
+
 class _TextStream:
     """Token chunks of one conversation -> text pieces for `on_text`.
 
     Decoding the whole answer so far and sending what is new keeps SentencePiece's spaces right. What the
-    next token can still change waits: trailing spaces (the answer is stripped) and a multi-byte character
-    whose bytes have not all arrived (decoded as U+FFFD until they have).
+    next token can still change waits: trailing spaces (the answer is stripped), a multi-byte character
+    whose bytes have not all arrived (decoded as U+FFFD until they have), and a trailing run of byte-fallback
+    pieces (`<0x29>`): SentencePiece decodes a run of bytes as a whole, so a later invalid byte can turn
+    the ")" already decoded from one into U+FFFD.
     """
 
     def __init__(self, tokenizer, on_text: Callable[[str], None]):
@@ -186,7 +192,12 @@ class _TextStream:
 
     def __call__(self, chunks: list[list[int]]):
         self.ids += chunks[0]
-        self._send(self.tokenizer.decode(self.ids, skip_special_tokens=True).strip().rstrip("\ufffd").rstrip())
+        pieces = self.tokenizer.convert_ids_to_tokens(self.ids)
+        settled = len(pieces)
+        while settled and _BYTE_PIECE.fullmatch(pieces[settled - 1]):
+            settled -= 1
+        text = self.tokenizer.decode(self.ids[:settled], skip_special_tokens=True)
+        self._send(text.strip().rstrip("\ufffd").rstrip())
 
     def finish(self, answer: str):
         self._send(answer)

@@ -57,7 +57,7 @@ class Task:
         # Which parameters train when: `frozen` never (no gradient, no optimizer state); each (regex, step) of
         # `releases` from that step on, gated by the optimizer so its state and the compiled step never change.
         self.frozen = tuple(cfg.frozen)
-        self.releases = (("txt/.*", cfg.text_unfreeze_step),) if cfg.get("text_unfreeze_step", 0) > 0 else ()
+        self.releases = ()
 
     # Data: records -> examples -> arrays.
     def examples(self, records) -> list[Example]:

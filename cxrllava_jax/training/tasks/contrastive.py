@@ -22,6 +22,8 @@ class ContrastiveTask(Task):
         self.config = mc.ContrastiveConfig(vision=vision_config(cfg), text=text, text_pooling=cfg.model.text_pooling)
         self.model = ContrastiveModel(self.config, runtime(cfg))
         self.text_length = cfg.data.text_length
+        if cfg.text_unfreeze_step > 0:  # the paper's text tower waits for the image tower (70k steps)
+            self.releases = (("txt/.*", cfg.text_unfreeze_step),)
 
     def examples(self, records) -> list[Example]:
         if self.cfg.data.text_kind == "labels":
