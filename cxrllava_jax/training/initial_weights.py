@@ -12,15 +12,21 @@ import numpy as np
 from flax import traverse_util
 
 from cxrllava_jax.convert import checkpoint as model_checkpoint
-from cxrllava_jax.convert import hf_bert, hf_llama
+from cxrllava_jax.convert import hf_bert, hf_llama, peft
+from cxrllava_jax.convert.mapping import ConversionError
 from cxrllava_jax.convert.layout import relayout
+from cxrllava_jax.models import lora
+from cxrllava_jax.training import base_model
 from cxrllava_jax.training.tasks import runtime
 
-STAGE_MODEL_KIND = {"1a": "vit_classifier", "1b": "contrastive", "2a": "cxr_llava", "2b": "cxr_llava"}
+STAGE_MODEL_KIND = {"1a": "vit_classifier", "1b": "contrastive", "2a": "cxr_llava", "2b": "cxr_llava",
+                    "finetune": "cxr_llava"}
 
 
 def load(cfg, params, shardings):
     """Returns `params` with the configured pretrained parts swapped in, placed with `shardings`."""
+    if cfg.stage == "finetune":
+        return _placed(_with_base_weights(cfg, params), shardings)
     params = dict(params)
     scan = cfg.runtime.scan
     if cfg.init.checkpoint:
@@ -38,8 +44,30 @@ def load(cfg, params, shardings):
         txt = dict(params["txt"])
         txt["bert"] = _checked(txt["bert"], relayout(bert, scan=scan), cfg.init.bert)
         params["txt"] = txt
+    return _placed(params, shardings)
+
+
+def _placed(params, shardings):
     # Loaded towers arrive as host arrays and go to their shards; the rest stays where `create_sharded` put it.
     return jax.tree.map(lambda x, s: x if isinstance(x, jax.Array) else jax.device_put(x, s), params, shardings)
+
+
+def _with_base_weights(cfg, params):
+    """Fine-tuning: every base weight from the trained model (cast to the frozen base's dtype, quantized for
+    QLoRA), the freshly initialised adapters kept (LoRA's B starts at zero: the run starts at the base model)."""
+    flat = lora.flatten(params)
+    base = {k: v for k, v in flat.items() if not lora.is_adapter(k)}
+    as_float = {k: jax.ShapeDtypeStruct(v.shape, cfg.lora.base_dtype) if lora.is_quantized(v) else v
+                for k, v in base.items()}
+    origin = cfg.init.release or cfg.init.checkpoint
+    loaded = traverse_util.flatten_dict(
+        _checked(traverse_util.unflatten_dict(as_float, sep="/"), base_model.params(cfg), origin), sep="/")
+    quantized = {k for k, v in base.items() if lora.is_quantized(v)}
+    if quantized:
+        template = traverse_util.unflatten_dict({k: base[k] for k in quantized}, sep="/")
+        dense = traverse_util.unflatten_dict({k: jax.numpy.asarray(loaded[k]) for k in quantized}, sep="/")
+        loaded.update(lora.flatten(lora.quantize_base(dense, template)))
+    return traverse_util.unflatten_dict({**flat, **loaded}, sep="/")
 
 
 def _checked(expected, found, origin: str):
@@ -59,8 +87,19 @@ def _checked(expected, found, origin: str):
 
 
 def export_model(path: Path, task, params, cfg):
-    """Writes the stage's model in our checkpoint format; the next stage's `config.init.checkpoint`."""
+    """Writes the stage's model in our checkpoint format; the next stage's `config.init.checkpoint`.
+
+    Fine-tuning writes the adapted model with its adapters merged (what eval.py, export-torch and inference
+    take) and, when they adapt only the language model, the adapters alone in PEFT's format beside it
+    (`WORKDIR/adapter`)."""
     # The tokenizer belongs to the language model: stages 2A/2B hand it on, stage 1 models have none.
     tokenizer = cfg.data.tokenizer if STAGE_MODEL_KIND[cfg.stage] == "cxr_llava" else None
+    if cfg.stage == "finetune":
+        tokenizer = base_model.tokenizer_dir(cfg)
+        try:
+            peft.save_peft(path.parent / "adapter", params, task.settings, cfg.init.release or cfg.init.checkpoint)
+        except ConversionError as reason:
+            print(f"[stage finetune] no PEFT adapter written: {reason}", flush=True)
+        params = lora.merge(params, task.settings)
     model_checkpoint.save_model(path, STAGE_MODEL_KIND[cfg.stage], task.config, jax.device_get(params),
                                 tokenizer_dir=tokenizer, scan=cfg.runtime.scan, overwrite=True)

@@ -13,7 +13,8 @@ import numpy as np
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.domain.tokenizer import load_tokenizer
 from cxrllava_jax.domain import images
-from input_pipeline import instructions, tfds_builders
+from cxrllava_jax.training import base_model
+from input_pipeline import conversations, instructions, tfds_builders
 from input_pipeline.records import is_abnormal, keyword_text
 from input_pipeline.sources import ADAPTERS
 
@@ -28,7 +29,12 @@ class Example:
 
 def load(cfg, split: str) -> list[Example]:
     """The split's examples from every configured source: the published files under `config.data.data_dir`
-    read by the adapters, or, with `config.data.tfds_dir`, the ArrayRecord version `tfds_builders.build` wrote."""
+    read by the adapters, or, with `config.data.tfds_dir`, the ArrayRecord version `tfds_builders.build` wrote.
+    Stage 2 (and fine-tuning) can instead read the user's own conversation files, `config.data.train` and
+    `config.data.eval` (input_pipeline/conversations.py)."""
+    if cfg.stage not in ("1a", "1b") and cfg.data.get("train"):
+        path = cfg.data.train if split == cfg.data.train_split else cfg.data.get("eval")
+        return [Example(image, conversation=turns) for image, turns in conversations.load(path)] if path else []
     examples = []
     for source in cfg.data.sources:
         if source not in ADAPTERS:
@@ -66,7 +72,9 @@ def _view(cfg, records) -> list[Example]:
 def encoder(cfg, task):
     """example -> dict of numpy arrays for the stage's task."""
     size = task_image_size(task)
-    mean, std = cfg.data.image_mean, cfg.data.image_std
+    # A fine-tuned model keeps its base model's normalisation, whatever config.data says.
+    mean = getattr(task.config, "image_mean", cfg.data.image_mean)
+    std = getattr(task.config, "image_std", cfg.data.image_std)
 
     def image(example):
         return images.preprocess(example.image, size, mean, std, mode=cfg.data.image_mode)
@@ -83,9 +91,10 @@ def encoder(cfg, task):
                     "attention_mask": np.asarray(out["attention_mask"], np.int32)}
 
         return encode_text
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tokenizer_path = base_model.tokenizer_dir(cfg) if cfg.stage == "finetune" else cfg.data.tokenizer
+    tokenizer = load_tokenizer(tokenizer_path)
     model_config = task.config
-    _check_vocabulary(tokenizer, model_config.llama.vocab_size, cfg.data.tokenizer)
+    _check_vocabulary(tokenizer, model_config.llama.vocab_size, tokenizer_path)
 
     def encode_conversation(e):
         tokens, mask = prompting.encode_conversation(e.conversation, tokenizer, model_config.num_image_tokens,

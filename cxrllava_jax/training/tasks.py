@@ -7,15 +7,19 @@ is pure: (params, batch, rng) -> (scalar loss, per-batch outputs the metrics red
 
 import dataclasses
 
+import flax.linen as nn
+
 import jax
 import jax.numpy as jnp
 import optax
 from clu import metrics
 
 from cxrllava_jax.models import configs as mc
+from cxrllava_jax.models import lora
 from cxrllava_jax.models.clip import ContrastiveModel, contrastive_loss
 from cxrllava_jax.models.cxr_llava import CXRLLaVA
 from cxrllava_jax.models.vit import ViTClassifier
+from cxrllava_jax.training import base_model
 
 
 def _preset(presets: dict, name: str, overrides) -> object:
@@ -135,7 +139,11 @@ class InstructionTask:
         return self.model.init(rng, batch["image"], batch["tokens"], batch["valid"])
 
     def loss(self, params, batch, rng, train: bool = True):
-        logits = self.model.apply({"params": params}, batch["image"], batch["tokens"], batch["valid"])
+        return self._scored(self.model.apply({"params": params}, batch["image"], batch["tokens"], batch["valid"]),
+                            batch)
+
+    @staticmethod
+    def _scored(logits, batch):
         # Position t predicts token t+1; only assistant tokens (loss_mask) are scored.
         targets = batch["tokens"][:, 1:]
         weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
@@ -149,7 +157,44 @@ class InstructionTask:
         return int(batch["valid"].sum())
 
 
-TASKS = {"1a": ClassificationTask, "1b": ContrastiveTask, "2a": InstructionTask, "2b": InstructionTask}
+class FinetuneTask(InstructionTask):
+    """Fine-tuning a trained CXR-LLaVA (the release or any of our checkpoints) with LoRA/QLoRA adapters.
+
+    The architecture is the base model's own (read from `config.init.release` or `config.init.checkpoint`,
+    not from the presets); the frozen base is kept in `config.lora.base_dtype`, the adapters in fp32.
+    """
+
+    def __init__(self, cfg):
+        self.config = base_model.config(cfg)
+        self.settings = lora.LoraSettings(**{k: (tuple(v) if k == "targets" else v)
+                                             for k, v in cfg.lora.to_dict().items() if k != "base_dtype"})
+        if self.settings.weight_qtype and cfg.runtime.scan:
+            raise ValueError("QLoRA (config.lora.weight_qtype) needs config.runtime.scan=False: Qwix 0.1.8 does not "
+                             "find the attention kernels inside scanned layers")
+        self.model = lora.with_lora(CXRLLaVA(self.config, runtime(cfg)), self.settings)
+        # Qwix's LoRA dropout is always on: evaluation runs the same adapters without it.
+        self.eval_model = lora.with_lora(CXRLLaVA(self.config, runtime(cfg)),
+                                         dataclasses.replace(self.settings, dropout=0.0))
+        self.seq_length = cfg.data.seq_length
+        self.base_dtype = jnp.dtype(cfg.lora.base_dtype)
+
+    def init(self, rng, batch):
+        # Without logical rules in force: Qwix 0.1.8 unboxes the kernel's partitioning box around the new adapter
+        # value while creating it, which under our rules constrains the 2-D adapter with the kernel's 3-D names.
+        # Initial values are placed by `create_sharded`'s out_shardings either way.
+        with nn.logical_axis_rules(()):
+            variables = self.model.init(rng, batch["image"], batch["tokens"], batch["valid"])
+        return {"params": lora.cast_base(variables["params"], self.base_dtype)}
+
+    def loss(self, params, batch, rng, train: bool = True):
+        model = self.model if train else self.eval_model
+        logits = model.apply({"params": params}, batch["image"], batch["tokens"], batch["valid"],
+                             rngs={"dropout": rng})
+        return self._scored(logits, batch)
+
+
+TASKS = {"1a": ClassificationTask, "1b": ContrastiveTask, "2a": InstructionTask, "2b": InstructionTask,
+         "finetune": FinetuneTask}
 
 
 def make_task(cfg):
