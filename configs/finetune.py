@@ -5,8 +5,8 @@
 
 Starts from the release's directory (`init.release`) or any of our CXR-LLaVA checkpoints (`init.checkpoint`),
 whose architecture and tokenizer it keeps. Data: LLaVA conversation JSON/JSONL or a CSV of image,report
-(input_pipeline/conversations.py). Only the adapters train; the base stays frozen in bf16, or quantized with
-`--config.lora.weight_qtype=int8` (or int4, nf4; with `--config.runtime.scan=False`). The run writes the merged
+(input_pipeline/conversations.py). Only the adapters train; the base stays frozen in bf16 (QLoRA, a quantized
+base, is refused for now: see FinetuneTask). The run writes the merged
 model to WORKDIR/model and the adapter alone, in PEFT's format, to WORKDIR/adapter.
 """
 
@@ -22,7 +22,7 @@ def get_config():
     c.lora = ml_collections.ConfigDict(dict(
         rank=16, alpha=32.0, dropout=0.05,
         targets=lora.DEFAULT_TARGETS,  # regexes over module paths; add lora.PROJECTOR, lora.VIT to adapt those
-        weight_qtype=ml_collections.FieldReference(None, field_type=str),  # QLoRA: 'int8', 'int4' or 'nf4'
+        weight_qtype=ml_collections.FieldReference(None, field_type=str),  # QLoRA: not supported yet
         base_dtype="bfloat16",
     ))
     c.frozen = (lora.BASE_PATTERN,)

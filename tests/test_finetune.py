@@ -48,7 +48,7 @@ def write_template_data(root: Path, count: int = 24) -> Path:
 
 def finetune_flags(train_file: Path, steps: int = STEPS, **overrides) -> list[str]:
     values = {"init.release": release_dir(), "data.train": train_file, "runtime.dtype": "float32",
-              "runtime.scan": False, "runtime.remat_policy": "none", "data.seq_length": 128, "data.batch_size": 8,
+              "runtime.scan": False, "runtime.remat_policy": "none", "data.seq_length": 192, "data.batch_size": 8,
               "num_train_steps": steps, "optim.learning_rate": 1e-2, "optim.warmup_steps": 0, "log_every_steps": 1,
               "lora.rank": 8, "lora.dropout": 0.0, "checkpoint.async_save": False, "checkpoint.every_steps": 20}
     values.update(overrides)

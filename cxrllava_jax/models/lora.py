@@ -5,8 +5,8 @@
 paths: `llm/layers/block_3/q_proj`, or `llm/layers/block/q_proj` with scanned layers). Qwix adds two
 parameters beside the frozen kernel, `kernel_lora_a` [*layers, fan_in, rank] and `kernel_lora_b`
 [*layers, rank, fan_out], and the layer computes `x @ W + (alpha / rank) * (dropout(x) @ A) @ B`.
-With `settings.weight_qtype` ('int8', 'int4', 'nf4') Qwix also keeps the targeted kernels quantized
-(QLoRA); `quantize_base` turns loaded float weights into that form.
+`settings.weight_qtype` ('int8', 'int4', 'nf4') asks Qwix to keep the targeted kernels quantized (QLoRA);
+fine-tuning refuses it for now (see training/tasks.py FinetuneTask).
 
 Adapters live in the parameter tree at fixed names, so freezing, checkpoints and conversion treat them
 as ordinary parameters: `BASE_PATTERN` matches all the others.
@@ -88,42 +88,24 @@ def adapters(params) -> dict:
 
 
 def cast_base(params, dtype):
-    """The frozen base in `dtype` (bf16 halves its memory); adapters and quantized kernels stay as they are.
-    Works on boxed (partitioned) trees as `init` returns them."""
+    """The frozen base in `dtype` (bf16 halves its memory); the adapters stay fp32. Works on boxed
+    (partitioned) trees as `init` returns them."""
     def cast(path, leaf):
-        keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-        keep = any(is_adapter(k) for k in keys) or "array" in keys  # a Qwix WithAux holds its QArray in .array
+        keep = any(is_adapter(str(getattr(k, "key", k))) for k in path)
         return leaf if keep else leaf.astype(dtype)
 
     return jax.tree_util.tree_map_with_path(cast, params)
 
 
-def quantize_base(float_params, template):
-    """QLoRA: loaded float weights in `template`'s form (Qwix `quantize_params`: the targeted kernels quantized
-    as the init made them). Parameters `template` keeps in float are returned in float."""
-    return qwix.quantize_params(float_params, template)
-
-
 def merge(params, settings: LoraSettings):
     """The model with every adapter folded into its kernel (`W + scale * A @ B`, in fp32) and removed: a plain
     checkpoint of the base architecture that gives the adapted model's outputs."""
-    flat = flatten(params)
+    flat = traverse_util.flatten_dict(params, sep="/")
     merged = {k: v for k, v in flat.items() if not is_adapter(k)}
     for path in (k for k in flat if k.endswith("_lora_a")):
         name = path[:-len("_lora_a")]
         kernel = merged[name]
-        dense = qwix.dequantize(kernel.array) if is_quantized(kernel) else kernel
         delta = jnp.matmul(jnp.asarray(flat[path], jnp.float32), jnp.asarray(flat[name + "_lora_b"], jnp.float32))
-        merged[name] = (jnp.asarray(dense, jnp.float32) + settings.scale * delta.reshape(dense.shape)).astype(
-            jnp.float32 if is_quantized(kernel) else dense.dtype)
+        merged[name] = (jnp.asarray(kernel, jnp.float32) + settings.scale * delta.reshape(kernel.shape)).astype(
+            kernel.dtype)
     return traverse_util.unflatten_dict(merged, sep="/")
-
-
-def flatten(params) -> dict:
-    """{'/'-joined path: leaf}, a quantized kernel (Qwix WithAux) being one leaf."""
-    return traverse_util.flatten_dict(params, sep="/", is_leaf=lambda _, x: is_quantized(x))
-
-
-def is_quantized(x) -> bool:
-    return hasattr(x, "array") and hasattr(x, "how")
-

@@ -53,21 +53,12 @@ def _placed(params, shardings):
 
 
 def _with_base_weights(cfg, params):
-    """Fine-tuning: every base weight from the trained model (cast to the frozen base's dtype, quantized for
-    QLoRA), the freshly initialised adapters kept (LoRA's B starts at zero: the run starts at the base model)."""
-    flat = lora.flatten(params)
-    base = {k: v for k, v in flat.items() if not lora.is_adapter(k)}
-    as_float = {k: jax.ShapeDtypeStruct(v.shape, cfg.lora.base_dtype) if lora.is_quantized(v) else v
-                for k, v in base.items()}
-    origin = cfg.init.release or cfg.init.checkpoint
-    loaded = traverse_util.flatten_dict(
-        _checked(traverse_util.unflatten_dict(as_float, sep="/"), base_model.params(cfg), origin), sep="/")
-    quantized = {k for k, v in base.items() if lora.is_quantized(v)}
-    if quantized:
-        template = traverse_util.unflatten_dict({k: base[k] for k in quantized}, sep="/")
-        dense = traverse_util.unflatten_dict({k: jax.numpy.asarray(loaded[k]) for k in quantized}, sep="/")
-        loaded.update(lora.flatten(lora.quantize_base(dense, template)))
-    return traverse_util.unflatten_dict({**flat, **loaded}, sep="/")
+    """Fine-tuning: every base weight from the trained model (cast to the frozen base's dtype), the freshly
+    initialised adapters kept (LoRA's B starts at zero: the run starts at the base model)."""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    base = traverse_util.unflatten_dict({k: v for k, v in flat.items() if not lora.is_adapter(k)}, sep="/")
+    loaded = _checked(base, base_model.params(cfg), cfg.init.release or cfg.init.checkpoint)
+    return traverse_util.unflatten_dict({**flat, **traverse_util.flatten_dict(loaded, sep="/")}, sep="/")
 
 
 def _checked(expected, found, origin: str):
