@@ -169,9 +169,10 @@ class FinetuneTask(InstructionTask):
         self.settings = lora.LoraSettings(**{k: (tuple(v) if k == "targets" else v)
                                              for k, v in cfg.lora.to_dict().items() if k != "base_dtype"})
         if self.settings.weight_qtype:
-            # Qwix 0.1.8 builds the quantized base at init, but its train step then fails to find the adapters of
-            # our 3-D attention kernels (ScopeParamNotFoundError 'kernel_lora_a' in .../q_proj), and under
-            # nn.scan/nn.remat it does not create them at all. Refused rather than half working.
+            # Qwix 0.1.8 quantizes the targeted kernels at init, but when the init is traced (jit, eval_shape,
+            # nn.scan, nn.remat: every real run) its find_param no longer recognises our quantized 3-D attention
+            # kernels [embed, heads, head_dim], so they get no adapter and the train step fails with
+            # ScopeParamNotFoundError 'kernel_lora_a'. Refused rather than half working.
             raise ValueError("QLoRA (config.lora.weight_qtype) is not supported yet; leave it unset (LoRA on a bf16 "
                              "base)")
         self.model = lora.with_lora(CXRLLaVA(self.config, runtime(cfg)), self.settings)
