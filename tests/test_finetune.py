@@ -26,6 +26,7 @@ from cxrllava_jax.models import lora
 from cxrllava_jax.models.configs import CXR_LLAVA_PRESETS, Runtime
 from cxrllava_jax.models.cxr_llava import CXRLLaVA
 from cxrllava_jax.training import loop
+from cxrllava_jax.training.tasks import make_task
 from input_pipeline import conversations
 from inference_fixtures import release_dir, synthetic_radiograph
 from tests import training_setup as setup
@@ -193,6 +194,22 @@ def test_resume_after_sigkill_is_exact(tmp_path):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     losses = setup.train_losses(tmp_path / "straight")
     assert setup.train_losses(tmp_path / "killed")[-len(losses) // 2:] == losses[-len(losses) // 2:]
+
+
+def test_targets_are_regexes_over_module_paths_and_qlora_is_refused(tmp_path):
+    def adapted_modules(targets: str, **overrides):
+        task = make_task(setup.parse(finetune_flags(tmp_path / "unused.jsonl", **{"lora.targets": targets},
+                                                    **overrides)))
+        params = jax.eval_shape(lambda: task.init(jax.random.key(0), task.dummy_batch(1)))["params"]
+        return sorted({k.rsplit("/", 1)[0] for k in traverse_util.flatten_dict(params, sep="/") if lora.is_adapter(k)})
+
+    assert adapted_modules(f"('{lora.PROJECTOR}', 'llm/layers/block_1/v_proj')") == [
+        "llm/layers/block_1/v_proj", "projector/linear"]
+    assert adapted_modules(f"('{lora.VIT}',)", **{"runtime.scan": True})[0].startswith("img/resblocks/attn/")
+    with pytest.raises(ValueError, match="match no dense layer"):
+        adapted_modules("('llm/layers/block_0/qproj',)")
+    with pytest.raises(ValueError, match="QLoRA"):
+        adapted_modules("('llm/.*',)", **{"lora.weight_qtype": "int8"})
 
 
 def test_conversation_files_name_every_bad_record_with_its_line(tmp_path):

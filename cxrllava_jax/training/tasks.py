@@ -188,6 +188,7 @@ class FinetuneTask(InstructionTask):
         # Initial values are placed by `create_sharded`'s out_shardings either way.
         with nn.logical_axis_rules(()):
             variables = self.model.init(rng, batch["image"], batch["tokens"], batch["valid"])
+        lora.check_targets(variables["params"], self.settings)
         return {"params": lora.cast_base(variables["params"], self.base_dtype)}
 
     def loss(self, params, batch, rng, train: bool = True):
