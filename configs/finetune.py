@@ -25,8 +25,7 @@ def get_config():
         weight_qtype=ml_collections.FieldReference(None, field_type=str),  # QLoRA: not supported yet
         base_dtype="bfloat16",
     ))
-    c.frozen = (lora.BASE_PATTERN,)
-    c.data.update(train="", eval="", batch_size=4, eval_batch_size=4, seq_length=1536)
+    c.data.update(batch_size=4, eval_batch_size=4, seq_length=1536)
     c.optim.update(name="adamw", learning_rate=2e-4, weight_decay=0.0, warmup_steps=20, schedule="cosine",
                    grad_clip_norm=1.0)
     c.num_epochs = 3.0

@@ -8,7 +8,7 @@ LLaVA JSON (a list) or JSONL (one record a line); `image` is relative to the fil
                        {"from": "human", "value": "Is there a pneumothorax?"}, {"from": "gpt", "value": "No."}]}
 
 CSV with an `image` and a `report` column, for report-only fine-tuning: each row becomes the release's
-report prompt answered by the report.
+report prompt answered by the report (and a record with that report, which stage 2A's report view reads).
 
 Turns alternate human/gpt starting with human and ending with gpt. The first human turn carries the image:
 `<image>` is put in front of it when missing, and no other turn may have one. Every record is checked before
@@ -19,34 +19,42 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
+
 from cxrllava_jax.domain import prompting
+from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
 from cxrllava_jax.errors import InputError
+from input_pipeline.records import FRONTAL, Record
 
 ROLES = {"human": "user", "gpt": "assistant"}
 MAX_SHOWN = 20  # bad records listed in one error
 
 
-def load(path) -> list[tuple[str, list[dict]]]:
-    """(image path, conversation as [{"role", "content"}]) for every record of a .json, .jsonl or .csv file."""
+def load(path) -> list[Record]:
+    """A Record for every line of a .json, .jsonl or .csv file: its image, its conversation (turns of
+    {"role", "content"}) and, from a CSV, its report; no labels (they are NaN)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such conversation file")
     readers = {".json": _json_records, ".jsonl": _jsonl_records, ".csv": _csv_records}
     if path.suffix.lower() not in readers:
         raise InputError(f"{path}: conversation files are .json, .jsonl or .csv, not {path.suffix!r}")
-    examples, problems = [], []
+    records, problems = [], []
     for line, record in readers[path.suffix.lower()](path):
         try:
-            examples.append(_example(record, path.parent))
+            image, turns = _example(record, path.parent)
+            records.append(Record(image, np.full(len(CHEXPERT_OBSERVATIONS), np.nan, np.float32),
+                                   record.get("report", ""), dataset=path.name, split="", view=FRONTAL,
+                                   conversations=[turns], origin=f"{path}:{line}"))
         except InputError as error:
             problems.append(f"{path}:{line}: {error}")
     if problems:
         shown = "\n  ".join(problems[:MAX_SHOWN])
         more = f"\n  ... and {len(problems) - MAX_SHOWN} more" if len(problems) > MAX_SHOWN else ""
         raise InputError(f"{len(problems)} bad record(s) in {path}:\n  {shown}{more}")
-    if not examples:
+    if not records:
         raise InputError(f"{path}: no records")
-    return examples
+    return records
 
 
 def _jsonl_records(path: Path):
@@ -97,7 +105,7 @@ def _csv_records(path: Path):
             raise InputError(f"{path}: a report CSV needs the columns image and report; {sorted(missing)} missing")
         for row in reader:
             conversation = [{"from": "human", "value": prompting.REPORT_PROMPT}, {"from": "gpt", "value": row["report"]}]
-            yield reader.line_num, {"image": row["image"], "conversations": conversation}
+            yield reader.line_num, {"image": row["image"], "conversations": conversation, "report": row["report"]}
 
 
 class _Unreadable:

@@ -24,11 +24,11 @@ from cxrllava_jax.errors import InputError
 from cxrllava_jax.inference.api import CXRLLaVA as Assistant
 from cxrllava_jax.models import lora
 from cxrllava_jax.models.configs import CXR_LLAVA_PRESETS, Runtime
-from cxrllava_jax.models.cxr_llava import CXRLLaVA
+from cxrllava_jax.models.cxr_llava import CXRLLaVAModel
 from cxrllava_jax.training import loop
 from cxrllava_jax.training.tasks import make_task
+from cxrllava_jax.reference.tiny_models import release_dir, synthetic_radiograph
 from input_pipeline import conversations
-from inference_fixtures import release_dir, synthetic_radiograph
 from tests import training_setup as setup
 
 # The new pattern the fine-tuning data teaches (words the tiny tokenizer has pieces for).
@@ -98,7 +98,7 @@ def test_merged_and_unmerged_adapters_give_the_same_logits(scan):
     config = CXR_LLAVA_PRESETS["cxr_llava_tiny"]
     runtime = Runtime(dtype="float32", param_dtype="float32", scan=scan, remat_policy="none")
     settings = lora.LoraSettings(rank=4, alpha=8.0, targets=lora.DEFAULT_TARGETS + (lora.PROJECTOR, lora.VIT))
-    adapted = lora.with_lora(CXRLLaVA(config, runtime), settings)
+    adapted = lora.with_lora(CXRLLaVAModel(config, runtime), settings)
     images = jax.random.normal(jax.random.key(1), (2, 64, 64, 1))
     tokens = jax.random.randint(jax.random.key(2), (2, 40), 0, config.llama.vocab_size)
     tokens = tokens.at[:, 1:1 + config.num_image_tokens].set(config.image_token_id)
@@ -109,8 +109,8 @@ def test_merged_and_unmerged_adapters_give_the_same_logits(scan):
             for k, v in traverse_util.flatten_dict(params, sep="/").items()}
     params = traverse_util.unflatten_dict(flat, sep="/")
     unmerged = adapted.apply({"params": params}, images, tokens)
-    merged = CXRLLaVA(config, runtime).apply({"params": lora.merge(params, settings)}, images, tokens)
-    base = CXRLLaVA(config, runtime).apply({"params": lora.merge(params, dataclasses.replace(settings, alpha=0.0))},
+    merged = CXRLLaVAModel(config, runtime).apply({"params": lora.merge(params, settings)}, images, tokens)
+    base = CXRLLaVAModel(config, runtime).apply({"params": lora.merge(params, dataclasses.replace(settings, alpha=0.0))},
                                             images, tokens)
     assert float(jnp.abs(unmerged - base).max()) > 1e-2  # the adapters matter
     np.testing.assert_allclose(np.asarray(merged), np.asarray(unmerged), atol=1e-5, rtol=0)
@@ -126,7 +126,7 @@ def hf_llama_export(tmp_path: Path) -> tuple[Path, object, dict]:
 def text_logits_ours(config, params, tokens: np.ndarray) -> np.ndarray:
     """Our logits for text-only tokens (no image positions, so the image tower's output is not used)."""
     images = jnp.zeros((tokens.shape[0], config.vision.image_size, config.vision.image_size, 1))
-    return np.asarray(CXRLLaVA(config, Runtime(dtype="float32", param_dtype="float32")).apply(
+    return np.asarray(CXRLLaVAModel(config, Runtime(dtype="float32", param_dtype="float32")).apply(
         {"params": params}, images, jnp.asarray(tokens)))
 
 
@@ -217,9 +217,12 @@ def test_conversation_files_name_every_bad_record_with_its_line(tmp_path):
     good = {"image": "a.png", "conversations": [{"from": "human", "value": "Describe it."},
                                                 {"from": "gpt", "value": "Clear lungs."}]}
     (tmp_path / "ok.json").write_text(json.dumps([good, good], indent=2))
-    examples = conversations.load(tmp_path / "ok.json")
-    assert examples[0] == (str(tmp_path / "a.png"), [{"role": "user", "content": "<image>\nDescribe it."},
-                                                      {"role": "assistant", "content": "Clear lungs."}])
+    records = conversations.load(tmp_path / "ok.json")
+    starts = [n for n, line in enumerate((tmp_path / "ok.json").read_text().splitlines(), 1) if line == "  {"]
+    assert [r.origin for r in records] == [f"{tmp_path / 'ok.json'}:{n}" for n in starts]
+    assert records[0].image == str(tmp_path / "a.png")
+    assert records[0].conversations == [[{"role": "user", "content": "<image>\nDescribe it."},
+                                         {"role": "assistant", "content": "Clear lungs."}]]
     bad_turns = {**good, "conversations": [{"from": "gpt", "value": "x"}]}
     lines = [json.dumps(good), "{not json", json.dumps({**good, "image": "missing.png"}), json.dumps(bad_turns)]
     (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
@@ -234,6 +237,7 @@ def test_conversation_files_name_every_bad_record_with_its_line(tmp_path):
     with pytest.raises(InputError, match=r"bad.json:\d+: image 'gone.png'"):
         conversations.load(tmp_path / "bad.json")
     (tmp_path / "reports.csv").write_text('image,report\na.png,"Heart normal.\nLungs clear."\n')
-    [(image, turns)] = conversations.load(tmp_path / "reports.csv")
-    assert turns == [{"role": "user", "content": prompting.REPORT_PROMPT},
-                     {"role": "assistant", "content": "Heart normal.\nLungs clear."}]
+    [record] = conversations.load(tmp_path / "reports.csv")
+    assert record.report == "Heart normal.\nLungs clear."
+    assert record.conversations == [[{"role": "user", "content": prompting.REPORT_PROMPT},
+                                     {"role": "assistant", "content": "Heart normal.\nLungs clear."}]]

@@ -1,26 +1,21 @@
-"""Where a stage's weights come from when it is not resuming, and the model each stage hands on.
+"""Where a stage's weights come from when it is not resuming (the model it hands on is its task's `export`).
 
 Order: random init (tiny sizes, or towers nobody provides), then the towers listed in
 `config.init.towers` from the previous stage's exported model, then pretrained Hugging Face towers
-(`config.init.llama`, `config.init.bert`) converted on the fly.
+(`config.init.llama`, `config.init.bert`) converted on the fly. Fine-tuning takes every base weight from
+`config.init.release` or `config.init.checkpoint` (training/base_model.py) and keeps its fresh adapters.
 """
-
-from pathlib import Path
 
 import jax
 import numpy as np
 from flax import traverse_util
 
 from cxrllava_jax.convert import checkpoint as model_checkpoint
-from cxrllava_jax.convert import hf_bert, hf_llama, peft
-from cxrllava_jax.convert.mapping import ConversionError
+from cxrllava_jax.convert import hf_bert, hf_llama
 from cxrllava_jax.convert.layout import relayout
 from cxrllava_jax.models import lora
 from cxrllava_jax.training import base_model
-from cxrllava_jax.training.tasks import runtime
-
-STAGE_MODEL_KIND = {"1a": "vit_classifier", "1b": "contrastive", "2a": "cxr_llava", "2b": "cxr_llava",
-                    "finetune": "cxr_llava"}
+from cxrllava_jax.training.tasks.base import runtime
 
 
 def load(cfg, params, shardings):
@@ -76,21 +71,3 @@ def _checked(expected, found, origin: str):
         raise ValueError(f"initial weights from {origin} do not fit the model:\n  " + "\n  ".join(problems))
     return traverse_util.unflatten_dict({k: np.asarray(v).astype(want[k].dtype) for k, v in have.items()}, sep="/")
 
-
-def export_model(path: Path, task, params, cfg):
-    """Writes the stage's model in our checkpoint format; the next stage's `config.init.checkpoint`.
-
-    Fine-tuning writes the adapted model with its adapters merged (what eval.py, export-torch and inference
-    take) and, when they adapt only the language model, the adapters alone in PEFT's format beside it
-    (`WORKDIR/adapter`)."""
-    # The tokenizer belongs to the language model: stages 2A/2B hand it on, stage 1 models have none.
-    tokenizer = cfg.data.tokenizer if STAGE_MODEL_KIND[cfg.stage] == "cxr_llava" else None
-    if cfg.stage == "finetune":
-        tokenizer = base_model.tokenizer_dir(cfg)
-        try:
-            peft.save_peft(path.parent / "adapter", params, task.settings, cfg.init.release or cfg.init.checkpoint)
-        except ConversionError as reason:
-            print(f"[stage finetune] no PEFT adapter written: {reason}", flush=True)
-        params = lora.merge(params, task.settings)
-    model_checkpoint.save_model(path, STAGE_MODEL_KIND[cfg.stage], task.config, jax.device_get(params),
-                                tokenizer_dir=tokenizer, scan=cfg.runtime.scan, overwrite=True)
