@@ -42,8 +42,12 @@ class FinetuneTask(InstructionTask):
         self.eval_model = lora.with_lora(CXRLLaVAModel(self.config, runtime(cfg)),
                                          dataclasses.replace(self.settings, dropout=0.0))
         self.seq_length = cfg.data.seq_length
-        self.tokenizer_dir = base_model.tokenizer_dir(cfg)
         self.base_dtype = jnp.dtype(cfg.lora.base_dtype)
+
+    @property
+    def tokenizer_dir(self):
+        """The base model's own tokenizer unless config.data.tokenizer names another."""
+        return base_model.tokenizer_dir(self.cfg)
 
     def image(self, example) -> np.ndarray:
         """Preprocessed as the base model was trained (its normalisation, whatever config.data says)."""
