@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
         text_tokenizer="",  # stage 1B: BERT tokenizer dir (defaults to config.init.bert)
         text_kind="labels",  # stage 1B texts: 'labels' (keywords) or 'reports'
         conversations="instruction",  # stage 2: 'report' (2A alignment) or 'instruction' (2B)
+        train="", eval="",  # stage 2 and fine-tuning: your own conversation files instead (.json, .jsonl, .csv)
     ))
 
     c.optim = ml_collections.ConfigDict(dict(

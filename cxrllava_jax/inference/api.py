@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cxrllava_jax.convert import checkpoint, release
+from cxrllava_jax.convert import checkpoint, peft, release
+from cxrllava_jax.convert.layout import relayout
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.inference.generate import Generator, SamplingOptions
 from cxrllava_jax.domain.tokenizer import check_vocabulary, load_tokenizer
@@ -44,11 +45,13 @@ class CXRLLaVA:
                                    eos_id=tokenizer.eos_token_id, vocab_limit=len(tokenizer))
 
     @classmethod
-    def from_pretrained(cls, path, dtype: str | None = None) -> "CXRLLaVA":
+    def from_pretrained(cls, path, dtype: str | None = None, adapter=None) -> "CXRLLaVA":
         """Loads our checkpoint (tokenizer under CKPT/tokenizer) or the release's PyTorch directory
         (config.json with clip_vision_cfg, safetensors, tokenizer files), converting the latter on the fly.
 
         `dtype`: compute and parameter dtype; float32 on CPU and bfloat16 on accelerators by default.
+        `adapter`: a LoRA adapter directory in PEFT's format (what fine-tuning writes to WORKDIR/adapter, or one
+        made with `peft` for the hf-llama export); it is folded into the weights in memory as they load.
         """
         path = Path(path)
         dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
@@ -66,6 +69,8 @@ class CXRLLaVA:
         else:
             raise FileNotFoundError(f"{path} is neither a cxrllava-jax checkpoint (model_config.json) nor a "
                                     "release directory (config.json with clip_vision_cfg)")
+        if adapter is not None:
+            params = peft.apply_adapter(relayout(params, scan=False), adapter)
         params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
         return cls(config, params, load_tokenizer(tokenizer_path), runtime, origin=str(path))
 

@@ -132,6 +132,7 @@ def _parser(name: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=RELEASE_MAX_NEW_TOKENS)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--dtype", help="float32 or bfloat16 (default: float32 on CPU, bfloat16 elsewhere)")
+    parser.add_argument("--adapter", type=Path, help="a LoRA adapter directory (PEFT format) to apply to CKPT")
     return parser
 
 
@@ -142,7 +143,7 @@ def _options(args) -> dict:
 def _load(args):
     from cxrllava_jax.inference.api import CXRLLaVA
 
-    return CXRLLaVA.from_pretrained(args.checkpoint, dtype=args.dtype)
+    return CXRLLaVA.from_pretrained(args.checkpoint, dtype=args.dtype, adapter=args.adapter)
 
 
 def _run(name: str, command) -> int:

@@ -67,7 +67,9 @@ class Dense(nn.Module):
                            self.param_dtype) if self.use_bias else None)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         contract = (in_axes, tuple(range(len(in_axes))))
-        out = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+        # The cast keeps the compute dtype when a LoRA adapter (qwix, fp32 so that its small updates are not
+        # rounded away) adds its low-rank product to this dot: bf16 activations stay bf16.
+        out = jax.lax.dot_general(x, kernel, (contract, ((), ()))).astype(x.dtype)
         return out if bias is None else out + bias
 
 

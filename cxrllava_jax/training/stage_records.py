@@ -1,17 +1,22 @@
 """The records a run reads: every configured source's split in the common record schema.
 
 The published files under `config.data.data_dir` read by the adapters, or, with `config.data.tfds_dir`,
-the ArrayRecord version `tfds_builders.build` wrote. What a stage makes of the records is its task's
+the ArrayRecord version `tfds_builders.build` wrote; or the user's own conversation files, `config.data.train`
+and `config.data.eval` (a split other than `config.data.train_split` reads `eval`). What a stage makes of the records is its task's
 `examples` (training/tasks/).
 """
 
 from pathlib import Path
 
-from input_pipeline import tfds_builders
+from input_pipeline import conversations, tfds_builders
 from input_pipeline.sources import ADAPTERS
 
 
 def load(cfg, split: str) -> list:
+    # Stage 2 and fine-tuning can read the user's own conversation files instead (input_pipeline/conversations.py).
+    if cfg.data.get("train"):
+        path = cfg.data.train if split == cfg.data.train_split else cfg.data.get("eval")
+        return conversations.load(path) if path else []
     records = []
     for source in cfg.data.sources:
         if source not in ADAPTERS:

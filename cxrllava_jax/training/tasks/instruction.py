@@ -29,6 +29,7 @@ class InstructionTask(Task):
                                         image_mean=cfg.data.image_mean, image_std=cfg.data.image_std)
         self.model = CXRLLaVAModel(self.config, runtime(cfg))
         self.seq_length = cfg.data.seq_length
+        self.tokenizer_dir = cfg.data.tokenizer
 
     def examples(self, records) -> list[Example]:
         if self.cfg.data.conversations == "report":
@@ -41,8 +42,8 @@ class InstructionTask(Task):
                 for c in (r.conversations or instructions.conversations(r))]
 
     def encoder(self):
-        tokenizer = load_tokenizer(self.cfg.data.tokenizer)
-        check_vocabulary(tokenizer, self.config.llama.vocab_size, self.cfg.data.tokenizer)
+        tokenizer = load_tokenizer(self.tokenizer_dir)
+        check_vocabulary(tokenizer, self.config.llama.vocab_size, self.tokenizer_dir)
 
         def encode(e):
             tokens, mask = prompting.encode_conversation(e.conversation, tokenizer, self.config.num_image_tokens,
@@ -70,21 +71,26 @@ class InstructionTask(Task):
         return self.model.init(rng, batch["image"], batch["tokens"], batch["valid"])
 
     def loss(self, params, batch, rng, train: bool = True):
-        logits = self.model.apply({"params": params}, batch["image"], batch["tokens"], batch["valid"])
-        # Position t predicts token t+1; only assistant tokens (loss_mask) are scored.
-        targets = batch["tokens"][:, 1:]
-        weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
-        per_token = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], jnp.maximum(targets, 0))
-        count = jnp.maximum(weights.sum(), 1.0)
-        loss = (per_token * weights).sum() / count
-        correct = ((jnp.argmax(logits[:, :-1], -1) == targets) * weights).sum() / count
-        return loss, {"loss": loss, "token_accuracy": correct, "tokens": weights.sum()}
+        return next_token_loss(self.model.apply({"params": params}, batch["image"], batch["tokens"], batch["valid"]),
+                               batch)
 
     def units(self, batch) -> int:
         return int(batch["valid"].sum())
 
     def export_tokenizer(self) -> str:
-        return self.cfg.data.tokenizer  # the tokenizer belongs to the language model and travels with it
+        return self.tokenizer_dir  # the tokenizer belongs to the language model and travels with it
+
+
+def next_token_loss(logits, batch):
+    """(loss, outputs) of next-token cross-entropy where `batch["loss_mask"]` marks the scored tokens."""
+    # Position t predicts token t+1; only assistant tokens (loss_mask) are scored.
+    targets = batch["tokens"][:, 1:]
+    weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    per_token = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], jnp.maximum(targets, 0))
+    count = jnp.maximum(weights.sum(), 1.0)
+    loss = (per_token * weights).sum() / count
+    correct = ((jnp.argmax(logits[:, :-1], -1) == targets) * weights).sum() / count
+    return loss, {"loss": loss, "token_accuracy": correct, "tokens": weights.sum()}
 
 
 def fit_length(tokens, mask, length: int, origin: str):
