@@ -19,7 +19,7 @@ from cxrllava_jax.training import initial_weights
 from cxrllava_jax.training.checkpoints import RunCheckpoints, abstract_like
 from cxrllava_jax.training.optim import build_optimizer
 from cxrllava_jax.training.reporting import Reporter, auroc
-from cxrllava_jax.training.steps import TrainState, init_opt_state, make_eval_step, make_train_step
+from cxrllava_jax.training.steps import TrainState, hold_frozen, init_opt_state, jit_train_step, make_eval_step
 from cxrllava_jax.training.tasks import make_task
 
 
@@ -61,7 +61,7 @@ def train_and_evaluate(cfg, workdir) -> dict:
         state, state_shardings = _initial_state(cfg, task, tx, mesh, checkpoints, data.train)
         step = int(state.step)
         frozen = frozen_at(cfg, max(step - 1, 0))  # what the state was built for; the loop moves on from there
-        train_step = _compile_step(task, tx, frozen, state_shardings)
+        train_step = jit_train_step(task, tx, frozen, state_shardings)
         eval_step = jax.jit(make_eval_step(task))
         rng = jax.random.key(cfg.seed + 1)
         collected, last_eval = None, {}
@@ -71,7 +71,7 @@ def train_and_evaluate(cfg, workdir) -> dict:
                 frozen = frozen_at(cfg, step)
                 state = state.replace(opt_state=init_opt_state(tx, state.params, frozen, previous=state.opt_state))
                 state_shardings = jax.tree.map(lambda x: x.sharding, state)
-                train_step = _compile_step(task, tx, frozen, state_shardings)
+                train_step = jit_train_step(task, tx, frozen, state_shardings)
             host_batch = next(data.train)
             state, metrics, loss = train_step(state, data.global_batch(host_batch, mesh), rng)
             step += 1
@@ -113,6 +113,7 @@ def _initial_state(cfg, task, tx, mesh, checkpoints, train_iterator):
     latest = checkpoints.latest_step()
     if latest is None:
         params = initial_weights.load(cfg, params, param_shardings)
+    params = hold_frozen(params, tuple(cfg.frozen), cfg.runtime.dtype)
     step = jax.device_put(np.int32(0), sharding.replicated(mesh))
     frozen = frozen_at(cfg, max((latest or 0) - 1, 0))
     state = TrainState(step=step, params=params, opt_state=init_opt_state(tx, params, frozen))
@@ -121,11 +122,6 @@ def _initial_state(cfg, task, tx, mesh, checkpoints, train_iterator):
         state = checkpoints.restore(latest, abstract_like(state, state_shardings), train_iterator)
         print(f"[stage {cfg.stage}] resumed from step {latest}", flush=True)
     return state, state_shardings
-
-
-def _compile_step(task, tx, frozen, state_shardings):
-    return jax.jit(make_train_step(task, tx, frozen), donate_argnums=0,
-                   out_shardings=(state_shardings, None, None))
 
 
 def _check_finite(loss, step: int, stage: str, checkpoints: RunCheckpoints):
