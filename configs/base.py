@@ -15,9 +15,8 @@ def get_config() -> ml_collections.ConfigDict:
         projector="linear",
     ))
     c.runtime = ml_collections.ConfigDict(dict(
-        dtype="bfloat16", param_dtype="float32", scan=True, remat_policy="nothing_saveable", attention_impl=None,
+        dtype="bfloat16", param_dtype="float32", scan=True, remat_policy="nothing_saveable", attention="auto",
     ))
-    c.runtime.attention_impl = ml_collections.FieldReference(None, field_type=str)
 
     # Where the data is and how it is read. `source` names an adapter (mimic, chexpert, nih, padchest,
     # vindr, brixia, rsna_covid, indiana, synthetic); `sources` mixes several for stage 1.
