@@ -135,18 +135,32 @@ class InstructionTask:
         return self.model.init(rng, batch["image"], batch["tokens"], batch["valid"])
 
     def loss(self, params, batch, rng, train: bool = True):
-        logits = self.model.apply({"params": params}, batch["image"], batch["tokens"], batch["valid"])
-        # Position t predicts token t+1; only assistant tokens (loss_mask) are scored.
-        targets = batch["tokens"][:, 1:]
-        weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
-        per_token = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], jnp.maximum(targets, 0))
+        # Position t predicts token t+1; only assistant tokens (loss_mask) are scored, and only the positions
+        # that predict them are projected onto the vocabulary (never [batch, length, vocab] for the image).
+        at, targets, weights = scored_positions(batch["tokens"], batch["loss_mask"], self.config.num_image_tokens)
+        logits = self.model.apply({"params": params}, batch["image"], batch["tokens"], batch["valid"], at,
+                                  method=CXRLLaVA.logits_at)
+        per_token = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(targets, 0))
         count = jnp.maximum(weights.sum(), 1.0)
         loss = (per_token * weights).sum() / count
-        correct = ((jnp.argmax(logits[:, :-1], -1) == targets) * weights).sum() / count
+        correct = ((jnp.argmax(logits, -1) == targets) * weights).sum() / count
         return loss, {"loss": loss, "token_accuracy": correct, "tokens": weights.sum()}
 
     def units(self, batch) -> int:
         return int(batch["valid"].sum())
+
+
+def scored_positions(tokens, loss_mask, num_image_tokens: int):
+    """(positions [batch, n], their next tokens, weights 1/0): the positions whose next token is scored, first.
+
+    n is static: a row has `num_image_tokens` image positions, which are never scored, so at most
+    length - 1 - num_image_tokens of its length - 1 predictions are; the rest of the n are weight-0 fillers.
+    """
+    scored = loss_mask[:, 1:]
+    n = max(scored.shape[1] - num_image_tokens, 1)
+    at = jnp.argsort(~scored, axis=1, stable=True)[:, :n]  # scored positions first, in order
+    return (at, jnp.take_along_axis(tokens[:, 1:], at, axis=1),
+            jnp.take_along_axis(scored, at, axis=1).astype(jnp.float32))
 
 
 TASKS = {"1a": ClassificationTask, "1b": ContrastiveTask, "2a": InstructionTask, "2b": InstructionTask}
