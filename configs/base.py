@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         source="mimic", sources=(), data_dir="", batch_size=16, eval_batch_size=16,
         text_length=128, seq_length=2048, tokenizer="", uncertain_policy="abnormal",
+        seq_buckets=4,  # stage 2: batches cut to one of this many lengths chosen from the data (0: all seq_length)
         num_workers=0, max_bad_fraction=0.0, shuffle_seed=0, eval_split="validate", train_split="train",
         image_mean=0.5, image_std=0.5, image_mode="crop",  # normalisation and crop/letterbox
         tfds_dir="",  # read the sources' ArrayRecord version (input_pipeline/tfds_builders.py) instead of files

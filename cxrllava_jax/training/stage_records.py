@@ -13,7 +13,7 @@ import numpy as np
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.domain.tokenizer import load_tokenizer
 from cxrllava_jax.domain import images
-from input_pipeline import instructions, tfds_builders
+from input_pipeline import instructions, pipelines, tfds_builders
 from input_pipeline.records import is_abnormal, keyword_text
 from input_pipeline.sources import ADAPTERS
 
@@ -88,12 +88,31 @@ def encoder(cfg, task):
     _check_vocabulary(tokenizer, model_config.llama.vocab_size, cfg.data.tokenizer)
 
     def encode_conversation(e):
-        tokens, mask = prompting.encode_conversation(e.conversation, tokenizer, model_config.num_image_tokens,
-                                                     model_config.image_token_id)
+        tokens, mask = _tokens(e, tokenizer, model_config)
         tokens, mask, valid = fit_length(tokens, mask, cfg.data.seq_length, e.image)
         return {"image": image(e), "tokens": tokens, "loss_mask": mask, "valid": valid}
 
     return encode_conversation
+
+
+def _tokens(example, tokenizer, model_config):
+    return prompting.encode_conversation(example.conversation, tokenizer, model_config.num_image_tokens,
+                                         model_config.image_token_id)
+
+
+def sequence_buckets(cfg, task, examples, sample_size: int = 2000) -> pipelines.Buckets | None:
+    """Stages 2A/2B: `config.data.seq_buckets` sequence lengths chosen from a seeded sample of the training
+    examples' token counts, plus `config.data.seq_length` itself for the longest; None when off (0)."""
+    if cfg.stage not in ("2a", "2b") or not cfg.data.seq_buckets:
+        return None
+    tokenizer, model_config, longest = load_tokenizer(cfg.data.tokenizer), task.config, cfg.data.seq_length
+
+    def length(example) -> int:
+        return min(len(_tokens(example, tokenizer, model_config)[0]), longest)
+
+    sample = np.random.default_rng(cfg.data.shuffle_seed).permutation(len(examples))[:sample_size]
+    sizes = pipelines.choose_buckets([length(examples[i]) for i in sample], longest, cfg.data.seq_buckets)
+    return pipelines.Buckets(length, tuple(sorted(set(sizes) | {longest})), ("tokens", "loss_mask", "valid"))
 
 
 def _check_vocabulary(tokenizer, model_vocab_size: int, origin: str):
