@@ -92,6 +92,7 @@ def flops_per_step(stage: str, task, batch: int) -> float:
 def compile_one(stage: str, target: str, layers: int | None) -> dict:
     """One (stage, target) compile, in this process."""
     from cxrllava_jax import sharding
+    from cxrllava_jax.models import attention
     from cxrllava_jax.training.aot import lower_train_step
     from cxrllava_jax.training.optim import build_optimizer
     from cxrllava_jax.training.tasks import make_task
@@ -105,10 +106,11 @@ def compile_one(stage: str, target: str, layers: int | None) -> dict:
     mesh = sharding.make_mesh(**cfg.mesh.to_dict(), devices=devices_of(target))
     start = time.perf_counter()
     lowered, _ = lower_train_step(task, tx, tuple(cfg.frozen), mesh, global_batch, cfg.runtime.dtype)
+    with sharding.activate(mesh):
+        kernel = attention.resolve(cfg.runtime.attention)
     record = {"stage": stage, "target": target, "devices": mesh.size, "mesh": dict(mesh.shape),
               "global_batch": global_batch, "seq_len": SEQ_LEN if stage.startswith("2") else None,
-              "attention": cfg.runtime.get("attention", "xla"), "remat_policy": cfg.runtime.remat_policy,
-              "layers": layers or "paper"}
+              "attention": kernel, "remat_policy": cfg.runtime.remat_policy, "layers": layers or "paper"}
     try:
         compiled = lowered.compile()
     except Exception as error:  # a program that does not fit: the compiler's message says by how much

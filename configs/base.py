@@ -15,7 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
         projector="linear",
     ))
     c.runtime = ml_collections.ConfigDict(dict(
-        dtype="bfloat16", param_dtype="float32", scan=True, remat_policy="nothing_saveable", attention="auto",
+        dtype="bfloat16", param_dtype="float32", scan=True, remat_policy="save_qkv_proj", attention="auto",
     ))
 
     # Where the data is and how it is read. `source` names an adapter (mimic, chexpert, nih, padchest,
@@ -27,6 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
         num_workers=0, max_bad_fraction=0.0, shuffle_seed=0, eval_split="validate", train_split="train",
         image_mean=0.5, image_std=0.5, image_mode="crop",  # normalisation and crop/letterbox
         tfds_dir="",  # read the sources' ArrayRecord version (input_pipeline/tfds_builders.py) instead of files
+        preprocessed=False,  # ...the one holding images as uint8 model pixels (`cxrllava preprocess`)
         text_tokenizer="",  # stage 1B: BERT tokenizer dir (defaults to config.init.bert)
         text_kind="labels",  # stage 1B texts: 'labels' (keywords) or 'reports'
         conversations="instruction",  # stage 2: 'report' (2A alignment) or 'instruction' (2B)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 from clu import metrics
 
+from cxrllava_jax.domain.images import normalise
 from cxrllava_jax.models import configs as mc
 from cxrllava_jax.models.clip import ContrastiveModel, contrastive_loss
 from cxrllava_jax.models.cxr_llava import CXRLLaVA
@@ -30,6 +31,16 @@ def vision_config(cfg) -> mc.VisionConfig:
 
 def runtime(cfg) -> mc.Runtime:
     return mc.Runtime(**cfg.runtime.to_dict())
+
+
+def model_images(images, image_stats: tuple[float, float]):
+    """uint8 model pixels, as the input pipeline sends them, normalised here on the accelerator with
+    (mean, std); float images (tests, benchmarks) are taken as normalised already."""
+    return normalise(images, *image_stats) if images.dtype == jnp.uint8 else images
+
+
+def dummy_images(batch_size: int, size: int):
+    return jnp.zeros((batch_size, size, size, 1), jnp.uint8)
 
 
 @metrics.flax.struct.dataclass
@@ -60,16 +71,18 @@ class ClassificationTask:
     def __init__(self, cfg):
         self.model = ViTClassifier(vision_config(cfg), runtime(cfg))
         self.config = self.model.config
+        self.image_stats = (cfg.data.image_mean, cfg.data.image_std)
 
     def dummy_batch(self, batch_size: int):
         size = self.config.image_size
-        return {"image": jnp.zeros((batch_size, size, size, 1)), "label": jnp.zeros((batch_size,), jnp.int32)}
+        return {"image": dummy_images(batch_size, size), "label": jnp.zeros((batch_size,), jnp.int32)}
 
     def init(self, rng, batch):
-        return self.model.init(rng, batch["image"])
+        return self.model.init(rng, model_images(batch["image"], self.image_stats))
 
     def loss(self, params, batch, rng, train: bool = True):
-        logits, _ = self.model.apply({"params": params}, batch["image"], train=train, rngs={"dropout": rng})
+        logits, _ = self.model.apply({"params": params}, model_images(batch["image"], self.image_stats), train=train,
+                                     rngs={"dropout": rng})
         labels = batch["label"].astype(jnp.float32)
         loss = optax.sigmoid_binary_cross_entropy(logits, labels).mean()
         outputs = {"loss": loss, "accuracy": ((logits > 0) == (labels > 0.5)).mean(),
@@ -91,17 +104,20 @@ class ContrastiveTask:
         self.config = mc.ContrastiveConfig(vision=vision_config(cfg), text=text, text_pooling=cfg.model.text_pooling)
         self.model = ContrastiveModel(self.config, runtime(cfg))
         self.text_length = cfg.data.text_length
+        self.image_stats = (cfg.data.image_mean, cfg.data.image_std)
 
     def dummy_batch(self, batch_size: int):
         size = self.config.vision.image_size
         ids = jnp.zeros((batch_size, self.text_length), jnp.int32)
-        return {"image": jnp.zeros((batch_size, size, size, 1)), "input_ids": ids, "attention_mask": ids + 1}
+        return {"image": dummy_images(batch_size, size), "input_ids": ids, "attention_mask": ids + 1}
 
     def init(self, rng, batch):
-        return self.model.init(rng, batch["image"], batch["input_ids"], batch["attention_mask"])
+        return self.model.init(rng, model_images(batch["image"], self.image_stats), batch["input_ids"],
+                               batch["attention_mask"])
 
     def loss(self, params, batch, rng, train: bool = True):
-        img, txt, scale = self.model.apply({"params": params}, batch["image"], batch["input_ids"],
+        img, txt, scale = self.model.apply({"params": params}, model_images(batch["image"], self.image_stats),
+                                           batch["input_ids"],
                                            batch["attention_mask"], train=train, rngs={"dropout": rng})
         loss, logits = contrastive_loss(img, txt, scale)
         top1 = (jnp.argmax(logits, axis=1) == jnp.arange(logits.shape[0])).mean()
@@ -123,23 +139,24 @@ class InstructionTask:
                                         image_mean=cfg.data.image_mean, image_std=cfg.data.image_std)
         self.model = CXRLLaVA(self.config, runtime(cfg))
         self.seq_length = cfg.data.seq_length
+        self.image_stats = (cfg.data.image_mean, cfg.data.image_std)
 
     def dummy_batch(self, batch_size: int):
         size = self.config.vision.image_size
         tokens = jnp.zeros((batch_size, self.seq_length), jnp.int32)
         tokens = tokens.at[:, 1:1 + self.config.num_image_tokens].set(self.config.image_token_id)
-        return {"image": jnp.zeros((batch_size, size, size, 1)), "tokens": tokens,
+        return {"image": dummy_images(batch_size, size), "tokens": tokens,
                 "loss_mask": jnp.zeros_like(tokens, bool), "valid": jnp.ones_like(tokens, bool)}
 
     def init(self, rng, batch):
-        return self.model.init(rng, batch["image"], batch["tokens"], batch["valid"])
+        return self.model.init(rng, model_images(batch["image"], self.image_stats), batch["tokens"], batch["valid"])
 
     def loss(self, params, batch, rng, train: bool = True):
         # Position t predicts token t+1; only assistant tokens (loss_mask) are scored, and only the positions
         # that predict them are projected onto the vocabulary (never [batch, length, vocab] for the image).
         at, targets, weights = scored_positions(batch["tokens"], batch["loss_mask"], self.config.num_image_tokens)
-        logits = self.model.apply({"params": params}, batch["image"], batch["tokens"], batch["valid"], at,
-                                  method=CXRLLaVA.logits_at)
+        logits = self.model.apply({"params": params}, model_images(batch["image"], self.image_stats), batch["tokens"],
+                                  batch["valid"], at, method=CXRLLaVA.logits_at)
         per_token = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(targets, 0))
         count = jnp.maximum(weights.sum(), 1.0)
         loss = (per_token * weights).sum() / count
