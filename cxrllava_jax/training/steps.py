@@ -70,6 +70,8 @@ def hold_frozen(params, frozen, dtype):
         return params
     trainable, fixed = split_trainable(params, frozen)
     dtype = jnp.dtype(dtype)
+    if all(x.dtype == dtype for x in fixed.values()):
+        return params
     if all(isinstance(x, jax.ShapeDtypeStruct) for x in fixed.values()):
         fixed = {k: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding) for k, x in fixed.items()}
     else:
