@@ -94,18 +94,15 @@ def compile_one(stage: str, target: str, layers: int | None) -> dict:
     from cxrllava_jax import sharding
     from cxrllava_jax.models import attention
     from cxrllava_jax.training.aot import lower_train_step
-    from cxrllava_jax.training.optim import build_optimizer
     from cxrllava_jax.training.tasks import make_task
 
     cfg = stage_config(stage, layers)
-    if stage == "1b":
-        cfg.text_unfreeze_step = 0  # the text tower trains from the start: the larger of 1B's two programs
     global_batch = STAGES[stage][1]
     task = make_task(cfg)
-    tx, _ = build_optimizer(cfg.optim, 1000)
+    tx, _ = task.optimizer(1000)
     mesh = sharding.make_mesh(**cfg.mesh.to_dict(), devices=devices_of(target))
     start = time.perf_counter()
-    lowered, _ = lower_train_step(task, tx, tuple(cfg.frozen), mesh, global_batch, cfg.runtime.dtype)
+    lowered, _ = lower_train_step(task, tx, task.frozen, mesh, global_batch, cfg.runtime.dtype)
     with sharding.activate(mesh):
         kernel = attention.resolve(cfg.runtime.attention)
     record = {"stage": stage, "target": target, "devices": mesh.size, "mesh": dict(mesh.shape),

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from cxrllava_jax.training import stage_records
-from cxrllava_jax.training.optim import build_optimizer
 from cxrllava_jax.training.steps import TrainState, init_opt_state, make_train_step
 from cxrllava_jax.training.tasks import make_task
 from input_pipeline import pipelines
@@ -25,12 +24,12 @@ def test_bucketed_training_equals_padded_training(tmp_path_factory):
     data_dir, tokenizer_dir = setup.dataset(str(tmp_path_factory.getbasetemp() / "training_data"))
     cfg = setup.parse(setup.stage_flags("2b", data_dir, tokenizer_dir, steps=STEPS))
     task = make_task(cfg)
-    examples = stage_records.load(cfg, cfg.data.train_split)
-    encode = stage_records.encoder(cfg, task)
-    buckets = stage_records.sequence_buckets(cfg, task, examples)
+    examples = task.examples(stage_records.load(cfg, cfg.data.train_split))
+    encode = task.encoder()
+    buckets = task.sequence_buckets(examples)
     assert buckets.sizes[-1] == cfg.data.seq_length and len(buckets.sizes) > 1, buckets.sizes
 
-    tx, _ = build_optimizer(cfg.optim, 100)
+    tx, _ = task.optimizer(100)
     params = jax.tree.map(lambda x: getattr(x, "value", x), task.init(jax.random.key(0), task.dummy_batch(1))["params"],
                           is_leaf=lambda x: hasattr(x, "value"))
     step = jax.jit(make_train_step(task, tx, tuple(cfg.frozen)))

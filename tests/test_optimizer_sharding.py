@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent("""
 
     from configs import demo, stage2b
     from cxrllava_jax import sharding
-    from cxrllava_jax.training.optim import build_optimizer, split_trainable
+    from cxrllava_jax.training.optim import split_trainable
     from cxrllava_jax.training.steps import abstract_train_state, hold_frozen, init_opt_state
     from cxrllava_jax.training.tasks import make_task
 
@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent("""
     cfg.model.vision_overrides = {"layers": 2}
     cfg.optim.grad_accum_steps = 2
     task = make_task(cfg)
-    tx, _ = build_optimizer(cfg.optim, 100)
+    tx, _ = task.optimizer(100)
     mesh = sharding.make_mesh(**cfg.mesh.to_dict())
     report["mesh"] = dict(mesh.shape)
     state = abstract_train_state(task, tx, tuple(cfg.frozen), mesh, cfg.runtime.dtype)
@@ -55,14 +55,15 @@ SCRIPT = textwrap.dedent("""
     report["big_leaves"], report["replicated_while_param_sharded"] = len(big), bad
     report["frozen_dtypes"] = sorted({str(x.dtype) for k, x in params.items() if k.startswith("img/")})
     report["trainable_dtypes"] = sorted({str(x.dtype) for k, x in params.items() if not k.startswith("img/")})
-    report["opt_state_of_frozen"] = [p for p, name, _ in opt_leaves(state.opt_state) if name and name.startswith("img/")]
+    report["opt_state_of_frozen"] = [p for p, name, _ in opt_leaves(state.opt_state)
+                                     if name and name.startswith("img/")]
 
     # The real arrays: a tiny stage 2B on the same mesh.
     cfg = demo.get_config("2b")
     cfg.mesh.update(data=1, fsdp=8)
     cfg.optim.grad_accum_steps = 2
     task = make_task(cfg)
-    tx, _ = build_optimizer(cfg.optim, 100)
+    tx, _ = task.optimizer(100)
     mesh = sharding.make_mesh(**cfg.mesh.to_dict())
     init_fn = lambda rng: task.init(rng, task.dummy_batch(1))["params"]
     real_params, _ = sharding.create_sharded(init_fn, mesh, jax.random.key(0))

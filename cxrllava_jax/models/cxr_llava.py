@@ -10,9 +10,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cxrllava_jax.models.configs import CXRLLaVAConfig, Runtime
-from cxrllava_jax.models.layers import dense, dtype_of
 from cxrllava_jax.models.attention import CausalMask
-from cxrllava_jax.models.llama import Llama
+from cxrllava_jax.models.layers import dense, dtypes
+from cxrllava_jax.models.llama import Llama, real_positions
 from cxrllava_jax.models.vit import VisionTransformer
 
 
@@ -25,7 +25,7 @@ class Projector(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kw = dict(use_bias=True, dtype=dtype_of(self.runtime.dtype), param_dtype=dtype_of(self.runtime.param_dtype))
+        kw = dict(use_bias=True, **dtypes(self.runtime))
         if self.kind == "linear":
             return dense(self.features, (("mlp",), ("embed",)), name="linear", **kw)(x)
         if self.kind == "mlp2x_gelu":
@@ -45,7 +45,9 @@ def splice_image_features(text_embeds, image_features, is_image):
     return jnp.where(is_image[..., None], gathered.astype(text_embeds.dtype), text_embeds)
 
 
-class CXRLLaVA(nn.Module):
+class CXRLLaVAModel(nn.Module):
+    """The Flax module (the Python API around a trained one is `inference.api.CXRLLaVA`)."""
+
     config: CXRLLaVAConfig
     runtime: Runtime = Runtime()
 
@@ -76,8 +78,7 @@ class CXRLLaVA(nn.Module):
         length] with expanded image positions; `right_padded` promises real tokens first (training batches)."""
         valid = jnp.ones(tokens.shape, bool) if valid is None else valid.astype(bool)
         embeds = self.embed(tokens, self.encode_images(images))
-        positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-        return self.llm.hidden_states(embeds, positions, CausalMask(valid, right_padded))
+        return self.llm.hidden_states(embeds, real_positions(valid), CausalMask(valid, right_padded))
 
     def __call__(self, images, tokens, valid=None):
         """Full forward. Returns next-token logits [batch, length, vocab] (fp32)."""

@@ -12,9 +12,8 @@ from cxrllava_jax.training.steps import abstract_train_state, jit_train_step
 
 def abstract_batch(task, global_batch: int, mesh):
     """The task's batch of `global_batch` rows as abstract arrays split over the mesh's batch axes."""
-    shapes = jax.eval_shape(lambda: task.dummy_batch(global_batch))
     return {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(mesh, x.ndim))
-            for k, x in shapes.items()}
+            for k, x in task.abstract_batch(global_batch).items()}
 
 
 def lower_train_step(task, tx, frozen: tuple[str, ...], mesh, global_batch: int, frozen_dtype):

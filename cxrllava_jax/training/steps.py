@@ -42,24 +42,14 @@ def opt_state_shardings(tx: optax.GradientTransformation, trainable: dict):
     return jax.tree_util.tree_map_with_path(place, jax.eval_shape(tx.init, trainable))
 
 
-def init_opt_state(tx: optax.GradientTransformation, params, frozen, previous=None):
-    """Optimizer state for the trainable parameters, created on its shards; entries of `previous` carry over
-    by path.
-
-    Called again when a frozen group is released mid-run (stage 1B's text tower), so the parameters
-    that were already training keep their momentum.
-    """
+def init_opt_state(tx: optax.GradientTransformation, params, frozen):
+    """Optimizer state for the parameters that `frozen` leaves trainable (groups released later included),
+    created on its shards (`opt_state_shardings`). Abstract parameters give the abstract state: nothing allocated."""
     trainable, _ = split_trainable(params, frozen)
     init = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, trainable))
     if all(isinstance(x, jax.ShapeDtypeStruct) for x in trainable.values()):
-        return init.eval_shape(trainable)  # abstract parameters: the state's shapes and shardings, nothing allocated
-    state = init(trainable)
-    if previous is None:
-        return state
-    old = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(previous)}
-    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
-    merged = [old.get(jax.tree_util.keystr(path), leaf) for path, leaf in paths_leaves]
-    return jax.tree_util.tree_unflatten(treedef, merged)
+        return init.eval_shape(trainable)
+    return init(trainable)
 
 
 def hold_frozen(params, frozen, dtype):
@@ -107,7 +97,7 @@ def make_train_step(task, tx: optax.GradientTransformation, frozen: tuple[str, .
         updates, opt_state = tx.update(grads, state.opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         new_state = state.replace(step=state.step + 1, params=merge(trainable, fixed), opt_state=opt_state)
-        return new_state, task.metrics.single_from_model_output(**outputs), loss
+        return new_state, task.train_metrics.single_from_model_output(**outputs), loss
 
     return train_step
 
@@ -118,8 +108,10 @@ def jit_train_step(task, tx: optax.GradientTransformation, frozen: tuple[str, ..
 
 
 def make_eval_step(task):
+    """(params, batch) -> the loss's outputs; `task.eval_metrics` reduces them on the host."""
+
     def eval_step(params, batch):
         _, outputs = task.loss(params, batch, jax.random.key(0), train=False)
-        return task.metrics.single_from_model_output(**outputs), outputs
+        return outputs
 
     return eval_step

@@ -1,0 +1,132 @@
+"""Stages 2A/2B: next-token cross-entropy on the assistant tokens of image conversations.
+
+2A (alignment) sees one report conversation per study, 2B (instruction tuning) every instruction conversation;
+they differ otherwise only in what `config.frozen` holds.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from cxrllava_jax.domain import prompting
+from cxrllava_jax.domain.tokenizer import check_vocabulary, load_tokenizer
+from cxrllava_jax.models import configs as mc
+from cxrllava_jax.models.cxr_llava import CXRLLaVAModel
+from cxrllava_jax.training.metrics import averages
+from cxrllava_jax.training.tasks.base import Example, Task, preset, runtime, vision_config
+from input_pipeline import instructions, pipelines
+
+
+class InstructionTask(Task):
+    unit = "tok"
+    export_kind = "cxr_llava"
+    train_metrics = eval_metrics = averages("loss", "token_accuracy", "tokens")
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        llama = preset(mc.LLAMA_PRESETS, cfg.model.llama, cfg.model.get("llama_overrides"))
+        self.config = mc.CXRLLaVAConfig(vision=vision_config(cfg), llama=llama, projector=cfg.model.projector,
+                                        image_mean=cfg.data.image_mean, image_std=cfg.data.image_std)
+        self.model = CXRLLaVAModel(self.config, runtime(cfg))
+        self.seq_length = cfg.data.seq_length
+
+    def examples(self, records) -> list[Example]:
+        if self.cfg.data.conversations == "report":
+            report_turns = lambda r: [{"role": "user", "content": prompting.REPORT_PROMPT},  # noqa: E731
+                                      {"role": "assistant", "content": r.report}]
+            return [Example(r.image, conversation=report_turns(r)) for r in records if r.report]
+        # Instruction tuning: the study's own instruction turns where the source has them (the synthetic set),
+        # else the ones built from its report.
+        return [Example(r.image, conversation=c) for r in records
+                for c in (r.conversations or instructions.conversations(r))]
+
+    def encoder(self):
+        tokenizer = load_tokenizer(self.cfg.data.tokenizer)
+        check_vocabulary(tokenizer, self.config.llama.vocab_size, self.cfg.data.tokenizer)
+
+        def encode(e):
+            tokens, mask = self._tokens(e, tokenizer)
+            tokens, mask, valid = fit_length(tokens, mask, self.seq_length, e.image)
+            return {"image": self.image(e), "tokens": tokens, "loss_mask": mask, "valid": valid}
+
+        return encode
+
+    def _tokens(self, example, tokenizer):
+        return prompting.encode_conversation(example.conversation, tokenizer, self.config.num_image_tokens,
+                                             self.config.image_token_id)
+
+    def sequence_buckets(self, examples, sample_size: int = 2000) -> pipelines.Buckets | None:
+        """`config.data.seq_buckets` lengths chosen from a seeded sample of the examples' token counts, plus
+        `config.data.seq_length` itself for the longest; None when off (0)."""
+        if not self.cfg.data.seq_buckets:
+            return None
+        tokenizer, longest = load_tokenizer(self.cfg.data.tokenizer), self.seq_length
+
+        def length(example) -> int:
+            return min(len(self._tokens(example, tokenizer)[0]), longest)
+
+        sample = np.random.default_rng(self.cfg.data.shuffle_seed).permutation(len(examples))[:sample_size]
+        sizes = pipelines.choose_buckets([length(examples[i]) for i in sample], longest, self.cfg.data.seq_buckets)
+        return pipelines.Buckets(length, tuple(sorted(set(sizes) | {longest})), ("tokens", "loss_mask", "valid"))
+
+    def abstract_batch(self, batch_size: int):
+        tokens = (batch_size, self.seq_length)
+        return {"image": self.abstract_images(batch_size),
+                "tokens": jax.ShapeDtypeStruct(tokens, jnp.int32), "loss_mask": jax.ShapeDtypeStruct(tokens, bool),
+                "valid": jax.ShapeDtypeStruct(tokens, bool)}
+
+    def dummy_batch(self, batch_size: int):
+        """All-valid rows with the image positions right after BOS, as tokenisation places them; no answer."""
+        batch = super().dummy_batch(batch_size)
+        batch["tokens"] = batch["tokens"].at[:, 1:1 + self.config.num_image_tokens].set(self.config.image_token_id)
+        batch["valid"] = jnp.ones_like(batch["valid"])
+        return batch
+
+    def init(self, rng, batch):
+        return self.model.init(rng, self.model_images(batch["image"]), batch["tokens"], batch["valid"])
+
+    def loss(self, params, batch, rng, train: bool = True):
+        # Position t predicts token t+1; only assistant tokens (loss_mask) are scored, and only the positions
+        # that predict them are projected onto the vocabulary (never [batch, length, vocab] for the image).
+        at, targets, weights = scored_positions(batch["tokens"], batch["loss_mask"], self.config.num_image_tokens)
+        logits = self.model.apply({"params": params}, self.model_images(batch["image"]), batch["tokens"],
+                                  batch["valid"], at, method=CXRLLaVAModel.logits_at)
+        per_token = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(targets, 0))
+        count = jnp.maximum(weights.sum(), 1.0)
+        loss = (per_token * weights).sum() / count
+        correct = ((jnp.argmax(logits, -1) == targets) * weights).sum() / count
+        return loss, {"loss": loss, "token_accuracy": correct, "tokens": weights.sum()}
+
+    def units(self, batch) -> int:
+        return int(batch["valid"].sum())
+
+    def export_tokenizer(self) -> str:
+        return self.cfg.data.tokenizer  # the tokenizer belongs to the language model and travels with it
+
+
+def scored_positions(tokens, loss_mask, num_image_tokens: int):
+    """(positions [batch, n], their next tokens, weights 1/0): the positions whose next token is scored, first.
+
+    n is static: a row has `num_image_tokens` image positions, which are never scored, so at most
+    length - 1 - num_image_tokens of its length - 1 predictions are; the rest of the n are weight-0 fillers.
+    """
+    scored = loss_mask[:, 1:]
+    n = max(scored.shape[1] - num_image_tokens, 1)
+    at = jnp.argsort(~scored, axis=1, stable=True)[:, :n]  # scored positions first, in order
+    return (at, jnp.take_along_axis(tokens[:, 1:], at, axis=1),
+            jnp.take_along_axis(scored, at, axis=1).astype(jnp.float32))
+
+
+def fit_length(tokens, mask, length: int, origin: str):
+    """Right-pads (or truncates the end of) a conversation to `length`; truncation never cuts the image."""
+    first_answer = int(np.argmax(mask)) if mask.any() else len(tokens)
+    if first_answer >= length:
+        raise ValueError(f"{origin}: the prompt alone is {first_answer} tokens, leaving no room for the answer in "
+                         f"config.data.seq_length={length}")
+    valid = np.zeros(length, bool)
+    valid[:min(len(tokens), length)] = True
+    out_tokens = np.zeros(length, np.int32)
+    out_mask = np.zeros(length, bool)
+    out_tokens[:valid.sum()] = tokens[:length]
+    out_mask[:valid.sum()] = mask[:length]
+    return out_tokens, out_mask, valid
