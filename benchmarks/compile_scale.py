@@ -142,8 +142,8 @@ def run_isolated(stage: str, target: str, layers: int | None) -> dict:
 
 
 def table(records: list[dict]) -> str:
-    lines = ["| stage | target | mesh | batch | seq | arguments GiB | temp GiB | total GiB/device | TFLOP/step | compile s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| stage | target | mesh | batch | seq | arguments GiB | temp GiB | total GiB/device | TFLOP/step "
+             "| compile s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         mesh = "x".join(f"{k}{v}" for k, v in r.get("mesh", {}).items() if v > 1) or "1"
         if "bytes_per_device" not in r:
@@ -152,8 +152,8 @@ def table(records: list[dict]) -> str:
             continue
         b = {k: v / 2**30 for k, v in r["bytes_per_device"].items()}
         lines.append(f"| {r['stage']} | {r['target']} | {mesh} | {r['global_batch']} | {r['seq_len'] or ''} | "
-                     f"{b['arguments']:.2f} | {b['temp']:.2f} | **{b['total']:.2f}** | {r['flops_per_step'] / 1e12:.1f} | "
-                     f"{r['compile_s']} |")
+                     f"{b['arguments']:.2f} | {b['temp']:.2f} | **{b['total']:.2f}** | "
+                     f"{r['flops_per_step'] / 1e12:.1f} | {r['compile_s']} |")
     return "\n".join(lines)
 
 
