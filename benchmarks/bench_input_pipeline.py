@@ -50,21 +50,17 @@ def write_radiographs(folder: pathlib.Path, side: int, count: int) -> list[str]:
     return paths
 
 
-def per_image_ms(fn, items, repeats: int) -> float:
+def per_image_ms(fn, items, repeats: int, clock=time.perf_counter) -> float:
     fn(items[0])
-    start = time.perf_counter()
+    start = clock()
     for k in range(repeats):
         fn(items[k % len(items)])
-    return (time.perf_counter() - start) / repeats * 1e3
+    return (clock() - start) / repeats * 1e3
 
 
 def per_image_cpu_ms(fn, items, repeats: int) -> float:
     """This process's CPU time per image: what a worker would take on an idle core, whatever the load."""
-    fn(items[0])
-    start = time.process_time()
-    for k in range(repeats):
-        fn(items[k % len(items)])
-    return (time.process_time() - start) / repeats * 1e3
+    return per_image_ms(fn, items, repeats, clock=time.process_time)
 
 
 def step_costs(paths: list[str], repeats: int) -> dict:
