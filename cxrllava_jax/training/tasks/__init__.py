@@ -8,6 +8,8 @@ The loop (`training/loop.py`), the data (`training/data.py`), the export and the
     task.encoder()                        # -> encode(example) -> {name: np.ndarray}, one row of a batch
     task.abstract_batch(batch_size)       # {name: jax.ShapeDtypeStruct}: compile-ahead, benchmarks
     task.dummy_batch(batch_size)          # zeros of those shapes that the model accepts: parameter creation
+    task.sequence_buckets(examples)       # lengths batches are cut to, chosen from the data (stage 2), or None
+    task.model_images(batch["image"])     # the uint8 model pixels batches carry, normalised on the device
     # model, loss, metrics
     task.model, task.config               # the Flax module and its config (what the export writes)
     task.init(rng, batch)                 # -> variables

@@ -66,8 +66,8 @@ class FinetuneTask(InstructionTask):
 
     def loss(self, params, batch, rng, train: bool = True):
         model = self.model if train else self.eval_model
-        return next_token_loss(model.apply({"params": params}, batch["image"], batch["tokens"], batch["valid"],
-                                           rngs={"dropout": rng}), batch)
+        return next_token_loss(model, params, self.model_images(batch["image"]), batch, self.config.num_image_tokens,
+                               rngs={"dropout": rng})
 
     def export(self, path, params):
         try:
