@@ -2,6 +2,8 @@
 what recomputing the whole sequence produces, batched as one by one; EOS, sampling, streaming and
 the number of compilations."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,7 @@ from cxrllava_jax.convert import hf_llama
 from cxrllava_jax.inference import generate
 from cxrllava_jax.inference.generate import Generator, SamplingOptions, sample_next
 from cxrllava_jax.inference.prompting import PromptTooLongError
-from cxrllava_jax.models.configs import LlamaConfig
+from cxrllava_jax.models.configs import LlamaConfig, Runtime
 from cxrllava_jax.models.llama import Llama
 from torch_reference import hf_llama_config, randomize_
 
@@ -39,7 +41,8 @@ def hf(tmp_path_factory):
 @pytest.fixture(scope="module")
 def generator(hf):
     _, config, params, _ = hf
-    return Generator(Llama(config), params, eos_id=config.eos_token_id, length_bucket=BUCKET)
+    # Spans of 48 and 64 slots: the greedy tests cross from one decode loop into the next.
+    return Generator(Llama(config), params, eos_id=config.eos_token_id, length_bucket=BUCKET, attention_bucket=24)
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +162,49 @@ def test_top_p_samples_only_the_nucleus():
     sharpened = probs**2 / (probs**2).sum()  # temperature 0.5
     np.testing.assert_allclose(frequencies(0.5, 1.0), sharpened, atol=0.03)
     np.testing.assert_allclose(frequencies(0.0, 1.0), [1, 0, 0, 0])
+
+
+def _ops_on_whole_cache(hlo: str, cache_shape: tuple) -> list[str]:
+    """Instructions of optimized HLO that copy, concatenate or rewrite a whole cache: one whose result has the
+    stacked cache's shape, or one layer's [batch, kv_heads, slots, head_dim], and that is a copy or a
+    concatenate, or a dynamic-update-slice writing more than one slot along the length axis."""
+    whole = {",".join(map(str, cache_shape)), ",".join(map(str, cache_shape[1:]))}
+    shapes = dict(re.findall(r"%([\w.-]+) = \w+\[([\d,]*)\]", hlo))
+    shapes.update(re.findall(r"([\w.-]+): \w+\[([\d,]*)\]", hlo))  # fused computations' parameters
+    found = []
+    for line in hlo.splitlines():
+        match = re.search(r"= \w+\[([\d,]+)\]\S* (copy|concatenate|dynamic-update-slice)\(([^)]*)\)", line)
+        if not match or match.group(1) not in whole:
+            continue
+        if match.group(2) == "dynamic-update-slice":
+            update = match.group(3).split(", ")[1].split()[-1].lstrip("%")
+            if int(shapes[update].split(",")[-2]) == 1:  # one slot per row and head: the new key/value, in place
+                continue
+        found.append(line.strip())
+    return found
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
+def test_decode_step_updates_the_cache_in_place(hf, scan):
+    """The compiled decode loop writes each layer's new key/value into the cache where it lies: no copy of the
+    cache, no layer sliced out and stacked back, with unrolled and with scanned layers."""
+    _, config, params, _ = hf
+    from cxrllava_jax.convert.layout import relayout
+
+    model = Llama(config, Runtime(scan=scan))
+    spec = generate.DecodeSpec(model, config.eos_token_id, None, attention_bucket=16)
+    tokens = np.ones((2, 8), np.int32)
+    args = (tokens, np.ones(tokens.shape, bool), None, np.full(2, 40, np.int32), jnp.float32(0), jnp.float32(1),
+            jax.random.key(0))
+    variables = {"params": relayout(params["params"], scan=scan)}
+    state = generate.prefill(spec, variables, *args, cache_length=64)
+    hlo = generate.decode.lower(spec, variables, state, jnp.int32(30)).compile().as_text()
+    cache_shape = state.cache["k"].shape
+    assert cache_shape == (config.num_layers, 2, config.num_kv_heads, 64, config.kv_dim)
+    assert "dynamic-update-slice" in hlo  # the check below looks at the instructions that write the cache
+    assert _ops_on_whole_cache(hlo, cache_shape) == []
+    # What the check catches: stacking the layers' updated caches (the old decode step) does all three.
+    stacked = jax.jit(lambda c, kv: jnp.stack([jax.lax.dynamic_update_slice(c[i], kv, (0, 0, 5, 0))
+                                               for i in range(c.shape[0])]))
+    kv = jnp.ones((2, config.num_kv_heads, 1, config.kv_dim))
+    assert _ops_on_whole_cache(stacked.lower(state.cache["k"], kv).compile().as_text(), cache_shape)

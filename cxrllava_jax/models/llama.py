@@ -1,8 +1,13 @@
 """The language model: LLaMA-2 (Hugging Face `LlamaForCausalLM` semantics) with a preallocated KV cache.
 
-The cache is an explicit pytree `{"k", "v"}: [layers, batch, max_length, kv_heads, head_dim]` passed in
-and returned, so prefill and decode are pure functions that `jit` and `lax.while_loop` can carry.
-New keys/values are written at `cache_index`; which slots a query may see is the caller's mask.
+The cache is an explicit pytree `{"k", "v"}: [layers, batch, kv_heads, max_length, head_dim]` passed in
+and returned, so prefill and decode are pure functions that `jit` and `lax.while_loop` can carry. It travels
+with the layer stack's carry (unrolled or `nn.scan`), and each layer writes its new keys/values at
+`cache_index` into it with one dynamic-update-slice, so XLA updates the buffer in place instead of slicing a
+layer out and stacking the layers again. Which slots a query may see is the caller's mask, whose width
+says how many leading slots attention reads: a decode step costs in proportion to the filled context.
+Each (row, kv head) holds its slots as one contiguous [length, head_dim] matrix, the operand of the
+decode step's matrix-vector products.
 """
 
 import flax.linen as nn
@@ -48,12 +53,15 @@ def attention_mask(query_slots, kv_valid):
 
 
 class DecoderLayer(nn.Module):
+    """One block; carries `(x, cache)` so that the cache is updated in place, with or without `nn.scan`."""
+
     config: LlamaConfig
     runtime: Runtime
 
     @nn.compact
-    def __call__(self, x, layer_cache, positions, mask, cache_index):
+    def __call__(self, carry, layer, positions, mask, cache_index):
         cfg, rt = self.config, self.runtime
+        x, cache = carry
         kw = dict(use_bias=False, dtype=dtype_of(rt.dtype), param_dtype=dtype_of(rt.param_dtype))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         h = RMSNorm(cfg.rms_norm_eps, rt, name="input_layernorm")(x)
@@ -62,18 +70,48 @@ class DecoderLayer(nn.Module):
         v = dense((cfg.num_kv_heads, cfg.kv_dim), (("embed",), ("kv_heads", "kv")), name="v_proj", **kw)(h)
         q = rotary_embedding(q, positions, cfg.rope_theta)
         k = rotary_embedding(k, positions, cfg.rope_theta)
-        if layer_cache is not None:
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start)
-            v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
-            layer_cache = {"k": k, "v": v}
-        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, implementation=rt.attention_impl)
+        if cache is None:
+            out = attention(q, k, v, mask, implementation=rt.attention_impl)
+        else:
+            cache, k, v = write_and_read(cache, layer, k, v, cache_index, mask.shape[-1])
+            out = cached_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, rt.attention_impl)
         x = x + dense(cfg.hidden_size, (("heads", "kv"), ("embed",)), in_axis=(-2, -1), name="o_proj", **kw)(out)
         h = RMSNorm(cfg.rms_norm_eps, rt, name="post_attention_layernorm")(x)
         gate = dense(cfg.intermediate_size, (("embed",), ("mlp",)), name="gate_proj", **kw)(h)
         up = dense(cfg.intermediate_size, (("embed",), ("mlp",)), name="up_proj", **kw)(h)
         x = x + dense(cfg.hidden_size, (("mlp",), ("embed",)), name="down_proj", **kw)(nn.silu(gate) * up)
-        return x, layer_cache
+        return (x, cache), None
+
+
+def write_and_read(cache, layer, k, v, cache_index, read_length: int):
+    """Writes this layer's new k, v [batch, length, kv_heads, head_dim] at slot `cache_index` of the stacked
+    cache, in place; returns the cache and the layer's first `read_length` slots [batch, kv_heads, read, head_dim]."""
+    new = {"k": k, "v": v}
+    updated, read = {}, {}
+    for name, whole in cache.items():
+        slots = new[name].astype(whole.dtype).swapaxes(1, 2)[None]  # [1, batch, kv_heads, length, head_dim]
+        updated[name] = jax.lax.dynamic_update_slice(whole, slots, (layer, 0, 0, cache_index, 0))
+        size = (1, *whole.shape[1:3], read_length, whole.shape[4])
+        read[name] = jax.lax.dynamic_slice(updated[name], (layer, 0, 0, 0, 0), size)[0]
+    return updated, read["k"], read["v"]
+
+
+def cached_attention(q, k, v, mask, implementation=None):
+    """q [batch, q_len, heads, head_dim] against cache slots k, v [batch, kv_heads, slots, head_dim].
+
+    A decode step (one query) contracts straight against the cache's layout, one matrix-vector product per
+    (row, kv head), scores and softmax in float32 as `jax.nn.dot_product_attention` does; longer queries (the
+    prompt) go through `attention` (cuDNN flash attention on GPUs when asked for).
+    """
+    if q.shape[1] > 1:
+        return attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask, implementation=implementation)
+    batch, _, heads, head_dim = q.shape
+    groups = heads // k.shape[1]
+    q = q.reshape(batch, k.shape[1], groups, head_dim)
+    scores = jnp.einsum("bkgd,bktd->bkgt", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(head_dim)
+    scores = jnp.where(mask[:, :, 0, None, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgt,bktd->bkgd", probs, v).reshape(batch, 1, heads, head_dim)
 
 
 class DecoderStack(nn.Module):
@@ -82,9 +120,11 @@ class DecoderStack(nn.Module):
 
     @nn.compact
     def __call__(self, x, cache, positions, mask, cache_index):
-        return apply_layers(DecoderLayer, dict(config=self.config, runtime=self.runtime), x, cache, positions, mask,
-                            cache_index, num_layers=self.config.num_layers, scan=self.runtime.scan,
-                            remat_policy=self.runtime.remat_policy, name="block")
+        layers = jnp.arange(self.config.num_layers)
+        (x, cache), _ = apply_layers(DecoderLayer, dict(config=self.config, runtime=self.runtime), (x, cache), layers,
+                                     positions, mask, cache_index, num_layers=self.config.num_layers,
+                                     scan=self.runtime.scan, remat_policy=self.runtime.remat_policy, name="block")
+        return x, cache
 
 
 class Llama(nn.Module):
@@ -108,7 +148,10 @@ class Llama(nn.Module):
         return nn.with_logical_constraint(self.embed_tokens(tokens), ("batch", "length", "embed"))
 
     def decode(self, embeds, positions, mask, cache=None, cache_index=0):
-        """embeds: [batch, length, hidden]; mask: [batch, 1, length, kv_len]. Returns (logits fp32, cache)."""
+        """embeds: [batch, length, hidden]; mask: [batch, 1, length, kv_len]. Returns (logits fp32, cache).
+
+        With a cache, the new keys/values go to slots `cache_index...` and attention reads the first kv_len slots.
+        """
         x, cache = self.layers(embeds, cache, positions, mask, cache_index)
         logits = self.lm_head(self.norm(x))
         return logits.astype(jnp.float32), cache
@@ -123,5 +166,5 @@ class Llama(nn.Module):
 
 
 def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype=jnp.bfloat16):
-    shape = (config.num_layers, batch, max_length, config.num_kv_heads, config.kv_dim)
+    shape = (config.num_layers, batch, config.num_kv_heads, max_length, config.kv_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
