@@ -141,6 +141,27 @@ def test_prompt_lengths_in_one_bucket_compile_once(hf):
     assert np.subtract(compilations(), before).tolist() == [2, 2]
 
 
+def test_streaming_compiles_no_new_program(hf, generator, greedy_batch):
+    """Once its shapes have run, a streamed generation hands out every chunk without compiling anything:
+    no program per stop step, no device slice per chunk."""
+    compiled = []
+
+    def count(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(duration)
+
+    options = SamplingOptions(temperature=0.0, max_new_tokens=NEW_TOKENS)
+    generator.generate(hf[3], options=options, on_tokens=lambda chunk: None, stream_every=5)  # warm-up
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        chunks = []
+        out = generator.generate(hf[3], options=options, on_tokens=chunks.append, stream_every=2)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert out == greedy_batch and len(chunks) >= NEW_TOKENS // 2
+    assert compiled == []
+
+
 def test_prompt_that_fills_the_context_is_refused(generator):
     with pytest.raises(PromptTooLongError, match="127 tokens.*context is 128"):
         generator.generate([np.full(127, 5, np.int32)], options=SamplingOptions(temperature=0.0))

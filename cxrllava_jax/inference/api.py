@@ -17,9 +17,10 @@ from typing import Callable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from cxrllava_jax.convert import checkpoint, release
-from cxrllava_jax.inference import prompting
+from cxrllava_jax.inference import compile_cache, loading, prompting
 from cxrllava_jax.inference.generate import Generator, SamplingOptions
 from cxrllava_jax.inference.tokenizer import check_vocabulary, load_tokenizer
 from cxrllava_jax.models import cxr_llava
@@ -36,37 +37,47 @@ class CXRLLaVA:
     """
 
     def __init__(self, config: CXRLLaVAConfig, params: dict, tokenizer, runtime: Runtime = Runtime(),
-                 origin: str = "model"):
+                 origin: str = "model", model=None):
+        """`model`: the module that runs `params` (a quantized one from `from_pretrained`), by default
+        `models.cxr_llava.CXRLLaVA(config, runtime)`."""
         check_vocabulary(tokenizer, config.llama.vocab_size, origin)
         self.config, self.tokenizer = config, tokenizer
-        self.generator = Generator(cxr_llava.CXRLLaVA(config, runtime), {"params": params},
-                                   eos_id=tokenizer.eos_token_id, vocab_limit=len(tokenizer))
+        model = cxr_llava.CXRLLaVA(config, runtime) if model is None else model
+        self.generator = Generator(model, {"params": params}, eos_id=tokenizer.eos_token_id,
+                                   vocab_limit=len(tokenizer))
 
     @classmethod
-    def from_pretrained(cls, path, dtype: str | None = None) -> "CXRLLaVA":
+    def from_pretrained(cls, path, dtype: str | None = None, quantize: str | None = None) -> "CXRLLaVA":
         """Loads our checkpoint (tokenizer under CKPT/tokenizer) or the release's PyTorch directory
         (config.json with clip_vision_cfg, safetensors, tokenizer files), converting the latter on the fly.
 
-        `dtype`: compute and parameter dtype; float32 on CPU and bfloat16 on accelerators by default.
+        Tensors go to the devices one at a time (split over several devices by the logical-axis rules).
+        `dtype`: parameter and compute dtype; by default parameters keep the dtype they are stored in (the
+        release's bfloat16) and compute runs in float32 on CPU, bfloat16 on accelerators.
+        `quantize`: 'int8' (per channel) or 'int4' (grouped) weight-only quantization of the language model.
+        Compiled programs are kept in the persistent compilation cache (see `compile_cache`).
         """
+        compile_cache.enable()
         path = Path(path)
-        dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-        runtime = Runtime(dtype=dtype, param_dtype=dtype)
         if release.is_release_dir(path):
-            config, params = release.load_release(path)
-            tokenizer_path = path
+            config, tensors = release.iter_release(path)
+            tokenizer_path, scan = path, False
         elif (path / "model_config.json").is_file():
-            kind, config, params = checkpoint.load_model(path, runtime)
+            kind, config, scan = checkpoint.read_model_config(path)
             if kind != "cxr_llava":
                 raise ValueError(f"{path} holds a {kind!r} model; inference needs a 'cxr_llava' checkpoint")
             tokenizer_path = checkpoint.tokenizer_dir(path)
             if tokenizer_path is None:
                 raise FileNotFoundError(f"{path}: no tokenizer/ directory; copy the LLaMA tokenizer files there")
+            tensors = _drain(traverse_util.flatten_dict(checkpoint.load_model(path, Runtime(scan=scan))[2], sep="/"))
         else:
             raise FileNotFoundError(f"{path} is neither a cxrllava-jax checkpoint (model_config.json) nor a "
                                     "release directory (config.json with clip_vision_cfg)")
-        params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
-        return cls(config, params, load_tokenizer(tokenizer_path), runtime, origin=str(path))
+        compute = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+        runtime = Runtime(dtype=compute, param_dtype=dtype or "bfloat16", scan=scan)
+        model, params = loading.place_params(tensors, cxr_llava.CXRLLaVA(config, runtime), _init_args(config),
+                                             dtype=dtype, quantize=quantize)
+        return cls(config, params, load_tokenizer(tokenizer_path), runtime, origin=str(path), model=model)
 
     # ---------------------------------------------------------------- the release's methods, and batches
 
@@ -165,6 +176,19 @@ class CXRLLaVA:
         cfg = self.config
         return prompting.encode_prompt(turns, self.tokenizer, cfg.num_image_tokens, cfg.image_token_id,
                                        max_length=cfg.llama.max_position_embeddings, system=system)
+
+
+def _init_args(config: CXRLLaVAConfig) -> tuple:
+    """Example inputs that trace the model's parameter shapes: an image and a prompt of its image positions."""
+    size = config.vision.image_size
+    tokens = jnp.full((1, config.num_image_tokens + 1), config.image_token_id, jnp.int32)
+    return jnp.zeros((1, size, size, config.vision.in_channels)), tokens
+
+
+def _drain(flat: dict):
+    """(path, array) pairs, each dropped from `flat` as it is handed out, so the host copy goes as it is placed."""
+    for path in list(flat):
+        yield path, flat.pop(path)
 
 
 def _task(prompt: str) -> list[dict]:

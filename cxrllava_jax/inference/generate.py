@@ -192,7 +192,7 @@ def prefill(spec: DecodeSpec, params, tokens, valid, images, budget, temperature
     kv_valid = jnp.pad(valid, ((0, 0), (0, cache_length - prompt_length)))
     mask = attention_mask(jnp.broadcast_to(jnp.arange(prompt_length), tokens.shape), valid)  # the prompt's slots
     cache = init_cache(spec.llama_config, batch, cache_length, dtype_of(spec.model.runtime.dtype))
-    logits, cache = spec.model.apply(params, tokens, images, positions, mask, cache, method=_prefill_last_logits)
+    logits, cache = spec.model.apply(params, tokens, images, positions, mask, cache, method="prefill")
     first = sample_next(spec.mask_vocab(logits), temperature, top_p, jax.random.fold_in(key, 0))
     out = jnp.full((batch, cache_length - prompt_length + 1), spec.eos_id, jnp.int32).at[:, 0].set(first)
     return DecodeState(step=jnp.int32(1), tokens=out, done=(first == spec.eos_id) | (budget <= 1), budget=budget,
@@ -211,8 +211,7 @@ def decode(spec: DecodeSpec, params, state: DecodeState, stop_step) -> DecodeSta
         previous = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=1, keepdims=True)
         kv_valid = s.kv_valid.at[:, slot].set(True)
         mask = attention_mask(jnp.full((previous.shape[0], 1), slot), kv_valid[:, :span])
-        logits, cache = spec.model.apply(params, previous, s.positions[:, None], mask, s.cache, slot,
-                                         method=_step_logits)
+        logits, cache = spec.model.apply(params, previous, s.positions[:, None], mask, s.cache, slot, method="step")
         new = sample_next(spec.mask_vocab(logits), s.temperature, s.top_p, jax.random.fold_in(s.key, s.step))
         new = jnp.where(s.done, spec.eos_id, new)
         done = s.done | (new == spec.eos_id) | (s.step + 1 >= s.budget)
@@ -236,25 +235,6 @@ def attention_spans(first_slot: int, cache_length: int, bucket: int) -> list[int
             spans.append(span)
         span *= 2
     return spans + [cache_length]
-
-
-def _language_model(module):
-    return module.llm if isinstance(module, CXRLLaVA) else module
-
-
-def _prefill_last_logits(module, tokens, images, positions, mask, cache):
-    """Runs the prompt through the decoder into the cache; returns only the last slot's logits [batch, vocab]
-    (the lm_head over every prompt slot would cost [batch, length, vocab] for nothing)."""
-    embeds = module.embed(tokens, module.encode_images(images)) if images is not None else module.embed(tokens)
-    llm = _language_model(module)
-    x, cache = llm.layers(embeds, cache, positions, mask, 0)
-    return llm.lm_head(llm.norm(x[:, -1:]))[:, 0].astype(jnp.float32), cache
-
-
-def _step_logits(module, tokens, positions, mask, cache, slot):
-    llm = _language_model(module)
-    logits, cache = llm.decode(llm.embed(tokens), positions, mask, cache, slot)
-    return logits[:, 0], cache
 
 
 def _cut_at_eos(ids: np.ndarray, eos_id: int) -> list[int]:

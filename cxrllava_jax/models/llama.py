@@ -156,6 +156,23 @@ class Llama(nn.Module):
         logits = self.lm_head(self.norm(x))
         return logits.astype(jnp.float32), cache
 
+    def prefill(self, tokens, images, positions, mask, cache):
+        """Runs a prompt into the cache; returns the last slot's logits [batch, vocab] fp32 and the cache (the
+        lm_head over every prompt slot would cost [batch, length, vocab] for nothing). `images` is None: the
+        argument keeps one signature with `CXRLLaVA.prefill`."""
+        if images is not None:
+            raise ValueError("the language model takes no images")
+        return self.last_logits(self.embed(tokens), positions, mask, cache)
+
+    def last_logits(self, embeds, positions, mask, cache):
+        x, cache = self.layers(embeds, cache, positions, mask, 0)
+        return self.lm_head(self.norm(x[:, -1:]))[:, 0].astype(jnp.float32), cache
+
+    def step(self, tokens, positions, mask, cache, slot):
+        """One token per row [batch, 1] at cache slot `slot` -> (logits [batch, vocab] fp32, cache)."""
+        logits, cache = self.decode(self.embed(tokens), positions, mask, cache, slot)
+        return logits[:, 0], cache
+
     def __call__(self, tokens, valid=None):
         """Full causal forward over [batch, length] tokens; `valid` marks non-padding (left or right)."""
         valid = jnp.ones(tokens.shape, bool) if valid is None else valid.astype(bool)
