@@ -1,6 +1,6 @@
 """Our model checkpoint: what every stage exports, what import-torch writes and what inference loads.
 
-    CKPT/model_config.json   {"model": kind, "config": {...}, "scan": bool}
+    CKPT/model_config.json   {"model": kind, "config": {...}, "scan": bool, "quantize": null | "int8" | "int4"}
     CKPT/params/             the parameter tree, written by Orbax
     CKPT/tokenizer/          optional: the tokenizer files that go with the language model
 
@@ -24,9 +24,11 @@ CONFIG_CLASSES = {
 }
 
 
-def save_model(path, kind: str, config, params, *, tokenizer_dir=None, scan: bool = False, overwrite: bool = False):
+def save_model(path, kind: str, config, params, *, tokenizer_dir=None, scan: bool = False, overwrite: bool = False,
+               quantize: str | None = None):
     """Writes a model checkpoint; an existing one is replaced only with `overwrite` (and only once the new
-    one is complete: it is written beside and swapped in, so a crash never leaves neither)."""
+    one is complete: it is written beside and swapped in, so a crash never leaves neither). `quantize` records
+    that the language model's weights are quantized ones (see `inference.quantize`)."""
     path = Path(path).absolute()
     if kind not in CONFIG_CLASSES:
         raise ValueError(f"unknown model kind {kind!r}; known: {sorted(CONFIG_CLASSES)}")
@@ -37,7 +39,7 @@ def save_model(path, kind: str, config, params, *, tokenizer_dir=None, scan: boo
     staging.mkdir(parents=True)
     with _process_local_checkpointer() as checkpointer:
         checkpointer.save(staging / "params", jax.tree.map(np.asarray, jax.device_get(params)))
-    meta = {"model": kind, "config": mc.to_dict(config), "scan": bool(scan)}
+    meta = {"model": kind, "config": mc.to_dict(config), "scan": bool(scan), "quantize": quantize}
     (staging / "model_config.json").write_text(json.dumps(meta, indent=2))
     if tokenizer_dir:
         shutil.copytree(tokenizer_dir, staging / "tokenizer")
@@ -65,6 +67,17 @@ def read_model_config(path):
     if kind not in CONFIG_CLASSES:
         raise ValueError(f"{meta_path}: unknown model kind {kind!r}; known: {sorted(CONFIG_CLASSES)}")
     return kind, mc.from_dict(CONFIG_CLASSES[kind], meta["config"]), bool(meta.get("scan", False))
+
+
+def read_quantization(path) -> str | None:
+    return json.loads((Path(path) / "model_config.json").read_text()).get("quantize")
+
+
+def restore_params(path, abstract):
+    """The parameter tree restored into the structure, dtypes and placement of `abstract` (ShapeDtypeStructs
+    with shardings): what a quantized checkpoint needs, whose leaves only its model's template describes."""
+    with _process_local_checkpointer() as checkpointer:
+        return checkpointer.restore(Path(path).absolute() / "params", abstract)
 
 
 def load_model(path, runtime: mc.Runtime = mc.Runtime()):

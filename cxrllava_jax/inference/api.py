@@ -11,9 +11,11 @@ Generation keywords and their release defaults: temperature=0.2 (0 = greedy), to
 max_new_tokens=512 (and never past the context window), seed=0.
 """
 
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +23,7 @@ from flax import traverse_util
 
 from cxrllava_jax.convert import checkpoint, release
 from cxrllava_jax.inference import compile_cache, loading, prompting
+from cxrllava_jax.inference import quantize as quantization
 from cxrllava_jax.inference.generate import Generator, SamplingOptions
 from cxrllava_jax.inference.tokenizer import check_vocabulary, load_tokenizer
 from cxrllava_jax.models import cxr_llava
@@ -37,11 +40,11 @@ class CXRLLaVA:
     """
 
     def __init__(self, config: CXRLLaVAConfig, params: dict, tokenizer, runtime: Runtime = Runtime(),
-                 origin: str = "model", model=None):
-        """`model`: the module that runs `params` (a quantized one from `from_pretrained`), by default
-        `models.cxr_llava.CXRLLaVA(config, runtime)`."""
+                 origin: str = "model", model=None, quantize: str | None = None):
+        """`model`: the module that runs `params` (a quantized one from `from_pretrained`, with `quantize` its
+        kind), by default `models.cxr_llava.CXRLLaVA(config, runtime)`."""
         check_vocabulary(tokenizer, config.llama.vocab_size, origin)
-        self.config, self.tokenizer = config, tokenizer
+        self.config, self.tokenizer, self.runtime, self.quantize = config, tokenizer, runtime, quantize
         model = cxr_llava.CXRLLaVA(config, runtime) if model is None else model
         self.generator = Generator(model, {"params": params}, eos_id=tokenizer.eos_token_id,
                                    vocab_limit=len(tokenizer))
@@ -69,15 +72,40 @@ class CXRLLaVA:
             tokenizer_path = checkpoint.tokenizer_dir(path)
             if tokenizer_path is None:
                 raise FileNotFoundError(f"{path}: no tokenizer/ directory; copy the LLaMA tokenizer files there")
+            stored = checkpoint.read_quantization(path)
+            if stored is not None:
+                return cls._from_quantized(path, config, scan, stored, quantize, dtype, tokenizer_path)
             tensors = _drain(traverse_util.flatten_dict(checkpoint.load_model(path, Runtime(scan=scan))[2], sep="/"))
         else:
             raise FileNotFoundError(f"{path} is neither a cxrllava-jax checkpoint (model_config.json) nor a "
                                     "release directory (config.json with clip_vision_cfg)")
-        compute = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-        runtime = Runtime(dtype=compute, param_dtype=dtype or "bfloat16", scan=scan)
+        runtime = _runtime(dtype, scan)
         model, params = loading.place_params(tensors, cxr_llava.CXRLLaVA(config, runtime), _init_args(config),
                                              dtype=dtype, quantize=quantize)
-        return cls(config, params, load_tokenizer(tokenizer_path), runtime, origin=str(path), model=model)
+        return cls(config, params, load_tokenizer(tokenizer_path), runtime, origin=str(path), model=model,
+                   quantize=quantize)
+
+    @classmethod
+    def _from_quantized(cls, path, config, scan, stored, quantize, dtype, tokenizer_path) -> "CXRLLaVA":
+        if quantize not in (None, stored):
+            raise ValueError(f"{path} holds {stored} weights; it cannot be loaded as {quantize}")
+        runtime = _runtime(dtype, scan)
+        model = quantization.quantized(cxr_llava.CXRLLaVA(config, runtime), stored)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                                nn.meta.unbox(quantization.abstract_params(model, *_init_args(config))))
+        params = checkpoint.restore_params(path, abstract)
+        return cls(config, params, load_tokenizer(tokenizer_path), runtime, origin=str(path), model=model,
+                   quantize=stored)
+
+    def save(self, path, *, overwrite: bool = False):
+        """Our checkpoint of this model, tokenizer included; quantized weights stay quantized, so quantizing is
+        done once and `from_pretrained(path)` loads them as they are."""
+        with tempfile.TemporaryDirectory() as tokenizer_dir:
+            self.tokenizer.save_pretrained(tokenizer_dir)
+            checkpoint.save_model(path, "cxr_llava", self.config, self.generator.params["params"],
+                                  tokenizer_dir=tokenizer_dir, scan=self.runtime.scan, overwrite=overwrite,
+                                  quantize=self.quantize)
 
     # ---------------------------------------------------------------- the release's methods, and batches
 
@@ -176,6 +204,13 @@ class CXRLLaVA:
         cfg = self.config
         return prompting.encode_prompt(turns, self.tokenizer, cfg.num_image_tokens, cfg.image_token_id,
                                        max_length=cfg.llama.max_position_embeddings, system=system)
+
+
+def _runtime(dtype: str | None, scan: bool) -> Runtime:
+    """`dtype` for parameters and compute, or compute in float32 on CPU and bfloat16 on accelerators with the
+    parameters in their stored dtype (`param_dtype` only shapes the template)."""
+    compute = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    return Runtime(dtype=compute, param_dtype=dtype or "bfloat16", scan=scan)
 
 
 def _init_args(config: CXRLLaVAConfig) -> tuple:
