@@ -22,13 +22,14 @@ import numpy as np
 from flax import traverse_util
 
 from cxrllava_jax.convert import checkpoint, release
-from cxrllava_jax.inference import compile_cache, loading, prompting
+from cxrllava_jax.domain import prompting
+from cxrllava_jax.inference import compile_cache, loading
 from cxrllava_jax.inference import quantize as quantization
 from cxrllava_jax.inference.generate import Generator, SamplingOptions
-from cxrllava_jax.inference.tokenizer import check_vocabulary, load_tokenizer
+from cxrllava_jax.domain.tokenizer import check_vocabulary, load_tokenizer
 from cxrllava_jax.models import cxr_llava
 from cxrllava_jax.models.configs import CXRLLaVAConfig, Runtime
-from input_pipeline.images import InputError, preprocess
+from cxrllava_jax.domain.images import InputError, preprocess
 
 DEFAULT_BATCH_SIZE = 8
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cxrllava_jax.inference import compile_cache, prompting
+from cxrllava_jax.domain import prompting
+from cxrllava_jax.inference import compile_cache
 from cxrllava_jax.inference.generate import RELEASE_MAX_NEW_TOKENS, SamplingOptions
 from cxrllava_jax.inference.quantize import KINDS
 
