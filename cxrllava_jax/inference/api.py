@@ -87,26 +87,30 @@ class CXRLLaVA:
                    quantize=quantize)
 
     @classmethod
-    def _from_quantized(cls, path, config, scan, stored, quantize, dtype, tokenizer_path) -> "CXRLLaVA":
-        if quantize not in (None, stored):
-            raise ValueError(f"{path} holds {stored} weights; it cannot be loaded as {quantize}")
-        runtime = _runtime(dtype, scan)
-        model = quantization.quantized(cxr_llava.CXRLLaVA(config, runtime), stored)
+    def _from_quantized(cls, path, config, scan, stored: dict, quantize, dtype, tokenizer_path) -> "CXRLLaVA":
+        kind = stored["kind"]
+        if quantize not in (None, kind):
+            raise ValueError(f"{path} holds {kind} weights; it cannot be loaded as {quantize}")
+        runtime = _runtime(dtype, scan, stored["param_dtype"])
+        model = quantization.quantized(cxr_llava.CXRLLaVA(config, runtime), kind)
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                                 nn.meta.unbox(quantization.abstract_params(model, *_init_args(config))))
         params = checkpoint.restore_params(path, abstract)
         return cls(config, params, load_tokenizer(tokenizer_path), runtime, origin=str(path), model=model,
-                   quantize=stored)
+                   quantize=kind)
 
     def save(self, path, *, overwrite: bool = False):
         """Our checkpoint of this model, tokenizer included; quantized weights stay quantized, so quantizing is
         done once and `from_pretrained(path)` loads them as they are."""
+        params = self.generator.params["params"]
+        quantized = None
+        if self.quantize is not None:
+            quantized = {"kind": self.quantize, "param_dtype": str(params["llm"]["embed_tokens"]["embedding"].dtype)}
         with tempfile.TemporaryDirectory() as tokenizer_dir:
             self.tokenizer.save_pretrained(tokenizer_dir)
-            checkpoint.save_model(path, "cxr_llava", self.config, self.generator.params["params"],
-                                  tokenizer_dir=tokenizer_dir, scan=self.runtime.scan, overwrite=overwrite,
-                                  quantize=self.quantize)
+            checkpoint.save_model(path, "cxr_llava", self.config, params, tokenizer_dir=tokenizer_dir,
+                                  scan=self.runtime.scan, overwrite=overwrite, quantize=quantized)
 
     # ---------------------------------------------------------------- the release's methods, and batches
 
@@ -207,11 +211,11 @@ class CXRLLaVA:
                                        max_length=cfg.llama.max_position_embeddings, system=system)
 
 
-def _runtime(dtype: str | None, scan: bool) -> Runtime:
+def _runtime(dtype: str | None, scan: bool, stored_dtype: str = "bfloat16") -> Runtime:
     """`dtype` for parameters and compute, or compute in float32 on CPU and bfloat16 on accelerators with the
-    parameters in their stored dtype (`param_dtype` only shapes the template)."""
+    parameters in the dtype they are stored in."""
     compute = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-    return Runtime(dtype=compute, param_dtype=dtype or "bfloat16", scan=scan)
+    return Runtime(dtype=compute, param_dtype=dtype or stored_dtype, scan=scan)
 
 
 def _init_args(config: CXRLLaVAConfig) -> tuple:

@@ -10,6 +10,7 @@ never exists in full precision.
 """
 
 import math
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -52,10 +53,23 @@ def abstract_params(model: nn.Module, *init_args) -> dict:
 
 def quantize_leaf(template: dict, path: str, array):
     """One weight at `path` ('llm/layers/block_0/q_proj/kernel'): quantized if the template says so."""
-    if not is_quantized(_at(template, path)):
+    leaf = _at(template, path)
+    if not is_quantized(leaf):
         return array
-    nested = traverse_util.unflatten_dict({path: jnp.asarray(array)}, sep="/")
-    return _at(qwix.quantize_params(nested, _subtree(template, path)), path)
+    return _quantizer(leaf)(jnp.asarray(array))
+
+
+_QUANTIZERS: dict[str, Callable] = {}
+
+
+def _quantizer(leaf) -> Callable:
+    """One compiled program per kind of weight (its shape and how it is quantized; the layers share them):
+    run op by op, quantizing would hold several float32 copies of the largest matrix at once."""
+    key = repr(leaf)
+    if key not in _QUANTIZERS:
+        template = {"weight": nn.meta.unbox(leaf)}
+        _QUANTIZERS[key] = jax.jit(lambda array: qwix.quantize_params({"weight": array}, template)["weight"])
+    return _QUANTIZERS[key]
 
 
 def is_quantized(leaf) -> bool:
@@ -67,8 +81,3 @@ def _at(tree, path: str):
     for part in path.split("/"):
         tree = tree[part]
     return tree
-
-
-def _subtree(template: dict, path: str) -> dict:
-    """The template cut down to the one leaf at `path` (quantize_params walks the params' paths)."""
-    return traverse_util.unflatten_dict({path: nn.meta.unbox(_at(template, path))}, sep="/")
