@@ -51,7 +51,8 @@ def main():
                         "mean_logit_diff": round(float(np.abs(logits - exact).mean()), 4),
                         "logit_std": round(float(exact.std()), 4),
                         "same_greedy_tokens": round(float(same), 3),
-                        "same_first_token": round(float(np.mean([t[0] == e[0] for t, e in zip(tokens, exact_tokens)])), 3)}
+                        "same_first_token": round(float(np.mean([t[0] == e[0] for t, e in zip(tokens, exact_tokens)])),
+                                                  3)}
         print(kind, result[kind], flush=True)
     out = ROOT / "benchmarks" / "results" / "quantization.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

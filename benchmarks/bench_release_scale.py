@@ -131,7 +131,8 @@ def decode_ms_per_token(llama: LlamaConfig) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=SIZES, default="7b")
-    parser.add_argument("--cache", type=pathlib.Path, default=pathlib.Path(tempfile.gettempdir()) / "cxrllava-release-scale")
+    parser.add_argument("--cache", type=pathlib.Path,
+                        default=pathlib.Path(tempfile.gettempdir()) / "cxrllava-release-scale")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -159,7 +160,8 @@ def main():
               "bf16_weights_gib": round(size_gib, 2), "load_average": load, "runs": runs,
               "decode": {"layers": DECODE_LAYERS, "batch": 1, "prompt": DECODE_PROMPT, "new_tokens": DECODE_TOKENS,
                          "ms_per_token": decode["ms_per_token"]}}
-    out = ROOT / "benchmarks" / "results" / ("release_scale.json" if args.size == "7b" else f"release_scale_{args.size}.json")
+    name = "release_scale.json" if args.size == "7b" else f"release_scale_{args.size}.json"
+    out = ROOT / "benchmarks" / "results" / name
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -56,8 +56,9 @@ class CXRLLaVA:
         (config.json with clip_vision_cfg, safetensors, tokenizer files), converting the latter on the fly.
 
         Tensors go to the devices one at a time (split over several devices by the logical-axis rules).
-        `dtype`: parameter and compute dtype; by default parameters keep the dtype they are stored in (the
-        release's bfloat16) and compute runs in float32 on CPU, bfloat16 on accelerators.
+        `dtype`: parameter and compute dtype. By default accelerators get bfloat16 parameters (cast tensor by
+        tensor as they load) and compute; on CPU parameters keep the dtype they are stored in (the release's
+        bfloat16) and compute runs in float32.
         `quantize`: 'int8' (per channel) or 'int4' (grouped) weight-only quantization of the language model.
         Compiled programs are kept in the persistent compilation cache (see `compile_cache`).
         """
@@ -80,9 +81,10 @@ class CXRLLaVA:
         else:
             raise FileNotFoundError(f"{path} is neither a cxrllava-jax checkpoint (model_config.json) nor a "
                                     "release directory (config.json with clip_vision_cfg)")
-        runtime = _runtime(dtype, scan)
+        param_dtype = dtype or (None if jax.default_backend() == "cpu" else "bfloat16")
+        runtime = _runtime(dtype, scan, param_dtype or "bfloat16")
         model, params = loading.place_params(tensors, cxr_llava.CXRLLaVA(config, runtime), _init_args(config),
-                                             dtype=dtype, quantize=quantize)
+                                             dtype=param_dtype, quantize=quantize)
         return cls(config, params, load_tokenizer(tokenizer_path), runtime, origin=str(path), model=model,
                    quantize=quantize)
 
