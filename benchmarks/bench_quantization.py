@@ -23,7 +23,7 @@ from cxrllava_jax.convert import release  # noqa: E402
 from cxrllava_jax.inference import quantize  # noqa: E402
 from cxrllava_jax.inference.generate import Generator, SamplingOptions  # noqa: E402
 from cxrllava_jax.models.llama import Llama  # noqa: E402
-from inference_fixtures import release_dir  # noqa: E402
+from cxrllava_jax.reference.tiny_models import release_dir  # noqa: E402
 
 PROMPTS, PROMPT_LENGTH, NEW_TOKENS = 8, 24, 32
 NEVER = -1

@@ -99,7 +99,7 @@ def child(job: str, args: list[str]):
         from cxrllava_jax.models.configs import Runtime
 
         config, tensors = release.iter_release(args[0])
-        model = cxr_llava.CXRLLaVA(config, Runtime(param_dtype="bfloat16"))
+        model = cxr_llava.CXRLLaVAModel(config, Runtime(param_dtype="bfloat16"))
         _, params = loading.place_params(tensors, model, api._init_args(config),
                                          quantize="int8" if job == "load_int8" else None)
         jax.block_until_ready(params)

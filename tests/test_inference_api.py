@@ -24,18 +24,14 @@ from cxrllava_jax.inference.api import CXRLLaVA, _TextStream
 from cxrllava_jax.inference.generate import SamplingOptions
 from cxrllava_jax.domain.tokenizer import load_tokenizer, train_tokenizer
 from cxrllava_jax.domain.images import InputError
-from dicom_files import write_dicom
-from inference_fixtures import checkpoint_dir, release_dir, synthetic_radiograph, tiny_config, tokenizer_dir
-from torch_reference import IMAGE_PLACEHOLDER, ReleaseCXRLLaVA
+from tests.dicom_files import write_dicom
+from cxrllava_jax.reference.tiny_models import (checkpoint_dir, release_dir, synthetic_radiograph, tiny_config,
+                                                 tokenizer_dir)
+from cxrllava_jax.reference.torch_models import IMAGE_PLACEHOLDER, ReleaseCXRLLaVA
 
 GREEDY = dict(temperature=0.0, max_new_tokens=12)
 REPORT = [{"role": "user", "content": prompting.REPORT_PROMPT}]
 QUESTION = [{"role": "user", "content": prompting.question_prompt("Is there a pleural effusion?")}]
-
-
-@pytest.fixture(scope="module")
-def model():
-    return CXRLLaVA.from_pretrained(checkpoint_dir())
 
 
 @pytest.fixture(scope="module")
@@ -216,10 +212,10 @@ def test_int8_model_answers_and_is_saved_quantized(tmp_path, images):
 SHARDED_LOAD = """
 import json, sys
 import jax, numpy as np
-sys.path.insert(0, "tests")
+
 from cxrllava_jax.inference.api import CXRLLaVA
 from cxrllava_jax.inference.generate import SamplingOptions
-from inference_fixtures import checkpoint_dir
+from cxrllava_jax.reference.tiny_models import checkpoint_dir
 model = CXRLLaVA.from_pretrained(checkpoint_dir())
 kernel = model.generator.params["params"]["llm"]["layers"]["block_0"]["q_proj"]["kernel"]
 pixels = np.zeros((1, 64, 64, 1), np.float32)

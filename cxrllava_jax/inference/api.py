@@ -43,10 +43,10 @@ class CXRLLaVA:
     def __init__(self, config: CXRLLaVAConfig, params: dict, tokenizer, runtime: Runtime = Runtime(),
                  origin: str = "model", model=None, quantize: str | None = None):
         """`model`: the module that runs `params` (a quantized one from `from_pretrained`, with `quantize` its
-        kind), by default `models.cxr_llava.CXRLLaVA(config, runtime)`."""
+        kind), by default `models.cxr_llava.CXRLLaVAModel(config, runtime)`."""
         check_vocabulary(tokenizer, config.llama.vocab_size, origin)
         self.config, self.tokenizer, self.runtime, self.quantize = config, tokenizer, runtime, quantize
-        model = cxr_llava.CXRLLaVA(config, runtime) if model is None else model
+        model = cxr_llava.CXRLLaVAModel(config, runtime) if model is None else model
         self.generator = Generator(model, {"params": params}, eos_id=tokenizer.eos_token_id,
                                    vocab_limit=len(tokenizer))
 
@@ -83,7 +83,7 @@ class CXRLLaVA:
                                     "release directory (config.json with clip_vision_cfg)")
         param_dtype = dtype or (None if jax.default_backend() == "cpu" else "bfloat16")
         runtime = _runtime(dtype, scan, param_dtype or "bfloat16")
-        model, params = loading.place_params(tensors, cxr_llava.CXRLLaVA(config, runtime), _init_args(config),
+        model, params = loading.place_params(tensors, cxr_llava.CXRLLaVAModel(config, runtime), _init_args(config),
                                              dtype=param_dtype, quantize=quantize)
         return cls(config, params, load_tokenizer(tokenizer_path), runtime, origin=str(path), model=model,
                    quantize=quantize)
@@ -94,7 +94,7 @@ class CXRLLaVA:
         if quantize not in (None, kind):
             raise ValueError(f"{path} holds {kind} weights; it cannot be loaded as {quantize}")
         runtime = _runtime(dtype, scan, stored["param_dtype"])
-        model = quantization.quantized(cxr_llava.CXRLLaVA(config, runtime), kind)
+        model = quantization.quantized(cxr_llava.CXRLLaVAModel(config, runtime), kind)
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                                 nn.meta.unbox(quantization.abstract_params(model, *_init_args(config))))

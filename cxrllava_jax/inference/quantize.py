@@ -40,7 +40,7 @@ def rules(kind: str, llama_config) -> list:
 
 
 def quantized(model: nn.Module, kind: str) -> nn.Module:
-    """`model` (a Llama or a CXRLLaVA) whose language-model matmuls run on `kind` weights."""
+    """`model` (a Llama or a CXRLLaVAModel) whose language-model matmuls run on `kind` weights."""
     llama_config = getattr(model.config, "llama", model.config)
     return qwix.quantize_model(model, qwix.PtqProvider(rules(kind, llama_config)), methods=METHODS)
 
