@@ -8,7 +8,7 @@ DEMO_DIR ?= demo_workdir
 # file that makes concurrent CPU runs fail. Compiling for TPU topologies needs only the library, not a TPU.
 VENV_TPU ?= .venv-tpu
 
-.PHONY: demo test benchmarks compile-scale clean
+.PHONY: demo test benchmarks bench-scale compile-scale clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,12 @@ test: $(VENV)/.test
 	$(PY) -m pytest -q tests
 
 benchmarks: $(VENV)/.test
-	for b in benchmarks/bench_*.py; do PYTHONPATH=. $(PY) $$b || exit 1; done
+	for b in benchmarks/bench_*.py; do [ $$b = benchmarks/bench_release_scale.py ] || PYTHONPATH=. $(PY) $$b || exit 1; done
+
+# The released model's size (ViT-L + LLaMA-2-7B): ~13 GiB of disk, ~20 GiB of RAM at peak. SIZE=1b to try it.
+SIZE ?= 7b
+bench-scale: $(VENV)/.test
+	PYTHONPATH=. $(PY) benchmarks/bench_release_scale.py --size $(SIZE)
 
 $(VENV_TPU)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV_TPU)

@@ -7,7 +7,12 @@ Greedy decoding of exactly NEW_TOKENS tokens per row (EOS never stops a row, so 
 same work) from text prompts of PROMPT_LENGTH tokens, with the tests' tiny CXR-LLaVA language model
 (cxrllava_jax/reference/tiny_models.py) and a larger random LLaMA with LLaMA-2's vocabulary. Each figure is the best
 of REPEATS timed runs after a warm-up run that compiles; every contender's tokens are checked against ours.
+PyTorch runs with one thread per core this process may use (`--torch-threads` to change it): more threads
+than cores make its OpenMP threads spin against each other. The load average is recorded with the figures;
+compare on a quiet machine (load < 0.5).
 """
+
+import argparse
 
 import json
 import os
@@ -113,6 +118,10 @@ def measure(name, torch_model, config, params, batch_size: int) -> dict:
 
 
 def main():
+    parser = argparse.ArgumentParser(description="generation speed against transformers' generate")
+    parser.add_argument("--torch-threads", type=int, default=len(os.sched_getaffinity(0)))
+    torch.set_num_threads(parser.parse_args().torch_threads)
+    load_before = open("/proc/loadavg").read().split()[:3]
     rows = []
     with tempfile.TemporaryDirectory() as directory:
         for build in (tiny_language_model, small_language_model):
@@ -126,6 +135,7 @@ def main():
                       f"{r['same_tokens_as_transformers']}/{r['same_tokens_as_recompute']}", flush=True)
     result = {"machine": platform.machine(), "cpu_count": os.cpu_count(), "backend": jax.default_backend(),
               "torch_threads": torch.get_num_threads(), "goals": {"vs_transformers": 3.0, "vs_recompute": 4.0},
+              "load_average_before": load_before, "load_average_after": open("/proc/loadavg").read().split()[:3],
               "runs": rows}
     out = pathlib.Path(__file__).parent / "results" / "inference.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

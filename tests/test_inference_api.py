@@ -1,21 +1,32 @@
 """The release's Python interface on the tiny model: parity with the release's PyTorch forward on image
 prompts, both checkpoint kinds, batches, every image kind, chat, streaming and clear errors."""
 
+import dataclasses
+import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from cxrllava_jax.convert import release
 from cxrllava_jax.domain import prompting
+from cxrllava_jax.inference import quantize
 from cxrllava_jax.inference.api import CXRLLaVA, _TextStream
 from cxrllava_jax.inference.generate import SamplingOptions
 from cxrllava_jax.domain.tokenizer import load_tokenizer, train_tokenizer
 from cxrllava_jax.domain.images import InputError
 from tests.dicom_files import write_dicom
-from cxrllava_jax.reference.tiny_models import checkpoint_dir, release_dir, synthetic_radiograph, tiny_config
+from cxrllava_jax.reference.tiny_models import (checkpoint_dir, release_dir, synthetic_radiograph, tiny_config,
+                                                 tokenizer_dir)
 from cxrllava_jax.reference.torch_models import IMAGE_PLACEHOLDER, ReleaseCXRLLaVA
 
 GREEDY = dict(temperature=0.0, max_new_tokens=12)
@@ -107,10 +118,13 @@ def test_questions_and_chat(model, images):
     assert isinstance(model.write_differential_diagnosis(images[0], **GREEDY), str)
 
 
-def test_chat_streams_the_answer(model, images):
+def test_chat_streams_the_answer(model, images, monkeypatch):
+    # EOS masked (no token equals it) and tokens drawn at temperature 1: the answer is 40 tokens long whatever
+    # the untrained model prefers, so the stream has many pieces on any CPU.
+    monkeypatch.setattr(model.generator, "spec", dataclasses.replace(model.generator.spec, eos_id=-1))
     pieces = []
     answer = model.chat([{"role": "user", "content": "Describe the lungs."}], images[1], on_text=pieces.append,
-                        temperature=0.0, max_new_tokens=40)
+                        temperature=1.0, top_p=1.0, seed=1, max_new_tokens=40)
     assert len(pieces) > 1
     assert "".join(pieces) == answer
 
@@ -182,3 +196,62 @@ def test_tokenizer_of_another_model_is_refused(tmp_path):
 def test_directory_that_is_no_model_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a cxrllava-jax checkpoint"):
         CXRLLaVA.from_pretrained(tmp_path)
+
+
+def test_bfloat16_weights_load_as_stored(tmp_path, images):
+    """A release directory in bfloat16 (as released) loads without a float32 copy of its parameters."""
+    config, params = release.load_release(release_dir())
+    release.save_release(tmp_path / "bf16", config, params, "bfloat16")
+    for f in tokenizer_dir().iterdir():
+        shutil.copy(f, tmp_path / "bf16" / f.name)
+    loaded = CXRLLaVA.from_pretrained(tmp_path / "bf16")
+    dtypes = {leaf.dtype for leaf in jax.tree.leaves(loaded.generator.params)}
+    assert dtypes == {jnp.dtype(jnp.bfloat16)}
+    assert isinstance(loaded.write_radiologic_report(images[0], **GREEDY), str)
+
+
+def test_int8_model_answers_and_is_saved_quantized(tmp_path, images):
+    int8 = CXRLLaVA.from_pretrained(checkpoint_dir(), quantize="int8")
+    kernel = int8.generator.params["params"]["llm"]["layers"]["block_0"]["q_proj"]["kernel"]
+    assert quantize.is_quantized(kernel) and kernel.array.qvalue.dtype == jnp.int8
+    assert not quantize.is_quantized(int8.generator.params["params"]["img"]["conv1"]["kernel"])
+    reports = int8.write_radiologic_reports(images[:2], **GREEDY)
+    int8.save(tmp_path / "int8")
+    again = CXRLLaVA.from_pretrained(tmp_path / "int8")
+    assert again.quantize == "int8"
+    assert again.write_radiologic_reports(images[:2], **GREEDY) == reports
+    with pytest.raises(ValueError, match="holds int8 weights; it cannot be loaded as int4"):
+        CXRLLaVA.from_pretrained(tmp_path / "int8", quantize="int4")
+
+
+SHARDED_LOAD = """
+import json, sys
+import jax, numpy as np
+
+from cxrllava_jax.inference.api import CXRLLaVA
+from cxrllava_jax.inference.generate import SamplingOptions
+from cxrllava_jax.reference.tiny_models import checkpoint_dir
+model = CXRLLaVA.from_pretrained(checkpoint_dir())
+kernel = model.generator.params["params"]["llm"]["layers"]["block_0"]["q_proj"]["kernel"]
+pixels = np.zeros((1, 64, 64, 1), np.float32)
+ids = model.generator.generate([model._encode([{"role": "user", "content": "Any effusion?"}])], pixels,
+                               SamplingOptions(temperature=0.0, max_new_tokens=4))
+print("REPORT" + json.dumps({"devices": jax.device_count(), "spec": [str(a) for a in kernel.sharding.spec],
+                             "shard": list(kernel.addressable_shards[0].data.shape), "full": list(kernel.shape),
+                             "tokens": len(ids[0])}))
+"""
+
+
+def test_several_devices_hold_the_parameters_split_by_heads():
+    """With 4 devices the language model's heads are split over them (tensor parallel), and it still answers."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               PYTHONPATH=str(root))
+    result = subprocess.run([sys.executable, "-c", SHARDED_LOAD], env=env, cwd=root, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("REPORT"))[6:])
+    assert report["devices"] == 4
+    assert report["spec"][1] == "tensor"  # [embed, heads, head_dim]: heads over the tensor axis
+    assert report["shard"] == [report["full"][0], report["full"][1] // 4, report["full"][2]]
+    assert report["tokens"] <= 4  # it generated (how many before EOS is up to the untrained model)

@@ -1,6 +1,7 @@
 """Our model checkpoint: what every stage exports, what import-torch writes and what inference loads.
 
-    CKPT/model_config.json   {"model": kind, "config": {...}, "scan": bool}
+    CKPT/model_config.json   {"model": kind, "config": {...}, "scan": bool,
+                              "quantize": null or {"kind": "int8"|"int4", "param_dtype": ...}}
     CKPT/params/             the parameter tree, written by Orbax
     CKPT/tokenizer/          optional: the tokenizer files that go with the language model
 
@@ -24,9 +25,12 @@ CONFIG_CLASSES = {
 }
 
 
-def save_model(path, kind: str, config, params, *, tokenizer_dir=None, scan: bool = False, overwrite: bool = False):
+def save_model(path, kind: str, config, params, *, tokenizer_dir=None, scan: bool = False, overwrite: bool = False,
+               quantize: dict | None = None):
     """Writes a model checkpoint; an existing one is replaced only with `overwrite` (and only once the new
-    one is complete: it is written beside and swapped in, so a crash never leaves neither)."""
+    one is complete: it is written beside and swapped in, so a crash never leaves neither). `quantize` records
+    that the language model's weights are quantized ones ({"kind": "int8"|"int4", "param_dtype": the dtype of
+    the others}; see `inference.quantize`)."""
     path = Path(path).absolute()
     if kind not in CONFIG_CLASSES:
         raise ValueError(f"unknown model kind {kind!r}; known: {sorted(CONFIG_CLASSES)}")
@@ -35,9 +39,10 @@ def save_model(path, kind: str, config, params, *, tokenizer_dir=None, scan: boo
     staging = path.with_name(path.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    with _process_local_checkpointer() as checkpointer:
-        checkpointer.save(staging / "params", jax.tree.map(np.asarray, jax.device_get(params)))
-    meta = {"model": kind, "config": mc.to_dict(config), "scan": bool(scan)}
+    with _host_array_writer() as checkpointer:
+        host = jax.tree.map(np.asarray, jax.device_get(params))
+        checkpointer.save(staging / "params", args=ocp.args.PyTreeSave(host))
+    meta = {"model": kind, "config": mc.to_dict(config), "scan": bool(scan), "quantize": quantize}
     (staging / "model_config.json").write_text(json.dumps(meta, indent=2))
     if tokenizer_dir:
         shutil.copytree(tokenizer_dir, staging / "tokenizer")
@@ -55,6 +60,18 @@ def _process_local_checkpointer() -> ocp.StandardCheckpointer:
     return ocp.StandardCheckpointer(multiprocessing_options=only_me)
 
 
+def _host_array_writer() -> ocp.Checkpointer:
+    """Writes host arrays where they lie. Orbax's default (asynchronous, `deepcopy_host_arrays`) first copies
+    every numpy array, a second copy of a 7B model on the host; this write blocks until done, so nothing can
+    change the arrays under it. The files are the same as `StandardCheckpointer` writes."""
+    me = jax.process_index()
+    only_me = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, multiprocessing_options=only_me)
+    return ocp.Checkpointer(handler, multiprocessing_options=only_me)
+
+
 def read_model_config(path):
     """(kind, config, scan) from CKPT/model_config.json, with a clear error for a directory that is not one."""
     meta_path = Path(path) / "model_config.json"
@@ -65,6 +82,17 @@ def read_model_config(path):
     if kind not in CONFIG_CLASSES:
         raise ValueError(f"{meta_path}: unknown model kind {kind!r}; known: {sorted(CONFIG_CLASSES)}")
     return kind, mc.from_dict(CONFIG_CLASSES[kind], meta["config"]), bool(meta.get("scan", False))
+
+
+def read_quantization(path) -> dict | None:
+    return json.loads((Path(path) / "model_config.json").read_text()).get("quantize")
+
+
+def restore_params(path, abstract):
+    """The parameter tree restored into the structure, dtypes and placement of `abstract` (ShapeDtypeStructs
+    with shardings): what a quantized checkpoint needs, whose leaves only its model's template describes."""
+    with _process_local_checkpointer() as checkpointer:
+        return checkpointer.restore(Path(path).absolute() / "params", abstract)
 
 
 def load_model(path, runtime: mc.Runtime = mc.Runtime()):

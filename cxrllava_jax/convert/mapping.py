@@ -45,7 +45,13 @@ TRANSFORMS: dict[str, tuple[Callable, Callable]] = {
 
 
 def import_params(entries: list[Entry], reader, origin: str, expected: dict, ignored: Iterable[str] = ()) -> dict:
-    """Reads every entry's tensor through `reader` (a lazy safetensors reader), strictly.
+    """Reads every entry's tensor through `reader` (a lazy safetensors reader), strictly, into one tree."""
+    return traverse_util.unflatten_dict(dict(iter_imported(entries, reader, origin, expected, ignored)), sep="/")
+
+
+def iter_imported(entries: list[Entry], reader, origin: str, expected: dict,
+                  ignored: Iterable[str] = ()) -> Iterator[tuple[str, np.ndarray]]:
+    """(our parameter path, array) pairs, one tensor at a time, in the file's dtype.
 
     `expected` maps our parameter paths to the shapes the configured model has. Missing, unexpected
     (other than `ignored`) and mis-shaped keys are all collected first and raised together, before any
@@ -62,8 +68,8 @@ def import_params(entries: list[Entry], reader, origin: str, expected: dict, ign
                 problems.append(f"{entry.torch_key}: expected shape {want}, found {tuple(reader.shape(entry.torch_key))}")
     if problems:
         raise ConversionError(f"{origin}: {len(problems)} problem(s) with the weights:\n  " + "\n  ".join(problems))
-    flat = {e.path: np.ascontiguousarray(e.to_ours(reader.get(e.torch_key))) for e in entries}
-    return traverse_util.unflatten_dict(flat, sep="/")
+    for e in entries:
+        yield e.path, np.ascontiguousarray(e.to_ours(reader.get(e.torch_key)))
 
 
 def torch_shape(entry: Entry, our_shape) -> tuple:

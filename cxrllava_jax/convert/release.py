@@ -4,11 +4,13 @@ llama, image_preprocess_cfg)."""
 
 import json
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+from flax import traverse_util
 
 from cxrllava_jax.convert import hf_llama
-from cxrllava_jax.convert.mapping import Entry, expected_shapes, export_tensors, import_params
+from cxrllava_jax.convert.mapping import Entry, expected_shapes, export_tensors, iter_imported
 from cxrllava_jax.convert.open_clip import vit_entries
 from cxrllava_jax.convert.safetensors_io import SafetensorsReader, storage_dtype, write_sharded
 from cxrllava_jax.models.configs import CXRLLaVAConfig, VisionConfig
@@ -75,12 +77,18 @@ def release_expected_shapes(cfg: CXRLLaVAConfig) -> dict:
 
 
 def load_release(directory) -> tuple[CXRLLaVAConfig, dict]:
+    cfg, tensors = iter_release(directory)
+    return cfg, traverse_util.unflatten_dict(dict(tensors), sep="/")
+
+
+def iter_release(directory) -> tuple[CXRLLaVAConfig, Iterator[tuple[str, np.ndarray]]]:
+    """The release's config and its tensors as (our parameter path, array), read one at a time: a caller that
+    places each on its device as it comes never holds the model on the host."""
     directory = Path(directory)
     cfg = config_from_release(json.loads((directory / "config.json").read_text()), str(directory / "config.json"))
     reader = SafetensorsReader(directory)
     ignored = [k for k in reader.keys() if k.endswith("rotary_emb.inv_freq")]
-    params = import_params(release_entries(cfg), reader, str(directory), release_expected_shapes(cfg), ignored)
-    return cfg, params
+    return cfg, iter_imported(release_entries(cfg), reader, str(directory), release_expected_shapes(cfg), ignored)
 
 
 def save_release(directory, cfg: CXRLLaVAConfig, params: dict, dtype: str = "bfloat16",

@@ -1,14 +1,18 @@
 """Safetensors directories, read lazily and written in shards: never pickle, never the whole model at once."""
 
 import json
+import struct
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 INDEX = "model.safetensors.index.json"
+# The format's dtype names (https://github.com/huggingface/safetensors, "Format").
+DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "I64": np.int64,
+          "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+          "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
 
 
 def storage_dtype(name: str) -> np.dtype:
@@ -32,17 +36,39 @@ class SafetensorsReader:
                 p.name for p in self.directory.glob("*.pt*"))
             hint = f" (found {pickles}: pickle files are not read; convert them to safetensors first)" if pickles else ""
             raise FileNotFoundError(f"{self.directory}: no .safetensors weights{hint}")
-        self._handles = {name: safe_open(str(self.directory / name), framework="numpy") for name in files}
-        self._where = {key: name for name, h in self._handles.items() for key in h.keys()}
+        self._entries = {}  # key -> (file, dtype, shape, byte offset, byte length)
+        for name in files:
+            for key, entry in _read_header(self.directory / name).items():
+                self._entries[key] = (self.directory / name, *entry)
 
     def keys(self):
-        return self._where.keys()
+        return self._entries.keys()
 
     def shape(self, key) -> tuple:
-        return tuple(self._handles[self._where[key]].get_slice(key).get_shape())
+        return self._entries[key][2]
 
     def get(self, key) -> np.ndarray:
-        return self._handles[self._where[key]].get_tensor(key)
+        """The tensor read into fresh memory with plain reads: mapping the file instead would keep every page
+        read so far resident (and counted) for as long as the reader lives, a second copy of the weights."""
+        path, dtype, shape, offset, length = self._entries[key]
+        count = length // dtype.itemsize
+        return np.fromfile(path, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
+def _read_header(path: Path) -> dict:
+    """key -> (dtype, shape, absolute byte offset, byte length) from a safetensors file's JSON header."""
+    with path.open("rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    entries = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if info["dtype"] not in DTYPES:
+            raise ValueError(f"{path}: tensor {key} has dtype {info['dtype']}, which is not read here")
+        start, end = info["data_offsets"]
+        entries[key] = (np.dtype(DTYPES[info["dtype"]]), tuple(info["shape"]), 8 + size + start, end - start)
+    return entries
 
 
 def write_sharded(directory, tensors, max_shard_bytes: int = 5 * 2**30, metadata: dict | None = None):

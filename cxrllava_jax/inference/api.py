@@ -12,16 +12,21 @@ max_new_tokens=512 (and never past the context window), seed=0.
 """
 
 import re
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from cxrllava_jax.convert import checkpoint, peft, release
 from cxrllava_jax.convert.layout import relayout
 from cxrllava_jax.domain import prompting
+from cxrllava_jax.inference import compile_cache, loading
+from cxrllava_jax.inference import quantize as quantization
 from cxrllava_jax.inference.generate import Generator, SamplingOptions
 from cxrllava_jax.domain.tokenizer import check_vocabulary, load_tokenizer
 from cxrllava_jax.models import cxr_llava
@@ -38,41 +43,89 @@ class CXRLLaVA:
     """
 
     def __init__(self, config: CXRLLaVAConfig, params: dict, tokenizer, runtime: Runtime = Runtime(),
-                 origin: str = "model"):
+                 origin: str = "model", model=None, quantize: str | None = None):
+        """`model`: the module that runs `params` (a quantized one from `from_pretrained`, with `quantize` its
+        kind), by default `models.cxr_llava.CXRLLaVAModel(config, runtime)`."""
         check_vocabulary(tokenizer, config.llama.vocab_size, origin)
-        self.config, self.tokenizer = config, tokenizer
-        self.generator = Generator(cxr_llava.CXRLLaVAModel(config, runtime), {"params": params},
-                                   eos_id=tokenizer.eos_token_id, vocab_limit=len(tokenizer))
+        self.config, self.tokenizer, self.runtime, self.quantize = config, tokenizer, runtime, quantize
+        model = cxr_llava.CXRLLaVAModel(config, runtime) if model is None else model
+        self.generator = Generator(model, {"params": params}, eos_id=tokenizer.eos_token_id,
+                                   vocab_limit=len(tokenizer))
 
     @classmethod
-    def from_pretrained(cls, path, dtype: str | None = None, adapter=None) -> "CXRLLaVA":
+    def from_pretrained(cls, path, dtype: str | None = None, quantize: str | None = None,
+                        adapter=None) -> "CXRLLaVA":
         """Loads our checkpoint (tokenizer under CKPT/tokenizer) or the release's PyTorch directory
         (config.json with clip_vision_cfg, safetensors, tokenizer files), converting the latter on the fly.
 
-        `dtype`: compute and parameter dtype; float32 on CPU and bfloat16 on accelerators by default.
+        Tensors go to the devices one at a time (split over several devices by the logical-axis rules).
+        `dtype`: parameter and compute dtype. By default accelerators get bfloat16 parameters (cast tensor by
+        tensor as they load) and compute; on CPU parameters keep the dtype they are stored in (the release's
+        bfloat16) and compute runs in float32.
+        `quantize`: 'int8' (per channel) or 'int4' (grouped) weight-only quantization of the language model.
         `adapter`: a LoRA adapter directory in PEFT's format (what fine-tuning writes to WORKDIR/adapter, or one
         made with `peft` for the hf-llama export); it is folded into the weights in memory as they load.
+        Compiled programs are kept in the persistent compilation cache (see `compile_cache`).
         """
+        compile_cache.enable()
         path = Path(path)
-        dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-        runtime = Runtime(dtype=dtype, param_dtype=dtype)
         if release.is_release_dir(path):
-            config, params = release.load_release(path)
-            tokenizer_path = path
+            config, tensors = release.iter_release(path)
+            tokenizer_path, scan = path, False
         elif (path / "model_config.json").is_file():
-            kind, config, params = checkpoint.load_model(path, runtime)
+            kind, config, scan = checkpoint.read_model_config(path)
             if kind != "cxr_llava":
                 raise ValueError(f"{path} holds a {kind!r} model; inference needs a 'cxr_llava' checkpoint")
             tokenizer_path = checkpoint.tokenizer_dir(path)
             if tokenizer_path is None:
                 raise FileNotFoundError(f"{path}: no tokenizer/ directory; copy the LLaMA tokenizer files there")
+            stored = checkpoint.read_quantization(path)
+            if stored is not None:
+                if adapter is not None:
+                    raise ValueError(f"{path} holds quantized weights; apply the adapter to the checkpoint they "
+                                     "were quantized from")
+                return cls._from_quantized(path, config, scan, stored, quantize, dtype, tokenizer_path)
+            tensors = _drain(traverse_util.flatten_dict(checkpoint.load_model(path, Runtime(scan=scan))[2], sep="/"))
         else:
             raise FileNotFoundError(f"{path} is neither a cxrllava-jax checkpoint (model_config.json) nor a "
                                     "release directory (config.json with clip_vision_cfg)")
         if adapter is not None:
-            params = peft.apply_adapter(relayout(params, scan=False), adapter)
-        params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
-        return cls(config, params, load_tokenizer(tokenizer_path), runtime, origin=str(path))
+            # The adapter folds into the unscanned kernels it targets, so the model is gathered once for it.
+            merged = peft.apply_adapter(relayout(traverse_util.unflatten_dict(dict(tensors), sep="/"), scan=False),
+                                        adapter)
+            tensors, scan = _drain(traverse_util.flatten_dict(merged, sep="/")), False
+        param_dtype = dtype or (None if jax.default_backend() == "cpu" else "bfloat16")
+        runtime = _runtime(dtype, scan, param_dtype or "bfloat16")
+        model, params = loading.place_params(tensors, cxr_llava.CXRLLaVAModel(config, runtime), _init_args(config),
+                                             dtype=param_dtype, quantize=quantize)
+        return cls(config, params, load_tokenizer(tokenizer_path), runtime, origin=str(path), model=model,
+                   quantize=quantize)
+
+    @classmethod
+    def _from_quantized(cls, path, config, scan, stored: dict, quantize, dtype, tokenizer_path) -> "CXRLLaVA":
+        kind = stored["kind"]
+        if quantize not in (None, kind):
+            raise ValueError(f"{path} holds {kind} weights; it cannot be loaded as {quantize}")
+        runtime = _runtime(dtype, scan, stored["param_dtype"])
+        model = quantization.quantized(cxr_llava.CXRLLaVAModel(config, runtime), kind)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                                nn.meta.unbox(quantization.abstract_params(model, *_init_args(config))))
+        params = checkpoint.restore_params(path, abstract)
+        return cls(config, params, load_tokenizer(tokenizer_path), runtime, origin=str(path), model=model,
+                   quantize=kind)
+
+    def save(self, path, *, overwrite: bool = False):
+        """Our checkpoint of this model, tokenizer included; quantized weights stay quantized, so quantizing is
+        done once and `from_pretrained(path)` loads them as they are."""
+        params = self.generator.params["params"]
+        quantized = None
+        if self.quantize is not None:
+            quantized = {"kind": self.quantize, "param_dtype": str(params["llm"]["embed_tokens"]["embedding"].dtype)}
+        with tempfile.TemporaryDirectory() as tokenizer_dir:
+            self.tokenizer.save_pretrained(tokenizer_dir)
+            checkpoint.save_model(path, "cxr_llava", self.config, params, tokenizer_dir=tokenizer_dir,
+                                  scan=self.runtime.scan, overwrite=overwrite, quantize=quantized)
 
     # ---------------------------------------------------------------- the release's methods, and batches
 
@@ -171,6 +224,26 @@ class CXRLLaVA:
         cfg = self.config
         return prompting.encode_prompt(turns, self.tokenizer, cfg.num_image_tokens, cfg.image_token_id,
                                        max_length=cfg.llama.max_position_embeddings, system=system)
+
+
+def _runtime(dtype: str | None, scan: bool, stored_dtype: str = "bfloat16") -> Runtime:
+    """`dtype` for parameters and compute, or compute in float32 on CPU and bfloat16 on accelerators with the
+    parameters in the dtype they are stored in."""
+    compute = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    return Runtime(dtype=compute, param_dtype=dtype or stored_dtype, scan=scan)
+
+
+def _init_args(config: CXRLLaVAConfig) -> tuple:
+    """Example inputs that trace the model's parameter shapes: an image and a prompt of its image positions."""
+    size = config.vision.image_size
+    tokens = jnp.full((1, config.num_image_tokens + 1), config.image_token_id, jnp.int32)
+    return jnp.zeros((1, size, size, config.vision.in_channels)), tokens
+
+
+def _drain(flat: dict):
+    """(path, array) pairs, each dropped from `flat` as it is handed out, so the host copy goes as it is placed."""
+    for path in list(flat):
+        yield path, flat.pop(path)
 
 
 def _task(prompt: str) -> list[dict]:

@@ -17,7 +17,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cxrllava_jax.domain import prompting
+from cxrllava_jax.inference import compile_cache
 from cxrllava_jax.inference.generate import RELEASE_MAX_NEW_TOKENS, SamplingOptions
+from cxrllava_jax.inference.quantize import KINDS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 USER_ERRORS = (FileNotFoundError, ValueError)  # InputError and PromptTooLongError are ValueErrors
@@ -131,7 +133,12 @@ def _parser(name: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=defaults.top_p)
     parser.add_argument("--max-new-tokens", type=int, default=RELEASE_MAX_NEW_TOKENS)
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--dtype", help="float32 or bfloat16 (default: float32 on CPU, bfloat16 elsewhere)")
+    parser.add_argument("--dtype", help="float32 or bfloat16 (default: the stored weights' dtype, computing in "
+                        "float32 on CPU and bfloat16 elsewhere)")
+    parser.add_argument("--quantize", choices=KINDS, help="weight-only quantization of the language model")
+    parser.add_argument("--compilation-cache", metavar="DIR",
+                        help="where compiled programs are kept ('off' to keep none; default: "
+                             f"${compile_cache.ENV} or {compile_cache.default_directory()})")
     parser.add_argument("--adapter", type=Path, help="a LoRA adapter directory (PEFT format) to apply to CKPT")
     return parser
 
@@ -143,7 +150,8 @@ def _options(args) -> dict:
 def _load(args):
     from cxrllava_jax.inference.api import CXRLLaVA
 
-    return CXRLLaVA.from_pretrained(args.checkpoint, dtype=args.dtype, adapter=args.adapter)
+    compile_cache.enable(args.compilation_cache)
+    return CXRLLaVA.from_pretrained(args.checkpoint, dtype=args.dtype, quantize=args.quantize, adapter=args.adapter)
 
 
 def _run(name: str, command) -> int:

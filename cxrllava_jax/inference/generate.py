@@ -5,7 +5,12 @@ positions count only its real tokens (as `Llama.__call__` does), so padding chan
 Shapes are bucketed (the prompt and the cache round up to multiples of `length_bucket`, the batch to a
 power of two), so a new prompt length reuses its bucket's two compiled functions. The decode loop ends
 when every row has produced EOS or used its token budget; to stream, it runs in chunks of steps and the
-host hands each chunk's tokens to the caller between calls (the same compiled loop, a different stop step).
+host hands each chunk's tokens to the caller between calls (the same compiled loop, a different stop step,
+and the tokens read back whole, so no new program is compiled for a chunk).
+
+The cache is updated in place (see `models.llama`), and a step's attention reads only the filled part of
+it: the decode program is a sequence of loops, each attending over a static span of leading slots that
+doubles from `attention_bucket` up to the whole cache, and a step runs in the first span that holds it.
 
 Works for the language model alone (`models.llama.Llama`, prompts of token ids) and for CXR-LLaVA
 (`models.cxr_llava.CXRLLaVAModel`, prompts holding the image positions, plus one image per prompt).
@@ -94,6 +99,7 @@ class DecodeSpec:
     model: Any  # models.llama.Llama or models.cxr_llava.CXRLLaVAModel
     eos_id: int
     vocab_limit: int | None  # the tokenizer's size: ids past it (a padded embedding table) are never sampled
+    attention_bucket: int = 256  # the first span of slots a decode step attends over; spans double from it
 
     @property
     def llama_config(self):
@@ -108,8 +114,9 @@ class DecodeSpec:
 class Generator:
     """Generates continuations of token prompts with `model` (a Llama or a CXRLLaVAModel) and its `params`."""
 
-    def __init__(self, model, params, *, eos_id: int, vocab_limit: int | None = None, length_bucket: int = 64):
-        self.spec = DecodeSpec(model, eos_id, vocab_limit)
+    def __init__(self, model, params, *, eos_id: int, vocab_limit: int | None = None, length_bucket: int = 64,
+                 attention_bucket: int = 256):
+        self.spec = DecodeSpec(model, eos_id, vocab_limit, attention_bucket)
         self.params, self.length_bucket = params, length_bucket
         self.multimodal = isinstance(model, CXRLLaVAModel)
 
@@ -170,7 +177,7 @@ class Generator:
 
     def _new_tokens(self, state, start, stop, batch) -> list[list[int]]:
         eos = self.spec.eos_id
-        rows = np.asarray(state.tokens[:batch, :stop])
+        rows = np.asarray(state.tokens)[:batch, :stop]  # sliced on the host: a device slice compiles per stop
         return [[] if eos in rows[i, :start] else _cut_at_eos(rows[i, start:], eos) for i in range(batch)]
 
 
@@ -182,9 +189,9 @@ def prefill(spec: DecodeSpec, params, tokens, valid, images, budget, temperature
     """Left-padded prompts [batch, length] into a fresh cache of `cache_length` slots; samples the first token."""
     batch, prompt_length = tokens.shape
     kv_valid = jnp.pad(valid, ((0, 0), (0, cache_length - prompt_length)))
-    positions, mask = prompt_positions_and_mask(valid, kv_valid)
+    positions, mask = prompt_positions_and_mask(valid)  # the prompt reads only its own slots
     cache = init_cache(spec.llama_config, batch, cache_length, dtype_of(spec.model.runtime.dtype))
-    logits, cache = spec.model.apply(params, tokens, images, positions, mask, cache, method=_prefill_last_logits)
+    logits, cache = spec.model.apply(params, tokens, images, positions, mask, cache, method="prefill")
     first = sample_next(spec.mask_vocab(logits), temperature, top_p, jax.random.fold_in(key, 0))
     out = jnp.full((batch, cache_length - prompt_length + 1), spec.eos_id, jnp.int32).at[:, 0].set(first)
     return DecodeState(step=jnp.int32(1), tokens=out, done=(first == spec.eos_id) | (budget <= 1), budget=budget,
@@ -195,44 +202,38 @@ def prefill(spec: DecodeSpec, params, tokens, valid, images, budget, temperature
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("state",))
 def decode(spec: DecodeSpec, params, state: DecodeState, stop_step) -> DecodeState:
     """Generates one token per row and step until `stop_step` tokens exist or every row is done."""
-    first_slot = state.kv_valid.shape[1] - state.tokens.shape[1] + 1  # = the bucketed prompt length
+    cache_length = state.kv_valid.shape[1]
+    first_slot = cache_length - state.tokens.shape[1] + 1  # = the bucketed prompt length
 
-    def keep_going(s: DecodeState):
-        return (s.step < stop_step) & ~s.done.all()
-
-    def one_token(s: DecodeState):
+    def one_token(span: int, s: DecodeState):
         slot = first_slot + s.step - 1  # where the previous token's key/value go
         previous = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=1, keepdims=True)
         kv_valid = s.kv_valid.at[:, slot].set(True)
-        mask = attention_mask(jnp.full((previous.shape[0], 1), slot), kv_valid)
-        logits, cache = spec.model.apply(params, previous, s.positions[:, None], mask, s.cache, slot,
-                                         method=_step_logits)
+        mask = attention_mask(jnp.full((previous.shape[0], 1), slot), kv_valid[:, :span])
+        logits, cache = spec.model.apply(params, previous, s.positions[:, None], mask, s.cache, slot, method="step")
         new = sample_next(spec.mask_vocab(logits), s.temperature, s.top_p, jax.random.fold_in(s.key, s.step))
         new = jnp.where(s.done, spec.eos_id, new)
         done = s.done | (new == spec.eos_id) | (s.step + 1 >= s.budget)
         return s.replace(step=s.step + 1, tokens=s.tokens.at[:, s.step].set(new), done=done,
                          positions=s.positions + 1, kv_valid=kv_valid, cache=cache)
 
-    return jax.lax.while_loop(keep_going, one_token, state)
+    for span in attention_spans(first_slot, cache_length, spec.attention_bucket):
+        def keep_going(s: DecodeState, span=span):
+            return (s.step < stop_step) & ~s.done.all() & (first_slot + s.step - 1 < span)
+
+        state = jax.lax.while_loop(keep_going, functools.partial(one_token, span), state)
+    return state
 
 
-def _language_model(module):
-    return module.llm if isinstance(module, CXRLLaVAModel) else module
-
-
-def _prefill_last_logits(module, tokens, images, positions, mask, cache):
-    """Runs the prompt through the decoder into the cache; returns only the last slot's logits [batch, vocab]
-    (the lm_head over every prompt slot would cost [batch, length, vocab] for nothing)."""
-    embeds = module.embed(tokens, module.encode_images(images)) if images is not None else module.embed(tokens)
-    llm = _language_model(module)
-    x, cache = llm.layers(embeds, cache, positions, mask, 0)
-    return llm.lm_head(llm.norm(x[:, -1:]))[:, 0].astype(jnp.float32), cache
-
-
-def _step_logits(module, tokens, positions, mask, cache, slot):
-    llm = _language_model(module)
-    logits, cache = llm.decode(llm.embed(tokens), positions, mask, cache, slot)
-    return logits[:, 0], cache
+def attention_spans(first_slot: int, cache_length: int, bucket: int) -> list[int]:
+    """The static numbers of leading slots the decode loops attend over: `bucket`, doubled, up to the cache;
+    only spans past the prompt (`first_slot` is where the first generated token's key/value go)."""
+    spans, span = [], bucket
+    while span < cache_length:
+        if span > first_slot:
+            spans.append(span)
+        span *= 2
+    return spans + [cache_length]
 
 
 def _cut_at_eos(ids: np.ndarray, eos_id: int) -> list[int]:

@@ -73,6 +73,13 @@ class CXRLLaVAModel(nn.Module):
     def decode(self, embeds, positions, mask, cache=None, cache_index=0):
         return self.llm.decode(embeds, positions, mask, cache, cache_index)
 
+    def prefill(self, tokens, images, positions, mask, cache):
+        """An image prompt into the cache; returns the last slot's logits [batch, vocab] fp32 and the cache."""
+        return self.llm.last_logits(self.embed(tokens, self.encode_images(images)), positions, mask, cache)
+
+    def step(self, tokens, positions, mask, cache, slot):
+        return self.llm.step(tokens, positions, mask, cache, slot)
+
     def hidden_states(self, images, tokens, valid=None, right_padded: bool = False):
         """The LLM's last hidden states [batch, length, hidden] for images [batch, H, W, 1] and tokens [batch,
         length] with expanded image positions; `right_padded` promises real tokens first (training batches)."""

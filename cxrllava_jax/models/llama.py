@@ -1,8 +1,13 @@
 """The language model: LLaMA-2 (Hugging Face `LlamaForCausalLM` semantics) with a preallocated KV cache.
 
-The cache is an explicit pytree `{"k", "v"}: [layers, batch, max_length, kv_heads, head_dim]` passed in
-and returned, so prefill and decode are pure functions that `jit` and `lax.while_loop` can carry.
-New keys/values are written at `cache_index`; which slots a query may see is the caller's mask.
+The cache is an explicit pytree `{"k", "v"}: [layers, batch, kv_heads, max_length, head_dim]` passed in
+and returned, so prefill and decode are pure functions that `jit` and `lax.while_loop` can carry. It travels
+with the layer stack's carry (unrolled or `nn.scan`), and each layer writes its new keys/values at
+`cache_index` into it with one dynamic-update-slice, so XLA updates the buffer in place instead of slicing a
+layer out and stacking the layers again. Which slots a query may see is the caller's mask, whose width
+says how many leading slots attention reads: a decode step costs in proportion to the filled context.
+Each (row, kv head) holds its slots as one contiguous [length, head_dim] matrix, the operand of the
+decode step's matrix-vector products.
 """
 
 import flax.linen as nn
@@ -63,12 +68,15 @@ def prompt_positions_and_mask(valid, kv_valid=None):
 
 
 class DecoderLayer(nn.Module):
+    """One block; carries `(x, cache)` so that the cache is updated in place, with or without `nn.scan`."""
+
     config: LlamaConfig
     runtime: Runtime
 
     @nn.compact
-    def __call__(self, x, layer_cache, positions, mask, cache_index):
+    def __call__(self, carry, layer, positions, mask, cache_index):
         cfg, rt = self.config, self.runtime
+        x, cache = carry
         kw = dict(use_bias=False, **dtypes(rt))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         h = RMSNorm(cfg.rms_norm_eps, rt, name="input_layernorm")(x)
@@ -77,19 +85,49 @@ class DecoderLayer(nn.Module):
         v = dense((cfg.num_kv_heads, cfg.kv_dim), (("embed",), ("kv_heads", "kv")), name="v_proj", **kw)(h)
         q = rotary_embedding(q, positions, cfg.rope_theta)
         k = rotary_embedding(k, positions, cfg.rope_theta)
-        if layer_cache is not None:
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start)
-            v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
-            layer_cache = {"k": k, "v": v}
-        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, kernel=rt.attention)
+        if cache is None:
+            out = attend(q, k, v, mask, kernel=rt.attention)
+        else:
+            cache, k, v = write_and_read(cache, layer, k, v, cache_index, mask.shape[-1])
+            out = cached_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, rt.attention)
         x = x + dense(cfg.hidden_size, (("heads", "kv"), ("embed",)), in_axis=(-2, -1), name="o_proj", **kw)(out)
         h = RMSNorm(cfg.rms_norm_eps, rt, name="post_attention_layernorm")(x)
         gate = dense(cfg.intermediate_size, (("embed",), ("mlp",)), name="gate_proj", **kw)(h)
         up = dense(cfg.intermediate_size, (("embed",), ("mlp",)), name="up_proj", **kw)(h)
         hidden = checkpoint_name(nn.silu(gate) * up, "mlp_hidden")
         x = x + dense(cfg.hidden_size, (("mlp",), ("embed",)), name="down_proj", **kw)(hidden)
-        return x, layer_cache
+        return (x, cache), None
+
+
+def write_and_read(cache, layer, k, v, cache_index, read_length: int):
+    """Writes this layer's new k, v [batch, length, kv_heads, head_dim] at slot `cache_index` of the stacked
+    cache, in place; returns the cache and the layer's first `read_length` slots [batch, kv_heads, read, head_dim]."""
+    new = {"k": k, "v": v}
+    updated, read = {}, {}
+    for name, whole in cache.items():
+        slots = new[name].astype(whole.dtype).swapaxes(1, 2)[None]  # [1, batch, kv_heads, length, head_dim]
+        updated[name] = jax.lax.dynamic_update_slice(whole, slots, (layer, 0, 0, cache_index, 0))
+        size = (1, *whole.shape[1:3], read_length, whole.shape[4])
+        read[name] = jax.lax.dynamic_slice(updated[name], (layer, 0, 0, 0, 0), size)[0]
+    return updated, read["k"], read["v"]
+
+
+def cached_attention(q, k, v, mask, kernel: str = "xla"):
+    """q [batch, q_len, heads, head_dim] against cache slots k, v [batch, kv_heads, slots, head_dim].
+
+    A decode step (one query) contracts straight against the cache's layout, one matrix-vector product per
+    (row, kv head), scores and softmax in float32 as `jax.nn.dot_product_attention` does; longer queries (the
+    prompt) go through `attend` with the configured kernel.
+    """
+    if q.shape[1] > 1:
+        return attend(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask, kernel=kernel)
+    batch, _, heads, head_dim = q.shape
+    groups = heads // k.shape[1]
+    q = q.reshape(batch, k.shape[1], groups, head_dim)
+    scores = jnp.einsum("bkgd,bktd->bkgt", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(head_dim)
+    scores = jnp.where(mask[:, :, 0, None, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgt,bktd->bkgd", probs, v).reshape(batch, 1, heads, head_dim)
 
 
 class DecoderStack(nn.Module):
@@ -98,9 +136,11 @@ class DecoderStack(nn.Module):
 
     @nn.compact
     def __call__(self, x, cache, positions, mask, cache_index):
-        return apply_layers(DecoderLayer, dict(config=self.config, runtime=self.runtime), x, cache, positions, mask,
-                            cache_index, num_layers=self.config.num_layers, scan=self.runtime.scan,
-                            remat_policy=self.runtime.remat_policy, name=LLAMA_STACK)
+        layers = jnp.arange(self.config.num_layers)
+        (x, cache), _ = apply_layers(DecoderLayer, dict(config=self.config, runtime=self.runtime), (x, cache), layers,
+                                     positions, mask, cache_index, num_layers=self.config.num_layers,
+                                     scan=self.runtime.scan, remat_policy=self.runtime.remat_policy, name=LLAMA_STACK)
+        return x, cache
 
 
 class Llama(nn.Module):
@@ -123,7 +163,10 @@ class Llama(nn.Module):
         return nn.with_logical_constraint(self.embed_tokens(tokens), ("batch", "length", "embed"))
 
     def decode(self, embeds, positions, mask, cache=None, cache_index=0):
-        """embeds: [batch, length, hidden]; mask: [batch, 1, length, kv_len]. Returns (logits fp32, cache)."""
+        """embeds: [batch, length, hidden]; mask: [batch, 1, length, kv_len]. Returns (logits fp32, cache).
+
+        With a cache, the new keys/values go to slots `cache_index...` and attention reads the first kv_len slots.
+        """
         x, cache = self.layers(embeds, cache, positions, mask, cache_index)
         return self.logits(x), cache
 
@@ -136,6 +179,23 @@ class Llama(nn.Module):
         """Final norm and vocabulary projection of any positions' hidden states, in fp32."""
         return self.lm_head(self.norm(hidden)).astype(jnp.float32)
 
+    def prefill(self, tokens, images, positions, mask, cache):
+        """Runs a prompt into the cache; returns the last slot's logits [batch, vocab] fp32 and the cache (the
+        lm_head over every prompt slot would cost [batch, length, vocab] for nothing). `images` is None: the
+        argument keeps one signature with `CXRLLaVA.prefill`."""
+        if images is not None:
+            raise ValueError("the language model takes no images")
+        return self.last_logits(self.embed(tokens), positions, mask, cache)
+
+    def last_logits(self, embeds, positions, mask, cache):
+        x, cache = self.layers(embeds, cache, positions, mask, 0)
+        return self.logits(x[:, -1:])[:, 0], cache
+
+    def step(self, tokens, positions, mask, cache, slot):
+        """One token per row [batch, 1] at cache slot `slot` -> (logits [batch, vocab] fp32, cache)."""
+        logits, cache = self.decode(self.embed(tokens), positions, mask, cache, slot)
+        return logits[:, 0], cache
+
     def __call__(self, tokens, valid=None):
         """Full causal forward over [batch, length] tokens; `valid` marks non-padding (left or right)."""
         valid = jnp.ones(tokens.shape, bool) if valid is None else valid.astype(bool)
@@ -143,5 +203,5 @@ class Llama(nn.Module):
 
 
 def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype=jnp.bfloat16):
-    shape = (config.num_layers, batch, max_length, config.num_kv_heads, config.kv_dim)
+    shape = (config.num_layers, batch, config.num_kv_heads, max_length, config.kv_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

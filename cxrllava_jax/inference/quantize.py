@@ -1,0 +1,83 @@
+"""Weight-only quantization of the language model with Qwix: int8 with one scale per output channel, or int4
+with one scale per group of input channels. Activations and the image tower stay in the compute dtype.
+
+    model = quantized(CXRLLaVA(config, runtime), "int8")        # the same module, its matmuls intercepted
+    template = abstract_params(model, config)                   # where each quantized weight goes, and how
+    leaf = quantize_leaf(template, "llm/layers/block_0/q_proj/kernel", kernel)
+
+Quantizing one weight at a time lets a loader turn each tensor into int8/int4 as it reads it, so the model
+never exists in full precision.
+"""
+
+import math
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import qwix
+from flax import traverse_util
+
+KINDS = ("int8", "int4")
+# The language model's projections and its lm_head (CXR-LLaVA nests it under llm/); the embedding is a
+# gather, the norms are vectors, the ViT and the projector are a small share of the weights.
+LANGUAGE_MODEL_MATMULS = r"(llm/)?(layers/.*|lm_head)"
+# The model methods generation calls: inside them every matmul on a quantized weight is intercepted.
+METHODS = ("__call__", "prefill", "step")
+INT4_GROUP = 128
+
+
+def rules(kind: str, llama_config) -> list:
+    if kind == "int8":
+        return [qwix.QuantizationRule(module_path=LANGUAGE_MODEL_MATMULS, weight_qtype="int8")]
+    if kind == "int4":
+        # Groups of 128 input channels (LLaMA's widths are multiples of it); smaller models use the largest
+        # group that divides their widths.
+        c = llama_config
+        group = math.gcd(INT4_GROUP, c.hidden_size, c.intermediate_size, c.kv_dim)
+        return [qwix.QuantizationRule(module_path=LANGUAGE_MODEL_MATMULS, weight_qtype="int4", tile_size=group)]
+    raise ValueError(f"quantize must be one of {KINDS} (or None), got {kind!r}")
+
+
+def quantized(model: nn.Module, kind: str) -> nn.Module:
+    """`model` (a Llama or a CXRLLaVAModel) whose language-model matmuls run on `kind` weights."""
+    llama_config = getattr(model.config, "llama", model.config)
+    return qwix.quantize_model(model, qwix.PtqProvider(rules(kind, llama_config)), methods=METHODS)
+
+
+def abstract_params(model: nn.Module, *init_args) -> dict:
+    """The model's parameter tree as shapes (boxed with logical axis names), quantized leaves as Qwix
+    `WithAux` templates. No weight is made."""
+    return jax.eval_shape(model.init, jax.random.key(0), *init_args)["params"]
+
+
+def quantize_leaf(template: dict, path: str, array):
+    """One weight at `path` ('llm/layers/block_0/q_proj/kernel'): quantized if the template says so."""
+    leaf = _at(template, path)
+    if not is_quantized(leaf):
+        return array
+    return _quantizer(leaf)(jnp.asarray(array))
+
+
+_QUANTIZERS: dict[str, Callable] = {}
+
+
+def _quantizer(leaf) -> Callable:
+    """One compiled program per kind of weight (its shape and how it is quantized; the layers share them):
+    run op by op, quantizing would hold several float32 copies of the largest matrix at once."""
+    key = repr(leaf)
+    if key not in _QUANTIZERS:
+        template = {"weight": nn.meta.unbox(leaf)}
+        _QUANTIZERS[key] = jax.jit(lambda array: qwix.quantize_params({"weight": array}, template)["weight"])
+    return _QUANTIZERS[key]
+
+
+def is_quantized(leaf) -> bool:
+    """A Qwix `WithAux` leaf (the quantized array and how it was made) holding a `QArray`."""
+    return isinstance(getattr(leaf, "array", None), qwix.QArray)
+
+
+def _at(tree, path: str):
+    for part in path.split("/"):
+        tree = tree[part]
+    return tree
