@@ -21,14 +21,16 @@ import torch
 
 from cxrllava_jax.convert import checkpoint, release
 from cxrllava_jax.inference import prompting
+from cxrllava_jax.inference import tokenizer as tokenizer_module
 from cxrllava_jax.inference.tokenizer import load_tokenizer, train_tokenizer
 from cxrllava_jax.models.configs import CXR_LLAVA_PRESETS
 from input_pipeline import synthetic
 from torch_reference import ReleaseCXRLLaVA, randomize_, save_release_dir
 
 TOKENIZER_VOCAB = 512
-_ROOT = Path(tempfile.gettempdir()) / ("cxrllava-inference-fixtures-"
-                                       + hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:12])
+# Keyed by this file and the tokenizer code that writes the tokenizer's files.
+_ROOT = Path(tempfile.gettempdir()) / ("cxrllava-inference-fixtures-" + hashlib.sha1(
+    Path(__file__).read_bytes() + Path(tokenizer_module.__file__).read_bytes()).hexdigest()[:12])
 
 
 def synthetic_texts(num_studies: int = 300, seed: int = 0) -> list[str]:
