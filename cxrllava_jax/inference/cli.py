@@ -96,7 +96,7 @@ def _report(args) -> int:
 
 def _chat(args) -> int:
     model = _load(args)
-    model.preprocess(args.image)  # an unreadable image fails now, not after the first question
+    model.preprocess(args.image, args.allow_non_frontal)  # an unreadable image fails now, not after the first question
     options = _options(args)
     print(f"Chatting about {args.image}. Type /exit or press Ctrl-D to leave.", flush=True)
     history = []
@@ -132,11 +132,15 @@ def _parser(name: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=RELEASE_MAX_NEW_TOKENS)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--dtype", help="float32 or bfloat16 (default: float32 on CPU, bfloat16 elsewhere)")
+    parser.add_argument("--allow-non-frontal", action="store_true",
+                        help="read DICOM files whose tags say they are not frontal chest radiographs (the model "
+                             "was trained on those only)")
     return parser
 
 
 def _options(args) -> dict:
-    return dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    return dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                allow_non_frontal=args.allow_non_frontal)
 
 
 def _load(args):
