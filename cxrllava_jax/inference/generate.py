@@ -223,11 +223,11 @@ def _language_model(module):
 
 def _prefill_last_logits(module, tokens, images, positions, mask, cache):
     """Runs the prompt through the decoder into the cache; returns only the last slot's logits [batch, vocab]
-    (the lm_head over every prompt slot would cost [batch, length, vocab] for nothing)."""
+    (the output head over every prompt slot would cost [batch, length, vocab] for nothing)."""
     embeds = module.embed(tokens, module.encode_images(images)) if images is not None else module.embed(tokens)
     llm = _language_model(module)
     x, cache = llm.layers(embeds, cache, positions, mask, 0)
-    return llm.lm_head(llm.norm(x[:, -1:]))[:, 0].astype(jnp.float32), cache
+    return llm.logits(x[:, -1:])[:, 0], cache
 
 
 def _step_logits(module, tokens, positions, mask, cache, slot):

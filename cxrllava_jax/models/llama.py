@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from cxrllava_jax.models.configs import LlamaConfig, Runtime
 from cxrllava_jax.models.layers import apply_layers, attention, dense, dtype_of, partitioned
+from cxrllava_jax.models.rope import inverse_frequencies
 
 
 class RMSNorm(nn.Module):
@@ -26,10 +27,9 @@ class RMSNorm(nn.Module):
         return weight.astype(dtype_of(self.runtime.dtype)) * x32.astype(dtype_of(self.runtime.dtype))
 
 
-def rotary_embedding(x, positions, theta: float):
-    """RoPE in the Hugging Face (rotate-half) layout. x: [batch, length, heads, head_dim]; positions: [batch, length]."""
-    head_dim = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+def rotary_embedding(x, positions, inv_freq):
+    """RoPE in the Hugging Face (rotate-half) layout. x: [batch, length, heads, head_dim]; positions: [batch, length];
+    inv_freq: [head_dim / 2] (`models.rope`)."""
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, length, head_dim / 2]
     angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
     x1, x2 = jnp.split(x, 2, axis=-1)
@@ -60,8 +60,9 @@ class DecoderLayer(nn.Module):
         q = dense((cfg.num_heads, cfg.kv_dim), (("embed",), ("heads", "kv")), name="q_proj", **kw)(h)
         k = dense((cfg.num_kv_heads, cfg.kv_dim), (("embed",), ("kv_heads", "kv")), name="k_proj", **kw)(h)
         v = dense((cfg.num_kv_heads, cfg.kv_dim), (("embed",), ("kv_heads", "kv")), name="v_proj", **kw)(h)
-        q = rotary_embedding(q, positions, cfg.rope_theta)
-        k = rotary_embedding(k, positions, cfg.rope_theta)
+        inv_freq = inverse_frequencies(cfg, positions)
+        q = rotary_embedding(q, positions, inv_freq)
+        k = rotary_embedding(k, positions, inv_freq)
         if layer_cache is not None:
             start = (0, cache_index, 0, 0)
             k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start)
@@ -88,7 +89,7 @@ class DecoderStack(nn.Module):
 
 
 class Llama(nn.Module):
-    """`LlamaForCausalLM`: embed -> decoder layers -> RMSNorm -> untied lm_head."""
+    """`LlamaForCausalLM`: embed -> decoder layers -> RMSNorm -> lm_head (or the embedding table, when tied)."""
 
     config: LlamaConfig
     runtime: Runtime = Runtime()
@@ -100,9 +101,10 @@ class Llama(nn.Module):
             embedding_init=partitioned(nn.initializers.normal(0.02), "vocab", "embed"))
         self.layers = DecoderStack(cfg, rt)
         self.norm = RMSNorm(cfg.rms_norm_eps, rt)
-        self.lm_head = dense(cfg.vocab_size, (("embed",), ("vocab",)), use_bias=False, dtype=dtype_of(rt.dtype),
-                             param_dtype=dtype_of(rt.param_dtype), name="lm_head",
-                             kernel_init=nn.initializers.normal(0.02))
+        if not cfg.tie_word_embeddings:
+            self.lm_head = dense(cfg.vocab_size, (("embed",), ("vocab",)), use_bias=False, dtype=dtype_of(rt.dtype),
+                                 param_dtype=dtype_of(rt.param_dtype), name="lm_head",
+                                 kernel_init=nn.initializers.normal(0.02))
 
     def embed(self, tokens):
         return nn.with_logical_constraint(self.embed_tokens(tokens), ("batch", "length", "embed"))
@@ -110,8 +112,13 @@ class Llama(nn.Module):
     def decode(self, embeds, positions, mask, cache=None, cache_index=0):
         """embeds: [batch, length, hidden]; mask: [batch, 1, length, kv_len]. Returns (logits fp32, cache)."""
         x, cache = self.layers(embeds, cache, positions, mask, cache_index)
-        logits = self.lm_head(self.norm(x))
-        return logits.astype(jnp.float32), cache
+        return self.logits(x), cache
+
+    def logits(self, x):
+        """Final norm and output head over decoder outputs [batch, length, hidden] -> fp32 [batch, length, vocab]."""
+        h = self.norm(x)
+        logits = self.embed_tokens.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
+        return logits.astype(jnp.float32)
 
     def __call__(self, tokens, valid=None):
         """Full causal forward over [batch, length] tokens; `valid` marks non-padding (left or right)."""
