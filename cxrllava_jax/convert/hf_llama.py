@@ -92,9 +92,16 @@ def llama_expected_shapes(cfg: LlamaConfig) -> dict:
     return expected_shapes(Llama(cfg), jnp.zeros((1, 1), jnp.int32))
 
 
+def read_config(directory) -> LlamaConfig:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: no config.json (a Hugging Face LLaMA directory)")
+    return config_from_hf(json.loads(path.read_text()), str(path))
+
+
 def load_hf_llama(directory) -> tuple[LlamaConfig, dict]:
     directory = Path(directory)
-    cfg = config_from_hf(json.loads((directory / "config.json").read_text()), str(directory / "config.json"))
+    cfg = read_config(directory)
     reader = SafetensorsReader(directory)
     ignored = [k for k in reader.keys() if k.endswith("rotary_emb.inv_freq")]
     if cfg.tie_word_embeddings:

@@ -1,10 +1,14 @@
-"""`cxrllava report`, `cxrllava ask` and `cxrllava chat`: the inference API from a terminal.
+"""`cxrllava report`, `ask`, `chat` and `complete`: the inference API from a terminal.
 
     cxrllava report IMAGE_OR_DIR... --checkpoint CKPT [--jsonl OUT] [--batch-size N]
     cxrllava ask IMAGE "Is there a pneumothorax?" --checkpoint CKPT
     cxrllava chat IMAGE --checkpoint CKPT          (type /exit or press Ctrl-D to leave)
+    cxrllava complete --checkpoint LLM_CKPT --chat "What is the capital of France?"
+    cxrllava complete --checkpoint LLM_CKPT "The capital of France is"
 
 CKPT is our checkpoint or the release's PyTorch directory. Directories expand to the images under them.
+`complete` talks to a converted language model alone (`import-torch` of a Hugging Face LLaMA-family directory,
+or the LLM inside a CXR-LLaVA checkpoint), so a conversion can be checked before a projector is trained on it.
 """
 
 import argparse
@@ -52,6 +56,27 @@ def chat_main(argv) -> int:
     parser.add_argument("image", type=Path)
     args = parser.parse_args(argv)
     return _run("chat", lambda: _chat(args))
+
+
+def complete_main(argv) -> int:
+    parser = _parser("complete", "continue a text, or answer a chat message, with a converted language model",
+                     images=False)
+    parser.add_argument("text", help="the text to continue, or with --chat the user's message")
+    parser.add_argument("--chat", action="store_true", help="wrap the text in the tokenizer's chat template")
+    args = parser.parse_args(argv)
+
+    def complete():
+        from cxrllava_jax.inference.language_model import LanguageModel
+
+        model = LanguageModel.from_checkpoint(args.checkpoint, dtype=args.dtype)
+        options = _options(args)
+        if args.chat:
+            print(model.chat([{"role": "user", "content": args.text}], **options))
+        else:
+            print(args.text + model.complete(args.text, **options))
+        return 0
+
+    return _run("complete", complete)
 
 
 def expand_images(paths) -> list[Path]:
@@ -122,7 +147,7 @@ def _chat(args) -> int:
         history.append({"role": "assistant", "content": answer})
 
 
-def _parser(name: str, description: str) -> argparse.ArgumentParser:
+def _parser(name: str, description: str, images: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"cxrllava {name}", description=description)
     parser.add_argument("--checkpoint", required=True, type=Path,
                         help="our checkpoint directory or the release's PyTorch directory")
@@ -132,15 +157,18 @@ def _parser(name: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=RELEASE_MAX_NEW_TOKENS)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--dtype", help="float32 or bfloat16 (default: float32 on CPU, bfloat16 elsewhere)")
-    parser.add_argument("--allow-non-frontal", action="store_true",
-                        help="read DICOM files whose tags say they are not frontal chest radiographs (the model "
-                             "was trained on those only)")
+    if images:
+        parser.add_argument("--allow-non-frontal", action="store_true",
+                            help="read DICOM files whose tags say they are not frontal chest radiographs (the "
+                                 "model was trained on those only)")
     return parser
 
 
 def _options(args) -> dict:
-    return dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                allow_non_frontal=args.allow_non_frontal)
+    options = dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    if hasattr(args, "allow_non_frontal"):
+        options["allow_non_frontal"] = args.allow_non_frontal
+    return options
 
 
 def _load(args):

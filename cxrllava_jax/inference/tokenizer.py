@@ -83,11 +83,41 @@ class SentencePieceTokenizer:
         unk = self.sp.id_to_piece(self.unk_token_id)
         return self._sp_no_prefix.encode(unk + piece)[self._unk_length:]
 
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+                            tokenize: bool = False):
+        """The directory's chat template (tokenizer_config.json's `chat_template` or chat_template.jinja) rendered
+        as transformers renders it; `tokenize` encodes the text without adding special tokens, as it does."""
+        text = render_chat_template(self.directory, messages, add_generation_prompt,
+                                    bos_token=self.sp.id_to_piece(self.bos_token_id),
+                                    eos_token=self.sp.id_to_piece(self.eos_token_id))
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]
         if skip_special_tokens:
             ids = [i for i in ids if i not in self.special_ids.values()]
         return self.sp.decode(ids)
+
+
+def render_chat_template(directory: Path, messages: Sequence[dict], add_generation_prompt: bool, **tokens) -> str:
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    config_path, template_path = directory / "tokenizer_config.json", directory / "chat_template.jinja"
+    template = json.loads(config_path.read_text()).get("chat_template") if config_path.is_file() else None
+    if template is None and template_path.is_file():
+        template = template_path.read_text()
+    if template is None:
+        raise ValueError(f"{directory}: the tokenizer has no chat template (tokenizer_config.json chat_template or "
+                         "chat_template.jinja); use plain completion")
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    environment.globals["raise_exception"] = raise_exception
+    return environment.from_string(template).render(messages=list(messages),
+                                                    add_generation_prompt=add_generation_prompt, **tokens)
 
 
 def _without_dummy_prefix(model: bytes) -> spm.SentencePieceProcessor:

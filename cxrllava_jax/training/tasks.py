@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import optax
 from clu import metrics
 
+from cxrllava_jax.convert import checkpoint as model_checkpoint
+from cxrllava_jax.convert import hf_llama
 from cxrllava_jax.models import configs as mc
 from cxrllava_jax.models.clip import ContrastiveModel, contrastive_loss
 from cxrllava_jax.models.cxr_llava import CXRLLaVA
@@ -26,6 +28,20 @@ def _preset(presets: dict, name: str, overrides) -> object:
 
 def vision_config(cfg) -> mc.VisionConfig:
     return _preset(mc.VISION_PRESETS, cfg.model.vision, cfg.model.get("vision_overrides"))
+
+
+def language_model_config(cfg) -> mc.LlamaConfig:
+    """The language model the stage starts from: the one `config.init.llama` names (any LLaMA-family Hugging Face
+    directory), or the one inside `config.init.checkpoint` when its `llm` tower is loaded, else the
+    `config.model.llama` preset; `config.model.llama_overrides` applies to each."""
+    overrides = dict(cfg.model.get("llama_overrides") or {})
+    if cfg.init.get("llama"):
+        return dataclasses.replace(hf_llama.read_config(cfg.init.llama), **overrides)
+    if cfg.init.get("checkpoint") and "llm" in cfg.init.get("towers", ()):
+        kind, config, _ = model_checkpoint.read_model_config(cfg.init.checkpoint)
+        if kind == "cxr_llava":
+            return dataclasses.replace(config.llama, **overrides)
+    return _preset(mc.LLAMA_PRESETS, cfg.model.llama, overrides)
 
 
 def runtime(cfg) -> mc.Runtime:
@@ -118,8 +134,7 @@ class InstructionTask:
     unit = "tok"
 
     def __init__(self, cfg):
-        llama = _preset(mc.LLAMA_PRESETS, cfg.model.llama, cfg.model.get("llama_overrides"))
-        self.config = mc.CXRLLaVAConfig(vision=vision_config(cfg), llama=llama, projector=cfg.model.projector,
+        self.config = mc.CXRLLaVAConfig(vision=vision_config(cfg), llama=language_model_config(cfg), projector=cfg.model.projector,
                                         image_mean=cfg.data.image_mean, image_std=cfg.data.image_std)
         self.model = CXRLLaVA(self.config, runtime(cfg))
         self.seq_length = cfg.data.seq_length
