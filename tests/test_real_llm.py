@@ -22,7 +22,6 @@ from flax import traverse_util
 from cxrllava_jax import cli
 from cxrllava_jax.convert import checkpoint, hf_llama
 from cxrllava_jax.inference.language_model import LanguageModel
-from cxrllava_jax.models.llama import Llama
 from wheels import WHEEL_CACHE, wheel
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,10 +58,15 @@ def hf_dir() -> Path:
     return HF_DIR
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def reference(hf_dir):
-    model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    return model, transformers.AutoTokenizer.from_pretrained(hf_dir)
+    # One thread: token-by-token generate is latency-bound, and two spinning OpenMP threads on a busy 2-core
+    # machine made it seven times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval(), \
+        transformers.AutoTokenizer.from_pretrained(hf_dir)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +105,7 @@ def test_logits_match_transformers(ours, reference, hf_dir):
     with torch.no_grad():
         expected = exact(torch.tensor([ids])).logits[0].numpy()
     del exact
-    logits = Llama(ours.config).apply(ours.generator.params, np.asarray([ids], np.int32))[0]
+    logits = ours.generator.spec.model.apply(ours.generator.params, np.asarray([ids], np.int32))[0]
     assert np.asarray(logits).dtype == np.float32
     np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=0)
 

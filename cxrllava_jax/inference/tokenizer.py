@@ -116,8 +116,11 @@ def render_chat_template(directory: Path, messages: Sequence[dict], add_generati
 
     environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     environment.globals["raise_exception"] = raise_exception
-    return environment.from_string(template).render(messages=list(messages),
-                                                    add_generation_prompt=add_generation_prompt, **tokens)
+    try:
+        return environment.from_string(template).render(messages=list(messages),
+                                                        add_generation_prompt=add_generation_prompt, **tokens)
+    except TemplateError as error:
+        raise ValueError(f"{directory}: the chat template refused the conversation: {error}") from error
 
 
 def _without_dummy_prefix(model: bytes) -> spm.SentencePieceProcessor:
