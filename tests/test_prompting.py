@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxrllava_jax.inference import prompting
-from cxrllava_jax.inference.tokenizer import load_tokenizer
+from cxrllava_jax.domain import prompting
+from cxrllava_jax.domain.tokenizer import load_tokenizer
 
 LLAMA2 = Path(__file__).parent / "fixtures" / "llama2-tokenizer"
 GOLDEN = json.loads((LLAMA2 / "release_prompt_ids.json").read_text())

@@ -12,12 +12,12 @@ from PIL import Image
 from pydicom.encaps import generate_frames
 
 from cxrllava_jax import cli
+from cxrllava_jax.domain.images import load_grayscale, preprocess
+from cxrllava_jax.domain.radiograph_guard import NotFrontalChestError
+from cxrllava_jax.errors import InputError
 from cxrllava_jax.inference.api import CXRLLaVA
-from dicom_files import write_dicom
-from inference_fixtures import checkpoint_dir
-from input_pipeline.errors import InputError
-from input_pipeline.images import load_grayscale, preprocess
-from input_pipeline.radiograph_guard import NotFrontalChestError
+from cxrllava_jax.reference.tiny_models import checkpoint_dir
+from tests.dicom_files import write_dicom
 
 REAL = Path(__file__).parent / "fixtures" / "real-cxr"
 NIH = sorted((REAL / "nih").glob("*.png"))

@@ -21,12 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from cxrllava_jax.convert import checkpoint, release
-from cxrllava_jax.inference import prompting
+from cxrllava_jax.domain import prompting
 from cxrllava_jax.inference.generate import Generator, SamplingOptions
-from cxrllava_jax.inference.tokenizer import check_vocabulary, load_tokenizer
+from cxrllava_jax.domain.tokenizer import check_vocabulary, load_tokenizer
 from cxrllava_jax.models import cxr_llava
 from cxrllava_jax.models.configs import CXRLLaVAConfig, Runtime
-from input_pipeline.images import InputError, preprocess
+from cxrllava_jax.domain.images import InputError, preprocess
 
 DEFAULT_BATCH_SIZE = 8
 
@@ -41,7 +41,7 @@ class CXRLLaVA:
                  origin: str = "model"):
         check_vocabulary(tokenizer, config.llama.vocab_size, origin)
         self.config, self.tokenizer = config, tokenizer
-        self.generator = Generator(cxr_llava.CXRLLaVA(config, runtime), {"params": params},
+        self.generator = Generator(cxr_llava.CXRLLaVAModel(config, runtime), {"params": params},
                                    eos_id=tokenizer.eos_token_id, vocab_limit=len(tokenizer))
 
     @classmethod

@@ -19,7 +19,7 @@ import numpy as np
 
 from cxrllava_jax.convert import checkpoint
 from cxrllava_jax.inference.generate import Generator, SamplingOptions
-from cxrllava_jax.inference.tokenizer import check_vocabulary, load_tokenizer
+from cxrllava_jax.domain.tokenizer import check_vocabulary, load_tokenizer
 from cxrllava_jax.models.configs import LlamaConfig, Runtime
 from cxrllava_jax.models.llama import Llama
 

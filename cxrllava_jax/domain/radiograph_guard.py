@@ -6,7 +6,7 @@ exports leave them out. Images without such metadata (PNG, JPEG) pass with their
 `allow_non_frontal=True` (`--allow-non-frontal`) reads such files anyway, for people who know what they do.
 """
 
-from input_pipeline.errors import InputError
+from cxrllava_jax.errors import InputError
 
 RADIOGRAPH_MODALITIES = ("CR", "DX", "DR")
 CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG", "LUNGS")
