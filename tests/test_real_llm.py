@@ -171,3 +171,17 @@ def _greedy(max_new_tokens):
 
 def _cut_at(ids, eos):
     return ids[:ids.index(eos)] if eos in ids else ids
+
+
+def test_cxr_llava_conversations_with_a_bpe_tokenizer_use_its_bos_and_eos(hf_dir):
+    """Stage 2A on SmolLM2: the LLaMA-2 format's `<s>`/`</s>` become the tokenizer's own BOS/EOS, so the
+    scored answers end with the EOS generation stops at."""
+    from cxrllava_jax.domain import prompting
+    from cxrllava_jax.domain.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(hf_dir)
+    turns = [{"role": "user", "content": prompting.REPORT_PROMPT}, {"role": "assistant", "content": "No effusion."}]
+    ids, answer_mask = prompting.encode_conversation(turns, tokenizer, 4, -200)
+    assert ids[0] == tokenizer.bos_token_id and (ids == -200).sum() == 4
+    assert ids[answer_mask][-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(ids[answer_mask], skip_special_tokens=True).strip() == "No effusion."

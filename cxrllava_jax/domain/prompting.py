@@ -29,7 +29,7 @@ LABEL_PROMPT = (f"{IMAGE}\nFor each of the following findings, answer 1 if it is
                 "and 0 if it is not, as a JSON object with the findings as keys: No Finding, Enlarged "
                 "Cardiomediastinum, Cardiomegaly, Lung Lesion, Lung Opacity, Edema, Consolidation, Pneumonia, "
                 "Atelectasis, Pneumothorax, Pleural Effusion, Pleural Other, Fracture, Support Devices.\n")
-BOS_TEXT, EOS_TEXT = "<s>", "</s>"
+LLAMA2_MARKERS = ("<s>", "</s>")  # BOS and EOS as the chat template writes them, LLaMA-2's tokens
 
 
 def question_prompt(question: str) -> str:
@@ -40,20 +40,28 @@ class PromptTooLongError(ValueError):
     pass
 
 
-def chat_text(turns: Sequence[dict], system: str = SYSTEM_PROMPT) -> str:
-    """The LLaMA-2 chat string: `<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {assistant} </s>...`."""
-    return "".join(text for text, _ in _pieces(turns, system))
+def chat_text(turns: Sequence[dict], system: str = SYSTEM_PROMPT, markers: tuple[str, str] = LLAMA2_MARKERS) -> str:
+    """The LLaMA-2 chat string: `<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {assistant} </s>...`.
+
+    `markers` are the tokenizer's BOS and EOS texts (the template's `bos_token`/`eos_token`): `<s>`/`</s>` for
+    LLaMA-2, a BPE model's own for other LLaMA-family models, so that answers end with the EOS it stops at."""
+    return "".join(text for text, _ in _pieces(turns, system, markers))
 
 
-def _pieces(turns: Sequence[dict], system: str):
-    """(text, is_answer) pieces of the chat string, `<s>`/`</s>` included as text."""
+def markers_of(tokenizer) -> tuple[str, str]:
+    return tokenizer.bos_token or "", tokenizer.eos_token
+
+
+def _pieces(turns: Sequence[dict], system: str, markers: tuple[str, str]):
+    """(text, is_answer) pieces of the chat string, BOS/EOS included as text."""
     _check_roles(turns)
+    bos, eos = markers
     for i, turn in enumerate(turns):
         if turn["role"] == "user":
             sys_block = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if i == 0 else ""
-            yield f"{BOS_TEXT}[INST] {sys_block}{turn['content'].strip()} [/INST]", False
+            yield f"{bos}[INST] {sys_block}{turn['content'].strip()} [/INST]", False
         else:
-            yield f" {turn['content'].strip()} {EOS_TEXT}", True
+            yield f" {turn['content'].strip()} {eos}", True
 
 
 def _check_roles(turns: Sequence[dict]):
@@ -86,9 +94,10 @@ def encode_conversation(turns: Sequence[dict], tokenizer, num_image_tokens: int,
     ids: list[int] = []
     mask: list[bool] = []
     text = ""
-    for piece, is_answer in _pieces(turns, system):
+    markers = markers_of(tokenizer)
+    for piece, is_answer in _pieces(turns, system, markers):
         text += piece
-        longer = tokenize_with_images(text.removeprefix(BOS_TEXT), tokenizer, num_image_tokens, image_token_id)
+        longer = tokenize_with_images(text.removeprefix(markers[0]), tokenizer, num_image_tokens, image_token_id)
         if longer[:len(ids)] != ids:  # a token across a turn boundary would leave no clean answer span
             raise ValueError(f"the tokenizer merges text across the turn boundary before {piece[:40]!r}")
         mask += [is_answer] * (len(longer) - len(ids))
@@ -101,8 +110,8 @@ def encode_prompt(turns: Sequence[dict], tokenizer, num_image_tokens: int, image
     """The generation prompt, as the release builds it, for a conversation whose last turn is the user's."""
     if not turns or turns[-1]["role"] != "user":
         raise ValueError("the prompt's last turn must be the user's")
-    ids = np.asarray(tokenize_with_images(chat_text(turns, system), tokenizer, num_image_tokens, image_token_id),
-                     np.int32)
+    text = chat_text(turns, system, markers_of(tokenizer))
+    ids = np.asarray(tokenize_with_images(text, tokenizer, num_image_tokens, image_token_id), np.int32)
     # The release writes at most max_length - prompt length - 1 tokens: at least one must fit.
     if max_length is not None and len(ids) + 1 >= max_length:
         raise PromptTooLongError(

@@ -44,6 +44,7 @@ class SentencePieceTokenizer:
         self.add_bos_token = config.get("add_bos_token", True)
         self.add_eos_token = config.get("add_eos_token", False)
         self.bos_token_id, self.eos_token_id, self.unk_token_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
+        self.bos_token, self.eos_token = self.sp.id_to_piece(self.bos_token_id), self.sp.id_to_piece(self.eos_token_id)
         self.special_ids = {self.sp.id_to_piece(i): i for i in (self.unk_token_id, self.bos_token_id,
                                                                  self.eos_token_id) if i >= 0}
         self._special = re.compile("(" + "|".join(map(re.escape, sorted(self.special_ids, key=len, reverse=True)))
@@ -88,8 +89,7 @@ class SentencePieceTokenizer:
         """The directory's chat template (tokenizer_config.json's `chat_template` or chat_template.jinja) rendered
         as transformers renders it; `tokenize` encodes the text without adding special tokens, as it does."""
         text = render_chat_template(self.directory, messages, add_generation_prompt,
-                                    bos_token=self.sp.id_to_piece(self.bos_token_id),
-                                    eos_token=self.sp.id_to_piece(self.eos_token_id))
+                                    bos_token=self.bos_token, eos_token=self.eos_token)
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
