@@ -5,6 +5,7 @@ they differ otherwise only in what `config.frozen` holds.
 """
 
 import dataclasses
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +29,10 @@ def language_model_config(cfg) -> mc.LlamaConfig:
     overrides = dict(cfg.model.get("llama_overrides") or {})
     if cfg.init.get("llama"):
         return dataclasses.replace(hf_llama.read_config(cfg.init.llama), **overrides)
-    if cfg.init.get("checkpoint") and "llm" in cfg.init.get("towers", ()):
-        kind, config, _ = model_checkpoint.read_model_config(cfg.init.checkpoint)
+    checkpoint = cfg.init.get("checkpoint")
+    # A checkpoint that is not there yet fails by name when its weights load.
+    if checkpoint and "llm" in cfg.init.get("towers", ()) and Path(checkpoint, "model_config.json").is_file():
+        kind, config, _ = model_checkpoint.read_model_config(checkpoint)
         if kind == "cxr_llava":
             return dataclasses.replace(config.llama, **overrides)
     return preset(mc.LLAMA_PRESETS, cfg.model.llama, overrides)
