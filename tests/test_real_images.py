@@ -52,15 +52,18 @@ def independent_decode(path) -> np.ndarray:
     return np.asarray(openjpeg.decode(io.BytesIO(frame)))
 
 
-def test_compressed_monochrome1_chest_film_is_decoded_windowed_and_inverted():
-    ds = pydicom.dcmread(CHEST_PA)
-    assert (ds.PhotometricInterpretation, ds.BitsStored) == ("MONOCHROME1", 15)
-    stored = independent_decode(CHEST_PA).astype(np.float64)
+@pytest.mark.parametrize("path, bits", [(CHEST_PA, 15), (EXTREMITY, 10)], ids=["chest_15bit", "extremity_10bit"])
+def test_compressed_monochrome1_film_is_decoded_windowed_and_inverted(path, bits):
+    ds = pydicom.dcmread(path)
+    assert (ds.PhotometricInterpretation, ds.BitsStored) == ("MONOCHROME1", bits)
+    stored = independent_decode(path).astype(np.float64)
     assert stored.shape == (ds.Rows, ds.Columns) and stored.max() > 255  # really more than 8 bits
-    # No modality LUT in the file; DICOM's LINEAR window (PS3.3 C.11.2.1.2.1), then MONOCHROME1 shown inverted.
+    # No modality LUT in the files; DICOM's LINEAR window (PS3.3 C.11.2.1.2.1), then MONOCHROME1 shown inverted.
+    assert "RescaleSlope" not in ds and "ModalityLUTSequence" not in ds and "VOILUTFunction" not in ds
     center, width = float(ds.WindowCenter), float(ds.WindowWidth)
     windowed = np.clip(np.rint(((stored - (center - 0.5)) / (width - 1) + 0.5) * 255), 0, 255).astype(np.uint8)
-    np.testing.assert_array_equal(np.asarray(load_grayscale(CHEST_PA)), 255 - windowed)
+    assert 0 < windowed.mean() < 255
+    np.testing.assert_array_equal(np.asarray(load_grayscale(path, allow_non_frontal=True)), 255 - windowed)
 
 
 def test_extremity_is_refused_naming_body_part_examined():
