@@ -95,9 +95,12 @@ def encode_conversation(turns: Sequence[dict], tokenizer, num_image_tokens: int,
     mask: list[bool] = []
     text = ""
     markers = markers_of(tokenizer)
+    # LLaVA strips the text's BOS because the tokenizer adds one; a tokenizer that adds none keeps it.
+    adds_bos = tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]
     for piece, is_answer in _pieces(turns, system, markers):
         text += piece
-        longer = tokenize_with_images(text.removeprefix(markers[0]), tokenizer, num_image_tokens, image_token_id)
+        trimmed = text.removeprefix(markers[0]) if adds_bos else text
+        longer = tokenize_with_images(trimmed, tokenizer, num_image_tokens, image_token_id)
         if longer[:len(ids)] != ids:  # a token across a turn boundary would leave no clean answer span
             raise ValueError(f"the tokenizer merges text across the turn boundary before {piece[:40]!r}")
         mask += [is_answer] * (len(longer) - len(ids))
