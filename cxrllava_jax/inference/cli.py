@@ -161,6 +161,7 @@ def _parser(name: str, description: str, images: bool = True) -> argparse.Argume
         parser.add_argument("--allow-non-frontal", action="store_true",
                             help="read DICOM files whose tags say they are not frontal chest radiographs (the "
                                  "model was trained on those only)")
+        parser.add_argument("--adapter", type=Path, help="a LoRA adapter directory (PEFT format) to apply to CKPT")
     return parser
 
 
@@ -174,7 +175,7 @@ def _options(args) -> dict:
 def _load(args):
     from cxrllava_jax.inference.api import CXRLLaVA
 
-    return CXRLLaVA.from_pretrained(args.checkpoint, dtype=args.dtype)
+    return CXRLLaVA.from_pretrained(args.checkpoint, dtype=args.dtype, adapter=args.adapter)
 
 
 def _run(name: str, command) -> int:
