@@ -17,6 +17,7 @@ COMMANDS = {
     "report": ("cxrllava_jax.inference.cli:report_main", "write a radiologic report for each image"),
     "ask": ("cxrllava_jax.inference.cli:ask_main", "ask a question about an image"),
     "chat": ("cxrllava_jax.inference.cli:chat_main", "interactive multi-turn chat about an image"),
+    "complete": ("cxrllava_jax.inference.cli:complete_main", "talk to a converted language model alone"),
 }
 
 

@@ -15,7 +15,7 @@ from cxrllava_jax import cli
 from cxrllava_jax.convert import checkpoint, hf_bert, hf_llama, release
 from cxrllava_jax.convert.layout import stack_layers, unstack_layers
 from cxrllava_jax.convert.mapping import ConversionError, export_tensors
-from cxrllava_jax.models.configs import BERT_PRESETS, CXR_LLAVA_PRESETS, LLAMA_PRESETS, LlamaConfig
+from cxrllava_jax.models.configs import BERT_PRESETS, CXR_LLAVA_PRESETS, LLAMA_PRESETS, LlamaConfig, RopeScaling
 from cxrllava_jax.reference.torch_models import ReleaseCXRLLaVA, release_config_json, save_safetensors_dir
 
 CONFIG = CXR_LLAVA_PRESETS["cxr_llava_tiny"]
@@ -126,12 +126,30 @@ def test_llama_configs_of_both_transformers_generations():
         assert (theirs.rope_parameters["rope_theta"], theirs.head_dim) == (cfg.rope_theta, cfg.kv_dim)
 
 
+def test_llama_family_options_in_both_transformers_generations():
+    """Llama 3.1's rope_parameters (transformers 5), a 4.x rope_scaling with the old `type` key, a tied head."""
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192}
+    read = hf_llama.config_from_hf(hf_config_dict(rope_parameters={**llama3, "rope_theta": 5e5},
+                                                  tie_word_embeddings=True))
+    assert read.tie_word_embeddings and read.rope_theta == 5e5
+    assert read.rope_scaling == RopeScaling(**llama3)
+    old = hf_config_dict()
+    del old["rope_parameters"]
+    linear = hf_llama.config_from_hf({**old, "rope_theta": 1e4, "rope_scaling": {"type": "linear", "factor": 2.0}})
+    assert linear.rope_scaling == RopeScaling("linear", factor=2.0) and linear.rope_theta == 1e4
+    for cfg in (read, linear):  # written as 4.x configs, read back by us and by transformers 5
+        written = hf_llama.config_to_hf(cfg)
+        assert hf_llama.config_from_hf(written) == cfg
+        theirs = transformers.LlamaConfig(**written)
+        assert theirs.rope_parameters["rope_type"] == cfg.rope_scaling.rope_type
+        assert theirs.rope_parameters["factor"] == cfg.rope_scaling.factor
+        assert theirs.tie_word_embeddings == cfg.tie_word_embeddings
+
+
 @pytest.mark.parametrize("change, field", [
-    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
-                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}), "rope_parameters"),
-    (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0}), "rope_type': 'yarn"),
     (dict(hidden_act="gelu"), "hidden_act"),
-    (dict(tie_word_embeddings=True), "tie_word_embeddings"),
     (dict(attention_bias=True), "attention_bias"),
 ])
 def test_unsupported_llama_variants_are_refused_by_name(change, field):

@@ -140,7 +140,7 @@ def test_bad_files_are_refused_with_their_name(tmp_path):
     (tmp_path / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00garbage" * 5)
     Image.fromarray(radiograph(8, 40)).save(tmp_path / "tiny.png")
     cases = {"truncated.png": "cannot decode", "corrupt.jpg": "cannot decode", "empty.png": "empty",
-             "missing.png": "not found", "broken.dcm": "cannot read DICOM", "tiny.png": "40x8 is smaller than one 16"}
+             "missing.png": "not found", "broken.dcm": "cannot decode DICOM", "tiny.png": "40x8 is smaller than one 16"}
     for name, problem in cases.items():
         with pytest.raises(InputError, match=f"{name}.*{problem}"):
             preprocess(tmp_path / name, 32, MEAN, STD)

@@ -1,8 +1,11 @@
 """Our LLaMA equals `transformers.LlamaForCausalLM` on weights imported through our HF converter.
 
-Covers multi-head and grouped-query attention (with a head_dim that is not hidden/heads), left-padded
-batches, incremental decoding with the KV cache, and the scanned layer layout.
+Covers multi-head and grouped-query attention (with a head_dim that is not hidden/heads), an output head tied
+to the embedding, the RoPE variants (llama3, linear, dynamic), left-padded batches, incremental decoding with
+the KV cache, and the scanned layer layout.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +16,7 @@ import transformers
 
 from cxrllava_jax.convert import hf_llama
 from cxrllava_jax.convert.layout import relayout
-from cxrllava_jax.models.configs import LlamaConfig, Runtime
+from cxrllava_jax.models.configs import LlamaConfig, RopeScaling, Runtime
 from cxrllava_jax.models.llama import Llama, attention_mask, init_cache
 from cxrllava_jax.reference.torch_models import hf_llama_config, randomize_
 
@@ -24,6 +27,12 @@ CONFIGS = {
                        num_kv_heads=4, rms_norm_eps=1e-6, rope_theta=5000.0, max_position_embeddings=128),
     "gqa": LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
                        num_kv_heads=2, head_dim=32, rms_norm_eps=1e-6, rope_theta=500.0, max_position_embeddings=128),
+    # Llama 3.1's frequencies, with an original context short enough that all three of its bands are used.
+    "tied_llama3": LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                               num_kv_heads=2, rope_theta=10000.0, max_position_embeddings=128,
+                               tie_word_embeddings=True,
+                               rope_scaling=RopeScaling("llama3", factor=8.0, low_freq_factor=1.0,
+                                                        high_freq_factor=4.0, original_max_position_embeddings=64)),
 }
 LENGTHS = (12, 7, 3)  # one batch, left-padded to the longest
 
@@ -106,3 +115,24 @@ def test_scanned_layers_give_the_same_logits(case, forward):
     logits = model.apply({"params": scanned}, case.tokens, case.valid)
     expected = forward(case.params, case.tokens, case.valid)
     np.testing.assert_allclose(np.asarray(logits)[case.valid], np.asarray(expected)[case.valid], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("scaling", [RopeScaling("linear", factor=2.0), RopeScaling("dynamic", factor=3.0)],
+                         ids=lambda s: s.rope_type)
+def test_rope_scaling_past_the_context_matches_transformers(tmp_path, scaling):
+    """One sequence longer than max_position_embeddings, where 'dynamic' grows its base (transformers takes the
+    largest position of a forward call, so this compares single sequences, not a padded batch)."""
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                         num_kv_heads=2, max_position_embeddings=8, rope_scaling=scaling)
+    torch.manual_seed(0)
+    torch_model = randomize_(transformers.LlamaForCausalLM(hf_llama_config(config)), seed=1)
+    torch_model.save_pretrained(tmp_path)
+    imported, params = hf_llama.load_hf_llama(tmp_path)
+    assert imported == config
+    tokens = np.random.RandomState(2).randint(3, 256, (1, 20)).astype(np.int32)
+    with torch.no_grad():
+        expected = torch_model(torch.as_tensor(tokens, dtype=torch.long)).logits[0].numpy()
+    logits = Llama(imported).apply({"params": params}, tokens)[0]
+    np.testing.assert_allclose(np.asarray(logits), expected, atol=TOL, rtol=0)
+    unscaled = Llama(dataclasses.replace(imported, rope_scaling=RopeScaling())).apply({"params": params}, tokens)[0]
+    assert np.abs(np.asarray(unscaled) - expected).max() > 100 * TOL  # the scaling is what made them agree

@@ -117,6 +117,38 @@ def test_accumulation_schedules_over_optimizer_updates():
     np.testing.assert_allclose([float(learning_rate(s)) for s in (0, 1, 2, 7)], [1.0, 1.0, 0.75, 0.25])
 
 
+def test_stage_2a_starts_from_any_llama_family_model(tmp_path):
+    """`config.init.llama` names a Hugging Face directory (here a tiny one with a tied head, Llama 3.1 RoPE and
+    grouped-query attention): the stage's model takes that configuration and those weights."""
+    import torch
+    import transformers
+
+    from cxrllava_jax.convert import hf_llama
+    from cxrllava_jax.models.configs import LlamaConfig, RopeScaling
+    from cxrllava_jax.training import initial_weights
+    from cxrllava_jax.reference.torch_models import hf_llama_config, randomize_
+
+    llama = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                        num_kv_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+                        rope_scaling=RopeScaling("llama3", factor=8.0, original_max_position_embeddings=64))
+    torch.manual_seed(0)
+    randomize_(transformers.LlamaForCausalLM(hf_llama_config(llama)), seed=1).save_pretrained(tmp_path)
+    cfg = demo.get_config("2a")
+    cfg.init.update(checkpoint="", llama=str(tmp_path))
+    cfg.model.llama_overrides = {}  # the demo shrinks its preset; here the directory says what the model is
+    task = make_task(cfg)
+    assert task.config.llama == llama
+    params = task.init(jax.random.key(0), task.dummy_batch(1))["params"]
+    params = jax.tree.map(lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value"))
+    placement = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), params)
+    loaded = initial_weights.load(cfg, params, placement)
+    expected = traverse_util.flatten_dict(hf_llama.load_hf_llama(tmp_path)[1], sep="/")
+    got = traverse_util.flatten_dict(jax.device_get(loaded["llm"]), sep="/")
+    assert got.keys() == expected.keys() and "lm_head/kernel" not in got
+    for key, value in expected.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
 def test_scored_positions_loss_equals_full_logits_loss():
     """Stage 2 projects only the scored positions onto the vocabulary; the loss is the full-logits one."""
     cfg = demo.get_config("2b")

@@ -11,10 +11,11 @@ from cxrllava_jax.convert.layout import stack_layers
 from cxrllava_jax.models.configs import Runtime
 
 FORMATS = ("release", "hf-llama", "hf-bert")
-# Files of a Hugging Face directory that belong to the tokenizer (SentencePiece for LLaMA, WordPiece for BERT)
-# or to generation; they travel with the weights in both directions.
+# Files of a Hugging Face directory that belong to the tokenizer (SentencePiece or byte-level BPE for the LLaMA
+# family, WordPiece for BERT), its chat template or generation; they travel with the weights in both directions.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.txt", "generation_config.json")
+                   "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "chat_template.jinja",
+                   "generation_config.json")
 
 
 def detect_format(src: Path) -> str:

@@ -9,7 +9,8 @@ range:
 - DICOM: the modality LUT (rescale slope/intercept or LUT sequence), then the first VOI transform, whose output
   range becomes [0, 255]: a VOI LUT sequence's table (output range = the table's [min, max]) or window centre /
   width (DICOM's LINEAR, LINEAR_EXACT or SIGMOID function); without either, [min, max] as above;
-  MONOCHROME1 (high values dark) is inverted last;
+  MONOCHROME1 (high values dark) is inverted last; a file whose tags say it is not a frontal chest radiograph is
+  refused (`radiograph_guard`);
 - colour: ITU-R 601 luma (PIL's 'L' conversion); RGBA is composited over black first.
 (Pillow cannot decode 12-bit JPEG; 16-bit sources come as PNG, TIFF or DICOM.)
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cxrllava_jax.domain import radiograph_guard
 from cxrllava_jax.errors import InputError
 
 # The release's ViT patch: an image smaller than this on either side cannot make a single patch.
@@ -28,25 +30,26 @@ RELEASE_PATCH_SIZE = 16
 _HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
-def load_grayscale(path) -> Image.Image:
-    """Any supported file -> an 8-bit grayscale PIL image."""
+def load_grayscale(path, allow_non_frontal: bool = False) -> Image.Image:
+    """Any supported file -> an 8-bit grayscale PIL image (`radiograph_guard` decides what is refused)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: image file not found")
-    return decode_grayscale(path.read_bytes(), path)
+    return decode_grayscale(path.read_bytes(), path, allow_non_frontal)
 
 
-def decode_grayscale(data: bytes, origin) -> Image.Image:
+def decode_grayscale(data: bytes, origin, allow_non_frontal: bool = False) -> Image.Image:
     """The bytes of a supported file (named `origin` in errors; its suffix may mark DICOM) -> 8-bit grayscale."""
     if not data:
         raise InputError(f"{origin}: image file is empty")
     if str(origin).lower().endswith((".dcm", ".dicom")) or data[128:132] == b"DICM":
-        return Image.fromarray(dicom_to_uint8(io.BytesIO(data), origin))
+        return Image.fromarray(dicom_to_uint8(io.BytesIO(data), origin, allow_non_frontal))
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise InputError(f"{origin}: cannot decode image ({error})") from error
+    radiograph_guard.check_image(image, origin)
     return to_uint8_gray(image, origin)
 
 
@@ -71,17 +74,25 @@ def window_to_uint8(pixels: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.clip(np.rint((pixels - low) / (high - low) * 255.0), 0, 255).astype(np.uint8)
 
 
-def dicom_to_uint8(source, origin) -> np.ndarray:
-    """DICOM pixel data -> uint8 [H, W] through the modality LUT, the first VOI transform and MONOCHROME1."""
+def dicom_to_uint8(source, origin, allow_non_frontal: bool = False) -> np.ndarray:
+    """DICOM pixel data -> uint8 [H, W] through the modality LUT, the first VOI transform and MONOCHROME1.
+
+    Compressed transfer syntaxes (JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE) decode through
+    pydicom's Pillow and pylibjpeg plugins (pylibjpeg-libjpeg, -openjpeg, -rle: dependencies of this package)."""
     import pydicom
     from pydicom.pixels import apply_modality_lut
 
     try:
         ds = pydicom.dcmread(source)
+    except Exception as error:  # pydicom raises many types for broken files
+        raise InputError(f"{origin}: cannot read DICOM ({type(error).__name__}: {error})") from error
+    if not allow_non_frontal:
+        radiograph_guard.check_dicom(ds, origin)  # before decoding: a refused file costs no decode
+    try:
         pixels = ds.pixel_array
-    except Exception as error:  # pydicom raises many types for broken or undecodable files
-        raise InputError(f"{origin}: cannot read DICOM pixel data ({type(error).__name__}: {error}); "
-                         "compressed transfer syntaxes may need pylibjpeg plugins") from error
+    except Exception as error:  # and many more for pixel data it cannot decode
+        raise InputError(f"{origin}: cannot decode DICOM pixel data ({type(error).__name__}: {error}); "
+                         f"transfer syntax {ds.file_meta.get('TransferSyntaxUID', 'unknown')}") from error
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise InputError(f"{origin}: multi-frame DICOM ({ds.NumberOfFrames} frames); a radiograph has one")
@@ -156,11 +167,12 @@ def letterbox(image: Image.Image, size: int) -> Image.Image:
 
 
 def preprocess(image, size: int, mean: float, std: float, mode: str = "crop",
-               min_size: int = RELEASE_PATCH_SIZE) -> np.ndarray:
+               min_size: int = RELEASE_PATCH_SIZE, allow_non_frontal: bool = False) -> np.ndarray:
     """Path (or stored image file) / PIL image / array -> float32 [size, size, 1] normalised.
 
     `mode` is 'crop' (the release: shortest edge to `size`, center crop) or 'pad' (letterbox). An image smaller
-    than `min_size` (the model's patch) on either side is refused.
+    than `min_size` (the model's patch) on either side is refused, and so is a DICOM file whose tags say it is
+    not a frontal chest radiograph unless `allow_non_frontal`.
     """
     return normalise(model_pixels(image, size, mode, min_size), mean, std)
 
@@ -174,13 +186,14 @@ def model_pixels(image, size: int, mode: str = "crop", min_size: int = RELEASE_P
         return image.model_pixels(size, mode)
     origin = image if isinstance(image, (str, Path)) else "image"
     if isinstance(image, (str, Path)):
-        image = load_grayscale(image)
+        image = load_grayscale(image, allow_non_frontal)
     elif hasattr(image, "read_bytes"):  # an image file held elsewhere (tfds_builders.StoredImage), named by str()
         origin = image
-        image = decode_grayscale(image.read_bytes(), image)
+        image = decode_grayscale(image.read_bytes(), image, allow_non_frontal)
     elif isinstance(image, np.ndarray):
         image = _array_to_pil(image)
     else:
+        radiograph_guard.check_image(image, origin)
         image = to_uint8_gray(image, origin)
     if min(image.size) < min_size:
         raise InputError(f"{origin}: image {image.size[0]}x{image.size[1]} is smaller than one "

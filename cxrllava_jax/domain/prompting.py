@@ -1,8 +1,16 @@
 """Prompts and the LLaMA-2 chat format, exactly as the release uses them (REFERENCE.md), and their tokens.
 
 A conversation is a list of {"role": "user"|"assistant", "content": str}; the first user turn carries
-`<image>`. Tokenisation works piece by piece (BOS, instruction text, image positions, answer, EOS) so
-the same function yields the generation prompt and, for training, the mask of answer tokens.
+`<image>`. Two encodings, each the one the released model met:
+- generation prompts (`encode_prompt`) follow the release's inference code: the chat template rendered as text
+  (`<s>[INST] <<SYS>>...`), split at `<image>`, each chunk tokenized with `tokenizer(chunk).input_ids`
+  (LLaVA's `tokenizer_image_token`). The tokenizer adds BOS and the text's `<s>` stays, so a prompt starts with
+  two BOS ids; that is what the release feeds its model, so we do too.
+- training conversations (`encode_conversation`) follow LLaVA's LLaMA-2 conversation format, which the released
+  model was trained with: the same text without its leading `<s>` (LLaVA strips it), so one BOS; the tokens of
+  each assistant answer and its `</s>` are the ones scored. LLaVA finds those tokens by token-count arithmetic
+  that is off by a token or two at turn boundaries (its "tokenization mismatch" warnings); we mark exactly the
+  answer's tokens instead.
 """
 
 from typing import Sequence
@@ -21,6 +29,7 @@ LABEL_PROMPT = (f"{IMAGE}\nFor each of the following findings, answer 1 if it is
                 "and 0 if it is not, as a JSON object with the findings as keys: No Finding, Enlarged "
                 "Cardiomediastinum, Cardiomegaly, Lung Lesion, Lung Opacity, Edema, Consolidation, Pneumonia, "
                 "Atelectasis, Pneumothorax, Pleural Effusion, Pleural Other, Fracture, Support Devices.\n")
+LLAMA2_MARKERS = ("<s>", "</s>")  # BOS and EOS as the chat template writes them, LLaMA-2's tokens
 
 
 def question_prompt(question: str) -> str:
@@ -31,21 +40,28 @@ class PromptTooLongError(ValueError):
     pass
 
 
-def chat_text(turns: Sequence[dict], system: str = SYSTEM_PROMPT) -> str:
-    """The LLaMA-2 chat string: `<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {assistant} </s>...`."""
-    return "".join(text for text, _ in _pieces(turns, system))
+def chat_text(turns: Sequence[dict], system: str = SYSTEM_PROMPT, markers: tuple[str, str] = LLAMA2_MARKERS) -> str:
+    """The LLaMA-2 chat string: `<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {assistant} </s>...`.
+
+    `markers` are the tokenizer's BOS and EOS texts (the template's `bos_token`/`eos_token`): `<s>`/`</s>` for
+    LLaMA-2, a BPE model's own for other LLaMA-family models, so that answers end with the EOS it stops at."""
+    return "".join(text for text, _ in _pieces(turns, system, markers))
 
 
-def _pieces(turns: Sequence[dict], system: str):
-    """(text, is_answer) pieces of the chat string, `<s>`/`</s>` included as text."""
+def markers_of(tokenizer) -> tuple[str, str]:
+    return tokenizer.bos_token or "", tokenizer.eos_token
+
+
+def _pieces(turns: Sequence[dict], system: str, markers: tuple[str, str]):
+    """(text, is_answer) pieces of the chat string, BOS/EOS included as text."""
     _check_roles(turns)
+    bos, eos = markers
     for i, turn in enumerate(turns):
         if turn["role"] == "user":
             sys_block = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if i == 0 else ""
-            yield f"<s>[INST] {sys_block}{turn['content'].strip()} [/INST]", False
+            yield f"{bos}[INST] {sys_block}{turn['content'].strip()} [/INST]", False
         else:
-            yield f" {turn['content'].strip()} ", True
-            yield "</s>", True
+            yield f" {turn['content'].strip()} {eos}", True
 
 
 def _check_roles(turns: Sequence[dict]):
@@ -57,46 +73,51 @@ def _check_roles(turns: Sequence[dict]):
         raise ValueError(f"only the first user turn may carry {IMAGE}")
 
 
+def tokenize_with_images(text: str, tokenizer, num_image_tokens: int, image_token_id: int) -> list[int]:
+    """LLaVA's `tokenizer_image_token`, the release's: `tokenizer(chunk).input_ids` per `<image>`-separated chunk,
+    the first chunk's BOS kept and the others' dropped; each `<image>` becomes `num_image_tokens` copies of
+    `image_token_id` (the release puts one placeholder there and widens it inside the model)."""
+    chunks = [tokenizer(chunk)["input_ids"] for chunk in text.split(IMAGE)]
+    offset = 1 if chunks[0] and chunks[0][0] == tokenizer.bos_token_id else 0
+    ids = chunks[0][:offset]
+    for i, chunk in enumerate(chunks):
+        if i:
+            ids += [image_token_id] * num_image_tokens
+        ids += chunk[offset:]
+    return ids
+
+
 def encode_conversation(turns: Sequence[dict], tokenizer, num_image_tokens: int, image_token_id: int,
                         system: str = SYSTEM_PROMPT) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids and a mask that is True on assistant answer tokens and their `</s>` (what training scores).
-
-    `<image>` becomes `num_image_tokens` copies of `image_token_id`; `<s>`/`</s>` become BOS/EOS ids.
-    """
+    """Training tokens in LLaVA's LLaMA-2 conversation format and a mask that is True on the assistant answers'
+    tokens and their `</s>` (what training scores)."""
     ids: list[int] = []
     mask: list[bool] = []
-    for text, is_answer in _pieces(turns, system):
-        piece = _encode_piece(text, tokenizer, num_image_tokens, image_token_id)
-        ids += piece
-        mask += [is_answer] * len(piece)
+    text = ""
+    markers = markers_of(tokenizer)
+    # LLaVA strips the text's BOS because the tokenizer adds one; a tokenizer that adds none keeps it.
+    adds_bos = tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]
+    for piece, is_answer in _pieces(turns, system, markers):
+        text += piece
+        trimmed = text.removeprefix(markers[0]) if adds_bos else text
+        longer = tokenize_with_images(trimmed, tokenizer, num_image_tokens, image_token_id)
+        if longer[:len(ids)] != ids:  # a token across a turn boundary would leave no clean answer span
+            raise ValueError(f"the tokenizer merges text across the turn boundary before {piece[:40]!r}")
+        mask += [is_answer] * (len(longer) - len(ids))
+        ids = longer
     return np.asarray(ids, np.int32), np.asarray(mask, bool)
 
 
 def encode_prompt(turns: Sequence[dict], tokenizer, num_image_tokens: int, image_token_id: int,
                   max_length: int | None = None, system: str = SYSTEM_PROMPT) -> np.ndarray:
-    """The generation prompt for a conversation whose last turn is the user's question."""
+    """The generation prompt, as the release builds it, for a conversation whose last turn is the user's."""
     if not turns or turns[-1]["role"] != "user":
         raise ValueError("the prompt's last turn must be the user's")
-    ids, _ = encode_conversation(turns, tokenizer, num_image_tokens, image_token_id, system)
+    text = chat_text(turns, system, markers_of(tokenizer))
+    ids = np.asarray(tokenize_with_images(text, tokenizer, num_image_tokens, image_token_id), np.int32)
     # The release writes at most max_length - prompt length - 1 tokens: at least one must fit.
     if max_length is not None and len(ids) + 1 >= max_length:
         raise PromptTooLongError(
             f"the prompt is {len(ids)} tokens ({num_image_tokens} of them image positions) but the model's "
             f"context is {max_length}: nothing would be left to generate")
-    return ids
-
-
-def _encode_piece(text: str, tokenizer, num_image_tokens: int, image_token_id: int) -> list[int]:
-    if text == "</s>":
-        return [tokenizer.eos_token_id]
-    ids: list[int] = []
-    if text.startswith("<s>"):
-        ids.append(tokenizer.bos_token_id)
-        text = text[len("<s>"):]
-    chunks = text.split(IMAGE)
-    for i, chunk in enumerate(chunks):
-        if i:
-            ids += [image_token_id] * num_image_tokens
-        if chunk:
-            ids += tokenizer.encode(chunk, add_special_tokens=False)
     return ids

@@ -1,31 +1,151 @@
-"""LLaMA tokenizers: load one from a directory, or train a small LLaMA-style one for the tiny models.
+"""LLaMA-family tokenizers: load one from a directory, or train a small LLaMA-style one for the tiny models.
 
-Real runs use LLaMA-2's own `tokenizer.model`. The demo's tiny language models get a SentencePiece
-BPE model with LLaMA's conventions (byte fallback, <unk>=0, <s>=1, </s>=2, no pad), trained on the
-synthetic reports and the prompts, saved in the same files so the same loading code serves both.
+A directory with `tokenizer.model` (LLaMA-2's SentencePiece model, or the tiny models' own) loads as a
+`SentencePieceTokenizer`, which tokenizes exactly as the release's pinned transformers 4.36.2 does; a directory
+with only `tokenizer.json` (byte-level BPE: SmolLM2, Llama 3, ...) loads through `transformers.AutoTokenizer`.
+Both answer `tokenizer(text)["input_ids"]`, `encode`, `decode`, `bos_token_id`, `eos_token_id` and `len()`.
+
+The demo's tiny language models get a SentencePiece BPE model with LLaMA's conventions (byte fallback,
+<unk>=0, <s>=1, </s>=2, no pad), trained on the synthetic reports and the prompts, saved in the same files
+so the same loading code serves both.
 """
 
+import json
+import re
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import sentencepiece as spm
-import transformers
 
 # The chat template's markers become single tokens in the small tokenizers (LLaMA-2 splits them).
 CHAT_MARKERS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
+SPIECE_UNDERLINE = "\u2581"
 
 
-def load_tokenizer(path) -> transformers.PreTrainedTokenizerBase:
+class SentencePieceTokenizer:
+    """transformers 4.36.2's slow `LlamaTokenizer`, the one the release builds its prompts with, on SentencePiece.
+
+    `tokenizer(text)["input_ids"]`: the text is split at the special tokens (`<unk>`, `<s>`, `</s>`), which
+    become their ids; every other piece is encoded by SentencePiece on its own; BOS (EOS) is put in front
+    (at the end) when tokenizer_config.json's `add_bos_token` (`add_eos_token`) says so (default: BOS only).
+    With `legacy` (4.36.2's default when the config does not say) each piece gets SentencePiece's dummy
+    prefix "▁", so the text after `<s>` in the chat template starts with "▁[" (518); with `"legacy": false`
+    only the start of the text gets it. transformers 5 tokenizes pieces after a special token without the
+    prefix whatever the config says (like `legacy: false`), so it cannot give the release's ids.
+    """
+
+    def __init__(self, directory):
+        self.directory = directory = Path(directory)
+        config_path = directory / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        model = (directory / "tokenizer.model").read_bytes()
+        self.sp = spm.SentencePieceProcessor(model_proto=model)
+        self.legacy = config.get("legacy") is not False
+        self.add_bos_token = config.get("add_bos_token", True)
+        self.add_eos_token = config.get("add_eos_token", False)
+        self.bos_token_id, self.eos_token_id, self.unk_token_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
+        self.bos_token, self.eos_token = self.sp.id_to_piece(self.bos_token_id), self.sp.id_to_piece(self.eos_token_id)
+        self.special_ids = {self.sp.id_to_piece(i): i for i in (self.unk_token_id, self.bos_token_id,
+                                                                 self.eos_token_id) if i >= 0}
+        self._special = re.compile("(" + "|".join(map(re.escape, sorted(self.special_ids, key=len, reverse=True)))
+                                   + ")")
+        if not self.legacy:
+            self._sp_no_prefix = _without_dummy_prefix(model)
+            self._unk_length = len(self._sp_no_prefix.encode(self.sp.id_to_piece(self.unk_token_id)))
+
+    def __len__(self) -> int:
+        return self.sp.get_piece_size()
+
+    def __call__(self, text: str) -> dict:
+        ids = self.encode(text, add_special_tokens=False)
+        ids = ([self.bos_token_id] if self.add_bos_token else []) + ids
+        return {"input_ids": ids + ([self.eos_token_id] if self.add_eos_token else [])}
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        if add_special_tokens:
+            return self(text)["input_ids"]
+        if not self.legacy and text:
+            text = SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " ")
+        ids: list[int] = []
+        for piece in self._special.split(text):
+            if piece in self.special_ids:
+                ids.append(self.special_ids[piece])
+            elif piece:
+                ids += self.sp.encode(piece) if self.legacy else self._encode_without_prefix(piece)
+        if not self.legacy and len(ids) > 1 and ids[0] == self.sp.piece_to_id(SPIECE_UNDERLINE) and \
+                ids[1] in self.special_ids.values():
+            ids = ids[1:]  # 4.36.2 drops the "▁" it put in front of a leading special token
+        return ids
+
+    def _encode_without_prefix(self, piece: str) -> list[int]:
+        """4.36.2's non-legacy `_tokenize`: no dummy prefix; a leading space survives behind an `<unk>` it strips."""
+        if not piece.startswith((SPIECE_UNDERLINE, " ")):
+            return self._sp_no_prefix.encode(piece)
+        unk = self.sp.id_to_piece(self.unk_token_id)
+        return self._sp_no_prefix.encode(unk + piece)[self._unk_length:]
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+                            tokenize: bool = False):
+        """The directory's chat template (tokenizer_config.json's `chat_template` or chat_template.jinja) rendered
+        as transformers renders it; `tokenize` encodes the text without adding special tokens, as it does."""
+        text = render_chat_template(self.directory, messages, add_generation_prompt,
+                                    bos_token=self.bos_token, eos_token=self.eos_token)
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self.special_ids.values()]
+        return self.sp.decode(ids)
+
+
+def render_chat_template(directory: Path, messages: Sequence[dict], add_generation_prompt: bool, **tokens) -> str:
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    config_path, template_path = directory / "tokenizer_config.json", directory / "chat_template.jinja"
+    template = json.loads(config_path.read_text()).get("chat_template") if config_path.is_file() else None
+    if template is None and template_path.is_file():
+        template = template_path.read_text()
+    if template is None:
+        raise ValueError(f"{directory}: the tokenizer has no chat template (tokenizer_config.json chat_template or "
+                         "chat_template.jinja); use plain completion")
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    environment.globals["raise_exception"] = raise_exception
+    try:
+        return environment.from_string(template).render(messages=list(messages),
+                                                        add_generation_prompt=add_generation_prompt, **tokens)
+    except TemplateError as error:
+        raise ValueError(f"{directory}: the chat template refused the conversation: {error}") from error
+
+
+def _without_dummy_prefix(model: bytes) -> spm.SentencePieceProcessor:
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model)
+    proto.normalizer_spec.add_dummy_prefix = False
+    return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+
+
+def load_tokenizer(path):
     path = Path(path)
-    if not (path / "tokenizer.model").is_file() and not (path / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{path}: no tokenizer.model or tokenizer.json (a LLaMA tokenizer directory)")
     if (path / "tokenizer.model").is_file():
-        return transformers.LlamaTokenizer.from_pretrained(str(path))
-    return transformers.AutoTokenizer.from_pretrained(str(path))
+        return SentencePieceTokenizer(path)
+    if (path / "tokenizer.json").is_file():
+        import transformers
+
+        return transformers.AutoTokenizer.from_pretrained(str(path))
+    raise FileNotFoundError(f"{path}: no tokenizer.model or tokenizer.json (a LLaMA tokenizer directory)")
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir) -> transformers.PreTrainedTokenizerBase:
-    """Trains a LLaMA-style SentencePiece BPE model on `texts`; writes tokenizer.model and the HF files."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir) -> SentencePieceTokenizer:
+    """Trains a LLaMA-style SentencePiece BPE model on `texts`; writes tokenizer.model and tokenizer_config.json
+    as a LLaMA-2 directory has them."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.train(
@@ -34,9 +154,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir) -> transform
         user_defined_symbols=list(CHAT_MARKERS), split_digits=True, hard_vocab_limit=False, minloglevel=2,
     )
     (out_dir / "tokenizer.vocab").unlink(missing_ok=True)
-    tokenizer = transformers.LlamaTokenizer.from_pretrained(str(out_dir))
-    tokenizer.save_pretrained(str(out_dir))
-    return tokenizer
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+              "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return SentencePieceTokenizer(out_dir)
 
 
 def check_vocabulary(tokenizer, vocab_size: int, origin: str):

@@ -7,6 +7,8 @@
     model.chat([{"role": "user", "content": "Any effusion?"}, ...], "cxr.png")
 
 Images are paths, PIL images or arrays (8/16-bit PNG/JPEG, DICOM), preprocessed as the release does.
+A DICOM file whose tags say it is not a frontal chest radiograph (Modality, BodyPartExamined, ViewPosition) is
+refused unless `allow_non_frontal=True` is passed to the answering method.
 Generation keywords and their release defaults: temperature=0.2 (0 = greedy), top_p=0.8,
 max_new_tokens=512 (and never past the context window), seed=0.
 """
@@ -174,9 +176,10 @@ class CXRLLaVA:
     def iter_generate(self, conversations: Sequence[Sequence[dict]], images: Sequence, *,
                       batch_size: int = DEFAULT_BATCH_SIZE, on_text: Callable[[str], None] | None = None,
                       on_bad_image: Callable[[int, InputError], None] | None = None,
-                      **options) -> Iterator[tuple[int, str]]:
+                      allow_non_frontal: bool = False, **options) -> Iterator[tuple[int, str]]:
         """Yields (index, answer) batch by batch. A bad image raises its InputError, or with `on_bad_image`
-        is reported there and skipped. `on_text` streams the text of a single conversation as it is written."""
+        is reported there and skipped. `on_text` streams the text of a single conversation as it is written.
+        `allow_non_frontal` reads DICOM files whose tags say they are not frontal chest radiographs."""
         if isinstance(images, (str, Path)):
             raise TypeError(f"images must be a list (of paths, PIL images or arrays), got the path {images!r}")
         if len(conversations) != len(images):
@@ -189,7 +192,7 @@ class CXRLLaVA:
             indices, pixels = [], []
             for i in range(start, min(start + batch_size, len(prompts))):
                 try:
-                    pixels.append(self.preprocess(images[i]))
+                    pixels.append(self.preprocess(images[i], allow_non_frontal))
                 except InputError as error:
                     if on_bad_image is None:
                         raise
@@ -207,9 +210,10 @@ class CXRLLaVA:
                     stream.finish(answer)
                 yield i, answer
 
-    def preprocess(self, image) -> np.ndarray:
+    def preprocess(self, image, allow_non_frontal: bool = False) -> np.ndarray:
         cfg = self.config
-        return preprocess(image, cfg.vision.image_size, cfg.image_mean, cfg.image_std, min_size=cfg.vision.patch_size)
+        return preprocess(image, cfg.vision.image_size, cfg.image_mean, cfg.image_std, min_size=cfg.vision.patch_size,
+                          allow_non_frontal=allow_non_frontal)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()

@@ -1,10 +1,14 @@
-"""`cxrllava report`, `cxrllava ask` and `cxrllava chat`: the inference API from a terminal.
+"""`cxrllava report`, `ask`, `chat` and `complete`: the inference API from a terminal.
 
     cxrllava report IMAGE_OR_DIR... --checkpoint CKPT [--jsonl OUT] [--batch-size N]
     cxrllava ask IMAGE "Is there a pneumothorax?" --checkpoint CKPT
     cxrllava chat IMAGE --checkpoint CKPT          (type /exit or press Ctrl-D to leave)
+    cxrllava complete --checkpoint LLM_CKPT --chat "What is the capital of France?"
+    cxrllava complete --checkpoint LLM_CKPT "The capital of France is"
 
 CKPT is our checkpoint or the release's PyTorch directory. Directories expand to the images under them.
+`complete` talks to a converted language model alone (`import-torch` of a Hugging Face LLaMA-family directory,
+or the LLM inside a CXR-LLaVA checkpoint), so a conversion can be checked before a projector is trained on it.
 """
 
 import argparse
@@ -56,6 +60,27 @@ def chat_main(argv) -> int:
     return _run("chat", lambda: _chat(args))
 
 
+def complete_main(argv) -> int:
+    parser = _parser("complete", "continue a text, or answer a chat message, with a converted language model",
+                     images=False)
+    parser.add_argument("text", help="the text to continue, or with --chat the user's message")
+    parser.add_argument("--chat", action="store_true", help="wrap the text in the tokenizer's chat template")
+    args = parser.parse_args(argv)
+
+    def complete():
+        from cxrllava_jax.inference.language_model import LanguageModel
+
+        model = LanguageModel.from_checkpoint(args.checkpoint, dtype=args.dtype)
+        options = _options(args)
+        if args.chat:
+            print(model.chat([{"role": "user", "content": args.text}], **options))
+        else:
+            print(args.text + model.complete(args.text, **options))
+        return 0
+
+    return _run("complete", complete)
+
+
 def expand_images(paths) -> list[Path]:
     """Files as given; directories -> the image files under them, sorted."""
     images = []
@@ -98,7 +123,7 @@ def _report(args) -> int:
 
 def _chat(args) -> int:
     model = _load(args)
-    model.preprocess(args.image)  # an unreadable image fails now, not after the first question
+    model.preprocess(args.image, args.allow_non_frontal)  # an unreadable image fails now, not after the first question
     options = _options(args)
     print(f"Chatting about {args.image}. Type /exit or press Ctrl-D to leave.", flush=True)
     history = []
@@ -124,7 +149,7 @@ def _chat(args) -> int:
         history.append({"role": "assistant", "content": answer})
 
 
-def _parser(name: str, description: str) -> argparse.ArgumentParser:
+def _parser(name: str, description: str, images: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"cxrllava {name}", description=description)
     parser.add_argument("--checkpoint", required=True, type=Path,
                         help="our checkpoint directory or the release's PyTorch directory")
@@ -139,12 +164,19 @@ def _parser(name: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--compilation-cache", metavar="DIR",
                         help="where compiled programs are kept ('off' to keep none; default: "
                              f"${compile_cache.ENV} or {compile_cache.default_directory()})")
-    parser.add_argument("--adapter", type=Path, help="a LoRA adapter directory (PEFT format) to apply to CKPT")
+    if images:
+        parser.add_argument("--allow-non-frontal", action="store_true",
+                            help="read DICOM files whose tags say they are not frontal chest radiographs (the "
+                                 "model was trained on those only)")
+        parser.add_argument("--adapter", type=Path, help="a LoRA adapter directory (PEFT format) to apply to CKPT")
     return parser
 
 
 def _options(args) -> dict:
-    return dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    options = dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    if hasattr(args, "allow_non_frontal"):
+        options["allow_non_frontal"] = args.allow_non_frontal
+    return options
 
 
 def _load(args):

@@ -68,6 +68,17 @@ class BertConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """transformers' `rope_scaling` (4.x) / `rope_parameters` (5.x) beyond rope_theta (`models.rope`)."""
+
+    rope_type: str = "default"  # 'default', 'linear', 'dynamic' or 'llama3'
+    factor: float = 1.0
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    original_max_position_embeddings: int | None = None  # llama3
+
+
+@dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     """Hugging Face LlamaConfig fields that define the network."""
 
@@ -80,7 +91,9 @@ class LlamaConfig:
     head_dim: int | None = None  # hidden_size // num_heads unless set
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = RopeScaling()
     max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False  # the output head is the embedding table (SmolLM2, Llama 3.2 1B/3B)
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int = 0
@@ -114,7 +127,7 @@ class ContrastiveConfig:
     init_temperature: float = 0.07
 
 
-_NESTED = {"vision": VisionConfig, "llama": LlamaConfig, "text": BertConfig}
+_NESTED = {"vision": VisionConfig, "llama": LlamaConfig, "text": BertConfig, "rope_scaling": RopeScaling}
 
 
 def to_dict(config) -> dict[str, Any]:

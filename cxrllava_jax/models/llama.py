@@ -18,6 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 from cxrllava_jax.models.configs import LlamaConfig, Runtime
 from cxrllava_jax.models.attention import CausalMask, attend
 from cxrllava_jax.models.layers import LLAMA_STACK, apply_layers, dense, dtype_of, dtypes, partitioned
+from cxrllava_jax.models.rope import inverse_frequencies
 
 
 class RMSNorm(nn.Module):
@@ -33,10 +34,9 @@ class RMSNorm(nn.Module):
         return weight.astype(dtype_of(self.runtime.dtype)) * x32.astype(dtype_of(self.runtime.dtype))
 
 
-def rotary_embedding(x, positions, theta: float):
-    """RoPE in the Hugging Face (rotate-half) layout. x: [batch, length, heads, head_dim]; positions: [batch, length]."""
-    head_dim = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+def rotary_embedding(x, positions, inv_freq):
+    """RoPE in the Hugging Face (rotate-half) layout. x: [batch, length, heads, head_dim]; positions: [batch, length];
+    inv_freq: [head_dim / 2] (`models.rope`)."""
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, length, head_dim / 2]
     angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
     x1, x2 = jnp.split(x, 2, axis=-1)
@@ -83,8 +83,9 @@ class DecoderLayer(nn.Module):
         q = dense((cfg.num_heads, cfg.kv_dim), (("embed",), ("heads", "kv")), name="q_proj", **kw)(h)
         k = dense((cfg.num_kv_heads, cfg.kv_dim), (("embed",), ("kv_heads", "kv")), name="k_proj", **kw)(h)
         v = dense((cfg.num_kv_heads, cfg.kv_dim), (("embed",), ("kv_heads", "kv")), name="v_proj", **kw)(h)
-        q = rotary_embedding(q, positions, cfg.rope_theta)
-        k = rotary_embedding(k, positions, cfg.rope_theta)
+        inv_freq = inverse_frequencies(cfg, positions)
+        q = rotary_embedding(q, positions, inv_freq)
+        k = rotary_embedding(k, positions, inv_freq)
         if cache is None:
             out = attend(q, k, v, mask, kernel=rt.attention)
         else:
@@ -144,7 +145,7 @@ class DecoderStack(nn.Module):
 
 
 class Llama(nn.Module):
-    """`LlamaForCausalLM`: embed -> decoder layers -> RMSNorm -> untied lm_head."""
+    """`LlamaForCausalLM`: embed -> decoder layers -> RMSNorm -> lm_head (or the embedding table, when tied)."""
 
     config: LlamaConfig
     runtime: Runtime = Runtime()
@@ -156,8 +157,9 @@ class Llama(nn.Module):
             embedding_init=partitioned(nn.initializers.normal(0.02), "vocab", "embed"))
         self.layers = DecoderStack(cfg, rt)
         self.norm = RMSNorm(cfg.rms_norm_eps, rt)
-        self.lm_head = dense(cfg.vocab_size, (("embed",), ("vocab",)), use_bias=False, **dtypes(rt), name="lm_head",
-                             kernel_init=nn.initializers.normal(0.02))
+        if not cfg.tie_word_embeddings:
+            self.lm_head = dense(cfg.vocab_size, (("embed",), ("vocab",)), use_bias=False, **dtypes(rt),
+                                 name="lm_head", kernel_init=nn.initializers.normal(0.02))
 
     def embed(self, tokens):
         return nn.with_logical_constraint(self.embed_tokens(tokens), ("batch", "length", "embed"))
@@ -176,8 +178,10 @@ class Llama(nn.Module):
         return x
 
     def logits(self, hidden):
-        """Final norm and vocabulary projection of any positions' hidden states, in fp32."""
-        return self.lm_head(self.norm(hidden)).astype(jnp.float32)
+        """Final norm and output head (the embedding table, when tied) of any positions' hidden states, in fp32."""
+        h = self.norm(hidden)
+        logits = self.embed_tokens.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
+        return logits.astype(jnp.float32)
 
     def prefill(self, tokens, images, positions, mask, cache):
         """Runs a prompt into the cache; returns the last slot's logits [batch, vocab] fp32 and the cache (the

@@ -13,6 +13,7 @@ from the `test` extra).
   converter cannot cancel out.
 """
 
+import dataclasses
 import json
 from collections import OrderedDict
 from pathlib import Path
@@ -108,7 +109,9 @@ def hf_llama_config(cfg: LlamaConfig) -> transformers.LlamaConfig:
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
         head_dim=cfg.kv_dim, rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
         max_position_embeddings=cfg.max_position_embeddings, bos_token_id=cfg.bos_token_id,
-        eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id, tie_word_embeddings=False,
+        eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id, tie_word_embeddings=cfg.tie_word_embeddings,
+        rope_scaling=None if cfg.rope_scaling.rope_type == "default" else {
+            k: v for k, v in dataclasses.asdict(cfg.rope_scaling).items() if v is not None},
         attn_implementation="eager")
 
 

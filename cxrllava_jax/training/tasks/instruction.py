@@ -4,10 +4,15 @@
 they differ otherwise only in what `config.frozen` holds.
 """
 
+import dataclasses
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from cxrllava_jax.convert import checkpoint as model_checkpoint
+from cxrllava_jax.convert import hf_llama
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.domain.tokenizer import check_vocabulary, load_tokenizer
 from cxrllava_jax.models import configs as mc
@@ -17,6 +22,22 @@ from cxrllava_jax.training.tasks.base import Example, Task, preset, runtime, vis
 from input_pipeline import instructions, pipelines
 
 
+def language_model_config(cfg) -> mc.LlamaConfig:
+    """The language model the stage starts from: the one `config.init.llama` names (any LLaMA-family Hugging Face
+    directory), or the one inside `config.init.checkpoint` when its `llm` tower is loaded, else the
+    `config.model.llama` preset; `config.model.llama_overrides` applies to each."""
+    overrides = dict(cfg.model.get("llama_overrides") or {})
+    if cfg.init.get("llama"):
+        return dataclasses.replace(hf_llama.read_config(cfg.init.llama), **overrides)
+    checkpoint = cfg.init.get("checkpoint")
+    # A checkpoint that is not there yet fails by name when its weights load.
+    if checkpoint and "llm" in cfg.init.get("towers", ()) and Path(checkpoint, "model_config.json").is_file():
+        kind, config, _ = model_checkpoint.read_model_config(checkpoint)
+        if kind == "cxr_llava":
+            return dataclasses.replace(config.llama, **overrides)
+    return preset(mc.LLAMA_PRESETS, cfg.model.llama, overrides)
+
+
 class InstructionTask(Task):
     unit = "tok"
     export_kind = "cxr_llava"
@@ -24,8 +45,7 @@ class InstructionTask(Task):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        llama = preset(mc.LLAMA_PRESETS, cfg.model.llama, cfg.model.get("llama_overrides"))
-        self.config = mc.CXRLLaVAConfig(vision=vision_config(cfg), llama=llama, projector=cfg.model.projector,
+        self.config = mc.CXRLLaVAConfig(vision=vision_config(cfg), llama=language_model_config(cfg), projector=cfg.model.projector,
                                         image_mean=cfg.data.image_mean, image_std=cfg.data.image_std)
         self.model = CXRLLaVAModel(self.config, runtime(cfg))
         self.seq_length = cfg.data.seq_length

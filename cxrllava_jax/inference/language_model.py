@@ -1,0 +1,67 @@
+"""A converted language model alone, to check a conversion before training a projector on it.
+
+    lm = LanguageModel.from_checkpoint("ckpt/smollm2")        # a 'llama' checkpoint, or a 'cxr_llava' one's LLM
+    lm.chat([{"role": "user", "content": "What is the capital of France?"}], temperature=0)
+    lm.complete("The capital of France is", temperature=0)
+
+`chat` renders the tokenizer's own chat template (tokenizer_config.json's `chat_template` or
+chat_template.jinja) with the generation prompt, and tokenizes it without adding special tokens, as
+`apply_chat_template(..., tokenize=True)` does; `complete` continues `tokenizer(text)`. Generation keywords:
+temperature (0 = greedy), top_p, max_new_tokens, seed; it stops at the tokenizer's EOS.
+"""
+
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cxrllava_jax.convert import checkpoint
+from cxrllava_jax.inference.generate import Generator, SamplingOptions
+from cxrllava_jax.domain.tokenizer import check_vocabulary, load_tokenizer
+from cxrllava_jax.models.configs import LlamaConfig, Runtime
+from cxrllava_jax.models.llama import Llama
+
+
+class LanguageModel:
+    def __init__(self, config: LlamaConfig, params: dict, tokenizer, runtime: Runtime = Runtime(),
+                 origin: str = "model"):
+        check_vocabulary(tokenizer, config.vocab_size, origin)
+        self.config, self.tokenizer = config, tokenizer
+        self.generator = Generator(Llama(config, runtime), {"params": params}, eos_id=tokenizer.eos_token_id,
+                                   vocab_limit=len(tokenizer))
+
+    @classmethod
+    def from_checkpoint(cls, path, dtype: str | None = None) -> "LanguageModel":
+        path = Path(path)
+        dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+        # Scanned layers: one compiled layer body, so a 30- or 80-layer model compiles in seconds.
+        runtime = Runtime(dtype=dtype, param_dtype=dtype, scan=True)
+        kind, config, params = checkpoint.load_model(path, runtime)
+        if kind == "cxr_llava":
+            config, params = config.llama, params["llm"]
+        elif kind != "llama":
+            raise ValueError(f"{path} holds a {kind!r} model; a language model is a 'llama' or 'cxr_llava' checkpoint")
+        tokenizer_path = checkpoint.tokenizer_dir(path)
+        if tokenizer_path is None:
+            raise FileNotFoundError(f"{path}: no tokenizer/ directory; import the model with its tokenizer files")
+        params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+        return cls(config, params, load_tokenizer(tokenizer_path), runtime, origin=str(path))
+
+    def chat_ids(self, messages: Sequence[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def chat(self, messages: Sequence[dict], **options) -> str:
+        """The assistant's answer to a conversation of {"role", "content"} turns that ends with the user's."""
+        return self.generate([self.chat_ids(messages)], **options)[0]
+
+    def complete(self, text: str, **options) -> str:
+        return self.generate([self.tokenizer(text)["input_ids"]], **options)[0]
+
+    def generate(self, prompts: Sequence[Sequence[int]], **options) -> list[str]:
+        """Continuations of token-id prompts, decoded without special tokens."""
+        outputs = self.generator.generate([np.asarray(p, np.int32) for p in prompts], None,
+                                          SamplingOptions(**options))
+        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
