@@ -4,7 +4,9 @@ The stages follow the CheXpert labeler: split the report into sentences and clau
 phrase lists in `phrases`, then classify each mention by the cues in its clause, in this order: pre-negation
 uncertainty ("cannot exclude pneumonia" is uncertain, not negative), negation, post-negation uncertainty.
 Mentions of one observation are aggregated positive > uncertain > negative, and No Finding is derived: positive
-when no observation other than Support Devices is positive or uncertain, otherwise not mentioned.
+when no observation other than Support Devices, and none of the other findings the CheXpert labeler lists (emphysema,
+granuloma, scoliosis, ...), is positive or uncertain, otherwise not mentioned. As there, a positive or uncertain
+"heart failure" makes Cardiomegaly uncertain.
 Rules instead of a dependency parse: a cue reaches forward or back within its clause, stopped by a verb or by a
 comma that starts a new finding (see `phrases.FORWARD_SCOPE_STOP`).
 """
@@ -19,12 +21,18 @@ from cxrllava_jax.findings import CHEXPERT_OBSERVATIONS, NEGATIVE, POSITIVE, UNC
 
 NOT_MENTIONED = float("nan")
 LABELED_OBSERVATIONS = tuple(o for o in CHEXPERT_OBSERVATIONS if o != "No Finding")
+# Mentions of findings outside the 14 observations count only towards No Finding.
+OTHER_FINDING = "other finding"
+_NOT_A_FINDING = ("Support Devices",)
 _PRECEDENCE = {POSITIVE: 2, UNCERTAIN: 1, NEGATIVE: 0}
 
 # Sentence ends: punctuation then space (so "1.5 cm" stays whole), or a blank line; single newlines are line wraps.
 _SENTENCE_END = re.compile(r"(?<=[.?!])\s+|\n\s*\n")
 _SEGMENT = re.compile(r",|\band\b")
 _LIST_LINK = re.compile(r"\b(?:and|or)\b")
+# "No consolidation, large effusion, or pneumothorax": a list that ends in "or" is negated as a whole.
+_OR_LIST = re.compile(r",[^,]*\b(?:or|nor)\b")
+_HEART_FAILURE = re.compile(r"\b(?:chf|heart failure)\b")
 _TRAILING_VERB = re.compile(r"\b(?:is|are|was|were)\s*$")
 
 
@@ -37,7 +45,9 @@ class ReportLabeler:
 
     def __init__(self):
         self._mentions = {o: _compile(phrases.MENTIONS[o]) for o in LABELED_OBSERVATIONS}
+        self._mentions[OTHER_FINDING] = _compile(phrases.OTHER_FINDINGS)
         self._normal = {o: _compile(p) for o, p in phrases.NORMAL_STATEMENTS.items()}
+        self._uncertain = {o: _compile(p) for o, p in phrases.UNCERTAIN_STATEMENTS.items()}
         self._unmentions = {o: _compile(p) for o, p in phrases.UNMENTIONS.items()}
         self._clause_break = re.compile(phrases.CLAUSE_BREAKS)
         self._pre_negation_uncertainty = _compile(phrases.PRE_NEGATION_UNCERTAINTY)
@@ -57,7 +67,7 @@ class ReportLabeler:
                 previous = labels.get(observation)
                 if previous is None or _PRECEDENCE[value] > _PRECEDENCE[previous]:
                     labels[observation] = value
-        findings = [v for o, v in labels.items() if o != "Support Devices"]
+        findings = [v for o, v in labels.items() if o not in _NOT_A_FINDING]
         labels["No Finding"] = POSITIVE if all(v == NEGATIVE for v in findings) else NOT_MENTIONED
         return {o: labels.get(o, NOT_MENTIONED) for o in CHEXPERT_OBSERVATIONS}
 
@@ -73,22 +83,30 @@ class ReportLabeler:
 
     def _clause_labels(self, clause):
         cues = None  # found lazily: most clauses mention nothing
-        for observation in LABELED_OBSERVATIONS:
+        for observation, mentions in self._mentions.items():
             normal = self._normal.get(observation)
+            uncertain = self._uncertain.get(observation)
             normal_spans = [m.span() for m in normal.finditer(clause)] if normal else []
-            mention_spans = [m.span() for m in self._mentions[observation].finditer(clause)]
-            if not mention_spans and not normal_spans:
+            uncertain_spans = [m.span() for m in uncertain.finditer(clause)] if uncertain else []
+            mention_spans = [m.span() for m in mentions.finditer(clause)]
+            if not (mention_spans or normal_spans or uncertain_spans):
                 continue
             unmention = self._unmentions.get(observation)
-            excluded = normal_spans + ([m.span() for m in unmention.finditer(clause)] if unmention else [])
+            excluded = normal_spans + uncertain_spans
+            excluded += [m.span() for m in unmention.finditer(clause)] if unmention else []
             for _ in normal_spans:
                 yield observation, NEGATIVE
+            if uncertain_spans or mention_spans:
+                cues = cues or self._cues(clause)
+            for span in uncertain_spans:  # uncertain by itself, unless negated: "no vascular congestion"
+                yield observation, min(self._classify(clause, span, cues), UNCERTAIN, key=_PRECEDENCE.get)
             for span in mention_spans:
                 if any(_overlaps(span, other) for other in excluded):
                     continue
-                if cues is None:
-                    cues = self._cues(clause)
-                yield observation, self._classify(clause, span, cues)
+                value = self._classify(clause, span, cues)
+                yield observation, value
+                if value != NEGATIVE and _HEART_FAILURE.match(clause, *span):
+                    yield "Cardiomegaly", UNCERTAIN
 
     def _cues(self, clause):
         pseudo = [m.span() for m in self._pseudo_negation.finditer(clause)]
@@ -129,7 +147,7 @@ class ReportLabeler:
             if self._scope_stop.search(between):
                 continue
             segments = _SEGMENT.split(between)[1:]
-            if not any(self._new_finding.match(s.lstrip()) for s in segments):
+            if not any(self._new_finding.match(s.lstrip()) for s in segments) or _OR_LIST.search(clause, cue_end):
                 return True
         return False
 
