@@ -20,7 +20,7 @@ _GAP_STOP = r"(?:but|however|although|though|while|whereas|which|normal|unremark
 _NORMAL_STATES = (
     r"normal(?! position)",
     r"unremarkable",
-    r"within normal limits",
+    r"within (?:the )?(?:normal limits|limits of normal)",
     r"(?:at )?(?:the )?upper limits? of normal",
 )
 
@@ -47,8 +47,9 @@ _MEDIASTINUM = (
     r"pericardial silhouette",
 )
 # "Stable heart size", "the cardiomediastinal silhouette is unchanged": the CheXpert labeler calls these uncertain
-# (the size is compared with a study the reader cannot see); "borderline heart size" likewise.
-_STABLE_STATES = (r"stable", r"unchanged", r"not changed", r"similar to (?:the )?prior", r"borderline")
+# (the size is compared with a study the reader cannot see); "borderline heart size" likewise, but "borderline
+# cardiomegaly" and "the heart is borderline enlarged" are positive there.
+_STABLE_STATES = (r"stable", r"unchanged", r"not changed", r"similar to (?:the )?prior")
 
 MENTIONS = {
     "Enlarged Cardiomediastinum": (
@@ -59,7 +60,7 @@ MENTIONS = {
         r"\bcardiomegaly\b",
         r"\bcardiac enlargement\b",
         r"\benlargement of the (?:heart|cardiac silhouette)\b",
-        subject_state(_HEART, (r"enlarged", r"increased", r"large", r"prominent")),
+        subject_state(_HEART, (r"enlarged", r"increased", r"large", r"prominent", r"borderline")),
     ),
     "Lung Lesion": (
         r"\bnodul(?:e|es|ar|arity)\b",
@@ -157,7 +158,7 @@ NORMAL_STATEMENTS = {
 }
 UNCERTAIN_STATEMENTS = {
     "Enlarged Cardiomediastinum": (subject_state(_MEDIASTINUM, _STABLE_STATES, max_gap=2),),
-    "Cardiomegaly": (subject_state(_HEART, _STABLE_STATES, max_gap=2), r"\bborderline (?:cardiomegaly|cardiac enlargement)\b"),
+    "Cardiomegaly": (subject_state(_HEART, _STABLE_STATES, max_gap=2), r"\bborderline (?:heart|cardiac) size\b"),
     # Signs that may or may not be edema: uncertain unless negated ("no vascular congestion").
     "Edema": (
         r"\b(?:pulmonary |central )?(?:vascular|venous) (?:congestion|prominence|engorgement|redistribution)\b",
@@ -178,11 +179,18 @@ OTHER_FINDINGS = (
     r"\birregular lucency\b", r"\binflam\w*", r"\bfissures?\b", r"\bhypertension\b", r"\bprominen\w*", r"\bkyphosis\b",
     r"\bbullets?\b", r"\bthoracentesis\b", r"\bbronchitis\b", r"\bvolume loss\b", r"\bdeformit\w*", r"\bhemorrhage\b",
     r"\bhematoma\b", r"\bradiopaque\b", r"\baerophagia\b", r"\barthropathy\b", r"\btracheostomy\b",
+    # Added here: common chronic findings the CheXpert list lacks, which make a study abnormal all the same.
+    r"\btortu\w+", r"\becta(?:sia|tic)\b", r"\bspondylo\w+", r"\b(?:low|decreased) lung volumes?\b",
+    r"\bhypo(?:inflat|ventilat|expan)\w*", r"\bcurvature\b", r"\barthriti\w*", r"\bforeign bod(?:y|ies)\b",
+    r"\b(?:mastectomy|cholecystectomy|lobectomy|pneumonectomy)\b",
+    r"\bcrowding\b",
 )
 
 UNMENTIONS = {
     "Cardiomegaly": (r"\b(?:over|overly|overlying|in) the (?:superior |left |right )?heart\b",),
     "Lung Lesion": (r"\bmass effect\b", r"\bcalcified nodul\w*", r"\bmassive\b"),
+    # An old, healed infection is a granuloma, not a pneumonia.
+    "Pneumonia": (r"\b(?:granulomatous|prior|previous|old|remote|healed|tuberculous|tuberculosis|tb) infect\w+",),
     "Lung Opacity": (r"\bpleural (?:scar|scarring)\b", r"\bpleuro-?parenchymal scar\w*"),
     "Edema": (r"\b(?:soft tissue|subcutaneous|facial|peripheral|extremity|chest wall) (?:o?edema)\b",),
     "Pleural Effusion": (r"\b(?:pericardial|joint|knee|shoulder) effusions?\b",),
@@ -215,6 +223,7 @@ NEGATION_AFTER = (
     r"\b(?:is |are |was |were |has been |have been )?(?:not (?:seen|identified|present|visualized|visible|"
     r"appreciated|demonstrated|evident|noted|detected|shown)|absent|resolved|cleared|removed|"
     r"no longer (?:seen|present|visible|evident|identified|demonstrated|appreciated)|excluded|ruled out)\b",
+    r"\b(?:appears? |is |are )?within (?:the )?(?:normal limits|limits of normal)\b",
 )
 UNCERTAINTY_BEFORE = (
     r"\b(?:may|might|could)\b",
@@ -226,10 +235,9 @@ UNCERTAINTY_BEFORE = (
     r"\bconcern\w*",
     r"\bquestion\w*",
     r"\bsuggest\w*",
-    r"\bconsider\w*",
+    r"\bconsider(?:ed|ation)?\b",
     r"\bdifferential\b",
     r"\bversus\b|\bvs\b",
-    r"\bborderline\b",
     r"\bequivocal\b",
     r"\bindeterminate\b",
     r"\bpresum\w+",
@@ -246,6 +254,8 @@ UNCERTAINTY_AFTER = (
     r"\b(?:suspected|questioned)\b",
     r"\b(?:may|might|could) be\b",
     r"\bversus\b|\bvs\b",
+    r"\b(?:is|are) in the differential\b",
+    r"\bwould be a consideration\b",
 )
 # Negation words that do not negate: "no change in the effusion" reports an effusion.
 PSEUDO_NEGATION = (
