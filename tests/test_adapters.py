@@ -12,8 +12,6 @@ import io
 import html
 import math
 import re
-import subprocess
-import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -26,23 +24,14 @@ from input_pipeline import brixia, chexpert, indiana, mimic, nih, padchest, rsna
 from cxrllava_jax.errors import InputError
 from input_pipeline.records import is_abnormal, require_images
 from input_pipeline.sources import ADAPTERS
+from wheel_files import torchxrayvision_data
 
-WHEEL = "torchxrayvision==1.5.7"
-WHEEL_CACHE = Path(__file__).resolve().parents[1] / ".cache" / "wheels"
 OBS = {name: i for i, name in enumerate(CHEXPERT_OBSERVATIONS)}
 
 
 @pytest.fixture(scope="module")
 def wheel_data():
-    """name -> bytes of torchxrayvision/data/NAME in the wheel (downloaded once into .cache/wheels)."""
-    wheels = sorted(WHEEL_CACHE.glob("torchxrayvision-1.5.7-*.whl"))
-    if not wheels:
-        result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", WHEEL, "-d", str(WHEEL_CACHE)],
-                                capture_output=True, text=True)
-        assert result.returncode == 0, f"pip download {WHEEL} failed:\n{result.stderr[-2000:]}"
-        wheels = sorted(WHEEL_CACHE.glob("torchxrayvision-1.5.7-*.whl"))
-    archive = zipfile.ZipFile(wheels[0])
-    return lambda name: archive.read(f"torchxrayvision/data/{name}")
+    return torchxrayvision_data()
 
 
 def csv_rows(data: bytes, delimiter=","):
