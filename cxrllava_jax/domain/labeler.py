@@ -13,6 +13,7 @@ comma that starts a new finding (see `phrases.FORWARD_SCOPE_STOP`).
 
 import functools
 import re
+from typing import NamedTuple
 
 import numpy as np
 
@@ -40,15 +41,32 @@ def _compile(fragments):
     return re.compile("|".join(f"(?:{f})" for f in fragments))
 
 
+class _Vocabulary(NamedTuple):
+    """What one observation's mentions look like. `anything` (any of the three kinds) is searched first: one
+    regex search rules out most (clause, observation) pairs, which keeps labeling fast."""
+
+    anything: re.Pattern
+    mentions: re.Pattern
+    normal: re.Pattern | None
+    uncertain: re.Pattern | None
+    unmentions: re.Pattern | None
+
+
+def _vocabulary(mentions, normal=(), uncertain=(), unmentions=()):
+    return _Vocabulary(_compile(mentions + normal + uncertain), _compile(mentions),
+                       *(_compile(p) if p else None for p in (normal, uncertain, unmentions)))
+
+
 class ReportLabeler:
     """Compiles the phrase lists once; `label` is then a pure function of the report text."""
 
     def __init__(self):
-        self._mentions = {o: _compile(phrases.MENTIONS[o]) for o in LABELED_OBSERVATIONS}
-        self._mentions[OTHER_FINDING] = _compile(phrases.OTHER_FINDINGS)
-        self._normal = {o: _compile(p) for o, p in phrases.NORMAL_STATEMENTS.items()}
-        self._uncertain = {o: _compile(p) for o, p in phrases.UNCERTAIN_STATEMENTS.items()}
-        self._unmentions = {o: _compile(p) for o, p in phrases.UNMENTIONS.items()}
+        self._vocabularies = {
+            o: _vocabulary(phrases.MENTIONS[o], phrases.NORMAL_STATEMENTS.get(o, ()),
+                           phrases.UNCERTAIN_STATEMENTS.get(o, ()), phrases.UNMENTIONS.get(o, ()))
+            for o in LABELED_OBSERVATIONS
+        }
+        self._vocabularies[OTHER_FINDING] = _vocabulary(phrases.OTHER_FINDINGS)
         self._clause_break = re.compile(phrases.CLAUSE_BREAKS)
         self._pre_negation_uncertainty = _compile(phrases.PRE_NEGATION_UNCERTAINTY)
         self._negation_before = _compile(phrases.NEGATION_BEFORE)
@@ -83,24 +101,18 @@ class ReportLabeler:
 
     def _clause_labels(self, clause):
         cues = None  # found lazily: most clauses mention nothing
-        for observation, mentions in self._mentions.items():
-            normal = self._normal.get(observation)
-            uncertain = self._uncertain.get(observation)
-            normal_spans = [m.span() for m in normal.finditer(clause)] if normal else []
-            uncertain_spans = [m.span() for m in uncertain.finditer(clause)] if uncertain else []
-            mention_spans = [m.span() for m in mentions.finditer(clause)]
-            if not (mention_spans or normal_spans or uncertain_spans):
+        for observation, vocabulary in self._vocabularies.items():
+            if not vocabulary.anything.search(clause):
                 continue
-            unmention = self._unmentions.get(observation)
-            excluded = normal_spans + uncertain_spans
-            excluded += [m.span() for m in unmention.finditer(clause)] if unmention else []
+            normal_spans = _spans(vocabulary.normal, clause)
+            uncertain_spans = _spans(vocabulary.uncertain, clause)
+            excluded = normal_spans + uncertain_spans + _spans(vocabulary.unmentions, clause)
+            cues = cues or self._cues(clause)
             for _ in normal_spans:
                 yield observation, NEGATIVE
-            if uncertain_spans or mention_spans:
-                cues = cues or self._cues(clause)
             for span in uncertain_spans:  # uncertain by itself, unless negated: "no vascular congestion"
                 yield observation, min(self._classify(clause, span, cues), UNCERTAIN, key=_PRECEDENCE.get)
-            for span in mention_spans:
+            for span in _spans(vocabulary.mentions, clause):
                 if any(_overlaps(span, other) for other in excluded):
                     continue
                 value = self._classify(clause, span, cues)
@@ -165,6 +177,10 @@ class ReportLabeler:
                 continue
             return True
         return False
+
+
+def _spans(pattern, text):
+    return [m.span() for m in pattern.finditer(text)] if pattern else []
 
 
 def _overlaps(a, b):
