@@ -143,7 +143,7 @@ MENTIONS = {
         r"\b(?:prosthetic|mechanical) (?:heart )?valves?\b",
         r"\bvalve replacement\b",
         r"\bhardware\b|\bapparatus\b",
-        r"\bplates?\b(?! of)|\bscrews?\b",
+        r"\bplates?\b(?![- ]like| of)|\bscrews?\b",
         r"\barthroplast\w+",
         r"\bdrains?\b",
         r"\b(?:lvad|ventricular assist device)\b",
