@@ -27,8 +27,9 @@ OTHER_FINDING = "other finding"
 _NOT_A_FINDING = ("Support Devices",)
 _PRECEDENCE = {POSITIVE: 2, UNCERTAIN: 1, NEGATIVE: 0}
 
-# Sentence ends: punctuation then space (so "1.5 cm" stays whole), or a blank line; single newlines are line wraps.
-_SENTENCE_END = re.compile(r"(?<=[.?!])\s+|\n\s*\n")
+# Sentence ends: punctuation then a space or a letter (so "1.5 cm" stays whole, "atelectasis.catheter" does not),
+# or a blank line; single newlines are line wraps.
+_SENTENCE_END = re.compile(r"(?<=[.?!])(?:\s+|(?=[a-z]))|\n\s*\n")
 _SEGMENT = re.compile(r",|\band\b")
 _LIST_LINK = re.compile(r"\b(?:and|or)\b")
 # "No consolidation, large effusion, or pneumothorax": a list that ends in "or" is negated as a whole.

@@ -171,7 +171,7 @@ UNCERTAIN_STATEMENTS = {
 # "No Finding" is not positive (the CheXpert labeler's `no_finding.txt`).
 OTHER_FINDINGS = (
     r"\bemphysem\w*", r"\bblunt\w*", r"\bdensit(?:y|ies)\b", r"\belevat(?:ion|ed)\b", r"\beventration\b",
-    r"\bscolio\w*", r"\bdegenera\w*", r"\bcalcifi\w*", r"\bhyperinflat\w*", r"\bhyperexpan\w*", r"\bbronchospasm\b",
+    r"\b(?:kypho|dextro|levo|roto)?scolio\w*", r"\bdegenera\w*", r"\bcalcifi\w*", r"\bhyperinflat\w*", r"\bhyperexpan\w*", r"\bbronchospasm\b",
     r"\basthma\b", r"\bhernia\w*", r"\bcopd\b", r"\binterstitial markings?\b", r"\bplaques?\b", r"\bosteophyt\w*",
     r"\baortic disease\b", r"\bbronchiolitis\b", r"\bairways? disease\b", r"\bthickening\b", r"\bcephalization\b",
     r"\baspiration\b", r"\bbullae\b", r"\bcontusion\b", r"\batherosclero\w*", r"\bosteopeni\w*", r"\bmetastas[ie]s\b",
@@ -183,7 +183,7 @@ OTHER_FINDINGS = (
     r"\btortu\w+", r"\becta(?:sia|tic)\b", r"\bspondylo\w+", r"\b(?:low|decreased) lung volumes?\b",
     r"\bhypo(?:inflat|ventilat|expan)\w*", r"\bcurvature\b", r"\barthriti\w*", r"\bforeign bod(?:y|ies)\b",
     r"\b(?:mastectomy|cholecystectomy|lobectomy|pneumonectomy)\b",
-    r"\bcrowding\b",
+    r"\bcrowding\b", r"\bunfold\w*", r"\bdish\b", r"\bfusion\b",
 )
 
 UNMENTIONS = {
@@ -259,9 +259,9 @@ UNCERTAINTY_AFTER = (
 )
 # Negation words that do not negate: "no change in the effusion" reports an effusion.
 PSEUDO_NEGATION = (
-    r"\bno (?:significant |interval |definite )?(?:change|increase|decrease|worsening)\b",
+    r"\bno (?:significant |interval |definite )*(?:change|increase|decrease|worsening)\b",
     r"\bnot (?:significantly )?(?:changed|increased|decreased)\b",
-    r"\bwithout (?:significant |interval )?change\b",
+    r"\bwithout (?:significant |interval )*change\b",
     r"\bnot only\b",
 )
 
