@@ -202,6 +202,7 @@ PRE_NEGATION_UNCERTAINTY = (
     r"\b(?:cannot|can ?not|can't|could not|may not|not) (?:be )?(?:entirely |completely |totally )?"
     r"(?:excluded?|ruled? out)\b",
     r"\b(?:difficult|hard) to (?:exclude|rule out)\b",
+    r"\bno new\b",  # "no new consolidation" leaves an old one possible
 )
 NEGATION_BEFORE = (
     r"\bno\b",
