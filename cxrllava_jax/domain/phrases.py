@@ -215,7 +215,7 @@ NEGATION_BEFORE = (
     r"\bresolution of\b",
     r"\bresolved\b",
     r"\bclear of\b",
-    r"\bremoval of\b",
+    r"\b(?:removal|history|disappearance|drainage) of\b",
     r"\bneither\b",
     r"\bnor\b",
     r"\brather than\b",
@@ -248,11 +248,14 @@ UNCERTAINTY_BEFORE = (
     r"\bworrisome\b",
     r"\brule out\b|\br/o\b",
     r"\b(?:evaluate|assess) for\b",
+    r"\bcorrelat\w* (?:clinically )?for\b",
+    r"\bobscuring\b",
 )
 UNCERTAINTY_AFTER = (
     # Only at the end of the clause: in "opacity is likely atelectasis" the cue belongs to what follows.
     r"\b(?:is|are|seems|appears)(?: to be)? (?:likely|possible|probable|questionable)\b(?!\s+\w)",
     r"\b(?:suspected|questioned)\b",
+    r"\b(?:obscured|(?:poorly|incompletely|not well|not clearly) (?:evaluated|visualized|seen|assessed))\b",
     r"\b(?:may|might|could) be\b",
     r"\bversus\b|\bvs\b",
     r"\b(?:is|are) in the differential\b",
