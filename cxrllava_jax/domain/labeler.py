@@ -6,9 +6,15 @@ uncertainty ("cannot exclude pneumonia" is uncertain, not negative), negation, p
 Mentions of one observation are aggregated positive > uncertain > negative, and No Finding is derived: positive
 when no observation other than Support Devices, and none of the other findings the CheXpert labeler lists (emphysema,
 granuloma, scoliosis, ...), is positive or uncertain, otherwise not mentioned. As there, a positive or uncertain
-"heart failure" makes Cardiomegaly uncertain.
+"heart failure" makes Cardiomegaly uncertain, and statements that carry their own state are read as such ("heart
+size is normal": Cardiomegaly negative; "stable cardiomediastinal silhouette": Enlarged Cardiomediastinum uncertain).
 Rules instead of a dependency parse: a cue reaches forward or back within its clause, stopped by a verb or by a
-comma that starts a new finding (see `phrases.FORWARD_SCOPE_STOP`).
+comma that starts a new finding (see `phrases.FORWARD_SCOPE_STOP`), except through a list that ends in "or"
+("no consolidation, large effusion, or pneumothorax").
+
+Where the CheXpert labeler and human readers differ, the development set (NegBio's hand labels of Open-i reports,
+`evaluation.labeler_devset`) decided: "atelectasis or scarring" stays positive (the CheXpert labeler's "X or Y"
+rule would make both uncertain), and a few chronic findings it does not list also rule out No Finding.
 """
 
 import functools

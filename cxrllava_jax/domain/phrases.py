@@ -171,7 +171,8 @@ UNCERTAIN_STATEMENTS = {
 # "No Finding" is not positive (the CheXpert labeler's `no_finding.txt`).
 OTHER_FINDINGS = (
     r"\bemphysem\w*", r"\bblunt\w*", r"\bdensit(?:y|ies)\b", r"\belevat(?:ion|ed)\b", r"\beventration\b",
-    r"\b(?:kypho|dextro|levo|roto)?scolio\w*", r"\bdegenera\w*", r"\bcalcifi\w*", r"\bhyperinflat\w*", r"\bhyperexpan\w*", r"\bbronchospasm\b",
+    r"\b(?:kypho|dextro|levo|roto)?scolio\w*", r"\bdegenera\w*", r"\bcalcifi\w*", r"\bhyperinflat\w*",
+    r"\bhyperexpan\w*", r"\bbronchospasm\b",
     r"\basthma\b", r"\bhernia\w*", r"\bcopd\b", r"\binterstitial markings?\b", r"\bplaques?\b", r"\bosteophyt\w*",
     r"\baortic disease\b", r"\bbronchiolitis\b", r"\bairways? disease\b", r"\bthickening\b", r"\bcephalization\b",
     r"\baspiration\b", r"\bbullae\b", r"\bcontusion\b", r"\batherosclero\w*", r"\bosteopeni\w*", r"\bmetastas[ie]s\b",

@@ -84,4 +84,5 @@ def _blank(value):
 def text_metrics_line(scores: dict) -> str:
     """The text metrics under the label table: BLEU-1..4 and ROUGE-L (x100, as papers print them)."""
     bleu = " / ".join(f"{100 * scores[f'bleu_{n}']:.1f}" for n in range(1, 5))
-    return f"\nText: BLEU-1/2/3/4 {bleu}, ROUGE-L {100 * scores['rouge_l']:.1f} (sacrebleu {scores['bleu_signature']})\n"
+    rouge = 100 * scores["rouge_l"]
+    return f"\nText: BLEU-1/2/3/4 {bleu}, ROUGE-L {rouge:.1f} (sacrebleu {scores['bleu_signature']})\n"
