@@ -7,6 +7,7 @@
 """
 
 import dataclasses
+import pickle
 from pathlib import Path
 from typing import Callable
 
@@ -70,6 +71,7 @@ def _chexbert(checkpoint) -> Labeler:
         raise LabelerUnavailable(f"the chexbert labeler needs CheXbert's checkpoint file (chexbert.pth, e.g. from "
                                  f"StanfordAIMI/RRG_scorers); {checkpoint!r} is not a file")
     try:
+        import pandas
         import torch
         from f1chexbert import f1chexbert
         from transformers import BertTokenizer
@@ -82,7 +84,10 @@ def _chexbert(checkpoint) -> Labeler:
     except OSError as error:
         raise LabelerUnavailable(f"CheXbert needs bert-base-uncased's tokenizer and configuration in the Hugging Face "
                                  f"cache: {error}") from None
-    state = torch.load(checkpoint, map_location="cpu")["model_state_dict"]
+    try:
+        state = torch.load(checkpoint, map_location="cpu")["model_state_dict"]
+    except (pickle.UnpicklingError, KeyError, RuntimeError) as error:
+        raise LabelerUnavailable(f"{checkpoint}: not a CheXbert checkpoint ({error!r})") from None
     model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()}, strict=False)
     model.eval()
     columns = [_CHEXBERT_ORDER.index(o) for o in CHEXPERT_OBSERVATIONS]
@@ -91,16 +96,10 @@ def _chexbert(checkpoint) -> Labeler:
         rows = []
         with torch.no_grad():
             for report in reports:
-                ids = torch.LongTensor(f1chexbert.tokenize(_series([report]), tokenizer))
+                ids = torch.LongTensor(f1chexbert.tokenize(pandas.Series([report]), tokenizer))
                 heads = model(ids, torch.ones_like(ids, dtype=torch.float))
                 classes = np.array([int(h.argmax(dim=1).item()) for h in heads])
                 rows.append(_CHEXBERT_CLASSES[classes][columns])
         return np.array(rows, dtype=np.float64).reshape(-1, 14)
 
     return Labeler(f"chexbert ({Path(checkpoint).name})", label_reports)
-
-
-def _series(texts):
-    import pandas
-
-    return pandas.Series(texts)
