@@ -88,6 +88,32 @@ def test_standard_phrasing(sentence, expected):
     assert _mentioned(label_report(sentence)) == expected
 
 
+@pytest.mark.parametrize(
+    "sentence, expected",
+    [
+        ("The cardiomediastinal silhouette is within normal limits.",
+         {"Enlarged Cardiomediastinum": NEGATIVE, "No Finding": POSITIVE}),
+        ("Stable cardiomediastinal silhouette.", {"Enlarged Cardiomediastinum": UNCERTAIN}),
+        ("Heart size is unchanged.", {"Cardiomegaly": UNCERTAIN}),
+        ("Borderline heart size.", {"Cardiomegaly": UNCERTAIN}),
+        ("Borderline cardiomegaly.", {"Cardiomegaly": POSITIVE}),
+        ("Congestive heart failure.", {"Edema": POSITIVE, "Cardiomegaly": UNCERTAIN}),
+        ("Mild pulmonary vascular congestion.", {"Edema": UNCERTAIN}),
+        ("No vascular congestion.", {"Edema": NEGATIVE, "No Finding": POSITIVE}),
+        ("No new consolidation.", {"Consolidation": UNCERTAIN}),
+        ("No focal consolidation, large pleural effusion, or pneumothorax.",
+         {"Consolidation": NEGATIVE, "Pleural Effusion": NEGATIVE, "Pneumothorax": NEGATIVE, "No Finding": POSITIVE}),
+        ("Calcified nodule in the right upper lobe.", {}),  # no lung lesion, but a finding all the same
+        ("Dextroscoliosis of the thoracic spine.", {}),
+        ("Small pericardial effusion.", {"No Finding": POSITIVE}),
+        ("Plate-like atelectasis.", {"Atelectasis": POSITIVE}),
+        ("Right PICC line tip in the SVC.", {"Support Devices": POSITIVE, "No Finding": POSITIVE}),
+    ],
+)
+def test_chexpert_labeler_conventions(sentence, expected):
+    assert _mentioned(label_report(sentence)) == expected
+
+
 def test_no_finding_follows_the_chexpert_rule():
     # Support devices do not make a study abnormal; an uncertain finding does; No Finding is never negative.
     assert label_report("Pacemaker in place. No effusion.")["No Finding"] == POSITIVE

@@ -124,7 +124,7 @@ class ReportLabeler:
                     continue
                 value = self._classify(clause, span, cues)
                 yield observation, value
-                if value != NEGATIVE and _HEART_FAILURE.match(clause, *span):
+                if value != NEGATIVE and _HEART_FAILURE.search(clause, *span):
                     yield "Cardiomegaly", UNCERTAIN
 
     def _cues(self, clause):
