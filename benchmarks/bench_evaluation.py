@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from cxrllava_jax.domain.labeler import label_reports
+from cxrllava_jax.domain.labeler import ReportLabeler
 from cxrllava_jax.evaluation import labeler_devset
 from cxrllava_jax.evaluation.metrics import score_labels
 
@@ -46,12 +46,19 @@ def synthetic_reports(n, seed=0):
     return [" ".join(s for s in (rng.choice(topic) for topic in TOPICS) if s) for _ in range(n)]
 
 
-def bench_labeler(n=5000):
-    reports = synthetic_reports(n)
-    label_reports(reports[:50])  # compile the regexes outside the timing
+def timed_labeling(reports):
+    """(labels, seconds) from a new labeler: regexes compiled outside the timing, its clause cache empty."""
+    labeler = ReportLabeler()
     start = time.perf_counter()
-    label_reports(reports)
-    seconds = time.perf_counter() - start
+    labels = labeler.label_many(reports)
+    return labels, time.perf_counter() - start
+
+
+def bench_labeler(n=5000):
+    """Synthetic reports draw from a few dozen sentences, so most clauses hit the labeler's cache; the Open-i
+    figure (real reports, two clauses in three repeated) is the one to quote."""
+    reports = synthetic_reports(n)
+    _, seconds = timed_labeling(reports)
     return {"reports": n, "seconds": seconds, "reports_per_second": n / seconds,
             "mean_report_chars": sum(map(len, reports)) / n}
 
@@ -74,10 +81,9 @@ def bench_devset():
     with tempfile.TemporaryDirectory() as root:
         (pathlib.Path(root) / "NLMCXR_reports.tgz").write_bytes(torchxrayvision_data()("NLMCXR_reports.tgz"))
         devset = labeler_devset.load(GOLD, root)
-    start = time.perf_counter()
-    labels = label_reports(devset.reports)
-    seconds = time.perf_counter() - start
+    labels, seconds = timed_labeling(devset.reports)
     return {"reports": len(devset.reports), "reports_per_second": len(devset.reports) / seconds,
+            "mean_report_chars": sum(map(len, devset.reports)) / len(devset.reports),
             "positive": labeler_devset.score_positive(labels, devset.gold)}
 
 
@@ -87,12 +93,12 @@ def main():
     results = {"labeler": bench_labeler(), "bootstrap": bench_bootstrap(), "openi_devset": bench_devset(),
                "machine": machine}
     labeler, bootstrap, devset = results["labeler"], results["bootstrap"], results["openi_devset"]
-    print(f"labeler: {labeler['reports_per_second']:.0f} reports/s "
-          f"({labeler['reports']} synthetic reports, {labeler['mean_report_chars']:.0f} characters on average)")
+    print(f"labeler: {labeler['reports_per_second']:.0f} reports/s ({labeler['reports']} synthetic reports of "
+          f"repeated sentences, {labeler['mean_report_chars']:.0f} characters on average)")
     print(f"bootstrap: {bootstrap['seconds']:.2f} s for {bootstrap['reports']} reports x 14 findings x "
           f"{bootstrap['samples']} samples (full score_labels)")
-    print(f"Open-i development set: {devset['reports']} reports, {devset['reports_per_second']:.0f} reports/s; "
-          "positive findings against NegBio's gold labels:")
+    print(f"Open-i development set: {devset['reports']} real reports ({devset['mean_report_chars']:.0f} characters on "
+          f"average), {devset['reports_per_second']:.0f} reports/s; positive findings against NegBio's gold labels:")
     for observation, s in devset["positive"].items():
         print(f"  {observation:18s} gold {s['gold']:5d}  precision {s['precision']:.3f}  recall {s['recall']:.3f}  "
               f"F1 {s['f1']:.3f}")
