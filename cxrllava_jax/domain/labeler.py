@@ -33,9 +33,10 @@ OTHER_FINDING = "other finding"
 _NOT_A_FINDING = ("Support Devices",)
 _PRECEDENCE = {POSITIVE: 2, UNCERTAIN: 1, NEGATIVE: 0}
 
-# Sentence ends: punctuation then a space or a letter (so "1.5 cm" stays whole, "atelectasis.catheter" does not),
-# or a blank line; single newlines are line wraps.
-_SENTENCE_END = re.compile(r"(?<=[.?!])(?:\s+|(?=[a-z]))|\n\s*\n")
+# Sentence ends: punctuation then space (so "1.5 cm" stays whole), or a blank line; single newlines are line wraps.
+SENTENCE_END = re.compile(r"(?<=[.?!])\s+|\n\s*\n")
+# As the CheXpert labeler does, a period or comma glued to the next word gets its space: "atelectasis.catheter".
+_GLUED_PUNCTUATION = re.compile(r"(?<=[a-z][.,])(?=[a-z])")
 _SEGMENT = re.compile(r",|\band\b")
 _LIST_LINK = re.compile(r"\b(?:and|or)\b")
 # "No consolidation, large effusion, or pneumothorax": a list that ends in "or" is negated as a whole.
@@ -103,7 +104,7 @@ class ReportLabeler:
         return np.array([list(self.label(r).values()) for r in reports], dtype=np.float64).reshape(-1, 14)
 
     def _clauses(self, report):
-        for sentence in _SENTENCE_END.split(report.lower()):
+        for sentence in SENTENCE_END.split(_GLUED_PUNCTUATION.sub(" ", report.lower())):
             for clause in self._clause_break.split(" ".join(sentence.split())):
                 if clause.strip():
                     yield clause
