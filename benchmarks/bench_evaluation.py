@@ -9,7 +9,6 @@ import os
 import pathlib
 import platform
 import random
-import sys
 import tempfile
 import time
 
@@ -18,6 +17,7 @@ import numpy as np
 from cxrllava_jax.domain.labeler import ReportLabeler
 from cxrllava_jax.evaluation import labeler_devset
 from cxrllava_jax.evaluation.metrics import score_labels
+from cxrllava_jax.reference.torchxrayvision_wheel import torchxrayvision_data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "evaluation.json"
@@ -75,9 +75,6 @@ def bench_bootstrap(n=3000, samples=1000):
 
 def bench_devset():
     """Positive-finding agreement on the Open-i development set, and labeling speed on its real reports."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from wheel_files import torchxrayvision_data
-
     with tempfile.TemporaryDirectory() as root:
         (pathlib.Path(root) / "NLMCXR_reports.tgz").write_bytes(torchxrayvision_data()("NLMCXR_reports.tgz"))
         devset = labeler_devset.load(GOLD, root)

@@ -24,7 +24,7 @@ from input_pipeline import brixia, chexpert, indiana, mimic, nih, padchest, rsna
 from cxrllava_jax.errors import InputError
 from input_pipeline.records import is_abnormal, require_images
 from input_pipeline.sources import ADAPTERS
-from wheel_files import torchxrayvision_data
+from cxrllava_jax.reference.torchxrayvision_wheel import torchxrayvision_data
 
 OBS = {name: i for i, name in enumerate(CHEXPERT_OBSERVATIONS)}
 

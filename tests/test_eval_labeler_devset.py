@@ -11,7 +11,7 @@ import pytest
 
 from cxrllava_jax.domain.labeler import label_reports
 from cxrllava_jax.evaluation import labeler_devset
-from wheel_files import torchxrayvision_data
+from cxrllava_jax.reference.torchxrayvision_wheel import torchxrayvision_data
 
 GOLD = Path(__file__).parent / "fixtures" / "openi-negbio-gold" / "openi_gld_std14.csv"
 

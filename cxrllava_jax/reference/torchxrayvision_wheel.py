@@ -9,7 +9,7 @@ import zipfile
 from pathlib import Path
 
 WHEEL = "torchxrayvision==1.5.7"
-WHEEL_CACHE = Path(__file__).resolve().parents[1] / ".cache" / "wheels"
+WHEEL_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "wheels"  # in the repository checkout
 
 
 def torchxrayvision_data():
