@@ -19,6 +19,7 @@ import pathlib
 
 import ml_collections
 import numpy as np
+
 from cxrllava_jax.domain import label_files
 from cxrllava_jax.evaluation import json_labels, labelers, metrics, paper_tables, tables, text_metrics
 from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
@@ -97,9 +98,10 @@ def evaluate_records(config, records, workdir, report_labeler=None) -> dict:
     if config.task == "report":
         predicted_rows = report_labeler.label_reports([r["generated"] for r in records])
         with_text = [r for r in records if isinstance(r["reference"], str)]
-        extra["text_metrics"] = text_metrics.text_scores([r["reference"] for r in with_text],
-                                                         [r["generated"] for r in with_text])
-        text_metrics.write_rexrank_json(workdir / "rexrank_predictions.json", with_text, config.split)
+        if with_text:  # text metrics compare texts: records whose reference is labels have none
+            extra["text_metrics"] = text_metrics.text_scores([r["reference"] for r in with_text],
+                                                             [r["generated"] for r in with_text])
+            text_metrics.write_rexrank_json(workdir / "rexrank_predictions.json", with_text, config.split)
     else:
         parsed = [json_labels.parse_json_labels(r["generated"]) for r in records]
         predicted_rows = [p.as_row() for p in parsed]
