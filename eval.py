@@ -4,12 +4,15 @@ label files.
   python eval.py --config=configs/eval_mimic.py --checkpoint=CKPT --data_dir=DATA --workdir=DIR
   python eval.py --config=configs/eval_mimic.py --predictions=PRED.jsonl --workdir=DIR
   python eval.py --config=configs/eval_mimic.py --reference_labels=REF.csv --predicted_labels=PRED.csv --workdir=DIR
+
+Reports are labeled by --labeler: ours (default), chexpert-csv (--labels_csv: the CheXpert labeler's or CheXbert's
+output for every report text) or chexbert (--chexbert_checkpoint: chexbert.pth, run with the f1chexbert package).
 """
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from cxrllava_jax.evaluation import run
+from cxrllava_jax.evaluation import labelers, run
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "an evaluation config (configs/eval_*.py)", lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "our checkpoint or a release-layout PyTorch directory")
@@ -19,24 +22,36 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "images per generation batc
 _PREDICTIONS = flags.DEFINE_string("predictions", None, "JSONL of {id, generated, reference} records")
 _REFERENCE_LABELS = flags.DEFINE_string("reference_labels", None, "reference label CSV (CheXpert labeler format)")
 _PREDICTED_LABELS = flags.DEFINE_string("predicted_labels", None, "predicted label CSV (CheXpert labeler format)")
+_LABELER = flags.DEFINE_enum("labeler", "ours", labelers.CHOICES, "what labels the report texts")
+_LABELS_CSV = flags.DEFINE_string("labels_csv", None, "--labeler=chexpert-csv: labels of every report text")
+_CHEXBERT_CHECKPOINT = flags.DEFINE_string("chexbert_checkpoint", None, "--labeler=chexbert: CheXbert's chexbert.pth")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where answers, labels, tables and results.json are written")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     del argv
+    try:
+        evaluate()
+    except ValueError as error:  # bad input or a labeler that cannot run: the message says which
+        raise SystemExit(f"eval.py: {error}") from None
+    print(open(f"{_WORKDIR.value}/table.md", encoding="utf-8").read())
+
+
+def evaluate():
+    if _REFERENCE_LABELS.value and _PREDICTED_LABELS.value:
+        run.evaluate_label_files(_CONFIG.value, _REFERENCE_LABELS.value, _PREDICTED_LABELS.value, _WORKDIR.value)
+        return
+    report_labeler = labelers.make(_LABELER.value, _LABELS_CSV.value, _CHEXBERT_CHECKPOINT.value)
     if _CHECKPOINT.value:
         if not _DATA_DIR.value:
             raise app.UsageError("--checkpoint needs --data_dir (the test set)")
         run.evaluate_model(_CONFIG.value, _CHECKPOINT.value, _DATA_DIR.value, _WORKDIR.value, _BATCH_SIZE.value,
-                           adapter=_ADAPTER.value)
+                           adapter=_ADAPTER.value, report_labeler=report_labeler)
     elif _PREDICTIONS.value:
-        run.evaluate_predictions(_CONFIG.value, _PREDICTIONS.value, _WORKDIR.value)
-    elif _REFERENCE_LABELS.value and _PREDICTED_LABELS.value:
-        run.evaluate_label_files(_CONFIG.value, _REFERENCE_LABELS.value, _PREDICTED_LABELS.value, _WORKDIR.value)
+        run.evaluate_predictions(_CONFIG.value, _PREDICTIONS.value, _WORKDIR.value, report_labeler)
     else:
         raise app.UsageError("give --checkpoint and --data_dir, --predictions, or both label files")
-    print(open(f"{_WORKDIR.value}/table.md", encoding="utf-8").read())
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def load(root, split: str | None = None) -> list[Record]:
     if split and split != SPLIT:
         return []
     frontal = _frontal_images(root)
-    reports = _kaggle_reports(root) if tables.find(root, "indiana_reports.csv") else _openi_reports(root)
+    reports = _kaggle_reports(root) if tables.find(root, "indiana_reports.csv") else openi_reports(root)
     records = []
     for origin, study, sections, images in reports:
         report = sectioned_report(sections)
@@ -81,7 +81,9 @@ def _kaggle_reports(root: Path) -> Iterator[Report]:
             images.get(row["uid"], [])
 
 
-def _openi_reports(root: Path) -> Iterator[Report]:
+def openi_reports(root: Path) -> Iterator[Report]:
+    """(origin, study id such as "CXR1", [(section, text)] for FINDINGS and IMPRESSION, [(image key, path)])
+    of every Open-i report XML under `root`."""
     for origin, xml in _report_files(root):
         try:
             tree = ElementTree.fromstring(xml)

@@ -24,7 +24,7 @@ from input_pipeline import brixia, chexpert, indiana, mimic, nih, padchest, rsna
 from cxrllava_jax.errors import InputError
 from input_pipeline.records import is_abnormal, require_images
 from input_pipeline.sources import ADAPTERS
-from tests.wheels import wheel
+from cxrllava_jax.reference.wheels import torchxrayvision_data
 
 OBS = {name: i for i, name in enumerate(CHEXPERT_OBSERVATIONS)}
 
@@ -32,8 +32,7 @@ OBS = {name: i for i, name in enumerate(CHEXPERT_OBSERVATIONS)}
 @pytest.fixture(scope="module")
 def wheel_data():
     """name -> bytes of torchxrayvision/data/NAME in the wheel (downloaded once into .cache/wheels)."""
-    archive = wheel("torchxrayvision", "1.5.7")
-    return lambda name: archive.read(f"torchxrayvision/data/{name}")
+    return torchxrayvision_data()
 
 
 def csv_rows(data: bytes, delimiter=","):

@@ -82,6 +82,24 @@ def _cell(value):
         ("Resolved edema.", {"Edema": NEGATIVE, "No Finding": POSITIVE}),
         ("Left basilar opacity without effusion.", {"Lung Opacity": POSITIVE, "Pleural Effusion": NEGATIVE}),
         ("", {"No Finding": POSITIVE}),
+        # The CheXpert labeler's conventions.
+        ("The cardiomediastinal silhouette is within normal limits.",
+         {"Enlarged Cardiomediastinum": NEGATIVE, "No Finding": POSITIVE}),
+        ("Stable cardiomediastinal silhouette.", {"Enlarged Cardiomediastinum": UNCERTAIN}),
+        ("Heart size is unchanged.", {"Cardiomegaly": UNCERTAIN}),
+        ("Borderline heart size.", {"Cardiomegaly": UNCERTAIN}),
+        ("Borderline cardiomegaly.", {"Cardiomegaly": POSITIVE}),
+        ("Congestive heart failure.", {"Edema": POSITIVE, "Cardiomegaly": UNCERTAIN}),
+        ("Mild pulmonary vascular congestion.", {"Edema": UNCERTAIN}),
+        ("No vascular congestion.", {"Edema": NEGATIVE, "No Finding": POSITIVE}),
+        ("No new consolidation.", {"Consolidation": UNCERTAIN}),
+        ("No focal consolidation, large pleural effusion, or pneumothorax.",
+         {"Consolidation": NEGATIVE, "Pleural Effusion": NEGATIVE, "Pneumothorax": NEGATIVE, "No Finding": POSITIVE}),
+        ("Calcified nodule in the right upper lobe.", {}),  # no lung lesion, but a finding all the same
+        ("Dextroscoliosis of the thoracic spine.", {}),
+        ("Small pericardial effusion.", {"No Finding": POSITIVE}),
+        ("Plate-like atelectasis.", {"Atelectasis": POSITIVE}),
+        ("Right PICC line tip in the SVC.", {"Support Devices": POSITIVE, "No Finding": POSITIVE}),
     ],
 )
 def test_standard_phrasing(sentence, expected):

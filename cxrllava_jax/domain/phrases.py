@@ -4,8 +4,14 @@ Written for this project after the design of the CheXpert labeler (Irvin et al.,
 phrases whose match is a mention, "unmention" phrases that look like a mention but are something else
 (a pericardial effusion is not a pleural effusion), and three cue lists applied in the scope of a clause:
 pre-negation uncertainty ("cannot exclude"), negation ("no", "without", "resolved"), post-negation
-uncertainty ("may", "likely"). Added here: "normal statements" ("heart size is normal"), which are
-mentions that are negative by themselves. All patterns are regex fragments matched on lower-cased text.
+uncertainty ("may", "likely"). Added here: statements that carry their own state, negative ("heart size is
+normal") or uncertain ("stable cardiomediastinal silhouette", "vascular congestion"), where the CheXpert labeler
+reads the state from a dependency parse. All patterns are regex fragments matched on lower-cased text.
+
+The vocabulary (which words mention which observation, which do not, and the other findings that rule out
+"No Finding") follows the phrase lists `phrases/mention/*.txt` and `phrases/unmention/*.txt` of
+stanfordmlgroup/chexpert-labeler (commit 44ddeb3), Copyright (c) 2018 Stanford Machine Learning Group,
+MIT License (its text is at the end of this file). The patterns and code here are this project's own.
 """
 
 # Words that may not sit between a subject and its state ("heart ... enlarged"): a clause turn, or the
@@ -14,7 +20,7 @@ _GAP_STOP = r"(?:but|however|although|though|while|whereas|which|normal|unremark
 _NORMAL_STATES = (
     r"normal(?! position)",
     r"unremarkable",
-    r"within normal limits",
+    r"within (?:the )?(?:normal limits|limits of normal)",
     r"(?:at )?(?:the )?upper limits? of normal",
 )
 
@@ -27,13 +33,23 @@ def subject_state(subjects, states, max_gap=4):
     return rf"\b(?:{subject})\b{gap}(?:{state})\b|\b(?:{state})\s+(?:{subject})\b"
 
 
-_HEART = (r"heart(?: size)?", r"cardiac (?:silhouette|size|contours?|shadow)", r"size of the heart")
-_MEDIASTINUM = (
-    r"cardiomediastinal(?: silhouette| contours?| structures| size| width)?",
-    r"cardiomediastinum",
-    r"mediastinum",
-    r"mediastinal (?:silhouette|contours?|width|structures)",
+_HEART = (
+    r"heart(?: size)?",
+    r"cardiac (?:silhouette|size|contours?|shadow)",
+    r"size of the heart",
+    r"heart silhouette",
 )
+_MEDIASTINUM = (
+    r"cardiomediastinal(?: silhouettes?| contours?| structures| size| width)?",
+    r"cardiomediastinum",
+    r"(?:upper |superior )?mediastinum",
+    r"mediastinal (?:silhouettes?|contours?|width|structures|configuration)",
+    r"pericardial silhouette",
+)
+# "Stable heart size", "the cardiomediastinal silhouette is unchanged": the CheXpert labeler calls these uncertain
+# (the size is compared with a study the reader cannot see); "borderline heart size" likewise, but "borderline
+# cardiomegaly" and "the heart is borderline enlarged" are positive there.
+_STABLE_STATES = (r"stable", r"unchanged", r"not changed", r"similar to (?:the )?prior")
 
 MENTIONS = {
     "Enlarged Cardiomediastinum": (
@@ -44,11 +60,12 @@ MENTIONS = {
         r"\bcardiomegaly\b",
         r"\bcardiac enlargement\b",
         r"\benlargement of the (?:heart|cardiac silhouette)\b",
-        subject_state(_HEART, (r"enlarged", r"increased", r"large", r"prominent")),
+        subject_state(_HEART, (r"enlarged", r"increased", r"large", r"prominent", r"borderline")),
     ),
     "Lung Lesion": (
         r"\bnodul(?:e|es|ar|arity)\b",
         r"\bmass(?:es)?\b",
+        r"\blumps?\b",
         r"\b(?:lung|pulmonary|cavitary|cavitating|parenchymal|spiculated) lesions?\b",
         r"\btumou?rs?\b",
         r"\bneoplasm\w*",
@@ -62,32 +79,32 @@ MENTIONS = {
         r"\bair[- ]?space (?:disease|process|filling)\b",
         r"\binfiltra\w+",
         r"\bdensit(?:y|ies)\b",
+        r"\bdecreased translucency\b",
         r"\bhaziness\b",
         r"\bground[- ]glass\b",
         r"\breticula\w*",
-        r"\binterstitial (?:markings?|opacit\w+|prominence|pattern|disease|abnormalit\w+|thickening)\b",
+        r"\binterstitial (?:markings?|opacit\w+|prominence|pattern|disease|lung|abnormalit\w+|thickening)\b",
+        r"\bperibronchial (?:wall )?thickening\b",
         r"\bscar(?:s|ring)?\b",
         r"\bfibro(?:sis|tic)\b",
     ),
     "Edema": (
         r"\boedema\b|\bedema\b",
-        r"\b(?:pulmonary|vascular|venous|interstitial) congestion\b",
-        r"\bcongestive heart failure\b",
+        r"\bcongestive heart failure\b|\bheart failure\b",
         r"\bchf\b",
         r"\bfluid overload\b",
-        r"\bvascular (?:engorgement|redistribution)\b",
         r"\bcephalization\b",
     ),
     "Consolidation": (r"\bconsolidat\w*",),
     "Pneumonia": (
         r"\b(?:broncho)?pneumoni(?:a|as|ae|tis)\b",
         r"\binfect(?:ion|ions|ious)\b",
-        r"\baspiration\b",
     ),
     "Atelectasis": (
         r"\batelecta\w+",
         r"\b(?:lobar|lobe|lung|segmental|subsegmental) collapse\b",
         r"\bcollapse of the\b",
+        r"\bcollapsed\b",
     ),
     "Pneumothorax": (r"\b(?:hydro)?pneumothora(?:x|ces)\b", r"\bptx\b"),
     "Pleural Effusion": (
@@ -99,7 +116,9 @@ MENTIONS = {
         r"\bcostophrenic (?:angle |sulcus )?blunting\b",
     ),
     "Pleural Other": (
-        r"\bpleural (?:thickening|plaques?|calcifications?|scarring|reaction|abnormalit\w+)\b",
+        r"\bpleural (?:thickening|plaques?|calcifications?|scarring|scar|reaction|abnormalit\w+)\b",
+        r"\bpleuro-?(?:parenchymal|pericardial) scar\w*",
+        r"\bpleural[- ]parenchymal scar\w*",
         r"\bfibrothorax\b",
         r"\bapical (?:pleural )?(?:cap|capping|thickening)\b",
     ),
@@ -113,18 +132,22 @@ MENTIONS = {
         r"pulmonary artery) (?:lines?|catheters?)\b",
         r"\bpicc\b",
         r"\bcatheters?\b",
-        r"\bport[- ]?a[- ]?cath\b",
+        r"\bcannulas?\b",
+        r"\bport[- ]?a[- ]?cath\b|\bmediport\b",
         r"\b(?:pacemaker|pacer|aicd|icd|defibrillator)s?\b",
         r"\b(?:pacing|pacer) (?:leads?|wires?)\b",
         r"\b(?:sternotomy|sternal|cerclage) wires\b",
         r"\b(?:surgical )?clips\b",
         r"\bstents?\b",
+        r"\bcoils?\b",
         r"\b(?:prosthetic|mechanical) (?:heart )?valves?\b",
         r"\bvalve replacement\b",
-        r"\bhardware\b",
+        r"\bhardware\b|\bapparatus\b",
+        r"\bplates?\b(?![- ]like| of)|\bscrews?\b",
+        r"\barthroplast\w+",
         r"\bdrains?\b",
         r"\b(?:lvad|ventricular assist device)\b",
-        r"\b(?:support|medical|monitoring) devices?\b",
+        r"\b(?:support|medical|monitoring) (?:devices?|equipment)\b",
     ),
 }
 
@@ -133,9 +156,43 @@ NORMAL_STATEMENTS = {
     "Cardiomegaly": (subject_state(_HEART, _NORMAL_STATES),),
     "Pleural Effusion": (r"\b(?:costophrenic|cp) (?:angles?|sulci) (?:are |is )?(?:sharp|clear)\b",),
 }
+UNCERTAIN_STATEMENTS = {
+    "Enlarged Cardiomediastinum": (subject_state(_MEDIASTINUM, _STABLE_STATES, max_gap=2),),
+    "Cardiomegaly": (subject_state(_HEART, _STABLE_STATES, max_gap=2), r"\bborderline (?:heart|cardiac) size\b"),
+    # Signs that may or may not be edema: uncertain unless negated ("no vascular congestion").
+    "Edema": (
+        r"\b(?:pulmonary |central )?(?:vascular|venous) (?:congestion|prominence|engorgement|redistribution)\b",
+        r"\bpulmonary congestion\b",
+        r"\bindistinctness\b",
+    ),
+}
+
+# Findings outside the 14 observations: a positive or uncertain one means the study has a finding, so
+# "No Finding" is not positive (the CheXpert labeler's `no_finding.txt`).
+OTHER_FINDINGS = (
+    r"\bemphysem\w*", r"\bblunt\w*", r"\bdensit(?:y|ies)\b", r"\belevat(?:ion|ed)\b", r"\beventration\b",
+    r"\b(?:kypho|dextro|levo|roto)?scolio\w*", r"\bdegenera\w*", r"\bcalcifi\w*", r"\bhyperinflat\w*",
+    r"\bhyperexpan\w*", r"\bbronchospasm\b",
+    r"\basthma\b", r"\bhernia\w*", r"\bcopd\b", r"\binterstitial markings?\b", r"\bplaques?\b", r"\bosteophyt\w*",
+    r"\baortic disease\b", r"\bbronchiolitis\b", r"\bairways? disease\b", r"\bthickening\b", r"\bcephalization\b",
+    r"\baspiration\b", r"\bbullae\b", r"\bcontusion\b", r"\batherosclero\w*", r"\bosteopeni\w*", r"\bmetastas[ie]s\b",
+    r"\bgranulom\w*", r"\bpneumomediastinum\b", r"\bpneumoperitoneum\b", r"\bosteodystrophy\b", r"\bcuffing\b",
+    r"\birregular lucency\b", r"\binflam\w*", r"\bfissures?\b", r"\bhypertension\b", r"\bprominen\w*", r"\bkyphosis\b",
+    r"\bbullets?\b", r"\bthoracentesis\b", r"\bbronchitis\b", r"\bvolume loss\b", r"\bdeformit\w*", r"\bhemorrhage\b",
+    r"\bhematoma\b", r"\bradiopaque\b", r"\baerophagia\b", r"\barthropathy\b", r"\btracheostomy\b",
+    # Added here: common chronic findings the CheXpert list lacks, which make a study abnormal all the same.
+    r"\btortu\w+", r"\becta(?:sia|tic)\b", r"\bspondylo\w+", r"\b(?:low|decreased) lung volumes?\b",
+    r"\bhypo(?:inflat|ventilat|expan)\w*", r"\bcurvature\b", r"\barthriti\w*", r"\bforeign bod(?:y|ies)\b",
+    r"\b(?:mastectomy|cholecystectomy|lobectomy|pneumonectomy)\b",
+    r"\bcrowding\b", r"\bunfold\w*", r"\bdish\b", r"\bfusion\b",
+)
 
 UNMENTIONS = {
-    "Lung Lesion": (r"\bmass effect\b",),
+    "Cardiomegaly": (r"\b(?:over|overly|overlying|in) the (?:superior |left |right )?heart\b",),
+    "Lung Lesion": (r"\bmass effect\b", r"\bcalcified nodul\w*", r"\bmassive\b"),
+    # An old, healed infection is a granuloma, not a pneumonia.
+    "Pneumonia": (r"\b(?:granulomatous|prior|previous|old|remote|healed|tuberculous|tuberculosis|tb) infect\w+",),
+    "Lung Opacity": (r"\bpleural (?:scar|scarring)\b", r"\bpleuro-?parenchymal scar\w*"),
     "Edema": (r"\b(?:soft tissue|subcutaneous|facial|peripheral|extremity|chest wall) (?:o?edema)\b",),
     "Pleural Effusion": (r"\b(?:pericardial|joint|knee|shoulder) effusions?\b",),
     "Support Devices": (r"\b(?:bronchial|eustachian) tubes?\b",),
@@ -146,6 +203,7 @@ PRE_NEGATION_UNCERTAINTY = (
     r"\b(?:cannot|can ?not|can't|could not|may not|not) (?:be )?(?:entirely |completely |totally )?"
     r"(?:excluded?|ruled? out)\b",
     r"\b(?:difficult|hard) to (?:exclude|rule out)\b",
+    r"\bno new\b",  # "no new consolidation" leaves an old one possible
 )
 NEGATION_BEFORE = (
     r"\bno\b",
@@ -158,7 +216,7 @@ NEGATION_BEFORE = (
     r"\bresolution of\b",
     r"\bresolved\b",
     r"\bclear of\b",
-    r"\bremoval of\b",
+    r"\b(?:removal|history|disappearance|drainage) of\b",
     r"\bneither\b",
     r"\bnor\b",
     r"\brather than\b",
@@ -167,6 +225,7 @@ NEGATION_AFTER = (
     r"\b(?:is |are |was |were |has been |have been )?(?:not (?:seen|identified|present|visualized|visible|"
     r"appreciated|demonstrated|evident|noted|detected|shown)|absent|resolved|cleared|removed|"
     r"no longer (?:seen|present|visible|evident|identified|demonstrated|appreciated)|excluded|ruled out)\b",
+    r"\b(?:appears? |is |are )?within (?:the )?(?:normal limits|limits of normal)\b",
 )
 UNCERTAINTY_BEFORE = (
     r"\b(?:may|might|could)\b",
@@ -178,10 +237,9 @@ UNCERTAINTY_BEFORE = (
     r"\bconcern\w*",
     r"\bquestion\w*",
     r"\bsuggest\w*",
-    r"\bconsider\w*",
+    r"\bconsider(?:ed|ation)?\b",
     r"\bdifferential\b",
     r"\bversus\b|\bvs\b",
-    r"\bborderline\b",
     r"\bequivocal\b",
     r"\bindeterminate\b",
     r"\bpresum\w+",
@@ -191,19 +249,24 @@ UNCERTAINTY_BEFORE = (
     r"\bworrisome\b",
     r"\brule out\b|\br/o\b",
     r"\b(?:evaluate|assess) for\b",
+    r"\bcorrelat\w* (?:clinically )?for\b",
+    r"\bobscuring\b",
 )
 UNCERTAINTY_AFTER = (
     # Only at the end of the clause: in "opacity is likely atelectasis" the cue belongs to what follows.
     r"\b(?:is|are|seems|appears)(?: to be)? (?:likely|possible|probable|questionable)\b(?!\s+\w)",
     r"\b(?:suspected|questioned)\b",
+    r"\b(?:obscured|(?:poorly|incompletely|not well|not clearly) (?:evaluated|visualized|seen|assessed))\b",
     r"\b(?:may|might|could) be\b",
     r"\bversus\b|\bvs\b",
+    r"\b(?:is|are) in the differential\b",
+    r"\bwould be a consideration\b",
 )
 # Negation words that do not negate: "no change in the effusion" reports an effusion.
 PSEUDO_NEGATION = (
-    r"\bno (?:significant |interval |definite )?(?:change|increase|decrease|worsening)\b",
+    r"\bno (?:significant |interval |definite )*(?:change|increase|decrease|worsening)\b",
     r"\bnot (?:significantly )?(?:changed|increased|decreased)\b",
-    r"\bwithout (?:significant |interval )?change\b",
+    r"\bwithout (?:significant |interval )*change\b",
     r"\bnot only\b",
 )
 
@@ -219,3 +282,27 @@ NEW_FINDING_START = (
     r"(?:small|moderate|large|mild|mildly|severe|minimal|trace|tiny|there|the|a|an|stable|new|persistent|unchanged|"
     r"increased|decreased|interval|improved|improving|worsening|worsened|again|likely|probable|possible|with)\b"
 )
+
+# The licence of the CheXpert labeler's phrase lists that the vocabulary above follows:
+#
+# MIT License
+#
+# Copyright (c) 2018 Stanford Machine Learning Group
+#
+# Permission is hereby granted, free of charge, to any person obtaining a copy
+# of this software and associated documentation files (the "Software"), to deal
+# in the Software without restriction, including without limitation the rights
+# to use, copy, modify, merge, publish, distribute, sublicense, and/or sell
+# copies of the Software, and to permit persons to whom the Software is
+# furnished to do so, subject to the following conditions:
+#
+# The above copyright notice and this permission notice shall be included in all
+# copies or substantial portions of the Software.
+#
+# THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+# IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
+# FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
+# AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER
+# LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
+# OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE
+# SOFTWARE.

@@ -5,24 +5,34 @@ import json
 import sys
 import time
 
-from cxrllava_jax.domain import label_files, labeler
-from cxrllava_jax.evaluation import reader_study, run
+from cxrllava_jax.domain import label_files
+from cxrllava_jax.evaluation import labelers, reader_study, run
 
 
 def label_main(argv) -> int:
     parser = argparse.ArgumentParser(
         prog="cxrllava label",
-        description="Label reports with the CheXpert-style labeler (the CheXpert labeler's file formats).",
+        description="Label reports (the CheXpert labeler's file formats) with our CheXpert-style labeler, labels "
+                    "made elsewhere, or CheXbert.",
     )
     parser.add_argument("--reports", required=True, help="headerless CSV, one report per row")
     parser.add_argument("--out", required=True, help="labels CSV: Reports + 14 observations (1.0/0.0/-1.0/empty)")
+    parser.add_argument("--labeler", choices=labelers.CHOICES, default="ours")
+    parser.add_argument("--labels-csv", help="--labeler chexpert-csv: the CheXpert labeler's or CheXbert's output")
+    parser.add_argument("--chexbert-checkpoint", help="--labeler chexbert: CheXbert's chexbert.pth")
     args = parser.parse_args(argv)
-    reports = label_files.read_reports_csv(args.reports)
-    start = time.perf_counter()
-    labels = labeler.label_reports(reports)
+    try:
+        report_labeler = labelers.make(args.labeler, args.labels_csv, args.chexbert_checkpoint)
+        reports = label_files.read_reports_csv(args.reports)
+        start = time.perf_counter()
+        labels = report_labeler.label_reports(reports)
+    except (ValueError, OSError) as error:
+        print(f"cxrllava label: {error}", file=sys.stderr)
+        return 2
     seconds = time.perf_counter() - start
     label_files.write_labels_csv(args.out, reports, labels)
-    print(f"labeled {len(reports)} reports in {seconds:.2f} s -> {args.out}", file=sys.stderr)
+    print(f"labeled {len(reports)} reports with {report_labeler.name} in {seconds:.2f} s -> {args.out}",
+          file=sys.stderr)
     return 0
 
 

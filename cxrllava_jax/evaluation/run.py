@@ -2,13 +2,15 @@
 
 Two tasks, as in the paper (Figure 2):
 - "report" (MIMIC, Indiana): the generated report and the reference report are both labeled by the report
-  labeler, and the labels compared.
+  labeler (ours, labels from the CheXpert labeler's or CheXbert's files, or CheXbert: see `labelers`), and the
+  labels compared; BLEU-1..4 and ROUGE-L of the texts are reported beside them.
 - "json_labels" (CheXpert test): the model answered the label-generation prompt; its JSON is parsed and compared
   with reference labels.
 A record is {"id", "generated", "reference"}: `reference` is the reference report (text) or its labels
 ({finding: 1 / 0 / -1 / null}). `evaluate_records` is everything after generation; a model run feeds it records.
 Files written to the workdir: reference_labels.csv and predicted_labels.csv (CheXpert labeler format with an id
-column first), table.md, table.csv, results.json.
+column first), table.md, table.csv, results.json, and for reports rexrank_predictions.json (ReXrank's per-study
+prediction file).
 """
 
 import collections
@@ -17,10 +19,9 @@ import pathlib
 
 import ml_collections
 import numpy as np
-from tqdm import tqdm
 
-from cxrllava_jax.domain import label_files, labeler
-from cxrllava_jax.evaluation import json_labels, metrics, paper_tables, tables
+from cxrllava_jax.domain import label_files
+from cxrllava_jax.evaluation import json_labels, labelers, metrics, paper_tables, tables, text_metrics
 from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
 
 TASKS = ("report", "json_labels")
@@ -44,7 +45,8 @@ def default_config() -> ml_collections.ConfigDict:
     return config
 
 
-def evaluate_model(config, checkpoint, data_dir, workdir, batch_size: int = 16, model=None, adapter=None) -> dict:
+def evaluate_model(config, checkpoint, data_dir, workdir, batch_size: int = 16, model=None, adapter=None,
+                   report_labeler=None) -> dict:
     """Generates with the model at `checkpoint` (or `model`) over the test split, then scores the answers.
 
     The answers are kept in workdir/generated.jsonl, which `evaluate_predictions` re-scores.
@@ -55,12 +57,12 @@ def evaluate_model(config, checkpoint, data_dir, workdir, batch_size: int = 16, 
     model = model or CXRLLaVA.from_pretrained(checkpoint, adapter=adapter)
     records = generation.generate_records(config, model, data_dir, pathlib.Path(workdir) / "generated.jsonl",
                                           batch_size)
-    return evaluate_records(config, records, workdir)
+    return evaluate_records(config, records, workdir, report_labeler)
 
 
-def evaluate_predictions(config, predictions_path, workdir) -> dict:
+def evaluate_predictions(config, predictions_path, workdir, report_labeler=None) -> dict:
     """Scores a JSONL of records generated elsewhere (no model needed)."""
-    return evaluate_records(config, read_prediction_records(predictions_path), workdir)
+    return evaluate_records(config, read_prediction_records(predictions_path), workdir, report_labeler)
 
 
 def read_prediction_records(path) -> list:
@@ -80,32 +82,35 @@ def read_prediction_records(path) -> list:
     return records
 
 
-def evaluate_records(config, records, workdir) -> dict:
-    """Labels both sides of each {id, generated, reference} record, scores them, writes everything to `workdir`."""
+def evaluate_records(config, records, workdir, report_labeler=None) -> dict:
+    """Labels both sides of each {id, generated, reference} record, scores them, writes everything to `workdir`.
+
+    `report_labeler` (a `labelers.Labeler`, ours by default) labels every report text."""
     if config.task not in TASKS:
         raise ValueError(f"config.task={config.task!r}: expected one of {TASKS}")
+    report_labeler = report_labeler or labelers.make("ours")
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     records = list(records)
     ids = [str(r["id"]) for r in records]
-    report_labeler = labeler.default_labeler()
-    reference_rows, predicted_rows, unparsed = [], [], []
-    for record in tqdm(records, desc="labeling", unit="record", disable=None):
-        reference_rows.append(_reference_row(record, report_labeler))
-        if config.task == "report":
-            predicted_rows.append(list(report_labeler.label(record["generated"]).values()))
-        else:
-            parsed = json_labels.parse_json_labels(record["generated"])
-            predicted_rows.append(parsed.as_row())
-            if not parsed.parsed:
-                unparsed.append(str(record["id"]))
+    reference_rows = _reference_rows(records, report_labeler)
+    extra = {"task": config.task, "labeler": report_labeler.name}
+    if config.task == "report":
+        predicted_rows = report_labeler.label_reports([r["generated"] for r in records])
+        with_text = [r for r in records if isinstance(r["reference"], str)]
+        if with_text:  # text metrics compare texts: records whose reference is labels have none
+            extra["text_metrics"] = text_metrics.text_scores([r["reference"] for r in with_text],
+                                                             [r["generated"] for r in with_text])
+            text_metrics.write_rexrank_json(workdir / "rexrank_predictions.json", with_text, config.split)
+    else:
+        parsed = [json_labels.parse_json_labels(r["generated"]) for r in records]
+        predicted_rows = [p.as_row() for p in parsed]
+        unparsed = [str(r["id"]) for r, p in zip(records, parsed) if not p.parsed]
+        extra["unparsed_predictions"] = {"count": len(unparsed), "ids": unparsed}
     reference = label_files.LabelTable(_rows(reference_rows), ids, [_reference_text(r) for r in records])
     predicted = label_files.LabelTable(_rows(predicted_rows), ids, [r["generated"] for r in records])
     label_files.write_labels_csv(workdir / "reference_labels.csv", reference.reports, reference.labels, ids)
     label_files.write_labels_csv(workdir / "predicted_labels.csv", predicted.reports, predicted.labels, ids)
-    extra = {"task": config.task}
-    if config.task == "json_labels":
-        extra["unparsed_predictions"] = {"count": len(unparsed), "ids": unparsed}
     return score_and_write(config, reference, predicted, workdir, extra)
 
 
@@ -141,8 +146,12 @@ def score_and_write(config, reference, predicted, workdir, extra=None) -> dict:
         confidence=config.confidence,
         averages={label: findings for label, (findings, _) in paper.averages.items()},
     )
-    title = f"{paper.title}: ours on {config.dataset} / {config.split}"
-    (workdir / "table.md").write_text(tables.markdown_table(result, paper, title), encoding="utf-8")
+    labeled_by = (extra or {}).get("labeler", "the label files given")
+    title = f"{paper.title}: ours on {config.dataset} / {config.split}, labels by {labeled_by}"
+    markdown = tables.markdown_table(result, paper, title)
+    if "text_metrics" in (extra or {}):
+        markdown += tables.text_metrics_line(extra["text_metrics"])
+    (workdir / "table.md").write_text(markdown, encoding="utf-8")
     (workdir / "table.csv").write_text(tables.csv_table(result, paper), encoding="utf-8")
     results = {
         "dataset": config.dataset,
@@ -157,10 +166,15 @@ def score_and_write(config, reference, predicted, workdir, extra=None) -> dict:
     return results
 
 
-def _reference_row(record, report_labeler):
+def _reference_rows(records, report_labeler):
+    """Reference labels: reports (texts) labeled in one batch, label objects parsed."""
+    texts = [r["reference"] for r in records if isinstance(r["reference"], str)]
+    labeled = iter(report_labeler.label_reports(texts) if texts else ())
+    return [next(labeled) if isinstance(r["reference"], str) else _parsed_reference(r) for r in records]
+
+
+def _parsed_reference(record):
     reference = record["reference"]
-    if isinstance(reference, str):
-        return list(report_labeler.label(reference).values())
     if not isinstance(reference, dict):
         raise ValueError(f"record {record['id']}: reference must be a report (text) or labels (object)")
     unknown = set(reference) - set(CHEXPERT_OBSERVATIONS)

@@ -79,3 +79,10 @@ def _md_row(cells):
 
 def _blank(value):
     return "" if value is None else value
+
+
+def text_metrics_line(scores: dict) -> str:
+    """The text metrics under the label table: BLEU-1..4 and ROUGE-L (x100, as papers print them)."""
+    bleu = " / ".join(f"{100 * scores[f'bleu_{n}']:.1f}" for n in range(1, 5))
+    rouge = 100 * scores["rouge_l"]
+    return f"\nText: BLEU-1/2/3/4 {bleu}, ROUGE-L {rouge:.1f} (sacrebleu {scores['bleu_signature']})\n"

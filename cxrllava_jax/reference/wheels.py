@@ -6,7 +6,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-WHEEL_CACHE = Path(__file__).resolve().parents[1] / ".cache" / "wheels"
+WHEEL_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "wheels"  # in the repository checkout
 
 
 def wheel(name: str, version: str) -> zipfile.ZipFile:
@@ -16,6 +16,14 @@ def wheel(name: str, version: str) -> zipfile.ZipFile:
     if not found:
         result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", f"{name}=={version}", "-d",
                                  str(WHEEL_CACHE)], capture_output=True, text=True)
-        assert result.returncode == 0, f"pip download {name}=={version} failed:\n{result.stderr[-2000:]}"
+        if result.returncode != 0:
+            raise RuntimeError(f"pip download {name}=={version} failed:\n{result.stderr[-2000:]}")
         found = sorted(WHEEL_CACHE.glob(pattern))
     return zipfile.ZipFile(found[0])
+
+
+def torchxrayvision_data():
+    """name -> bytes of torchxrayvision/data/NAME in the torchxrayvision 1.5.7 wheel: real published label files
+    and the Open-i reports (the adapter tests, the labeler's development set and its benchmark read them)."""
+    archive = wheel("torchxrayvision", "1.5.7")
+    return lambda name: archive.read(f"torchxrayvision/data/{name}")
