@@ -9,6 +9,7 @@ label files.
 from absl import app, flags
 from ml_collections import config_flags
 
+from cxrllava_jax import errors, files
 from cxrllava_jax.evaluation import run
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "an evaluation config (configs/eval_*.py)", lock_config=True)
@@ -19,23 +20,28 @@ _PREDICTIONS = flags.DEFINE_string("predictions", None, "JSONL of {id, generated
 _REFERENCE_LABELS = flags.DEFINE_string("reference_labels", None, "reference label CSV (CheXpert labeler format)")
 _PREDICTED_LABELS = flags.DEFINE_string("predicted_labels", None, "predicted label CSV (CheXpert labeler format)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where answers, labels, tables and results.json are written")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace the results of an earlier evaluation in --workdir")
+flags.DEFINE_bool("debug", False, "on failure, show the traceback")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     del argv
+    files.refuse_existing(f"{_WORKDIR.value}/results.json", _OVERWRITE.value)  # before any work
+    if _BATCH_SIZE.value < 1:
+        raise errors.UsageError(f"--batch_size={_BATCH_SIZE.value}: give at least 1 image per batch")
     if _CHECKPOINT.value:
         if not _DATA_DIR.value:
-            raise app.UsageError("--checkpoint needs --data_dir (the test set)")
+            raise errors.UsageError("--checkpoint needs --data_dir (the test set)")
         run.evaluate_model(_CONFIG.value, _CHECKPOINT.value, _DATA_DIR.value, _WORKDIR.value, _BATCH_SIZE.value)
     elif _PREDICTIONS.value:
         run.evaluate_predictions(_CONFIG.value, _PREDICTIONS.value, _WORKDIR.value)
     elif _REFERENCE_LABELS.value and _PREDICTED_LABELS.value:
         run.evaluate_label_files(_CONFIG.value, _REFERENCE_LABELS.value, _PREDICTED_LABELS.value, _WORKDIR.value)
     else:
-        raise app.UsageError("give --checkpoint and --data_dir, --predictions, or both label files")
-    print(open(f"{_WORKDIR.value}/table.md", encoding="utf-8").read())
+        raise errors.UsageError("give --checkpoint and --data_dir, --predictions, or both label files")
+    print(files.read_text(f"{_WORKDIR.value}/table.md"))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(errors.exiting("eval.py", main))

@@ -24,7 +24,8 @@ from cxrllava_jax.inference.generate import Generator, SamplingOptions
 from cxrllava_jax.domain.tokenizer import check_vocabulary, load_tokenizer
 from cxrllava_jax.models import cxr_llava
 from cxrllava_jax.models.configs import CXRLLaVAConfig, Runtime
-from cxrllava_jax.domain.images import InputError, preprocess
+from cxrllava_jax.domain.images import preprocess
+from cxrllava_jax.errors import ConfigError, InputError
 
 DEFAULT_BATCH_SIZE = 8
 
@@ -116,21 +117,25 @@ class CXRLLaVA:
                       batch_size: int = DEFAULT_BATCH_SIZE, on_text: Callable[[str], None] | None = None,
                       on_bad_image: Callable[[int, InputError], None] | None = None,
                       **options) -> Iterator[tuple[int, str]]:
-        """Yields (index, answer) batch by batch. A bad image raises its InputError, or with `on_bad_image`
-        is reported there and skipped. `on_text` streams the text of a single conversation as it is written."""
+        """Yields (index, answer) batch by batch. A bad image (or a prompt that cannot be used: too long, a second
+        `<image>`) raises its InputError, or with `on_bad_image` is reported there and skipped, the others still
+        answered. `on_text` streams the text of a single conversation as it is written."""
         if isinstance(images, (str, Path)):
             raise TypeError(f"images must be a list (of paths, PIL images or arrays), got the path {images!r}")
         if len(conversations) != len(images):
             raise ValueError(f"{len(conversations)} conversations but {len(images)} images")
         if on_text is not None and len(conversations) != 1:
             raise ValueError("streaming (on_text) takes a single conversation")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size}: must be at least 1")
         sampling = SamplingOptions(**options)
-        prompts = [self._encode(turns) for turns in conversations]
-        for start in range(0, len(prompts), batch_size):
-            indices, pixels = [], []
-            for i in range(start, min(start + batch_size, len(prompts))):
+        for start in range(0, len(conversations), batch_size):
+            indices, prompts, pixels = [], [], []
+            for i in range(start, min(start + batch_size, len(conversations))):
                 try:
+                    prompt = self._encode(conversations[i])
                     pixels.append(self.preprocess(images[i]))
+                    prompts.append(prompt)
                 except InputError as error:
                     if on_bad_image is None:
                         raise
@@ -140,8 +145,7 @@ class CXRLLaVA:
             if not indices:
                 continue
             stream = _TextStream(self.tokenizer, on_text) if on_text else None
-            outputs = self.generator.generate([prompts[i] for i in indices], np.stack(pixels), sampling,
-                                              on_tokens=stream)
+            outputs = self.generator.generate(prompts, np.stack(pixels), sampling, on_tokens=stream)
             for i, ids in zip(indices, outputs):
                 answer = self.decode(ids)
                 if stream:
