@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 
 from cxrllava_jax.convert.layout import relayout
 from cxrllava_jax.models import configs as mc
+from cxrllava_jax.errors import InputError
 
 CONFIG_CLASSES = {
     "cxr_llava": mc.CXRLLaVAConfig, "llama": mc.LlamaConfig, "bert": mc.BertConfig, "vit": mc.VisionConfig,
@@ -63,7 +64,7 @@ def read_model_config(path):
     meta = json.loads(meta_path.read_text())
     kind = meta.get("model")
     if kind not in CONFIG_CLASSES:
-        raise ValueError(f"{meta_path}: unknown model kind {kind!r}; known: {sorted(CONFIG_CLASSES)}")
+        raise InputError(f"{meta_path}: unknown model kind {kind!r}; known: {sorted(CONFIG_CLASSES)}")
     return kind, mc.from_dict(CONFIG_CLASSES[kind], meta["config"]), bool(meta.get("scan", False))
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from cxrllava_jax.convert import checkpoint, hf_bert, hf_llama, release
 from cxrllava_jax.convert.layout import stack_layers
 from cxrllava_jax.models.configs import Runtime
+from cxrllava_jax.errors import InputError
 
 FORMATS = ("release", "hf-llama", "hf-bert")
 # Files of a Hugging Face directory that belong to the tokenizer (SentencePiece for LLaMA, WordPiece for BERT)
@@ -27,7 +28,7 @@ def detect_format(src: Path) -> str:
     kind = config.get("model_type")
     if kind in ("llama", "bert"):
         return f"hf-{kind}"
-    raise ValueError(f"{config_path}: cannot tell the format (model_type={kind!r}); give --format")
+    raise InputError(f"{config_path}: cannot tell the format (model_type={kind!r}); give --format")
 
 
 def import_main(argv) -> int:

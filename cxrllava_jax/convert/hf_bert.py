@@ -6,6 +6,7 @@ from pathlib import Path
 from cxrllava_jax.convert.mapping import Entry, expected_shapes, import_params
 from cxrllava_jax.convert.safetensors_io import SafetensorsReader
 from cxrllava_jax.models.configs import BertConfig
+from cxrllava_jax.errors import InputError
 
 HF_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_layers": "num_hidden_layers",
              "num_heads": "num_attention_heads", "intermediate_size": "intermediate_size",
@@ -15,7 +16,7 @@ HF_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_laye
 
 def config_from_hf(hf: dict, origin: str) -> BertConfig:
     if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":
-        raise ValueError(f"{origin}: only BERT with exact GELU and absolute positions is supported")
+        raise InputError(f"{origin}: only BERT with exact GELU and absolute positions is supported")
     return BertConfig(**{ours: hf[theirs] for ours, theirs in HF_FIELDS.items() if theirs in hf})
 
 

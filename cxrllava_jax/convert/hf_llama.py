@@ -7,6 +7,7 @@ from pathlib import Path
 from cxrllava_jax.convert.mapping import Entry, expected_shapes, export_tensors, import_params
 from cxrllava_jax.convert.safetensors_io import SafetensorsReader, storage_dtype, write_sharded
 from cxrllava_jax.models.configs import LlamaConfig
+from cxrllava_jax.errors import InputError
 
 # Our LlamaConfig field <- Hugging Face LlamaConfig key.
 HF_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
@@ -26,7 +27,7 @@ def config_from_hf(hf: dict, origin: str = "config.json") -> LlamaConfig:
     if hf.get("hidden_act", "silu") != "silu":
         unsupported["hidden_act"] = hf["hidden_act"]
     if unsupported:
-        raise ValueError(f"{origin}: unsupported LLaMA options {unsupported}")
+        raise InputError(f"{origin}: unsupported LLaMA options {unsupported}")
     values = {ours: hf[theirs] for ours, theirs in HF_FIELDS.items() if hf.get(theirs) is not None}
     values.setdefault("rms_norm_eps", 1e-6)  # transformers' default when the file leaves it out, not ours
     values.setdefault("num_kv_heads", values.get("num_heads", LlamaConfig.num_heads))

@@ -12,6 +12,7 @@ from cxrllava_jax.convert.mapping import Entry, expected_shapes, export_tensors,
 from cxrllava_jax.convert.open_clip import vit_entries
 from cxrllava_jax.convert.safetensors_io import SafetensorsReader, storage_dtype, write_sharded
 from cxrllava_jax.models.configs import CXRLLaVAConfig, VisionConfig
+from cxrllava_jax.errors import InputError
 
 VISION_FIELDS = ("image_size", "layers", "width", "head_width", "mlp_ratio", "patch_size", "ls_init_value",
                  "patch_dropout", "no_ln_pre", "final_ln_after_pool", "pool_type")
@@ -28,18 +29,18 @@ def is_release_dir(directory) -> bool:
 def config_from_release(release: dict, origin: str) -> CXRLLaVAConfig:
     missing = [k for k in REQUIRED if k not in release]
     if missing:
-        raise ValueError(f"{origin}: not a CXR-LLaVA release config, it lacks {missing}")
+        raise InputError(f"{origin}: not a CXR-LLaVA release config, it lacks {missing}")
     vision_cfg = release["clip_vision_cfg"]
     unsupported = {k: vision_cfg[k] for k, ok in FIXED_VISION.items() if vision_cfg.get(k, ok) != ok}
     if vision_cfg.get("act_kwargs"):  # anything but open_clip's default exact GELU
         unsupported["act_kwargs"] = vision_cfg["act_kwargs"]
     if unsupported:
-        raise ValueError(f"{origin}: unsupported vision options {unsupported}")
+        raise InputError(f"{origin}: unsupported vision options {unsupported}")
     eps = (vision_cfg.get("norm_kwargs") or {}).get("eps", 1e-5)
     vision = VisionConfig(**{k: vision_cfg[k] for k in VISION_FIELDS if k in vision_cfg},
                           embed_dim=release["clip_embed_dim"], layer_norm_eps=eps)
     if release.get("mm_projector_dim", vision.width) != vision.width:
-        raise ValueError(f"{origin}: mm_projector_dim {release['mm_projector_dim']} != vision width {vision.width}")
+        raise InputError(f"{origin}: mm_projector_dim {release['mm_projector_dim']} != vision width {vision.width}")
     preprocess = release.get("image_preprocess_cfg", {})
     return CXRLLaVAConfig(vision=vision, llama=hf_llama.config_from_hf(release["llama"], f"{origin}: llama"),
                           projector="linear", image_mean=float(np.ravel(preprocess.get("mean", [0.5]))[0]),

@@ -59,7 +59,7 @@ class CXRLLaVA:
         elif (path / "model_config.json").is_file():
             kind, config, params = checkpoint.load_model(path, runtime)
             if kind != "cxr_llava":
-                raise ValueError(f"{path} holds a {kind!r} model; inference needs a 'cxr_llava' checkpoint")
+                raise InputError(f"{path} holds a {kind!r} model; inference needs a 'cxr_llava' checkpoint")
             tokenizer_path = checkpoint.tokenizer_dir(path)
             if tokenizer_path is None:
                 raise FileNotFoundError(f"{path}: no tokenizer/ directory; copy the LLaMA tokenizer files there")

@@ -15,6 +15,7 @@ from cxrllava_jax.convert import checkpoint as model_checkpoint
 from cxrllava_jax.convert import hf_bert, hf_llama
 from cxrllava_jax.convert.layout import relayout
 from cxrllava_jax.training.tasks import runtime
+from cxrllava_jax.errors import ConfigError, MismatchError
 
 STAGE_MODEL_KIND = {"1a": "vit_classifier", "1b": "contrastive", "2a": "cxr_llava", "2b": "cxr_llava"}
 
@@ -27,8 +28,8 @@ def load(cfg, params, shardings):
         _, _, source = model_checkpoint.load_model(cfg.init.checkpoint, runtime(cfg))
         for tower in cfg.init.towers:
             if tower not in source:
-                raise ValueError(f"config.init.towers names {tower!r}, but {cfg.init.checkpoint} holds only "
-                                 f"{sorted(source)}")
+                raise ConfigError(f"config.init.towers names {tower!r}, but {cfg.init.checkpoint} holds only "
+                                  f"{sorted(source)}")
             params[tower] = _checked(params[tower], source[tower], f"{cfg.init.checkpoint}:{tower}")
     if cfg.init.llama:
         _, llm = hf_llama.load_hf_llama(cfg.init.llama)
@@ -54,7 +55,7 @@ def _checked(expected, found, origin: str):
     problems += [f"{k}: expected {want[k].shape}, found {have[k].shape}"
                  for k in sorted(set(want) & set(have)) if want[k].shape != have[k].shape]
     if problems:
-        raise ValueError(f"initial weights from {origin} do not fit the model:\n  " + "\n  ".join(problems))
+        raise MismatchError(f"initial weights from {origin} do not fit the model:\n  " + "\n  ".join(problems))
     return traverse_util.unflatten_dict({k: np.asarray(v).astype(want[k].dtype) for k, v in have.items()}, sep="/")
 
 

@@ -16,6 +16,7 @@ from cxrllava_jax.domain import images
 from input_pipeline import instructions, tfds_builders
 from input_pipeline.records import is_abnormal, keyword_text
 from input_pipeline.sources import ADAPTERS
+from cxrllava_jax.errors import ConfigError, InputError, MismatchError
 
 
 @dataclasses.dataclass
@@ -32,7 +33,7 @@ def load(cfg, split: str) -> list[Example]:
     examples = []
     for source in cfg.data.sources:
         if source not in ADAPTERS:
-            raise ValueError(f"config.data.sources names {source!r}; adapters exist for {sorted(ADAPTERS)}")
+            raise ConfigError(f"config.data.sources names {source!r}; adapters exist for {sorted(ADAPTERS)}")
         if cfg.data.get("tfds_dir"):
             records = tfds_builders.records(source, cfg.data.tfds_dir, split)
         else:
@@ -99,8 +100,8 @@ def encoder(cfg, task):
 def _check_vocabulary(tokenizer, model_vocab_size: int, origin: str):
     """Token ids past the embedding table would be silently clamped by the gather: refuse them up front."""
     if len(tokenizer) > model_vocab_size:
-        raise ValueError(f"the tokenizer in {origin} has {len(tokenizer)} tokens but the model's vocabulary is "
-                         f"{model_vocab_size}; use a matching tokenizer or a larger vocab_size")
+        raise MismatchError(f"the tokenizer in {origin} has {len(tokenizer)} tokens but the model's vocabulary is "
+                            f"{model_vocab_size}; use a matching tokenizer or a larger vocab_size")
 
 
 def task_image_size(task) -> int:
@@ -113,7 +114,7 @@ def load_text_tokenizer(cfg):
 
     path = cfg.data.text_tokenizer or cfg.init.bert
     if not path:
-        raise ValueError("stage 1B needs config.data.text_tokenizer (or config.init.bert): a BERT tokenizer dir")
+        raise ConfigError("stage 1B needs config.data.text_tokenizer (or config.init.bert): a BERT tokenizer dir")
     return transformers.AutoTokenizer.from_pretrained(path)
 
 
@@ -121,7 +122,7 @@ def fit_length(tokens, mask, length: int, origin: str):
     """Right-pads (or truncates the end of) a conversation to `length`; truncation never cuts the image."""
     first_answer = int(np.argmax(mask)) if mask.any() else len(tokens)
     if first_answer >= length:
-        raise ValueError(f"{origin}: the prompt alone is {first_answer} tokens, leaving no room for the answer in "
+        raise InputError(f"{origin}: the prompt alone is {first_answer} tokens, leaving no room for the answer in "
                          f"config.data.seq_length={length}")
     valid = np.zeros(length, bool)
     valid[:min(len(tokens), length)] = True

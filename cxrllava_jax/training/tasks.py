@@ -16,11 +16,12 @@ from cxrllava_jax.models import configs as mc
 from cxrllava_jax.models.clip import ContrastiveModel, contrastive_loss
 from cxrllava_jax.models.cxr_llava import CXRLLaVA
 from cxrllava_jax.models.vit import ViTClassifier
+from cxrllava_jax.errors import ConfigError
 
 
 def _preset(presets: dict, name: str, overrides) -> object:
     if name not in presets:
-        raise ValueError(f"unknown model preset {name!r}; known: {sorted(presets)}")
+        raise ConfigError(f"unknown model preset {name!r}; known: {sorted(presets)}")
     return dataclasses.replace(presets[name], **dict(overrides or {}))
 
 
@@ -154,5 +155,5 @@ TASKS = {"1a": ClassificationTask, "1b": ContrastiveTask, "2a": InstructionTask,
 
 def make_task(cfg):
     if cfg.stage not in TASKS:
-        raise ValueError(f"config.stage must be one of {sorted(TASKS)}, got {cfg.stage!r}")
+        raise ConfigError(f"config.stage must be one of {sorted(TASKS)}, got {cfg.stage!r}")
     return TASKS[cfg.stage](cfg)
