@@ -1,10 +1,13 @@
 """Our model checkpoint: what every stage exports, what import-torch writes and what inference loads.
 
-    CKPT/model_config.json   {"model": kind, "config": {...}, "scan": bool}
+    CKPT/model_config.json   {"model": kind, "config": {...}, "scan": bool, "tokenizer_fingerprint": "sha256:..."}
     CKPT/params/             the parameter tree, written by Orbax
     CKPT/tokenizer/          optional: the tokenizer files that go with the language model
 
 Kinds: 'cxr_llava', 'llama', 'bert', 'vit', 'vit_classifier' (stage 1A), 'contrastive' (stage 1B).
+
+Loading checks identity, not just sizes: the parameters' shapes against model_config.json, and (for language
+models saved with a tokenizer) the tokenizer's vocabulary against the fingerprint recorded when it was saved.
 """
 
 import json
@@ -14,11 +17,16 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
+from cxrllava_jax import files
 from cxrllava_jax.convert.layout import relayout
+from cxrllava_jax.domain.tokenizer import load_tokenizer, vocabulary_fingerprint
+from cxrllava_jax.errors import InputError, MismatchError
 from cxrllava_jax.models import configs as mc
 from cxrllava_jax.errors import InputError
 
+LANGUAGE_MODEL_KINDS = ("cxr_llava", "llama")
 CONFIG_CLASSES = {
     "cxr_llava": mc.CXRLLaVAConfig, "llama": mc.LlamaConfig, "bert": mc.BertConfig, "vit": mc.VisionConfig,
     "vit_classifier": mc.VisionConfig, "contrastive": mc.ContrastiveConfig,
@@ -39,6 +47,10 @@ def save_model(path, kind: str, config, params, *, tokenizer_dir=None, scan: boo
     with _process_local_checkpointer() as checkpointer:
         checkpointer.save(staging / "params", jax.tree.map(np.asarray, jax.device_get(params)))
     meta = {"model": kind, "config": mc.to_dict(config), "scan": bool(scan)}
+    if tokenizer_dir and kind in LANGUAGE_MODEL_KINDS:
+        fingerprint = _fingerprint_of(tokenizer_dir)
+        if fingerprint:
+            meta["tokenizer_fingerprint"] = fingerprint
     (staging / "model_config.json").write_text(json.dumps(meta, indent=2))
     if tokenizer_dir:
         shutil.copytree(tokenizer_dir, staging / "tokenizer")
@@ -46,6 +58,15 @@ def save_model(path, kind: str, config, params, *, tokenizer_dir=None, scan: boo
         shutil.rmtree(path)
     staging.rename(path)
     return path
+
+
+def _fingerprint_of(tokenizer_dir) -> str | None:
+    """The vocabulary fingerprint of a tokenizer directory; None for files no tokenizer loads from (loading the
+    checkpoint for inference then fails on them anyway, naming the directory)."""
+    try:
+        return vocabulary_fingerprint(load_tokenizer(tokenizer_dir))
+    except Exception:  # noqa: BLE001 - transformers raises many types for unreadable tokenizer files
+        return None
 
 
 def _process_local_checkpointer() -> ocp.StandardCheckpointer:
@@ -61,19 +82,51 @@ def read_model_config(path):
     meta_path = Path(path) / "model_config.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{path} is not a cxrllava-jax checkpoint: {meta_path.name} is missing")
-    meta = json.loads(meta_path.read_text())
-    kind = meta.get("model")
+    meta = files.read_json(meta_path)
+    kind = meta.get("model") if isinstance(meta, dict) else None
     if kind not in CONFIG_CLASSES:
         raise InputError(f"{meta_path}: unknown model kind {kind!r}; known: {sorted(CONFIG_CLASSES)}")
     return kind, mc.from_dict(CONFIG_CLASSES[kind], meta["config"]), bool(meta.get("scan", False))
 
 
 def load_model(path, runtime: mc.Runtime = mc.Runtime()):
-    """(kind, config, params as numpy) in the layer layout `runtime.scan` asks for."""
+    """(kind, config, params as numpy) in the layer layout `runtime.scan` asks for; parameters whose shapes do
+    not fit model_config.json are refused, naming both."""
     kind, config, _ = read_model_config(path)
-    with _process_local_checkpointer() as checkpointer:
-        params = checkpointer.restore(Path(path).absolute() / "params")
+    params_dir = Path(path).absolute() / "params"
+    try:
+        with _process_local_checkpointer() as checkpointer:
+            params = checkpointer.restore(params_dir)
+    except Exception as error:  # Orbax and TensorStore raise many types for missing or cut-off files
+        raise InputError(f"{params_dir}: cannot read the parameters ({type(error).__name__}: "
+                         f"{str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}); "
+                         "the checkpoint is incomplete or damaged") from error
+    check_shapes(path, kind, config, relayout(params, scan=False))
     return kind, config, relayout(params, scan=runtime.scan)
+
+
+def check_shapes(path, kind: str, config, params):
+    """Compares unscanned `params` with the shapes `config` implies (for the kinds whose shapes we can derive)."""
+    from cxrllava_jax.convert import hf_llama, open_clip, release
+
+    derive = {"cxr_llava": release.release_expected_shapes, "llama": hf_llama.llama_expected_shapes,
+              "vit": open_clip.vit_expected_shapes}.get(kind)
+    if derive is None:
+        return
+    expected = derive(config)
+    found = {k: tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+    problems = [f"{k}: model_config.json implies {tuple(expected[k])}, params/ holds {found[k]}"
+                for k in sorted(set(expected) & set(found)) if tuple(expected[k]) != found[k]]
+    problems += [f"{k} missing from params/" for k in sorted(set(expected) - set(found))]
+    problems += [f"{k} in params/ is not in the model" for k in sorted(set(found) - set(expected))]
+    if problems:
+        raise MismatchError(f"{path}: model_config.json does not describe its parameters ({len(problems)} "
+                            f"problem(s)): {'; '.join(problems[:3])}")
+
+
+def tokenizer_fingerprint(path) -> str | None:
+    """The fingerprint of the tokenizer the checkpoint was saved with (None for older checkpoints)."""
+    return files.read_json(Path(path) / "model_config.json").get("tokenizer_fingerprint")
 
 
 def tokenizer_dir(path) -> Path | None:

@@ -1,8 +1,8 @@
 """Hugging Face BERT directories (BertModel or a BERT inside a task model: keys with or without `bert.`)."""
 
-import json
 from pathlib import Path
 
+from cxrllava_jax import files
 from cxrllava_jax.convert.mapping import Entry, expected_shapes, import_params
 from cxrllava_jax.convert.safetensors_io import SafetensorsReader
 from cxrllava_jax.models.configs import BertConfig
@@ -67,7 +67,7 @@ class _RenamedReader:
 
 def load_hf_bert(directory) -> tuple[BertConfig, dict]:
     directory = Path(directory)
-    cfg = config_from_hf(json.loads((directory / "config.json").read_text()), str(directory / "config.json"))
+    cfg = config_from_hf(files.read_json(directory / "config.json"), str(directory / "config.json"))
     reader = _RenamedReader(SafetensorsReader(directory))
     prefix = "bert." if any(k.startswith("bert.") for k in reader.keys()) else ""
     # position_ids is a constant buffer; heads of task models (MLM, classifiers) are not the encoder.

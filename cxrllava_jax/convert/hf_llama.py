@@ -4,6 +4,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from cxrllava_jax import files
 from cxrllava_jax.convert.mapping import Entry, expected_shapes, export_tensors, import_params
 from cxrllava_jax.convert.safetensors_io import SafetensorsReader, storage_dtype, write_sharded
 from cxrllava_jax.models.configs import LlamaConfig
@@ -73,7 +74,7 @@ def llama_expected_shapes(cfg: LlamaConfig) -> dict:
 
 def load_hf_llama(directory) -> tuple[LlamaConfig, dict]:
     directory = Path(directory)
-    cfg = config_from_hf(json.loads((directory / "config.json").read_text()), str(directory / "config.json"))
+    cfg = config_from_hf(files.read_json(directory / "config.json"), str(directory / "config.json"))
     reader = SafetensorsReader(directory)
     ignored = [k for k in reader.keys() if k.endswith("rotary_emb.inv_freq")]
     return cfg, import_params(llama_entries(cfg), reader, str(directory), llama_expected_shapes(cfg), ignored)

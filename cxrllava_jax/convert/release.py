@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxrllava_jax import files
 from cxrllava_jax.convert import hf_llama
 from cxrllava_jax.convert.mapping import Entry, expected_shapes, export_tensors, import_params
 from cxrllava_jax.convert.open_clip import vit_entries
@@ -23,7 +24,7 @@ REQUIRED = ("clip_vision_cfg", "clip_embed_dim", "llama")
 
 def is_release_dir(directory) -> bool:
     config = Path(directory) / "config.json"
-    return config.is_file() and "clip_vision_cfg" in json.loads(config.read_text())
+    return config.is_file() and "clip_vision_cfg" in files.read_json(config)
 
 
 def config_from_release(release: dict, origin: str) -> CXRLLaVAConfig:
@@ -77,7 +78,7 @@ def release_expected_shapes(cfg: CXRLLaVAConfig) -> dict:
 
 def load_release(directory) -> tuple[CXRLLaVAConfig, dict]:
     directory = Path(directory)
-    cfg = config_from_release(json.loads((directory / "config.json").read_text()), str(directory / "config.json"))
+    cfg = config_from_release(files.read_json(directory / "config.json"), str(directory / "config.json"))
     reader = SafetensorsReader(directory)
     ignored = [k for k in reader.keys() if k.endswith("rotary_emb.inv_freq")]
     params = import_params(release_entries(cfg), reader, str(directory), release_expected_shapes(cfg), ignored)

@@ -8,6 +8,9 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from cxrllava_jax import files
+from cxrllava_jax.errors import InputError
+
 INDEX = "model.safetensors.index.json"
 
 
@@ -23,16 +26,18 @@ class SafetensorsReader:
         self.directory = Path(directory)
         index = self.directory / INDEX
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
+            weight_map = (files.read_json(index) or {}).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise InputError(f"{index}: no weight_map object; is this a safetensors index?")
+            names = sorted(set(weight_map.values()))
         else:
-            files = sorted(p.name for p in self.directory.glob("*.safetensors"))
-        if not files:
+            names = sorted(p.name for p in self.directory.glob("*.safetensors"))
+        if not names:
             pickles = sorted(p.name for p in self.directory.glob("*.bin")) + sorted(
                 p.name for p in self.directory.glob("*.pt*"))
             hint = f" (found {pickles}: pickle files are not read; convert them to safetensors first)" if pickles else ""
             raise FileNotFoundError(f"{self.directory}: no .safetensors weights{hint}")
-        self._handles = {name: safe_open(str(self.directory / name), framework="numpy") for name in files}
+        self._handles = {name: _open(self.directory / name) for name in names}
         self._where = {key: name for name, h in self._handles.items() for key in h.keys()}
 
     def keys(self):
@@ -43,6 +48,16 @@ class SafetensorsReader:
 
     def get(self, key) -> np.ndarray:
         return self._handles[self._where[key]].get_tensor(key)
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="numpy")
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # safetensors' own error names neither the file nor what to do
+        raise InputError(f"{path}: not a readable safetensors file ({error}); it may be cut off: download it "
+                         "again") from error
 
 
 def write_sharded(directory, tensors, max_shard_bytes: int = 5 * 2**30, metadata: dict | None = None):
