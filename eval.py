@@ -6,7 +6,7 @@ label files.
   python eval.py --config=configs/eval_mimic.py --reference_labels=REF.csv --predicted_labels=PRED.csv --workdir=DIR
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from cxrllava_jax import errors, files
@@ -44,4 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(errors.exiting("eval.py", main))
+    errors.run_absl("eval.py", main)

@@ -1,6 +1,6 @@
 """Trains one CXR-LLaVA stage: python train.py --config=configs/stage2b.py --workdir=DIR [--config.key=value]."""
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from cxrllava_jax import errors
@@ -21,4 +21,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(errors.exiting("train.py", main))
+    errors.run_absl("train.py", main)
