@@ -19,13 +19,10 @@ from fault_files import STORED, png_header_only
 GREEDY = ["--temperature", "0", "--max-new-tokens", "3"]
 
 
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory):
-    """The tiny release imported with today's import-torch (so it records its tokenizer's fingerprint)."""
-    out = tmp_path_factory.mktemp("faults") / "ckpt"
-    assert cli.main(["import-torch", "--src", str(release_dir()), "--out", str(out)]) == 0
-    assert "tokenizer_fingerprint" in json.loads((out / "model_config.json").read_text())
-    return out
+@pytest.fixture(scope="module")
+def checkpoint(imported_checkpoint):
+    assert "tokenizer_fingerprint" in json.loads((imported_checkpoint / "model_config.json").read_text())
+    return imported_checkpoint
 
 
 @pytest.fixture(scope="module")
