@@ -1,9 +1,12 @@
-"""Crafted files for the fault suites: PNG headers that declare huge sizes, colour and palette DICOM."""
+"""Crafted files for the fault suites: PNG headers that declare huge sizes, colour and palette DICOM, a tokenizer
+that differs from another only in which ids its pieces have."""
 
+import shutil
 import struct
 import zlib
 
 import numpy as np
+import sentencepiece.sentencepiece_model_pb2 as sp_model
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import convert_color_space
@@ -51,3 +54,14 @@ def palette_dicom(path, indices: np.ndarray, palette: np.ndarray):
         ds.add_new(f"{colour}PaletteColorLookupTableData", "OW", palette[:, i].astype("<u2").tobytes())
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def swapped_tokenizer(source, out):
+    """The same tokenizer with two pieces' ids exchanged: same size, different vocabulary."""
+    shutil.copytree(source, out)
+    (out / "tokenizer.json").unlink(missing_ok=True)
+    proto = sp_model.ModelProto()
+    proto.ParseFromString((out / "tokenizer.model").read_bytes())
+    a, b = proto.pieces[300], proto.pieces[301]
+    a.piece, b.piece = b.piece, a.piece
+    (out / "tokenizer.model").write_bytes(proto.SerializeToString())

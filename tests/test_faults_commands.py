@@ -7,14 +7,13 @@ import shutil
 
 import numpy as np
 import pytest
-import sentencepiece.sentencepiece_model_pb2 as sp_model
 
 from cxrllava_jax import cli
 from cxrllava_jax.errors import InputError, MismatchError
 from cxrllava_jax.inference.api import CXRLLaVA
 from dicom_files import write_dicom
 from inference_fixtures import release_dir, synthetic_radiograph
-from fault_files import STORED, png_header_only
+from fault_files import STORED, png_header_only, swapped_tokenizer
 
 GREEDY = ["--temperature", "0", "--max-new-tokens", "3"]
 
@@ -127,21 +126,10 @@ def test_chat_survives_a_bad_follow_up_and_keeps_its_history(checkpoint, mixed_f
 
 # ---------------------------------------------------------------- identity checks
 
-def _swapped_tokenizer(source, out):
-    """The same tokenizer with two pieces' ids exchanged: same size, different vocabulary."""
-    shutil.copytree(source, out)
-    (out / "tokenizer.json").unlink(missing_ok=True)
-    proto = sp_model.ModelProto()
-    proto.ParseFromString((out / "tokenizer.model").read_bytes())
-    a, b = proto.pieces[300], proto.pieces[301]
-    a.piece, b.piece = b.piece, a.piece
-    (out / "tokenizer.model").write_bytes(proto.SerializeToString())
-
-
 def test_another_tokenizer_of_the_same_size_is_refused(checkpoint, tmp_path, mixed_folder, capsys):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(checkpoint, ckpt, ignore=shutil.ignore_patterns("tokenizer"))
-    _swapped_tokenizer(checkpoint / "tokenizer", ckpt / "tokenizer")
+    swapped_tokenizer(checkpoint / "tokenizer", ckpt / "tokenizer")
     with pytest.raises(MismatchError, match="is not the one .* was saved with"):
         CXRLLaVA.from_pretrained(ckpt)
     assert cli.main(["ask", str(mixed_folder / "a_good.png"), "Effusion?", "--checkpoint", str(ckpt)]) == 1
