@@ -54,9 +54,14 @@ def save_model(path, kind: str, config, params, *, tokenizer_dir=None, scan: boo
     (staging / "model_config.json").write_text(json.dumps(meta, indent=2))
     if tokenizer_dir:
         shutil.copytree(tokenizer_dir, staging / "tokenizer")
-    if path.exists():
-        shutil.rmtree(path)
-    staging.rename(path)
+    if path.exists():  # set aside, not deleted first: between the two renames is the only moment without either
+        replaced = path.with_name(path.name + ".replaced")
+        shutil.rmtree(replaced, ignore_errors=True)
+        path.rename(replaced)
+        staging.rename(path)
+        shutil.rmtree(replaced)
+    else:
+        staging.rename(path)
     return path
 
 

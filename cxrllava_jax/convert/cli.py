@@ -43,7 +43,8 @@ def import_main(argv) -> int:
     parser.add_argument("--scan", action="store_true", help="store layers stacked (for scan=True runtimes)")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    files.refuse_existing(args.out, args.overwrite)  # before reading gigabytes of weights
+    if args.out.exists() and not args.overwrite:  # before reading gigabytes of weights
+        raise OutputExistsError(f"{args.out} exists; pass --overwrite to replace it")
     fmt = args.format or detect_format(args.src)
     kind, (config, params) = {
         "release": lambda: ("cxr_llava", release.load_release(args.src)),
