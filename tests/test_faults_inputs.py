@@ -183,6 +183,15 @@ def test_non_utf8_reports_name_the_file_and_offset(tmp_path, capsys):
     assert status == 1 and "reports.csv: not UTF-8 text (byte 0xe9 at offset 16)" in err and "Traceback" not in err
 
 
+def test_dataset_tables_name_the_file_on_non_utf8(tmp_path):
+    from input_pipeline import tables
+
+    path = tmp_path / "train.csv"
+    path.write_bytes("Path,Sex\na.jpg,Female\nb.jpg,M\xe4nnlich\n".encode("latin-1"))
+    with pytest.raises(InputError, match="train.csv: not UTF-8 text"):
+        list(tables.rows(path, ["Path"]))
+
+
 def test_existing_label_output_is_kept_unless_overwrite(tmp_path, capsys):
     (tmp_path / "labels.csv").write_text("earlier output\n")
     status, _ = _labeled_rows(tmp_path, "No effusion.\n")

@@ -9,6 +9,7 @@ reporting") rate, and Cochran's Q test of A+B across sources, with (reader, case
 
 import collections
 import csv
+import io
 import pathlib
 import random
 
@@ -104,5 +105,4 @@ def _write_csv(path, columns, rows):
 
 
 def _read_csv(path):
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+    return list(csv.DictReader(io.StringIO(files.read_text(path), newline="")))
