@@ -35,7 +35,7 @@ def write_release(directory, state):
     return directory
 
 
-def test_missing_unexpected_and_misshaped_keys_in_one_error(state_dict, tmp_path):
+def test_missing_unexpected_and_misshaped_keys_in_one_error(state_dict, tmp_path, capsys):
     state = dict(state_dict)
     del state["llama.norm.weight"]
     del state["vision_tower.transformer.resblocks.1.attn.in_proj_bias"]
@@ -43,8 +43,10 @@ def test_missing_unexpected_and_misshaped_keys_in_one_error(state_dict, tmp_path
     state["mm_projector.weight"] = torch.zeros(CONFIG.llama.hidden_size, CONFIG.vision.width + 1)
     src = write_release(tmp_path / "src", state)
     with pytest.raises(ConversionError) as error:
-        cli.main(["import-torch", "--src", str(src), "--out", str(tmp_path / "ckpt")])
+        release.load_release(src)
     message = str(error.value)
+    assert cli.main(["import-torch", "--src", str(src), "--out", str(tmp_path / "ckpt")]) == 1
+    assert message in capsys.readouterr().err
     assert str(src) in message and "4 problem(s)" in message
     assert "missing llama.norm.weight" in message
     assert "missing vision_tower.transformer.resblocks.1.attn.in_proj_bias" in message
