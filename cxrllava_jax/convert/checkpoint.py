@@ -10,6 +10,7 @@ Loading checks identity, not just sizes: the parameters' shapes against model_co
 models saved with a tokenizer) the tokenizer's vocabulary against the fingerprint recorded when it was saved.
 """
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -21,7 +22,6 @@ from flax import traverse_util
 
 from cxrllava_jax import files
 from cxrllava_jax.convert.layout import relayout
-from cxrllava_jax.domain.tokenizer import load_tokenizer, vocabulary_fingerprint
 from cxrllava_jax.errors import InputError, MismatchError
 from cxrllava_jax.models import configs as mc
 from cxrllava_jax.errors import InputError
@@ -48,7 +48,7 @@ def save_model(path, kind: str, config, params, *, tokenizer_dir=None, scan: boo
         checkpointer.save(staging / "params", jax.tree.map(np.asarray, jax.device_get(params)))
     meta = {"model": kind, "config": mc.to_dict(config), "scan": bool(scan)}
     if tokenizer_dir and kind in LANGUAGE_MODEL_KINDS:
-        fingerprint = _fingerprint_of(tokenizer_dir)
+        fingerprint = tokenizer_fingerprint_of(tokenizer_dir)
         if fingerprint:
             meta["tokenizer_fingerprint"] = fingerprint
     (staging / "model_config.json").write_text(json.dumps(meta, indent=2))
@@ -65,13 +65,35 @@ def save_model(path, kind: str, config, params, *, tokenizer_dir=None, scan: boo
     return path
 
 
-def _fingerprint_of(tokenizer_dir) -> str | None:
-    """The vocabulary fingerprint of a tokenizer directory; None for files no tokenizer loads from (loading the
-    checkpoint for inference then fails on them anyway, naming the directory)."""
+def tokenizer_fingerprint_of(directory) -> str | None:
+    """A hash of the vocabulary of a LLaMA tokenizer directory: its pieces in id order, from tokenizer.model
+    (what the tokenizer loads first) or else tokenizer.json. Two tokenizers of the same size share it only if every
+    id means the same piece. None for files that hold no readable vocabulary (loading them fails anyway)."""
+    import sentencepiece as spm
+
+    directory = Path(directory)
     try:
-        return vocabulary_fingerprint(load_tokenizer(tokenizer_dir))
-    except Exception:  # noqa: BLE001 - transformers raises many types for unreadable tokenizer files
+        if (directory / "tokenizer.model").is_file():
+            model = spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
+            pieces = [model.id_to_piece(i) for i in range(model.get_piece_size())]
+        elif (directory / "tokenizer.json").is_file():
+            vocabulary = files.read_json(directory / "tokenizer.json")["model"]["vocab"]
+            pieces = sorted(vocabulary, key=vocabulary.get) if isinstance(vocabulary, dict) else vocabulary
+        else:
+            return None
+    except Exception:  # noqa: BLE001 - an unreadable file has no vocabulary to record
         return None
+    return "sha256:" + hashlib.sha256(json.dumps(pieces, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def check_tokenizer(tokenizer_dir, checkpoint_path):
+    """Refuses a tokenizer directory whose vocabulary is not the one the checkpoint was saved with."""
+    recorded = tokenizer_fingerprint(checkpoint_path)
+    found = tokenizer_fingerprint_of(tokenizer_dir)
+    if recorded and found != recorded:
+        raise MismatchError(f"{tokenizer_dir}: this tokenizer's vocabulary ({str(found)[:19]}) is not the one "
+                            f"{checkpoint_path} was saved with ({recorded[:19]}); use the tokenizer files that came "
+                            "with the checkpoint")
 
 
 def _process_local_checkpointer() -> ocp.StandardCheckpointer:
@@ -130,8 +152,9 @@ def check_shapes(path, kind: str, config, params):
 
 
 def tokenizer_fingerprint(path) -> str | None:
-    """The fingerprint of the tokenizer the checkpoint was saved with (None for older checkpoints)."""
-    return files.read_json(Path(path) / "model_config.json").get("tokenizer_fingerprint")
+    """The fingerprint of the tokenizer the checkpoint was saved with (None for older checkpoints or none)."""
+    meta_path = Path(path) / "model_config.json"
+    return files.read_json(meta_path).get("tokenizer_fingerprint") if meta_path.is_file() else None
 
 
 def tokenizer_dir(path) -> Path | None:

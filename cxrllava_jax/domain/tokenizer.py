@@ -5,8 +5,6 @@ BPE model with LLaMA's conventions (byte fallback, <unk>=0, <s>=1, </s>=2, no pa
 synthetic reports and the prompts, saved in the same files so the same loading code serves both.
 """
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Iterable
 
@@ -26,23 +24,6 @@ def load_tokenizer(path) -> transformers.PreTrainedTokenizerBase:
     if (path / "tokenizer.model").is_file():
         return transformers.LlamaTokenizer.from_pretrained(str(path))
     return transformers.AutoTokenizer.from_pretrained(str(path))
-
-
-def vocabulary_fingerprint(tokenizer) -> str:
-    """A hash of every token and its id (and the BOS/EOS ids): two tokenizers share it only if each id means the
-    same piece, which a size comparison cannot tell."""
-    vocabulary = sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0]))
-    data = json.dumps([vocabulary, tokenizer.bos_token_id, tokenizer.eos_token_id], ensure_ascii=False)
-    return "sha256:" + hashlib.sha256(data.encode("utf-8")).hexdigest()
-
-
-def check_fingerprint(tokenizer, expected: str | None, tokenizer_origin, model_origin):
-    """Refuses a tokenizer whose vocabulary is not the one the model was trained or saved with."""
-    found = vocabulary_fingerprint(tokenizer)
-    if expected and found != expected:
-        raise MismatchError(f"{tokenizer_origin}: this tokenizer's vocabulary ({found[:19]}) is not the one "
-                            f"{model_origin} was saved with ({expected[:19]}); use the tokenizer files that came "
-                            "with the checkpoint")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir) -> transformers.PreTrainedTokenizerBase:
@@ -70,4 +51,4 @@ def check_vocabulary(tokenizer, vocab_size: int, origin: str):
     size = len(tokenizer)
     if size > vocab_size or vocab_size > -(-size // 128) * 128:
         raise MismatchError(f"{origin}: the tokenizer has {size} tokens but the model's vocabulary has {vocab_size}; "
-                            "this tokenizer does not belong to this checkpoint")
+                            "this tokenizer does not belong to this model")

@@ -21,7 +21,7 @@ import numpy as np
 from cxrllava_jax.convert import checkpoint, release
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.inference.generate import Generator, SamplingOptions
-from cxrllava_jax.domain.tokenizer import check_fingerprint, check_vocabulary, load_tokenizer
+from cxrllava_jax.domain.tokenizer import check_vocabulary, load_tokenizer
 from cxrllava_jax.models import cxr_llava
 from cxrllava_jax.models.configs import CXRLLaVAConfig, Runtime
 from cxrllava_jax.domain.images import preprocess
@@ -53,7 +53,6 @@ class CXRLLaVA:
         path = Path(path)
         dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
         runtime = Runtime(dtype=dtype, param_dtype=dtype)
-        fingerprint = None
         if release.is_release_dir(path):
             config, params = release.load_release(path)
             tokenizer_path = path
@@ -64,14 +63,12 @@ class CXRLLaVA:
             tokenizer_path = checkpoint.tokenizer_dir(path)
             if tokenizer_path is None:
                 raise FileNotFoundError(f"{path}: no tokenizer/ directory; copy the LLaMA tokenizer files there")
-            fingerprint = checkpoint.tokenizer_fingerprint(path)
+            checkpoint.check_tokenizer(tokenizer_path, path)
         else:
             raise FileNotFoundError(f"{path} is neither a cxrllava-jax checkpoint (model_config.json) nor a "
                                     "release directory (config.json with clip_vision_cfg)")
-        tokenizer = load_tokenizer(tokenizer_path)
-        check_fingerprint(tokenizer, fingerprint, tokenizer_path, path)
         params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
-        return cls(config, params, tokenizer, runtime, origin=str(path))
+        return cls(config, params, load_tokenizer(tokenizer_path), runtime, origin=str(path))
 
     # ---------------------------------------------------------------- the release's methods, and batches
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.convert import checkpoint as model_checkpoint
-from cxrllava_jax.domain.tokenizer import check_fingerprint, load_tokenizer
+from cxrllava_jax.domain.tokenizer import load_tokenizer
 from cxrllava_jax.domain import images
 from input_pipeline import instructions, tfds_builders
 from input_pipeline.records import is_abnormal, keyword_text
@@ -89,8 +89,7 @@ def encoder(cfg, task):
     model_config = task.config
     _check_vocabulary(tokenizer, model_config.llama.vocab_size, cfg.data.tokenizer)
     if cfg.init.get("checkpoint"):  # the previous stage's model learned this tokenizer's ids, no other's
-        check_fingerprint(tokenizer, model_checkpoint.tokenizer_fingerprint(cfg.init.checkpoint), cfg.data.tokenizer,
-                          cfg.init.checkpoint)
+        model_checkpoint.check_tokenizer(cfg.data.tokenizer, cfg.init.checkpoint)
 
     def encode_conversation(e):
         tokens, mask = prompting.encode_conversation(e.conversation, tokenizer, model_config.num_image_tokens,
