@@ -1,21 +1,30 @@
-"""Shared test set-up: CPU only, deterministic, quiet."""
+"""Shared test set-up (CPU only, deterministic, quiet) and the fixtures several test modules use."""
 
 import os
-
-import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import pytest  # noqa: E402  (after the environment: importing JAX reads it)
+
+
+@pytest.fixture(scope="session")
+def model():
+    """The tiny CXR-LLaVA behind the Python API (cxrllava_jax/reference/tiny_models.py), loaded once per run."""
+    from cxrllava_jax.inference.api import CXRLLaVA
+    from cxrllava_jax.reference.tiny_models import checkpoint_dir
+
+    return CXRLLaVA.from_pretrained(checkpoint_dir())
+
 
 @pytest.fixture(scope="session")
 def imported_checkpoint(tmp_path_factory):
-    """The tiny release (tests/inference_fixtures.py) imported by `cxrllava import-torch` in this session, so that it
-    is what today's code writes (e.g. the tokenizer fingerprint), shared by the fault suites."""
+    """The tiny release imported by `cxrllava import-torch` in this session, so that it is what today's code writes
+    (e.g. the tokenizer fingerprint); shared by the fault suites."""
     from cxrllava_jax import cli
-    from inference_fixtures import release_dir
+    from cxrllava_jax.reference.tiny_models import release_dir
 
     out = tmp_path_factory.mktemp("imported") / "ckpt"
     assert cli.main(["import-torch", "--src", str(release_dir()), "--out", str(out)]) == 0

@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import convert_color_space
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from dicom_files import write_dicom
+from tests.dicom_files import write_dicom
 
 STORED = (np.arange(32 * 32).reshape(32, 32) * 4 % 4096).astype(np.uint16)
 

@@ -11,9 +11,9 @@ import pytest
 from cxrllava_jax import cli
 from cxrllava_jax.errors import InputError, MismatchError
 from cxrllava_jax.inference.api import CXRLLaVA
-from dicom_files import write_dicom
-from inference_fixtures import release_dir, synthetic_radiograph
-from fault_files import STORED, png_header_only, swapped_tokenizer
+from cxrllava_jax.reference.tiny_models import release_dir, synthetic_radiograph
+from tests.dicom_files import write_dicom
+from tests.fault_files import STORED, png_header_only, swapped_tokenizer
 
 GREEDY = ["--temperature", "0", "--max-new-tokens", "3"]
 

@@ -16,8 +16,8 @@ from cxrllava_jax.errors import InputError
 from cxrllava_jax.evaluation import run
 from cxrllava_jax.inference.cli import expand_images
 from cxrllava_jax.inference.generate import SamplingOptions
-from dicom_files import write_dicom
-from fault_files import STORED, color_dicom, palette_dicom, png_header_only
+from tests.dicom_files import write_dicom
+from tests.fault_files import STORED, color_dicom, palette_dicom, png_header_only
 
 # ---------------------------------------------------------------- images: every bad file is the file's InputError
 

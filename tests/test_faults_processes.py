@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cxrllava_jax.cli import COMMANDS
-from inference_fixtures import release_dir, synthetic_radiograph
+from cxrllava_jax.reference.tiny_models import release_dir, synthetic_radiograph
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}

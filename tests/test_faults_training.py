@@ -10,7 +10,7 @@ import pytest
 from cxrllava_jax.errors import ConfigError, MismatchError
 from cxrllava_jax.training import loop
 from cxrllava_jax.training import workdir as run_records
-from fault_files import swapped_tokenizer
+from tests.fault_files import swapped_tokenizer
 from tests import training_setup as setup
 
 
