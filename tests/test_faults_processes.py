@@ -4,6 +4,7 @@ test run side by side to keep the suite fast."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,10 +51,14 @@ def bad_inputs(tmp_path_factory):
     return root
 
 
-def test_every_command_reports_bad_input_without_a_traceback(bad_inputs, image, tmp_path):
+def test_every_command_reports_bad_input_without_a_traceback(bad_inputs, image, imported_checkpoint, tmp_path):
     """Each subcommand and entry point on a bad input: a non-zero exit and one or two lines on stderr naming the
-    problem; `--debug` brings the traceback back."""
+    problem (nothing more at exit either); `--debug` brings the traceback back."""
     bad, missing = bad_inputs, tmp_path / "missing"
+    cut = shutil.copytree(imported_checkpoint, tmp_path / "cut")
+    for f in (cut / "params").rglob("*"):
+        if f.is_file() and f.stat().st_size > 1000:
+            f.write_bytes(f.read_bytes()[:100])
     cases = {
         "synth": (cxrllava("synth", "--out", bad / "a_file" / "data", "--num", 2), "a_file"),
         "refine": (cxrllava("refine", "--reports", missing, "--out", tmp_path / "o.csv"), "missing"),
@@ -63,6 +68,8 @@ def test_every_command_reports_bad_input_without_a_traceback(bad_inputs, image, 
         "import-torch": (cxrllava("import-torch", "--src", missing, "--out", tmp_path / "i"), "no such directory"),
         "export-torch": (cxrllava("export-torch", "--checkpoint", missing, "--out", tmp_path / "e"),
                          "not a cxrllava-jax checkpoint"),
+        "export-torch cut checkpoint": (cxrllava("export-torch", "--checkpoint", cut, "--out", tmp_path / "e2"),
+                                        "cannot read the parameters"),
         "report": (cxrllava("report", image, "--checkpoint", missing), "neither a cxrllava-jax checkpoint"),
         "ask": (cxrllava("ask", image, "Effusion?", "--checkpoint", missing), "neither a cxrllava-jax checkpoint"),
         "chat": (cxrllava("chat", image, "--checkpoint", missing), "neither a cxrllava-jax checkpoint"),
