@@ -245,3 +245,25 @@ def test_locked_appender_writes_whole_lines(tmp_path):
         out.write({"image": "a.png", "report": "x" * 100_000})
     lines = path.read_text().splitlines()
     assert json.loads(lines[0]) == {"earlier": True} and len(json.loads(lines[1])["report"]) == 100_000
+
+
+# ---------------------------------------------------------------- the one wrapper every entry point uses
+
+def test_report_errors_turns_failures_into_lines(capsys):
+    from cxrllava_jax import errors
+
+    def fail(error):
+        def work():
+            raise error
+        return work
+
+    assert errors.report_errors("prog", fail(InputError("a.png: cannot decode image"))) == errors.EXIT_ERROR
+    assert capsys.readouterr().err == "prog: a.png: cannot decode image\n"
+    assert errors.report_errors("prog", fail(FileNotFoundError(2, "No such file or directory", "x.csv"))) == 1
+    assert capsys.readouterr().err == "prog: x.csv: No such file or directory\n"
+    assert errors.report_errors("prog", fail(ZeroDivisionError("division by zero\nmore"))) == errors.EXIT_BUG
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "prog: ZeroDivisionError: division by zero" and "--debug" in lines[1] and len(lines) == 2
+    assert errors.report_errors("prog", fail(ZeroDivisionError("x")), debug=True) == errors.EXIT_BUG
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+    assert errors.report_errors("prog", lambda: None) == 0
