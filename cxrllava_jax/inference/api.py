@@ -63,12 +63,13 @@ class CXRLLaVA:
             tokenizer_path = checkpoint.tokenizer_dir(path)
             if tokenizer_path is None:
                 raise FileNotFoundError(f"{path}: no tokenizer/ directory; copy the LLaMA tokenizer files there")
-            checkpoint.check_tokenizer(tokenizer_path, path)
         else:
             raise FileNotFoundError(f"{path} is neither a cxrllava-jax checkpoint (model_config.json) nor a "
                                     "release directory (config.json with clip_vision_cfg)")
         params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
-        return cls(config, params, load_tokenizer(tokenizer_path), runtime, origin=str(path))
+        model = cls(config, params, load_tokenizer(tokenizer_path), runtime, origin=str(path))  # sizes checked
+        checkpoint.check_tokenizer(tokenizer_path, path)  # ours records the vocabulary it was saved with
+        return model
 
     # ---------------------------------------------------------------- the release's methods, and batches
 
