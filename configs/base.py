@@ -15,21 +15,23 @@ def get_config() -> ml_collections.ConfigDict:
         projector="linear",
     ))
     c.runtime = ml_collections.ConfigDict(dict(
-        dtype="bfloat16", param_dtype="float32", scan=True, remat_policy="nothing_saveable", attention_impl=None,
+        dtype="bfloat16", param_dtype="float32", scan=True, remat_policy="save_qkv_proj", attention="auto",
     ))
-    c.runtime.attention_impl = ml_collections.FieldReference(None, field_type=str)
 
     # Where the data is and how it is read. `source` names an adapter (mimic, chexpert, nih, padchest,
     # vindr, brixia, rsna_covid, indiana, synthetic); `sources` mixes several for stage 1.
     c.data = ml_collections.ConfigDict(dict(
         source="mimic", sources=(), data_dir="", batch_size=16, eval_batch_size=16,
         text_length=128, seq_length=2048, tokenizer="", uncertain_policy="abnormal",
+        seq_buckets=4,  # stage 2: batches cut to one of this many lengths chosen from the data (0: all seq_length)
         num_workers=0, max_bad_fraction=0.0, shuffle_seed=0, eval_split="validate", train_split="train",
         image_mean=0.5, image_std=0.5, image_mode="crop",  # normalisation and crop/letterbox
         tfds_dir="",  # read the sources' ArrayRecord version (input_pipeline/tfds_builders.py) instead of files
+        preprocessed=False,  # ...the one holding images as uint8 model pixels (`cxrllava preprocess`)
         text_tokenizer="",  # stage 1B: BERT tokenizer dir (defaults to config.init.bert)
         text_kind="labels",  # stage 1B texts: 'labels' (keywords) or 'reports'
         conversations="instruction",  # stage 2: 'report' (2A alignment) or 'instruction' (2B)
+        train="", eval="",  # stage 2 and fine-tuning: your own conversation files instead (.json, .jsonl, .csv)
     ))
 
     c.optim = ml_collections.ConfigDict(dict(

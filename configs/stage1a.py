@@ -12,7 +12,7 @@ def get_config():
     c.data.batch_size = c.data.eval_batch_size = 64
     c.optim.update(name="sgd", learning_rate=1e-3)
     c.num_epochs = 100.0
-    c.runtime.remat_policy = "none"
+    c.runtime.remat_policy = "save_attention"  # keeps q, k, v and the attention output; recomputes the MLP
     c.checkpoint.update(best_metric="loss", best_mode="min", every_steps=5000)
     c.eval_every_steps = 5000
     return c

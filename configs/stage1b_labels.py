@@ -14,7 +14,7 @@ def get_config():
     c.optim.update(name="sgd", learning_rate=1e-2)
     c.text_unfreeze_step = 70_000
     c.num_epochs = 30.0
-    c.runtime.remat_policy = "none"
+    c.runtime.remat_policy = "save_attention"  # keeps q, k, v and the attention output; recomputes the MLP
     c.checkpoint.update(best_metric="loss", best_mode="min", every_steps=5000)
     c.eval_every_steps = 5000
     c.init.bert = "pretrained/cxr-bert"

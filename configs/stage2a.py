@@ -12,6 +12,8 @@ def get_config():
     c.data.conversations = "report"
     c.optim.update(name="adam", learning_rate=2e-3)
     c.frozen = ("img/.*", "llm/.*")
+    # Fully sharded: parameters, gradients and Adam's moments split over every device (7B does not fit otherwise).
+    c.mesh.update(data=1, fsdp=-1)
     c.num_epochs = 1.0
     c.init.llama = "pretrained/llama-2-7b-chat-hf"
     c.data.tokenizer = "pretrained/llama-2-7b-chat-hf"

@@ -9,6 +9,8 @@ from cxrllava_jax import errors
 # so a subcommand's flags live beside its implementation and importing this file stays cheap.
 COMMANDS = {
     "synth": ("input_pipeline.synthetic:main", "generate the synthetic CXR dataset (MIMIC-CXR-JPG layout)"),
+    "preprocess": ("input_pipeline.tfds_builders:preprocess_main",
+                   "store a source's images preprocessed (uint8 model pixels) for fast stage-1 input"),
     "refine": ("input_pipeline.refine:main", "refine reports (strip comparisons, history, devices, numbers)"),
     "label": ("cxrllava_jax.evaluation.cli:label_main", "label reports with the CheXpert-style labeler"),
     "reader-study": ("cxrllava_jax.evaluation.cli:reader_study_main", "export/analyse a blinded reader study"),

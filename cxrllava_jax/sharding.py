@@ -36,13 +36,17 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh; -1 in `data` takes the devices the other axes leave."""
+    """A (data, fsdp, tensor) mesh; -1 in one axis (`data` by default) takes the devices the others leave."""
     devices = list(jax.devices() if devices is None else devices)
-    if data == -1:
-        if len(devices) % (fsdp * tensor):
-            raise ValueError(f"{len(devices)} devices do not divide into fsdp={fsdp} x tensor={tensor}")
-        data = len(devices) // (fsdp * tensor)
-    shape = (data, fsdp, tensor)
+    shape = [data, fsdp, tensor]
+    if shape.count(-1) > 1:
+        raise ValueError(f"only one mesh axis may be -1, got {dict(zip(MESH_AXES, shape))}")
+    if -1 in shape:
+        rest = int(np.prod([n for n in shape if n != -1]))
+        if len(devices) % rest:
+            raise ValueError(f"{len(devices)} devices do not divide into the mesh {dict(zip(MESH_AXES, shape))}")
+        shape[shape.index(-1)] = len(devices) // rest
+    shape = tuple(shape)
     if int(np.prod(shape)) != len(devices):
         raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {np.prod(shape)} devices, have {len(devices)}")
     try:

@@ -14,6 +14,10 @@ Every stage is fed the same way; what makes the classification (1A), contrastive
   gigabytes of 512-pixel batches).
 - A checkpointable position: the iterator's `get_state`/`set_state` (what `grain.checkpoint` saves)
   continue with exactly the batch the interrupted iterator would have produced next.
+- Sequence buckets (optional, `Buckets`): a batch's sequence arrays are cut to the smallest bucket that holds
+  its longest row, so short samples are not padded to the longest length there is. The longest row is taken
+  over the whole global batch (its examples' lengths, computed without decoding images), so every process
+  cuts to the same length. Padding is at the end of each row, so the cut drops only padding.
 - Bad records: by default the `InputError` naming the file propagates. With `max_bad_fraction > 0` a
   record that cannot be decoded is replaced by a substitute drawn (never itself) from a generator seeded with
   the bad record's index, so batch shapes stay static and every run, resumed or sharded differently, sees the
@@ -22,6 +26,7 @@ Every stage is fed the same way; what makes the classification (1A), contrastive
   at least one epoch of its share so that a bad file early in the first epoch is not a false alarm.
 """
 
+import dataclasses
 import logging
 from typing import Callable, Sequence
 
@@ -43,9 +48,34 @@ class TooManyBadRecords(InputError):
     """More records failed to decode than `config.data.max_bad_fraction` allows."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    """Sequence-length buckets: `sizes` ascending, the last one the length `encode` pads every row to.
+
+    `length(example)` is an example's real length (at most `sizes[-1]`); `keys` are the batch arrays whose
+    second axis is the sequence. A substitute for a bad record longer than its batch's bucket is cut to it.
+    """
+
+    length: Callable[..., int]
+    sizes: tuple[int, ...]
+    keys: tuple[str, ...]
+
+    def size_for(self, longest: int) -> int:
+        return next((s for s in self.sizes if s >= longest), self.sizes[-1])
+
+
+def choose_buckets(lengths: Sequence[int], max_length: int, count: int, multiple: int = 128) -> tuple[int, ...]:
+    """Up to `count` bucket sizes from a sample of the data's lengths: its quantiles 1/count ... 1, rounded up to
+    `multiple` (the TPU attention kernel's block) and capped at `max_length`."""
+    lengths = np.minimum(np.asarray(lengths), max_length)
+    quantiles = np.quantile(lengths, np.arange(1, count + 1) / count, method="inverted_cdf")
+    return tuple(sorted({min(int(-(-q // multiple) * multiple), max_length) for q in quantiles}))
+
+
 def batches(examples: Sequence, encode: Callable[..., dict], batch_size: int, *, seed: int | None = None,
             repeat: bool = False, num_workers: int = 0, read_threads: int = 4, max_bad_fraction: float = 0.0,
-            process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
+            buckets: Buckets | None = None, process_index: int | None = None,
+            process_count: int | None = None) -> grain.IterDataset:
     """Global batches of `batch_size` examples (remainder dropped); this process's slice encoded and stacked.
 
     `examples` is any random-access sequence (a list of stage examples, a TFDS data source); `seed=None`
@@ -62,7 +92,7 @@ def batches(examples: Sequence, encode: Callable[..., dict], batch_size: int, *,
         raise ValueError(f"{len(examples)} examples are fewer than one batch of {batch_size}")
     local = batch_size // process_count
     decode = _DecodeSlice(examples, encode, slice(process_index * local, (process_index + 1) * local),
-                          substitute_seed=seed or 0, skip_bad=max_bad_fraction > 0)
+                          substitute_seed=seed or 0, skip_bad=max_bad_fraction > 0, buckets=buckets)
     ds = grain.MapDataset.range(len(examples))
     if seed is not None:
         ds = ds.shuffle(seed=seed)
@@ -80,9 +110,10 @@ def batches(examples: Sequence, encode: Callable[..., dict], batch_size: int, *,
 class _DecodeSlice:
     """Global batch of example indices -> (this process's rows encoded and stacked, messages of bad records)."""
 
-    def __init__(self, examples, encode, rows: slice, substitute_seed: int, skip_bad: bool):
+    def __init__(self, examples, encode, rows: slice, substitute_seed: int, skip_bad: bool,
+                 buckets: Buckets | None = None):
         self.examples, self.encode, self.rows = examples, encode, rows
-        self.substitute_seed, self.skip_bad = substitute_seed, skip_bad
+        self.substitute_seed, self.skip_bad, self.buckets = substitute_seed, skip_bad, buckets
 
     def __call__(self, indices: np.ndarray) -> tuple[dict, list[str]]:
         bad, batch = [], None
@@ -93,6 +124,9 @@ class _DecodeSlice:
                 batch = {k: np.empty((len(rows), *np.shape(v)), np.asarray(v).dtype) for k, v in example.items()}
             for k, v in example.items():  # copied while still in cache: much cheaper than np.stack at the end
                 batch[k][row] = v
+        if self.buckets is not None:
+            size = self.buckets.size_for(max(self.buckets.length(self.examples[int(i)]) for i in indices))
+            batch.update({k: np.ascontiguousarray(batch[k][:, :size]) for k in self.buckets.keys})
         return batch, bad
 
     def _encode(self, index: int, bad: list[str]) -> dict:

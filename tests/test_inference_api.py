@@ -128,6 +128,21 @@ def test_text_stream_waits_for_whole_characters(model):
     assert not any("\ufffd" in p for p in pieces)
 
 
+def test_streamed_text_waits_for_a_run_of_byte_pieces_to_end(model):
+    """SentencePiece decodes a run of byte-fallback pieces as a whole: ")" from <0x29> turns into U+FFFD once an
+    invalid byte follows it, so the stream sends nothing of a run until a normal piece ends it."""
+    tokenizer = model.tokenizer
+    ids = tokenizer.convert_tokens_to_ids(["<0x29>", "<0xE8>", "<0x79>", "<0x1A>"]) + tokenizer.encode(
+        "There is", add_special_tokens=False)
+    pieces = []
+    stream = _TextStream(tokenizer, pieces.append)
+    for i in range(len(ids)):
+        stream([ids[i:i + 1]])
+    answer = model.decode(ids)
+    stream.finish(answer)
+    assert "".join(pieces) == answer and answer.endswith("There is")
+
+
 def test_sampling_is_reproducible_by_seed(model, images):
     first = model.write_radiologic_report(images[0], max_new_tokens=12, seed=5)
     assert model.write_radiologic_report(images[0], max_new_tokens=12, seed=5) == first

@@ -24,6 +24,8 @@ def notebook_environment(name: str) -> dict:
         return {"CXRLLAVA_CHECKPOINT": str(release_dir()), "CXRLLAVA_MAX_NEW_TOKENS": "24"}
     if name == "training_demo.ipynb":  # every stage for a few steps: the code paths, not the learning
         return {"CXRLLAVA_DEMO_STUDIES": "100", "CXRLLAVA_DEMO_STEPS": "3"}
+    if name == "finetune_lora.ipynb":  # the tiny release as the base, a few steps: the code paths
+        return {"CXRLLAVA_BASE": str(release_dir()), "CXRLLAVA_FT_STEPS": "3", "CXRLLAVA_FT_STUDIES": "40"}
     return {}
 
 
@@ -65,3 +67,8 @@ def test_notebook_runs_top_to_bottom(path, kernel_dir, tmp_path, monkeypatch):
         assert sorted(p.name for p in tmp_path.joinpath("demo_workdir").iterdir()) == [
             "1a", "1b_labels", "1b_reports", "2a", "2b", "data", "eval", "tokenizer"]
         assert (tmp_path / "demo_workdir" / "eval" / "table.md").is_file()
+    if path.name == "finetune_lora.ipynb":
+        workdir = tmp_path / "finetune_workdir"
+        assert (workdir / "run" / "adapter" / "adapter_model.safetensors").is_file()
+        assert (workdir / "eval_before" / "table.md").is_file() and (workdir / "eval_after" / "table.md").is_file()
+        assert (workdir / "export_release" / "config.json").is_file()

@@ -209,13 +209,16 @@ def test_each_stage_batches(demo_data, stage, tmp_path):
     data = stage_data.make_stage_data(cfg, make_task(cfg))
     batch = next(data.train)
     image_size = 64
-    assert batch["image"].shape == (8, image_size, image_size, 1) and batch["image"].dtype == np.float32
+    # uint8 model pixels: the task normalises them on the device
+    assert batch["image"].shape == (8, image_size, image_size, 1) and batch["image"].dtype == np.uint8
     if stage == "1a":
         assert batch["label"].dtype == np.int32 and set(np.unique(batch["label"])) <= {0, 1}
     elif stage == "1b_reports":
         assert batch["input_ids"].shape == batch["attention_mask"].shape == (8, cfg.data.text_length)
     else:
-        assert batch["tokens"].shape == batch["loss_mask"].shape == batch["valid"].shape == (8, cfg.data.seq_length)
+        length = batch["tokens"].shape[1]  # the sequence bucket that holds this batch's longest row
+        assert batch["tokens"].shape == batch["loss_mask"].shape == batch["valid"].shape == (8, length)
+        assert length <= cfg.data.seq_length
         assert batch["loss_mask"].any(axis=1).all()  # every row has answer tokens to learn
     assert data.steps_per_epoch >= 1 and data.train.bad_records == 0
     eval_batches = list(data.eval())

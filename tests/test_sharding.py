@@ -5,14 +5,11 @@ XLA fixes the device count when JAX starts, so the 8-device part runs in a subpr
 its measurements as JSON and the assertions live here.
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+
+from tests.fake_devices import report_of
 
 SCRIPT = textwrap.dedent("""
     import json
@@ -70,14 +67,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def report():
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               PYTHONPATH=str(root))
-    result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=root, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    line = next(line for line in result.stdout.splitlines() if line.startswith("REPORT"))
-    return json.loads(line[len("REPORT"):])
+    return report_of(SCRIPT)
 
 
 def test_mesh_has_the_three_axes(report):

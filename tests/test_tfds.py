@@ -105,3 +105,32 @@ def test_training_reads_the_built_records_as_it_reads_the_files(built):
         assert a["label"] == b["label"], name
     batch = next(stage_data.make_stage_data(configs["tfds"], task).train)
     assert batch["image"].shape == (4, 64, 64, 1)
+
+
+def test_preprocessed_pixel_records_equal_decoding_the_files(built, capsys):
+    """`cxrllava preprocess` stores each image's uint8 model pixels: the same arrays decoding the file gives,
+    and normalised the same float32 input the model sees from the file."""
+    manual, data_dir = built
+    assert tfds_builders.preprocess_main(["--source", "synthetic", "--manual_dir", str(manual), "--data_dir",
+                                          str(data_dir), "--size", str(SIZE)]) == 0
+    assert "'train'" in capsys.readouterr().out
+    direct = {str(r.image).removeprefix(f"{manual}/"): r for r in mimic.load(manual, "train")}
+    stored = tfds_builders.records("synthetic", data_dir, "train", pixels=(SIZE, "crop"))
+    assert len(stored) == len(direct)
+    for record in stored:
+        file = direct[str(record.image)].image
+        pixels = images.model_pixels(record.image, SIZE)
+        assert pixels.dtype == np.uint8 and pixels.shape == (SIZE, SIZE, 1)
+        np.testing.assert_array_equal(pixels, images.model_pixels(file, SIZE))
+        np.testing.assert_array_equal(images.normalise(pixels, 0.5, 0.5), images.preprocess(file, SIZE, 0.5, 0.5))
+        np.testing.assert_array_equal(record.labels, direct[str(record.image)].labels)
+    with pytest.raises(ValueError, match="preprocess them at that size"):
+        images.model_pixels(stored[0].image, 2 * SIZE)
+
+
+def test_normalising_on_the_device_equals_the_host():
+    import jax.numpy as jnp
+
+    pixels = np.arange(256, dtype=np.uint8).reshape(16, 16, 1)
+    np.testing.assert_allclose(np.asarray(images.normalise(jnp.asarray(pixels), 0.5, 0.25)),
+                               images.normalise(pixels, 0.5, 0.25), rtol=0, atol=1e-6)

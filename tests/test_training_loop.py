@@ -18,8 +18,7 @@ import pytest
 from flax import traverse_util
 
 from cxrllava_jax.convert import checkpoint as model_checkpoint
-from cxrllava_jax.training import loop
-from cxrllava_jax.training import stages
+from cxrllava_jax.training import loop, stages, steps
 from cxrllava_jax.training.checkpoints import RunCheckpoints
 from cxrllava_jax.training.tasks import make_task
 from tests import training_setup as setup
@@ -109,8 +108,22 @@ def test_resume_and_best_export_across_the_text_tower_release(data, tmp_path, ca
     checkpoints.close()
 
 
+def test_a_run_resumed_before_the_release_ends_where_an_uninterrupted_one_does(data, tmp_path):
+    """The release is a schedule inside the optimizer: stopping before it and resuming changes nothing."""
+    release = {"text_unfreeze_step": 3, "checkpoint.every_steps": 2, "checkpoint.best_metric": ""}
+    for steps in (2, 5):  # stopped at step 2 (before the release at 3), then carried on
+        loop.train_and_evaluate(setup.parse(setup.stage_flags("1b_labels", *data, steps=steps, **release)),
+                                tmp_path / "resumed")
+    loop.train_and_evaluate(setup.parse(setup.stage_flags("1b_labels", *data, steps=5, **release)), tmp_path / "straight")
+    a, b = flat_params(tmp_path / "resumed" / "model"), flat_params(tmp_path / "straight" / "model")
+    assert a.keys() == b.keys()
+    for path in a:
+        np.testing.assert_array_equal(a[path], b[path], err_msg=path)
+    assert setup.train_losses(tmp_path / "resumed") == setup.train_losses(tmp_path / "straight")
+
+
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch, capsys):
-    real_step = loop.make_train_step
+    real_step = steps.make_train_step
 
     def poisoned(task, tx, frozen):
         """The loss turns NaN from step 5 on, as a diverging run's would."""
@@ -122,7 +135,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(data, tmp_p
 
         return train_step
 
-    monkeypatch.setattr(loop, "make_train_step", poisoned)
+    monkeypatch.setattr(steps, "make_train_step", poisoned)
     cfg = setup.parse(setup.stage_flags("1a", *data, steps=10))
     with pytest.raises(loop.NonFiniteLossError, match=r"became nan by step 5; stopped without saving. The last good checkpoint is step 4"):
         loop.train_and_evaluate(cfg, tmp_path / "run")
@@ -132,7 +145,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(data, tmp_p
     partial = checkpoints / "6.orbax-checkpoint-tmp-1795560000000000"
     (partial / "state").mkdir(parents=True)
     (partial / "state" / "half-written").write_bytes(b"\0" * 100)
-    monkeypatch.setattr(loop, "make_train_step", real_step)
+    monkeypatch.setattr(steps, "make_train_step", real_step)
     cfg = setup.parse(setup.stage_flags("1a", *data, steps=6))
     summary = loop.train_and_evaluate(cfg, tmp_path / "run")  # resumes from step 4 and finishes
     assert summary["steps"] == 6

@@ -115,3 +115,31 @@ def test_accumulation_schedules_over_optimizer_updates():
         moves.append(float(-updates["w"]))
     np.testing.assert_allclose(moves, [0, 1.0, 0, 0.75, 0, 0.5, 0, 0.25], atol=1e-6)
     np.testing.assert_allclose([float(learning_rate(s)) for s in (0, 1, 2, 7)], [1.0, 1.0, 0.75, 0.25])
+
+
+def test_scored_positions_loss_equals_full_logits_loss():
+    """Stage 2 projects only the scored positions onto the vocabulary; the loss is the full-logits one."""
+    cfg = demo.get_config("2b")
+    task = make_task(cfg)
+    batch = fixed_batch(task, "2b", jax.random.key(4))
+    rng = np.random.RandomState(1)
+    length = batch["tokens"].shape[1]
+    answer_start = rng.randint(task.config.num_image_tokens + 2, length - 50, 8)
+    ends = answer_start + rng.randint(5, 45, 8)
+    positions = np.arange(length)
+    batch["tokens"] = jnp.asarray(np.where(positions >= task.config.num_image_tokens + 1,
+                                           rng.randint(3, 200, (8, length)), np.asarray(batch["tokens"])))
+    batch["loss_mask"] = jnp.asarray((positions >= answer_start[:, None]) & (positions < ends[:, None]))
+    batch["valid"] = jnp.asarray(positions < (ends + rng.randint(0, 5, 8))[:, None])  # right-padded rows
+    params = task.init(jax.random.key(0), batch)["params"]
+    loss, outputs = task.loss(params, batch, jax.random.key(0), train=False)
+
+    logits = task.model.apply({"params": params}, batch["image"], batch["tokens"], batch["valid"])
+    targets, weights = batch["tokens"][:, 1:], batch["loss_mask"][:, 1:].astype(jnp.float32)
+    per_token = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], jnp.maximum(targets, 0))
+    expected = (per_token * weights).sum() / weights.sum()
+    accuracy = ((jnp.argmax(logits[:, :-1], -1) == targets) * weights).sum() / weights.sum()
+    assert logits.dtype == jnp.float32
+    assert abs(float(loss) - float(expected)) <= 1e-6, (float(loss), float(expected))
+    assert float(outputs["token_accuracy"]) == float(accuracy)
+    assert float(outputs["tokens"]) == float(weights.sum())

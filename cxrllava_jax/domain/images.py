@@ -1,5 +1,6 @@
 """Radiograph decoding and preprocessing: any PNG/JPEG/TIFF (8 or 16 bit, gray/RGB/RGBA) or DICOM file ->
-`float32 [size, size, 1]`, normalised as the model expects.
+`uint8 [size, size, 1]` model pixels (`model_pixels`) -> `float32 [size, size, 1]`, normalised as the model
+expects (`normalise`; `preprocess` is both).
 
 The release feeds CLIPImageProcessor with an 8-bit grayscale image: shortest edge resized to the model size with
 LANCZOS, center crop, x/255, (x - mean) / std. We do the same after bringing other pixel data into the 8-bit
@@ -220,8 +221,16 @@ def preprocess(image, size: int, mean: float, std: float, mode: str = "crop",
     `mode` is 'crop' (the release: shortest edge to `size`, center crop) or 'pad' (letterbox). An image smaller
     than `min_size` (the model's patch) on either side is refused.
     """
+    return normalise(model_pixels(image, size, mode, min_size), mean, std)
+
+
+def model_pixels(image, size: int, mode: str = "crop", min_size: int = RELEASE_PATCH_SIZE) -> np.ndarray:
+    """`preprocess` up to, not including, normalisation: uint8 [size, size, 1]. Deterministic, so it can be
+    done once and stored (`cxrllava preprocess`); training then normalises on the accelerator."""
     if mode not in ("crop", "pad"):
         raise ValueError(f"image mode must be 'crop' or 'pad', got {mode!r}")
+    if hasattr(image, "model_pixels"):  # already preprocessed and stored (tfds_builders.StoredPixels)
+        return image.model_pixels(size, mode)
     origin = image if isinstance(image, (str, Path)) else "image"
     if isinstance(image, (str, Path)):
         image = load_grayscale(image)
@@ -236,8 +245,14 @@ def preprocess(image, size: int, mean: float, std: float, mode: str = "crop",
         raise InputError(f"{origin}: image {image.size[0]}x{image.size[1]} is smaller than one "
                          f"{min_size}-pixel patch")
     image = resize_and_crop(image, size) if mode == "crop" else letterbox(image, size)
-    pixels = np.asarray(image, np.float32) * np.float32(1.0 / 255.0)
-    return ((pixels - np.float32(mean)) / np.float32(std))[..., None]
+    return np.asarray(image, np.uint8)[..., None]
+
+
+def normalise(pixels, mean: float, std: float):
+    """uint8 pixels -> float32 (x / 255 - mean) / std, with numpy on the host or jax.numpy on the device
+    (the same float32 operations in the same order, so both give the same values)."""
+    scaled = pixels.astype(np.float32) * np.float32(1.0 / 255.0)
+    return (scaled - np.float32(mean)) / np.float32(std)
 
 
 def _array_to_pil(array: np.ndarray) -> Image.Image:

@@ -46,7 +46,7 @@ def default_config() -> ml_collections.ConfigDict:
     return config
 
 
-def evaluate_model(config, checkpoint, data_dir, workdir, batch_size: int = 16, model=None) -> dict:
+def evaluate_model(config, checkpoint, data_dir, workdir, batch_size: int = 16, model=None, adapter=None) -> dict:
     """Generates with the model at `checkpoint` (or `model`) over the test split, then scores the answers.
 
     The answers are kept in workdir/generated.jsonl, which `evaluate_predictions` re-scores.
@@ -54,7 +54,7 @@ def evaluate_model(config, checkpoint, data_dir, workdir, batch_size: int = 16, 
     from cxrllava_jax.evaluation import generation
     from cxrllava_jax.inference.api import CXRLLaVA
 
-    model = model or CXRLLaVA.from_pretrained(checkpoint)
+    model = model or CXRLLaVA.from_pretrained(checkpoint, adapter=adapter)
     records = generation.generate_records(config, model, data_dir, pathlib.Path(workdir) / "generated.jsonl",
                                           batch_size)
     return evaluate_records(config, records, workdir)

@@ -11,6 +11,7 @@ Generation keywords and their release defaults: temperature=0.2 (0 = greedy), to
 max_new_tokens=512 (and never past the context window), seed=0.
 """
 
+import re
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -18,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cxrllava_jax.convert import checkpoint, release
+from cxrllava_jax.convert import checkpoint, peft, release
+from cxrllava_jax.convert.layout import relayout
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.inference.generate import Generator, SamplingOptions
 from cxrllava_jax.domain.tokenizer import check_vocabulary, load_tokenizer
@@ -44,11 +46,13 @@ class CXRLLaVA:
                                    eos_id=tokenizer.eos_token_id, vocab_limit=len(tokenizer))
 
     @classmethod
-    def from_pretrained(cls, path, dtype: str | None = None) -> "CXRLLaVA":
+    def from_pretrained(cls, path, dtype: str | None = None, adapter=None) -> "CXRLLaVA":
         """Loads our checkpoint (tokenizer under CKPT/tokenizer) or the release's PyTorch directory
         (config.json with clip_vision_cfg, safetensors, tokenizer files), converting the latter on the fly.
 
         `dtype`: compute and parameter dtype; float32 on CPU and bfloat16 on accelerators by default.
+        `adapter`: a LoRA adapter directory in PEFT's format (what fine-tuning writes to WORKDIR/adapter, or one
+        made with `peft` for the hf-llama export); it is folded into the weights in memory as they load.
         """
         path = Path(path)
         dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
@@ -66,6 +70,8 @@ class CXRLLaVA:
         else:
             raise FileNotFoundError(f"{path} is neither a cxrllava-jax checkpoint (model_config.json) nor a "
                                     "release directory (config.json with clip_vision_cfg)")
+        if adapter is not None:
+            params = peft.apply_adapter(relayout(params, scan=False), adapter)
         params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
         model = cls(config, params, load_tokenizer(tokenizer_path), runtime, origin=str(path))  # sizes checked
         checkpoint.check_tokenizer(tokenizer_path, path)  # ours records the vocabulary it was saved with
@@ -177,12 +183,17 @@ def _task(prompt: str) -> list[dict]:
     return [{"role": "user", "content": prompt}]
 
 
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
+
+
 class _TextStream:
     """Token chunks of one conversation -> text pieces for `on_text`.
 
     Decoding the whole answer so far and sending what is new keeps SentencePiece's spaces right. What the
-    next token can still change waits: trailing spaces (the answer is stripped) and a multi-byte character
-    whose bytes have not all arrived (decoded as U+FFFD until they have).
+    next token can still change waits: trailing spaces (the answer is stripped), a multi-byte character
+    whose bytes have not all arrived (decoded as U+FFFD until they have), and a trailing run of byte-fallback
+    pieces (`<0x29>`): SentencePiece decodes a run of bytes as a whole, so a later invalid byte can turn
+    the ")" already decoded from one into U+FFFD.
     """
 
     def __init__(self, tokenizer, on_text: Callable[[str], None]):
@@ -192,7 +203,12 @@ class _TextStream:
 
     def __call__(self, chunks: list[list[int]]):
         self.ids += chunks[0]
-        self._send(self.tokenizer.decode(self.ids, skip_special_tokens=True).strip().rstrip("\ufffd").rstrip())
+        pieces = self.tokenizer.convert_ids_to_tokens(self.ids)
+        settled = len(pieces)
+        while settled and _BYTE_PIECE.fullmatch(pieces[settled - 1]):
+            settled -= 1
+        text = self.tokenizer.decode(self.ids[:settled], skip_special_tokens=True)
+        self._send(text.strip().rstrip("\ufffd").rstrip())
 
     def finish(self, answer: str):
         self._send(answer)

@@ -150,6 +150,7 @@ def _parser(name: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=RELEASE_MAX_NEW_TOKENS)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--dtype", help="float32 or bfloat16 (default: float32 on CPU, bfloat16 elsewhere)")
+    parser.add_argument("--adapter", type=Path, help="a LoRA adapter directory (PEFT format) to apply to CKPT")
     return parser
 
 
@@ -170,7 +171,7 @@ def _positive_int(text: str) -> int:
 def _load(args):
     from cxrllava_jax.inference.api import CXRLLaVA
 
-    return CXRLLaVA.from_pretrained(args.checkpoint, dtype=args.dtype)
+    return CXRLLaVA.from_pretrained(args.checkpoint, dtype=args.dtype, adapter=args.adapter)
 
 
 _echo = functools.partial(print, end="", flush=True)

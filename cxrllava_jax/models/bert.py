@@ -7,7 +7,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cxrllava_jax.models.configs import BertConfig, Runtime
-from cxrllava_jax.models.layers import BERT_STACK, apply_layers, attention, dense, dtypes, layer_norm, partitioned
+from cxrllava_jax.models.attention import attend
+from cxrllava_jax.models.layers import BERT_STACK, apply_layers, dense, dtypes, layer_norm, partitioned
 
 
 class BertLayer(nn.Module):
@@ -23,7 +24,7 @@ class BertLayer(nn.Module):
         kw = dict(use_bias=True, **dtypes(rt))
         q, k, v = (dense((cfg.num_heads, head_dim), (("embed",), ("heads", "kv")), name=n, **kw)(x)
                    for n in ("query", "key", "value"))
-        h = attention(q, k, v, mask, implementation=rt.attention_impl)
+        h = attend(q, k, v, mask, kernel=rt.attention)
         h = dense(cfg.hidden_size, (("heads", "kv"), ("embed",)), in_axis=(-2, -1), name="attention_output", **kw)(h)
         x = layer_norm(cfg.layer_norm_eps, rt, "attention_LayerNorm")(x + h)
         h = dense(cfg.intermediate_size, (("embed",), ("mlp",)), name="intermediate", **kw)(x)

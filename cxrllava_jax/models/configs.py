@@ -16,8 +16,8 @@ class Runtime:
     dtype: str = "float32"  # compute dtype (bfloat16 on accelerators)
     param_dtype: str = "float32"  # float32 for training, bfloat16 is fine for inference
     scan: bool = False  # nn.scan over layers: one compiled layer body
-    remat_policy: str = "none"  # a jax.checkpoint_policies name, 'full' or 'none'
-    attention_impl: str | None = None  # jax.nn.dot_product_attention implementation ('cudnn', 'xla', None)
+    remat_policy: str = "none"  # see layers.REMAT_POLICIES: what the backward pass keeps instead of recomputing
+    attention: str = "xla"  # attention kernel: 'xla', 'cudnn', 'splash' or 'auto' (see models/attention.py)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,8 +10,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cxrllava_jax.models.configs import CXRLLaVAConfig, Runtime
+from cxrllava_jax.models.attention import CausalMask
 from cxrllava_jax.models.layers import dense, dtypes
-from cxrllava_jax.models.llama import Llama, prompt_positions_and_mask
+from cxrllava_jax.models.llama import Llama, real_positions
 from cxrllava_jax.models.vit import VisionTransformer
 
 
@@ -72,13 +73,19 @@ class CXRLLaVAModel(nn.Module):
     def decode(self, embeds, positions, mask, cache=None, cache_index=0):
         return self.llm.decode(embeds, positions, mask, cache, cache_index)
 
-    def __call__(self, images, tokens, valid=None):
-        """Full forward: images [batch, H, W, 1], tokens [batch, length] with expanded image positions.
-
-        Returns next-token logits [batch, length, vocab] (fp32).
-        """
+    def hidden_states(self, images, tokens, valid=None, right_padded: bool = False):
+        """The LLM's last hidden states [batch, length, hidden] for images [batch, H, W, 1] and tokens [batch,
+        length] with expanded image positions; `right_padded` promises real tokens first (training batches)."""
         valid = jnp.ones(tokens.shape, bool) if valid is None else valid.astype(bool)
         embeds = self.embed(tokens, self.encode_images(images))
-        positions, mask = prompt_positions_and_mask(valid)
-        logits, _ = self.decode(embeds, positions, mask)
-        return logits
+        return self.llm.hidden_states(embeds, real_positions(valid), CausalMask(valid, right_padded))
+
+    def __call__(self, images, tokens, valid=None):
+        """Full forward. Returns next-token logits [batch, length, vocab] (fp32)."""
+        return self.llm.logits(self.hidden_states(images, tokens, valid))
+
+    def logits_at(self, images, tokens, valid, at):
+        """Logits [batch, n, vocab] (fp32) at the positions `at` [batch, n] of right-padded rows only: training
+        projects onto the vocabulary just the positions it scores, not the ~1,024 image positions."""
+        hidden = self.hidden_states(images, tokens, valid, right_padded=True)
+        return self.llm.logits(jnp.take_along_axis(hidden, at[..., None], axis=1))

@@ -67,7 +67,9 @@ class Dense(nn.Module):
                            self.param_dtype) if self.use_bias else None)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         contract = (in_axes, tuple(range(len(in_axes))))
-        out = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+        # The cast keeps the compute dtype when a LoRA adapter (qwix, fp32 so that its small updates are not
+        # rounded away) adds its low-rank product to this dot: bf16 activations stay bf16.
+        out = jax.lax.dot_general(x, kernel, (contract, ((), ()))).astype(x.dtype)
         return out if bias is None else out + bias
 
 
@@ -80,12 +82,26 @@ def dense(features, axes: tuple[tuple[str, ...], tuple[str, ...]], *, use_bias: 
                  tuple(out_names), use_bias, dtype, param_dtype, kernel_init, name=name)
 
 
-def attention(q, k, v, mask=None, *, implementation: str | None = None):
-    """Multi-head attention on [batch, length, heads, head_dim]; k/v may have fewer (grouped) heads.
+# Remat policies by the names the layers give their activations with `checkpoint_name`: query_proj, key_proj,
+# value_proj, attention_out (models/attention.py) and mlp_hidden (the MLP's activated hidden layer). A policy
+# saves the named tensors for the backward pass and recomputes the rest (MaxText's `save_qkv_proj` and kin).
+NAMED_REMAT_POLICIES = {
+    "save_qkv_proj": ("query_proj", "key_proj", "value_proj"),
+    "save_attention": ("query_proj", "key_proj", "value_proj", "attention_out"),
+    "save_attention_mlp": ("query_proj", "key_proj", "value_proj", "attention_out", "mlp_hidden"),
+}
 
-    Goes through `jax.nn.dot_product_attention`, so GPUs get cuDNN flash attention when asked for.
-    """
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+def remat_policy_of(name: str):
+    """A named policy above, a `jax.checkpoint_policies` member, or 'full' (save nothing)."""
+    if name in NAMED_REMAT_POLICIES:
+        return jax.checkpoint_policies.save_only_these_names(*NAMED_REMAT_POLICIES[name])
+    if name == "full":
+        return None
+    if not hasattr(jax.checkpoint_policies, name):
+        raise ValueError(f"runtime.remat_policy {name!r} is none of 'none', 'full', {sorted(NAMED_REMAT_POLICIES)} "
+                         "or a jax.checkpoint_policies member")
+    return getattr(jax.checkpoint_policies, name)
 
 
 def apply_layers(block: type[nn.Module], block_kwargs: dict, x, per_layer, *broadcast, num_layers: int,
@@ -95,11 +111,10 @@ def apply_layers(block: type[nn.Module], block_kwargs: dict, x, per_layer, *broa
     With `scan`, one compiled body runs over params stacked on a leading `layers` axis (fast compiles
     for deep models); without it the layers unroll into `layers_0`, `layers_1`, ... `per_layer` (e.g. a
     KV cache) is sliced along its leading axis and the layer outputs are stacked the same way.
-    `remat_policy` names a `jax.checkpoint_policies` member, 'full' to save nothing, or 'none'.
+    `remat_policy`: 'none' (keep every activation), else what `remat_policy_of` makes of it.
     """
     if remat_policy != "none":
-        policy = None if remat_policy == "full" else getattr(jax.checkpoint_policies, remat_policy)
-        block = nn.remat(block, policy=policy, prevent_cse=not scan)
+        block = nn.remat(block, policy=remat_policy_of(remat_policy), prevent_cse=not scan)
     if scan:
         stacked = nn.scan(
             block,

@@ -8,9 +8,11 @@ New keys/values are written at `cache_index`; which slots a query may see is the
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from cxrllava_jax.models.configs import LlamaConfig, Runtime
-from cxrllava_jax.models.layers import LLAMA_STACK, apply_layers, attention, dense, dtype_of, dtypes, partitioned
+from cxrllava_jax.models.attention import CausalMask, attend
+from cxrllava_jax.models.layers import LLAMA_STACK, apply_layers, dense, dtype_of, dtypes, partitioned
 
 
 class RMSNorm(nn.Module):
@@ -47,10 +49,15 @@ def attention_mask(query_slots, kv_valid):
     return (causal & kv_valid[:, None, :])[:, None]
 
 
+def real_positions(valid):
+    """Positions counting only a row's real tokens (padding left or right changes nothing). valid: [batch, length]."""
+    return jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+
+
 def prompt_positions_and_mask(valid, kv_valid=None):
-    """Positions counting only a row's real tokens (padding left or right changes nothing) and the causal mask
-    of a whole prompt at slots 0..length-1. valid: [batch, length] bool; kv_valid (default `valid`): the cache's."""
-    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+    """`real_positions` and the causal mask of a whole prompt at slots 0..length-1. valid: [batch, length] bool;
+    kv_valid (default `valid`): the cache's."""
+    positions = real_positions(valid)
     slots = jnp.broadcast_to(jnp.arange(valid.shape[1]), valid.shape)
     return positions, attention_mask(slots, valid if kv_valid is None else kv_valid)
 
@@ -75,12 +82,13 @@ class DecoderLayer(nn.Module):
             k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start)
             v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
             layer_cache = {"k": k, "v": v}
-        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, implementation=rt.attention_impl)
+        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, kernel=rt.attention)
         x = x + dense(cfg.hidden_size, (("heads", "kv"), ("embed",)), in_axis=(-2, -1), name="o_proj", **kw)(out)
         h = RMSNorm(cfg.rms_norm_eps, rt, name="post_attention_layernorm")(x)
         gate = dense(cfg.intermediate_size, (("embed",), ("mlp",)), name="gate_proj", **kw)(h)
         up = dense(cfg.intermediate_size, (("embed",), ("mlp",)), name="up_proj", **kw)(h)
-        x = x + dense(cfg.hidden_size, (("mlp",), ("embed",)), name="down_proj", **kw)(nn.silu(gate) * up)
+        hidden = checkpoint_name(nn.silu(gate) * up, "mlp_hidden")
+        x = x + dense(cfg.hidden_size, (("mlp",), ("embed",)), name="down_proj", **kw)(hidden)
         return x, layer_cache
 
 
@@ -117,15 +125,21 @@ class Llama(nn.Module):
     def decode(self, embeds, positions, mask, cache=None, cache_index=0):
         """embeds: [batch, length, hidden]; mask: [batch, 1, length, kv_len]. Returns (logits fp32, cache)."""
         x, cache = self.layers(embeds, cache, positions, mask, cache_index)
-        logits = self.lm_head(self.norm(x))
-        return logits.astype(jnp.float32), cache
+        return self.logits(x), cache
+
+    def hidden_states(self, embeds, positions, mask):
+        """The last decoder layer's output, before the final norm: [batch, length, hidden]."""
+        x, _ = self.layers(embeds, None, positions, mask, 0)
+        return x
+
+    def logits(self, hidden):
+        """Final norm and vocabulary projection of any positions' hidden states, in fp32."""
+        return self.lm_head(self.norm(hidden)).astype(jnp.float32)
 
     def __call__(self, tokens, valid=None):
         """Full causal forward over [batch, length] tokens; `valid` marks non-padding (left or right)."""
         valid = jnp.ones(tokens.shape, bool) if valid is None else valid.astype(bool)
-        positions, mask = prompt_positions_and_mask(valid)
-        logits, _ = self.decode(self.embed(tokens), positions, mask)
-        return logits
+        return self.logits(self.hidden_states(self.embed(tokens), real_positions(valid), CausalMask(valid)))
 
 
 def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype=jnp.bfloat16):

@@ -7,9 +7,11 @@ language model sees. `ViTClassifier` adds the stage 1A normal/abnormal head on t
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from cxrllava_jax.models.configs import Runtime, VisionConfig
-from cxrllava_jax.models.layers import VIT_STACK, apply_layers, attention, dense, dtype_of, dtypes, layer_norm, partitioned
+from cxrllava_jax.models.attention import attend
+from cxrllava_jax.models.layers import VIT_STACK, apply_layers, dense, dtype_of, dtypes, layer_norm, partitioned
 
 
 class SelfAttention(nn.Module):
@@ -24,7 +26,7 @@ class SelfAttention(nn.Module):
         head_dim = self.width // self.heads
         kw = dict(use_bias=True, **dtypes(self.runtime))
         q, k, v = (dense((self.heads, head_dim), (("embed",), ("heads", "kv")), name=n, **kw)(x) for n in "qkv")
-        out = attention(q, k, v, mask, implementation=self.runtime.attention_impl)
+        out = attend(q, k, v, mask, kernel=self.runtime.attention)
         return dense(self.width, (("heads", "kv"), ("embed",)), in_axis=(-2, -1), name="out", **kw)(out)
 
 
@@ -43,7 +45,7 @@ class ResidualBlock(nn.Module):
         x = x + self._layer_scale("ls_1", h)
         h = layer_norm(cfg.layer_norm_eps, rt, "ln_2")(x)
         h = dense(cfg.mlp_dim, (("embed",), ("mlp",)), name="c_fc", **kw)(h)
-        h = nn.gelu(h, approximate=False)
+        h = checkpoint_name(nn.gelu(h, approximate=False), "mlp_hidden")
         h = dense(cfg.width, (("mlp",), ("embed",)), name="c_proj", **kw)(h)
         return x + self._layer_scale("ls_2", h), None
 

@@ -38,7 +38,8 @@ def make_stage_data(cfg, task) -> StageData:
     if len(train_examples) < batch_size:
         raise ConfigError(f"the {cfg.data.train_split} split has {len(train_examples)} examples, fewer than "
                           f"config.data.batch_size={batch_size}")
-    settings = dict(num_workers=cfg.data.num_workers, max_bad_fraction=cfg.data.max_bad_fraction)
+    settings = dict(num_workers=cfg.data.num_workers, max_bad_fraction=cfg.data.max_bad_fraction,
+                    buckets=task.sequence_buckets(train_examples))
     train = pipelines.batches(train_examples, encode, batch_size, seed=cfg.data.shuffle_seed, repeat=True,
                               **settings)
     eval_fn = None

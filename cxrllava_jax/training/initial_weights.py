@@ -2,7 +2,8 @@
 
 Order: random init (tiny sizes, or towers nobody provides), then the towers listed in
 `config.init.towers` from the previous stage's exported model, then pretrained Hugging Face towers
-(`config.init.llama`, `config.init.bert`) converted on the fly.
+(`config.init.llama`, `config.init.bert`) converted on the fly. Fine-tuning takes every base weight from
+`config.init.release` or `config.init.checkpoint` (training/base_model.py) and keeps its fresh adapters.
 """
 
 import jax
@@ -13,11 +14,15 @@ from cxrllava_jax.convert import checkpoint as model_checkpoint
 from cxrllava_jax.convert import hf_bert, hf_llama
 from cxrllava_jax.convert.layout import relayout
 from cxrllava_jax.errors import ConfigError, MismatchError
+from cxrllava_jax.models import lora
+from cxrllava_jax.training import base_model
 from cxrllava_jax.training.tasks.base import runtime
 
 
 def load(cfg, params, shardings):
     """Returns `params` with the configured pretrained parts swapped in, placed with `shardings`."""
+    if cfg.stage == "finetune":
+        return _placed(_with_base_weights(cfg, params), shardings)
     params = dict(params)
     scan = cfg.runtime.scan
     if cfg.init.checkpoint:
@@ -35,8 +40,21 @@ def load(cfg, params, shardings):
         txt = dict(params["txt"])
         txt["bert"] = _checked(txt["bert"], relayout(bert, scan=scan), cfg.init.bert)
         params["txt"] = txt
+    return _placed(params, shardings)
+
+
+def _placed(params, shardings):
     # Loaded towers arrive as host arrays and go to their shards; the rest stays where `create_sharded` put it.
     return jax.tree.map(lambda x, s: x if isinstance(x, jax.Array) else jax.device_put(x, s), params, shardings)
+
+
+def _with_base_weights(cfg, params):
+    """Fine-tuning: every base weight from the trained model (cast to the frozen base's dtype), the freshly
+    initialised adapters kept (LoRA's B starts at zero: the run starts at the base model)."""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    base = traverse_util.unflatten_dict({k: v for k, v in flat.items() if not lora.is_adapter(k)}, sep="/")
+    loaded = _checked(base, base_model.params(cfg), cfg.init.release or cfg.init.checkpoint)
+    return traverse_util.unflatten_dict({**flat, **traverse_util.flatten_dict(loaded, sep="/")}, sep="/")
 
 
 def _checked(expected, found, origin: str):

@@ -19,7 +19,7 @@ from cxrllava_jax.training import initial_weights
 from cxrllava_jax.training import workdir as run_records
 from cxrllava_jax.training.checkpoints import RunCheckpoints, abstract_like
 from cxrllava_jax.training.reporting import Reporter
-from cxrllava_jax.training.steps import TrainState, init_opt_state, make_eval_step, make_train_step
+from cxrllava_jax.training.steps import TrainState, hold_frozen, init_opt_state, jit_train_step, make_eval_step
 from cxrllava_jax.training.tasks import make_task
 
 
@@ -62,8 +62,7 @@ def train_and_evaluate(cfg, workdir) -> dict:
         if writer:
             run_records.record_config(workdir, cfg)
         reporter = Reporter(workdir, total_steps, task.unit, cfg.stage)
-        train_step = jax.jit(make_train_step(task, tx, task.frozen), donate_argnums=0,
-                             out_shardings=(state_shardings, None, None))
+        train_step = jit_train_step(task, tx, task.frozen, state_shardings)
         eval_step = jax.jit(make_eval_step(task))
         rng = jax.random.key(cfg.seed + 1)
         collected, last_eval = None, {}
@@ -110,6 +109,7 @@ def _initial_state(cfg, task, tx, mesh, checkpoints, train_iterator):
     latest = checkpoints.latest_step()
     if latest is None:
         params = initial_weights.load(cfg, params, param_shardings)
+    params = hold_frozen(params, task.frozen, cfg.runtime.dtype)
     step = jax.device_put(np.int32(0), sharding.replicated(mesh))
     state = TrainState(step=step, params=params, opt_state=init_opt_state(tx, params, task.frozen))
     state_shardings = jax.tree.map(lambda x: x.sharding, state)

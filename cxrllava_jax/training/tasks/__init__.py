@@ -2,12 +2,14 @@
 
 The loop (`training/loop.py`), the data (`training/data.py`), the export and the benchmarks call only this:
 
-    task = make_task(cfg)                 # by config.stage: "1a", "1b", "2a", "2b"
+    task = make_task(cfg)                 # by config.stage: "1a", "1b", "2a", "2b", "finetune" (LoRA)
     # data
     task.examples(records)                # common-schema records -> [Example] (image + label/text/conversation)
     task.encoder()                        # -> encode(example) -> {name: np.ndarray}, one row of a batch
     task.abstract_batch(batch_size)       # {name: jax.ShapeDtypeStruct}: compile-ahead, benchmarks
     task.dummy_batch(batch_size)          # zeros of those shapes that the model accepts: parameter creation
+    task.sequence_buckets(examples)       # lengths batches are cut to, chosen from the data (stage 2), or None
+    task.model_images(batch["image"])     # the uint8 model pixels batches carry, normalised on the device
     # model, loss, metrics
     task.model, task.config               # the Flax module and its config (what the export writes)
     task.init(rng, batch)                 # -> variables
@@ -36,9 +38,11 @@ from cxrllava_jax.errors import ConfigError
 from cxrllava_jax.training.tasks.base import Example, Task
 from cxrllava_jax.training.tasks.classification import ClassificationTask
 from cxrllava_jax.training.tasks.contrastive import ContrastiveTask
+from cxrllava_jax.training.tasks.finetune import FinetuneTask
 from cxrllava_jax.training.tasks.instruction import InstructionTask
 
-TASKS = {"1a": ClassificationTask, "1b": ContrastiveTask, "2a": InstructionTask, "2b": InstructionTask}
+TASKS = {"1a": ClassificationTask, "1b": ContrastiveTask, "2a": InstructionTask, "2b": InstructionTask,
+         "finetune": FinetuneTask}
 
 __all__ = ["Example", "Task", "TASKS", "make_task"]
 

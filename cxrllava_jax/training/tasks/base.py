@@ -13,7 +13,7 @@ from cxrllava_jax.domain import images
 from cxrllava_jax.errors import ConfigError
 from cxrllava_jax.models import configs as mc
 from cxrllava_jax.training.optim import build_optimizer
-from input_pipeline import tfds_builders
+from input_pipeline import pipelines, tfds_builders
 
 
 @dataclasses.dataclass
@@ -58,7 +58,7 @@ class Task:
         # Which parameters train when: `frozen` never (no gradient, no optimizer state); each (regex, step) of
         # `releases` from that step on, gated by the optimizer so its state and the compiled step never change.
         self.frozen = tuple(cfg.frozen)
-        self.releases = (("txt/.*", cfg.text_unfreeze_step),) if cfg.get("text_unfreeze_step", 0) > 0 else ()
+        self.releases = ()
 
     # Data: records -> examples -> arrays.
     def examples(self, records) -> list[Example]:
@@ -76,10 +76,28 @@ class Task:
         """A batch of `abstract_batch`'s shapes that the model accepts (zeros)."""
         return {k: jnp.zeros(s.shape, s.dtype) for k, s in self.abstract_batch(batch_size).items()}
 
+    def image_size(self) -> int:
+        return (self.config.vision if hasattr(self.config, "vision") else self.config).image_size
+
     def image(self, example: Example) -> np.ndarray:
-        size = (self.config.vision if hasattr(self.config, "vision") else self.config).image_size
-        data = self.cfg.data
-        return images.preprocess(example.image, size, data.image_mean, data.image_std, mode=data.image_mode)
+        """The example's image as uint8 model pixels [size, size, 1]: a quarter of float32's bytes to move, and
+        `model_images` normalises them on the accelerator."""
+        return images.model_pixels(example.image, self.image_size(), mode=self.cfg.data.image_mode)
+
+    def abstract_images(self, batch_size: int) -> jax.ShapeDtypeStruct:
+        size = self.image_size()
+        return jax.ShapeDtypeStruct((batch_size, size, size, 1), jnp.uint8)
+
+    def model_images(self, pixels) -> jax.Array:
+        """uint8 model pixels -> the normalised float32 the towers take, on the device; float images (tests,
+        benchmarks) are taken as normalised already."""
+        if pixels.dtype != jnp.uint8:
+            return pixels
+        return images.normalise(pixels, self.cfg.data.image_mean, self.cfg.data.image_std)
+
+    def sequence_buckets(self, examples) -> pipelines.Buckets | None:
+        """Lengths to cut batches to, chosen from the examples (stage 2); None: batches keep their shape."""
+        return None
 
     # Model: init, a pure loss and the throughput unit.
     def init(self, rng, batch) -> dict:

@@ -31,15 +31,14 @@ class ClassificationTask(Task):
         return lambda e: {"image": self.image(e), "label": np.int32(e.label)}
 
     def abstract_batch(self, batch_size: int):
-        size = self.config.image_size
-        return {"image": jax.ShapeDtypeStruct((batch_size, size, size, 1), jnp.float32),
-                "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+        return {"image": self.abstract_images(batch_size), "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
 
     def init(self, rng, batch):
-        return self.model.init(rng, batch["image"])
+        return self.model.init(rng, self.model_images(batch["image"]))
 
     def loss(self, params, batch, rng, train: bool = True):
-        logits, _ = self.model.apply({"params": params}, batch["image"], train=train, rngs={"dropout": rng})
+        logits, _ = self.model.apply({"params": params}, self.model_images(batch["image"]), train=train,
+                                     rngs={"dropout": rng})
         labels = batch["label"].astype(jnp.float32)
         loss = optax.sigmoid_binary_cross_entropy(logits, labels).mean()
         outputs = {"loss": loss, "accuracy": ((logits > 0) == (labels > 0.5)).mean(),

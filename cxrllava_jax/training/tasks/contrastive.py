@@ -24,6 +24,8 @@ class ContrastiveTask(Task):
         self.config = mc.ContrastiveConfig(vision=vision_config(cfg), text=text, text_pooling=cfg.model.text_pooling)
         self.model = ContrastiveModel(self.config, runtime(cfg))
         self.text_length = cfg.data.text_length
+        if cfg.text_unfreeze_step > 0:  # the paper's text tower waits for the image tower (70k steps)
+            self.releases = (("txt/.*", cfg.text_unfreeze_step),)
 
     def examples(self, records) -> list[Example]:
         if self.cfg.data.text_kind == "labels":
@@ -49,10 +51,8 @@ class ContrastiveTask(Task):
         return encode
 
     def abstract_batch(self, batch_size: int):
-        size = self.config.vision.image_size
         text = jax.ShapeDtypeStruct((batch_size, self.text_length), jnp.int32)
-        return {"image": jax.ShapeDtypeStruct((batch_size, size, size, 1), jnp.float32),
-                "input_ids": text, "attention_mask": text}
+        return {"image": self.abstract_images(batch_size), "input_ids": text, "attention_mask": text}
 
     def dummy_batch(self, batch_size: int):
         batch = super().dummy_batch(batch_size)
@@ -60,10 +60,10 @@ class ContrastiveTask(Task):
         return batch
 
     def init(self, rng, batch):
-        return self.model.init(rng, batch["image"], batch["input_ids"], batch["attention_mask"])
+        return self.model.init(rng, self.model_images(batch["image"]), batch["input_ids"], batch["attention_mask"])
 
     def loss(self, params, batch, rng, train: bool = True):
-        img, txt, scale = self.model.apply({"params": params}, batch["image"], batch["input_ids"],
+        img, txt, scale = self.model.apply({"params": params}, self.model_images(batch["image"]), batch["input_ids"],
                                            batch["attention_mask"], train=train, rngs={"dropout": rng})
         loss, logits = contrastive_loss(img, txt, scale)
         top1 = (jnp.argmax(logits, axis=1) == jnp.arange(logits.shape[0])).mean()

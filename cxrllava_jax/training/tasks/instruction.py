@@ -17,7 +17,7 @@ from cxrllava_jax.models import configs as mc
 from cxrllava_jax.models.cxr_llava import CXRLLaVAModel
 from cxrllava_jax.training.metrics import averages
 from cxrllava_jax.training.tasks.base import Example, Task, preset, runtime, vision_config
-from input_pipeline import instructions
+from input_pipeline import instructions, pipelines
 
 
 class InstructionTask(Task):
@@ -32,6 +32,7 @@ class InstructionTask(Task):
                                         image_mean=cfg.data.image_mean, image_std=cfg.data.image_std)
         self.model = CXRLLaVAModel(self.config, runtime(cfg))
         self.seq_length = cfg.data.seq_length
+        self.tokenizer_dir = cfg.data.tokenizer
 
     def examples(self, records) -> list[Example]:
         if self.cfg.data.conversations == "report":
@@ -44,23 +45,39 @@ class InstructionTask(Task):
                 for c in (r.conversations or instructions.conversations(r))]
 
     def encoder(self):
-        tokenizer = load_tokenizer(self.cfg.data.tokenizer)
-        check_vocabulary(tokenizer, self.config.llama.vocab_size, self.cfg.data.tokenizer)
+        tokenizer = load_tokenizer(self.tokenizer_dir)
+        check_vocabulary(tokenizer, self.config.llama.vocab_size, self.tokenizer_dir)
         if self.cfg.init.get("checkpoint"):  # the previous stage's model learned this tokenizer's ids, no other's
-            model_checkpoint.check_tokenizer(self.cfg.data.tokenizer, self.cfg.init.checkpoint)
+            model_checkpoint.check_tokenizer(self.tokenizer_dir, self.cfg.init.checkpoint)
 
         def encode(e):
-            tokens, mask = prompting.encode_conversation(e.conversation, tokenizer, self.config.num_image_tokens,
-                                                         self.config.image_token_id)
+            tokens, mask = self._tokens(e, tokenizer)
             tokens, mask, valid = fit_length(tokens, mask, self.seq_length, e.image)
             return {"image": self.image(e), "tokens": tokens, "loss_mask": mask, "valid": valid}
 
         return encode
 
+    def _tokens(self, example, tokenizer):
+        return prompting.encode_conversation(example.conversation, tokenizer, self.config.num_image_tokens,
+                                             self.config.image_token_id)
+
+    def sequence_buckets(self, examples, sample_size: int = 2000) -> pipelines.Buckets | None:
+        """`config.data.seq_buckets` lengths chosen from a seeded sample of the examples' token counts, plus
+        `config.data.seq_length` itself for the longest; None when off (0)."""
+        if not self.cfg.data.seq_buckets:
+            return None
+        tokenizer, longest = load_tokenizer(self.cfg.data.tokenizer), self.seq_length
+
+        def length(example) -> int:
+            return min(len(self._tokens(example, tokenizer)[0]), longest)
+
+        sample = np.random.default_rng(self.cfg.data.shuffle_seed).permutation(len(examples))[:sample_size]
+        sizes = pipelines.choose_buckets([length(examples[i]) for i in sample], longest, self.cfg.data.seq_buckets)
+        return pipelines.Buckets(length, tuple(sorted(set(sizes) | {longest})), ("tokens", "loss_mask", "valid"))
+
     def abstract_batch(self, batch_size: int):
-        size = self.config.vision.image_size
         tokens = (batch_size, self.seq_length)
-        return {"image": jax.ShapeDtypeStruct((batch_size, size, size, 1), jnp.float32),
+        return {"image": self.abstract_images(batch_size),
                 "tokens": jax.ShapeDtypeStruct(tokens, jnp.int32), "loss_mask": jax.ShapeDtypeStruct(tokens, bool),
                 "valid": jax.ShapeDtypeStruct(tokens, bool)}
 
@@ -72,24 +89,44 @@ class InstructionTask(Task):
         return batch
 
     def init(self, rng, batch):
-        return self.model.init(rng, batch["image"], batch["tokens"], batch["valid"])
+        return self.model.init(rng, self.model_images(batch["image"]), batch["tokens"], batch["valid"])
 
     def loss(self, params, batch, rng, train: bool = True):
-        logits = self.model.apply({"params": params}, batch["image"], batch["tokens"], batch["valid"])
-        # Position t predicts token t+1; only assistant tokens (loss_mask) are scored.
-        targets = batch["tokens"][:, 1:]
-        weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
-        per_token = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], jnp.maximum(targets, 0))
-        count = jnp.maximum(weights.sum(), 1.0)
-        loss = (per_token * weights).sum() / count
-        correct = ((jnp.argmax(logits[:, :-1], -1) == targets) * weights).sum() / count
-        return loss, {"loss": loss, "token_accuracy": correct, "tokens": weights.sum()}
+        return next_token_loss(self.model, params, self.model_images(batch["image"]), batch,
+                               self.config.num_image_tokens)
 
     def units(self, batch) -> int:
         return int(batch["valid"].sum())
 
     def export_tokenizer(self) -> str:
-        return self.cfg.data.tokenizer  # the tokenizer belongs to the language model and travels with it
+        return self.tokenizer_dir  # the tokenizer belongs to the language model and travels with it
+
+
+def next_token_loss(model, params, images, batch, num_image_tokens: int, **apply_kwargs):
+    """(loss, outputs) of next-token cross-entropy where `batch["loss_mask"]` marks the scored tokens."""
+    # Position t predicts token t+1; only assistant tokens (loss_mask) are scored, and only the positions
+    # that predict them are projected onto the vocabulary (never [batch, length, vocab] for the image).
+    at, targets, weights = scored_positions(batch["tokens"], batch["loss_mask"], num_image_tokens)
+    logits = model.apply({"params": params}, images, batch["tokens"], batch["valid"], at, method="logits_at",
+                         **apply_kwargs)
+    per_token = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(targets, 0))
+    count = jnp.maximum(weights.sum(), 1.0)
+    loss = (per_token * weights).sum() / count
+    correct = ((jnp.argmax(logits, -1) == targets) * weights).sum() / count
+    return loss, {"loss": loss, "token_accuracy": correct, "tokens": weights.sum()}
+
+
+def scored_positions(tokens, loss_mask, num_image_tokens: int):
+    """(positions [batch, n], their next tokens, weights 1/0): the positions whose next token is scored, first.
+
+    n is static: a row has `num_image_tokens` image positions, which are never scored, so at most
+    length - 1 - num_image_tokens of its length - 1 predictions are; the rest of the n are weight-0 fillers.
+    """
+    scored = loss_mask[:, 1:]
+    n = max(scored.shape[1] - num_image_tokens, 1)
+    at = jnp.argsort(~scored, axis=1, stable=True)[:, :n]  # scored positions first, in order
+    return (at, jnp.take_along_axis(tokens[:, 1:], at, axis=1),
+            jnp.take_along_axis(scored, at, axis=1).astype(jnp.float32))
 
 
 def fit_length(tokens, mask, length: int, origin: str):
