@@ -9,9 +9,10 @@ Reports are labeled by --labeler: ours (default), chexpert-csv (--labels_csv: th
 output for every report text) or chexbert (--chexbert_checkpoint: chexbert.pth, run with the f1chexbert package).
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from cxrllava_jax import errors, files
 from cxrllava_jax.evaluation import labelers, run
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "an evaluation config (configs/eval_*.py)", lock_config=True)
@@ -26,16 +27,18 @@ _LABELER = flags.DEFINE_enum("labeler", "ours", labelers.CHOICES, "what labels t
 _LABELS_CSV = flags.DEFINE_string("labels_csv", None, "--labeler=chexpert-csv: labels of every report text")
 _CHEXBERT_CHECKPOINT = flags.DEFINE_string("chexbert_checkpoint", None, "--labeler=chexbert: CheXbert's chexbert.pth")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where answers, labels, tables and results.json are written")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace the results of an earlier evaluation in --workdir")
+flags.DEFINE_bool("debug", False, "on failure, show the traceback")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     del argv
-    try:
-        evaluate()
-    except ValueError as error:  # bad input or a labeler that cannot run: the message says which
-        raise SystemExit(f"eval.py: {error}") from None
-    print(open(f"{_WORKDIR.value}/table.md", encoding="utf-8").read())
+    files.refuse_existing(f"{_WORKDIR.value}/results.json", _OVERWRITE.value)  # before any work
+    if _BATCH_SIZE.value < 1:
+        raise errors.UsageError(f"--batch_size={_BATCH_SIZE.value}: give at least 1 image per batch")
+    evaluate()
+    print(files.read_text(f"{_WORKDIR.value}/table.md"))
 
 
 def evaluate():
@@ -45,14 +48,14 @@ def evaluate():
     report_labeler = labelers.make(_LABELER.value, _LABELS_CSV.value, _CHEXBERT_CHECKPOINT.value)
     if _CHECKPOINT.value:
         if not _DATA_DIR.value:
-            raise app.UsageError("--checkpoint needs --data_dir (the test set)")
+            raise errors.UsageError("--checkpoint needs --data_dir (the test set)")
         run.evaluate_model(_CONFIG.value, _CHECKPOINT.value, _DATA_DIR.value, _WORKDIR.value, _BATCH_SIZE.value,
                            adapter=_ADAPTER.value, report_labeler=report_labeler)
     elif _PREDICTIONS.value:
         run.evaluate_predictions(_CONFIG.value, _PREDICTIONS.value, _WORKDIR.value, report_labeler)
     else:
-        raise app.UsageError("give --checkpoint and --data_dir, --predictions, or both label files")
+        raise errors.UsageError("give --checkpoint and --data_dir, --predictions, or both label files")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run_absl("eval.py", main)

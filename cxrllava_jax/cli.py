@@ -3,6 +3,8 @@
 import importlib
 import sys
 
+from cxrllava_jax import errors
+
 # name -> ("module:function", one-line help). Each function takes the remaining argv and parses it itself,
 # so a subcommand's flags live beside its implementation and importing this file stays cheap.
 COMMANDS = {
@@ -22,13 +24,16 @@ COMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: cxrllava COMMAND [ARGS...]", "", "commands:"]
+    lines = ["usage: cxrllava COMMAND [ARGS...] [--debug]", "", "commands:"]
     lines += [f"  {name:<14} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
+    """Runs a subcommand; any failure becomes a message on stderr and a non-zero exit (`--debug`: the traceback)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = errors.debug_requested(argv)
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
@@ -37,7 +42,8 @@ def main(argv=None) -> int:
         print(f"cxrllava: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name, func_name = COMMANDS[name][0].split(":")
-    return getattr(importlib.import_module(module_name), func_name)(rest) or 0
+    return errors.report_errors(f"cxrllava {name}",
+                                lambda: getattr(importlib.import_module(module_name), func_name)(rest), debug)
 
 
 if __name__ == "__main__":

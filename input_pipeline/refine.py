@@ -25,8 +25,10 @@ import sys
 import urllib.error
 import urllib.request
 
+from cxrllava_jax import files
 from cxrllava_jax.domain import phrases
 from cxrllava_jax.domain.label_files import read_reports_csv
+from cxrllava_jax.errors import InputError
 from input_pipeline.records import sectioned_report
 
 PAPER_PROMPT = """You are skillful radiologist and doing summarization of chest x-ray report.
@@ -46,7 +48,7 @@ Remove any under-bar & blank.
 Remove any information or location about catheter, chest tube, endotracheal tube, PICC, chemoport, central line, nasogastric tube or other medical devices."""  # noqa: E501
 
 
-class RefineError(ValueError):
+class RefineError(InputError):
     """An LLM endpoint failed or answered something that is not the prompt's JSON."""
 
 
@@ -221,9 +223,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="headerless CSV of refined reports, row for row")
     parser.add_argument("--llm-url", help="OpenAI-compatible endpoint; without it the rule-based refiner runs")
     parser.add_argument("--model", help="model name for --llm-url")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
     if args.llm_url and not args.model:
         parser.error("--llm-url needs --model")
+    files.refuse_existing(args.out, args.overwrite)
     reports = read_reports_csv(args.reports)
     refined = []
     for i, report in enumerate(reports):
@@ -231,7 +235,7 @@ def main(argv=None) -> int:
             refined.append(refine_with_llm(report, args.llm_url, args.model) if args.llm_url else refine_report(report))
         except RefineError as error:
             raise RefineError(f"{args.reports} report {i + 1}: {error}") from None
-    with open(args.out, "w", newline="", encoding="utf-8") as f:
+    with files.replaced_atomically(args.out, newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         for report in refined:
             writer.writerow([report.text])

@@ -29,11 +29,15 @@ def rows(path: Path, columns=(), delimiter: str = ",") -> Iterator[tuple[str, di
     """(origin, row) for every data row; origin is 'FILE line N'. Raises if a column in `columns` is absent."""
     with _open(path) as f:
         reader = csv.DictReader(f, delimiter=delimiter)
-        missing = [c for c in columns if c not in (reader.fieldnames or ())]
-        if missing:
-            raise InputError(f"{path}: missing column(s) {missing}; the header is {reader.fieldnames}")
-        for row in reader:
-            yield f"{path.name} line {reader.line_num}", row
+        try:
+            missing = [c for c in columns if c not in (reader.fieldnames or ())]
+            if missing:
+                raise InputError(f"{path}: missing column(s) {missing}; the header is {reader.fieldnames}")
+            for row in reader:
+                yield f"{path.name} line {reader.line_num}", row
+        except UnicodeDecodeError as error:
+            raise InputError(f"{path}: not UTF-8 text after line {reader.line_num} ({error.reason}); save it as "
+                             "UTF-8") from None
 
 
 def header(path: Path, delimiter: str = ",") -> list[str]:

@@ -19,3 +19,15 @@ def model():
     from cxrllava_jax.reference.tiny_models import checkpoint_dir
 
     return CXRLLaVA.from_pretrained(checkpoint_dir())
+
+
+@pytest.fixture(scope="session")
+def imported_checkpoint(tmp_path_factory):
+    """The tiny release imported by `cxrllava import-torch` in this session, so that it is what today's code writes
+    (e.g. the tokenizer fingerprint); shared by the fault suites."""
+    from cxrllava_jax import cli
+    from cxrllava_jax.reference.tiny_models import release_dir
+
+    out = tmp_path_factory.mktemp("imported") / "ckpt"
+    assert cli.main(["import-torch", "--src", str(release_dir()), "--out", str(out)]) == 0
+    return out

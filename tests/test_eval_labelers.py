@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cxrllava_jax import errors
 from cxrllava_jax.cli import main as cxrllava
 from cxrllava_jax.domain.label_files import read_labels_csv
 from cxrllava_jax.evaluation import labelers
@@ -27,7 +28,7 @@ def test_chexpert_csv_names_a_report_it_has_no_labels_for(tmp_path, capsys):
     reports.write_text("Heart size normal and lungs are clear. No edema or pneumonia. No effusion\nNew report.\n")
     code = cxrllava(["label", "--reports", str(reports), "--out", str(tmp_path / "out.csv"),
                      "--labeler", "chexpert-csv", "--labels-csv", str(SAMPLES / "labeled_reports.csv")])
-    assert code == 2
+    assert code == errors.EXIT_ERROR
     assert "no labels for 1 of 2 reports, e.g. 'New report.'" in capsys.readouterr().err
 
 
@@ -63,7 +64,7 @@ def test_chexbert_without_the_package_is_a_clear_error(tmp_path, monkeypatch, ca
         labelers.make("chexbert", chexbert_checkpoint=checkpoint)
     code = cxrllava(["label", "--reports", str(SAMPLES / "sample_reports.csv"), "--out", str(tmp_path / "o.csv"),
                      "--labeler", "chexbert", "--chexbert-checkpoint", str(checkpoint)])
-    assert code == 2 and "f1chexbert" in capsys.readouterr().err
+    assert code == errors.EXIT_ERROR and "f1chexbert" in capsys.readouterr().err
 
 
 def _eval_py(tmp_path, *flags):

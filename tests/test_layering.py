@@ -12,6 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Lower rank = lower layer. Packages not listed (stdlib, third party) are not checked.
 LAYERS = {
     "cxrllava_jax.errors": 0,
+    "cxrllava_jax.files": 1,  # output and input file helpers; raise the errors above
     "cxrllava_jax.sharding": 0,
     "cxrllava_jax.models": 1,
     "cxrllava_jax.convert": 2,

@@ -137,8 +137,8 @@ def test_refine_command(tmp_path, chat_server, capsys):
         rows = [row[0] for row in csv.reader(f)]
     assert rows == [refine_report(r).text for r in reports] and rows[2] == ""
     assert "refined 3 reports" in capsys.readouterr().err
-    # The output is the labeler's input format.
-    assert read_reports_csv(tmp_path / "out.csv") == rows[:2]
+    # The output is the labeler's input format, row for row (an emptied report stays a row).
+    assert read_reports_csv(tmp_path / "out.csv") == rows
 
     url, requests, _ = chat_server
     assert cli.main(["refine", "--reports", str(tmp_path / "in.csv"), "--out", str(tmp_path / "llm.csv"),

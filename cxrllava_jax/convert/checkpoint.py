@@ -1,13 +1,18 @@
 """Our model checkpoint: what every stage exports, what import-torch writes and what inference loads.
 
     CKPT/model_config.json   {"model": kind, "config": {...}, "scan": bool,
-                              "quantize": null or {"kind": "int8"|"int4", "param_dtype": ...}}
+                              "quantize": null or {"kind": "int8"|"int4", "param_dtype": ...},
+                              "tokenizer_fingerprint": "sha256:..." (language models with a tokenizer)}
     CKPT/params/             the parameter tree, written by Orbax
     CKPT/tokenizer/          optional: the tokenizer files that go with the language model
 
 Kinds: 'cxr_llava', 'llama', 'bert', 'vit', 'vit_classifier' (stage 1A), 'contrastive' (stage 1B).
+
+Loading checks identity, not just sizes: the parameters' shapes against model_config.json, and (for language
+models saved with a tokenizer) the tokenizer's vocabulary against the fingerprint recorded when it was saved.
 """
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -15,10 +20,15 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
+from cxrllava_jax import files
 from cxrllava_jax.convert.layout import relayout
+from cxrllava_jax.errors import InputError, MismatchError
 from cxrllava_jax.models import configs as mc
+from cxrllava_jax.errors import InputError
 
+LANGUAGE_MODEL_KINDS = ("cxr_llava", "llama")
 CONFIG_CLASSES = {
     "cxr_llava": mc.CXRLLaVAConfig, "llama": mc.LlamaConfig, "bert": mc.BertConfig, "vit": mc.VisionConfig,
     "vit_classifier": mc.VisionConfig, "contrastive": mc.ContrastiveConfig,
@@ -43,13 +53,53 @@ def save_model(path, kind: str, config, params, *, tokenizer_dir=None, scan: boo
         host = jax.tree.map(np.asarray, jax.device_get(params))
         checkpointer.save(staging / "params", args=ocp.args.PyTreeSave(host))
     meta = {"model": kind, "config": mc.to_dict(config), "scan": bool(scan), "quantize": quantize}
+    if tokenizer_dir and kind in LANGUAGE_MODEL_KINDS:
+        fingerprint = tokenizer_fingerprint_of(tokenizer_dir)
+        if fingerprint:
+            meta["tokenizer_fingerprint"] = fingerprint
     (staging / "model_config.json").write_text(json.dumps(meta, indent=2))
     if tokenizer_dir:
         shutil.copytree(tokenizer_dir, staging / "tokenizer")
-    if path.exists():
-        shutil.rmtree(path)
-    staging.rename(path)
+    if path.exists():  # set aside, not deleted first: between the two renames is the only moment without either
+        replaced = path.with_name(path.name + ".replaced")
+        shutil.rmtree(replaced, ignore_errors=True)
+        path.rename(replaced)
+        staging.rename(path)
+        shutil.rmtree(replaced)
+    else:
+        staging.rename(path)
     return path
+
+
+def tokenizer_fingerprint_of(directory) -> str | None:
+    """A hash of the vocabulary of a LLaMA tokenizer directory: its pieces in id order, from tokenizer.model
+    (what the tokenizer loads first) or else tokenizer.json. Two tokenizers of the same size share it only if every
+    id means the same piece. None for files that hold no readable vocabulary (loading them fails anyway)."""
+    import sentencepiece as spm
+
+    directory = Path(directory)
+    try:
+        if (directory / "tokenizer.model").is_file():
+            model = spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
+            pieces = [model.id_to_piece(i) for i in range(model.get_piece_size())]
+        elif (directory / "tokenizer.json").is_file():
+            vocabulary = files.read_json(directory / "tokenizer.json")["model"]["vocab"]
+            pieces = sorted(vocabulary, key=vocabulary.get) if isinstance(vocabulary, dict) else vocabulary
+        else:
+            return None
+    except Exception:  # noqa: BLE001 - an unreadable file has no vocabulary to record
+        return None
+    return "sha256:" + hashlib.sha256(json.dumps(pieces, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def check_tokenizer(tokenizer_dir, checkpoint_path):
+    """Refuses a tokenizer directory whose vocabulary is not the one the checkpoint was saved with."""
+    recorded = tokenizer_fingerprint(checkpoint_path)
+    found = tokenizer_fingerprint_of(tokenizer_dir)
+    if recorded and found != recorded:
+        raise MismatchError(f"{tokenizer_dir}: this tokenizer's vocabulary ({str(found)[:19]}) is not the one "
+                            f"{checkpoint_path} was saved with ({recorded[:19]}); use the tokenizer files that came "
+                            "with the checkpoint")
 
 
 def _process_local_checkpointer() -> ocp.StandardCheckpointer:
@@ -77,10 +127,10 @@ def read_model_config(path):
     meta_path = Path(path) / "model_config.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{path} is not a cxrllava-jax checkpoint: {meta_path.name} is missing")
-    meta = json.loads(meta_path.read_text())
-    kind = meta.get("model")
+    meta = files.read_json(meta_path)
+    kind = meta.get("model") if isinstance(meta, dict) else None
     if kind not in CONFIG_CLASSES:
-        raise ValueError(f"{meta_path}: unknown model kind {kind!r}; known: {sorted(CONFIG_CLASSES)}")
+        raise InputError(f"{meta_path}: unknown model kind {kind!r}; known: {sorted(CONFIG_CLASSES)}")
     return kind, mc.from_dict(CONFIG_CLASSES[kind], meta["config"]), bool(meta.get("scan", False))
 
 
@@ -96,11 +146,44 @@ def restore_params(path, abstract):
 
 
 def load_model(path, runtime: mc.Runtime = mc.Runtime()):
-    """(kind, config, params as numpy) in the layer layout `runtime.scan` asks for."""
+    """(kind, config, params as numpy) in the layer layout `runtime.scan` asks for; parameters whose shapes do
+    not fit model_config.json are refused, naming both."""
     kind, config, _ = read_model_config(path)
-    with _process_local_checkpointer() as checkpointer:
-        params = checkpointer.restore(Path(path).absolute() / "params")
+    params_dir = Path(path).absolute() / "params"
+    try:
+        with _process_local_checkpointer() as checkpointer:
+            params = checkpointer.restore(params_dir)
+    except Exception as error:  # Orbax and TensorStore raise many types for missing or cut-off files
+        raise InputError(f"{params_dir}: cannot read the parameters ({type(error).__name__}: "
+                         f"{str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}); "
+                         "the checkpoint is incomplete or damaged") from error
+    check_shapes(path, kind, config, relayout(params, scan=False))
     return kind, config, relayout(params, scan=runtime.scan)
+
+
+def check_shapes(path, kind: str, config, params):
+    """Compares unscanned `params` with the shapes `config` implies (for the kinds whose shapes we can derive)."""
+    from cxrllava_jax.convert import hf_llama, open_clip, release
+
+    derive = {"cxr_llava": release.release_expected_shapes, "llama": hf_llama.llama_expected_shapes,
+              "vit": open_clip.vit_expected_shapes}.get(kind)
+    if derive is None:
+        return
+    expected = derive(config)
+    found = {k: tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+    problems = [f"{k}: model_config.json implies {tuple(expected[k])}, params/ holds {found[k]}"
+                for k in sorted(set(expected) & set(found)) if tuple(expected[k]) != found[k]]
+    problems += [f"{k} missing from params/" for k in sorted(set(expected) - set(found))]
+    problems += [f"{k} in params/ is not in the model" for k in sorted(set(found) - set(expected))]
+    if problems:
+        raise MismatchError(f"{path}: model_config.json does not describe its parameters ({len(problems)} "
+                            f"problem(s)): {'; '.join(problems[:3])}")
+
+
+def tokenizer_fingerprint(path) -> str | None:
+    """The fingerprint of the tokenizer the checkpoint was saved with (None for older checkpoints or none)."""
+    meta_path = Path(path) / "model_config.json"
+    return files.read_json(meta_path).get("tokenizer_fingerprint") if meta_path.is_file() else None
 
 
 def tokenizer_dir(path) -> Path | None:

@@ -1,14 +1,16 @@
 """`cxrllava import-torch` and `cxrllava export-torch`."""
 
 import argparse
-import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from cxrllava_jax import files
 from cxrllava_jax.convert import checkpoint, hf_bert, hf_llama, release
 from cxrllava_jax.convert.layout import stack_layers
 from cxrllava_jax.models.configs import Runtime
+from cxrllava_jax.errors import InputError, OutputExistsError
 
 FORMATS = ("release", "hf-llama", "hf-bert")
 # Files of a Hugging Face directory that belong to the tokenizer (SentencePiece or byte-level BPE for the LLaMA
@@ -19,16 +21,18 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 
 
 def detect_format(src: Path) -> str:
+    if not src.is_dir():
+        raise InputError(f"{src}: no such directory (--src is a PyTorch model directory)")
     config_path = src / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{src}: no config.json; give --format")
-    config = json.loads(config_path.read_text())
+    config = files.read_json(config_path)
     if "clip_vision_cfg" in config:
         return "release"
     kind = config.get("model_type")
     if kind in ("llama", "bert"):
         return f"hf-{kind}"
-    raise ValueError(f"{config_path}: cannot tell the format (model_type={kind!r}); give --format")
+    raise InputError(f"{config_path}: cannot tell the format (model_type={kind!r}); give --format")
 
 
 def import_main(argv) -> int:
@@ -41,7 +45,7 @@ def import_main(argv) -> int:
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     if args.out.exists() and not args.overwrite:  # before reading gigabytes of weights
-        raise SystemExit(f"cxrllava import-torch: {args.out} exists; pass --overwrite to replace it")
+        raise OutputExistsError(f"{args.out} exists; pass --overwrite to replace it")
     fmt = args.format or detect_format(args.src)
     kind, (config, params) = {
         "release": lambda: ("cxr_llava", release.load_release(args.src)),
@@ -67,26 +71,30 @@ def export_main(argv) -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--layout", choices=("release", "hf-llama"), default="release")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    parser.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB")
+    parser.add_argument("--max-shard-size", type=_parse_size, default="5GB", help="e.g. 5GB, 500MB")
     args = parser.parse_args(argv)
-    if args.out.exists() and any(args.out.iterdir()):
-        raise SystemExit(f"cxrllava export-torch: {args.out} is not empty; refusing to overwrite")
+    if args.out.exists() and not args.out.is_dir():
+        raise OutputExistsError(f"{args.out} is a file; --out names the directory to export into")
+    files.refuse_existing(args.out, overwrite=False, flag="an empty or new --out directory")
     kind = checkpoint.read_model_config(args.checkpoint)[0]
     exportable = {"release": ("cxr_llava",), "hf-llama": ("cxr_llava", "llama")}[args.layout]
     if kind not in exportable:
-        raise SystemExit(f"cxrllava export-torch: --layout {args.layout} needs a {' or '.join(exportable)} "
-                         f"checkpoint; {args.checkpoint} holds a {kind}")
+        raise InputError(f"--layout {args.layout} needs a {' or '.join(exportable)} checkpoint; "
+                         f"{args.checkpoint} holds a {kind}")
     _, config, params = checkpoint.load_model(args.checkpoint, Runtime(scan=False))
-    shard_bytes = _parse_size(args.max_shard_size)
+    # Written beside and renamed into place: a kill or an error never leaves a half-written export at --out.
+    staging = args.out.with_name(args.out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
     if args.layout == "release":
-        release.save_release(args.out, config, params, args.dtype, shard_bytes)
+        release.save_release(staging, config, params, args.dtype, args.max_shard_size)
     else:
         llama_config, llama_params = (config.llama, params["llm"]) if kind == "cxr_llava" else (config, params)
-        hf_llama.save_hf_llama(args.out, llama_config, llama_params, args.dtype, shard_bytes)
+        hf_llama.save_hf_llama(staging, llama_config, llama_params, args.dtype, args.max_shard_size)
     source_tokenizer = checkpoint.tokenizer_dir(args.checkpoint)
     if source_tokenizer:
         for f in source_tokenizer.iterdir():
-            shutil.copy2(f, args.out / f.name)
+            shutil.copy2(f, staging / f.name)
+    os.replace(staging, args.out)
     print(f"exported {args.checkpoint} -> {args.out} ({args.layout}, {args.dtype})")
     return 0
 
@@ -102,8 +110,17 @@ def _tokenizer_files(src: Path) -> Path | None:
 
 
 def _parse_size(text: str) -> int:
-    units = {"GB": 2**30, "MB": 2**20, "KB": 2**10}
-    for unit, factor in units.items():
+    """'5GB', '500MB', '64KB' or a number of bytes -> bytes (argparse reports a bad value with the flag)."""
+    units = {"GB": 2**30, "MB": 2**20, "KB": 2**10, "B": 1}
+    number, factor = text, 1
+    for unit, unit_factor in units.items():
         if text.upper().endswith(unit):
-            return int(float(text[:-len(unit)]) * factor)
-    return int(text)
+            number, factor = text[:-len(unit)], unit_factor
+            break
+    try:
+        size = int(float(number) * factor)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 5GB, 500MB or 1048576")
+    return size

@@ -1,11 +1,12 @@
 """Hugging Face BERT directories (BertModel or a BERT inside a task model: keys with or without `bert.`)."""
 
-import json
 from pathlib import Path
 
+from cxrllava_jax import files
 from cxrllava_jax.convert.mapping import Entry, expected_shapes, import_params
 from cxrllava_jax.convert.safetensors_io import SafetensorsReader
 from cxrllava_jax.models.configs import BertConfig
+from cxrllava_jax.errors import InputError
 
 HF_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_layers": "num_hidden_layers",
              "num_heads": "num_attention_heads", "intermediate_size": "intermediate_size",
@@ -15,7 +16,7 @@ HF_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_laye
 
 def config_from_hf(hf: dict, origin: str) -> BertConfig:
     if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":
-        raise ValueError(f"{origin}: only BERT with exact GELU and absolute positions is supported")
+        raise InputError(f"{origin}: only BERT with exact GELU and absolute positions is supported")
     return BertConfig(**{ours: hf[theirs] for ours, theirs in HF_FIELDS.items() if theirs in hf})
 
 
@@ -66,7 +67,7 @@ class _RenamedReader:
 
 def load_hf_bert(directory) -> tuple[BertConfig, dict]:
     directory = Path(directory)
-    cfg = config_from_hf(json.loads((directory / "config.json").read_text()), str(directory / "config.json"))
+    cfg = config_from_hf(files.read_json(directory / "config.json"), str(directory / "config.json"))
     reader = _RenamedReader(SafetensorsReader(directory))
     prefix = "bert." if any(k.startswith("bert.") for k in reader.keys()) else ""
     # position_ids is a constant buffer; heads of task models (MLM, classifiers) are not the encoder.

@@ -5,8 +5,10 @@ import dataclasses
 import json
 from pathlib import Path
 
+from cxrllava_jax import files
 from cxrllava_jax.convert.mapping import Entry, expected_shapes, export_tensors, import_params
 from cxrllava_jax.convert.safetensors_io import SafetensorsReader, storage_dtype, write_sharded
+from cxrllava_jax.errors import InputError
 from cxrllava_jax.models.configs import LlamaConfig, RopeScaling
 from cxrllava_jax.models.rope import ROPE_TYPES
 
@@ -28,7 +30,7 @@ def config_from_hf(hf: dict, origin: str = "config.json") -> LlamaConfig:
     if hf.get("hidden_act", "silu") != "silu":
         unsupported["hidden_act"] = hf["hidden_act"]
     if unsupported:
-        raise ValueError(f"{origin}: unsupported LLaMA options {unsupported}; supported rope types: {ROPE_TYPES}")
+        raise InputError(f"{origin}: unsupported LLaMA options {unsupported}; supported rope types: {ROPE_TYPES}")
     values = {ours: hf[theirs] for ours, theirs in HF_FIELDS.items() if hf.get(theirs) is not None}
     values.setdefault("rms_norm_eps", 1e-6)  # transformers' default when the file leaves it out, not ours
     values.setdefault("num_kv_heads", values.get("num_heads", LlamaConfig.num_heads))
@@ -96,7 +98,7 @@ def read_config(directory) -> LlamaConfig:
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: no config.json (a Hugging Face LLaMA directory)")
-    return config_from_hf(json.loads(path.read_text()), str(path))
+    return config_from_hf(files.read_json(path), str(path))
 
 
 def load_hf_llama(directory) -> tuple[LlamaConfig, dict]:

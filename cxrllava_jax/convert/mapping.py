@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from cxrllava_jax.errors import InputError
 
-class ConversionError(ValueError):
+
+class ConversionError(InputError):
     pass
 
 

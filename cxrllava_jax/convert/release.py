@@ -9,11 +9,13 @@ from typing import Iterator
 import numpy as np
 from flax import traverse_util
 
+from cxrllava_jax import files
 from cxrllava_jax.convert import hf_llama
 from cxrllava_jax.convert.mapping import Entry, expected_shapes, export_tensors, iter_imported
 from cxrllava_jax.convert.open_clip import vit_entries
 from cxrllava_jax.convert.safetensors_io import SafetensorsReader, storage_dtype, write_sharded
 from cxrllava_jax.models.configs import CXRLLaVAConfig, VisionConfig
+from cxrllava_jax.errors import InputError
 
 VISION_FIELDS = ("image_size", "layers", "width", "head_width", "mlp_ratio", "patch_size", "ls_init_value",
                  "patch_dropout", "no_ln_pre", "final_ln_after_pool", "pool_type")
@@ -24,24 +26,24 @@ REQUIRED = ("clip_vision_cfg", "clip_embed_dim", "llama")
 
 def is_release_dir(directory) -> bool:
     config = Path(directory) / "config.json"
-    return config.is_file() and "clip_vision_cfg" in json.loads(config.read_text())
+    return config.is_file() and "clip_vision_cfg" in files.read_json(config)
 
 
 def config_from_release(release: dict, origin: str) -> CXRLLaVAConfig:
     missing = [k for k in REQUIRED if k not in release]
     if missing:
-        raise ValueError(f"{origin}: not a CXR-LLaVA release config, it lacks {missing}")
+        raise InputError(f"{origin}: not a CXR-LLaVA release config, it lacks {missing}")
     vision_cfg = release["clip_vision_cfg"]
     unsupported = {k: vision_cfg[k] for k, ok in FIXED_VISION.items() if vision_cfg.get(k, ok) != ok}
     if vision_cfg.get("act_kwargs"):  # anything but open_clip's default exact GELU
         unsupported["act_kwargs"] = vision_cfg["act_kwargs"]
     if unsupported:
-        raise ValueError(f"{origin}: unsupported vision options {unsupported}")
+        raise InputError(f"{origin}: unsupported vision options {unsupported}")
     eps = (vision_cfg.get("norm_kwargs") or {}).get("eps", 1e-5)
     vision = VisionConfig(**{k: vision_cfg[k] for k in VISION_FIELDS if k in vision_cfg},
                           embed_dim=release["clip_embed_dim"], layer_norm_eps=eps)
     if release.get("mm_projector_dim", vision.width) != vision.width:
-        raise ValueError(f"{origin}: mm_projector_dim {release['mm_projector_dim']} != vision width {vision.width}")
+        raise InputError(f"{origin}: mm_projector_dim {release['mm_projector_dim']} != vision width {vision.width}")
     preprocess = release.get("image_preprocess_cfg", {})
     return CXRLLaVAConfig(vision=vision, llama=hf_llama.config_from_hf(release["llama"], f"{origin}: llama"),
                           projector="linear", image_mean=float(np.ravel(preprocess.get("mean", [0.5]))[0]),
@@ -85,7 +87,7 @@ def iter_release(directory) -> tuple[CXRLLaVAConfig, Iterator[tuple[str, np.ndar
     """The release's config and its tensors as (our parameter path, array), read one at a time: a caller that
     places each on its device as it comes never holds the model on the host."""
     directory = Path(directory)
-    cfg = config_from_release(json.loads((directory / "config.json").read_text()), str(directory / "config.json"))
+    cfg = config_from_release(files.read_json(directory / "config.json"), str(directory / "config.json"))
     reader = SafetensorsReader(directory)
     ignored = [k for k in reader.keys() if k.endswith("rotary_emb.inv_freq")]
     return cfg, iter_imported(release_entries(cfg), reader, str(directory), release_expected_shapes(cfg), ignored)

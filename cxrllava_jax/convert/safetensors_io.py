@@ -8,6 +8,9 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
+from cxrllava_jax import files
+from cxrllava_jax.errors import InputError
+
 INDEX = "model.safetensors.index.json"
 # The format's dtype names (https://github.com/huggingface/safetensors, "Format").
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "I64": np.int64,
@@ -27,17 +30,19 @@ class SafetensorsReader:
         self.directory = Path(directory)
         index = self.directory / INDEX
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
+            weight_map = (files.read_json(index) or {}).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise InputError(f"{index}: no weight_map object; is this a safetensors index?")
+            names = sorted(set(weight_map.values()))
         else:
-            files = sorted(p.name for p in self.directory.glob("*.safetensors"))
-        if not files:
+            names = sorted(p.name for p in self.directory.glob("*.safetensors"))
+        if not names:
             pickles = sorted(p.name for p in self.directory.glob("*.bin")) + sorted(
                 p.name for p in self.directory.glob("*.pt*"))
             hint = f" (found {pickles}: pickle files are not read; convert them to safetensors first)" if pickles else ""
             raise FileNotFoundError(f"{self.directory}: no .safetensors weights{hint}")
         self._entries = {}  # key -> (file, dtype, shape, byte offset, byte length)
-        for name in files:
+        for name in names:
             for key, entry in _read_header(self.directory / name).items():
                 self._entries[key] = (self.directory / name, *entry)
 
@@ -56,18 +61,29 @@ class SafetensorsReader:
 
 
 def _read_header(path: Path) -> dict:
-    """key -> (dtype, shape, absolute byte offset, byte length) from a safetensors file's JSON header."""
-    with path.open("rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    entries = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        if info["dtype"] not in DTYPES:
-            raise ValueError(f"{path}: tensor {key} has dtype {info['dtype']}, which is not read here")
-        start, end = info["data_offsets"]
-        entries[key] = (np.dtype(DTYPES[info["dtype"]]), tuple(info["shape"]), 8 + size + start, end - start)
+    """key -> (dtype, shape, absolute byte offset, byte length) from a safetensors file's JSON header; a file
+    whose header does not parse or whose tensors run past its end (cut off) is refused, naming it."""
+    try:
+        with path.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        entries = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            if info["dtype"] not in DTYPES:
+                raise InputError(f"{path}: tensor {key} has dtype {info['dtype']}, which is not read here")
+            start, end = info["data_offsets"]
+            entries[key] = (np.dtype(DTYPES[info["dtype"]]), tuple(info["shape"]), 8 + size + start, end - start)
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError) as error:
+        if isinstance(error, InputError):
+            raise
+        raise InputError(f"{path}: not a readable safetensors file ({type(error).__name__}: {error}); it may be "
+                         "cut off: download it again") from error
+    end = max((offset + length for _, _, offset, length in entries.values()), default=0)
+    if end > path.stat().st_size:
+        raise InputError(f"{path}: the file ends at byte {path.stat().st_size} but its tensors run to {end}; it is "
+                         "cut off: download it again")
     return entries
 
 

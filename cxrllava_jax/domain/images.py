@@ -13,20 +13,28 @@ range:
   refused (`radiograph_guard`);
 - colour: ITU-R 601 luma (PIL's 'L' conversion); RGBA is composited over black first.
 (Pillow cannot decode 12-bit JPEG; 16-bit sources come as PNG, TIFF or DICOM.)
+
+Files past our size limits (MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS) are refused before they are decoded, and every
+failure to decode, whatever the decoder raises, is an InputError naming the file, so a batch can skip it.
 """
 
 import io
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from cxrllava_jax.domain import radiograph_guard
 from cxrllava_jax.errors import InputError
 
 # The release's ViT patch: an image smaller than this on either side cannot make a single patch.
 RELEASE_PATCH_SIZE = 16
+# Limits of ours, far above any radiograph (a 43x43 cm detector at 100 um is 4300x4300 pixels, 37 MB in 16 bit):
+# files past them are refused, not decoded into gigabytes.
+MAX_IMAGE_BYTES = 256 * 2**20
+MAX_IMAGE_PIXELS = 100_000_000
 _HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
@@ -35,22 +43,51 @@ def load_grayscale(path, allow_non_frontal: bool = False) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: image file not found")
+    _check_bytes(path.stat().st_size, path)
     return decode_grayscale(path.read_bytes(), path, allow_non_frontal)
+
+
+def is_dicom_file(path) -> bool:
+    """A DICOM Part 10 file: a 128-byte preamble, then "DICM" (whatever the file is called)."""
+    with open(path, "rb") as f:
+        return is_dicom(f.read(132))
+
+
+def is_dicom(data: bytes) -> bool:
+    return data[128:132] == b"DICM"
 
 
 def decode_grayscale(data: bytes, origin, allow_non_frontal: bool = False) -> Image.Image:
     """The bytes of a supported file (named `origin` in errors; its suffix may mark DICOM) -> 8-bit grayscale."""
     if not data:
         raise InputError(f"{origin}: image file is empty")
-    if str(origin).lower().endswith((".dcm", ".dicom")) or data[128:132] == b"DICM":
+    _check_bytes(len(data), origin)
+    if str(origin).lower().endswith((".dcm", ".dicom")) or is_dicom(data):
         return Image.fromarray(dicom_to_uint8(io.BytesIO(data), origin, allow_non_frontal))
     try:
-        image = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # PIL's own pixel limit only warns below twice its value; ours decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+        _check_pixels(image.size[0] * image.size[1], origin)
         image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise InputError(f"{origin}: cannot decode image ({error})") from error
-    radiograph_guard.check_image(image, origin)
-    return to_uint8_gray(image, origin)
+        radiograph_guard.check_image(image, origin)
+        return to_uint8_gray(image, origin)
+    except InputError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise InputError(f"{origin}: more than {MAX_IMAGE_PIXELS:,} pixels ({error})") from error
+    except Exception as error:  # decoders raise many types for broken files; each is this file's failure
+        raise InputError(f"{origin}: cannot decode image ({type(error).__name__}: {error})") from error
+
+
+def _check_bytes(size: int, origin):
+    if size > MAX_IMAGE_BYTES:
+        raise InputError(f"{origin}: {size:,} bytes is past the {MAX_IMAGE_BYTES:,}-byte limit for one image")
+
+
+def _check_pixels(count: int, origin):
+    if count > MAX_IMAGE_PIXELS:
+        raise InputError(f"{origin}: {count:,} pixels is past the {MAX_IMAGE_PIXELS:,}-pixel limit for one image")
 
 
 def to_uint8_gray(image: Image.Image, origin="image") -> Image.Image:
@@ -80,7 +117,6 @@ def dicom_to_uint8(source, origin, allow_non_frontal: bool = False) -> np.ndarra
     Compressed transfer syntaxes (JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE) decode through
     pydicom's Pillow and pylibjpeg plugins (pylibjpeg-libjpeg, -openjpeg, -rle: dependencies of this package)."""
     import pydicom
-    from pydicom.pixels import apply_modality_lut
 
     try:
         ds = pydicom.dcmread(source)
@@ -88,6 +124,7 @@ def dicom_to_uint8(source, origin, allow_non_frontal: bool = False) -> np.ndarra
         raise InputError(f"{origin}: cannot read DICOM ({type(error).__name__}: {error})") from error
     if not allow_non_frontal:
         radiograph_guard.check_dicom(ds, origin)  # before decoding: a refused file costs no decode
+    _check_pixels(int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0), origin)
     try:
         pixels = ds.pixel_array
     except Exception as error:  # and many more for pixel data it cannot decode
@@ -96,15 +133,31 @@ def dicom_to_uint8(source, origin, allow_non_frontal: bool = False) -> np.ndarra
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise InputError(f"{origin}: multi-frame DICOM ({ds.NumberOfFrames} frames); a radiograph has one")
-    if pixels.ndim == 3:  # colour (pydicom returns RGB): luma like the PNG path
-        return np.asarray(Image.fromarray(pixels.astype(np.uint8)).convert("L"))
+    try:
+        return _dicom_gray(pixels, ds, photometric)
+    except InputError as error:
+        raise InputError(f"{origin}: {error}") from error
+    except Exception as error:  # a malformed LUT or window tag: this file's failure, not the batch's
+        raise InputError(f"{origin}: cannot apply the DICOM pixel transforms ({type(error).__name__}: {error})") \
+            from error
+
+
+def _dicom_gray(pixels: np.ndarray, ds, photometric: str) -> np.ndarray:
+    from pydicom.pixels import apply_color_lut, apply_modality_lut
+
+    if photometric == "PALETTE COLOR":
+        pixels = apply_color_lut(pixels, ds)
+    if pixels.ndim == 3:  # colour (pydicom returns RGB, also for YBR): luma like the PNG path
+        return np.asarray(_array_to_pil(pixels))
+    if not photometric.startswith("MONOCHROME"):
+        raise InputError(f"photometric interpretation {photometric!r} with one sample per pixel is not supported")
     pixels = np.asarray(apply_modality_lut(pixels, ds), np.float64)
     image = _apply_voi(pixels, ds)
     return 255 - image if photometric == "MONOCHROME1" else image
 
 
 def _apply_voi(pixels: np.ndarray, ds) -> np.ndarray:
-    if "VOILUTSequence" in ds:
+    if ds.get("VOILUTSequence"):  # present and not empty; an empty sequence holds no transform
         item = ds.VOILUTSequence[0]
         entries, first, bits = (int(v) for v in item.LUTDescriptor)
         lut = _lut_data(item, entries or 65536, bits)
@@ -130,6 +183,10 @@ def _first(value) -> float:
 
 def _window(x: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
     """DICOM PS3.3 C.11.2.1.2 windowing straight to [0, 255]."""
+    if not (np.isfinite(center) and np.isfinite(width)):
+        raise InputError(f"window center {center} / width {width} is not a number")
+    if function in ("SIGMOID", "LINEAR_EXACT") and width <= 0:
+        raise InputError(f"window width {width} <= 0 is invalid for the {function} VOI function")
     if function == "SIGMOID":
         y = 255.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
     elif function == "LINEAR_EXACT":

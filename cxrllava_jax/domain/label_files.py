@@ -1,6 +1,7 @@
 """Label files in the CheXpert labeler's formats, so its output, CheXbert's or ours can stand on either side.
 
-Reports in: a headerless CSV with one report per row (quoted when it holds commas or newlines).
+Reports in: a CSV with one report per row (quoted when it holds commas or newlines), optionally under a one-cell
+header naming the column (`Reports`, `Report Impression`, `Report`, `Text`).
 Labels out: header `Reports,<14 observations in CHEXPERT_OBSERVATIONS order>`, values `1.0`, `0.0`, `-1.0`,
 or an empty cell for not mentioned. The reader takes any column order and also CheXbert's output
 (`Report Impression` text column, values `1`/`0`/`-1`), with an optional id column.
@@ -8,10 +9,14 @@ or an empty cell for not mentioned. The reader takes any column order and also C
 
 import csv
 import dataclasses
+import io
 import math
+import sys
 
 import numpy as np
 
+from cxrllava_jax import files
+from cxrllava_jax.errors import InputError
 from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
 
 REPORT_COLUMN = "Reports"
@@ -30,17 +35,31 @@ class LabelTable:
 
 
 def read_reports_csv(path) -> list:
-    """The reports of a headerless single-column CSV; blank rows are skipped, as the CheXpert labeler does.
+    """The reports of a single-column CSV, one per row, so that outputs line up with the input row for row:
+    empty lines are skipped (as the CheXpert labeler does), a row of only whitespace is an empty report, and a
+    first row that is just a column name is a header, not a report.
 
     A row that an unquoted comma split into several cells is joined back with commas."""
-    with open(path, newline="", encoding="utf-8") as f:
-        return [",".join(row) for row in csv.reader(f) if any(cell.strip() for cell in row)]
+    rows = [",".join(row) for row in _csv_rows(path) if row]
+    if rows and rows[0].strip().lower() in _TEXT_COLUMNS:
+        rows = rows[1:]
+    return rows
+
+
+def _csv_rows(path):
+    """csv rows of a UTF-8 file (errors name it), any field length: a report may be longer than csv's 128 KiB."""
+    text = files.read_text(path)
+    csv.field_size_limit(sys.maxsize)
+    try:
+        return list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as error:
+        raise InputError(f"{path}: not a readable CSV ({error})") from None
 
 
 def write_labels_csv(path, reports, labels, ids=None) -> None:
     """The CheXpert labeler's output format; with `ids`, an `id` column comes first."""
     labels = np.asarray(labels, dtype=np.float64)
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with files.replaced_atomically(path, newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow((["id"] if ids is not None else []) + [REPORT_COLUMN, *CHEXPERT_OBSERVATIONS])
         for i, (report, row) in enumerate(zip(reports, labels)):
@@ -50,19 +69,20 @@ def write_labels_csv(path, reports, labels, ids=None) -> None:
 
 def read_labels_csv(path) -> LabelTable:
     """Reads our, the CheXpert labeler's or CheXbert's label CSV. Rows without an id column get ids "0", "1", ..."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        by_lower = {name.strip().lower(): name for name in reader.fieldnames or ()}
-        missing = [o for o in CHEXPERT_OBSERVATIONS if o.lower() not in by_lower]
-        if missing:
-            raise ValueError(f"{path}: label file lacks the columns {missing}")
-        text_column = next((by_lower[c] for c in _TEXT_COLUMNS if c in by_lower), None)
-        id_column = next((by_lower[c] for c in _ID_COLUMNS if c in by_lower), None)
-        labels, ids, reports = [], [], []
-        for i, row in enumerate(reader):
-            labels.append([parse_label_cell(row[by_lower[o.lower()]], path, i) for o in CHEXPERT_OBSERVATIONS])
-            ids.append(row[id_column] if id_column else str(i))
-            reports.append(row[text_column] if text_column else "")
+    rows = _csv_rows(path)
+    header = rows[0] if rows else []
+    by_lower = {name.strip().lower(): i for i, name in enumerate(header)}
+    missing = [o for o in CHEXPERT_OBSERVATIONS if o.lower() not in by_lower]
+    if missing:
+        raise InputError(f"{path}: label file lacks the columns {missing}")
+    text_column = next((by_lower[c] for c in _TEXT_COLUMNS if c in by_lower), None)
+    id_column = next((by_lower[c] for c in _ID_COLUMNS if c in by_lower), None)
+    labels, ids, reports = [], [], []
+    for i, row in enumerate(r for r in rows[1:] if r):
+        cell = lambda column: row[column] if column is not None and column < len(row) else ""  # noqa: E731
+        labels.append([parse_label_cell(cell(by_lower[o.lower()]), path, i) for o in CHEXPERT_OBSERVATIONS])
+        ids.append(cell(id_column) if id_column is not None else str(i))
+        reports.append(cell(text_column))
     return LabelTable(np.array(labels, dtype=np.float64).reshape(-1, 14), ids, reports)
 
 
@@ -77,5 +97,5 @@ def parse_label_cell(cell, where="", row=None) -> float:
         value = None
     if value not in _VALUE_TEXT:
         at = f"{where}: row {row + 1}" if row is not None else where
-        raise ValueError(f"{at}: label {cell!r} is not one of 1, 0, -1 or empty")
+        raise InputError(f"{at}: label {cell!r} is not one of 1, 0, -1 or empty")
     return value

@@ -17,6 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
+from cxrllava_jax.errors import InputError
+
 SYSTEM_PROMPT = ("You are a helpful radiologist. Try to interpret chest x ray image and answer to the question "
                  "that user provides.")
 IMAGE = "<image>"
@@ -33,10 +35,19 @@ LLAMA2_MARKERS = ("<s>", "</s>")  # BOS and EOS as the chat template writes them
 
 
 def question_prompt(question: str) -> str:
+    check_user_text(question)
     return f"{IMAGE}\n{question}"
 
 
-class PromptTooLongError(ValueError):
+def check_user_text(text: str):
+    """Refuses `<image>` in text a person typed: it marks where the image features go, and a second one would
+    put them into the prompt twice."""
+    if IMAGE in text:
+        raise InputError(f"the text contains {IMAGE}, which marks the image's place in the prompt; "
+                         f"the image is added for you, so remove it: {text[:80]!r}")
+
+
+class PromptTooLongError(InputError):
     pass
 
 
@@ -70,7 +81,10 @@ def _check_roles(turns: Sequence[dict]):
     if not roles or roles != expected[:len(roles)]:
         raise ValueError(f"a conversation alternates user/assistant turns starting with user; got {roles}")
     if any(IMAGE in t["content"] for t in turns[1:]):
-        raise ValueError(f"only the first user turn may carry {IMAGE}")
+        raise InputError(f"only the first user turn may carry {IMAGE}")
+    if turns[0]["content"].count(IMAGE) > 1:
+        raise InputError(f"the first user turn carries {IMAGE} {turns[0]['content'].count(IMAGE)} times; "
+                         "the conversation is about one image")
 
 
 def tokenize_with_images(text: str, tokenizer, num_image_tokens: int, image_token_id: int) -> list[int]:

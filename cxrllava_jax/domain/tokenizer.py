@@ -17,6 +17,8 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
+from cxrllava_jax.errors import MismatchError
+
 # The chat template's markers become single tokens in the small tokenizers (LLaMA-2 splits them).
 CHAT_MARKERS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
 SPIECE_UNDERLINE = "\u2581"
@@ -169,5 +171,5 @@ def check_vocabulary(tokenizer, vocab_size: int, origin: str):
     """
     size = len(tokenizer)
     if size > vocab_size or vocab_size > -(-size // 128) * 128:
-        raise ValueError(f"{origin}: the tokenizer has {size} tokens but the model's vocabulary has {vocab_size}; "
-                         "this tokenizer does not belong to this model")
+        raise MismatchError(f"{origin}: the tokenizer has {size} tokens but the model's vocabulary has {vocab_size}; "
+                            "this tokenizer does not belong to this model")

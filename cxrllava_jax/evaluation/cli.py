@@ -5,6 +5,7 @@ import json
 import sys
 import time
 
+from cxrllava_jax import files
 from cxrllava_jax.domain import label_files
 from cxrllava_jax.evaluation import labelers, reader_study, run
 
@@ -15,20 +16,18 @@ def label_main(argv) -> int:
         description="Label reports (the CheXpert labeler's file formats) with our CheXpert-style labeler, labels "
                     "made elsewhere, or CheXbert.",
     )
-    parser.add_argument("--reports", required=True, help="headerless CSV, one report per row")
+    parser.add_argument("--reports", required=True, help="CSV, one report per row (a 'Reports' header is allowed)")
     parser.add_argument("--out", required=True, help="labels CSV: Reports + 14 observations (1.0/0.0/-1.0/empty)")
     parser.add_argument("--labeler", choices=labelers.CHOICES, default="ours")
     parser.add_argument("--labels-csv", help="--labeler chexpert-csv: the CheXpert labeler's or CheXbert's output")
     parser.add_argument("--chexbert-checkpoint", help="--labeler chexbert: CheXbert's chexbert.pth")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
-    try:
-        report_labeler = labelers.make(args.labeler, args.labels_csv, args.chexbert_checkpoint)
-        reports = label_files.read_reports_csv(args.reports)
-        start = time.perf_counter()
-        labels = report_labeler.label_reports(reports)
-    except (ValueError, OSError) as error:
-        print(f"cxrllava label: {error}", file=sys.stderr)
-        return 2
+    files.refuse_existing(args.out, args.overwrite)
+    report_labeler = labelers.make(args.labeler, args.labels_csv, args.chexbert_checkpoint)
+    reports = label_files.read_reports_csv(args.reports)
+    start = time.perf_counter()
+    labels = report_labeler.label_reports(reports)
     seconds = time.perf_counter() - start
     label_files.write_labels_csv(args.out, reports, labels)
     print(f"labeled {len(reports)} reports with {report_labeler.name} in {seconds:.2f} s -> {args.out}",
@@ -44,11 +43,15 @@ def reader_study_main(argv) -> int:
     export.add_argument("--sheet", required=True, help="CSV for the radiologists (item, image, report, rating)")
     export.add_argument("--key", required=True, help="CSV kept from the readers (item, case, source)")
     export.add_argument("--seed", type=int, default=0)
+    export.add_argument("--overwrite", action="store_true", help="replace an existing sheet and key")
     analyze = commands.add_parser("analyze", help="Table 5 from returned rating sheets")
     analyze.add_argument("--key", required=True)
     analyze.add_argument("--ratings", required=True, nargs="+", help="one filled-in sheet per reader")
     analyze.add_argument("--out", help="write the analysis as JSON here (printed either way)")
+    analyze.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
+    for path in (args.sheet, args.key) if args.command == "export" else (args.out,) if args.out else ():
+        files.refuse_existing(path, args.overwrite)
     if args.command == "export":
         records = run.read_prediction_records(args.predictions)
         reader_study.export_sheet(records, args.sheet, args.key, seed=args.seed)
@@ -56,7 +59,6 @@ def reader_study_main(argv) -> int:
         return 0
     analysis = json.dumps(reader_study.analyze_ratings(args.key, args.ratings), indent=2)
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(analysis)
+        files.write_text_atomically(args.out, analysis)
     print(analysis)
     return 0

@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from cxrllava_jax import files
 from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
 from cxrllava_jax.domain import prompting
+from cxrllava_jax.errors import ConfigError, InputError
 from input_pipeline.records import relative_name
 from input_pipeline.sources import ADAPTERS
 
@@ -23,7 +25,7 @@ PROMPTS = {"report": prompting.REPORT_PROMPT, "json_labels": prompting.LABEL_PRO
 def test_records(config, data_dir) -> tuple[list, int]:
     """(records of the test split that have a reference for the task, number left out without one)."""
     if config.dataset not in ADAPTERS:
-        raise ValueError(f"config.dataset={config.dataset!r}: adapters exist for {sorted(ADAPTERS)}")
+        raise ConfigError(f"config.dataset={config.dataset!r}: adapters exist for {sorted(ADAPTERS)}")
     records = ADAPTERS[config.dataset](Path(data_dir), config.split)
     usable = [r for r in records if _reference(config.task, r) is not None]
     return usable, len(records) - len(usable)
@@ -33,13 +35,13 @@ def generate_records(config, model, data_dir, out_path, batch_size: int = 16) ->
     """Greedy answers for the test split; writes and returns {id, image, generated, reference} records."""
     records, skipped = test_records(config, data_dir)
     if not records:
-        raise ValueError(f"{data_dir}: the {config.dataset} {config.split} split has no records with a reference "
+        raise InputError(f"{data_dir}: the {config.dataset} {config.split} split has no records with a reference "
                          f"for the {config.task} task ({skipped} without)")
     conversation = [{"role": "user", "content": PROMPTS[config.task]}]
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     results = []
-    with open(out_path, "w", encoding="utf-8") as out, tqdm(total=len(records), desc="generating", unit="image",
+    with files.replaced_atomically(out_path) as out, tqdm(total=len(records), desc="generating", unit="image",
                                                               disable=None) as progress:
         for start in range(0, len(records), batch_size):
             chunk = records[start:start + batch_size]

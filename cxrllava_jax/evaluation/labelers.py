@@ -15,6 +15,7 @@ import numpy as np
 
 from cxrllava_jax.domain import label_files, labeler
 from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
+from cxrllava_jax.errors import ConfigError
 
 CHOICES = ("ours", "chexpert-csv", "chexbert")
 # CheXbert's output heads: its own order of the observations, and its classes -> CheXpert label values.
@@ -24,7 +25,7 @@ _CHEXBERT_ORDER = (
 _CHEXBERT_CLASSES = np.array([np.nan, 1.0, 0.0, -1.0])  # blank, positive, negative, uncertain
 
 
-class LabelerUnavailable(ValueError):
+class LabelerUnavailable(ConfigError):
     """The chosen labeler cannot run here; the message says what is missing."""
 
 

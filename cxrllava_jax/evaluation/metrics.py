@@ -21,6 +21,7 @@ import dataclasses
 import numpy as np
 
 from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS, POSITIVE, UNCERTAIN
+from cxrllava_jax.errors import ConfigError
 
 LABEL_POLICY_CHOICES = {"uncertain": ("exclude", "positive", "negative"), "missing_reference": ("exclude", "negative")}
 
@@ -33,7 +34,7 @@ class LabelPolicy:
     def __post_init__(self):
         for field, choices in LABEL_POLICY_CHOICES.items():
             if getattr(self, field) not in choices:
-                raise ValueError(f"LabelPolicy.{field}={getattr(self, field)!r}: expected one of {choices}")
+                raise ConfigError(f"LabelPolicy.{field}={getattr(self, field)!r}: expected one of {choices}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,11 +9,15 @@ reporting") rate, and Cochran's Q test of A+B across sources, with (reader, case
 
 import collections
 import csv
+import io
 import pathlib
 import random
 
 import numpy as np
 from scipy import stats
+
+from cxrllava_jax import files
+from cxrllava_jax.errors import InputError
 
 SOURCES = ("model", "ground_truth")
 RATING_CLASSES = {
@@ -33,7 +37,7 @@ def export_sheet(records, sheet_path, key_path, seed=0) -> None:
     for record in records:
         for field in ("id", "image", "generated", "reference"):
             if not isinstance(record.get(field), str):
-                raise ValueError(f"reader-study record {record.get('id')!r}: {field!r} must be text")
+                raise InputError(f"reader-study record {record.get('id')!r}: {field!r} must be text")
         items.append((record["id"], record["image"], "model", record["generated"]))
         items.append((record["id"], record["image"], "ground_truth", record["reference"]))
     random.Random(seed).shuffle(items)
@@ -56,7 +60,7 @@ def analyze_ratings(key_path, rating_paths) -> dict:
                 unrated += 1
                 continue
             if rating not in RATING_CLASSES or row["item"] not in key:
-                raise ValueError(f"{path}:{line}: item {row['item']!r} rating {row.get('rating')!r}: expected a key "
+                raise InputError(f"{path}:{line}: item {row['item']!r} rating {row.get('rating')!r}: expected a key "
                                  f"item and one of {list(RATING_CLASSES)}")
             case, source = key[row["item"]]
             ratings.setdefault((reader, case), {})[source] = rating
@@ -94,12 +98,11 @@ def cochrans_q(outcomes) -> tuple:
 
 
 def _write_csv(path, columns, rows):
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with files.replaced_atomically(path, newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(columns)
         writer.writerows(rows)
 
 
 def _read_csv(path):
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+    return list(csv.DictReader(io.StringIO(files.read_text(path), newline="")))

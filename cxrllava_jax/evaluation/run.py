@@ -20,9 +20,11 @@ import pathlib
 import ml_collections
 import numpy as np
 
+from cxrllava_jax import files
 from cxrllava_jax.domain import label_files
 from cxrllava_jax.evaluation import json_labels, labelers, metrics, paper_tables, tables, text_metrics
 from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
+from cxrllava_jax.errors import ConfigError, InputError
 
 TASKS = ("report", "json_labels")
 
@@ -66,19 +68,23 @@ def evaluate_predictions(config, predictions_path, workdir, report_labeler=None)
 
 
 def read_prediction_records(path) -> list:
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_number}: not a JSON object ({e})") from None
-            missing = [k for k in ("id", "generated", "reference") if k not in record]
-            if missing:
-                raise ValueError(f"{path}:{line_number}: record lacks {missing}")
-            records.append(record)
+    """The {id, generated, reference} records of a JSONL file; ids must be unique (a repeated id would be scored
+    twice). Errors name the file and line."""
+    records, first_line = [], {}
+    for line_number, record in files.read_json_lines(path):
+        if not isinstance(record, dict):
+            raise InputError(f"{path}:{line_number}: not a JSON object but {type(record).__name__}")
+        missing = [k for k in ("id", "generated", "reference") if k not in record]
+        if missing:
+            raise InputError(f"{path}:{line_number}: record lacks {missing}")
+        if not isinstance(record["generated"], str):
+            raise InputError(f"{path}:{line_number}: 'generated' must be text, not {type(record['generated']).__name__}")
+        record_id = str(record["id"])
+        if record_id in first_line:
+            raise InputError(f"{path}:{line_number}: id {record_id!r} repeats line {first_line[record_id]}; "
+                             "each case must be scored once")
+        first_line[record_id] = line_number
+        records.append(record)
     return records
 
 
@@ -87,7 +93,7 @@ def evaluate_records(config, records, workdir, report_labeler=None) -> dict:
 
     `report_labeler` (a `labelers.Labeler`, ours by default) labels every report text."""
     if config.task not in TASKS:
-        raise ValueError(f"config.task={config.task!r}: expected one of {TASKS}")
+        raise ConfigError(f"config.task={config.task!r}: expected one of {TASKS}")
     report_labeler = report_labeler or labelers.make("ours")
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -121,13 +127,13 @@ def evaluate_label_files(config, reference_csv, predicted_csv, workdir) -> dict:
     for path, table in ((reference_csv, reference), (predicted_csv, predicted)):
         repeated = sorted(i for i, n in collections.Counter(table.ids).items() if n > 1)
         if repeated:
-            raise ValueError(f"{path}: ids must be unique to match rows; repeated: {repeated[:5]}")
+            raise InputError(f"{path}: ids must be unique to match rows; repeated: {repeated[:5]}")
     if sorted(reference.ids) == sorted(predicted.ids):
         order = {id_: i for i, id_ in enumerate(predicted.ids)}
         rows = [order[id_] for id_ in reference.ids]
         predicted = label_files.LabelTable(predicted.labels[rows], reference.ids, [predicted.reports[i] for i in rows])
     elif len(reference.ids) != len(predicted.ids):
-        raise ValueError(f"{reference_csv} has {len(reference.ids)} rows but {predicted_csv} has {len(predicted.ids)}")
+        raise InputError(f"{reference_csv} has {len(reference.ids)} rows but {predicted_csv} has {len(predicted.ids)}")
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     return score_and_write(config, reference, predicted, workdir, {"task": "label_files"})
@@ -151,8 +157,8 @@ def score_and_write(config, reference, predicted, workdir, extra=None) -> dict:
     markdown = tables.markdown_table(result, paper, title)
     if "text_metrics" in (extra or {}):
         markdown += tables.text_metrics_line(extra["text_metrics"])
-    (workdir / "table.md").write_text(markdown, encoding="utf-8")
-    (workdir / "table.csv").write_text(tables.csv_table(result, paper), encoding="utf-8")
+    files.write_text_atomically(workdir / "table.md", markdown)
+    files.write_text_atomically(workdir / "table.csv", tables.csv_table(result, paper))
     results = {
         "dataset": config.dataset,
         "split": config.split,
@@ -162,7 +168,7 @@ def score_and_write(config, reference, predicted, workdir, extra=None) -> dict:
         "predicted_label_counts": _label_counts(predicted.labels),
         "result": result.to_dict(),
     }
-    (workdir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    files.write_text_atomically(workdir / "results.json", json.dumps(results, indent=2))  # last: marks it done
     return results
 
 
@@ -176,10 +182,10 @@ def _reference_rows(records, report_labeler):
 def _parsed_reference(record):
     reference = record["reference"]
     if not isinstance(reference, dict):
-        raise ValueError(f"record {record['id']}: reference must be a report (text) or labels (object)")
+        raise InputError(f"record {record['id']}: reference must be a report (text) or labels (object)")
     unknown = set(reference) - set(CHEXPERT_OBSERVATIONS)
     if unknown:
-        raise ValueError(f"record {record['id']}: unknown findings in reference labels: {sorted(unknown)}")
+        raise InputError(f"record {record['id']}: unknown findings in reference labels: {sorted(unknown)}")
     where = f"record {record['id']} reference"
     return [label_files.parse_label_cell("" if reference.get(o) is None else str(reference[o]), where)
             for o in CHEXPERT_OBSERVATIONS]

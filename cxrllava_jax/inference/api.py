@@ -33,7 +33,8 @@ from cxrllava_jax.inference.generate import Generator, SamplingOptions
 from cxrllava_jax.domain.tokenizer import check_vocabulary, load_tokenizer
 from cxrllava_jax.models import cxr_llava
 from cxrllava_jax.models.configs import CXRLLaVAConfig, Runtime
-from cxrllava_jax.domain.images import InputError, preprocess
+from cxrllava_jax.domain.images import preprocess
+from cxrllava_jax.errors import ConfigError, InputError, MismatchError
 
 DEFAULT_BATCH_SIZE = 8
 
@@ -77,7 +78,7 @@ class CXRLLaVA:
         elif (path / "model_config.json").is_file():
             kind, config, scan = checkpoint.read_model_config(path)
             if kind != "cxr_llava":
-                raise ValueError(f"{path} holds a {kind!r} model; inference needs a 'cxr_llava' checkpoint")
+                raise InputError(f"{path} holds a {kind!r} model; inference needs a 'cxr_llava' checkpoint")
             tokenizer_path = checkpoint.tokenizer_dir(path)
             if tokenizer_path is None:
                 raise FileNotFoundError(f"{path}: no tokenizer/ directory; copy the LLaMA tokenizer files there")
@@ -100,22 +101,26 @@ class CXRLLaVA:
         runtime = _runtime(dtype, scan, param_dtype or "bfloat16")
         model, params = loading.place_params(tensors, cxr_llava.CXRLLaVAModel(config, runtime), _init_args(config),
                                              dtype=param_dtype, quantize=quantize)
-        return cls(config, params, load_tokenizer(tokenizer_path), runtime, origin=str(path), model=model,
-                   quantize=quantize)
+        loaded = cls(config, params, load_tokenizer(tokenizer_path), runtime, origin=str(path), model=model,
+                     quantize=quantize)  # sizes checked
+        checkpoint.check_tokenizer(tokenizer_path, path)  # ours records the vocabulary it was saved with
+        return loaded
 
     @classmethod
     def _from_quantized(cls, path, config, scan, stored: dict, quantize, dtype, tokenizer_path) -> "CXRLLaVA":
         kind = stored["kind"]
         if quantize not in (None, kind):
-            raise ValueError(f"{path} holds {kind} weights; it cannot be loaded as {quantize}")
+            raise MismatchError(f"{path} holds {kind} weights; it cannot be loaded as {quantize}")
         runtime = _runtime(dtype, scan, stored["param_dtype"])
         model = quantization.quantized(cxr_llava.CXRLLaVAModel(config, runtime), kind)
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                                 nn.meta.unbox(quantization.abstract_params(model, *_init_args(config))))
         params = checkpoint.restore_params(path, abstract)
-        return cls(config, params, load_tokenizer(tokenizer_path), runtime, origin=str(path), model=model,
-                   quantize=kind)
+        loaded = cls(config, params, load_tokenizer(tokenizer_path), runtime, origin=str(path), model=model,
+                     quantize=kind)
+        checkpoint.check_tokenizer(tokenizer_path, path)
+        return loaded
 
     def save(self, path, *, overwrite: bool = False):
         """Our checkpoint of this model, tokenizer included; quantized weights stay quantized, so quantizing is
@@ -177,22 +182,26 @@ class CXRLLaVA:
                       batch_size: int = DEFAULT_BATCH_SIZE, on_text: Callable[[str], None] | None = None,
                       on_bad_image: Callable[[int, InputError], None] | None = None,
                       allow_non_frontal: bool = False, **options) -> Iterator[tuple[int, str]]:
-        """Yields (index, answer) batch by batch. A bad image raises its InputError, or with `on_bad_image`
-        is reported there and skipped. `on_text` streams the text of a single conversation as it is written.
-        `allow_non_frontal` reads DICOM files whose tags say they are not frontal chest radiographs."""
+        """Yields (index, answer) batch by batch. A bad image (or a prompt that cannot be used: too long, a second
+        `<image>`) raises its InputError, or with `on_bad_image` is reported there and skipped, the others still
+        answered. `on_text` streams the text of a single conversation as it is written. `allow_non_frontal` reads
+        DICOM files whose tags say they are not frontal chest radiographs."""
         if isinstance(images, (str, Path)):
             raise TypeError(f"images must be a list (of paths, PIL images or arrays), got the path {images!r}")
         if len(conversations) != len(images):
             raise ValueError(f"{len(conversations)} conversations but {len(images)} images")
         if on_text is not None and len(conversations) != 1:
             raise ValueError("streaming (on_text) takes a single conversation")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size}: must be at least 1")
         sampling = SamplingOptions(**options)
-        prompts = [self._encode(turns) for turns in conversations]
-        for start in range(0, len(prompts), batch_size):
-            indices, pixels = [], []
-            for i in range(start, min(start + batch_size, len(prompts))):
+        for start in range(0, len(conversations), batch_size):
+            indices, prompts, pixels = [], [], []
+            for i in range(start, min(start + batch_size, len(conversations))):
                 try:
+                    prompt = self._encode(conversations[i])
                     pixels.append(self.preprocess(images[i], allow_non_frontal))
+                    prompts.append(prompt)
                 except InputError as error:
                     if on_bad_image is None:
                         raise
@@ -202,8 +211,7 @@ class CXRLLaVA:
             if not indices:
                 continue
             stream = _TextStream(self.tokenizer, on_text) if on_text else None
-            outputs = self.generator.generate([prompts[i] for i in indices], np.stack(pixels), sampling,
-                                              on_tokens=stream)
+            outputs = self.generator.generate(prompts, np.stack(pixels), sampling, on_tokens=stream)
             for i, ids in zip(indices, outputs):
                 answer = self.decode(ids)
                 if stream:

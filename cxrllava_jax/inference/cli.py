@@ -1,12 +1,15 @@
 """`cxrllava report`, `ask`, `chat` and `complete`: the inference API from a terminal.
 
-    cxrllava report IMAGE_OR_DIR... --checkpoint CKPT [--jsonl OUT] [--batch-size N]
+    cxrllava report IMAGE_OR_DIR... --checkpoint CKPT [--jsonl OUT [--append | --overwrite]] [--batch-size N]
     cxrllava ask IMAGE "Is there a pneumothorax?" --checkpoint CKPT
     cxrllava chat IMAGE --checkpoint CKPT          (type /exit or press Ctrl-D to leave)
     cxrllava complete --checkpoint LLM_CKPT --chat "What is the capital of France?"
     cxrllava complete --checkpoint LLM_CKPT "The capital of France is"
 
-CKPT is our checkpoint or the release's PyTorch directory. Directories expand to the images under them.
+CKPT is our checkpoint or the release's PyTorch directory. Directories expand to the images under them (DICOM
+found by content, as PACS exports often have no extension). An image that cannot be used is recorded with an
+"error" field and counted; the others still run. Records are appended one by one under a lock, so a kill keeps
+those already written and several processes may share one --jsonl (with --append).
 `complete` talks to a converted language model alone (`import-torch` of a Hugging Face LLaMA-family directory,
 or the LLM inside a CXR-LLaVA checkpoint), so a conversion can be checked before a projector is trained on it.
 """
@@ -14,28 +17,32 @@ or the LLM inside a CXR-LLaVA checkpoint), so a conversion can be checked before
 import argparse
 import contextlib
 import functools
-import json
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
+from cxrllava_jax import files
 from cxrllava_jax.domain import prompting
+from cxrllava_jax.domain.images import is_dicom_file
+from cxrllava_jax.errors import InputError
 from cxrllava_jax.inference import compile_cache
 from cxrllava_jax.inference.generate import RELEASE_MAX_NEW_TOKENS, SamplingOptions
 from cxrllava_jax.inference.quantize import KINDS
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
-USER_ERRORS = (FileNotFoundError, ValueError)  # InputError and PromptTooLongError are ValueErrors
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom")
 
 
 def report_main(argv) -> int:
     parser = _parser("report", "write a radiologic report for each image")
     parser.add_argument("images", nargs="+", type=Path, help="image files or directories of them")
     parser.add_argument("--jsonl", type=Path, help='write {"image", "report"} (or "error") lines here')
-    parser.add_argument("--batch-size", type=int, default=8)
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--append", action="store_true", help="add to an existing --jsonl file")
+    existing.add_argument("--overwrite", action="store_true", help="replace an existing --jsonl file")
+    parser.add_argument("--batch-size", type=_positive_int, default=8)
     args = parser.parse_args(argv)
-    return _run("report", lambda: _report(args))
+    return _report(args)
 
 
 def ask_main(argv) -> int:
@@ -43,21 +50,19 @@ def ask_main(argv) -> int:
     parser.add_argument("image", type=Path)
     parser.add_argument("question")
     args = parser.parse_args(argv)
-
-    def ask():
-        model = _load(args)
-        model.ask_question(args.question, args.image, on_text=_echo, **_options(args))
-        print()
-        return 0
-
-    return _run("ask", ask)
+    prompting.check_user_text(args.question)
+    options = _options(args)
+    model = _load(args)
+    model.ask_question(args.question, args.image, on_text=_echo, **options)
+    print()
+    return 0
 
 
 def chat_main(argv) -> int:
     parser = _parser("chat", "interactive multi-turn chat about an image")
     parser.add_argument("image", type=Path)
     args = parser.parse_args(argv)
-    return _run("chat", lambda: _chat(args))
+    return _chat(args)
 
 
 def complete_main(argv) -> int:
@@ -67,64 +72,72 @@ def complete_main(argv) -> int:
     parser.add_argument("--chat", action="store_true", help="wrap the text in the tokenizer's chat template")
     args = parser.parse_args(argv)
 
-    def complete():
-        from cxrllava_jax.inference.language_model import LanguageModel
+    from cxrllava_jax.inference.language_model import LanguageModel
 
-        model = LanguageModel.from_checkpoint(args.checkpoint, dtype=args.dtype)
-        options = _options(args)
-        if args.chat:
-            print(model.chat([{"role": "user", "content": args.text}], **options))
-        else:
-            print(args.text + model.complete(args.text, **options))
-        return 0
-
-    return _run("complete", complete)
+    options = _options(args)
+    model = LanguageModel.from_checkpoint(args.checkpoint, dtype=args.dtype)
+    if args.chat:
+        print(model.chat([{"role": "user", "content": args.text}], **options))
+    else:
+        print(args.text + model.complete(args.text, **options))
+    return 0
 
 
 def expand_images(paths) -> list[Path]:
-    """Files as given; directories -> the image files under them, sorted."""
+    """Files as given; directories -> the image files under them, sorted: those with an image suffix and DICOM
+    files by their content (the preamble and "DICM"), whatever their name."""
     images = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            found = sorted(p for p in path.rglob("*")
+                           if p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES or is_dicom_file(p)))
             if not found:
-                raise FileNotFoundError(f"{path}: no {'/'.join(IMAGE_SUFFIXES)} images in this directory")
+                raise InputError(f"{path}: no {'/'.join(IMAGE_SUFFIXES)} or DICOM images in this directory")
             images += found
         elif path.is_file():
             images.append(path)
         else:
-            raise FileNotFoundError(f"{path}: no such image file or directory")
+            raise InputError(f"{path}: no such image file or directory")
     return images
 
 
 def _report(args) -> int:
+    if args.jsonl:  # before the model loads, so a long run does not end in a refusal
+        files.refuse_existing(args.jsonl, args.append or args.overwrite, "--append or --overwrite")
+    options = _options(args)
     paths = expand_images(args.images)
     model = _load(args)
     failed = []
     show_progress = any(p.is_dir() for p in args.images) or len(paths) > args.batch_size
-    with (args.jsonl.open("w") if args.jsonl else contextlib.nullcontext()) as out, \
+    if args.jsonl and args.overwrite:
+        args.jsonl.unlink(missing_ok=True)
+    with (files.LockedAppender(args.jsonl) if args.jsonl else contextlib.nullcontext()) as out, \
             tqdm(total=len(paths), unit="image", disable=not show_progress, file=sys.stderr) as progress:
         def bad_image(index, error):
             failed.append(paths[index])
             progress.write(f"cxrllava report: skipped: {error}", file=sys.stderr)
-            _write(out, {"image": str(paths[index]), "error": str(error)})
+            if out is not None:
+                out.write({"image": str(paths[index]), "error": str(error)})
             progress.update()
 
         conversations = [[{"role": "user", "content": prompting.REPORT_PROMPT}]] * len(paths)
         for index, report in model.iter_generate(conversations, paths, batch_size=args.batch_size,
-                                                 on_bad_image=bad_image, **_options(args)):
+                                                 on_bad_image=bad_image, **options):
             if out is not None:
-                _write(out, {"image": str(paths[index]), "report": report})
+                out.write({"image": str(paths[index]), "report": report})
             else:
                 progress.write(f"== {paths[index]} ==\n{report}\n", file=sys.stdout)
             progress.update()
+    if failed:
+        where = f' (each recorded with an "error" field in {args.jsonl})' if args.jsonl else ""
+        print(f"cxrllava report: {len(failed)} of {len(paths)} images failed{where}", file=sys.stderr)
     return 1 if failed else 0
 
 
 def _chat(args) -> int:
+    options = _options(args)
     model = _load(args)
     model.preprocess(args.image, args.allow_non_frontal)  # an unreadable image fails now, not after the first question
-    options = _options(args)
     print(f"Chatting about {args.image}. Type /exit or press Ctrl-D to leave.", flush=True)
     history = []
     while True:
@@ -137,16 +150,18 @@ def _chat(args) -> int:
             return 0
         if not line:
             continue
-        history.append({"role": "user", "content": line})
-        print("cxr-llava> ", end="", flush=True)
-        try:
-            answer = model.chat(history, args.image, on_text=_echo, **options)
+        try:  # a turn that cannot be answered is dropped; the session and its history go on
+            prompting.check_user_text(line)
+            print("cxr-llava> ", end="", flush=True)
+            answer = model.chat(history + [{"role": "user", "content": line}], args.image, on_text=_echo, **options)
         except prompting.PromptTooLongError as error:
-            history.pop()
             print(f"\n(the conversation no longer fits the model's context: {error}; type /exit and start anew)")
             continue
+        except InputError as error:
+            print(f"\n(not asked: {error})")
+            continue
         print(flush=True)
-        history.append({"role": "assistant", "content": answer})
+        history += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
 
 
 def _parser(name: str, description: str, images: bool = True) -> argparse.ArgumentParser:
@@ -173,10 +188,19 @@ def _parser(name: str, description: str, images: bool = True) -> argparse.Argume
 
 
 def _options(args) -> dict:
+    """The sampling keywords, range-checked now (before the model loads), and the input guard's override."""
     options = dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    SamplingOptions(**options)
     if hasattr(args, "allow_non_frontal"):
         options["allow_non_frontal"] = args.allow_non_frontal
     return options
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
 
 
 def _load(args):
@@ -184,20 +208,6 @@ def _load(args):
 
     compile_cache.enable(args.compilation_cache)
     return CXRLLaVA.from_pretrained(args.checkpoint, dtype=args.dtype, quantize=args.quantize, adapter=args.adapter)
-
-
-def _run(name: str, command) -> int:
-    try:
-        return command()
-    except USER_ERRORS as error:
-        print(f"cxrllava {name}: {error}", file=sys.stderr)
-        return 1
-
-
-def _write(out, record: dict):
-    if out is not None:
-        out.write(json.dumps(record) + "\n")
-        out.flush()
 
 
 _echo = functools.partial(print, end="", flush=True)

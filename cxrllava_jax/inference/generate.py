@@ -18,6 +18,7 @@ Works for the language model alone (`models.llama.Llama`, prompts of token ids) 
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Sequence
 
 import flax.struct
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cxrllava_jax.domain.prompting import PromptTooLongError
+from cxrllava_jax.errors import ConfigError
 from cxrllava_jax.models.cxr_llava import CXRLLaVAModel
 from cxrllava_jax.models.layers import dtype_of
 from cxrllava_jax.models.llama import attention_mask, init_cache, prompt_positions_and_mask
@@ -44,12 +46,12 @@ class SamplingOptions:
     seed: int = 0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):  # NaN fails every comparison
+            raise ConfigError(f"temperature={self.temperature}: must be a finite number >= 0 (0 = greedy)")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ConfigError(f"top_p={self.top_p}: must be in (0, 1]")
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
 
 
 def sample_next(logits, temperature, top_p, key):

@@ -15,6 +15,7 @@ import jax
 from cxrllava_jax import sharding
 from cxrllava_jax.training import stage_records
 from input_pipeline import pipelines
+from cxrllava_jax.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -35,8 +36,8 @@ def make_stage_data(cfg, task) -> StageData:
     train_examples = task.examples(stage_records.load(cfg, cfg.data.train_split))
     batch_size = cfg.data.batch_size
     if len(train_examples) < batch_size:
-        raise ValueError(f"the {cfg.data.train_split} split has {len(train_examples)} examples, fewer than "
-                         f"config.data.batch_size={batch_size}")
+        raise ConfigError(f"the {cfg.data.train_split} split has {len(train_examples)} examples, fewer than "
+                          f"config.data.batch_size={batch_size}")
     settings = dict(num_workers=cfg.data.num_workers, max_bad_fraction=cfg.data.max_bad_fraction,
                     buckets=task.sequence_buckets(train_examples))
     train = pipelines.batches(train_examples, encode, batch_size, seed=cfg.data.shuffle_seed, repeat=True,

@@ -13,6 +13,7 @@ from flax import traverse_util
 from cxrllava_jax.convert import checkpoint as model_checkpoint
 from cxrllava_jax.convert import hf_bert, hf_llama
 from cxrllava_jax.convert.layout import relayout
+from cxrllava_jax.errors import ConfigError, MismatchError
 from cxrllava_jax.models import lora
 from cxrllava_jax.training import base_model
 from cxrllava_jax.training.tasks.base import runtime
@@ -28,8 +29,8 @@ def load(cfg, params, shardings):
         _, _, source = model_checkpoint.load_model(cfg.init.checkpoint, runtime(cfg))
         for tower in cfg.init.towers:
             if tower not in source:
-                raise ValueError(f"config.init.towers names {tower!r}, but {cfg.init.checkpoint} holds only "
-                                 f"{sorted(source)}")
+                raise ConfigError(f"config.init.towers names {tower!r}, but {cfg.init.checkpoint} holds only "
+                                  f"{sorted(source)}")
             params[tower] = _checked(params[tower], source[tower], f"{cfg.init.checkpoint}:{tower}")
     if cfg.init.llama:
         _, llm = hf_llama.load_hf_llama(cfg.init.llama)
@@ -68,6 +69,6 @@ def _checked(expected, found, origin: str):
     problems += [f"{k}: expected {want[k].shape}, found {have[k].shape}"
                  for k in sorted(set(want) & set(have)) if want[k].shape != have[k].shape]
     if problems:
-        raise ValueError(f"initial weights from {origin} do not fit the model:\n  " + "\n  ".join(problems))
+        raise MismatchError(f"initial weights from {origin} do not fit the model:\n  " + "\n  ".join(problems))
     return traverse_util.unflatten_dict({k: np.asarray(v).astype(want[k].dtype) for k, v in have.items()}, sep="/")
 

@@ -6,7 +6,6 @@ and the final model export that the next stage starts from. Everything stage-spe
 (training/tasks/): this module never asks which stage it runs.
 """
 
-import json
 import math
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 from cxrllava_jax import sharding
 from cxrllava_jax.training import data as stage_data
 from cxrllava_jax.training import initial_weights
+from cxrllava_jax.training import workdir as run_records
 from cxrllava_jax.training.checkpoints import RunCheckpoints, abstract_like
 from cxrllava_jax.training.reporting import Reporter
 from cxrllava_jax.training.steps import TrainState, hold_frozen, init_opt_state, jit_train_step, make_eval_step
@@ -28,12 +28,16 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def train_and_evaluate(cfg, workdir) -> dict:
-    """Trains one stage in `workdir`; returns the summary also written to `workdir/summary.json`."""
+    """Trains one stage in `workdir`; returns the summary also written to `workdir/summary.json`.
+
+    A workdir that has done its steps is left as it is (its summary returned); one of another stage is refused."""
     workdir = Path(workdir)
+    run_records.check_config(cfg)
+    run_records.check_stage(workdir, cfg)
     workdir.mkdir(parents=True, exist_ok=True)
     writer = jax.process_index() == 0  # one process writes what is not a checkpoint
-    if writer:
-        (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+    if writer and not (workdir / run_records.SUMMARY).exists():  # a finished run's record is kept (below)
+        run_records.record_config(workdir, cfg)
 
     mesh = sharding.make_mesh(**cfg.mesh.to_dict())
     task = make_task(cfg)
@@ -45,11 +49,19 @@ def train_and_evaluate(cfg, workdir) -> dict:
         print(f"[stage {cfg.stage}] note: only checkpoints on evaluation steps carry {cfg.checkpoint.best_metric!r}; "
               f"checkpoint.every_steps={cfg.checkpoint.every_steps} is not a multiple of eval_every_steps="
               f"{cfg.eval_every_steps}, so the best step is chosen among fewer checkpoints", flush=True)
-    reporter = Reporter(workdir, total_steps, task.unit, cfg.stage)
 
     with sharding.activate(mesh):
         state, state_shardings = _initial_state(cfg, task, tx, mesh, checkpoints, data.train)
         step = int(state.step)
+        finished = run_records.finished_summary(workdir, step, total_steps)
+        if finished is not None:
+            checkpoints.close()
+            print(f"[stage {cfg.stage}] {workdir} has already done its {step} steps; its records are kept "
+                  "(train further with a larger num_train_steps, or start anew in another --workdir)", flush=True)
+            return finished
+        if writer:
+            run_records.record_config(workdir, cfg)
+        reporter = Reporter(workdir, total_steps, task.unit, cfg.stage)
         train_step = jit_train_step(task, tx, task.frozen, state_shardings)
         eval_step = jax.jit(make_eval_step(task))
         rng = jax.random.key(cfg.seed + 1)
@@ -84,7 +96,7 @@ def train_and_evaluate(cfg, workdir) -> dict:
     summary = {"stage": cfg.stage, "steps": step, "eval": last_eval, "best_step": checkpoints.best_step()}
     if writer:
         task.export(workdir / "model", final_params)
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        run_records.record_summary(workdir, summary)
     checkpoints.close()
     reporter.close()
     return summary

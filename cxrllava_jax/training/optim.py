@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from cxrllava_jax.errors import ConfigError
+
 Params = dict[str, Any]
 
 
@@ -28,7 +30,7 @@ def split_trainable(params: Params, frozen: Iterable[str]) -> tuple[dict, dict]:
     for path, leaf in traverse_util.flatten_dict(params, sep="/").items():
         (fixed if any(p.fullmatch(path) for p in patterns) else trainable)[path] = leaf
     if not trainable:
-        raise ValueError(f"config.frozen {list(frozen)} freezes every parameter: nothing would train")
+        raise ConfigError(f"config.frozen {list(frozen)} freezes every parameter: nothing would train")
     return trainable, fixed
 
 
@@ -46,7 +48,7 @@ def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
         "constant": lambda: optax.constant_schedule(cfg.learning_rate),
     }
     if cfg.schedule not in decays:
-        raise ValueError(f"config.optim.schedule must be one of {sorted(decays)}, got {cfg.schedule!r}")
+        raise ConfigError(f"config.optim.schedule must be one of {sorted(decays)}, got {cfg.schedule!r}")
     if cfg.warmup_steps <= 0:
         return decays[cfg.schedule]()
     warmup = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
@@ -80,7 +82,7 @@ def build_optimizer(cfg, total_steps: int, releases=()) -> tuple[optax.GradientT
         "adamw": lambda: optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
     }
     if cfg.name not in makers:
-        raise ValueError(f"config.optim.name must be one of {sorted(makers)}, got {cfg.name!r}")
+        raise ConfigError(f"config.optim.name must be one of {sorted(makers)}, got {cfg.name!r}")
     chain = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm else []
     tx = optax.chain(*chain, makers[cfg.name]())
     if every > 1:

@@ -9,6 +9,7 @@ stage makes of the records is its task's `examples` (training/tasks/).
 
 from pathlib import Path
 
+from cxrllava_jax.errors import ConfigError
 from cxrllava_jax.training.tasks.base import vision_config
 from input_pipeline import conversations, tfds_builders
 from input_pipeline.sources import ADAPTERS
@@ -22,7 +23,7 @@ def load(cfg, split: str) -> list:
     records = []
     for source in cfg.data.sources:
         if source not in ADAPTERS:
-            raise ValueError(f"config.data.sources names {source!r}; adapters exist for {sorted(ADAPTERS)}")
+            raise ConfigError(f"config.data.sources names {source!r}; adapters exist for {sorted(ADAPTERS)}")
         if cfg.data.get("tfds_dir"):
             pixels = (vision_config(cfg).image_size, cfg.data.image_mode) if cfg.data.preprocessed else None
             records += tfds_builders.records(source, cfg.data.tfds_dir, split, pixels)

@@ -34,6 +34,7 @@ A new stage is a subclass of `Task` (tasks/base.py) registered in TASKS; which s
 `training/stages.py`.
 """
 
+from cxrllava_jax.errors import ConfigError
 from cxrllava_jax.training.tasks.base import Example, Task
 from cxrllava_jax.training.tasks.classification import ClassificationTask
 from cxrllava_jax.training.tasks.contrastive import ContrastiveTask
@@ -48,5 +49,5 @@ __all__ = ["Example", "Task", "TASKS", "make_task"]
 
 def make_task(cfg) -> Task:
     if cfg.stage not in TASKS:
-        raise ValueError(f"config.stage must be one of {sorted(TASKS)}, got {cfg.stage!r}")
+        raise ConfigError(f"config.stage must be one of {sorted(TASKS)}, got {cfg.stage!r}")
     return TASKS[cfg.stage](cfg)

@@ -10,6 +10,7 @@ import optax
 
 from cxrllava_jax.convert import checkpoint as model_checkpoint
 from cxrllava_jax.domain import images
+from cxrllava_jax.errors import ConfigError
 from cxrllava_jax.models import configs as mc
 from cxrllava_jax.training.optim import build_optimizer
 from input_pipeline import pipelines, tfds_builders
@@ -27,7 +28,7 @@ class Example:
 
 def preset(presets: dict, name: str, overrides) -> object:
     if name not in presets:
-        raise ValueError(f"unknown model preset {name!r}; known: {sorted(presets)}")
+        raise ConfigError(f"unknown model preset {name!r}; known: {sorted(presets)}")
     return dataclasses.replace(presets[name], **dict(overrides or {}))
 
 

@@ -3,7 +3,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from cxrllava_jax.domain.tokenizer import check_vocabulary
+from cxrllava_jax.errors import ConfigError
 from cxrllava_jax.models import configs as mc
 from cxrllava_jax.models.clip import ContrastiveModel, contrastive_loss
 from cxrllava_jax.training.metrics import averages
@@ -37,7 +39,7 @@ class ContrastiveTask(Task):
 
         path = self.cfg.data.text_tokenizer or self.cfg.init.bert
         if not path:
-            raise ValueError("stage 1B needs config.data.text_tokenizer (or config.init.bert): a BERT tokenizer dir")
+            raise ConfigError("stage 1B needs config.data.text_tokenizer (or config.init.bert): a BERT tokenizer dir")
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         check_vocabulary(tokenizer, self.config.text.vocab_size, path)
 

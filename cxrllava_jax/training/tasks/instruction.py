@@ -11,10 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
 from cxrllava_jax.convert import checkpoint as model_checkpoint
 from cxrllava_jax.convert import hf_llama
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.domain.tokenizer import check_vocabulary, load_tokenizer
+from cxrllava_jax.errors import InputError
 from cxrllava_jax.models import configs as mc
 from cxrllava_jax.models.cxr_llava import CXRLLaVAModel
 from cxrllava_jax.training.metrics import averages
@@ -64,6 +66,8 @@ class InstructionTask(Task):
     def encoder(self):
         tokenizer = load_tokenizer(self.tokenizer_dir)
         check_vocabulary(tokenizer, self.config.llama.vocab_size, self.tokenizer_dir)
+        if self.cfg.init.get("checkpoint"):  # the previous stage's model learned this tokenizer's ids, no other's
+            model_checkpoint.check_tokenizer(self.tokenizer_dir, self.cfg.init.checkpoint)
 
         def encode(e):
             tokens, mask = self._tokens(e, tokenizer)
@@ -148,7 +152,7 @@ def fit_length(tokens, mask, length: int, origin: str):
     """Right-pads (or truncates the end of) a conversation to `length`; truncation never cuts the image."""
     first_answer = int(np.argmax(mask)) if mask.any() else len(tokens)
     if first_answer >= length:
-        raise ValueError(f"{origin}: the prompt alone is {first_answer} tokens, leaving no room for the answer in "
+        raise InputError(f"{origin}: the prompt alone is {first_answer} tokens, leaving no room for the answer in "
                          f"config.data.seq_length={length}")
     valid = np.zeros(length, bool)
     valid[:min(len(tokens), length)] = True

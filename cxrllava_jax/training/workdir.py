@@ -1,0 +1,83 @@
+"""What a training workdir remembers, and the checks made before a run touches it.
+
+`config.json` records the run's config, and with it the stage the workdir belongs to: another stage's config
+pointed at it is refused before anything is written (it would otherwise overwrite the record and then fail on a
+checkpoint of another structure). `summary.json` marks a finished run: running it again leaves its records as
+they are. Config values are checked here, when the run starts, so that no work is done for a config that
+cannot work.
+"""
+
+import json
+import math
+from pathlib import Path
+
+from cxrllava_jax import files
+from cxrllava_jax.errors import ConfigError, MismatchError
+
+CONFIG, SUMMARY = "config.json", "summary.json"
+STAGES = ("1a", "1b", "2a", "2b")
+
+# (key, test, what it must be): checked in this order, the first failure named.
+_POSITIVE = ("data.batch_size", "data.eval_batch_size", "data.seq_length", "data.text_length", "log_every_steps",
+             "eval_every_steps", "checkpoint.every_steps", "checkpoint.keep", "optim.grad_accum_steps")
+_NON_NEGATIVE = ("num_train_steps", "optim.warmup_steps", "text_unfreeze_step")
+
+
+def check_config(cfg):
+    """Raises ConfigError naming the first `config.key=value` that cannot work."""
+    if cfg.stage not in STAGES:
+        raise ConfigError(f"config.stage={cfg.stage!r}: expected one of {STAGES}")
+    for key in _POSITIVE:
+        _check(cfg, key, lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1")
+    for key in _NON_NEGATIVE:
+        _check(cfg, key, lambda v: isinstance(v, int) and v >= 0, "a whole number >= 0")
+    _check(cfg, "num_epochs", lambda v: math.isfinite(v) and v > 0, "a number > 0")
+    _check(cfg, "optim.learning_rate", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+    _check(cfg, "data.max_bad_fraction", lambda v: 0 <= v < 1, "in [0, 1)")
+    _check(cfg, "data.image_mode", lambda v: v in ("crop", "pad"), "'crop' or 'pad'")
+    _check(cfg, "checkpoint.best_mode", lambda v: v in ("min", "max"), "'min' or 'max'")
+
+
+def _check(cfg, key: str, ok, expected: str):
+    value = cfg
+    for part in key.split("."):
+        if part not in value:
+            return  # a field this stage's config does not have
+        value = value[part]
+    if not ok(value):
+        raise ConfigError(f"config.{key}={value!r}: must be {expected}")
+
+
+def identity(cfg) -> str:
+    """What a workdir's checkpoints are: the stage, and for 1B which texts its text tower learns."""
+    return f"1b/{cfg.data.text_kind}" if cfg.stage == "1b" else cfg.stage
+
+
+def check_stage(workdir: Path, cfg):
+    """Refuses a workdir that holds another stage's run (its config.json), before anything is written."""
+    recorded = workdir / CONFIG
+    if not recorded.is_file():
+        return
+    previous = files.read_json(recorded)
+    data = previous.get("data", {}) if isinstance(previous, dict) else {}
+    theirs = (f"1b/{data.get('text_kind')}" if previous.get("stage") == "1b" else previous.get("stage")) \
+        if isinstance(previous, dict) else None
+    if theirs != identity(cfg):
+        raise MismatchError(f"{workdir} holds a stage {theirs} run ({recorded}); this config is stage "
+                            f"{identity(cfg)}: give another --workdir")
+
+
+def record_config(workdir: Path, cfg):
+    files.write_text_atomically(workdir / CONFIG, cfg.to_json_best_effort(indent=2))
+
+
+def finished_summary(workdir: Path, step: int, total_steps: int) -> dict | None:
+    """The summary of a run that has already done its `total_steps`, or None if there is work to do."""
+    summary = workdir / SUMMARY
+    if step < total_steps or not summary.is_file():
+        return None
+    return files.read_json(summary)
+
+
+def record_summary(workdir: Path, summary: dict):
+    files.write_text_atomically(workdir / SUMMARY, json.dumps(summary, indent=2))

@@ -1,0 +1,169 @@
+"""Fault cases where a separate process is the point: what a user sees on stderr (no traceback, one or two lines),
+two processes writing one output, and SIGKILL at each write point of each command that writes. Processes of one
+test run side by side to keep the suite fast."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cxrllava_jax.cli import COMMANDS
+from cxrllava_jax.reference.tiny_models import release_dir, synthetic_radiograph
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+GREEDY = ["--temperature", "0", "--max-new-tokens", "2"]
+
+
+def start(argv, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
+    try:
+        out, err = process.communicate(timeout=timeout)
+    finally:
+        process.kill()
+    return process.returncode, out, err
+
+
+def cxrllava(*args) -> list[str]:
+    return ["-m", "cxrllava_jax.cli", *map(str, args)]
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    return synthetic_radiograph(tmp_path_factory.mktemp("img") / "cxr.png", seed=0)
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    (root / "latin1.csv").write_bytes("Caf\xe9\n".encode("latin-1"))
+    (root / "dup.jsonl").write_text('{"id": 1, "generated": "a", "reference": "b"}\n' * 2)
+    (root / "a_file").write_text("x")
+    return root
+
+
+def test_every_command_reports_bad_input_without_a_traceback(bad_inputs, image, imported_checkpoint, tmp_path):
+    """Each subcommand and entry point on a bad input: a non-zero exit and one or two lines on stderr naming the
+    problem (nothing more at exit either); `--debug` brings the traceback back."""
+    bad, missing = bad_inputs, tmp_path / "missing"
+    cut = shutil.copytree(imported_checkpoint, tmp_path / "cut")
+    for f in (cut / "params").rglob("*"):
+        if f.is_file() and f.stat().st_size > 1000:
+            f.write_bytes(f.read_bytes()[:100])
+    cases = {
+        "synth": (cxrllava("synth", "--out", bad / "a_file" / "data", "--num", 2), "a_file"),
+        "refine": (cxrllava("refine", "--reports", missing, "--out", tmp_path / "o.csv"), "missing"),
+        "label": (cxrllava("label", "--reports", bad / "latin1.csv", "--out", tmp_path / "l.csv"), "not UTF-8"),
+        "reader-study": (cxrllava("reader-study", "export", "--predictions", bad / "dup.jsonl", "--sheet",
+                                  tmp_path / "s.csv", "--key", tmp_path / "k.csv"), "repeats line 1"),
+        "import-torch": (cxrllava("import-torch", "--src", missing, "--out", tmp_path / "i"), "no such directory"),
+        "export-torch": (cxrllava("export-torch", "--checkpoint", missing, "--out", tmp_path / "e"),
+                         "not a cxrllava-jax checkpoint"),
+        "export-torch cut checkpoint": (cxrllava("export-torch", "--checkpoint", cut, "--out", tmp_path / "e2"),
+                                        "cannot read the parameters"),
+        "report": (cxrllava("report", image, "--checkpoint", missing), "neither a cxrllava-jax checkpoint"),
+        "ask": (cxrllava("ask", image, "Effusion?", "--checkpoint", missing), "neither a cxrllava-jax checkpoint"),
+        "chat": (cxrllava("chat", image, "--checkpoint", missing), "neither a cxrllava-jax checkpoint"),
+        "train.py unknown key": (["train.py", "--config=configs/demo.py:1a", f"--workdir={tmp_path / 't'}",
+                                  "--config.no_such_key=1"], "no_such_key"),
+        "train.py every_steps=0": (["train.py", "--config=configs/demo.py:1a", f"--workdir={tmp_path / 't'}",
+                                    "--config.checkpoint.every_steps=0"], "config.checkpoint.every_steps=0"),
+        "train.py workdir under a file": (["train.py", "--config=configs/demo.py:1a",
+                                           f"--workdir={bad / 'a_file' / 'w'}"], "a_file"),
+        "eval.py": (["eval.py", "--config=configs/eval_mimic.py", f"--predictions={bad / 'dup.jsonl'}",
+                     f"--workdir={tmp_path / 'ev'}"], "repeats line 1"),
+        "report --debug": (cxrllava("report", image, "--checkpoint", missing, "--debug"), "Traceback"),
+    }
+    # A subcommand added later gets at least its usage error checked.
+    cases.update({name: (cxrllava(name, "--no-such-flag"), "usage") for name in COMMANDS if name not in cases})
+    running = {name: start(argv) for name, (argv, _) in cases.items()}
+    for name, process in running.items():
+        status, _, err = finish(process)
+        assert status != 0 and cases[name][1] in err, f"{name}: exit {status}\n{err}"
+        if name.endswith("--debug"):
+            continue
+        lines = err.strip().splitlines()
+        assert "Traceback" not in err and 1 <= len(lines) <= 2 or "usage" in err, f"{name}:\n{err}"
+    assert not (tmp_path / "t").exists() and not (tmp_path / "ev").exists()  # refused before anything was written
+
+
+def test_two_report_processes_share_one_jsonl(imported_checkpoint, tmp_path):
+    images = [synthetic_radiograph(tmp_path / f"cxr{i}.png", seed=i) for i in range(4)]
+    out = tmp_path / "reports.jsonl"
+    out.write_text('{"image": "earlier.png", "report": "kept"}\n')
+    writers = [start(cxrllava("report", *images[i::2], "--checkpoint", imported_checkpoint, "--jsonl", out,
+                              "--append", "--batch-size", 1, *GREEDY)) for i in range(2)]
+    for writer in writers:
+        status, _, err = finish(writer)
+        assert status == 0, err
+    records = [json.loads(line) for line in out.read_text().splitlines()]  # every line whole JSON
+    assert sorted(r["image"] for r in records) == sorted(["earlier.png", *map(str, images)])
+    assert all("report" in r for r in records)
+
+
+@pytest.fixture(scope="module")
+def earlier_outputs(tmp_path_factory, imported_checkpoint, image):
+    """Inputs, and outputs of an earlier run of each writing command, to kill a second run over."""
+    root = tmp_path_factory.mktemp("earlier")
+    (root / "reports.csv").write_text("No effusion.\nMild cardiomegaly.\n")
+    records = [{"id": str(i), "image": str(image), "generated": "No effusion.", "reference": "Small effusion."}
+               for i in range(3)]
+    (root / "pred.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    for name in ("labels.csv", "refined.csv", "sheet.csv", "key.csv"):
+        (root / name).write_text(f"earlier {name}\n")
+    for workdir in ("eval1", "eval5"):
+        (root / workdir).mkdir()
+        (root / workdir / "results.json").write_text('{"earlier": true}\n')
+    (root / "reports.jsonl").write_text('{"image": "earlier.png", "report": "kept"}\n')
+    return root
+
+
+def test_sigkill_at_each_write_point_keeps_earlier_outputs(earlier_outputs, imported_checkpoint, image, tmp_path):
+    """A kill (an OOM, a pre-emption) at any write point leaves every earlier output whole: files are renamed
+    into place only when complete, records are appended whole, exported directories appear only when complete."""
+    r = earlier_outputs
+    kill = lambda point, n, *argv: ["tests/kill_at_write.py", point, str(n), *map(str, argv)]  # noqa: E731
+    cases = {
+        "label": (kill("replace", 1, "cxrllava", "label", "--reports", r / "reports.csv", "--out", r / "labels.csv",
+                       "--overwrite"), ["labels.csv"]),
+        "refine": (kill("replace", 1, "cxrllava", "refine", "--reports", r / "reports.csv", "--out",
+                        r / "refined.csv", "--overwrite"), ["refined.csv"]),
+        "reader-study export": (kill("replace", 1, "cxrllava", "reader-study", "export", "--predictions",
+                                     r / "pred.jsonl", "--sheet", r / "sheet.csv", "--key", r / "key.csv",
+                                     "--overwrite"), ["sheet.csv", "key.csv"]),
+        "eval.py first file": (kill("replace", 1, "eval.py", "--config=configs/eval_mimic.py",
+                                    f"--predictions={r / 'pred.jsonl'}", f"--workdir={r / 'eval1'}", "--overwrite",
+                                    "--config.bootstrap_samples=10"), ["eval1/results.json"]),
+        "eval.py results.json": (kill("replace", 5, "eval.py", "--config=configs/eval_mimic.py",
+                                      f"--predictions={r / 'pred.jsonl'}", f"--workdir={r / 'eval5'}", "--overwrite",
+                                      "--config.bootstrap_samples=10"), ["eval5/results.json"]),
+        "report --append": (kill("append", 2, "cxrllava", "report", image, image, "--checkpoint", imported_checkpoint,
+                                 "--jsonl", r / "reports.jsonl", "--append", "--batch-size", 1, *GREEDY),
+                            []),
+        "export-torch": (kill("os_replace", 1, "cxrllava", "export-torch", "--checkpoint", imported_checkpoint,
+                              "--out", tmp_path / "export", "--dtype", "float32"), []),
+        "import-torch": (kill("path_rename", 1, "cxrllava", "import-torch", "--src", release_dir(), "--out",
+                              tmp_path / "imported"), []),
+    }
+    before = {name: (r / name).read_bytes() for name in ("labels.csv", "refined.csv", "sheet.csv", "key.csv",
+                                                          "eval1/results.json", "eval5/results.json")}
+    running = {name: start(argv) for name, (argv, _) in cases.items()}
+    for name, process in running.items():
+        status, _, err = finish(process)
+        assert status == -signal.SIGKILL, f"{name} was not killed at its write point: exit {status}\n{err}"
+        for kept in cases[name][1]:
+            assert (r / kept).read_bytes() == before[kept], f"{name} damaged {kept}"
+    lines = (r / "reports.jsonl").read_text().splitlines()
+    assert json.loads(lines[0]) == {"image": "earlier.png", "report": "kept"}
+    assert len(lines) == 2 and "report" in json.loads(lines[1])  # the first new record whole, the second never begun
+    assert not (tmp_path / "export").exists() and not (tmp_path / "imported").exists()
+

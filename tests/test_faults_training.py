@@ -1,0 +1,71 @@
+"""Fault cases for training workdirs: config values refused before any work or file, another stage's workdir
+refused before anything in it changes, a finished run's records left intact when it is run again, and the
+tokenizer a stage learned refused in favour of another of the same size."""
+
+import json
+import shutil
+
+import pytest
+
+from cxrllava_jax.errors import ConfigError, MismatchError
+from cxrllava_jax.training import loop
+from cxrllava_jax.training import workdir as run_records
+from tests.fault_files import swapped_tokenizer
+from tests import training_setup as setup
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return setup.dataset(str(tmp_path_factory.getbasetemp() / "training_data"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"data.batch_size": 0}, "config.data.batch_size=0: must be a whole number >= 1"),
+    ({"checkpoint.every_steps": 0}, "config.checkpoint.every_steps=0"),
+    ({"log_every_steps": -1}, "config.log_every_steps=-1"),
+    ({"num_train_steps": -5}, "config.num_train_steps=-5"),
+    ({"optim.learning_rate": float("nan")}, "config.optim.learning_rate=nan"),
+    ({"data.max_bad_fraction": 1.0}, "config.data.max_bad_fraction=1.0"),
+    ({"data.image_mode": "stretch"}, "config.data.image_mode='stretch'"),
+])
+def test_config_values_are_refused_before_any_work(tmp_path, override, message):
+    cfg = setup.parse(setup.stage_flags("1a", tmp_path / "data", tmp_path / "tok", steps=2, **override))
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        loop.train_and_evaluate(cfg, tmp_path / "workdir")
+    assert not (tmp_path / "workdir").exists()
+
+
+@pytest.mark.parametrize("recorded, running", [("1a", "2b"), ("1b_labels", "1b_reports")])
+def test_another_stages_workdir_is_refused_untouched(tmp_path, recorded, running):
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    run_records.record_config(workdir, setup.parse(setup.stage_flags(recorded, tmp_path, tmp_path, steps=2)))
+    before = (workdir / "config.json").read_bytes()
+    with pytest.raises(MismatchError, match=f"{workdir} holds a stage .* run"):
+        loop.train_and_evaluate(setup.parse(setup.stage_flags(running, tmp_path, tmp_path, steps=2)), workdir)
+    assert (workdir / "config.json").read_bytes() == before and sorted(p.name for p in workdir.iterdir()) == [
+        "config.json"]
+
+
+@pytest.mark.slow
+def test_rerunning_a_finished_workdir_keeps_its_records(data, tmp_path, capsys):
+    flags = setup.stage_flags("1a", *data, steps=2, eval_every_steps=2)
+    first = loop.train_and_evaluate(setup.parse(flags), tmp_path)
+    assert first["eval"], "the first run evaluated"
+    records = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    again = loop.train_and_evaluate(setup.parse(flags + ["--config.log_every_steps=5"]), tmp_path)
+    assert again == first and "already done its 2 steps" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == records  # nothing rewritten or added
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["eval"] == first["eval"]
+
+
+@pytest.mark.slow
+def test_next_stage_refuses_a_tokenizer_other_than_the_one_its_model_learned(data, tmp_path, imported_checkpoint):
+    """Stage 2B starting from a model saved with one tokenizer, given another of the same size."""
+    swapped_tokenizer(imported_checkpoint / "tokenizer", tmp_path / "other_tokenizer")
+    cfg = setup.parse(setup.stage_flags("2b", data[0], tmp_path / "other_tokenizer", steps=1,
+                                        **{"init.checkpoint": str(imported_checkpoint)}))
+    with pytest.raises(MismatchError, match="other_tokenizer: this tokenizer's vocabulary"):
+        loop.train_and_evaluate(cfg, tmp_path / "run")
+    shutil.rmtree(tmp_path / "run", ignore_errors=True)
