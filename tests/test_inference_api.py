@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from cxrllava_jax.inference import prompting
-from cxrllava_jax.inference.api import CXRLLaVA, _TextStream
+from cxrllava_jax.inference.api import CXRLLaVA, TextStream
 from cxrllava_jax.inference.generate import SamplingOptions
 from cxrllava_jax.inference.tokenizer import load_tokenizer, train_tokenizer
 from input_pipeline.images import InputError
@@ -64,7 +64,7 @@ def test_image_prompts_match_the_release_forward_in_pytorch(model, images):
     torch_model = _release_torch_model(tiny_config(converted.config.llama.vocab_size))
     conversations = [REPORT, QUESTION]
     pixels = np.stack([converted.preprocess(i) for i in images[:2]])
-    ours = converted.generator.generate([converted._encode(c) for c in conversations], pixels,
+    ours = converted.generator.generate([converted.encode(c) for c in conversations], pixels,
                                         SamplingOptions(**GREEDY))
     tokenizer = converted.tokenizer
     for row, turns in enumerate(conversations):
@@ -125,7 +125,7 @@ def test_text_stream_waits_for_whole_characters(model):
     text = "Small left pleural effusion, 2 cm, 37°C. No pneumothorax."
     ids = tokenizer.encode(text, add_special_tokens=False)
     pieces = []
-    stream = _TextStream(tokenizer, pieces.append)
+    stream = TextStream(tokenizer, pieces.append)
     for i in range(len(ids)):
         stream([ids[i:i + 1]])
     stream.finish(model.decode(ids))

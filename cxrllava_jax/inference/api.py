@@ -125,7 +125,7 @@ class CXRLLaVA:
         if on_text is not None and len(conversations) != 1:
             raise ValueError("streaming (on_text) takes a single conversation")
         sampling = SamplingOptions(**options)
-        prompts = [self._encode(turns) for turns in conversations]
+        prompts = [self.encode(turns) for turns in conversations]
         for start in range(0, len(prompts), batch_size):
             indices, pixels = [], []
             for i in range(start, min(start + batch_size, len(prompts))):
@@ -139,7 +139,7 @@ class CXRLLaVA:
                 indices.append(i)
             if not indices:
                 continue
-            stream = _TextStream(self.tokenizer, on_text) if on_text else None
+            stream = TextStream(self.tokenizer, on_text) if on_text else None
             outputs = self.generator.generate([prompts[i] for i in indices], np.stack(pixels), sampling,
                                               on_tokens=stream)
             for i, ids in zip(indices, outputs):
@@ -155,7 +155,8 @@ class CXRLLaVA:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    def _encode(self, turns: Sequence[dict]) -> np.ndarray:
+    def encode(self, turns: Sequence[dict]) -> np.ndarray:
+        """The prompt token ids of a conversation (the turns `chat` takes), image positions included."""
         turns = list(turns)
         system = prompting.SYSTEM_PROMPT
         if turns and turns[0].get("role") == "system":
@@ -171,7 +172,7 @@ def _task(prompt: str) -> list[dict]:
     return [{"role": "user", "content": prompt}]
 
 
-class _TextStream:
+class TextStream:
     """Token chunks of one conversation -> text pieces for `on_text`.
 
     Decoding the whole answer so far and sending what is new keeps SentencePiece's spaces right. What the
