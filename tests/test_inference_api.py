@@ -133,6 +133,21 @@ def test_text_stream_waits_for_whole_characters(model):
     assert not any("\ufffd" in p for p in pieces)
 
 
+def test_text_stream_waits_for_a_whole_run_of_byte_tokens(model):
+    """A lone byte token reads as itself (`<0x19>` -> '\x19'), but a run of bytes that is no UTF-8 reads as
+    replacement characters: the stream must not send the lone reading."""
+    tokenizer = model.tokenizer
+    byte_ids = [tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>") for b in (0x19, 0x80)]
+    ids = tokenizer.encode("edema", add_special_tokens=False) + byte_ids + tokenizer.encode(" effusion",
+                                                                                          add_special_tokens=False)
+    pieces = []
+    stream = TextStream(tokenizer, pieces.append)
+    for i in range(len(ids)):
+        stream([ids[i:i + 1]])
+    stream.finish(model.decode(ids))
+    assert "".join(pieces) == model.decode(ids)
+
+
 def test_sampling_is_reproducible_by_seed(model, images):
     first = model.write_radiologic_report(images[0], max_new_tokens=12, seed=5)
     assert model.write_radiologic_report(images[0], max_new_tokens=12, seed=5) == first

@@ -11,6 +11,7 @@ Generation keywords and their release defaults: temperature=0.2 (0 = greedy), to
 max_new_tokens=512 (and never past the context window), seed=0.
 """
 
+import re
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -27,6 +28,7 @@ from cxrllava_jax.models.configs import CXRLLaVAConfig, Runtime
 from input_pipeline.images import InputError, preprocess
 
 DEFAULT_BATCH_SIZE = 8
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # SentencePiece's byte fallback pieces
 
 
 class CXRLLaVA:
@@ -176,8 +178,9 @@ class TextStream:
     """Token chunks of one conversation -> text pieces for `on_text`.
 
     Decoding the whole answer so far and sending what is new keeps SentencePiece's spaces right. What the
-    next token can still change waits: trailing spaces (the answer is stripped) and a multi-byte character
-    whose bytes have not all arrived (decoded as U+FFFD until they have).
+    next token can still change waits: trailing spaces (the answer is stripped), a trailing run of
+    byte-fallback tokens (`<0xE2>`: the run is decoded as a whole, so a later byte can change how the earlier
+    ones read) and a multi-byte character whose bytes have not all arrived (decoded as U+FFFD until they have).
     """
 
     def __init__(self, tokenizer, on_text: Callable[[str], None]):
@@ -187,7 +190,11 @@ class TextStream:
 
     def __call__(self, chunks: list[list[int]]):
         self.ids += chunks[0]
-        self._send(self.tokenizer.decode(self.ids, skip_special_tokens=True).strip().rstrip("\ufffd").rstrip())
+        settled = len(self.ids)
+        while settled and _BYTE_TOKEN.fullmatch(self.tokenizer.convert_ids_to_tokens(self.ids[settled - 1]) or ""):
+            settled -= 1
+        text = self.tokenizer.decode(self.ids[:settled], skip_special_tokens=True)
+        self._send(text.strip().rstrip("\ufffd").rstrip())
 
     def finish(self, answer: str):
         self._send(answer)
