@@ -15,6 +15,7 @@ COMMANDS = {
     "report": ("cxrllava_jax.inference.cli:report_main", "write a radiologic report for each image"),
     "ask": ("cxrllava_jax.inference.cli:ask_main", "ask a question about an image"),
     "chat": ("cxrllava_jax.inference.cli:chat_main", "interactive multi-turn chat about an image"),
+    "serve": ("cxrllava_jax.serving.cli:serve_main", "an OpenAI-compatible HTTP API and a web page for the model"),
 }
 
 
