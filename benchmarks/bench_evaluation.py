@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from cxrllava_jax.evaluation.labeler import label_reports
+from cxrllava_jax.domain.labeler import label_reports
 from cxrllava_jax.evaluation.metrics import score_labels
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "evaluation.json"

@@ -22,7 +22,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from input_pipeline import images, pipelines, synthetic
+from cxrllava_jax.domain import images
+from input_pipeline import pipelines, synthetic
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "input_pipeline.json"
 SIZE, BATCH = 512, 32

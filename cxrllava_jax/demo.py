@@ -18,9 +18,9 @@ from pathlib import Path
 
 from configs import demo as demo_configs
 from cxrllava_jax.evaluation import run as evaluation
-from cxrllava_jax.inference import prompting
+from cxrllava_jax.domain import prompting
 from cxrllava_jax.inference.api import CXRLLaVA
-from cxrllava_jax.inference.tokenizer import train_tokenizer
+from cxrllava_jax.domain.tokenizer import train_tokenizer
 from cxrllava_jax.training.loop import train_and_evaluate
 from input_pipeline import mimic, synthetic
 

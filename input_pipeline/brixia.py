@@ -14,7 +14,7 @@ Splits: ConsensusTestset = 1 (the 150-image consensus set) -> 'test', the rest t
 from pathlib import Path
 
 from input_pipeline import tables
-from input_pipeline.errors import InputError
+from cxrllava_jax.errors import InputError
 from input_pipeline.records import FRONTAL, FRONTAL_VIEWS, Record, hashed_split, mapped_labels
 
 METADATA_FILES = ("metadata_global_v2.csv", "metadata_global_v1.csv")

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from input_pipeline import tables
-from input_pipeline.errors import InputError
+from cxrllava_jax.errors import InputError
 from input_pipeline.records import FRONTAL, FRONTAL_VIEWS, Record, labels_from
 
 SPLIT_FILES = {"train": ("train.csv",), "validate": ("valid.csv",), "test": ("groundtruth.csv",)}

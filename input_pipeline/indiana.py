@@ -22,9 +22,9 @@ from typing import Iterator
 
 import numpy as np
 
-from cxrllava_jax.findings import CHEXPERT_OBSERVATIONS
+from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
 from input_pipeline import tables
-from input_pipeline.errors import InputError
+from cxrllava_jax.errors import InputError
 from input_pipeline.records import FRONTAL, Record, sectioned_report
 
 SPLIT = "test"

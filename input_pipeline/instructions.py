@@ -12,9 +12,9 @@ import re
 
 import numpy as np
 
-from cxrllava_jax.evaluation.labeler import label_report
-from cxrllava_jax.findings import CHEXPERT_OBSERVATIONS, NEGATIVE, POSITIVE
-from cxrllava_jax.inference.prompting import DIFFERENTIAL_PROMPT, REPORT_PROMPT, question_prompt
+from cxrllava_jax.domain.labeler import label_report
+from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS, NEGATIVE, POSITIVE
+from cxrllava_jax.domain.prompting import DIFFERENTIAL_PROMPT, REPORT_PROMPT, question_prompt
 from input_pipeline.records import Record
 
 # How each observation is named in a question or answer.

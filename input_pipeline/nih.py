@@ -7,7 +7,7 @@ Splits: test_list.txt -> 'test'; the rest (train_val_list.txt) is split train:va
 (`hashed_split`). Without test_list.txt (e.g. only the label file at hand) every image is split that way.
 
 NIH's 14 findings in the CheXpert observations (our choice, matching what our report labeler reads as that
-observation, `cxrllava_jax.evaluation.phrases`): Effusion -> Pleural Effusion; Infiltration and Fibrosis ->
+observation, `cxrllava_jax.domain.phrases`): Effusion -> Pleural Effusion; Infiltration and Fibrosis ->
 Lung Opacity; Mass and Nodule -> Lung Lesion; Pleural_Thickening -> Pleural Other; Atelectasis, Cardiomegaly,
 Consolidation, Edema, Pneumonia, Pneumothorax -> themselves. Emphysema and Hernia have no CheXpert
 observation: they make No Finding 0 (abnormal) without a positive observation. The observations NIH does not
@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from input_pipeline import tables
-from input_pipeline.errors import InputError
+from cxrllava_jax.errors import InputError
 from input_pipeline.records import FRONTAL_VIEWS, Record, hashed_split, mapped_labels
 
 NIH_TO_CHEXPERT = {

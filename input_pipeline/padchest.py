@@ -9,7 +9,7 @@ learn to write, so records carry no report. Splits: train:validate by patient (`
 publishes none.
 
 PadChest findings in the CheXpert observations (our choice; phrases as our report labeler reads them,
-`cxrllava_jax.evaluation.phrases`) are `PADCHEST_TO_CHEXPERT`; devices are Support Devices. Every other
+`cxrllava_jax.domain.phrases`) are `PADCHEST_TO_CHEXPERT`; devices are Support Devices. Every other
 finding (e.g. 'COPD signs', 'aortic elongation') makes No Finding 0 without a positive observation, except
 `NOT_FINDINGS`, which describe the study rather than the patient; No Finding is 1 for 'normal' without
 another finding (devices aside). PadChest's labels come from reports covering all 14 observations, so all 14
@@ -21,9 +21,9 @@ import functools
 import os
 from pathlib import Path
 
-from cxrllava_jax.findings import CHEXPERT_OBSERVATIONS
+from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
 from input_pipeline import tables
-from input_pipeline.errors import InputError
+from cxrllava_jax.errors import InputError
 from input_pipeline.records import Record, hashed_split, mapped_labels
 
 LABELS_FILE = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"

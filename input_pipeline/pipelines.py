@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from input_pipeline.errors import InputError
+from cxrllava_jax.errors import InputError
 
 # Substitutes tried for one bad record before giving up: with a tolerable bad fraction, running into
 # this many bad records in a row means the data, not a few files, is broken.

@@ -13,8 +13,8 @@ from typing import Collection, Iterable, Sequence
 
 import numpy as np
 
-from cxrllava_jax.findings import CHEXPERT_OBSERVATIONS, NEGATIVE, POSITIVE, UNCERTAIN
-from input_pipeline.errors import InputError
+from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS, NEGATIVE, POSITIVE, UNCERTAIN
+from cxrllava_jax.errors import InputError
 
 FRONTAL_VIEWS = ("PA", "AP")
 # A frontal image whose source does not say AP or PA (frontal-only releases such as VinDr or BrixIA).

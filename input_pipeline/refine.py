@@ -25,8 +25,8 @@ import sys
 import urllib.error
 import urllib.request
 
-from cxrllava_jax.evaluation import phrases
-from cxrllava_jax.evaluation.label_files import read_reports_csv
+from cxrllava_jax.domain import phrases
+from cxrllava_jax.domain.label_files import read_reports_csv
 from input_pipeline.records import sectioned_report
 
 PAPER_PROMPT = """You are skillful radiologist and doing summarization of chest x-ray report.

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from input_pipeline import tables
-from input_pipeline.errors import InputError
+from cxrllava_jax.errors import InputError
 from input_pipeline.records import FRONTAL, Record, hashed_split, mapped_labels
 
 GRADED = ("Lung Opacity", "Pneumonia")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cxrllava_jax.findings import CHEXPERT_OBSERVATIONS
+from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
 
 FINDINGS = ("effusion", "cardiomegaly", "pneumothorax", "consolidation", "edema", "atelectasis", "nodule", "device")
 # Which CheXpert observation each drawn finding is labelled as.
@@ -245,7 +245,7 @@ QUESTIONS = {
 
 def write_conversations(findings: list[Finding], report: str, rng) -> list[list[dict]]:
     """Instruction data like the paper's: the report, a differential diagnosis and questions about findings."""
-    from cxrllava_jax.inference.prompting import DIFFERENTIAL_PROMPT, REPORT_PROMPT, question_prompt
+    from cxrllava_jax.domain.prompting import DIFFERENTIAL_PROMPT, REPORT_PROMPT, question_prompt
 
     abnormal = [f for f in findings if f.name != "device"]
     if abnormal:

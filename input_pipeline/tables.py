@@ -6,7 +6,7 @@ import gzip
 from pathlib import Path
 from typing import Iterator
 
-from input_pipeline.errors import InputError
+from cxrllava_jax.errors import InputError
 
 
 def find(root: Path, *names: str) -> Path | None:

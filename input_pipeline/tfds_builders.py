@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cxrllava_jax.findings import CHEXPERT_OBSERVATIONS
-from input_pipeline import images
-from input_pipeline.errors import InputError
+from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
+from cxrllava_jax.domain import images
+from cxrllava_jax.errors import InputError
 from input_pipeline.records import Record, relative_name
 from input_pipeline.sources import ADAPTERS
 

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from cxrllava_jax.convert import checkpoint, release
-from cxrllava_jax.inference import prompting
-from cxrllava_jax.inference.tokenizer import load_tokenizer, train_tokenizer
+from cxrllava_jax.domain import prompting
+from cxrllava_jax.domain.tokenizer import load_tokenizer, train_tokenizer
 from cxrllava_jax.models.configs import CXR_LLAVA_PRESETS
 from input_pipeline import synthetic
 from torch_reference import ReleaseCXRLLaVA, randomize_, save_release_dir

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxrllava_jax.findings import CHEXPERT_OBSERVATIONS
+from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
 from input_pipeline import brixia, chexpert, indiana, mimic, nih, padchest, rsna_covid, rsna_pneumonia, vindr
-from input_pipeline.errors import InputError
+from cxrllava_jax.errors import InputError
 from input_pipeline.records import is_abnormal, require_images
 from input_pipeline.sources import ADAPTERS
 

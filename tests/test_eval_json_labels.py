@@ -5,7 +5,7 @@ import math
 import pytest
 
 from cxrllava_jax.evaluation.json_labels import parse_json_labels
-from cxrllava_jax.findings import NEGATIVE, POSITIVE, UNCERTAIN
+from cxrllava_jax.domain.findings import NEGATIVE, POSITIVE, UNCERTAIN
 
 
 def _given(parsed):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from cxrllava_jax.cli import main as cxrllava
-from cxrllava_jax.evaluation.label_files import read_labels_csv, read_reports_csv, write_labels_csv
-from cxrllava_jax.findings import CHEXPERT_OBSERVATIONS
+from cxrllava_jax.domain.label_files import read_labels_csv, read_reports_csv, write_labels_csv
+from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
 
 HEADER = ("Reports,No Finding,Enlarged Cardiomediastinum,Cardiomegaly,Lung Lesion,Lung Opacity,Edema,"
           "Consolidation,Pneumonia,Atelectasis,Pneumothorax,Pleural Effusion,Pleural Other,Fracture,Support Devices")

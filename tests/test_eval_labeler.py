@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from cxrllava_jax.evaluation.label_files import read_labels_csv, read_reports_csv
-from cxrllava_jax.evaluation.labeler import label_report, label_reports
-from cxrllava_jax.findings import CHEXPERT_OBSERVATIONS, NEGATIVE, POSITIVE, UNCERTAIN
+from cxrllava_jax.domain.label_files import read_labels_csv, read_reports_csv
+from cxrllava_jax.domain.labeler import label_report, label_reports
+from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS, NEGATIVE, POSITIVE, UNCERTAIN
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # The CheXpert labeler's published sample reports and outputs (MIT licence alongside), kept with the tests.

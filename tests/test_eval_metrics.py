@@ -7,7 +7,7 @@ from cxrllava_jax.evaluation import paper_check, paper_tables
 from cxrllava_jax.evaluation.metrics import (
     ExclusionRules, LabelPolicy, exclusions, pair_outcomes, precision_recall_f1, score_labels,
 )
-from cxrllava_jax.findings import CHEXPERT_OBSERVATIONS
+from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
 
 NAN = np.nan
 CM, PE = CHEXPERT_OBSERVATIONS.index("Cardiomegaly"), CHEXPERT_OBSERVATIONS.index("Pleural Effusion")

@@ -12,7 +12,7 @@ import transformers
 from cxrllava_jax.convert import hf_llama
 from cxrllava_jax.inference import generate
 from cxrllava_jax.inference.generate import Generator, SamplingOptions, sample_next
-from cxrllava_jax.inference.prompting import PromptTooLongError
+from cxrllava_jax.domain.prompting import PromptTooLongError
 from cxrllava_jax.models.configs import LlamaConfig
 from cxrllava_jax.models.llama import Llama
 from torch_reference import hf_llama_config, randomize_

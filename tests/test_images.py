@@ -9,9 +9,9 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from input_pipeline.errors import InputError
+from cxrllava_jax.errors import InputError
 from dicom_files import write_dicom
-from input_pipeline.images import load_grayscale, preprocess
+from cxrllava_jax.domain.images import load_grayscale, preprocess
 
 MEAN, STD = 0.4978, 0.2487  # one channel, as the release's image_preprocess_cfg
 

@@ -9,11 +9,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from cxrllava_jax.inference import prompting
+from cxrllava_jax.domain import prompting
 from cxrllava_jax.inference.api import CXRLLaVA, TextStream
 from cxrllava_jax.inference.generate import SamplingOptions
-from cxrllava_jax.inference.tokenizer import load_tokenizer, train_tokenizer
-from input_pipeline.images import InputError
+from cxrllava_jax.domain.tokenizer import load_tokenizer, train_tokenizer
+from cxrllava_jax.domain.images import InputError
 from dicom_files import write_dicom
 from inference_fixtures import checkpoint_dir, release_dir, synthetic_radiograph, tiny_config
 from torch_reference import IMAGE_PLACEHOLDER, ReleaseCXRLLaVA

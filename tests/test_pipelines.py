@@ -11,7 +11,8 @@ import pytest
 
 from cxrllava_jax.training import data as stage_data
 from cxrllava_jax.training.checkpoints import RunCheckpoints
-from input_pipeline import images, mimic, pipelines, synthetic
+from cxrllava_jax.domain import images
+from input_pipeline import mimic, pipelines, synthetic
 
 SIZE = 32
 BATCH = 8
@@ -178,8 +179,8 @@ def test_too_many_bad_records_stop_the_pipeline(dataset, tmp_path):
 @pytest.fixture(scope="module")
 def demo_data(dataset, tmp_path_factory):
     """The demo stage configs pointed at the test's synthetic data, with a small LLaMA-style tokenizer."""
-    from cxrllava_jax.inference.tokenizer import train_tokenizer
-    from cxrllava_jax.inference import prompting
+    from cxrllava_jax.domain.tokenizer import train_tokenizer
+    from cxrllava_jax.domain import prompting
 
     root, _ = dataset
     tokenizer_dir = tmp_path_factory.mktemp("tokenizer")

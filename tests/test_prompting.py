@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from cxrllava_jax.inference import prompting
-from cxrllava_jax.inference.tokenizer import load_tokenizer
+from cxrllava_jax.domain import prompting
+from cxrllava_jax.domain.tokenizer import load_tokenizer
 from inference_fixtures import tokenizer_dir
 
 SYSTEM = ("You are a helpful radiologist. Try to interpret chest x ray image and answer to the question that user "

@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 
-from cxrllava_jax.findings import CHEXPERT_OBSERVATIONS
-from cxrllava_jax.inference import prompting
+from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
+from cxrllava_jax.domain import prompting
 from input_pipeline import instructions
-from input_pipeline.errors import InputError
+from cxrllava_jax.errors import InputError
 from input_pipeline.records import Record, hashed_split, is_abnormal, keyword_text, labels_from, mapped_labels
 
 OBS = {name: i for i, name in enumerate(CHEXPERT_OBSERVATIONS)}

@@ -9,8 +9,8 @@ import threading
 import pytest
 
 from cxrllava_jax import cli
-from cxrllava_jax.evaluation.label_files import read_reports_csv
-from cxrllava_jax.evaluation.labeler import label_report
+from cxrllava_jax.domain.label_files import read_reports_csv
+from cxrllava_jax.domain.labeler import label_report
 from input_pipeline.refine import (PAPER_PROMPT, RefinedReport, RefineError, chat_completions_url, parse_llm_answer,
                                    refine_report, refine_with_llm)
 

@@ -12,7 +12,7 @@ import openai
 import pytest
 from PIL import Image
 
-from cxrllava_jax.inference import prompting
+from cxrllava_jax.domain import prompting
 from cxrllava_jax.inference.api import CXRLLaVA
 from cxrllava_jax.inference.generate import Generator, SamplingOptions
 from cxrllava_jax.models import cxr_llava
@@ -21,7 +21,7 @@ from cxrllava_jax.serving.limits import MIB, Limits
 from cxrllava_jax.serving.scheduler import Job
 from dicom_files import write_dicom
 from inference_fixtures import checkpoint_dir, synthetic_radiograph
-from input_pipeline.images import load_grayscale
+from cxrllava_jax.domain.images import load_grayscale
 from serving_fixtures import NIH_PNG, NON_CHEST_DICOM, LiveServer, data_url, image_message, multipart
 
 KEY = "test-key-0123456789"

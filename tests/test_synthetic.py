@@ -10,9 +10,9 @@ from PIL import Image
 from scipy.optimize import minimize
 from scipy.stats import rankdata
 
-from cxrllava_jax.evaluation.labeler import label_reports
-from cxrllava_jax.findings import CHEXPERT_OBSERVATIONS
-from cxrllava_jax.inference import prompting
+from cxrllava_jax.domain.labeler import label_reports
+from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
+from cxrllava_jax.domain import prompting
 from input_pipeline import mimic, synthetic
 from input_pipeline.records import is_abnormal
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from input_pipeline import images, mimic, pipelines, synthetic, tfds_builders
-from input_pipeline.errors import InputError
+from cxrllava_jax.domain import images
+from input_pipeline import mimic, pipelines, synthetic, tfds_builders
+from cxrllava_jax.errors import InputError
 
 SIZE = 32
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from absl import flags
 from ml_collections import config_flags
 
-from cxrllava_jax.inference import prompting
-from cxrllava_jax.inference.tokenizer import train_tokenizer
+from cxrllava_jax.domain import prompting
+from cxrllava_jax.domain.tokenizer import train_tokenizer
 from input_pipeline import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,8 @@ import json
 import sys
 import time
 
-from cxrllava_jax.evaluation import label_files, labeler, reader_study, run
+from cxrllava_jax.domain import label_files, labeler
+from cxrllava_jax.evaluation import reader_study, run
 
 
 def label_main(argv) -> int:

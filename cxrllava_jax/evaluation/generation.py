@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cxrllava_jax.findings import CHEXPERT_OBSERVATIONS
-from cxrllava_jax.inference import prompting
+from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
+from cxrllava_jax.domain import prompting
 from input_pipeline.records import relative_name
 from input_pipeline.sources import ADAPTERS
 

@@ -11,7 +11,7 @@ import json
 import math
 import re
 
-from cxrllava_jax.findings import CHEXPERT_OBSERVATIONS, NEGATIVE, POSITIVE, UNCERTAIN
+from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS, NEGATIVE, POSITIVE, UNCERTAIN
 
 _SYNONYMS = {
     "No Finding": ("no finding", "no findings", "normal", "no abnormality", "no acute findings"),

@@ -20,7 +20,7 @@ import dataclasses
 
 import numpy as np
 
-from cxrllava_jax.findings import CHEXPERT_OBSERVATIONS, POSITIVE, UNCERTAIN
+from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS, POSITIVE, UNCERTAIN
 
 LABEL_POLICY_CHOICES = {"uncertain": ("exclude", "positive", "negative"), "missing_reference": ("exclude", "negative")}
 

@@ -19,8 +19,9 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from cxrllava_jax.evaluation import json_labels, label_files, labeler, metrics, paper_tables, tables
-from cxrllava_jax.findings import CHEXPERT_OBSERVATIONS
+from cxrllava_jax.domain import label_files, labeler
+from cxrllava_jax.evaluation import json_labels, metrics, paper_tables, tables
+from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
 
 TASKS = ("report", "json_labels")
 

@@ -20,12 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from cxrllava_jax.convert import checkpoint, release
-from cxrllava_jax.inference import prompting
+from cxrllava_jax.domain import prompting
 from cxrllava_jax.inference.generate import Generator, SamplingOptions
-from cxrllava_jax.inference.tokenizer import check_vocabulary, load_tokenizer
+from cxrllava_jax.domain.tokenizer import check_vocabulary, load_tokenizer
 from cxrllava_jax.models import cxr_llava
 from cxrllava_jax.models.configs import CXRLLaVAConfig, Runtime
-from input_pipeline.images import InputError, preprocess
+from cxrllava_jax.domain.images import InputError, preprocess
 
 DEFAULT_BATCH_SIZE = 8
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # SentencePiece's byte fallback pieces

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cxrllava_jax.inference import prompting
+from cxrllava_jax.domain import prompting
 from cxrllava_jax.inference.generate import RELEASE_MAX_NEW_TOKENS, SamplingOptions
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cxrllava_jax.inference.prompting import PromptTooLongError
+from cxrllava_jax.domain.prompting import PromptTooLongError
 from cxrllava_jax.models.cxr_llava import CXRLLaVA
 from cxrllava_jax.models.layers import dtype_of
 from cxrllava_jax.models.llama import attention_mask, init_cache

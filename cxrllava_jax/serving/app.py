@@ -30,11 +30,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from cxrllava_jax.inference import prompting
+from cxrllava_jax.domain import prompting
 from cxrllava_jax.serving import requests, uploads
 from cxrllava_jax.serving.limits import Limits, RequestError
 from cxrllava_jax.serving.scheduler import Failed, Finished, Job, QueueFull, Scheduler, TextDelta
-from input_pipeline.images import InputError, decode_grayscale
+from cxrllava_jax.domain.images import decode_grayscale
+from cxrllava_jax.errors import InputError
 
 PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript"),
               "/style.css": ("style.css", "text/css")}

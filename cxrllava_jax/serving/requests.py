@@ -9,11 +9,11 @@ import math
 
 import numpy as np
 
-from cxrllava_jax.inference import prompting
+from cxrllava_jax.domain import prompting
 from cxrllava_jax.inference.generate import SamplingOptions
 from cxrllava_jax.serving import uploads
 from cxrllava_jax.serving.limits import Limits, RequestError
-from input_pipeline.images import InputError
+from cxrllava_jax.errors import InputError
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 TASK_PROMPTS = {"report": prompting.REPORT_PROMPT, "differential_diagnosis": prompting.DIFFERENTIAL_PROMPT}

@@ -1,6 +1,6 @@
 """Image bytes from a request -> an image the library's loader decodes, after the server's byte and pixel limits.
 
-The loader (`input_pipeline.images`) reads anything with `read_bytes()`, so its decoding, windowing and checks
+The loader (`cxrllava_jax.domain.images`) reads anything with `read_bytes()`, so its decoding, windowing and checks
 (the DICOM input guard included) apply to uploads exactly as to files. Nothing is written to disk.
 """
 

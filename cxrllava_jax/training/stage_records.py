@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrllava_jax.inference import prompting
-from cxrllava_jax.inference.tokenizer import load_tokenizer
-from input_pipeline import images, instructions, tfds_builders
+from cxrllava_jax.domain import prompting
+from cxrllava_jax.domain.tokenizer import load_tokenizer
+from cxrllava_jax.domain import images
+from input_pipeline import instructions, tfds_builders
 from input_pipeline.records import is_abnormal, keyword_text
 from input_pipeline.sources import ADAPTERS
 

@@ -1,4 +1,4 @@
-"""The one error type of the input pipeline."""
+"""Project-wide error types, at the bottom of the layering so every package can raise and catch them."""
 
 
 class InputError(ValueError):

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from input_pipeline.errors import InputError
+from cxrllava_jax.errors import InputError
 
 # The release's ViT patch: an image smaller than this on either side cannot make a single patch.
 RELEASE_PATCH_SIZE = 16

@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from cxrllava_jax.findings import CHEXPERT_OBSERVATIONS
+from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
 
 REPORT_COLUMN = "Reports"
 _TEXT_COLUMNS = ("reports", "report impression", "report", "text")

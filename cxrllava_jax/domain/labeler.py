@@ -14,8 +14,8 @@ import re
 
 import numpy as np
 
-from cxrllava_jax.evaluation import phrases
-from cxrllava_jax.findings import CHEXPERT_OBSERVATIONS, NEGATIVE, POSITIVE, UNCERTAIN
+from cxrllava_jax.domain import phrases
+from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS, NEGATIVE, POSITIVE, UNCERTAIN
 
 NOT_MENTIONED = float("nan")
 LABELED_OBSERVATIONS = tuple(o for o in CHEXPERT_OBSERVATIONS if o != "No Finding")
