@@ -170,7 +170,7 @@ class Generator:
 
     def _new_tokens(self, state, start, stop, batch) -> list[list[int]]:
         eos = self.spec.eos_id
-        rows = np.asarray(state.tokens[:batch, :stop])
+        rows = np.asarray(state.tokens)[:batch, :stop]  # slicing on the host compiles no program per stop
         return [[] if eos in rows[i, :start] else _cut_at_eos(rows[i, start:], eos) for i in range(batch)]
 
 
