@@ -3,8 +3,8 @@
 Jobs wait in a bounded queue. One worker thread takes every waiting job that can share a batch with the oldest
 one (all greedy jobs can; sampled jobs need equal temperature, top-p and seed, which the generator takes per
 batch), up to `max_batch_size`, and runs them as one batch; jobs that arrive meanwhile form the next batch.
-The generator reports each row's new tokens every `stream_every` steps: the worker streams them as text to
-the jobs that asked, cuts each row at its own `max_tokens`, and ends the batch early once every row is
+The generator reports each row's new tokens every few steps (`stream_every` when a row streams, `check_every`
+otherwise: each report costs a trip to the host): the worker streams them as text to the jobs that asked, cuts each row at its own `max_tokens`, and ends the batch early once every row is
 finished or its client has gone (so a disconnected client frees its slot at once).
 
 A row's greedy answer equals what `CXRLLaVA` gives for the same request alone: rows of a batch do not see
@@ -65,9 +65,10 @@ class QueueFull(Exception):
 
 
 class Scheduler:
-    def __init__(self, model, max_batch_size: int = 16, max_queue: int = 64, stream_every: int = 4):
+    def __init__(self, model, max_batch_size: int = 16, max_queue: int = 64, stream_every: int = 4,
+                 check_every: int = 16):
         self.model, self.max_batch_size, self.max_queue = model, max_batch_size, max_queue
-        self.stream_every = stream_every
+        self.stream_every, self.check_every = stream_every, check_every
         self._waiting: collections.deque[Job] = collections.deque()
         self._changed = threading.Condition()
         self._closed = False
@@ -139,11 +140,12 @@ class Scheduler:
             if all(row.over for row in rows):
                 raise _BatchOver
 
+        every = self.stream_every if any(job.stream for job in batch) else self.check_every
         self.counts["batches"] += 1
         self.counts["rows"] += len(rows)
         try:
             outputs = self.model.generator.generate([job.prompt for job in batch], np.stack([j.pixels for j in batch]),
-                                                    options, on_tokens=on_tokens, stream_every=self.stream_every)
+                                                    options, on_tokens=on_tokens, stream_every=every)
         except _BatchOver:
             self.counts["abandoned_batches"] += 1
             outputs = [row.ids for row in rows]
