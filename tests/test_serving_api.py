@@ -5,6 +5,8 @@ with a 4xx that names the problem while the server keeps serving."""
 import io
 import json
 import re
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -283,3 +285,30 @@ def test_a_client_that_hangs_up_mid_stream_frees_its_slot(endless_model, endless
     assert after["abandoned_batches"] - before["abandoned_batches"] == 1
     status, reply = endless_server.post_json("/v1/chat/completions", {**request, "max_tokens": 3})
     assert status == 200 and reply["usage"]["completion_tokens"] == 3
+
+
+def test_the_serve_command(tmp_path):
+    """`cxrllava serve` binds to localhost, asks for the key from --api-key-file, and refuses bad set-ups."""
+    key_file = tmp_path / "key"
+    key_file.write_text(f"{KEY}\n")
+    command = [sys.executable, "-m", "cxrllava_jax.cli", "serve", "--checkpoint", str(checkpoint_dir()), "--port",
+               "0", "--api-key-file", str(key_file)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stderr.readline()
+        match = re.search(r"model 'checkpoint' at http://127\.0\.0\.1:(\d+)/", line)
+        assert match, line
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{match[1]}/v1", api_key=KEY, max_retries=0)
+        assert [m.id for m in client.models.list()] == ["checkpoint"]
+        with pytest.raises(openai.AuthenticationError, match="wrong API key"):
+            openai.OpenAI(base_url=client.base_url, api_key="guess", max_retries=0).models.list()
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    key_file.write_text("\n")
+    for args, message in [(["--api-key-file", str(key_file)], "the API key file is empty"),
+                          (["--api-key-file", str(tmp_path / "none")], "No such file"),
+                          (["--checkpoint", str(tmp_path)], "neither a cxrllava-jax checkpoint")]:
+        run = subprocess.run(command[:4] + ["--checkpoint", str(checkpoint_dir())] + args, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 1 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
