@@ -85,7 +85,8 @@ def data_url(path_or_bytes, media_type: str | None = None) -> str:
 
 
 def image_message(text: str, url: str) -> dict:
-    return {"role": "user", "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]}
+    return {"role": "user",
+            "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]}
 
 
 def multipart(fields: dict, files: dict) -> tuple[bytes, str]:

@@ -123,7 +123,8 @@ def test_streaming_sends_the_answer_in_pieces(endless_model, endless_server, ima
 
 
 def test_task_endpoints_take_an_uploaded_file(model, server):
-    body, content_type = multipart({"temperature": "0", "max_tokens": "10"}, {"file": ("cxr.png", NIH_PNG.read_bytes())})
+    body, content_type = multipart({"temperature": "0", "max_tokens": "10"},
+                                   {"file": ("cxr.png", NIH_PNG.read_bytes())})
     headers = {"Content-Type": content_type, "Authorization": f"Bearer {KEY}"}
     status, reply = server.request("POST", "/v1/report", body, headers)
     assert status == 200, reply

@@ -106,7 +106,8 @@ def test_report_and_follow_up_in_the_browser(model, server, browser):
     WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, "report-button").is_enabled())
     canvas = browser.find_element(By.ID, "image")
     assert "00000001_000.png, 512 by 512 pixels" in canvas.get_attribute("aria-label")
-    centre = "const c = document.getElementById('image'); return Array.from(c.getContext('2d').getImageData(256, 256, 1, 1).data);"
+    centre = ("return Array.from(document.getElementById('image').getContext('2d')"
+              ".getImageData(256, 256, 1, 1).data);")
     before = browser.execute_script(centre)
     browser.find_element(By.ID, "level").send_keys(Keys.ARROW_LEFT * 20)  # windowing from the keyboard
     assert browser.find_element(By.ID, "level-value").text == "108"
@@ -135,6 +136,7 @@ def test_report_and_follow_up_in_the_browser(model, server, browser):
     assert _answers(browser)[1] == model.chat(turns, NIH_PNG, temperature=0.0, max_new_tokens=ANSWER_TOKENS)
 
     browser.find_element(By.ID, "copy-button").click()
-    WebDriverWait(browser, 10).until(lambda b: b.find_element(By.ID, "status").text == "Report copied to the clipboard.")
+    WebDriverWait(browser, 10).until(
+        lambda b: b.find_element(By.ID, "status").text == "Report copied to the clipboard.")
     browser.execute_script("window.scrollTo(0, 0)")
     browser.save_screenshot(str(ARTIFACTS / "serve_page.png"))

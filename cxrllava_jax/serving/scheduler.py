@@ -4,8 +4,9 @@ Jobs wait in a bounded queue. One worker thread takes every waiting job that can
 one (all greedy jobs can; sampled jobs need equal temperature, top-p and seed, which the generator takes per
 batch), up to `max_batch_size`, and runs them as one batch; jobs that arrive meanwhile form the next batch.
 The generator reports each row's new tokens every few steps (`stream_every` when a row streams, `check_every`
-otherwise: each report costs a trip to the host): the worker streams them as text to the jobs that asked, cuts each row at its own `max_tokens`, and ends the batch early once every row is
-finished or its client has gone (so a disconnected client frees its slot at once).
+otherwise: each report costs a trip to the host). The worker streams them as text to the jobs that asked,
+cuts each row at its own `max_tokens`, and ends the batch early once every row is finished or its client has
+gone (so a disconnected client frees its slot within a few tokens).
 
 A row's greedy answer equals what `CXRLLaVA` gives for the same request alone: rows of a batch do not see
 each other, and a row cut at its own token budget wrote the same tokens as a run with that budget.
