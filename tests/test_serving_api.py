@@ -14,17 +14,16 @@ import openai
 import pytest
 from PIL import Image
 
-from cxrllava_jax.domain import prompting
+from cxrllava_jax.domain.images import load_grayscale
 from cxrllava_jax.inference.api import CXRLLaVA
-from cxrllava_jax.inference.generate import Generator, SamplingOptions
-from cxrllava_jax.models import cxr_llava
+from cxrllava_jax.inference.generate import SamplingOptions
 from cxrllava_jax.serving.app import create_app
 from cxrllava_jax.serving.limits import MIB, Limits
 from cxrllava_jax.serving.scheduler import Job
 from dicom_files import write_dicom
 from inference_fixtures import checkpoint_dir, synthetic_radiograph
-from cxrllava_jax.domain.images import load_grayscale
-from serving_fixtures import NIH_PNG, NON_CHEST_DICOM, LiveServer, data_url, image_message, multipart
+from serving_fixtures import (NIH_PNG, NON_CHEST_DICOM, LiveServer, data_url, endless_tiny_model, image_message,
+                              multipart)
 
 KEY = "test-key-0123456789"
 MODEL_ID = "cxr-llava-tiny"
@@ -46,13 +45,8 @@ def server(model):
 
 
 @pytest.fixture(scope="module")
-def endless_model(model):
-    """The same weights with EOS never ending an answer: every answer is exactly its token budget long, so the
-    tests below do not depend on when an untrained model happens to write EOS."""
-    endless = CXRLLaVA.from_pretrained(checkpoint_dir())
-    endless.generator = Generator(cxr_llava.CXRLLaVA(model.config), model.generator.params, eos_id=-1,
-                                  vocab_limit=len(model.tokenizer))
-    return endless
+def endless_model():
+    return endless_tiny_model()
 
 
 @pytest.fixture(scope="module")

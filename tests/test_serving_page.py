@@ -14,13 +14,10 @@ from pathlib import Path
 import pytest
 
 from cxrllava_jax.domain import prompting
-from cxrllava_jax.inference.api import CXRLLaVA
 from cxrllava_jax.inference.generate import Generator
-from cxrllava_jax.models import cxr_llava
 from cxrllava_jax.serving.app import create_app
 from cxrllava_jax.serving.limits import Limits
-from inference_fixtures import checkpoint_dir
-from serving_fixtures import NIH_PNG, LiveServer
+from serving_fixtures import NIH_PNG, LiveServer, endless_tiny_model
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 if not (CHROMIUM and CHROMEDRIVER) and not os.environ.get("CI"):  # .ci/run installs them: CI never skips
@@ -50,10 +47,7 @@ class PacedGenerator(Generator):
 
 @pytest.fixture(scope="module")
 def model():
-    model = CXRLLaVA.from_pretrained(checkpoint_dir())
-    model.generator = PacedGenerator(cxr_llava.CXRLLaVA(model.config), model.generator.params, eos_id=-1,
-                                     vocab_limit=len(model.tokenizer))
-    return model
+    return endless_tiny_model(PacedGenerator)
 
 
 @pytest.fixture(scope="module")
