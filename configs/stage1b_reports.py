@@ -2,6 +2,7 @@
 validation loss."""
 
 from configs import stage1b_labels
+from cxrllava_jax.training import stages
 
 
 def get_config():
@@ -9,5 +10,6 @@ def get_config():
     c.data.sources = ("mimic",)
     c.data.text_kind = "reports"
     c.text_unfreeze_step = 0
-    c.init.update(checkpoint="workdirs/stage1b_labels/model", towers=("img", "txt", "logit_scale"), bert="")
+    stages.start_from_previous(c, "1b_reports", root="workdirs")
+    c.init.bert = ""
     return c

@@ -2,14 +2,15 @@
 on reports and multi-turn question-answer conversations, from stage 2A."""
 
 from configs import stage2a
+from cxrllava_jax.training import stages
 
 
 def get_config():
     c = stage2a.get_config()
-    c.stage = "2b"
+    stages.start_from_previous(c, "2b", root="workdirs")
     c.data.conversations = "instruction"
     c.optim.update(name="adam", learning_rate=2e-5)
     c.frozen = ("img/.*",)
     c.num_epochs = 3.0
-    c.init.update(checkpoint="workdirs/stage2a/model", towers=("img", "projector", "llm"), llama="")
+    c.init.llama = ""
     return c

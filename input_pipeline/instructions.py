@@ -12,8 +12,8 @@ import re
 
 import numpy as np
 
-from cxrllava_jax.domain.labeler import label_report
-from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS, NEGATIVE, POSITIVE
+from cxrllava_jax.domain.labeler import SENTENCE_END, label_report
+from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS, DIFFERENTIALS, NEGATIVE, POSITIVE
 from cxrllava_jax.domain.prompting import DIFFERENTIAL_PROMPT, REPORT_PROMPT, question_prompt
 from input_pipeline.records import Record
 
@@ -32,22 +32,6 @@ NAMES = {
     "Pleural Other": "pleural thickening",
     "Fracture": "fracture",
 }
-DIFFERENTIALS = {
-    "Enlarged Cardiomediastinum": "lymphadenopathy, a mediastinal mass, or vascular enlargement such as aortic "
-                                  "dilation",
-    "Cardiomegaly": "cardiomyopathy, valvular heart disease, or a pericardial effusion",
-    "Lung Lesion": "primary lung cancer, a metastasis, a granuloma, or a round pneumonia",
-    "Lung Opacity": "infection, pulmonary edema, hemorrhage, or atelectasis",
-    "Edema": "cardiogenic edema from heart failure, fluid overload, or non-cardiogenic edema such as ARDS",
-    "Consolidation": "pneumonia, aspiration, pulmonary hemorrhage, or less commonly organizing pneumonia or "
-                     "malignancy",
-    "Pneumonia": "bacterial or viral infection, aspiration, or a non-infectious mimic such as hemorrhage",
-    "Atelectasis": "mucus plugging, hypoventilation, or an obstructing endobronchial lesion",
-    "Pneumothorax": "a spontaneous pneumothorax from a ruptured bleb, trauma, or an iatrogenic cause",
-    "Pleural Effusion": "heart failure, a parapneumonic effusion, malignancy, or hypoalbuminemia",
-    "Pleural Other": "pleural thickening after infection or hemorrhage, or asbestos-related pleural disease",
-    "Fracture": "a traumatic fracture or, without known trauma, a pathologic fracture",
-}
 NORMAL_DIFFERENTIAL = ("No acute cardiopulmonary abnormality is seen on this radiograph, so it does not suggest a "
                        "differential diagnosis. If symptoms persist, clinical correlation or further imaging may "
                        "be considered.")
@@ -56,7 +40,6 @@ LOCALIZED = {"Lung Lesion", "Lung Opacity", "Consolidation", "Pneumonia", "Atele
              "Pleural Effusion", "Pleural Other", "Fracture"}
 # Findings asked about when the report rules them out, in this order of preference.
 MAJOR_FINDINGS = ("Pneumothorax", "Pleural Effusion", "Consolidation", "Cardiomegaly", "Edema")
-_SENTENCE = re.compile(r"(?<=[.?!])\s+|\n\s*\n")
 _SECTION = re.compile(r"^(?:FINDINGS|IMPRESSION)\s*:\s*")
 
 
@@ -90,7 +73,7 @@ def _labels(record: Record) -> dict:
 
 
 def _questions(report: str, positive: list[str], labels: dict) -> list[tuple[str, str]]:
-    sentences = [_SECTION.sub("", s.strip()) for s in _SENTENCE.split(report) if s.strip()]
+    sentences = [_SECTION.sub("", s.strip()) for s in SENTENCE_END.split(report) if s.strip()]
     questions = []
     for observation in positive:
         evidence = [s for s in sentences if label_report(s)[observation] == POSITIVE]

@@ -2,7 +2,7 @@
 
 Every stage is fed the same way; what makes the classification (1A), contrastive (1B) and instruction
 (2A/2B) pipelines differ is `encode`, the stage's function from one example to arrays
-(`cxrllava_jax.training.stage_records.encoder`). What the pipeline guarantees:
+(a training task's `encoder()`). What the pipeline guarantees:
 
 - Sharding by process: every process builds the same stream of *global* batches of example indices and
   decodes only its own contiguous slice of each, so the batches a step sees do not depend on how many

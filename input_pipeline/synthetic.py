@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
+from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS, DIFFERENTIALS
 
 FINDINGS = ("effusion", "cardiomegaly", "pneumothorax", "consolidation", "edema", "atelectasis", "nodule", "device")
 # Which CheXpert observation each drawn finding is labelled as.
@@ -222,15 +222,6 @@ def _impression(f: Finding) -> str:
     return text[0].upper() + text[1:] + "."
 
 
-DIFFERENTIALS = {
-    "effusion": "heart failure, parapneumonic effusion or malignancy",
-    "cardiomegaly": "cardiomyopathy, valvular heart disease or pericardial effusion",
-    "pneumothorax": "spontaneous or traumatic pneumothorax",
-    "consolidation": "pneumonia, aspiration or pulmonary hemorrhage",
-    "edema": "cardiogenic pulmonary edema or fluid overload",
-    "atelectasis": "subsegmental atelectasis from hypoventilation or mucus plugging",
-    "nodule": "granuloma, primary lung cancer or metastasis",
-}
 # Yes/no questions about one finding, and the answer when it is absent.
 QUESTIONS = {
     "effusion": ("Is there a pleural effusion?", "No. There is no pleural effusion."),
@@ -249,7 +240,8 @@ def write_conversations(findings: list[Finding], report: str, rng) -> list[list[
 
     abnormal = [f for f in findings if f.name != "device"]
     if abnormal:
-        differential = "; ".join(f"{_impression(f)[:-1]}: {DIFFERENTIALS[f.name]}" for f in abnormal) + "."
+        causes = [f"{_impression(f)[:-1]}: {DIFFERENTIALS[OBSERVATION[f.name]]}" for f in abnormal]
+        differential = "; ".join(causes) + "."
     else:
         differential = "The chest radiograph is normal; no differential diagnosis is suggested."
     conversations = [[{"role": "user", "content": REPORT_PROMPT}, {"role": "assistant", "content": report}],

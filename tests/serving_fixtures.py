@@ -15,7 +15,7 @@ import uvicorn
 from cxrllava_jax.inference.api import CXRLLaVA
 from cxrllava_jax.inference.generate import Generator
 from cxrllava_jax.models import cxr_llava
-from inference_fixtures import checkpoint_dir
+from cxrllava_jax.reference.tiny_models import checkpoint_dir
 
 NIH_PNG = Path(__file__).parent / "fixtures" / "real-cxr" / "nih" / "00000001_000.png"
 NON_CHEST_DICOM = Path(__file__).parent / "fixtures" / "real-cxr" / "dicom" / "RG3_J2KR.dcm"
@@ -25,7 +25,7 @@ def endless_tiny_model(generator=Generator) -> CXRLLaVA:
     """The tiny model with EOS never ending an answer: every answer is exactly its token budget long, so tests do
     not depend on when an untrained model happens to write EOS. `generator`: the Generator class to run it."""
     model = CXRLLaVA.from_pretrained(checkpoint_dir())
-    model.generator = generator(cxr_llava.CXRLLaVA(model.config), model.generator.params, eos_id=-1,
+    model.generator = generator(cxr_llava.CXRLLaVAModel(model.config), model.generator.params, eos_id=-1,
                                 vocab_limit=len(model.tokenizer))
     return model
 

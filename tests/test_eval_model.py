@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cxrllava_jax.evaluation import run
-from inference_fixtures import checkpoint_dir
+from cxrllava_jax.reference.tiny_models import checkpoint_dir
 from input_pipeline import mimic, synthetic
 
 ROOT = Path(__file__).parents[1]

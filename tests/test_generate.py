@@ -15,7 +15,7 @@ from cxrllava_jax.inference.generate import Generator, SamplingOptions, sample_n
 from cxrllava_jax.domain.prompting import PromptTooLongError
 from cxrllava_jax.models.configs import LlamaConfig
 from cxrllava_jax.models.llama import Llama
-from torch_reference import hf_llama_config, randomize_
+from cxrllava_jax.reference.torch_models import hf_llama_config, randomize_
 
 CONFIG = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
                      rope_theta=500.0, max_position_embeddings=128)

@@ -10,7 +10,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from cxrllava_jax.errors import InputError
-from dicom_files import write_dicom
+from tests.dicom_files import write_dicom
 from cxrllava_jax.domain.images import load_grayscale, preprocess
 
 MEAN, STD = 0.4978, 0.2487  # one channel, as the release's image_preprocess_cfg

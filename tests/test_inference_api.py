@@ -14,18 +14,13 @@ from cxrllava_jax.inference.api import CXRLLaVA, TextStream
 from cxrllava_jax.inference.generate import SamplingOptions
 from cxrllava_jax.domain.tokenizer import load_tokenizer, train_tokenizer
 from cxrllava_jax.domain.images import InputError
-from dicom_files import write_dicom
-from inference_fixtures import checkpoint_dir, release_dir, synthetic_radiograph, tiny_config
-from torch_reference import IMAGE_PLACEHOLDER, ReleaseCXRLLaVA
+from tests.dicom_files import write_dicom
+from cxrllava_jax.reference.tiny_models import checkpoint_dir, release_dir, synthetic_radiograph, tiny_config
+from cxrllava_jax.reference.torch_models import IMAGE_PLACEHOLDER, ReleaseCXRLLaVA
 
 GREEDY = dict(temperature=0.0, max_new_tokens=12)
 REPORT = [{"role": "user", "content": prompting.REPORT_PROMPT}]
 QUESTION = [{"role": "user", "content": prompting.question_prompt("Is there a pleural effusion?")}]
-
-
-@pytest.fixture(scope="module")
-def model():
-    return CXRLLaVA.from_pretrained(checkpoint_dir())
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,7 @@ import time
 import pytest
 
 from cxrllava_jax import cli
-from cxrllava_jax.inference.api import CXRLLaVA
-from inference_fixtures import checkpoint_dir, synthetic_radiograph
+from cxrllava_jax.reference.tiny_models import checkpoint_dir, synthetic_radiograph
 
 OPTIONS = ["--temperature", "0", "--max-new-tokens", "10"]
 GREEDY = dict(temperature=0.0, max_new_tokens=10)
@@ -28,11 +27,6 @@ def folder(tmp_path_factory):
     synthetic_radiograph(folder / "nested" / "cxr3.png", seed=3)
     (folder / "notes.txt").write_text("not an image")
     return folder
-
-
-@pytest.fixture(scope="module")
-def model():
-    return CXRLLaVA.from_pretrained(checkpoint_dir())
 
 
 def test_report_for_a_folder_to_jsonl(folder, model, tmp_path, capsys):

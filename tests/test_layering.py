@@ -21,8 +21,8 @@ LAYERS = {
     "cxrllava_jax.inference": 4,
     "cxrllava_jax.evaluation": 5,  # scores reports that inference writes (eval.py --checkpoint)
     "cxrllava_jax.serving": 5,
+    "cxrllava_jax.reference": 5,  # PyTorch references and tiny models for tests and benchmarks
     "cxrllava_jax.cli": 6,
-    "cxrllava_jax.demo": 6,
     "cxrllava_jax": 6,  # the package's __init__
 }
 
@@ -81,6 +81,13 @@ def violations():
 
 def test_library_imports_point_down_the_layering():
     assert violations() == []
+
+
+def test_library_never_imports_the_configs():
+    """configs/ is not installed: library code that imports it would run only from the repository root."""
+    found = [f"{path.relative_to(ROOT)}:{lineno}: {target}" for path, module in library_modules()
+             for lineno, target in imports_of(path, module) if target == "configs" or target.startswith("configs.")]
+    assert found == []
 
 
 def test_no_package_level_cycles():

@@ -15,7 +15,7 @@ from cxrllava_jax.convert import hf_llama
 from cxrllava_jax.convert.layout import relayout
 from cxrllava_jax.models.configs import LlamaConfig, Runtime
 from cxrllava_jax.models.llama import Llama, attention_mask, init_cache
-from torch_reference import hf_llama_config, randomize_
+from cxrllava_jax.reference.torch_models import hf_llama_config, randomize_
 
 TOL = 1e-4
 CONFIGS = {

@@ -1,4 +1,4 @@
-"""Our ViT equals an open_clip-semantics PyTorch ViT (tests/torch_reference.py) whose state dict went
+"""Our ViT equals an open_clip-semantics PyTorch ViT (cxrllava_jax/reference/torch_models.py) whose state dict went
 through safetensors and our open_clip converter, for every pooling/norm variant the release config allows;
 plus position-embedding resampling and patch dropout."""
 
@@ -14,8 +14,8 @@ from cxrllava_jax.convert.layout import relayout
 from cxrllava_jax.convert.open_clip import load_open_clip_vit
 from cxrllava_jax.models.configs import Runtime, VisionConfig
 from cxrllava_jax.models.vit import VisionTransformer, keep_random_patches, resample_position_embedding
-from torch_reference import VisionTransformer as TorchViT
-from torch_reference import randomize_, save_safetensors_dir
+from cxrllava_jax.reference.torch_models import VisionTransformer as TorchViT
+from cxrllava_jax.reference.torch_models import randomize_, save_safetensors_dir
 
 TOL = 1e-4
 BASE = VisionConfig(image_size=32, patch_size=8, width=48, layers=2, head_width=16, mlp_ratio=2.0, embed_dim=24)

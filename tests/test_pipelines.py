@@ -189,14 +189,23 @@ def demo_data(dataset, tmp_path_factory):
     return root, tokenizer_dir
 
 
+def stage_config(stage: str, root, tokenizer_dir):
+    """The demo stage's config on the test data, its language model's vocabulary the small tokenizer's size."""
+    from configs import demo
+    from cxrllava_jax.domain.tokenizer import load_tokenizer
+
+    cfg = demo.get_config(stage)
+    cfg.data.update(data_dir=str(root), tokenizer=str(tokenizer_dir), batch_size=8, eval_batch_size=4)
+    cfg.model.llama_overrides.vocab_size = len(load_tokenizer(tokenizer_dir))
+    return cfg
+
+
 @pytest.mark.parametrize("stage", ["1a", "1b_reports", "2b"])
 def test_each_stage_batches(demo_data, stage, tmp_path):
-    from configs import demo
     from cxrllava_jax.training.tasks import make_task
 
     root, tokenizer_dir = demo_data
-    cfg = demo.get_config(stage)
-    cfg.data.update(data_dir=str(root), tokenizer=str(tokenizer_dir), batch_size=8, eval_batch_size=4)
+    cfg = stage_config(stage, root, tokenizer_dir)
     data = stage_data.make_stage_data(cfg, make_task(cfg))
     batch = next(data.train)
     image_size = 64
@@ -212,3 +221,27 @@ def test_each_stage_batches(demo_data, stage, tmp_path):
     eval_batches = list(data.eval())
     assert eval_batches and all(b["image"].shape[0] == 4 for b in eval_batches)
     assert_same_batches(list(data.eval()), eval_batches)  # a fresh, identical pass each time
+
+
+@pytest.mark.parametrize("stage", ["1a", "1b_reports", "2a"])
+def test_encoded_rows_have_the_abstract_batch_shapes(demo_data, stage):
+    """What the encoder makes of an example is one row of the task's abstract batch (compile-ahead relies on it)."""
+    from cxrllava_jax.training import stage_records
+    from cxrllava_jax.training.tasks import make_task
+
+    cfg = stage_config(stage, *demo_data)
+    task = make_task(cfg)
+    row = task.encoder()(task.examples(stage_records.load(cfg, "train"))[0])
+    expected = {k: (s.shape[1:], np.dtype(s.dtype)) for k, s in task.abstract_batch(3).items()}
+    assert {k: (np.shape(v), np.asarray(v).dtype) for k, v in row.items()} == expected
+    assert all(s.shape[0] == 3 for s in task.abstract_batch(3).values())
+
+
+def test_a_tokenizer_the_model_cannot_use_is_refused(demo_data):
+    """Training refuses a language model whose vocabulary inference would refuse (far larger than the tokenizer)."""
+    from cxrllava_jax.training.tasks import make_task
+
+    cfg = stage_config("2b", *demo_data)
+    cfg.model.llama_overrides.vocab_size = 4 * cfg.model.llama_overrides.vocab_size
+    with pytest.raises(ValueError, match="does not belong to this model"):
+        make_task(cfg).encoder()

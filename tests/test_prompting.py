@@ -5,7 +5,7 @@ import pytest
 
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.domain.tokenizer import load_tokenizer
-from inference_fixtures import tokenizer_dir
+from cxrllava_jax.reference.tiny_models import tokenizer_dir
 
 SYSTEM = ("You are a helpful radiologist. Try to interpret chest x ray image and answer to the question that user "
           "provides.")

@@ -15,14 +15,13 @@ import pytest
 from PIL import Image
 
 from cxrllava_jax.domain.images import load_grayscale
-from cxrllava_jax.inference.api import CXRLLaVA
 from cxrllava_jax.inference.generate import SamplingOptions
 from cxrllava_jax.serving.app import create_app
 from cxrllava_jax.serving.limits import MIB, Limits
 from cxrllava_jax.serving.scheduler import Job
-from dicom_files import write_dicom
-from inference_fixtures import checkpoint_dir, synthetic_radiograph
-from serving_fixtures import (NIH_PNG, NON_CHEST_DICOM, LiveServer, data_url, endless_tiny_model, image_message,
+from cxrllava_jax.reference.tiny_models import checkpoint_dir, synthetic_radiograph
+from tests.dicom_files import write_dicom
+from tests.serving_fixtures import (NIH_PNG, NON_CHEST_DICOM, LiveServer, data_url, endless_tiny_model, image_message,
                               multipart)
 
 KEY = "test-key-0123456789"
@@ -30,11 +29,6 @@ MODEL_ID = "cxr-llava-tiny"
 LIMITS = Limits(max_image_bytes=1 * MIB, max_image_pixels=4_000_000, max_output_tokens=400)
 GREEDY = dict(temperature=0.0, max_tokens=10)
 QUESTION = "Is there a pleural effusion?"
-
-
-@pytest.fixture(scope="module")
-def model():
-    return CXRLLaVA.from_pretrained(checkpoint_dir())
 
 
 @pytest.fixture(scope="module")

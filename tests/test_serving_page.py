@@ -17,7 +17,7 @@ from cxrllava_jax.domain import prompting
 from cxrllava_jax.inference.generate import Generator
 from cxrllava_jax.serving.app import create_app
 from cxrllava_jax.serving.limits import Limits
-from serving_fixtures import NIH_PNG, LiveServer, endless_tiny_model
+from tests.serving_fixtures import NIH_PNG, LiveServer, endless_tiny_model
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 if not (CHROMIUM and CHROMEDRIVER) and not os.environ.get("CI"):  # .ci/run installs them: CI never skips

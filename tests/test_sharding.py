@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent("""
 
     from cxrllava_jax import sharding
     from cxrllava_jax.models.configs import CXR_LLAVA_PRESETS, Runtime
-    from cxrllava_jax.models.cxr_llava import CXRLLaVA
+    from cxrllava_jax.models.cxr_llava import CXRLLaVAModel
 
     cfg = CXR_LLAVA_PRESETS["cxr_llava_tiny"]
     rng = np.random.RandomState(0)
@@ -36,7 +36,7 @@ SCRIPT = textwrap.dedent("""
     report = {"devices": jax.device_count(), "mesh": dict(mesh.shape)}
 
     for scan in (False, True):
-        model = CXRLLaVA(cfg, Runtime(scan=scan))
+        model = CXRLLaVAModel(cfg, Runtime(scan=scan))
         variables, shardings = sharding.create_sharded(
             lambda key: model.init(key, images, tokens, valid), mesh, jax.random.key(0))
         params, param_shardings = variables["params"], shardings["params"]

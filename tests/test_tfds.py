@@ -93,9 +93,10 @@ def test_training_reads_the_built_records_as_it_reads_the_files(built):
         configs[name] = cfg = demo.get_config("1a")
         cfg.data.update(data_dir=str(manual), tfds_dir=tfds_dir, batch_size=4, eval_batch_size=2)
     task = make_task(configs["files"])
-    encode = stage_records.encoder(configs["files"], task)
-    from_files = {str(e.image).removeprefix(f"{manual}/"): e for e in stage_records.load(configs["files"], "train")}
-    from_tfds = {str(e.image): e for e in stage_records.load(configs["tfds"], "train")}
+    encode = task.encoder()
+    from_files = {str(e.image).removeprefix(f"{manual}/"): e
+                  for e in task.examples(stage_records.load(configs["files"], "train"))}
+    from_tfds = {str(e.image): e for e in task.examples(stage_records.load(configs["tfds"], "train"))}
     assert from_files.keys() == from_tfds.keys()
     for name, example in from_tfds.items():
         assert isinstance(example.image, tfds_builders.StoredImage)

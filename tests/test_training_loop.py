@@ -19,6 +19,7 @@ from flax import traverse_util
 
 from cxrllava_jax.convert import checkpoint as model_checkpoint
 from cxrllava_jax.training import loop
+from cxrllava_jax.training import stages
 from cxrllava_jax.training.checkpoints import RunCheckpoints
 from cxrllava_jax.training.tasks import make_task
 from tests import training_setup as setup
@@ -38,19 +39,17 @@ def flat_params(model_dir) -> dict:
 
 def test_every_stage_runs_and_hands_its_model_to_the_next(data, tmp_path):
     """1A -> 1B (labels, text tower released mid-run) -> 1B (reports) -> 2A -> 2B, each from the previous model."""
-    chain = [("1a", {}), ("1b_labels", {"text_unfreeze_step": 2, "checkpoint.best_metric": ""}),
-             ("1b_reports", {}), ("2a", {}), ("2b", {})]
-    previous = None
-    for stage, overrides in chain:
+    for stage in stages.NAMES:
+        overrides = {"text_unfreeze_step": 2, "checkpoint.best_metric": ""} if stage == "1b_labels" else {}
+        previous = stages.get(stage).previous
         if previous:
-            overrides = {**overrides, "init.checkpoint": str(tmp_path / previous / "model")}
+            overrides["init.checkpoint"] = str(stages.run_dir(tmp_path, previous) / "model")
         cfg = setup.parse(setup.stage_flags(stage, *data, steps=4, eval_every_steps=4, **overrides))
-        summary = loop.train_and_evaluate(cfg, tmp_path / stage)
+        summary = loop.train_and_evaluate(cfg, stages.run_dir(tmp_path, stage))
         assert summary["steps"] == 4
         assert all(np.isfinite(v) for v in summary["eval"].values()), summary
         assert (tmp_path / stage / "model" / "model_config.json").is_file()
         assert list((tmp_path / stage / "tensorboard").glob("events.out.tfevents.*"))
-        previous = stage
     assert "auroc" in json.loads((tmp_path / "1a" / "summary.json").read_text())["eval"]
     # The towers named in config.init.towers arrive unchanged; 2B's frozen image encoder leaves unchanged.
     stage2a, stage2b = flat_params(tmp_path / "2a" / "model"), flat_params(tmp_path / "2b" / "model")

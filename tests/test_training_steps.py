@@ -66,15 +66,31 @@ def test_loss_falls_and_frozen_parameters_stay(stage):
         assert state_paths, "trainable params must have optimizer state under Adam"
 
 
-def test_released_group_keeps_optimizer_state_of_others():
-    params = {"img": {"w": jnp.ones(3)}, "txt": {"w": jnp.ones(2)}}
-    tx = optax.adam(1e-2)
-    first = init_opt_state(tx, params, ("txt/.*",))
-    first = jax.tree.map(lambda x: x + 7 if x.dtype == jnp.float32 else x, first)
-    second = init_opt_state(tx, params, (), previous=first)
-    mu = second[0].mu
-    np.testing.assert_array_equal(mu["img/w"], np.full(3, 7.0))
-    np.testing.assert_array_equal(mu["txt/w"], np.zeros(2))
+def test_released_group_trains_from_its_step_and_others_keep_their_state():
+    """A release is a schedule inside the optimizer: before it the group stays put with zero moments, from it on
+    the group trains; the state keeps one structure and the other parameters' moments carry on."""
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict(dict(name="adam", learning_rate=1e-2, momentum=0.0, b1=0.9, b2=0.999, eps=1e-8,
+                                         weight_decay=0.0, warmup_steps=0, schedule="constant", end_lr_fraction=0.0,
+                                         grad_clip_norm=0.0, grad_accum_steps=1))
+    tx, _ = build_optimizer(cfg, total_steps=10, releases=(("txt/.*", 3),))
+    params = {"img/w": jnp.ones(3), "txt/w": jnp.ones(2)}
+    state = tx.init(params)
+    structure = jax.tree.structure(state)
+    grads = {"img/w": jnp.ones(3), "txt/w": jnp.ones(2)}
+    moved = []
+    for _ in range(5):
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        moved.append(bool(np.any(np.asarray(updates["txt/w"]) != 0)))
+        assert jax.tree.structure(state) == structure
+    assert moved == [False, False, False, True, True]
+    mu = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(state) if "mu" in jax.tree_util.keystr(p)}
+    img_mu = [v for k, v in mu.items() if "img/w" in k][0]
+    txt_mu = [v for k, v in mu.items() if "txt/w" in k][0]
+    np.testing.assert_allclose(img_mu, 1 - 0.9 ** 5, rtol=1e-6)  # five steps of moments
+    np.testing.assert_allclose(txt_mu, 1 - 0.9 ** 2, rtol=1e-6)  # two: it started from zero at the release
 
 
 def test_freezing_everything_is_refused():

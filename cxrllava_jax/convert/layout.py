@@ -9,8 +9,7 @@ import re
 
 import numpy as np
 
-# The layer stacks of our models, by the name `apply_layers` gives them.
-STACK_NAMES = ("resblocks", "block", "layer")
+from cxrllava_jax.models.layers import STACK_NAMES
 _NUMBERED = re.compile(rf"^({'|'.join(STACK_NAMES)})_(\d+)$")
 
 

@@ -67,11 +67,11 @@ def release_entries(cfg: CXRLLaVAConfig) -> list[Entry]:
 def release_expected_shapes(cfg: CXRLLaVAConfig) -> dict:
     import jax.numpy as jnp
 
-    from cxrllava_jax.models.cxr_llava import CXRLLaVA
+    from cxrllava_jax.models.cxr_llava import CXRLLaVAModel
 
     size = cfg.vision.image_size
     tokens = jnp.full((1, cfg.num_image_tokens + 1), cfg.image_token_id, jnp.int32)
-    return expected_shapes(CXRLLaVA(cfg), jnp.zeros((1, size, size, cfg.vision.in_channels)), tokens)
+    return expected_shapes(CXRLLaVAModel(cfg), jnp.zeros((1, size, size, cfg.vision.in_channels)), tokens)
 
 
 def load_release(directory) -> tuple[CXRLLaVAConfig, dict]:

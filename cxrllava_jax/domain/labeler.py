@@ -22,7 +22,7 @@ LABELED_OBSERVATIONS = tuple(o for o in CHEXPERT_OBSERVATIONS if o != "No Findin
 _PRECEDENCE = {POSITIVE: 2, UNCERTAIN: 1, NEGATIVE: 0}
 
 # Sentence ends: punctuation then space (so "1.5 cm" stays whole), or a blank line; single newlines are line wraps.
-_SENTENCE_END = re.compile(r"(?<=[.?!])\s+|\n\s*\n")
+SENTENCE_END = re.compile(r"(?<=[.?!])\s+|\n\s*\n")
 _SEGMENT = re.compile(r",|\band\b")
 _LIST_LINK = re.compile(r"\b(?:and|or)\b")
 _TRAILING_VERB = re.compile(r"\b(?:is|are|was|were)\s*$")
@@ -66,7 +66,7 @@ class ReportLabeler:
         return np.array([list(self.label(r).values()) for r in reports], dtype=np.float64).reshape(-1, 14)
 
     def _clauses(self, report):
-        for sentence in _SENTENCE_END.split(report.lower()):
+        for sentence in SENTENCE_END.split(report.lower()):
             for clause in self._clause_break.split(" ".join(sentence.split())):
                 if clause.strip():
                     yield clause

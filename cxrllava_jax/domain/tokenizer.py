@@ -49,4 +49,4 @@ def check_vocabulary(tokenizer, vocab_size: int, origin: str):
     size = len(tokenizer)
     if size > vocab_size or vocab_size > -(-size // 128) * 128:
         raise ValueError(f"{origin}: the tokenizer has {size} tokens but the model's vocabulary has {vocab_size}; "
-                         "this tokenizer does not belong to this checkpoint")
+                         "this tokenizer does not belong to this model")

@@ -41,7 +41,7 @@ class CXRLLaVA:
                  origin: str = "model"):
         check_vocabulary(tokenizer, config.llama.vocab_size, origin)
         self.config, self.tokenizer = config, tokenizer
-        self.generator = Generator(cxr_llava.CXRLLaVA(config, runtime), {"params": params},
+        self.generator = Generator(cxr_llava.CXRLLaVAModel(config, runtime), {"params": params},
                                    eos_id=tokenizer.eos_token_id, vocab_limit=len(tokenizer))
 
     @classmethod

@@ -8,7 +8,7 @@ when every row has produced EOS or used its token budget; to stream, it runs in 
 host hands each chunk's tokens to the caller between calls (the same compiled loop, a different stop step).
 
 Works for the language model alone (`models.llama.Llama`, prompts of token ids) and for CXR-LLaVA
-(`models.cxr_llava.CXRLLaVA`, prompts holding the image positions, plus one image per prompt).
+(`models.cxr_llava.CXRLLaVAModel`, prompts holding the image positions, plus one image per prompt).
 """
 
 import dataclasses
@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cxrllava_jax.domain.prompting import PromptTooLongError
-from cxrllava_jax.models.cxr_llava import CXRLLaVA
+from cxrllava_jax.models.cxr_llava import CXRLLaVAModel
 from cxrllava_jax.models.layers import dtype_of
-from cxrllava_jax.models.llama import attention_mask, init_cache
+from cxrllava_jax.models.llama import attention_mask, init_cache, prompt_positions_and_mask
 
 # The release writes at most this many tokens (and never past the context window).
 RELEASE_MAX_NEW_TOKENS = 512
@@ -91,13 +91,13 @@ class DecodeSpec:
     """The static half of the jitted functions. Flax modules compare by configuration, so every Generator of
     an equal model shares the compiled functions (loading a model twice does not compile twice)."""
 
-    model: Any  # models.llama.Llama or models.cxr_llava.CXRLLaVA
+    model: Any  # models.llama.Llama or models.cxr_llava.CXRLLaVAModel
     eos_id: int
     vocab_limit: int | None  # the tokenizer's size: ids past it (a padded embedding table) are never sampled
 
     @property
     def llama_config(self):
-        return self.model.config.llama if isinstance(self.model, CXRLLaVA) else self.model.config
+        return self.model.config.llama if isinstance(self.model, CXRLLaVAModel) else self.model.config
 
     def mask_vocab(self, logits):
         if self.vocab_limit is None or self.vocab_limit >= logits.shape[-1]:
@@ -106,19 +106,19 @@ class DecodeSpec:
 
 
 class Generator:
-    """Generates continuations of token prompts with `model` (a Llama or a CXRLLaVA) and its `params`."""
+    """Generates continuations of token prompts with `model` (a Llama or a CXRLLaVAModel) and its `params`."""
 
     def __init__(self, model, params, *, eos_id: int, vocab_limit: int | None = None, length_bucket: int = 64):
         self.spec = DecodeSpec(model, eos_id, vocab_limit)
         self.params, self.length_bucket = params, length_bucket
-        self.multimodal = isinstance(model, CXRLLaVA)
+        self.multimodal = isinstance(model, CXRLLaVAModel)
 
     def generate(self, prompts: Sequence[np.ndarray], images: np.ndarray | None = None,
                  options: SamplingOptions = SamplingOptions(),
                  on_tokens: Callable[[list[list[int]]], None] | None = None, stream_every: int = 4) -> list[list[int]]:
         """Continuations of `prompts` (1-D token arrays), each cut before its EOS.
 
-        `images` [batch, H, W, 1] go with the prompts of a CXRLLaVA model. Each row writes at most
+        `images` [batch, H, W, 1] go with the prompts of a CXRLLaVAModel. Each row writes at most
         `options.max_new_tokens` and never past the context window (the release's rule: at most
         context - prompt length - 1). With `on_tokens`, every `stream_every` steps it receives each row's
         new tokens (an empty list for rows that have finished).
@@ -181,9 +181,8 @@ def prefill(spec: DecodeSpec, params, tokens, valid, images, budget, temperature
             cache_length: int) -> DecodeState:
     """Left-padded prompts [batch, length] into a fresh cache of `cache_length` slots; samples the first token."""
     batch, prompt_length = tokens.shape
-    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
     kv_valid = jnp.pad(valid, ((0, 0), (0, cache_length - prompt_length)))
-    mask = attention_mask(jnp.broadcast_to(jnp.arange(prompt_length), tokens.shape), kv_valid)
+    positions, mask = prompt_positions_and_mask(valid, kv_valid)
     cache = init_cache(spec.llama_config, batch, cache_length, dtype_of(spec.model.runtime.dtype))
     logits, cache = spec.model.apply(params, tokens, images, positions, mask, cache, method=_prefill_last_logits)
     first = sample_next(spec.mask_vocab(logits), temperature, top_p, jax.random.fold_in(key, 0))
@@ -218,7 +217,7 @@ def decode(spec: DecodeSpec, params, state: DecodeState, stop_step) -> DecodeSta
 
 
 def _language_model(module):
-    return module.llm if isinstance(module, CXRLLaVA) else module
+    return module.llm if isinstance(module, CXRLLaVAModel) else module
 
 
 def _prefill_last_logits(module, tokens, images, positions, mask, cache):

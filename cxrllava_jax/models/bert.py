@@ -7,15 +7,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cxrllava_jax.models.configs import BertConfig, Runtime
-from cxrllava_jax.models.layers import apply_layers, attention, dense, dtype_of, partitioned
-
-
-def _layer_norm(cfg: BertConfig, rt: Runtime, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(
-        epsilon=cfg.layer_norm_eps, dtype=dtype_of(rt.dtype), param_dtype=dtype_of(rt.param_dtype), name=name,
-        scale_init=partitioned(nn.initializers.ones_init(), "embed"),
-        bias_init=partitioned(nn.initializers.zeros_init(), "embed"),
-    )
+from cxrllava_jax.models.layers import BERT_STACK, apply_layers, attention, dense, dtypes, layer_norm, partitioned
 
 
 class BertLayer(nn.Module):
@@ -28,15 +20,15 @@ class BertLayer(nn.Module):
     def __call__(self, x, _, mask):
         cfg, rt = self.config, self.runtime
         head_dim = cfg.hidden_size // cfg.num_heads
-        kw = dict(use_bias=True, dtype=dtype_of(rt.dtype), param_dtype=dtype_of(rt.param_dtype))
+        kw = dict(use_bias=True, **dtypes(rt))
         q, k, v = (dense((cfg.num_heads, head_dim), (("embed",), ("heads", "kv")), name=n, **kw)(x)
                    for n in ("query", "key", "value"))
         h = attention(q, k, v, mask, implementation=rt.attention_impl)
         h = dense(cfg.hidden_size, (("heads", "kv"), ("embed",)), in_axis=(-2, -1), name="attention_output", **kw)(h)
-        x = _layer_norm(cfg, rt, "attention_LayerNorm")(x + h)
+        x = layer_norm(cfg.layer_norm_eps, rt, "attention_LayerNorm")(x + h)
         h = dense(cfg.intermediate_size, (("embed",), ("mlp",)), name="intermediate", **kw)(x)
         h = dense(cfg.hidden_size, (("mlp",), ("embed",)), name="output", **kw)(nn.gelu(h, approximate=False))
-        return _layer_norm(cfg, rt, "output_LayerNorm")(x + h), None
+        return layer_norm(cfg.layer_norm_eps, rt, "output_LayerNorm")(x + h), None
 
 
 class Bert(nn.Module):
@@ -47,11 +39,10 @@ class Bert(nn.Module):
     def __call__(self, input_ids, attention_mask, token_type_ids=None):
         """input_ids, attention_mask: [batch, length]. Returns (last hidden states, pooler output)."""
         cfg, rt = self.config, self.runtime
-        dtype, param_dtype = dtype_of(rt.dtype), dtype_of(rt.param_dtype)
 
         def embed(num, name, axis_name):
             init = partitioned(nn.initializers.normal(0.02), axis_name, "embed")
-            return nn.Embed(num, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, name=name, embedding_init=init)
+            return nn.Embed(num, cfg.hidden_size, name=name, embedding_init=init, **dtypes(rt))
 
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
@@ -59,11 +50,11 @@ class Bert(nn.Module):
         x = (embed(cfg.vocab_size, "word_embeddings", "vocab")(input_ids)
              + embed(cfg.type_vocab_size, "token_type_embeddings", "classes")(token_type_ids)
              + embed(cfg.max_position_embeddings, "position_embeddings", "length")(positions))
-        x = _layer_norm(cfg, rt, "embeddings_LayerNorm")(x)
+        x = layer_norm(cfg.layer_norm_eps, rt, "embeddings_LayerNorm")(x)
         mask = attention_mask.astype(bool)[:, None, None, :]
         x, _ = apply_layers(BertLayer, dict(config=cfg, runtime=rt), x, None, mask, num_layers=cfg.num_layers,
-                            scan=rt.scan, remat_policy=rt.remat_policy, name="layer")
-        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype)
+                            scan=rt.scan, remat_policy=rt.remat_policy, name=BERT_STACK)
+        kw = dict(use_bias=True, **dtypes(rt))
         pooled = jnp.tanh(dense(cfg.hidden_size, (("embed",), ("mlp",)), name="pooler", **kw)(x[:, 0]))
         return x, pooled
 
@@ -86,5 +77,4 @@ class TextEncoder(nn.Module):
             pooled = (hidden * weights).sum(1) / jnp.maximum(weights.sum(1), 1)
         else:
             raise ValueError(f"text pooling must be 'cls' or 'mean', got {self.pooling!r}")
-        return dense(self.embed_dim, (("embed",), ("clip",)), use_bias=False, dtype=dtype_of(self.runtime.dtype),
-                     param_dtype=dtype_of(self.runtime.param_dtype), name="proj")(pooled)
+        return dense(self.embed_dim, (("embed",), ("clip",)), use_bias=False, name="proj", **dtypes(self.runtime))(pooled)

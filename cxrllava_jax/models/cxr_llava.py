@@ -10,8 +10,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cxrllava_jax.models.configs import CXRLLaVAConfig, Runtime
-from cxrllava_jax.models.layers import dense, dtype_of
-from cxrllava_jax.models.llama import Llama, attention_mask
+from cxrllava_jax.models.layers import dense, dtypes
+from cxrllava_jax.models.llama import Llama, prompt_positions_and_mask
 from cxrllava_jax.models.vit import VisionTransformer
 
 
@@ -24,7 +24,7 @@ class Projector(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kw = dict(use_bias=True, dtype=dtype_of(self.runtime.dtype), param_dtype=dtype_of(self.runtime.param_dtype))
+        kw = dict(use_bias=True, **dtypes(self.runtime))
         if self.kind == "linear":
             return dense(self.features, (("mlp",), ("embed",)), name="linear", **kw)(x)
         if self.kind == "mlp2x_gelu":
@@ -44,7 +44,9 @@ def splice_image_features(text_embeds, image_features, is_image):
     return jnp.where(is_image[..., None], gathered.astype(text_embeds.dtype), text_embeds)
 
 
-class CXRLLaVA(nn.Module):
+class CXRLLaVAModel(nn.Module):
+    """The Flax module (the Python API around a trained one is `inference.api.CXRLLaVA`)."""
+
     config: CXRLLaVAConfig
     runtime: Runtime = Runtime()
 
@@ -77,7 +79,6 @@ class CXRLLaVA(nn.Module):
         """
         valid = jnp.ones(tokens.shape, bool) if valid is None else valid.astype(bool)
         embeds = self.embed(tokens, self.encode_images(images))
-        positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-        mask = attention_mask(jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape), valid)
+        positions, mask = prompt_positions_and_mask(valid)
         logits, _ = self.decode(embeds, positions, mask)
         return logits

@@ -1,4 +1,4 @@
-"""Building blocks shared by the towers: partitioned dense layers, attention, layer stacking."""
+"""Building blocks shared by the towers: dtypes, partitioned dense and LayerNorm layers, attention, layer stacks."""
 
 from typing import Any, Callable
 
@@ -9,13 +9,29 @@ import numpy as np
 
 Dtype = Any
 
+# The layer stacks' names (`apply_layers(name=...)`): open_clip's, LLaMA's (ours) and BERT's. convert/layout.py
+# reads them to move between scanned and unrolled checkpoints.
+VIT_STACK, LLAMA_STACK, BERT_STACK = "resblocks", "block", "layer"
+STACK_NAMES = (VIT_STACK, LLAMA_STACK, BERT_STACK)
+
 
 def dtype_of(name: str | Dtype) -> Dtype:
     return jnp.dtype(name) if isinstance(name, str) else name
 
 
+def dtypes(runtime) -> dict:
+    """The compute and parameter dtypes of `runtime` as the keyword arguments Flax layers take."""
+    return dict(dtype=dtype_of(runtime.dtype), param_dtype=dtype_of(runtime.param_dtype))
+
+
 def partitioned(init: Callable, *names: str | None) -> Callable:
     return nn.with_logical_partitioning(init, names)
+
+
+def layer_norm(eps: float, runtime, name: str) -> nn.LayerNorm:
+    """LayerNorm over the `embed` axis (ViT and BERT)."""
+    return nn.LayerNorm(epsilon=eps, name=name, scale_init=partitioned(nn.initializers.ones_init(), "embed"),
+                        bias_init=partitioned(nn.initializers.zeros_init(), "embed"), **dtypes(runtime))
 
 
 class Dense(nn.Module):

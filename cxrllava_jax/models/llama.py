@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from cxrllava_jax.models.configs import LlamaConfig, Runtime
-from cxrllava_jax.models.layers import apply_layers, attention, dense, dtype_of, partitioned
+from cxrllava_jax.models.layers import LLAMA_STACK, apply_layers, attention, dense, dtype_of, dtypes, partitioned
 
 
 class RMSNorm(nn.Module):
@@ -47,6 +47,14 @@ def attention_mask(query_slots, kv_valid):
     return (causal & kv_valid[:, None, :])[:, None]
 
 
+def prompt_positions_and_mask(valid, kv_valid=None):
+    """Positions counting only a row's real tokens (padding left or right changes nothing) and the causal mask
+    of a whole prompt at slots 0..length-1. valid: [batch, length] bool; kv_valid (default `valid`): the cache's."""
+    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+    slots = jnp.broadcast_to(jnp.arange(valid.shape[1]), valid.shape)
+    return positions, attention_mask(slots, valid if kv_valid is None else kv_valid)
+
+
 class DecoderLayer(nn.Module):
     config: LlamaConfig
     runtime: Runtime
@@ -54,7 +62,7 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, layer_cache, positions, mask, cache_index):
         cfg, rt = self.config, self.runtime
-        kw = dict(use_bias=False, dtype=dtype_of(rt.dtype), param_dtype=dtype_of(rt.param_dtype))
+        kw = dict(use_bias=False, **dtypes(rt))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         h = RMSNorm(cfg.rms_norm_eps, rt, name="input_layernorm")(x)
         q = dense((cfg.num_heads, cfg.kv_dim), (("embed",), ("heads", "kv")), name="q_proj", **kw)(h)
@@ -84,7 +92,7 @@ class DecoderStack(nn.Module):
     def __call__(self, x, cache, positions, mask, cache_index):
         return apply_layers(DecoderLayer, dict(config=self.config, runtime=self.runtime), x, cache, positions, mask,
                             cache_index, num_layers=self.config.num_layers, scan=self.runtime.scan,
-                            remat_policy=self.runtime.remat_policy, name="block")
+                            remat_policy=self.runtime.remat_policy, name=LLAMA_STACK)
 
 
 class Llama(nn.Module):
@@ -96,12 +104,11 @@ class Llama(nn.Module):
     def setup(self):
         cfg, rt = self.config, self.runtime
         self.embed_tokens = nn.Embed(
-            cfg.vocab_size, cfg.hidden_size, dtype=dtype_of(rt.dtype), param_dtype=dtype_of(rt.param_dtype),
+            cfg.vocab_size, cfg.hidden_size, **dtypes(rt),
             embedding_init=partitioned(nn.initializers.normal(0.02), "vocab", "embed"))
         self.layers = DecoderStack(cfg, rt)
         self.norm = RMSNorm(cfg.rms_norm_eps, rt)
-        self.lm_head = dense(cfg.vocab_size, (("embed",), ("vocab",)), use_bias=False, dtype=dtype_of(rt.dtype),
-                             param_dtype=dtype_of(rt.param_dtype), name="lm_head",
+        self.lm_head = dense(cfg.vocab_size, (("embed",), ("vocab",)), use_bias=False, **dtypes(rt), name="lm_head",
                              kernel_init=nn.initializers.normal(0.02))
 
     def embed(self, tokens):
@@ -116,8 +123,7 @@ class Llama(nn.Module):
     def __call__(self, tokens, valid=None):
         """Full causal forward over [batch, length] tokens; `valid` marks non-padding (left or right)."""
         valid = jnp.ones(tokens.shape, bool) if valid is None else valid.astype(bool)
-        positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-        mask = attention_mask(jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape), valid)
+        positions, mask = prompt_positions_and_mask(valid)
         logits, _ = self.decode(self.embed(tokens), positions, mask)
         return logits
 

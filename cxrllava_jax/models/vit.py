@@ -9,15 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from cxrllava_jax.models.configs import Runtime, VisionConfig
-from cxrllava_jax.models.layers import apply_layers, attention, dense, dtype_of, partitioned
-
-
-def layer_norm(eps: float, runtime: Runtime, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(
-        epsilon=eps, dtype=dtype_of(runtime.dtype), param_dtype=dtype_of(runtime.param_dtype), name=name,
-        scale_init=partitioned(nn.initializers.ones_init(), "embed"),
-        bias_init=partitioned(nn.initializers.zeros_init(), "embed"),
-    )
+from cxrllava_jax.models.layers import VIT_STACK, apply_layers, attention, dense, dtype_of, dtypes, layer_norm, partitioned
 
 
 class SelfAttention(nn.Module):
@@ -30,7 +22,7 @@ class SelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x, mask=None):
         head_dim = self.width // self.heads
-        kw = dict(use_bias=True, dtype=dtype_of(self.runtime.dtype), param_dtype=dtype_of(self.runtime.param_dtype))
+        kw = dict(use_bias=True, **dtypes(self.runtime))
         q, k, v = (dense((self.heads, head_dim), (("embed",), ("heads", "kv")), name=n, **kw)(x) for n in "qkv")
         out = attention(q, k, v, mask, implementation=self.runtime.attention_impl)
         return dense(self.width, (("heads", "kv"), ("embed",)), in_axis=(-2, -1), name="out", **kw)(out)
@@ -45,7 +37,7 @@ class ResidualBlock(nn.Module):
     @nn.compact
     def __call__(self, x, _, *__):
         cfg, rt = self.config, self.runtime
-        kw = dict(use_bias=True, dtype=dtype_of(rt.dtype), param_dtype=dtype_of(rt.param_dtype))
+        kw = dict(use_bias=True, **dtypes(rt))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         h = SelfAttention(cfg.width, cfg.heads, rt, name="attn")(layer_norm(cfg.layer_norm_eps, rt, "ln_1")(x))
         x = x + self._layer_scale("ls_1", h)
@@ -99,7 +91,7 @@ class VisionTransformer(nn.Module):
         if not cfg.no_ln_pre:
             x = layer_norm(cfg.layer_norm_eps, rt, "ln_pre")(x)
         x, _ = apply_layers(ResidualBlock, dict(config=cfg, runtime=rt), x, None, num_layers=cfg.layers,
-                            scan=rt.scan, remat_policy=rt.remat_policy, name="resblocks")
+                            scan=rt.scan, remat_policy=rt.remat_policy, name=VIT_STACK)
         ln_post = layer_norm(cfg.layer_norm_eps, rt, "ln_post")
         if not cfg.final_ln_after_pool:
             x = ln_post(x)

@@ -1,7 +1,7 @@
-"""Feeding a stage: records from the dataset adapters -> the stage's view -> Grain -> global jax.Arrays.
+"""Feeding a stage: records from the dataset adapters -> the task's examples -> Grain -> global jax.Arrays.
 
 The batching, sharding by process, shuffling, worker processes and bad-record handling are
-`input_pipeline.pipelines`; this module picks the stage's examples and encoder and the config's settings.
+`input_pipeline.pipelines`; the examples and their encoder are the task's; this module adds the config's settings.
 The train iterator's state is what the checkpoint stores to resume at the same position; its
 `bad_records` attribute counts the records skipped so far (see `config.data.max_bad_fraction`).
 """
@@ -31,8 +31,8 @@ class StageData:
 
 
 def make_stage_data(cfg, task) -> StageData:
-    encode = stage_records.encoder(cfg, task)
-    train_examples = stage_records.load(cfg, cfg.data.train_split)
+    encode = task.encoder()
+    train_examples = task.examples(stage_records.load(cfg, cfg.data.train_split))
     batch_size = cfg.data.batch_size
     if len(train_examples) < batch_size:
         raise ValueError(f"the {cfg.data.train_split} split has {len(train_examples)} examples, fewer than "
@@ -42,7 +42,7 @@ def make_stage_data(cfg, task) -> StageData:
                               **settings)
     eval_fn = None
     if cfg.data.eval_split:
-        eval_examples = stage_records.load(cfg, cfg.data.eval_split)
+        eval_examples = task.examples(stage_records.load(cfg, cfg.data.eval_split))
         if len(eval_examples) >= cfg.data.eval_batch_size:
             evaluation = pipelines.batches(eval_examples, encode, cfg.data.eval_batch_size, **settings)
             eval_fn = evaluation.__iter__

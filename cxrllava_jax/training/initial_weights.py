@@ -1,11 +1,9 @@
-"""Where a stage's weights come from when it is not resuming, and the model each stage hands on.
+"""Where a stage's weights come from when it is not resuming (the model it hands on is its task's `export`).
 
 Order: random init (tiny sizes, or towers nobody provides), then the towers listed in
 `config.init.towers` from the previous stage's exported model, then pretrained Hugging Face towers
 (`config.init.llama`, `config.init.bert`) converted on the fly.
 """
-
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -14,9 +12,7 @@ from flax import traverse_util
 from cxrllava_jax.convert import checkpoint as model_checkpoint
 from cxrllava_jax.convert import hf_bert, hf_llama
 from cxrllava_jax.convert.layout import relayout
-from cxrllava_jax.training.tasks import runtime
-
-STAGE_MODEL_KIND = {"1a": "vit_classifier", "1b": "contrastive", "2a": "cxr_llava", "2b": "cxr_llava"}
+from cxrllava_jax.training.tasks.base import runtime
 
 
 def load(cfg, params, shardings):
@@ -57,10 +53,3 @@ def _checked(expected, found, origin: str):
         raise ValueError(f"initial weights from {origin} do not fit the model:\n  " + "\n  ".join(problems))
     return traverse_util.unflatten_dict({k: np.asarray(v).astype(want[k].dtype) for k, v in have.items()}, sep="/")
 
-
-def export_model(path: Path, task, params, cfg):
-    """Writes the stage's model in our checkpoint format; the next stage's `config.init.checkpoint`."""
-    # The tokenizer belongs to the language model: stages 2A/2B hand it on, stage 1 models have none.
-    tokenizer = cfg.data.tokenizer if STAGE_MODEL_KIND[cfg.stage] == "cxr_llava" else None
-    model_checkpoint.save_model(path, STAGE_MODEL_KIND[cfg.stage], task.config, jax.device_get(params),
-                                tokenizer_dir=tokenizer, scan=cfg.runtime.scan, overwrite=True)

@@ -2,7 +2,8 @@
 
 Sections in order: mesh, task and data, optimizer, initial state (resume > previous stage and
 pretrained towers > random), the loop (steps, NaN guard, logging, evaluation, checkpoints),
-and the final model export that the next stage starts from.
+and the final model export that the next stage starts from. Everything stage-specific is the task's
+(training/tasks/): this module never asks which stage it runs.
 """
 
 import json
@@ -17,24 +18,13 @@ from cxrllava_jax import sharding
 from cxrllava_jax.training import data as stage_data
 from cxrllava_jax.training import initial_weights
 from cxrllava_jax.training.checkpoints import RunCheckpoints, abstract_like
-from cxrllava_jax.training.optim import build_optimizer
-from cxrllava_jax.training.reporting import Reporter, auroc
+from cxrllava_jax.training.reporting import Reporter
 from cxrllava_jax.training.steps import TrainState, init_opt_state, make_eval_step, make_train_step
 from cxrllava_jax.training.tasks import make_task
 
 
 class NonFiniteLossError(FloatingPointError):
     pass
-
-
-def frozen_at(cfg, step: int) -> tuple[str, ...]:
-    """Frozen parameter regexes in force for the update that takes the model from `step` to `step + 1`: the
-    text tower waits for `text_unfreeze_step`. A checkpoint of step s holds the optimizer state of
-    `frozen_at(s - 1)`, so that is what restoring it expects."""
-    frozen = tuple(cfg.frozen)
-    if step < cfg.get("text_unfreeze_step", 0):
-        frozen += ("txt/.*",)
-    return frozen
 
 
 def train_and_evaluate(cfg, workdir) -> dict:
@@ -49,7 +39,7 @@ def train_and_evaluate(cfg, workdir) -> dict:
     task = make_task(cfg)
     data = stage_data.make_stage_data(cfg, task)
     total_steps = cfg.num_train_steps or math.ceil(cfg.num_epochs * data.steps_per_epoch)
-    tx, schedule = build_optimizer(cfg.optim, total_steps)
+    tx, schedule = task.optimizer(total_steps)
     checkpoints = RunCheckpoints(workdir / "checkpoints", cfg.checkpoint)
     if cfg.checkpoint.best_metric and cfg.checkpoint.every_steps % cfg.eval_every_steps:
         print(f"[stage {cfg.stage}] note: only checkpoints on evaluation steps carry {cfg.checkpoint.best_metric!r}; "
@@ -60,18 +50,13 @@ def train_and_evaluate(cfg, workdir) -> dict:
     with sharding.activate(mesh):
         state, state_shardings = _initial_state(cfg, task, tx, mesh, checkpoints, data.train)
         step = int(state.step)
-        frozen = frozen_at(cfg, max(step - 1, 0))  # what the state was built for; the loop moves on from there
-        train_step = _compile_step(task, tx, frozen, state_shardings)
+        train_step = jax.jit(make_train_step(task, tx, task.frozen), donate_argnums=0,
+                             out_shardings=(state_shardings, None, None))
         eval_step = jax.jit(make_eval_step(task))
         rng = jax.random.key(cfg.seed + 1)
         collected, last_eval = None, {}
         reporter.start(step)
         while step < total_steps:
-            if frozen_at(cfg, step) != frozen:
-                frozen = frozen_at(cfg, step)
-                state = state.replace(opt_state=init_opt_state(tx, state.params, frozen, previous=state.opt_state))
-                state_shardings = jax.tree.map(lambda x: x.sharding, state)
-                train_step = _compile_step(task, tx, frozen, state_shardings)
             host_batch = next(data.train)
             state, metrics, loss = train_step(state, data.global_batch(host_batch, mesh), rng)
             step += 1
@@ -99,7 +84,7 @@ def train_and_evaluate(cfg, workdir) -> dict:
         final_params = _to_host(_params_to_export(cfg, checkpoints, state, state_shardings))
     summary = {"stage": cfg.stage, "steps": step, "eval": last_eval, "best_step": checkpoints.best_step()}
     if writer:
-        initial_weights.export_model(workdir / "model", task, final_params, cfg)
+        task.export(workdir / "model", final_params)
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     checkpoints.close()
     reporter.close()
@@ -114,18 +99,12 @@ def _initial_state(cfg, task, tx, mesh, checkpoints, train_iterator):
     if latest is None:
         params = initial_weights.load(cfg, params, param_shardings)
     step = jax.device_put(np.int32(0), sharding.replicated(mesh))
-    frozen = frozen_at(cfg, max((latest or 0) - 1, 0))
-    state = TrainState(step=step, params=params, opt_state=init_opt_state(tx, params, frozen))
+    state = TrainState(step=step, params=params, opt_state=init_opt_state(tx, params, task.frozen))
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     if latest is not None:
         state = checkpoints.restore(latest, abstract_like(state, state_shardings), train_iterator)
         print(f"[stage {cfg.stage}] resumed from step {latest}", flush=True)
     return state, state_shardings
-
-
-def _compile_step(task, tx, frozen, state_shardings):
-    return jax.jit(make_train_step(task, tx, frozen), donate_argnums=0,
-                   out_shardings=(state_shardings, None, None))
 
 
 def _check_finite(loss, step: int, stage: str, checkpoints: RunCheckpoints):
@@ -150,18 +129,13 @@ def _host_values(collection) -> dict:
 
 
 def evaluate(task, eval_step, params, data, mesh) -> dict:
-    """Validation metrics over the whole eval split; stage 1A adds AUROC of normal vs abnormal."""
-    collected, scores, labels = None, [], []
+    """`task.eval_metrics` over the whole eval split, reduced on the host from every global batch's outputs."""
+    collected = None
     for host_batch in data.eval():
-        metrics, outputs = eval_step(params, data.global_batch(host_batch, mesh))
+        outputs = _to_host(eval_step(params, data.global_batch(host_batch, mesh)))  # every process: all rows
+        metrics = task.eval_metrics.single_from_model_output(**outputs)
         collected = metrics if collected is None else collected.merge(metrics)
-        if "probability" in outputs:  # the whole global batch on every process (each holds only its rows)
-            scores.append(multihost_utils.process_allgather(outputs["probability"], tiled=True))
-            labels.append(multihost_utils.process_allgather(outputs["label"], tiled=True))
-    values = _host_values(collected)
-    if scores:
-        values["auroc"] = auroc(np.concatenate(scores), np.concatenate(labels))
-    return values
+    return _host_values(collected)
 
 
 def _params_to_export(cfg, checkpoints, state, state_shardings):

@@ -2,12 +2,15 @@
 
 Freezing is by parameter-path regex (`config.frozen`): frozen parameters are left out of the tree the
 step differentiates and the optimizer sees, so they get no backward pass and no optimizer state.
+A group released mid-run (stage 1B's text tower) is a per-regex schedule inside the optimizer instead,
+as big_vision's `optax.make` does: see `released_at`.
 """
 
 import math
 import re
 from typing import Any, Iterable
 
+import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
@@ -50,9 +53,22 @@ def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([warmup, decays[cfg.schedule]()], [cfg.warmup_steps])
 
 
-def build_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def released_at(pattern: str, step: int) -> optax.GradientTransformation:
+    """Multiplies the leaves whose path matches `pattern` by 0 before training step `step` and by 1 from it on.
+
+    Counts calls, i.e. training steps, so it sits outside gradient accumulation. Before the optimizer it keeps
+    the group's gradients out of clipping and its moments at zero; after it, it also stops weight decay.
+    """
+    regex = re.compile(pattern)
+    gate = optax.scale_by_schedule(lambda count: (count >= step).astype(jnp.float32))
+    return optax.masked(gate, lambda flat: {path: bool(regex.fullmatch(path)) for path in flat})
+
+
+def build_optimizer(cfg, total_steps: int, releases=()) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The paper's optimizers (SGD for stage 1, Adam for stage 2) plus clipping and accumulation.
 
+    `releases` holds (regex, step) pairs: those parameters train from that step on (see `released_at`). The
+    optimizer works on the flat {path: leaf} tree of trainable parameters (`split_trainable`).
     Returns the optimizer and the learning rate as a function of the training step. With accumulation over k
     steps the optimizer updates once every k steps, so the schedule (warmup included) counts updates.
     """
@@ -69,4 +85,7 @@ def build_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation
     tx = optax.chain(*chain, makers[cfg.name]())
     if every > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=every)
+    gates = [released_at(pattern, step) for pattern, step in releases]
+    if gates:
+        tx = optax.chain(*gates, tx, *gates)
     return tx, lambda step: schedule(step // every)

@@ -1,22 +1,10 @@
-"""What a run tells its user: a progress line, TensorBoard event files (no TensorFlow), AUROC."""
+"""What a run tells its user: a progress line and TensorBoard event files (no TensorFlow)."""
 
 import json
 import time
 
 import jax
-import numpy as np
-from scipy.stats import rankdata
 from tensorboardX import SummaryWriter
-
-
-def auroc(scores, labels) -> float:
-    """Area under the ROC curve via the Mann-Whitney rank statistic (ties get average ranks)."""
-    scores, labels = np.asarray(scores, np.float64), np.asarray(labels) > 0.5
-    positives, negatives = labels.sum(), (~labels).sum()
-    if positives == 0 or negatives == 0:
-        return float("nan")
-    ranks = rankdata(scores)
-    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
 def format_duration(seconds: float) -> str:

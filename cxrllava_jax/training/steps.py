@@ -15,20 +15,10 @@ class TrainState(flax.struct.PyTreeNode):
     opt_state: Any  # over the trainable parameters only (a flat {path: leaf} tree)
 
 
-def init_opt_state(tx: optax.GradientTransformation, params, frozen, previous=None):
-    """Optimizer state for the trainable parameters; entries of `previous` carry over by path.
-
-    Called again when a frozen group is released mid-run (stage 1B's text tower), so the parameters
-    that were already training keep their momentum.
-    """
+def init_opt_state(tx: optax.GradientTransformation, params, frozen):
+    """Optimizer state for the parameters that `frozen` leaves trainable (groups released later included)."""
     trainable, _ = split_trainable(params, frozen)
-    state = jax.jit(tx.init)(trainable)
-    if previous is None:
-        return state
-    old = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(previous)}
-    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
-    merged = [old.get(jax.tree_util.keystr(path), leaf) for path, leaf in paths_leaves]
-    return jax.tree_util.tree_unflatten(treedef, merged)
+    return jax.jit(tx.init)(trainable)
 
 
 def make_train_step(task, tx: optax.GradientTransformation, frozen: tuple[str, ...]):
@@ -44,14 +34,16 @@ def make_train_step(task, tx: optax.GradientTransformation, frozen: tuple[str, .
         updates, opt_state = tx.update(grads, state.opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         new_state = state.replace(step=state.step + 1, params=merge(trainable, fixed), opt_state=opt_state)
-        return new_state, task.metrics.single_from_model_output(**outputs), loss
+        return new_state, task.train_metrics.single_from_model_output(**outputs), loss
 
     return train_step
 
 
 def make_eval_step(task):
+    """(params, batch) -> the loss's outputs; `task.eval_metrics` reduces them on the host."""
+
     def eval_step(params, batch):
         _, outputs = task.loss(params, batch, jax.random.key(0), train=False)
-        return task.metrics.single_from_model_output(**outputs), outputs
+        return outputs
 
     return eval_step

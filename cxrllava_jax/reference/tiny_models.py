@@ -1,9 +1,10 @@
 """Tiny CXR-LLaVA models for the inference tests, the notebook test and the inference benchmark.
 
-Built once and cached on disk (keyed by this file's contents, so an edit rebuilds them), each written
-beside and renamed into place so that test processes running at the same time never see half a model:
+Built once and cached on disk, keyed on everything they are built from (the sources of this library and of
+its data code, and the versions of the packages that write them), so an edit anywhere rebuilds them; each is
+written beside and renamed into place so that processes running at the same time never see half a model:
 - a LLaMA-style SentencePiece tokenizer trained on synthetic reports and the prompts;
-- `release_dir()`: a release-layout PyTorch directory (`torch_reference.ReleaseCXRLLaVA` with random
+- `release_dir()`: a release-layout PyTorch directory (`torch_models.ReleaseCXRLLaVA` with random
   weights, float32 safetensors, config.json, the tokenizer files), the thing users download;
 - `checkpoint_dir()`: the same weights imported into our checkpoint with the tokenizer under tokenizer/.
 """
@@ -11,6 +12,7 @@ beside and renamed into place so that test processes running at the same time ne
 import dataclasses
 import functools
 import hashlib
+import importlib.metadata
 import os
 import shutil
 import tempfile
@@ -24,11 +26,23 @@ from cxrllava_jax.domain import prompting
 from cxrllava_jax.domain.tokenizer import load_tokenizer, train_tokenizer
 from cxrllava_jax.models.configs import CXR_LLAVA_PRESETS
 from input_pipeline import synthetic
-from torch_reference import ReleaseCXRLLaVA, randomize_, save_release_dir
+from cxrllava_jax.reference.torch_models import ReleaseCXRLLaVA, randomize_, save_release_dir
 
 TOKENIZER_VOCAB = 512
-_ROOT = Path(tempfile.gettempdir()) / ("cxrllava-inference-fixtures-"
-                                       + hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:12])
+
+
+def _sources_key() -> str:
+    """A digest of what the models are built from: every library and data module, and the writers' versions."""
+    repo = Path(__file__).resolve().parents[2]
+    digest = hashlib.sha1()
+    for path in sorted(p for top in ("cxrllava_jax", "input_pipeline") for p in (repo / top).rglob("*.py")):
+        digest.update(str(path.relative_to(repo)).encode() + b"\0" + path.read_bytes())
+    for package in ("torch", "transformers", "sentencepiece", "safetensors", "numpy"):
+        digest.update(f"{package}=={importlib.metadata.version(package)}".encode())
+    return digest.hexdigest()[:12]
+
+
+_ROOT = Path(tempfile.gettempdir()) / f"cxrllava-inference-fixtures-{_sources_key()}"
 
 
 def synthetic_texts(num_studies: int = 300, seed: int = 0) -> list[str]:

@@ -1,4 +1,5 @@
-"""PyTorch references the parity tests and the model benchmark compare our Flax models against.
+"""PyTorch references the parity tests and the model benchmark compare our Flax models against (needs torch,
+from the `test` extra).
 
 - `VisionTransformer`: open_clip's `VisionTransformer` semantics (REFERENCE.md), built on
   `torch.nn.MultiheadAttention`, with exactly open_clip's parameter names (`conv1.weight`,

@@ -1,6 +1,6 @@
 """`make demo`: the whole method end to end on the embedded synthetic dataset, tiny sizes, on CPU.
 
-    python -m cxrllava_jax.demo --workdir=demo_workdir
+    python demo.py --workdir=demo_workdir
 
 1. generate the synthetic CXR dataset (MIMIC-CXR-JPG layout) and a small LLaMA-style tokenizer;
 2. train the five stages in order (1A classifier, 1B contrastive on label keywords then on reports,
@@ -8,7 +8,8 @@
 3. write reports for the held-out test split with the final model, label them and the ground-truth
    reports with our CheXpert-style labeler, and score them as the paper does (Table 2's protocol);
 4. print the table, one generated report with a follow-up question, and write `summary.json`.
-The same code paths as the full-size stages; only the sizes (configs/demo.py) shrink.
+The same code paths as the full-size stages; only the sizes (configs/demo.py) shrink. An entry point like
+train.py, beside the configs/ it reads: `python path/to/demo.py` runs from any directory.
 """
 
 import argparse
@@ -21,16 +22,19 @@ from cxrllava_jax.evaluation import run as evaluation
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.inference.api import CXRLLaVA
 from cxrllava_jax.domain.tokenizer import train_tokenizer
+from cxrllava_jax.training import stages
 from cxrllava_jax.training.loop import train_and_evaluate
 from input_pipeline import mimic, synthetic
 
-STAGES = ("1a", "1b_labels", "1b_reports", "2a", "2b")
 # What the demo must show to count as learned (the training issue's bar).
 REQUIRED = {"stage1a_validation_auroc": 0.90, "report_micro_f1": 0.70}
 
 
-def prepare_data(workdir: Path, num_studies: int, image_size: int, vocab_size: int, seed: int):
-    data_dir, tokenizer_dir = workdir / "data", workdir / "tokenizer"
+def prepare_data(workdir: Path, num_studies: int = demo_configs.NUM_STUDIES, seed: int = 0):
+    """The synthetic dataset and a tokenizer where the demo configs of the chain under `workdir` read them."""
+    cfg = demo_configs.get_config("2b", root=str(workdir))
+    data_dir, tokenizer_dir = Path(cfg.data.data_dir), Path(cfg.data.tokenizer)
+    image_size, vocab_size = demo_configs.IMAGE_SIZE, demo_configs.VOCAB_SIZE
     studies = synthetic.generate(data_dir, num_studies, image_size, seed)
     texts = [s.report for s in studies] + [turn["content"] for s in studies for c in s.conversations for turn in c]
     texts += [prompting.SYSTEM_PROMPT, prompting.REPORT_PROMPT, prompting.DIFFERENTIAL_PROMPT]
@@ -38,15 +42,16 @@ def prepare_data(workdir: Path, num_studies: int, image_size: int, vocab_size: i
     return data_dir, tokenizer_dir
 
 
-def stage_config(stage: str, workdir: Path, data_dir: Path, tokenizer_dir: Path, steps: int | None):
-    cfg = demo_configs.get_config(stage)
-    cfg.data.data_dir = str(data_dir)
-    cfg.data.tokenizer = str(tokenizer_dir)
-    if cfg.init.checkpoint:
-        cfg.init.checkpoint = str(workdir / demo_configs.PREVIOUS_STAGE[stage] / "model")
-    if steps:
-        cfg.num_train_steps = steps
-    return cfg
+def train_stages(workdir: Path, steps: int | None = None) -> dict:
+    """Every stage of the chain in order, each from the previous one's model; {stage: its summary}."""
+    summaries = {}
+    for stage in stages.NAMES:
+        print(f"[demo] stage {stage}", flush=True)
+        cfg = demo_configs.get_config(stage, root=str(workdir))
+        if steps:
+            cfg.num_train_steps = steps
+        summaries[stage] = train_and_evaluate(cfg, stages.run_dir(workdir, stage))
+    return summaries
 
 
 def evaluation_config():
@@ -57,7 +62,7 @@ def evaluation_config():
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cxrllava_jax.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python demo.py", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="demo_workdir", type=Path)
     parser.add_argument("--num-studies", type=int, default=demo_configs.NUM_STUDIES)
     parser.add_argument("--steps", type=int, default=None, help="override every stage's number of steps")
@@ -67,15 +72,10 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     print(f"[demo] synthetic dataset: {args.num_studies} studies at {demo_configs.IMAGE_SIZE} px in "
           f"{workdir / 'data'}")
-    data_dir, tokenizer_dir = prepare_data(workdir, args.num_studies, demo_configs.IMAGE_SIZE,
-                                           demo_configs.VOCAB_SIZE, args.seed)
-    stages = {}
-    for stage in STAGES:
-        print(f"[demo] stage {stage}", flush=True)
-        stages[stage] = train_and_evaluate(stage_config(stage, workdir, data_dir, tokenizer_dir, args.steps),
-                                           workdir / stage)
+    data_dir, _ = prepare_data(workdir, args.num_studies, args.seed)
+    summaries = train_stages(workdir, args.steps)
     print("[demo] evaluation: reports for the synthetic test split", flush=True)
-    model = CXRLLaVA.from_pretrained(workdir / "2b" / "model")
+    model = CXRLLaVA.from_pretrained(stages.run_dir(workdir, stages.NAMES[-1]) / "model")
     results = evaluation.evaluate_model(evaluation_config(), None, data_dir, workdir / "eval", batch_size=50,
                                         model=model)
     print((workdir / "eval" / "table.md").read_text())
@@ -88,12 +88,12 @@ def main(argv=None) -> int:
     print(f"[demo] study {example.study_id}\n--- ground truth ---\n{example.report}\n--- generated ---\n{report}\n"
           f"--- follow-up: Is there any abnormality on this radiograph? ---\n{answer}")
 
-    measured = {"stage1a_validation_auroc": _best_auroc(workdir / "1a"),
+    measured = {"stage1a_validation_auroc": _best_auroc(stages.run_dir(workdir, "1a")),
                 "report_micro_f1": results["result"]["averages"]["Average"]["micro"]["f1"]}
     summary = {
         "measured": measured, "required": REQUIRED,
         "passed": all(measured[k] >= v for k, v in REQUIRED.items()),
-        "stages": stages, "evaluation": {k: results[k] for k in ("dataset", "split", "result")},
+        "stages": summaries, "evaluation": {k: results[k] for k in ("dataset", "split", "result")},
         "example": {"study_id": example.study_id, "reference": example.report, "generated": report,
                     "follow_up_answer": answer},
         "wall_seconds": round(time.perf_counter() - started, 1),

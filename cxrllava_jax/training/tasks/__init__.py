@@ -1,0 +1,48 @@
+"""One `Task` per stage: everything that differs between stages, behind one small interface.
+
+The loop (`training/loop.py`), the data (`training/data.py`), the export and the benchmarks call only this:
+
+    task = make_task(cfg)                 # by config.stage: "1a", "1b", "2a", "2b"
+    # data
+    task.examples(records)                # common-schema records -> [Example] (image + label/text/conversation)
+    task.encoder()                        # -> encode(example) -> {name: np.ndarray}, one row of a batch
+    task.abstract_batch(batch_size)       # {name: jax.ShapeDtypeStruct}: compile-ahead, benchmarks
+    task.dummy_batch(batch_size)          # zeros of those shapes that the model accepts: parameter creation
+    # model, loss, metrics
+    task.model, task.config               # the Flax module and its config (what the export writes)
+    task.init(rng, batch)                 # -> variables
+    task.loss(params, batch, rng, train)  # -> (scalar loss, outputs); pure, jitted by training/steps.py
+    task.train_metrics                    # clu Collection, built from `outputs` inside the jitted train step
+    task.eval_metrics                     # clu Collection, built from `outputs` on the host (AUROC collects there)
+    task.unit, task.units(batch)          # "img"/"tok" and how many a batch holds: throughput
+    # which parameters train when
+    task.frozen                           # regexes never trained: no gradient, no optimizer state
+    task.releases                         # ((regex, step), ...): trained from `step` on (stage 1B's text tower)
+    task.optimizer(total_steps)           # -> (optax transformation that owns the releases, learning rate(step))
+    # export
+    task.export_kind, task.export(path, params)   # our checkpoint format, the next stage's init.checkpoint
+
+A release is a schedule inside the optimizer: the released group's gradients and updates are multiplied by 0
+before its step and 1 from it on, so the optimizer state has one structure for the whole run (a checkpoint
+from any step restores into it) and the train step compiles once. Until the release the group's moments
+stay exactly zero, as if it had no state; the price is its backward pass, computed and discarded (for 1B's
+BERT-base beside ViT-L/16 at 512 px about 3% of a step).
+
+A new stage is a subclass of `Task` (tasks/base.py) registered in TASKS; which stage starts from which is
+`training/stages.py`.
+"""
+
+from cxrllava_jax.training.tasks.base import Example, Task
+from cxrllava_jax.training.tasks.classification import ClassificationTask
+from cxrllava_jax.training.tasks.contrastive import ContrastiveTask
+from cxrllava_jax.training.tasks.instruction import InstructionTask
+
+TASKS = {"1a": ClassificationTask, "1b": ContrastiveTask, "2a": InstructionTask, "2b": InstructionTask}
+
+__all__ = ["Example", "Task", "TASKS", "make_task"]
+
+
+def make_task(cfg) -> Task:
+    if cfg.stage not in TASKS:
+        raise ValueError(f"config.stage must be one of {sorted(TASKS)}, got {cfg.stage!r}")
+    return TASKS[cfg.stage](cfg)
