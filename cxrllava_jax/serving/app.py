@@ -214,14 +214,16 @@ async def _final(request: Request, job: Job, sink: _Sink, scheduler: Scheduler) 
             pass
 
     answer, gone = asyncio.ensure_future(_last_event(sink)), asyncio.ensure_future(until_disconnected())
+    hung_up = True
     try:
         await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-        if not answer.done():
+        hung_up = not answer.done()
+        if hung_up:
             answer.cancel()
             scheduler.cancel(job)
-    if answer.cancelled():
+    if hung_up:
         raise RequestError(400, "the client disconnected before the answer was written")
     event = answer.result()
     if isinstance(event, Failed):

@@ -53,12 +53,12 @@ def _serve(args, listener: socket.socket, limits: Limits, api_key: str | None) -
 
     try:
         model = CXRLLaVA.from_pretrained(args.checkpoint, dtype=args.dtype)
+        name = args.model_name or args.checkpoint.resolve().name
+        app = create_app(model, name, limits=limits, api_key=api_key, max_batch_size=args.max_batch_size,
+                         max_queue=args.max_queue)
     except (FileNotFoundError, ValueError) as error:
         print(f"cxrllava serve: {error}", file=sys.stderr)
         return 1
-    name = args.model_name or args.checkpoint.resolve().name
-    app = create_app(model, name, limits=limits, api_key=api_key, max_batch_size=args.max_batch_size,
-                     max_queue=args.max_queue)
     host, port = listener.getsockname()[:2]
     print(f"cxrllava serve: model {name!r} at http://{_url_host(host)}:{port}/ (Ctrl-C stops)", file=sys.stderr,
           flush=True)

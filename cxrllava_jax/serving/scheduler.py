@@ -68,12 +68,16 @@ class QueueFull(Exception):
 class Scheduler:
     def __init__(self, model, max_batch_size: int = 16, max_queue: int = 64, stream_every: int = 4,
                  check_every: int = 16):
+        if max_batch_size < 1 or max_queue < 1:
+            raise ValueError(f"the batch size and the queue must hold at least one request, got "
+                             f"--max-batch-size {max_batch_size} and --max-queue {max_queue}")
         self.model, self.max_batch_size, self.max_queue = model, max_batch_size, max_queue
         self.stream_every, self.check_every = stream_every, check_every
         self._waiting: collections.deque[Job] = collections.deque()
         self._changed = threading.Condition()
         self._closed = False
-        self.counts = collections.Counter()  # batches, abandoned_batches (ended early), rows, running
+        # Every key exists from the start: stats() copies it while the worker updates it.
+        self.counts = collections.Counter(batches=0, rows=0, abandoned_batches=0, running=0)
         self._thread = threading.Thread(target=self._work, name="cxrllava-batcher", daemon=True)
 
     def start(self):
