@@ -20,6 +20,7 @@ COMMANDS = {
     "ask": ("cxrllava_jax.inference.cli:ask_main", "ask a question about an image"),
     "chat": ("cxrllava_jax.inference.cli:chat_main", "interactive multi-turn chat about an image"),
     "complete": ("cxrllava_jax.inference.cli:complete_main", "talk to a converted language model alone"),
+    "serve": ("cxrllava_jax.serving.cli:serve_main", "an OpenAI-compatible HTTP API and a web page for the model"),
 }
 
 

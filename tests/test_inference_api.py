@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from cxrllava_jax.convert import release
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.inference import quantize
-from cxrllava_jax.inference.api import CXRLLaVA, _TextStream
+from cxrllava_jax.inference.api import CXRLLaVA, TextStream
 from cxrllava_jax.inference.generate import SamplingOptions
 from cxrllava_jax.domain.tokenizer import load_tokenizer, train_tokenizer
 from cxrllava_jax.domain.images import InputError
@@ -70,7 +70,7 @@ def test_image_prompts_match_the_release_forward_in_pytorch(model, images):
     torch_model = _release_torch_model(tiny_config(converted.config.llama.vocab_size))
     conversations = [REPORT, QUESTION]
     pixels = np.stack([converted.preprocess(i) for i in images[:2]])
-    ours = converted.generator.generate([converted._encode(c) for c in conversations], pixels,
+    ours = converted.generator.generate([converted.encode(c) for c in conversations], pixels,
                                         SamplingOptions(**GREEDY))
     tokenizer = converted.tokenizer
     for row, turns in enumerate(conversations):
@@ -134,7 +134,7 @@ def test_text_stream_waits_for_whole_characters(model):
     text = "Small left pleural effusion, 2 cm, 37°C. No pneumothorax."
     ids = tokenizer.encode(text, add_special_tokens=False)
     pieces = []
-    stream = _TextStream(tokenizer, pieces.append)
+    stream = TextStream(tokenizer, pieces.append)
     for i in range(len(ids)):
         stream([ids[i:i + 1]])
     stream.finish(model.decode(ids))
@@ -149,12 +149,27 @@ def test_streamed_text_waits_for_a_run_of_byte_pieces_to_end(model):
     ids = tokenizer.convert_tokens_to_ids(["<0x29>", "<0xE8>", "<0x79>", "<0x1A>"]) + tokenizer.encode(
         "There is", add_special_tokens=False)
     pieces = []
-    stream = _TextStream(tokenizer, pieces.append)
+    stream = TextStream(tokenizer, pieces.append)
     for i in range(len(ids)):
         stream([ids[i:i + 1]])
     answer = model.decode(ids)
     stream.finish(answer)
     assert "".join(pieces) == answer and answer.endswith("There is")
+
+
+def test_text_stream_waits_for_a_whole_run_of_byte_tokens(model):
+    """A lone byte token reads as itself (`<0x19>` -> '\x19'), but a run of bytes that is no UTF-8 reads as
+    replacement characters: the stream must not send the lone reading."""
+    tokenizer = model.tokenizer
+    byte_ids = [tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>") for b in (0x19, 0x80)]
+    ids = tokenizer.encode("edema", add_special_tokens=False) + byte_ids + tokenizer.encode(" effusion",
+                                                                                          add_special_tokens=False)
+    pieces = []
+    stream = TextStream(tokenizer, pieces.append)
+    for i in range(len(ids)):
+        stream([ids[i:i + 1]])
+    stream.finish(model.decode(ids))
+    assert "".join(pieces) == model.decode(ids)
 
 
 def test_sampling_is_reproducible_by_seed(model, images):
@@ -234,7 +249,7 @@ from cxrllava_jax.reference.tiny_models import checkpoint_dir
 model = CXRLLaVA.from_pretrained(checkpoint_dir())
 kernel = model.generator.params["params"]["llm"]["layers"]["block_0"]["q_proj"]["kernel"]
 pixels = np.zeros((1, 64, 64, 1), np.float32)
-ids = model.generator.generate([model._encode([{"role": "user", "content": "Any effusion?"}])], pixels,
+ids = model.generator.generate([model.encode([{"role": "user", "content": "Any effusion?"}])], pixels,
                                SamplingOptions(temperature=0.0, max_new_tokens=4))
 print("REPORT" + json.dumps({"devices": jax.device_count(), "spec": [str(a) for a in kernel.sharding.spec],
                              "shard": list(kernel.addressable_shards[0].data.shape), "full": list(kernel.shape),

@@ -199,7 +199,7 @@ class CXRLLaVA:
             indices, prompts, pixels = [], [], []
             for i in range(start, min(start + batch_size, len(conversations))):
                 try:
-                    prompt = self._encode(conversations[i])
+                    prompt = self.encode(conversations[i])
                     pixels.append(self.preprocess(images[i], allow_non_frontal))
                     prompts.append(prompt)
                 except InputError as error:
@@ -210,7 +210,7 @@ class CXRLLaVA:
                 indices.append(i)
             if not indices:
                 continue
-            stream = _TextStream(self.tokenizer, on_text) if on_text else None
+            stream = TextStream(self.tokenizer, on_text) if on_text else None
             outputs = self.generator.generate(prompts, np.stack(pixels), sampling, on_tokens=stream)
             for i, ids in zip(indices, outputs):
                 answer = self.decode(ids)
@@ -226,7 +226,8 @@ class CXRLLaVA:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    def _encode(self, turns: Sequence[dict]) -> np.ndarray:
+    def encode(self, turns: Sequence[dict]) -> np.ndarray:
+        """The prompt token ids of a conversation (the turns `chat` takes), image positions included."""
         turns = list(turns)
         system = prompting.SYSTEM_PROMPT
         if turns and turns[0].get("role") == "system":
@@ -262,10 +263,10 @@ def _task(prompt: str) -> list[dict]:
     return [{"role": "user", "content": prompt}]
 
 
-_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")  # SentencePiece's byte-fallback pieces
 
 
-class _TextStream:
+class TextStream:
     """Token chunks of one conversation -> text pieces for `on_text`.
 
     Decoding the whole answer so far and sending what is new keeps SentencePiece's spaces right. What the

@@ -1,0 +1,82 @@
+"""`cxrllava serve`: the OpenAI-compatible API and the web page for one model.
+
+    cxrllava serve --checkpoint CKPT [--host 127.0.0.1] [--port 8000] [--api-key-file FILE] [--quantize int8|int4]
+
+Binds to localhost unless --host says otherwise; with --api-key-file every /v1 route needs
+`Authorization: Bearer KEY`. Stop with Ctrl-C.
+"""
+
+import argparse
+import socket
+import sys
+from pathlib import Path
+
+from cxrllava_jax.errors import ConfigError
+from cxrllava_jax.inference.quantize import KINDS
+from cxrllava_jax.serving.limits import MIB, Limits
+
+
+def serve_main(argv) -> int:
+    parser = argparse.ArgumentParser(prog="cxrllava serve", description="serve the model over HTTP: an "
+                                     "OpenAI-compatible API and a web page")
+    parser.add_argument("--checkpoint", required=True, type=Path,
+                        help="our checkpoint directory or the release's PyTorch directory")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument("--api-key-file", type=Path, help="a file holding the bearer key clients must send")
+    parser.add_argument("--model-name", help="the model id clients pass (default: the checkpoint's directory name)")
+    parser.add_argument("--dtype", help="float32 or bfloat16 (default: the stored weights' dtype, computing in "
+                        "float32 on CPU and bfloat16 elsewhere)")
+    parser.add_argument("--quantize", choices=KINDS, help="weight-only quantization of the language model")
+    parser.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together")
+    parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 503")
+    defaults = Limits()
+    parser.add_argument("--max-image-mb", type=float, default=defaults.max_image_bytes / MIB)
+    parser.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels)
+    parser.add_argument("--max-prompt-tokens", type=int, help="default: what fits the model's context")
+    parser.add_argument("--max-output-tokens", type=int, default=defaults.max_output_tokens)
+    args = parser.parse_args(argv)
+    api_key = _read_api_key(args.api_key_file) if args.api_key_file else None
+    try:
+        limits = Limits(max_image_bytes=int(args.max_image_mb * MIB), max_image_pixels=args.max_image_pixels,
+                        max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    try:
+        listener = socket.create_server((args.host, args.port))
+    except OSError as error:
+        raise ConfigError(f"--host {args.host} --port {args.port}: cannot listen there ({error})") from error
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"cxrllava serve: warning: listening on {args.host} without an API key", file=sys.stderr)
+    return _serve(args, listener, limits, api_key)
+
+
+def _serve(args, listener: socket.socket, limits: Limits, api_key: str | None) -> int:
+    import uvicorn
+
+    from cxrllava_jax.inference.api import CXRLLaVA
+    from cxrllava_jax.serving.app import create_app
+
+    model = CXRLLaVA.from_pretrained(args.checkpoint, dtype=args.dtype, quantize=args.quantize)
+    name = args.model_name or args.checkpoint.resolve().name
+    app = create_app(model, name, limits=limits, api_key=api_key, max_batch_size=args.max_batch_size,
+                     max_queue=args.max_queue)
+    host, port = listener.getsockname()[:2]
+    print(f"cxrllava serve: model {name!r} at http://{_url_host(host)}:{port}/ (Ctrl-C stops)", file=sys.stderr,
+          flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
+    return 0
+
+
+def _read_api_key(path: Path) -> str:
+    try:
+        key = path.read_text().strip()
+    except OSError as error:
+        raise ConfigError(f"--api-key-file {path}: cannot read it ({error.strerror})") from error
+    if not key:
+        raise ConfigError(f"{path}: the API key file is empty")
+    return key
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,101 @@
+"""Image bytes from a request -> an image the library's loader decodes, after the server's byte and pixel limits.
+
+The loader (`cxrllava_jax.domain.images`) reads anything with `read_bytes()`, so its decoding, windowing and checks
+(the DICOM input guard included) apply to uploads exactly as to files. Nothing is written to disk.
+"""
+
+import base64
+import binascii
+import dataclasses
+import io
+import re
+
+from PIL import Image
+
+from cxrllava_jax.serving.limits import Limits, RequestError
+
+# What a data: URL or an upload may hold, and the suffix that tells the loader which decoder to use.
+MEDIA_SUFFIXES = {"image/png": ".png", "image/jpeg": ".jpg", "image/jpg": ".jpg", "application/dicom": ".dcm"}
+FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+_DATA_URL = re.compile(r"data:(?P<type>[^;,]*)(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)", re.DOTALL)
+
+
+@dataclasses.dataclass(frozen=True)
+class UploadedImage:
+    """An image file held in memory; `name` (its suffix marks DICOM) is how decoding errors name it."""
+
+    data: bytes
+    name: str
+
+    def read_bytes(self) -> bytes:
+        return self.data
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def from_data_url(url, field: str, limits: Limits) -> UploadedImage:
+    """`data:image/png;base64,...` (PNG, JPEG or `application/dicom`) -> the image; remote URLs are refused."""
+    if not isinstance(url, str):
+        raise RequestError(400, f"{field} must be a string (a data: URL)", field)
+    match = _DATA_URL.fullmatch(url.strip())
+    if match is None:
+        shown = url[:40] + ("..." if len(url) > 40 else "")
+        raise RequestError(400, f"{field}: expected a base64 data: URL (data:image/png;base64,...), got {shown!r}; "
+                                "the server fetches nothing", field)
+    media_type = match["type"].lower()
+    if media_type not in MEDIA_SUFFIXES:
+        raise RequestError(400, f"{field}: unsupported media type {media_type!r}; send "
+                                f"{', '.join(sorted(set(MEDIA_SUFFIXES) - {'image/jpg'}))}", field)
+    if len(match["data"]) > limits.max_image_bytes * 4 // 3 + 4:
+        raise _too_big(field, limits)
+    try:
+        data = base64.b64decode(match["data"], validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise RequestError(400, f"{field}: the data: URL is not valid base64 ({error})", field) from error
+    return checked(UploadedImage(data, "image" + MEDIA_SUFFIXES[media_type]), field, limits)
+
+
+def from_upload(data: bytes, filename: str, field: str, limits: Limits) -> UploadedImage:
+    """An uploaded file; its name keeps a known image suffix so that DICOM without a preamble still decodes."""
+    name = filename or "upload"
+    if not name.lower().endswith(FILE_SUFFIXES) and data[128:132] == b"DICM":
+        name += ".dcm"
+    return checked(UploadedImage(data, name), field, limits)
+
+
+def checked(image: UploadedImage, field: str, limits: Limits) -> UploadedImage:
+    if not image.data:
+        raise RequestError(400, f"{field}: the image is empty", field)
+    if len(image.data) > limits.max_image_bytes:
+        raise _too_big(field, limits)
+    pixels = _pixel_count(image)
+    if pixels is not None and pixels > limits.max_image_pixels:
+        raise RequestError(413, f"{field}: the image has {pixels:,} pixels; the server accepts at most "
+                                f"{limits.max_image_pixels:,}", field, "image_too_large")
+    return image
+
+
+def _too_big(field: str, limits: Limits) -> RequestError:
+    return RequestError(413, f"{field}: the image is larger than the server's limit of {limits.max_image_bytes:,} "
+                             "bytes", field, "image_too_large")
+
+
+def _pixel_count(image: UploadedImage) -> int | None:
+    """Width x height (x frames) from the header alone, before anything is decoded; None when the header is not
+    one we know (the loader then names the problem)."""
+    if image.data[128:132] == b"DICM" or image.name.lower().endswith((".dcm", ".dicom")):
+        import pydicom
+
+        try:
+            header = pydicom.dcmread(io.BytesIO(image.data), stop_before_pixels=True)
+            return int(header.Rows) * int(header.Columns) * int(header.get("NumberOfFrames", 1) or 1)
+        except Exception:  # pydicom raises many types for broken headers; the loader reports them
+            return None
+    try:
+        with Image.open(io.BytesIO(image.data)) as opened:
+            return opened.width * opened.height
+    except Image.DecompressionBombError:  # past twice Pillow's own limit: certainly past ours
+        return Image.MAX_IMAGE_PIXELS * 2 + 1
+    except Exception:  # not an image Pillow knows
+        return None
