@@ -15,7 +15,7 @@ LAYERS = {
     "cxrllava_jax.files": 1,  # output and input file helpers; raise the errors above
     "cxrllava_jax.sharding": 0,
     "cxrllava_jax.models": 1,
-    "cxrllava_jax.convert": 2,
+    "cxrllava_jax.convert": 3,  # weight formats; reads the domain's tokenizer files
     "cxrllava_jax.domain": 2,
     "input_pipeline": 3,
     "cxrllava_jax.training": 4,

@@ -9,15 +9,11 @@ from pathlib import Path
 from cxrllava_jax import files
 from cxrllava_jax.convert import checkpoint, hf_bert, hf_llama, release
 from cxrllava_jax.convert.layout import stack_layers
+from cxrllava_jax.domain.tokenizer import TOKENIZER_FILES
 from cxrllava_jax.models.configs import Runtime
 from cxrllava_jax.errors import InputError, OutputExistsError
 
 FORMATS = ("release", "hf-llama", "hf-bert")
-# Files of a Hugging Face directory that belong to the tokenizer (SentencePiece or byte-level BPE for the LLaMA
-# family, WordPiece for BERT), its chat template or generation; they travel with the weights in both directions.
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "chat_template.jinja",
-                   "generation_config.json")
 
 
 def detect_format(src: Path) -> str:

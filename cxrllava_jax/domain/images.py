@@ -231,10 +231,11 @@ def preprocess(image, size: int, mean: float, std: float, mode: str = "crop",
     than `min_size` (the model's patch) on either side is refused, and so is a DICOM file whose tags say it is
     not a frontal chest radiograph unless `allow_non_frontal`.
     """
-    return normalise(model_pixels(image, size, mode, min_size), mean, std)
+    return normalise(model_pixels(image, size, mode, min_size, allow_non_frontal), mean, std)
 
 
-def model_pixels(image, size: int, mode: str = "crop", min_size: int = RELEASE_PATCH_SIZE) -> np.ndarray:
+def model_pixels(image, size: int, mode: str = "crop", min_size: int = RELEASE_PATCH_SIZE,
+                 allow_non_frontal: bool = False) -> np.ndarray:
     """`preprocess` up to, not including, normalisation: uint8 [size, size, 1]. Deterministic, so it can be
     done once and stored (`cxrllava preprocess`); training then normalises on the accelerator."""
     if mode not in ("crop", "pad"):

@@ -12,9 +12,11 @@ so the same loading code serves both.
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
 import sentencepiece as spm
 
 from cxrllava_jax.errors import MismatchError
@@ -22,6 +24,12 @@ from cxrllava_jax.errors import MismatchError
 # The chat template's markers become single tokens in the small tokenizers (LLaMA-2 splits them).
 CHAT_MARKERS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
 SPIECE_UNDERLINE = "\u2581"
+
+# Files of a Hugging Face directory that belong to the tokenizer (SentencePiece or byte-level BPE for the LLaMA
+# family, WordPiece for BERT), its chat template or generation; they travel with the weights in both directions.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "chat_template.jinja",
+                   "generation_config.json")
 
 
 class SentencePieceTokenizer:
@@ -93,6 +101,25 @@ class SentencePieceTokenizer:
         text = render_chat_template(self.directory, messages, add_generation_prompt,
                                     bos_token=self.bos_token, eos_token=self.eos_token)
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def convert_ids_to_tokens(self, ids):
+        """The piece of an id, or the pieces of a list of ids (transformers' name for it)."""
+        if isinstance(ids, (int, np.integer)):
+            return self.sp.id_to_piece(int(ids))
+        return [self.sp.id_to_piece(int(i)) for i in ids]
+
+    def convert_tokens_to_ids(self, tokens):
+        if isinstance(tokens, str):
+            return self.sp.piece_to_id(tokens)
+        return [self.sp.piece_to_id(t) for t in tokens]
+
+    def save_pretrained(self, directory):
+        """Copies the tokenizer's files (tokenizer.model, its config, any chat template) into `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for source in self.directory.iterdir():
+            if source.is_file() and source.name in TOKENIZER_FILES:
+                shutil.copyfile(source, directory / source.name)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]
