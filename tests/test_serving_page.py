@@ -71,7 +71,9 @@ def browser():
 
 
 def _answers(browser) -> list[str]:
-    return [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#conversation .assistant p")]
+    # textContent, not Selenium's rendered .text, which folds whitespace (a random model writes \f and \t too)
+    answers = browser.find_elements(By.CSS_SELECTOR, "#conversation .assistant p")
+    return [e.get_property("textContent") for e in answers]
 
 
 def _wait_until_answered(browser, count: int):

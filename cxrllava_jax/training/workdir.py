@@ -13,9 +13,9 @@ from pathlib import Path
 
 from cxrllava_jax import files
 from cxrllava_jax.errors import ConfigError, MismatchError
+from cxrllava_jax.training.tasks import TASKS
 
 CONFIG, SUMMARY = "config.json", "summary.json"
-STAGES = ("1a", "1b", "2a", "2b")
 
 # (key, test, what it must be): checked in this order, the first failure named.
 _POSITIVE = ("data.batch_size", "data.eval_batch_size", "data.seq_length", "data.text_length", "log_every_steps",
@@ -25,8 +25,8 @@ _NON_NEGATIVE = ("num_train_steps", "optim.warmup_steps", "text_unfreeze_step")
 
 def check_config(cfg):
     """Raises ConfigError naming the first `config.key=value` that cannot work."""
-    if cfg.stage not in STAGES:
-        raise ConfigError(f"config.stage={cfg.stage!r}: expected one of {STAGES}")
+    if cfg.stage not in TASKS:
+        raise ConfigError(f"config.stage={cfg.stage!r}: expected one of {tuple(TASKS)}")
     for key in _POSITIVE:
         _check(cfg, key, lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1")
     for key in _NON_NEGATIVE:

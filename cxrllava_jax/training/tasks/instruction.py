@@ -85,7 +85,7 @@ class InstructionTask(Task):
         `config.data.seq_length` itself for the longest; None when off (0)."""
         if not self.cfg.data.seq_buckets:
             return None
-        tokenizer, longest = load_tokenizer(self.cfg.data.tokenizer), self.seq_length
+        tokenizer, longest = load_tokenizer(self.tokenizer_dir), self.seq_length
 
         def length(example) -> int:
             return min(len(self._tokens(example, tokenizer)[0]), longest)
