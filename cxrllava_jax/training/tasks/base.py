@@ -1,5 +1,6 @@
 """The `Task` base class and what every stage's task shares (see the package docstring for the interface)."""
 
+import abc
 import dataclasses
 from typing import Callable
 
@@ -40,7 +41,7 @@ def runtime(cfg) -> mc.Runtime:
     return mc.Runtime(**cfg.runtime.to_dict())
 
 
-class Task:
+class Task(abc.ABC):
     """A stage's examples, batches, model, loss, metrics, trainable parameters over time and export.
 
     Subclasses set the class attributes and implement `examples`, `encode`, `abstract_batch`, `init` and
@@ -61,16 +62,17 @@ class Task:
         self.releases = ()
 
     # Data: records -> examples -> arrays.
+    @abc.abstractmethod
     def examples(self, records) -> list[Example]:
-        raise NotImplementedError
+        """The stage's examples from the common records."""
 
+    @abc.abstractmethod
     def encoder(self) -> Callable[[Example], dict[str, np.ndarray]]:
         """example -> dict of numpy arrays: one row of `abstract_batch`. Loads tokenizers once."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def abstract_batch(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         """The shapes and dtypes of a batch, for compile-ahead, benchmarks and parameter creation."""
-        raise NotImplementedError
 
     def dummy_batch(self, batch_size: int) -> dict[str, jax.Array]:
         """A batch of `abstract_batch`'s shapes that the model accepts (zeros)."""
@@ -100,12 +102,13 @@ class Task:
         return None
 
     # Model: init, a pure loss and the throughput unit.
+    @abc.abstractmethod
     def init(self, rng, batch) -> dict:
-        raise NotImplementedError
+        """The model's variables for `batch`'s shapes."""
 
+    @abc.abstractmethod
     def loss(self, params, batch, rng, train: bool = True) -> tuple[jax.Array, dict]:
         """(params, batch, rng) -> (scalar loss, outputs the metrics read). Pure: jitted by the steps."""
-        raise NotImplementedError
 
     def units(self, batch) -> int:
         return batch["image"].shape[0]
