@@ -12,7 +12,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 import torch

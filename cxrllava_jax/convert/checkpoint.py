@@ -26,7 +26,6 @@ from cxrllava_jax import files
 from cxrllava_jax.convert.layout import relayout
 from cxrllava_jax.errors import InputError, MismatchError
 from cxrllava_jax.models import configs as mc
-from cxrllava_jax.errors import InputError
 
 LANGUAGE_MODEL_KINDS = ("cxr_llava", "llama")
 CONFIG_CLASSES = {

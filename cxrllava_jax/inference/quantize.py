@@ -16,7 +16,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import qwix
-from flax import traverse_util
 
 KINDS = ("int8", "int4")
 # The language model's projections and its lm_head (CXR-LLaVA nests it under llm/); the embedding is a
