@@ -7,7 +7,7 @@ sends the same REQUESTS greedy chat completions (radiographs as data: URLs, repo
 and questions, at most MAX_TOKENS tokens each: 64 distinct requests, repeated) from as many concurrent
 clients as the level says. The clients are coroutines of one asyncio process (aiohttp, kept-alive
 connections, request bodies built beforehand), so that the client costs the 2-core machine little beside
-the server it measures. Every answer is checked against `CXRLLaVA.chat` on the same request alone. A warm-up
+the server it measures. Every answer is checked against `CXRLLaVA.chat` on the same request alone. An untimed
 pass at every level first compiles the batch shapes the scheduler forms; each level's figures come from one
 timed pass of several seconds. Beside throughput and latency, the CPU seconds the server and the client
 spent per request (from /proc and the process clock) show where the machine's time went. Goals: zero failed
@@ -154,7 +154,7 @@ def main() -> int:
     server = Server(checkpoint, max_queue=max(args.clients))
     try:
         for clients in args.clients:  # warm-up: compiles the batch shapes each level forms
-            asyncio.run(run_level(server.url, distinct, clients))
+            asyncio.run(run_level(server.url, bodies, clients))
         runs = []
         for clients in args.clients:
             runs.append(run := measure(server, bodies, expected, clients))

@@ -69,33 +69,31 @@ def empty_rows(spec: DecodeSpec, *, rows: int, length: int) -> Rows:
                 top_p=jnp.ones(rows, jnp.float32), key=jnp.zeros((rows, 2), jnp.uint32))
 
 
-@functools.partial(jax.jit, static_argnames=("spec",))
-def prefill_rows(spec: DecodeSpec, params, tokens, valid, images, temperature, top_p, key):
-    """Left-padded prompts [n, P] -> (their cache [layers, n, kv_heads, P, head_dim], first tokens [n])."""
+@functools.partial(jax.jit, static_argnames=("spec", "length"))
+def prefill_rows(spec: DecodeSpec, params, tokens, valid, images, temperature, top_p, key, *, length: int):
+    """Left-padded prompts [n, P] -> (their rows' cache [layers, n, kv_heads, length, head_dim] with the prompt at
+    slots [0, P), first tokens [n]). Whole rows, so that placing them compiles per batch size, not per prompt."""
     positions, mask = prompt_positions_and_mask(valid)
-    cache = init_cache(spec.llama_config, tokens.shape[0], tokens.shape[1], dtype_of(spec.model.runtime.dtype))
+    cache = init_cache(spec.llama_config, tokens.shape[0], length, dtype_of(spec.model.runtime.dtype))
     logits, cache = spec.model.apply(params, tokens, images, positions, mask, cache, method="prefill")
     return cache, sample_rows(spec, logits, temperature, top_p, key, jnp.zeros(tokens.shape[0], jnp.int32))
 
 
 @functools.partial(jax.jit, static_argnames=("eos_id",), donate_argnames=("rows",))
-def place_rows(rows: Rows, at, cache, valid, first, budget, temperature, top_p, key, *, eos_id: int) -> Rows:
-    """Admitted rows (prefill outputs [n, ...]) into the batch at row indices `at` [n]; an index past the batch
-    drops its row (the padding of the admitted group)."""
-    prompt = valid.shape[1]
-    kv_valid = jnp.pad(valid, ((0, 0), (0, rows.kv_valid.shape[1] - prompt)))
+def place_rows(rows: Rows, at, cache, kv_valid, slot, position, first, budget, temperature, top_p, key, *,
+               eos_id: int) -> Rows:
+    """Admitted rows (prefill outputs and their settings [n, ...]) into the batch at row indices `at` [n]; an
+    index past the batch drops its row (the padding of the admitted group)."""
 
     def put(old, new):
         return old.at[at].set(new, mode="drop")
 
     return rows.replace(
-        cache={name: rows.cache[name].at[:, at, :, :prompt].set(cache[name], mode="drop") for name in cache},
-        kv_valid=put(rows.kv_valid, kv_valid), last=put(rows.last, first),
-        slot=put(rows.slot, jnp.full(at.shape, prompt, jnp.int32)),
-        position=put(rows.position, valid.sum(axis=1).astype(jnp.int32)),
-        written=put(rows.written, jnp.ones(at.shape, jnp.int32)), budget=put(rows.budget, budget),
-        done=put(rows.done, (first == eos_id) | (budget <= 1)), temperature=put(rows.temperature, temperature),
-        top_p=put(rows.top_p, top_p), key=put(rows.key, key))
+        cache={name: rows.cache[name].at[:, at].set(cache[name], mode="drop") for name in cache},
+        kv_valid=put(rows.kv_valid, kv_valid), last=put(rows.last, first), slot=put(rows.slot, slot),
+        position=put(rows.position, position), written=put(rows.written, jnp.ones(at.shape, jnp.int32)),
+        budget=put(rows.budget, budget), done=put(rows.done, (first == eos_id) | (budget <= 1)),
+        temperature=put(rows.temperature, temperature), top_p=put(rows.top_p, top_p), key=put(rows.key, key))
 
 
 @jax.jit
@@ -188,11 +186,14 @@ class RunningBatch:
         top_p = np.array([s.top_p for s in samplings] + [1.0] * (padded - n), np.float32)
         keys = np.stack([_key_data(s) for s in samplings] + [np.zeros(2, np.uint32)] * (padded - n))
         budget = np.array(list(budgets) + [1] * (padded - n), np.int32)
-        cache, first = prefill_rows(self.spec, self.params, tokens, valid, images, temperature, top_p, keys)
+        cache, first = prefill_rows(self.spec, self.params, tokens, valid, images, temperature, top_p, keys,
+                                    length=self.length)
         at = self._make_room(n)
         self._stop -= set(at)  # a row freed by `release` and not yet stopped is taken over, not stopped
-        self.rows = place_rows(self.rows, np.array(at + [_NOWHERE] * (padded - n), np.int32), cache, valid,
-                               first, budget, temperature, top_p, keys, eos_id=self.spec.eos_id)
+        kv_valid = np.pad(valid, ((0, 0), (0, self.length - length)))
+        self.rows = place_rows(self.rows, np.array(at + [_NOWHERE] * (padded - n), np.int32), cache, kv_valid,
+                               np.full(padded, length, np.int32), valid.sum(axis=1, dtype=np.int32), first, budget,
+                               temperature, top_p, keys, eos_id=self.spec.eos_id)
         results = []
         for row, owner, token, limit in zip(at, owners, np.asarray(first)[:n].tolist(), budgets):
             self.owners[row], self._budgets[row], self._written[row] = owner, limit, 1

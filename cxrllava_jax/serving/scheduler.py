@@ -63,7 +63,7 @@ class QueueFull(Exception):
 
 class Scheduler:
     def __init__(self, model, max_batch_size: int = 16, max_queue: int = 64, stream_every: int = 4,
-                 check_every: int = 8):
+                 check_every: int = 16):
         if max_batch_size < 1 or max_queue < 1:
             raise ConfigError(f"the batch size and the queue must hold at least one request, got "
                              f"--max-batch-size {max_batch_size} and --max-queue {max_queue}")
