@@ -3,6 +3,7 @@ weights, for TPU pod slices and for 8 CPU devices (a stand-in for an 8-GPU host)
 
     make compile-scale   # a venv with libtpu (.venv-tpu), then this script; writes benchmarks/results/scale.json
     .venv-tpu/bin/python benchmarks/compile_scale.py [--stages 2b] [--targets v5e:4x4,cpu:8] [--layers N]
+        [--seq-len 2048]   # stage 2 at another length (e.g. config.data.seq_length, the bucket of rare long samples)
 
 Sizes: ViT-L/16 at 512, a BERT-base text tower, LLaMA-2-7B; global batch 64 (1A), 128 (1B, as configured), 16
 (2A, 2B); stage 2's sequence length is the longest bucket the stage's own `sequence_buckets` chooses from real
@@ -169,13 +170,13 @@ def in_child(*args: str) -> tuple[dict, float | None]:
 
 
 def merged(out: pathlib.Path, record: dict) -> list[dict]:
-    """The results file's records with `record` in place of the one for the same stage and target, in
+    """The results file's records with `record` in place of the one for the same stage, target and length, in
     STAGES x TARGETS order: each compile is saved as it ends, so an interrupted run keeps what it measured."""
     records = json.loads(out.read_text()) if out.exists() else []
-    key = lambda r: (r["stage"], r["target"])  # noqa: E731
+    key = lambda r: (r["stage"], r["target"], r.get("seq_len"))  # noqa: E731
     records = [r for r in records if key(r) != key(record)] + [record]
     order = {k: i for i, k in enumerate((s, t) for s in STAGES for t in TARGETS)}
-    return sorted(records, key=lambda r: order.get(key(r), len(order)))
+    return sorted(records, key=lambda r: (order.get(key(r)[:2], len(order)), r.get("seq_len") or 0))
 
 
 def table(records: list[dict]) -> str:
@@ -201,7 +202,8 @@ def main():
     parser.add_argument("--layers", type=int, default=None, help="shrink every tower to this many layers")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--one", help=argparse.SUPPRESS)  # 'stage,target': compile in this process
-    parser.add_argument("--seq-len", type=int, default=None, help=argparse.SUPPRESS)  # with --one
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="stage 2 at this length instead of the longest bucket chosen from the data")
     parser.add_argument("--buckets", help=argparse.SUPPRESS)  # 'stage': its buckets from data, in this process
     args = parser.parse_args()
     if args.one:
@@ -215,8 +217,10 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     layers = ["--layers", str(args.layers)] if args.layers else []
     for stage in args.stages.split(","):
-        seq = []
-        if stage.startswith("2"):
+        seq, data = [], None
+        if stage.startswith("2") and args.seq_len:
+            seq = ["--seq-len", str(args.seq_len)]
+        elif stage.startswith("2"):
             data, _ = in_child("--buckets", stage)
             print(f"stage {stage} buckets from data: {json.dumps(data)}", flush=True)
             if "seq_len" not in data:
@@ -225,12 +229,13 @@ def main():
         for target in args.targets.split(","):
             record, peak = in_child("--one", f"{stage},{target}", *layers, *seq)
             record = {"stage": stage, "target": target, **record, "host_peak_rss_gib": peak}
-            if seq:
+            if data:
                 record["seq_buckets_from_data"] = data
             print(json.dumps(record), flush=True)
             records = merged(out, record)
             out.write_text(json.dumps(records, indent=2) + "\n")
     print(table(json.loads(out.read_text())))
+
 
 if __name__ == "__main__":
     main()
