@@ -7,8 +7,8 @@ sends the same REQUESTS greedy chat completions (radiographs as data: URLs, repo
 and questions, at most MAX_TOKENS tokens each: 64 distinct requests, repeated) from as many concurrent
 clients as the level says. The clients are coroutines of one asyncio process (aiohttp, kept-alive
 connections, request bodies built beforehand), so that the client costs the 2-core machine little beside
-the server it measures. Every answer is checked against `CXRLLaVA.chat` on the same request alone. An untimed
-pass at every level first compiles the batch shapes the scheduler forms; each level's figures come from one
+the server it measures. Every answer is checked against `CXRLLaVA.chat` on the same request alone. Two untimed
+passes at every level first compile the batch shapes the scheduler forms; each level's figures come from one
 timed pass of several seconds. Beside throughput and latency, the CPU seconds the server and the client
 spent per request (from /proc and the process clock) show where the machine's time went. Goals: zero failed
 requests, every answer equal, and throughput at 16 clients at least 3x that at 1 client (batching works);
@@ -153,7 +153,7 @@ def main() -> int:
     load_before = os.getloadavg()
     server = Server(checkpoint, max_queue=max(args.clients))
     try:
-        for clients in args.clients:  # warm-up: compiles the batch shapes each level forms
+        for clients in args.clients * 2:  # warm-up: compiles the batch shapes each level forms
             asyncio.run(run_level(server.url, bodies, clients))
         runs = []
         for clients in args.clients:

@@ -8,7 +8,7 @@ slots [0, P), then one slot per token it writes. `slot[row]` is where its next k
 its own slot: `models.llama.write_and_read`) and `position[row]` counts its real tokens, so a row computes what
 it would alone. Each row samples with its own temperature, top-p and seed (its n-th token with
 `fold_in(key(seed), n)`, as `Generator.generate` draws for a batch of one), so greedy and sampled requests share
-steps. The batch holds a power of two of rows, grown when rows join and shrunk when few are left (a step costs in
+steps. The batch holds a power of two of rows, doubled when rows join and halved when few are left (a step costs in
 proportion to its rows). Compiled programs: the prefill per (admitted rows, prompt bucket), the decode chunk per
 batch size, and small ones that place admitted rows and resize the batch.
 """
@@ -237,22 +237,21 @@ class RunningBatch:
         self.owners[row] = None
 
     def _make_room(self, n: int) -> list[int]:
-        """Free row indices for `n` rows, growing the batch to the power of two that holds them."""
-        needed = 1 << (self.in_use + n - 1).bit_length()
+        """Free row indices for `n` rows, doubling the batch until it holds them (by doubling and halving only,
+        resizing compiles two programs per batch size)."""
         if self.rows is None:
-            self.rows = empty_rows(self.spec, rows=needed, length=self.length)
-            self.owners, self._budgets, self._written = [None] * needed, [0] * needed, [0] * needed
-        elif needed > len(self.owners):
-            self._resize(list(range(len(self.owners))) + [-1] * (needed - len(self.owners)))
+            self.rows = empty_rows(self.spec, rows=1, length=self.length)
+            self.owners, self._budgets, self._written = [None], [0], [0]
+        while self.in_use + n > len(self.owners):
+            self._resize(list(range(len(self.owners))) + [-1] * len(self.owners))
         return [row for row, owner in enumerate(self.owners) if owner is None][:n]
 
     def _shrink(self):
-        """Down to the power of two that holds the rows in use, once a quarter or less of the batch is in use."""
+        """Halves the batch once a quarter or less of it is in use."""
         size = len(self.owners)
-        needed = 1 << max(self.in_use - 1, 0).bit_length()
-        if needed * 4 <= size:
+        if size > 1 and self.in_use * 4 <= size:
             used = [row for row, owner in enumerate(self.owners) if owner is not None]
-            self._resize(used + [-1] * (needed - len(used)))
+            self._resize(used + [-1] * (size // 2 - len(used)))
 
     def _resize(self, keep: list[int]):
         self.rows = resize_rows(self.rows, np.array(keep, np.int32))
