@@ -116,7 +116,7 @@ async def run_level(url: str, bodies: list[bytes], clients: int) -> dict:
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         after = await health()
     return {"wall": wall, "client_cpu": cpu, "latencies": latencies, "replies": replies,
-            "batches": after["batches"] - before["batches"], "rows": after["rows"] - before["rows"]}
+            **{key: after[key] - before[key] for key in ("batches", "rows", "chunks", "row_chunks")}}
 
 
 def measure(server: Server, bodies: list[bytes], expected: list[str], clients: int) -> dict:
@@ -131,7 +131,8 @@ def measure(server: Server, bodies: list[bytes], expected: list[str], clients: i
             "requests_per_s": round(n / run["wall"], 2),
             "p50_latency_s": round(float(np.percentile(run["latencies"], 50)), 4),
             "p99_latency_s": round(float(np.percentile(run["latencies"], 99)), 4),
-            "mean_rows_per_batch": round(run["rows"] / max(run["batches"], 1), 2),
+            "mean_rows_admitted_together": round(run["rows"] / max(run["batches"], 1), 2),
+            "mean_rows_per_decode_chunk": round(run["row_chunks"] / max(run["chunks"], 1), 2),
             "server_cpu_ms_per_request": round(server_cpu / n * 1e3, 3),
             "client_cpu_ms_per_request": round(run["client_cpu"] / n * 1e3, 3),
             "failed": failed, "different_from_library": different}
@@ -159,7 +160,7 @@ def main() -> int:
         for clients in args.clients:
             runs.append(run := measure(server, bodies, expected, clients))
             print(f"{clients:>3} clients: {run['requests_per_s']:7.2f} req/s  p50 {run['p50_latency_s']:.3f} s  "
-                  f"p99 {run['p99_latency_s']:.3f} s  rows/batch {run['mean_rows_per_batch']:5.2f}  CPU ms/request "
+                  f"p99 {run['p99_latency_s']:.3f} s  rows/chunk {run['mean_rows_per_decode_chunk']:5.2f}  CPU ms/request "
                   f"server {run['server_cpu_ms_per_request']:.2f} client {run['client_cpu_ms_per_request']:.2f}  "
                   f"failed {run['failed']}  different {run['different_from_library']}", flush=True)
     finally:
