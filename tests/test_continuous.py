@@ -20,11 +20,13 @@ def endless_model():
 
 @pytest.fixture(scope="module")
 def requests(tmp_path_factory):
-    """(turns, image, sampling): greedy and sampled, budgets of 6 to 26 tokens (EOS never ends an answer)."""
+    """(turns, image, sampling): greedy and sampled, budgets of 6 to 21 tokens and a last one of 200, which needs
+    more cache slots than the others (EOS never ends an answer)."""
     folder = tmp_path_factory.mktemp("images")
     images = [NIH_PNG] + [synthetic_radiograph(folder / f"cxr{i}.png", seed=i, size=128) for i in range(2)]
+    budgets = [6, 11, 16, 21, 200]
     return [([{"role": "user", "content": q}], images[i % 3],
-             SamplingOptions(temperature=0.0 if i % 2 == 0 else 0.8, top_p=0.9, seed=i, max_new_tokens=6 + 5 * i))
+             SamplingOptions(temperature=0.0 if i % 2 == 0 else 0.8, top_p=0.9, seed=i, max_new_tokens=budgets[i]))
             for i, q in enumerate(QUESTIONS)]
 
 
@@ -52,12 +54,14 @@ def test_rows_that_join_mid_decode_write_what_they_write_alone(endless_model, re
     collect(batch.run(5))
     admit([3])  # row 0 has ended (6 tokens): its row is taken over
     collect(batch.run(8))
-    admit([4])
+    slots = batch.length
+    admit([4])  # joins rows 2 and 3, with more slots for all
+    assert batch.length > slots and batch.in_use == 3
     while batch.in_use:
         collect(batch.run(8))
     assert [endless_model.decode(written[i]) for i in range(len(requests))] == alone
     assert [len(written[i]) for i in range(len(requests))] == [s.max_new_tokens for _, _, s in requests]
-    assert max(sizes) == 4 and sizes[-1] < 4  # grown for the joiners, shrunk as they ended
+    assert max(sizes) == 4 and sizes[-1] == 0  # grown for the joiners, shrunk as they ended, dropped when idle
 
 
 def test_a_released_row_stops_and_its_place_is_taken(endless_model, requests):

@@ -96,6 +96,15 @@ def place_rows(rows: Rows, at, cache, kv_valid, slot, position, first, budget, t
         temperature=put(rows.temperature, temperature), top_p=put(rows.top_p, top_p), key=put(rows.key, key))
 
 
+@functools.partial(jax.jit, static_argnames=("length",))
+def lengthen_rows(rows: Rows, *, length: int) -> Rows:
+    """The batch with `length` cache slots a row (more than it has; the new ones empty)."""
+    more = length - rows.kv_valid.shape[1]
+    return rows.replace(cache={name: jnp.pad(c, ((0, 0), (0, 0), (0, 0), (0, more), (0, 0)))
+                               for name, c in rows.cache.items()},
+                        kv_valid=jnp.pad(rows.kv_valid, ((0, 0), (0, more))))
+
+
 @jax.jit
 def resize_rows(rows: Rows, keep) -> Rows:
     """The rows `keep` [new size] of the batch, in that order; -1 makes an empty row."""
@@ -151,7 +160,11 @@ class RunningBatch:
         self.max_rows, self.chunk = max_rows, chunk
         context = self.spec.llama_config.max_position_embeddings
         # A row's prompt bucket plus its budget (at most context - prompt - 1) fits, alone or beside shorter ones.
-        self.length = round_up(context, self.bucket) + self.bucket
+        self.max_length = round_up(context, self.bucket) + self.bucket
+        # The slots a row has: the first attention span that holds what the rows admitted so far need (a step
+        # reads the spans that hold its rows' slots; placing and resizing rows copy whole rows).
+        self.lengths = attention_spans(0, self.max_length, self.spec.attention_bucket)
+        self.length = 0
         self.rows: Rows | None = None
         self.owners: list = []  # per row: who uses it (None: free)
         self._budgets: list[int] = []
@@ -168,7 +181,7 @@ class RunningBatch:
 
     def fits(self, prompts: Sequence[np.ndarray], budgets: Sequence[int]) -> bool:
         """Whether these prompts can be admitted as one group: each row's prompt bucket and budget fit its slots."""
-        return round_up(max(map(len, prompts)), self.bucket) + max(budgets) <= self.length
+        return round_up(max(map(len, prompts)), self.bucket) + max(budgets) <= self.max_length
 
     def admit(self, owners: list, prompts: Sequence[np.ndarray], images: np.ndarray | None, budgets: Sequence[int],
               samplings: Sequence[SamplingOptions]) -> list[tuple[object, list[int], bool]]:
@@ -186,6 +199,7 @@ class RunningBatch:
         top_p = np.array([s.top_p for s in samplings] + [1.0] * (padded - n), np.float32)
         keys = np.stack([_key_data(s) for s in samplings] + [np.zeros(2, np.uint32)] * (padded - n))
         budget = np.array(list(budgets) + [1] * (padded - n), np.int32)
+        self._lengthen(length + max(budgets))
         cache, first = prefill_rows(self.spec, self.params, tokens, valid, images, temperature, top_p, keys,
                                     length=self.length)
         at = self._make_room(n)
@@ -224,7 +238,7 @@ class RunningBatch:
             results.append((owner, new, ended))
             if ended:
                 self._free(row)
-        self._shrink()
+        self._settle()
         return results
 
     def release(self, owner):
@@ -232,9 +246,17 @@ class RunningBatch:
         row = self.owners.index(owner)
         self._free(row)
         self._stop.add(row)
+        self._settle()
 
     def _free(self, row: int):
         self.owners[row] = None
+
+    def _lengthen(self, needed: int):
+        length = next(span for span in self.lengths if span >= needed)
+        if length > self.length:
+            if self.rows is not None:
+                self.rows = lengthen_rows(self.rows, length=length)
+            self.length = length
 
     def _make_room(self, n: int) -> list[int]:
         """Free row indices for `n` rows, doubling the batch until it holds them (by doubling and halving only,
@@ -246,16 +268,22 @@ class RunningBatch:
             self._resize(list(range(len(self.owners))) + [-1] * len(self.owners))
         return [row for row, owner in enumerate(self.owners) if owner is None][:n]
 
-    def _shrink(self):
-        """Halves the batch once a quarter or less of it is in use."""
+    def _settle(self):
+        """Halves the batch once a quarter or less of it is in use; an idle batch is dropped, so that the next
+        rows start with one row and the slots they need."""
         size = len(self.owners)
-        if size > 1 and self.in_use * 4 <= size:
+        if not self.in_use:
+            self.rows, self.owners, self.length, self._stop = None, [], 0, set()
+        elif size > 1 and self.in_use * 4 <= size:
             used = [row for row, owner in enumerate(self.owners) if owner is not None]
             self._resize(used + [-1] * (size // 2 - len(used)))
 
     def _resize(self, keep: list[int]):
         self.rows = resize_rows(self.rows, np.array(keep, np.int32))
-        pick = lambda values, empty: [values[k] if k >= 0 else empty for k in keep]  # noqa: E731
+
+        def pick(values: list, empty) -> list:
+            return [values[k] if k >= 0 else empty for k in keep]
+
         self.owners, self._budgets, self._written = pick(self.owners, None), pick(self._budgets, 0), \
             pick(self._written, 0)
         self._stop = {keep.index(row) for row in self._stop if row in keep}
