@@ -235,7 +235,7 @@ def test_int8_and_int4_weights_track_the_float_logits(hf, greedy_batch):
     """Weight-only int8 (per channel) and int4 (grouped), Qwix, against the float model teacher-forced on the
     float model's greedy continuations: the mean logit change is a small share of the logits' spread, and
     int4 moves them more than int8. (This random model's top logits are often closer than int8 keeps them,
-    so equal greedy tokens would be luck here; benchmarks/bench_quantization.py reports how many agree.)"""
+    so equal greedy tokens would be luck here: tests/test_quantize.py compares tokens on a trained model.)"""
     from flax import traverse_util
 
     from cxrllava_jax.inference import quantize

@@ -25,6 +25,7 @@ CONFIG = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_l
                      rope_theta=500.0, max_position_embeddings=128)
 FIRST_ORDINARY_ID = 3  # 0-2: unk, bos, eos
 SEQUENCE_LENGTH, BATCH = 32, 32
+TRAINING_SEEDS = 1_000_000  # training batches draw their starts from seeds past the ones prompts use
 
 
 def successor_chain(vocab_size: int, seed: int = 0) -> np.ndarray:
@@ -64,6 +65,6 @@ def trained_llama(config: LlamaConfig = CONFIG, steps: int = 300, seed: int = 0)
 
     opt_state = optimizer.init(params)
     for i in range(steps):
-        tokens = chain_prompts(chain, BATCH, SEQUENCE_LENGTH + 1, seed=seed * steps + i)
+        tokens = chain_prompts(chain, BATCH, SEQUENCE_LENGTH + 1, seed=TRAINING_SEEDS + seed * steps + i)
         params, opt_state = step(params, opt_state, tokens)
     return jax.device_get(params), chain
