@@ -167,6 +167,17 @@ def test_prompt_that_fills_the_context_is_refused(generator):
         generator.generate([np.full(127, 5, np.int32)], options=SamplingOptions(temperature=0.0))
 
 
+def test_greedy_choice_is_argmax_with_its_ties_and_nans():
+    rng = np.random.RandomState(0)
+    logits = rng.randint(-3, 4, (6, 50)).astype(np.float32)  # many ties for the maximum
+    logits[1] = -np.inf
+    logits[2, [7, 30]] = np.nan
+    logits[3, 4] = np.inf
+    chosen = np.asarray(jax.jit(generate.first_max)(jnp.asarray(logits)))
+    assert chosen.dtype == np.int32 and chosen.tolist() == np.argmax(logits, axis=-1).tolist()
+    assert chosen[1:4].tolist() == [0, 7, 4]
+
+
 def test_top_p_samples_only_the_nucleus():
     probs = np.array([0.5, 0.3, 0.15, 0.05], np.float32)
     logits = jnp.log(jnp.asarray(probs))[None]
