@@ -79,11 +79,14 @@ def _quantize(array, how) -> qwix.QArray:
     value by up to a quarter of an int8 step. Rounding the scale up keeps every weight within range, so none
     is further than half a step (of its stored scale) from its quantized value. The scale stays in the
     weight's dtype, the dtype the dequantized matmul runs in."""
-    weight = array.astype(jnp.float32)
-    scale, _ = qwix_qarray.compute_scale_zero_point(qwix_qarray.calibrate(weight, how), how.qtype)
+    # max |w| is exact in any dtype; taking it from the weight as stored keeps the float32 copy of the weight
+    # to the one elementwise pass that rounds it (no float32 matrix is kept for the reduction).
+    absmax = {name: value.astype(jnp.float32) for name, value in qwix_qarray.calibrate(array, how).items()}
+    scale, _ = qwix_qarray.compute_scale_zero_point(absmax, how.qtype)
     stored = scale.astype(array.dtype)
     stored = jnp.where(stored.astype(jnp.float32) < scale, jnp.nextafter(stored, jnp.inf), stored)
-    quantized = qwix_qarray.quantize_with_scale_zero_point(weight, how.qtype, stored.astype(jnp.float32), None)
+    quantized = qwix_qarray.quantize_with_scale_zero_point(array.astype(jnp.float32), how.qtype,
+                                                           stored.astype(jnp.float32), None)
     return quantized.replace(scale=stored)
 
 
