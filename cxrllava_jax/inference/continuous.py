@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cxrllava_jax.inference.generate import DecodeSpec, Generator, SamplingOptions, attention_spans, round_up, \
-    sample_next
+from cxrllava_jax.inference.generate import DecodeSpec, Generator, SamplingOptions, attention_spans, first_max, \
+    round_up, sample_next
 from cxrllava_jax.models.layers import dtype_of
 from cxrllava_jax.models.llama import attention_mask, init_cache, prompt_positions_and_mask
 
@@ -49,15 +49,14 @@ class Rows:
 
 def sample_rows(spec: DecodeSpec, logits, temperature, top_p, key, index):
     """Next ids [rows] from logits [rows, vocab], each row drawn as `sample_next` draws for a batch of one:
-    greedy rows take the argmax; a sampled row's `index`-th token uses fold_in(its key, index)."""
+    greedy rows take the first maximum; a sampled row's `index`-th token is draw `index` of its key."""
     logits = spec.mask_vocab(logits)
 
     def one(row_logits, t, p, k, i):
-        return sample_next(row_logits[None], t, p, jax.random.fold_in(jax.random.wrap_key_data(k), i))[0]
+        return sample_next(row_logits[None], t, p, jax.random.wrap_key_data(k), i)[0]
 
-    return jax.lax.cond(jnp.any(temperature > 0),
-                        lambda: jax.vmap(one)(logits, temperature, top_p, key, index),
-                        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    return jax.lax.cond(jnp.any(temperature > 0), lambda: jax.vmap(one)(logits, temperature, top_p, key, index),
+                        lambda: first_max(logits))
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "rows", "length"))
