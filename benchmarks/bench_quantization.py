@@ -36,7 +36,7 @@ def main():
     greedy = SamplingOptions(temperature=0.0, max_new_tokens=NEW_TOKENS)
     exact_tokens = Generator(Llama(config), {"params": params}, eos_id=NEVER).generate(prompts, options=greedy)
     sequences = jnp.asarray([np.concatenate([p, t]) for p, t in zip(prompts, exact_tokens)])
-    exact = np.asarray(Llama(config).apply({"params": params}, sequences))[:, PROMPT_LENGTH - 1:-1]
+    exact = np.asarray(Llama(config).apply({"params": params}, sequences)[0])[:, PROMPT_LENGTH - 1:-1]
     flat = traverse_util.flatten_dict(params, sep="/")
     result = {"model": "tests' tiny CXR-LLaVA language model", "prompts": PROMPTS, "new_tokens": NEW_TOKENS}
     for kind in quantize.KINDS:
@@ -44,7 +44,7 @@ def main():
         template = quantize.abstract_params(model, jnp.zeros((1, 1), jnp.int32))
         weights = traverse_util.unflatten_dict(
             {p: quantize.quantize_leaf(template, p, jnp.asarray(a)) for p, a in flat.items()}, sep="/")
-        logits = np.asarray(model.apply({"params": weights}, sequences))[:, PROMPT_LENGTH - 1:-1]
+        logits = np.asarray(model.apply({"params": weights}, sequences)[0])[:, PROMPT_LENGTH - 1:-1]
         tokens = Generator(model, {"params": weights}, eos_id=NEVER).generate(prompts, options=greedy)
         same = np.mean([a == b for x, y in zip(tokens, exact_tokens) for a, b in zip(x, y)])
         result[kind] = {"max_logit_diff": round(float(np.abs(logits - exact).max()), 4),

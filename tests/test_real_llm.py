@@ -104,7 +104,7 @@ def test_logits_match_transformers(ours, reference, hf_dir):
     with torch.no_grad():
         expected = exact(torch.tensor([ids])).logits[0].numpy()
     del exact
-    logits = ours.generator.spec.model.apply(ours.generator.params, np.asarray([ids], np.int32))[0]
+    logits = ours.generator.spec.model.apply(ours.generator.params, np.asarray([ids], np.int32))[0][0]
     assert np.asarray(logits).dtype == np.float32
     np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=0)
 

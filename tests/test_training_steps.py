@@ -166,7 +166,7 @@ def test_scored_positions_loss_equals_full_logits_loss():
     params = task.init(jax.random.key(0), batch)["params"]
     loss, outputs = task.loss(params, batch, jax.random.key(0), train=False)
 
-    logits = task.model.apply({"params": params}, batch["image"], batch["tokens"], batch["valid"])
+    logits, _ = task.model.apply({"params": params}, batch["image"], batch["tokens"], batch["valid"])
     targets, weights = batch["tokens"][:, 1:], batch["loss_mask"][:, 1:].astype(jnp.float32)
     per_token = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], jnp.maximum(targets, 0))
     expected = (per_token * weights).sum() / weights.sum()
