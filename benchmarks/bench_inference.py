@@ -84,7 +84,7 @@ def recompute_without_cache(config: LlamaConfig, params, prompts: np.ndarray, ne
         tokens = jnp.pad(prompts, ((0, 0), (0, new_tokens)))
 
         def step(i, tokens):
-            logits = model.apply({"params": params}, tokens, jnp.arange(tokens.shape[1])[None] < length + i)
+            logits, _ = model.apply({"params": params}, tokens, jnp.arange(tokens.shape[1])[None] < length + i)
             return tokens.at[:, length + i].set(jnp.argmax(logits[:, length + i - 1], axis=-1).astype(tokens.dtype))
 
         return jax.lax.fori_loop(0, new_tokens, step, tokens)[:, length:]

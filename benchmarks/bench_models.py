@@ -64,7 +64,7 @@ def jax_step(cfg: CXRLLaVAConfig, runtime: Runtime):
     model = CXRLLaVAModel(cfg, runtime)
 
     def loss_fn(params, images, tokens, scored):
-        logits = model.apply({"params": params}, images, tokens)[:, :-1]
+        logits = model.apply({"params": params}, images, tokens)[0][:, :-1]
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
         return (losses * scored[:, 1:]).sum() / scored[:, 1:].sum()
 

@@ -56,7 +56,8 @@ def compare(name, config, runtime, params, prompts) -> dict:
     greedy = SamplingOptions(temperature=0.0, max_new_tokens=NEW_TOKENS)
     exact_tokens = Generator(Llama(config, runtime), {"params": params}, eos_id=NEVER).generate(prompts, options=greedy)
     sequences = jnp.asarray([np.concatenate([p, t]) for p, t in zip(prompts, exact_tokens)])
-    exact = np.asarray(Llama(config, runtime).apply({"params": params}, sequences), np.float32)[:, PROMPT_LENGTH - 1:-1]
+    exact, _ = Llama(config, runtime).apply({"params": params}, sequences)
+    exact = np.asarray(exact, np.float32)[:, PROMPT_LENGTH - 1:-1]
     flat = traverse_util.flatten_dict(params, sep="/")
     result = {"model": name, "prompts": len(prompts), "new_tokens": NEW_TOKENS, "logit_std": round(float(exact.std()), 4)}
     top2 = np.sort(exact, axis=-1)[..., -2:]
@@ -66,7 +67,7 @@ def compare(name, config, runtime, params, prompts) -> dict:
         template = quantize.abstract_params(model, jnp.zeros((1, 1), jnp.int32))
         weights = traverse_util.unflatten_dict(
             {p: quantize.quantize_leaf(template, p, jnp.asarray(a)) for p, a in flat.items()}, sep="/")
-        logits = np.asarray(model.apply({"params": weights}, sequences), np.float32)[:, PROMPT_LENGTH - 1:-1]
+        logits = np.asarray(model.apply({"params": weights}, sequences)[0], np.float32)[:, PROMPT_LENGTH - 1:-1]
         tokens = Generator(model, {"params": weights}, eos_id=NEVER).generate(prompts, options=greedy)
         same = np.mean([a == b for x, y in zip(tokens, exact_tokens) for a, b in zip(x, y)])
         result[kind] = {"max_logit_diff": round(float(np.abs(logits - exact).max()), 4),

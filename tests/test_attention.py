@@ -71,8 +71,8 @@ def test_llama_logits_agree_across_kernels():
     tokens = jnp.asarray(np.random.default_rng(3).integers(3, config.vocab_size, (2, LENGTH)), jnp.int32)
     valid = right_padded([LENGTH, 90])
     params = Llama(config, Runtime()).init(jax.random.key(0), tokens, valid)
-    expected = Llama(config, Runtime()).apply(params, tokens, valid)
-    got = Llama(config, Runtime(attention="splash")).apply(params, tokens, valid)
+    expected, _ = Llama(config, Runtime()).apply(params, tokens, valid)
+    got, _ = Llama(config, Runtime(attention="splash")).apply(params, tokens, valid)
     real = np.asarray(valid)
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(expected)[real], atol=1e-4)
 

@@ -84,7 +84,7 @@ def test_imported_model_matches_the_release_forward(release, images):
     reference, _, ckpt = release
     kind, config, params = checkpoint.load_model(ckpt)
     tokens, valid = expand_and_left_pad(PROMPTS, config.num_image_tokens)
-    logits = np.asarray(jax.jit(CXRLLaVAModel(config).apply)({"params": params}, images, tokens, valid))
+    logits = np.asarray(jax.jit(CXRLLaVAModel(config).apply)({"params": params}, images, tokens, valid)[0])
     for i, prompt in enumerate(PROMPTS):  # the release runs one image at a time
         with torch.no_grad():
             expected = reference(torch.as_tensor(images[i:i + 1]).permute(0, 3, 1, 2),
@@ -151,7 +151,7 @@ def test_hf_llama_export_loads_in_transformers_with_equal_logits(release, tmp_pa
     assert hf_model.config.rope_parameters["rope_theta"] == CONFIG.llama.rope_theta
     _, config, params = checkpoint.load_model(ckpt)
     tokens = np.random.RandomState(4).randint(3, config.llama.vocab_size, (2, 9)).astype(np.int32)
-    ours = np.asarray(Llama(config.llama).apply({"params": params["llm"]}, tokens))
+    ours = np.asarray(Llama(config.llama).apply({"params": params["llm"]}, tokens)[0])
     with torch.no_grad():
         expected = hf_model(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(ours, expected, atol=TOL, rtol=0)

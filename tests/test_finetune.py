@@ -108,10 +108,10 @@ def test_merged_and_unmerged_adapters_give_the_same_logits(scan):
     flat = {k: (0.05 * jax.random.normal(jax.random.key(hash(k) % 1000), v.shape) if k.endswith("_lora_b") else v)
             for k, v in traverse_util.flatten_dict(params, sep="/").items()}
     params = traverse_util.unflatten_dict(flat, sep="/")
-    unmerged = adapted.apply({"params": params}, images, tokens)
-    merged = CXRLLaVAModel(config, runtime).apply({"params": lora.merge(params, settings)}, images, tokens)
-    base = CXRLLaVAModel(config, runtime).apply({"params": lora.merge(params, dataclasses.replace(settings, alpha=0.0))},
-                                            images, tokens)
+    unmerged, _ = adapted.apply({"params": params}, images, tokens)
+    merged, _ = CXRLLaVAModel(config, runtime).apply({"params": lora.merge(params, settings)}, images, tokens)
+    base, _ = CXRLLaVAModel(config, runtime).apply(
+        {"params": lora.merge(params, dataclasses.replace(settings, alpha=0.0))}, images, tokens)
     assert float(jnp.abs(unmerged - base).max()) > 1e-2  # the adapters matter
     np.testing.assert_allclose(np.asarray(merged), np.asarray(unmerged), atol=1e-5, rtol=0)
 
@@ -126,8 +126,9 @@ def hf_llama_export(tmp_path: Path) -> tuple[Path, object, dict]:
 def text_logits_ours(config, params, tokens: np.ndarray) -> np.ndarray:
     """Our logits for text-only tokens (no image positions, so the image tower's output is not used)."""
     images = jnp.zeros((tokens.shape[0], config.vision.image_size, config.vision.image_size, 1))
-    return np.asarray(CXRLLaVAModel(config, Runtime(dtype="float32", param_dtype="float32")).apply(
-        {"params": params}, images, jnp.asarray(tokens)))
+    logits, _ = CXRLLaVAModel(config, Runtime(dtype="float32", param_dtype="float32")).apply(
+        {"params": params}, images, jnp.asarray(tokens))
+    return np.asarray(logits)
 
 
 def peft_logits(hf_dir: Path, adapter_dir: Path, tokens: np.ndarray) -> np.ndarray:

@@ -72,7 +72,7 @@ def test_cached_decoding_equals_recomputing_the_sequence(hf, greedy_batch):
     _, config, params, prompts = hf
     model = Llama(config)
     width = max(LENGTHS) + NEW_TOKENS
-    forward = jax.jit(lambda tokens, valid: model.apply(params, tokens, valid))
+    forward = jax.jit(lambda tokens, valid: model.apply(params, tokens, valid)[0])
     for prompt, cached in zip(prompts, greedy_batch):
         sequence = list(prompt)
         for _ in range(len(cached)):
@@ -254,7 +254,7 @@ def test_int8_and_int4_weights_track_the_float_logits(hf, greedy_batch):
     _, config, params, prompts = hf
     flat = traverse_util.flatten_dict(params["params"], sep="/")
     sequences = [jnp.asarray(np.concatenate([p, c])[None], jnp.int32) for p, c in zip(prompts, greedy_batch)]
-    exact = np.concatenate([np.asarray(Llama(config).apply(params, s))[0] for s in sequences])
+    exact = np.concatenate([np.asarray(Llama(config).apply(params, s)[0])[0] for s in sequences])
     error = {}
     for kind in ("int8", "int4"):
         model = quantize.quantized(Llama(config), kind)
@@ -263,6 +263,6 @@ def test_int8_and_int4_weights_track_the_float_logits(hf, greedy_batch):
             {p: quantize.quantize_leaf(template, p, jnp.asarray(a)) for p, a in flat.items()}, sep="/")
         assert quantize.is_quantized(weights["layers"]["block_0"]["q_proj"]["kernel"])
         assert not quantize.is_quantized(weights["embed_tokens"]["embedding"])
-        logits = np.concatenate([np.asarray(model.apply({"params": weights}, s))[0] for s in sequences])
+        logits = np.concatenate([np.asarray(model.apply({"params": weights}, s)[0])[0] for s in sequences])
         error[kind] = np.abs(logits - exact).mean() / exact.std()
     assert 0 < error["int8"] < 0.05 and error["int8"] < error["int4"] < 0.5, error

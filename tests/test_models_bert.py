@@ -42,7 +42,8 @@ def test_real_minilm_matches_transformers(minilm, scan):
     config, params, batch, reference = minilm
     mask = batch["attention_mask"].astype(bool)
     assert len(set(mask.sum(1))) == len(SENTENCES)  # every sentence a different length: real padding
-    hidden, pooled = jax.jit(Bert(config, Runtime(scan=scan)).apply)(
+    hidden, aux = jax.jit(Bert(config, Runtime(scan=scan)).apply)(
         {"params": relayout(params, scan=scan)}, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    pooled = aux["pooler_output"]
     np.testing.assert_allclose(np.asarray(hidden)[mask], reference.last_hidden_state.numpy()[mask], atol=TOL, rtol=0)
     np.testing.assert_allclose(np.asarray(pooled), reference.pooler_output.numpy(), atol=TOL, rtol=0)

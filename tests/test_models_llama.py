@@ -64,7 +64,7 @@ def case(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def forward(case):
     model = Llama(case.imported_config)
-    return jax.jit(lambda params, tokens, valid: model.apply({"params": params}, tokens, valid))
+    return jax.jit(lambda params, tokens, valid: model.apply({"params": params}, tokens, valid)[0])
 
 
 def test_config_read_from_the_hf_directory(case):
@@ -90,8 +90,9 @@ def test_kv_cache_decoding_equals_the_full_forward(case, forward):
         positions = jnp.maximum(jnp.cumsum(kv_valid, axis=1) - 1, 0)
         positions = jnp.take_along_axis(positions, slots, axis=1)
         mask = attention_mask(slots, kv_valid)
-        return model.apply({"params": params}, model.apply({"params": params}, tokens, method=Llama.embed),
-                           positions, mask, cache, cache_index, method=Llama.decode)
+        logits, aux = model.apply({"params": params}, model.apply({"params": params}, tokens, method=Llama.embed),
+                                  positions, mask, cache, cache_index, method=Llama.decode)
+        return logits, aux["cache"]
 
     step = jax.jit(step)
     kv_valid = np.zeros((len(LENGTHS), max_len), bool)
@@ -112,7 +113,7 @@ def test_scanned_layers_give_the_same_logits(case, forward):
     scanned = relayout(case.params, scan=True)
     assert scanned["layers"]["block"]["q_proj"]["kernel"].shape[0] == case.config.num_layers
     model = Llama(case.imported_config, Runtime(scan=True))
-    logits = model.apply({"params": scanned}, case.tokens, case.valid)
+    logits, _ = model.apply({"params": scanned}, case.tokens, case.valid)
     expected = forward(case.params, case.tokens, case.valid)
     np.testing.assert_allclose(np.asarray(logits)[case.valid], np.asarray(expected)[case.valid], atol=1e-5, rtol=0)
 
@@ -132,7 +133,8 @@ def test_rope_scaling_past_the_context_matches_transformers(tmp_path, scaling):
     tokens = np.random.RandomState(2).randint(3, 256, (1, 20)).astype(np.int32)
     with torch.no_grad():
         expected = torch_model(torch.as_tensor(tokens, dtype=torch.long)).logits[0].numpy()
-    logits = Llama(imported).apply({"params": params}, tokens)[0]
+    logits = Llama(imported).apply({"params": params}, tokens)[0][0]
     np.testing.assert_allclose(np.asarray(logits), expected, atol=TOL, rtol=0)
-    unscaled = Llama(dataclasses.replace(imported, rope_scaling=RopeScaling())).apply({"params": params}, tokens)[0]
+    unscaled = Llama(dataclasses.replace(imported, rope_scaling=RopeScaling())).apply({"params": params},
+                                                                                      tokens)[0][0]
     assert np.abs(np.asarray(unscaled) - expected).max() > 100 * TOL  # the scaling is what made them agree

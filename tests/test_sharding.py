@@ -42,7 +42,7 @@ SCRIPT = textwrap.dedent("""
         embedding = params["llm"]["embed_tokens"]["embedding"]
 
         def forward(params, images, tokens, valid):
-            return model.apply({"params": params}, images, tokens, valid)
+            return model.apply({"params": params}, images, tokens, valid)[0]
 
         batch = [sharding.batch_sharding(mesh, a.ndim) for a in (images, tokens, valid)]
         with sharding.activate(mesh):

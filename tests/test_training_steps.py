@@ -166,7 +166,7 @@ def test_scored_positions_loss_equals_full_logits_loss():
     params = task.init(jax.random.key(0), batch)["params"]
     loss, outputs = task.loss(params, batch, jax.random.key(0), train=False)
 
-    logits = task.model.apply({"params": params}, batch["image"], batch["tokens"], batch["valid"])
+    logits, _ = task.model.apply({"params": params}, batch["image"], batch["tokens"], batch["valid"])
     targets, weights = batch["tokens"][:, 1:], batch["loss_mask"][:, 1:].astype(jnp.float32)
     per_token = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], jnp.maximum(targets, 0))
     expected = (per_token * weights).sum() / weights.sum()
@@ -175,3 +175,25 @@ def test_scored_positions_loss_equals_full_logits_loss():
     assert abs(float(loss) - float(expected)) <= 1e-6, (float(loss), float(expected))
     assert float(outputs["token_accuracy"]) == float(accuracy)
     assert float(outputs["tokens"]) == float(weights.sum())
+
+
+@pytest.mark.parametrize("stage", ["1a", "1b_labels", "2b"])
+def test_images_reach_the_model_as_the_release_preprocesses_them(stage):
+    """The uint8 pixels a batch carries, normalised by the task inside the jitted step, are the release's
+    preprocessing of the same image (CLIPImageProcessor semantics, `images.preprocess`) to within one float32
+    rounding: no second normalisation, no default mean/std in place of the configured ones."""
+    from cxrllava_jax.domain import images
+    from cxrllava_jax.training.tasks.base import Example
+
+    cfg = demo.get_config(stage)
+    cfg.model.text = "bert_tiny"
+    cfg.data.update(image_mean=0.4, image_std=0.3)
+    task = make_task(cfg)
+    radiograph = np.random.RandomState(5).randint(0, 256, (80, 96), dtype=np.uint8)
+    pixels = task.image(Example(image=radiograph))
+    assert pixels.dtype == np.uint8
+    on_device = np.asarray(jax.jit(task.model_images)(jnp.asarray(pixels[None])))[0]
+    expected = images.preprocess(radiograph, task.image_size(), 0.4, 0.3)
+    assert on_device.dtype == np.float32 and on_device.shape == expected.shape
+    # XLA may fuse x * (1/255) - mean into one multiply-add, which rounds once instead of twice.
+    np.testing.assert_allclose(on_device, expected, rtol=0, atol=np.spacing(np.float32(np.abs(expected).max())))

@@ -262,7 +262,8 @@ def model_pixels(image, size: int, mode: str = "crop", min_size: int = RELEASE_P
 
 def normalise(pixels, mean: float, std: float):
     """uint8 pixels -> float32 (x / 255 - mean) / std, with numpy on the host or jax.numpy on the device
-    (the same float32 operations in the same order, so both give the same values)."""
+    (the same float32 operations in the same order; under jit XLA may fuse the multiply and the subtraction
+    into one multiply-add, which moves some values by one float32 rounding)."""
     scaled = pixels.astype(np.float32) * np.float32(1.0 / 255.0)
     return (scaled - np.float32(mean)) / np.float32(std)
 

@@ -204,11 +204,11 @@ def prefill(spec: DecodeSpec, params, tokens, valid, images, budget, temperature
     kv_valid = jnp.pad(valid, ((0, 0), (0, cache_length - prompt_length)))
     positions, mask = prompt_positions_and_mask(valid)  # the prompt reads only its own slots
     cache = init_cache(spec.llama_config, batch, cache_length, dtype_of(spec.model.runtime.dtype))
-    logits, cache = spec.model.apply(params, tokens, images, positions, mask, cache, method="prefill")
+    logits, aux = spec.model.apply(params, tokens, images, positions, mask, cache, method="prefill")
     first = sample_next(spec.mask_vocab(logits), temperature, top_p, key, 0)
     out = jnp.full((batch, cache_length - prompt_length + 1), spec.eos_id, jnp.int32).at[:, 0].set(first)
     return DecodeState(step=jnp.int32(1), tokens=out, done=(first == spec.eos_id) | (budget <= 1), budget=budget,
-                       positions=valid.sum(axis=1).astype(jnp.int32), kv_valid=kv_valid, cache=cache, key=key,
+                       positions=valid.sum(axis=1).astype(jnp.int32), kv_valid=kv_valid, cache=aux["cache"], key=key,
                        temperature=temperature, top_p=top_p)
 
 
@@ -223,12 +223,12 @@ def decode(spec: DecodeSpec, params, state: DecodeState, stop_step) -> DecodeSta
         previous = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=1, keepdims=True)
         kv_valid = s.kv_valid.at[:, slot].set(True)
         mask = attention_mask(jnp.full((previous.shape[0], 1), slot), kv_valid[:, :span])
-        logits, cache = spec.model.apply(params, previous, s.positions[:, None], mask, s.cache, slot, method="step")
+        logits, aux = spec.model.apply(params, previous, s.positions[:, None], mask, s.cache, slot, method="step")
         new = sample_next(spec.mask_vocab(logits), s.temperature, s.top_p, s.key, s.step)
         new = jnp.where(s.done, spec.eos_id, new)
         done = s.done | (new == spec.eos_id) | (s.step + 1 >= s.budget)
         return s.replace(step=s.step + 1, tokens=s.tokens.at[:, s.step].set(new), done=done,
-                         positions=s.positions + 1, kv_valid=kv_valid, cache=cache)
+                         positions=s.positions + 1, kv_valid=kv_valid, cache=aux["cache"])
 
     for span in attention_spans(first_slot, cache_length, spec.attention_bucket):
         def keep_going(s: DecodeState, span=span):

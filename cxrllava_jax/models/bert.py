@@ -38,7 +38,7 @@ class Bert(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, token_type_ids=None):
-        """input_ids, attention_mask: [batch, length]. Returns (last hidden states, pooler output)."""
+        """input_ids, attention_mask: [batch, length]. Returns (last hidden states, {"pooler_output"})."""
         cfg, rt = self.config, self.runtime
 
         def embed(num, name, axis_name):
@@ -57,7 +57,7 @@ class Bert(nn.Module):
                             scan=rt.scan, remat_policy=rt.remat_policy, name=BERT_STACK)
         kw = dict(use_bias=True, **dtypes(rt))
         pooled = jnp.tanh(dense(cfg.hidden_size, (("embed",), ("mlp",)), name="pooler", **kw)(x[:, 0]))
-        return x, pooled
+        return x, {"pooler_output": pooled}
 
 
 class TextEncoder(nn.Module):
@@ -70,6 +70,7 @@ class TextEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask):
+        """Returns (embedding [batch, embed_dim], {"pooled", "tokens": BERT's last hidden states})."""
         hidden, _ = Bert(self.config, self.runtime, name="bert")(input_ids, attention_mask)
         if self.pooling == "cls":
             pooled = hidden[:, 0]
@@ -78,4 +79,6 @@ class TextEncoder(nn.Module):
             pooled = (hidden * weights).sum(1) / jnp.maximum(weights.sum(1), 1)
         else:
             raise ValueError(f"text pooling must be 'cls' or 'mean', got {self.pooling!r}")
-        return dense(self.embed_dim, (("embed",), ("clip",)), use_bias=False, name="proj", **dtypes(self.runtime))(pooled)
+        embedding = dense(self.embed_dim, (("embed",), ("clip",)), use_bias=False, name="proj", **dtypes(self.runtime))(
+            pooled)
+        return embedding, {"pooled": pooled, "tokens": hidden}

@@ -24,19 +24,22 @@ class ContrastiveModel(nn.Module):
 
     @nn.compact
     def __call__(self, images, input_ids, attention_mask, *, train: bool = False):
-        """Returns (image embeddings, text embeddings, logit scale), embeddings L2-normalised, fp32."""
+        """Returns (logits per image [images, texts] fp32, {"image_embedding", "text_embedding", "logit_scale"}),
+        the embeddings L2-normalised and fp32."""
         cfg = self.config
-        img = VisionTransformer(cfg.vision, self.runtime, name="img")(images, train=train)["embedding"]
-        txt = TextEncoder(cfg.text, cfg.vision.embed_dim, cfg.text_pooling, self.runtime, name="txt")(
+        img, _ = VisionTransformer(cfg.vision, self.runtime, name="img")(images, train=train)
+        txt, _ = TextEncoder(cfg.text, cfg.vision.embed_dim, cfg.text_pooling, self.runtime, name="txt")(
             input_ids, attention_mask)
         log_scale = self.param("logit_scale", nn.initializers.constant(np.log(1 / cfg.init_temperature)), ())
-        return l2_normalize(img.astype(jnp.float32)), l2_normalize(txt.astype(jnp.float32)), jnp.exp(log_scale)
+        image_emb, text_emb = l2_normalize(img.astype(jnp.float32)), l2_normalize(txt.astype(jnp.float32))
+        logit_scale = jnp.exp(log_scale)
+        logits = logit_scale * image_emb @ text_emb.T
+        return logits, {"image_embedding": image_emb, "text_embedding": text_emb, "logit_scale": logit_scale}
 
 
-def contrastive_loss(image_emb, text_emb, logit_scale):
-    """Symmetric InfoNCE: the i-th image matches the i-th text. Returns (loss, logits per image)."""
-    logits = logit_scale * image_emb @ text_emb.T
+def contrastive_loss(logits):
+    """Symmetric InfoNCE over logits per image [batch, batch]: the i-th image matches the i-th text."""
     labels = jnp.arange(logits.shape[0])
     per_image = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     per_text = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels)
-    return (per_image.mean() + per_text.mean()) / 2, logits
+    return (per_image.mean() + per_text.mean()) / 2

@@ -25,12 +25,13 @@ class Projector(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        """Returns (x in the LLM's width, {})."""
         kw = dict(use_bias=True, **dtypes(self.runtime))
         if self.kind == "linear":
-            return dense(self.features, (("mlp",), ("embed",)), name="linear", **kw)(x)
+            return dense(self.features, (("mlp",), ("embed",)), name="linear", **kw)(x), {}
         if self.kind == "mlp2x_gelu":
             x = dense(self.features, (("mlp",), ("embed",)), name="fc1", **kw)(x)
-            return dense(self.features, (("mlp",), ("embed",)), name="fc2", **kw)(nn.gelu(x, approximate=False))
+            return dense(self.features, (("mlp",), ("embed",)), name="fc2", **kw)(nn.gelu(x, approximate=False)), {}
         raise ValueError(f"projector must be 'linear' or 'mlp2x_gelu', got {self.kind!r}")
 
 
@@ -61,7 +62,8 @@ class CXRLLaVAModel(nn.Module):
         """[batch, H, W, 1] normalised -> [batch, num_image_tokens, llm hidden]."""
         # Tower outputs are pinned to batch sharding. Left to sharding propagation, XLA (jax 0.10.2) compiled
         # ViT -> projector on a (data, fsdp, tensor) mesh into a program that returned wrong rows.
-        features = self.projector(self.img(images)["tokens"])
+        _, vision = self.img(images)
+        features, _ = self.projector(vision["tokens"])
         return nn.with_logical_constraint(features, ("batch", "length", "embed"))
 
     def embed(self, tokens, image_features):
@@ -74,7 +76,7 @@ class CXRLLaVAModel(nn.Module):
         return self.llm.decode(embeds, positions, mask, cache, cache_index)
 
     def prefill(self, tokens, images, positions, mask, cache):
-        """An image prompt into the cache; returns the last slot's logits [batch, vocab] fp32 and the cache."""
+        """An image prompt into the cache; returns (the last slot's logits [batch, vocab] fp32, {"cache"})."""
         return self.llm.last_logits(self.embed(tokens, self.encode_images(images)), positions, mask, cache)
 
     def step(self, tokens, positions, mask, cache, slot):
@@ -88,11 +90,11 @@ class CXRLLaVAModel(nn.Module):
         return self.llm.hidden_states(embeds, real_positions(valid), CausalMask(valid, right_padded))
 
     def __call__(self, images, tokens, valid=None):
-        """Full forward. Returns next-token logits [batch, length, vocab] (fp32)."""
-        return self.llm.logits(self.hidden_states(images, tokens, valid))
+        """Full forward. Returns (next-token logits [batch, length, vocab] fp32, {})."""
+        return self.llm.logits(self.hidden_states(images, tokens, valid)), {}
 
     def logits_at(self, images, tokens, valid, at):
-        """Logits [batch, n, vocab] (fp32) at the positions `at` [batch, n] of right-padded rows only: training
+        """(Logits [batch, n, vocab] fp32, {}) at the positions `at` [batch, n] of right-padded rows only: training
         projects onto the vocabulary just the positions it scores, not the ~1,024 image positions."""
         hidden = self.hidden_states(images, tokens, valid, right_padded=True)
-        return self.llm.logits(jnp.take_along_axis(hidden, at[..., None], axis=1))
+        return self.llm.logits(jnp.take_along_axis(hidden, at[..., None], axis=1)), {}

@@ -172,12 +172,12 @@ class Llama(nn.Module):
         return nn.with_logical_constraint(self.embed_tokens(tokens), ("batch", "length", "embed"))
 
     def decode(self, embeds, positions, mask, cache=None, cache_index=0):
-        """embeds: [batch, length, hidden]; mask: [batch, 1, length, kv_len]. Returns (logits fp32, cache).
+        """embeds: [batch, length, hidden]; mask: [batch, 1, length, kv_len]. Returns (logits fp32, {"cache"}).
 
         With a cache, the new keys/values go to slots `cache_index...` and attention reads the first kv_len slots.
         """
         x, cache = self.layers(embeds, cache, positions, mask, cache_index)
-        return self.logits(x), cache
+        return self.logits(x), {"cache": cache}
 
     def hidden_states(self, embeds, positions, mask):
         """The last decoder layer's output, before the final norm: [batch, length, hidden]."""
@@ -191,7 +191,7 @@ class Llama(nn.Module):
         return logits.astype(jnp.float32)
 
     def prefill(self, tokens, images, positions, mask, cache):
-        """Runs a prompt into the cache; returns the last slot's logits [batch, vocab] fp32 and the cache (the
+        """Runs a prompt into the cache; returns (the last slot's logits [batch, vocab] fp32, {"cache"}) (the
         lm_head over every prompt slot would cost [batch, length, vocab] for nothing). `images` is None: the
         argument keeps one signature with `CXRLLaVA.prefill`."""
         if images is not None:
@@ -200,17 +200,18 @@ class Llama(nn.Module):
 
     def last_logits(self, embeds, positions, mask, cache):
         x, cache = self.layers(embeds, cache, positions, mask, 0)
-        return self.logits(x[:, -1:])[:, 0], cache
+        return self.logits(x[:, -1:])[:, 0], {"cache": cache}
 
     def step(self, tokens, positions, mask, cache, slot):
-        """One token per row [batch, 1] at cache slot `slot` -> (logits [batch, vocab] fp32, cache)."""
-        logits, cache = self.decode(self.embed(tokens), positions, mask, cache, slot)
-        return logits[:, 0], cache
+        """One token per row [batch, 1] at cache slot `slot` -> (logits [batch, vocab] fp32, {"cache"})."""
+        logits, aux = self.decode(self.embed(tokens), positions, mask, cache, slot)
+        return logits[:, 0], aux
 
     def __call__(self, tokens, valid=None):
-        """Full causal forward over [batch, length] tokens; `valid` marks non-padding (left or right)."""
+        """Full causal forward over [batch, length] tokens; `valid` marks non-padding (left or right).
+        Returns (logits [batch, length, vocab] fp32, {})."""
         valid = jnp.ones(tokens.shape, bool) if valid is None else valid.astype(bool)
-        return self.logits(self.hidden_states(self.embed(tokens), real_positions(valid), CausalMask(valid)))
+        return self.logits(self.hidden_states(self.embed(tokens), real_positions(valid), CausalMask(valid))), {}
 
 
 def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype=jnp.bfloat16):

@@ -1,7 +1,7 @@
 """The image encoder: a ViT with open_clip `VisionTransformer` semantics (REFERENCE.md), grayscale input.
 
-Returns the pooled feature, the contrastive embedding (`pooled @ proj`) and the patch tokens the
-language model sees. `ViTClassifier` adds the stage 1A normal/abnormal head on the pooled feature.
+Returns the contrastive embedding (`pooled @ proj`), with the pooled feature and the patch tokens the language
+model sees as auxiliaries. `ViTClassifier` adds the stage 1A normal/abnormal head on the pooled feature.
 """
 
 import flax.linen as nn
@@ -72,7 +72,7 @@ class VisionTransformer(nn.Module):
 
     @nn.compact
     def __call__(self, images, *, train: bool = False):
-        """images: [batch, H, W, channels] normalised. Returns dict(pooled, embedding, tokens)."""
+        """images: [batch, H, W, channels] normalised. Returns (embedding, {"pooled", "tokens"})."""
         cfg, rt = self.config, self.runtime
         dtype, param_dtype = dtype_of(rt.dtype), dtype_of(rt.param_dtype)
         x = nn.Conv(
@@ -103,7 +103,7 @@ class VisionTransformer(nn.Module):
         proj = self.param("proj", partitioned(nn.initializers.normal(scale), "embed", "clip"),
                           (cfg.width, cfg.embed_dim), param_dtype)
         tokens = nn.with_logical_constraint(x[:, 1:], ("batch", "length", "embed"))
-        return {"pooled": pooled, "embedding": pooled @ proj.astype(dtype), "tokens": tokens}
+        return pooled @ proj.astype(dtype), {"pooled": pooled, "tokens": tokens}
 
 
 class ViTClassifier(nn.Module):
@@ -114,11 +114,13 @@ class ViTClassifier(nn.Module):
 
     @nn.compact
     def __call__(self, images, *, train: bool = False):
-        features = VisionTransformer(self.config, self.runtime, name="img")(images, train=train)
+        """Returns (abnormality logits [batch] fp32, {"probability", "embedding", "pooled", "tokens"})."""
+        embedding, features = VisionTransformer(self.config, self.runtime, name="img")(images, train=train)
         head = dense(1, (("embed",), ("classes",)), use_bias=True, dtype=jnp.float32,
                      param_dtype=dtype_of(self.runtime.param_dtype), name="head",
                      kernel_init=nn.initializers.zeros_init())
-        return head(features["pooled"].astype(jnp.float32))[:, 0], features
+        logits = head(features["pooled"].astype(jnp.float32))[:, 0]
+        return logits, {"probability": jax.nn.sigmoid(logits), "embedding": embedding, **features}
 
 
 def resample_position_embedding(posemb, new_grid: int):

@@ -56,7 +56,7 @@ def trained_llama(config: LlamaConfig = CONFIG, steps: int = 300, seed: int = 0)
     @jax.jit
     def step(params, opt_state, tokens):
         def loss(params):
-            logits = model.apply({"params": params}, tokens[:, :-1])
+            logits, _ = model.apply({"params": params}, tokens[:, :-1])
             return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
         grads = jax.grad(loss)(params)

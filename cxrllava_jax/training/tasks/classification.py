@@ -37,10 +37,10 @@ class ClassificationTask(Task):
         return self.model.init(rng, self.model_images(batch["image"]))
 
     def loss(self, params, batch, rng, train: bool = True):
-        logits, _ = self.model.apply({"params": params}, self.model_images(batch["image"]), train=train,
-                                     rngs={"dropout": rng})
+        logits, aux = self.model.apply({"params": params}, self.model_images(batch["image"]), train=train,
+                                       rngs={"dropout": rng})
         labels = batch["label"].astype(jnp.float32)
         loss = optax.sigmoid_binary_cross_entropy(logits, labels).mean()
         outputs = {"loss": loss, "accuracy": ((logits > 0) == (labels > 0.5)).mean(),
-                   "probability": jax.nn.sigmoid(logits), "label": labels}
+                   "probability": aux["probability"], "label": labels}
         return loss, outputs

@@ -63,8 +63,8 @@ class ContrastiveTask(Task):
         return self.model.init(rng, self.model_images(batch["image"]), batch["input_ids"], batch["attention_mask"])
 
     def loss(self, params, batch, rng, train: bool = True):
-        img, txt, scale = self.model.apply({"params": params}, self.model_images(batch["image"]), batch["input_ids"],
-                                           batch["attention_mask"], train=train, rngs={"dropout": rng})
-        loss, logits = contrastive_loss(img, txt, scale)
+        logits, _ = self.model.apply({"params": params}, self.model_images(batch["image"]), batch["input_ids"],
+                                     batch["attention_mask"], train=train, rngs={"dropout": rng})
+        loss = contrastive_loss(logits)
         top1 = (jnp.argmax(logits, axis=1) == jnp.arange(logits.shape[0])).mean()
         return loss, {"loss": loss, "retrieval_top1": top1}

@@ -126,8 +126,8 @@ def next_token_loss(model, params, images, batch, num_image_tokens: int, **apply
     # Position t predicts token t+1; only assistant tokens (loss_mask) are scored, and only the positions
     # that predict them are projected onto the vocabulary (never [batch, length, vocab] for the image).
     at, targets, weights = scored_positions(batch["tokens"], batch["loss_mask"], num_image_tokens)
-    logits = model.apply({"params": params}, images, batch["tokens"], batch["valid"], at, method="logits_at",
-                         **apply_kwargs)
+    logits, _ = model.apply({"params": params}, images, batch["tokens"], batch["valid"], at, method="logits_at",
+                            **apply_kwargs)
     per_token = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(targets, 0))
     count = jnp.maximum(weights.sum(), 1.0)
     loss = (per_token * weights).sum() / count
