@@ -74,8 +74,8 @@ def prefill_rows(spec: DecodeSpec, params, tokens, valid, images, temperature, t
     slots [0, P), first tokens [n]). Whole rows, so that placing them compiles per batch size, not per prompt."""
     positions, mask = prompt_positions_and_mask(valid)
     cache = init_cache(spec.llama_config, tokens.shape[0], length, dtype_of(spec.model.runtime.dtype))
-    logits, cache = spec.model.apply(params, tokens, images, positions, mask, cache, method="prefill")
-    return cache, sample_rows(spec, logits, temperature, top_p, key, jnp.zeros(tokens.shape[0], jnp.int32))
+    logits, aux = spec.model.apply(params, tokens, images, positions, mask, cache, method="prefill")
+    return aux["cache"], sample_rows(spec, logits, temperature, top_p, key, jnp.zeros(tokens.shape[0], jnp.int32))
 
 
 @functools.partial(jax.jit, static_argnames=("eos_id",), donate_argnames=("rows",))
@@ -125,12 +125,12 @@ def decode_rows(spec: DecodeSpec, params, rows: Rows, steps, stop, *, chunk: int
         i, r, out = carry
         kv_valid = r.kv_valid.at[every, r.slot].set(True)
         mask = attention_mask(r.slot[:, None], kv_valid[:, :span])
-        logits, cache = spec.model.apply(params, r.last[:, None], r.position[:, None], mask, r.cache, r.slot,
-                                         method="step")
+        logits, aux = spec.model.apply(params, r.last[:, None], r.position[:, None], mask, r.cache, r.slot,
+                                       method="step")
         live = ~r.done
         new = jnp.where(live, sample_rows(spec, logits, r.temperature, r.top_p, r.key, r.written), NO_TOKEN)
         written = r.written + live
-        r = r.replace(cache=cache, kv_valid=kv_valid, last=jnp.where(live, new, r.last), slot=r.slot + live,
+        r = r.replace(cache=aux["cache"], kv_valid=kv_valid, last=jnp.where(live, new, r.last), slot=r.slot + live,
                       position=r.position + live, written=written,
                       done=r.done | (new == spec.eos_id) | (written >= r.budget))
         return i + 1, r, out.at[:, i].set(new)
