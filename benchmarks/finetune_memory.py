@@ -85,11 +85,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="7b")
     parser.add_argument("--topology", help="compile for one chip of this TPU topology (e.g. v5p:2x2x1; needs libtpu)")
+    parser.add_argument("--variants", nargs="+", choices=[v[0] for v in VARIANTS], default=[v[0] for v in VARIANTS])
     args = parser.parse_args()
     device = target_device(args.topology)
     preset, batch, seq_length = SIZES[args.size]
     results = {}
-    for name, qtype, scan, remat in VARIANTS:
+    for name, qtype, scan, remat in (v for v in VARIANTS if v[0] in args.variants):
         results[name] = step_memory(preset, batch, seq_length, qtype, scan, remat, device)
         r = results[name]
         print(f"{name:11s} {preset} batch {batch} x {seq_length} tokens, base {r['base']}, remat "
