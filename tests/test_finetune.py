@@ -157,8 +157,9 @@ def test_a_scanned_stack_is_quantized_layer_by_layer(kind):
             np.testing.assert_array_equal(np.asarray(got[i]), np.asarray(want))
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_merged_and_unmerged_adapters_give_the_same_logits(scan):
+@pytest.mark.parametrize("scan,jit", [(False, False), (False, True), (True, False)])
+def test_merged_and_unmerged_adapters_give_the_same_logits(scan, jit):
+    """Eager and jitted: traced, the layers multiply flattened kernels, which Qwix must still find."""
     config = CXR_LLAVA_PRESETS["cxr_llava_tiny"]
     runtime = Runtime(dtype="float32", param_dtype="float32", scan=scan, remat_policy="none")
     settings = lora.LoraSettings(rank=4, alpha=8.0, targets=lora.DEFAULT_TARGETS + (lora.PROJECTOR, lora.VIT))
@@ -172,7 +173,7 @@ def test_merged_and_unmerged_adapters_give_the_same_logits(scan):
     flat = {k: (0.05 * jax.random.normal(jax.random.key(hash(k) % 1000), v.shape) if k.endswith("_lora_b") else v)
             for k, v in traverse_util.flatten_dict(params, sep="/").items()}
     params = traverse_util.unflatten_dict(flat, sep="/")
-    unmerged = adapted.apply({"params": params}, images, tokens)
+    unmerged = (jax.jit(adapted.apply) if jit else adapted.apply)({"params": params}, images, tokens)
     merged = CXRLLaVAModel(config, runtime).apply({"params": lora.merge(params, settings)}, images, tokens)
     base = CXRLLaVAModel(config, runtime).apply({"params": lora.merge(params, dataclasses.replace(settings, alpha=0.0))},
                                             images, tokens)

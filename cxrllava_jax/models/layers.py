@@ -70,9 +70,10 @@ class Dense(nn.Module):
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         # The cast keeps the compute dtype when a LoRA adapter (qwix, fp32 so that its small updates are not
         # rounded away) adds its low-rank product to this dot: bf16 activations stay bf16.
-        if self.is_initializing() or not isinstance(kernel, jax.Array):
-            # Init (where Qwix quantizes what the dot receives, keeping the kernel's axis names) and quantized
-            # kernels: contracted at the kernel's own shape.
+        if self.is_initializing() or not isinstance(kernel, jax.core.Tracer):
+            # Init (where Qwix quantizes what the dot receives, keeping the kernel's axis names), quantized
+            # kernels and eager calls (where Qwix's LoRA knows the kernel only by identity, not through a
+            # reshape): contracted at the kernel's own shape.
             contract = (in_axes, tuple(range(len(in_axes))))
             out = jax.lax.dot_general(x, kernel, (contract, ((), ()))).astype(x.dtype)
         else:
