@@ -1,10 +1,11 @@
 """Does LoRA fine-tuning of the 7B CXR-LLaVA fit one GPU? The real train step (configs/finetune.py: the frozen
-base in bf16, fp32 adapters, AdamW, remat) compiled ahead of time on abstract shapes, no weight allocated,
-and XLA's `memory_analysis()` of it read out.
+base in bf16, or int8/int4 for QLoRA, fp32 adapters, AdamW, remat) compiled ahead of time on abstract shapes
+(`training.aot`, the state built as the loop builds it), no weight allocated, and XLA's `memory_analysis()` read out.
 
     python benchmarks/finetune_memory.py                 # 7B (cxr_llava_v2), bf16 base; several GiB RAM
     python benchmarks/finetune_memory.py --size tiny     # the same code path at tiny sizes (a smoke test)
     python benchmarks/finetune_memory.py --topology v5p:2x2x1   # one TPU chip's compiler (a venv with libtpu)
+    python benchmarks/finetune_memory.py --variants qlora_int8   # some rows only (the others kept in the JSON)
 
 Prints a table and writes benchmarks/results/finetune_memory[_tiny][_TPU].json. The figure is XLA's buffer
 assignment of this program (arguments + temporaries + outputs not aliased to donated arguments), not a measurement
@@ -99,6 +100,8 @@ def main():
               flush=True)
     suffix = ("" if args.size == "7b" else f"_{args.size}") + (f"_{args.topology.split(':')[0]}" if args.topology else "")
     out = pathlib.Path("benchmarks/results") / f"finetune_memory{suffix}.json"
+    if out.is_file() and set(args.variants) != {v[0] for v in VARIANTS}:  # a partial run updates its rows
+        results = {**json.loads(out.read_text()).get("results", {}), **results}
     out.write_text(json.dumps({"model": preset, "device": device.device_kind, "jax": jax.__version__,
                                "machine": platform.machine(), "cpus": os.cpu_count(), "results": results}, indent=2))
     print(f"wrote {out}")
