@@ -76,6 +76,8 @@ class RunCheckpoints:
         args = ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(self._saved(state))),
                                   data=grain.checkpoint.CheckpointRestore(data_iterator))
         restored = self.manager.restore(step, args=args)["state"]
+        if not self.unsaved:
+            return restored
         return restored.replace(params=self._with_unsaved(restored.params, state.params))
 
     def restore_params(self, step: int, params):
@@ -89,7 +91,7 @@ class RunCheckpoints:
         return self._with_unsaved(restored, params)
 
     def _saved(self, state):
-        return state.replace(params=self._saved_params(state.params))
+        return state.replace(params=self._saved_params(state.params)) if self.unsaved else state
 
     def _saved_params(self, params):
         if not self.unsaved:
