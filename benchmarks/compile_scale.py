@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import resource
 import subprocess
 import sys
@@ -185,8 +186,11 @@ def table(records: list[dict]) -> str:
     for r in records:
         mesh = "x".join(f"{k}{v}" for k, v in r.get("mesh", {}).items() if v > 1) or "1"
         if "bytes_per_device" not in r:
+            error = r.get("error", "")
+            short = re.search(r"HLO temporaries \(([\d.]+G)\) exceeds available HBM \(([\d.]+G)\)", error)
+            error = f"temporaries {short[1]} > {short[2]} HBM" if short else error[:80]
             lines.append(f"| {r['stage']} | {r['target']} | {mesh} | {r.get('global_batch', '')} | "
-                         f"{r.get('seq_len') or ''} | | | does not compile: {r.get('error', '')[:80]} | | |")
+                         f"{r.get('seq_len') or ''} | | | does not compile: {error} | | |")
             continue
         b = {k: v / 2**30 for k, v in r["bytes_per_device"].items()}
         lines.append(f"| {r['stage']} | {r['target']} | {mesh} | {r['global_batch']} | {r['seq_len'] or ''} | "

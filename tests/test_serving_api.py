@@ -271,7 +271,7 @@ def test_a_client_that_hangs_up_mid_stream_frees_its_slot(endless_model, endless
     endless_server.wait_for(lambda s: s["running"] == 0)
     after = endless_server.scheduler.stats()
     # EOS never ends these answers: only the hang-up can have stopped the batch before its 400 tokens.
-    assert after["abandoned_batches"] - before["abandoned_batches"] == 1
+    assert after["abandoned_rows"] - before["abandoned_rows"] == 1
     status, reply = endless_server.post_json("/v1/chat/completions", {**request, "max_tokens": 3})
     assert status == 200 and reply["usage"]["completion_tokens"] == 3
 

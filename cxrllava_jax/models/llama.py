@@ -102,12 +102,19 @@ class DecoderLayer(nn.Module):
 
 def write_and_read(cache, layer, k, v, cache_index, read_length: int):
     """Writes this layer's new k, v [batch, length, kv_heads, head_dim] at slot `cache_index` of the stacked
-    cache, in place; returns the cache and the layer's first `read_length` slots [batch, kv_heads, read, head_dim]."""
+    cache, in place; returns the cache and the layer's first `read_length` slots [batch, kv_heads, read, head_dim].
+
+    `cache_index` is one slot for every row, or (one new token per row) a slot per row [batch]: rows that
+    joined a running batch at different steps write at different slots (`inference.continuous`)."""
     new = {"k": k, "v": v}
     updated, read = {}, {}
     for name, whole in cache.items():
-        slots = new[name].astype(whole.dtype).swapaxes(1, 2)[None]  # [1, batch, kv_heads, length, head_dim]
-        updated[name] = jax.lax.dynamic_update_slice(whole, slots, (layer, 0, 0, cache_index, 0))
+        if jnp.ndim(cache_index) == 1:
+            rows = jnp.arange(whole.shape[1])
+            updated[name] = whole.at[layer, rows, :, cache_index].set(new[name][:, 0].astype(whole.dtype))
+        else:
+            slots = new[name].astype(whole.dtype).swapaxes(1, 2)[None]  # [1, batch, kv_heads, length, head_dim]
+            updated[name] = jax.lax.dynamic_update_slice(whole, slots, (layer, 0, 0, cache_index, 0))
         size = (1, *whole.shape[1:3], read_length, whole.shape[4])
         read[name] = jax.lax.dynamic_slice(updated[name], (layer, 0, 0, 0, 0), size)[0]
     return updated, read["k"], read["v"]

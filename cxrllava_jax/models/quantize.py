@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import qwix
+from qwix._src.core import qarray as qwix_qarray  # calibrate and quantize with a given scale: not re-exported
 
 KINDS = ("int8", "int4")
 # The language model's projections and its lm_head (CXR-LLaVA nests it under llm/); the embedding is a
@@ -76,7 +77,7 @@ def _quantizer(leaf) -> Callable:
                                 leaf, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
         def quantize(array, template=template):
-            return qwix.quantize_params({"weight": array}, {"weight": template})["weight"]
+            return template.replace(array=_quantize(array, template.how))
 
         if not _fits(quantize, template):
             layer = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), template)
@@ -97,6 +98,24 @@ def _fits(quantize, template) -> bool:
 def dequantized(leaf):
     """A weight as a float array (in its scales' dtype) if it is quantized, else as it is."""
     return qwix.dequantize(leaf.array) if is_quantized(leaf) else leaf
+
+
+def _quantize(array, how) -> qwix.QArray:
+    """Qwix's symmetric absmax quantization (scale = max |w| over a channel or group / (qmax + 1/2)), computed
+    in float32 with the scale rounded up to the weight's dtype: Qwix alone works in the weight's dtype, and in
+    bfloat16 (8 significant bits: steps of 0.5 near 127) weight / scale and the rounded scale each move a
+    value by up to a quarter of an int8 step. Rounding the scale up keeps every weight within range, so none
+    is further than half a step (of its stored scale) from its quantized value. The scale stays in the
+    weight's dtype, the dtype the dequantized matmul runs in."""
+    # max |w| is exact in any dtype; taking it from the weight as stored keeps the float32 copy of the weight
+    # to the one elementwise pass that rounds it (no float32 matrix is kept for the reduction).
+    absmax = {name: value.astype(jnp.float32) for name, value in qwix_qarray.calibrate(array, how).items()}
+    scale, _ = qwix_qarray.compute_scale_zero_point(absmax, how.qtype)
+    stored = scale.astype(array.dtype)
+    stored = jnp.where(stored.astype(jnp.float32) < scale, jnp.nextafter(stored, jnp.inf), stored)
+    quantized = qwix_qarray.quantize_with_scale_zero_point(array.astype(jnp.float32), how.qtype,
+                                                           stored.astype(jnp.float32), None)
+    return quantized.replace(scale=stored)
 
 
 def is_quantized(leaf) -> bool:

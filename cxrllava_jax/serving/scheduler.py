@@ -1,15 +1,14 @@
-"""The worker that batches concurrent requests into the generator.
+"""The worker that batches concurrent requests into the generator, continuously.
 
-Jobs wait in a bounded queue. One worker thread takes every waiting job that can share a batch with the oldest
-one (all greedy jobs can; sampled jobs need equal temperature, top-p and seed, which the generator takes per
-batch), up to `max_batch_size`, and runs them as one batch; jobs that arrive meanwhile form the next batch.
-The generator reports each row's new tokens every few steps (`stream_every` when a row streams, `check_every`
-otherwise: each report costs a trip to the host). The worker streams them as text to the jobs that asked,
-cuts each row at its own `max_tokens`, and ends the batch early once every row is finished or its client has
-gone (so a disconnected client frees its slot within a few tokens).
+Jobs wait in a bounded queue. One worker thread keeps a running batch (`inference.continuous.RunningBatch`) and
+alternates: every waiting job that fits (up to `max_batch_size` rows in use) is prefilled as one group into free
+rows, then the batch decodes a chunk of steps (`stream_every` when a row streams, `check_every` otherwise: each
+chunk costs a trip to the host). So a request that arrives while others decode joins them at the next chunk,
+and a row that ends (EOS, its `max_tokens`) frees its place at once. The worker streams each row's new tokens
+as text to the jobs that asked; a job whose client has gone leaves the batch at the next chunk.
 
-A row's greedy answer equals what `CXRLLaVA` gives for the same request alone: rows of a batch do not see
-each other, and a row cut at its own token budget wrote the same tokens as a run with that budget.
+A row's answer equals what `CXRLLaVA` gives for the same request alone: rows do not see each other, each reads
+only its own cache slots at its own positions, and each samples with its own seed.
 """
 
 import collections
@@ -22,6 +21,7 @@ import numpy as np
 
 from cxrllava_jax.errors import ConfigError
 from cxrllava_jax.inference.api import TextStream
+from cxrllava_jax.inference.continuous import RunningBatch
 from cxrllava_jax.inference.generate import SamplingOptions
 
 log = logging.getLogger(__name__)
@@ -56,11 +56,6 @@ class Job:
     stream: bool = False
     cancelled: bool = False
 
-    @property
-    def batch_key(self) -> tuple:
-        s = self.sampling
-        return ("greedy",) if s.temperature == 0 else (s.temperature, s.top_p, s.seed)
-
 
 class QueueFull(Exception):
     pass
@@ -77,8 +72,11 @@ class Scheduler:
         self._waiting: collections.deque[Job] = collections.deque()
         self._changed = threading.Condition()
         self._closed = False
-        # Every key exists from the start: stats() copies it while the worker updates it.
-        self.counts = collections.Counter(batches=0, rows=0, abandoned_batches=0, running=0)
+        self._batch = RunningBatch(model.generator, max_batch_size, chunk=max(stream_every, check_every))
+        self._rows: dict[Job, _Row] = {}
+        # Every key exists from the start: stats() copies it while the worker updates it. batches: groups
+        # prefilled together; rows: requests admitted; chunks, row_chunks: decode chunks and the rows they ran.
+        self.counts = collections.Counter(batches=0, rows=0, chunks=0, row_chunks=0, abandoned_rows=0, running=0)
         self._thread = threading.Thread(target=self._work, name="cxrllava-batcher", daemon=True)
 
     def start(self):
@@ -98,7 +96,7 @@ class Scheduler:
             self._changed.notify()
 
     def cancel(self, job: Job):
-        """The client has gone: a waiting job leaves the queue, a running one stops at its next chunk."""
+        """The client has gone: a waiting job leaves the queue, a running one leaves the batch at its next chunk."""
         with self._changed:
             job.cancelled = True
             if job in self._waiting:
@@ -111,84 +109,85 @@ class Scheduler:
     # ---------------------------------------------------------------- the worker thread
 
     def _work(self):
-        while (batch := self._take_batch()) is not None:
-            self.counts["running"] = len(batch)
+        while (admitted := self._take()) is not None:
             try:
-                self._run(batch)
+                if admitted:
+                    self._admit(admitted)
+                if self._rows:
+                    self._decode()
             except Exception as error:  # the server keeps serving; these requests get a 500
-                log.exception("a batch of %d failed", len(batch))
-                for job in batch:
+                log.exception("a batch of %d failed", len(self._rows) + len(admitted))
+                for job in {*self._rows, *admitted}:
                     job.sink(Failed(error))
-            self.counts["running"] = 0
+                self._rows.clear()
+                self._batch = RunningBatch(self.model.generator, self.max_batch_size, self._batch.chunk)
+            self.counts["running"] = len(self._rows)
 
-    def _take_batch(self) -> list[Job] | None:
+    def _take(self) -> list[Job] | None:
+        """The waiting jobs that join the batch now (oldest first, as many as fit); None once closed."""
         with self._changed:
-            while not self._waiting and not self._closed:
+            while not self._waiting and not self._rows and not self._closed:
                 self._changed.wait()
             if self._closed:
                 return None
-            key = self._waiting[0].batch_key
-            batch = [job for job in self._waiting if job.batch_key == key][:self.max_batch_size]
-            for job in batch:
-                self._waiting.remove(job)
-            return batch
+            admitted, free = [], self._batch.free
+            while self._waiting and len(admitted) < free:
+                candidate = self._waiting[0]
+                if admitted and not self._batch.fits([j.prompt for j in admitted + [candidate]],
+                                                     [self._budget(j) for j in admitted + [candidate]]):
+                    break
+                admitted.append(self._waiting.popleft())
+            return admitted
 
-    def _run(self, batch: list[Job]):
-        context = self.model.config.llama.max_position_embeddings
-        rows = [_Row(job, min(job.sampling.max_new_tokens, context - len(job.prompt) - 1), self.model.tokenizer)
-                for job in batch]
-        options = dataclasses.replace(batch[0].sampling, max_new_tokens=max(row.budget for row in rows))
+    def _budget(self, job: Job) -> int:
+        return min(job.sampling.max_new_tokens, self.model.config.llama.max_position_embeddings - len(job.prompt) - 1)
 
-        def on_tokens(chunks: list[list[int]]):
-            steps = max(map(len, chunks))
-            for row, chunk in zip(rows, chunks):
-                row.extend(chunk, ended=len(chunk) < steps)
-            if all(row.over for row in rows):
-                raise _BatchOver
-
-        every = self.stream_every if any(job.stream for job in batch) else self.check_every
+    def _admit(self, jobs: list[Job]):
+        budgets = [self._budget(job) for job in jobs]
+        pixels = np.stack([job.pixels for job in jobs])
         self.counts["batches"] += 1
-        self.counts["rows"] += len(rows)
-        try:
-            outputs = self.model.generator.generate([job.prompt for job in batch], np.stack([j.pixels for j in batch]),
-                                                    options, on_tokens=on_tokens, stream_every=every)
-        except _BatchOver:
-            self.counts["abandoned_batches"] += 1
-            outputs = [row.ids for row in rows]
-        for row, ids in zip(rows, outputs):
-            if not row.job.cancelled:
-                row.finish(ids, self.model.decode)
+        self.counts["rows"] += len(jobs)
+        for job, budget in zip(jobs, budgets):
+            self._rows[job] = _Row(job, budget, self.model.tokenizer)
+        self._deliver(self._batch.admit(jobs, [job.prompt for job in jobs], pixels, budgets,
+                                        [job.sampling for job in jobs]))
 
+    def _decode(self):
+        for job in [job for job in self._rows if job.cancelled]:
+            self._batch.release(job)
+            del self._rows[job]
+            self.counts["abandoned_rows"] += 1
+        if not self._rows:
+            return
+        self.counts["chunks"] += 1
+        self.counts["row_chunks"] += len(self._rows)
+        streaming = any(job.stream for job in self._rows)
+        self._deliver(self._batch.run(self.stream_every if streaming else self.check_every))
 
-class _BatchOver(Exception):
-    """Raised from the token callback to stop the generator: no row needs more tokens."""
+    def _deliver(self, results):
+        for job, tokens, ended in results:
+            row = self._rows[job]
+            row.extend(tokens)
+            if ended:
+                del self._rows[job]
+                row.finish(self.model.decode)
 
 
 class _Row:
-    """One job's tokens as the batch writes them, cut at its budget."""
+    """One job's tokens as the batch writes them."""
 
     def __init__(self, job: Job, budget: int, tokenizer):
         self.job, self.budget = job, budget
         self.ids: list[int] = []
-        self.ended = False
         self.text = TextStream(tokenizer, lambda piece: job.sink(TextDelta(piece))) if job.stream else None
 
-    @property
-    def over(self) -> bool:
-        return self.ended or len(self.ids) >= self.budget or self.job.cancelled
+    def extend(self, tokens: list[int]):
+        self.ids += tokens
+        if self.text is not None and tokens and not self.job.cancelled:
+            self.text([tokens])
 
-    def extend(self, chunk: list[int], ended: bool):
-        if self.over:
-            return
-        new = chunk[:self.budget - len(self.ids)]
-        self.ids += new
-        self.ended = ended
-        if self.text is not None and new:
-            self.text([new])
-
-    def finish(self, ids: list[int], decode):
-        ids = ids[:self.budget]
-        answer = decode(ids)
+    def finish(self, decode):
+        answer = decode(self.ids)
         if self.text is not None:
             self.text.finish(answer)
-        self.job.sink(Finished(answer, "length" if len(ids) >= self.budget else "stop", len(ids)))
+        self.job.sink(Finished(answer, "length" if len(self.ids) >= self.budget else "stop", len(self.ids)))

@@ -1,0 +1,80 @@
+"""Continuous batching (`inference.continuous`): prompts that join a running batch mid-decode, greedy or sampled,
+write what `CXRLLaVA` writes for each of them alone; the batch grows and shrinks with the rows in use."""
+
+import numpy as np
+import pytest
+
+from cxrllava_jax.inference.continuous import RunningBatch
+from cxrllava_jax.inference.generate import SamplingOptions
+from cxrllava_jax.reference.tiny_models import synthetic_radiograph
+from tests.serving_fixtures import NIH_PNG, endless_tiny_model
+
+QUESTIONS = ["Is there a pleural effusion?", "Describe the lungs.", "Any consolidation?", "Is the heart enlarged?",
+             "What devices are present?"]
+
+
+@pytest.fixture(scope="module")
+def endless_model():
+    return endless_tiny_model()
+
+
+@pytest.fixture(scope="module")
+def requests(tmp_path_factory):
+    """(turns, image, sampling): greedy and sampled, budgets of 6 to 21 tokens and a last one of 200, which needs
+    more cache slots than the others (EOS never ends an answer)."""
+    folder = tmp_path_factory.mktemp("images")
+    images = [NIH_PNG] + [synthetic_radiograph(folder / f"cxr{i}.png", seed=i, size=128) for i in range(2)]
+    budgets = [6, 11, 16, 21, 200]
+    return [([{"role": "user", "content": q}], images[i % 3],
+             SamplingOptions(temperature=0.0 if i % 2 == 0 else 0.8, top_p=0.9, seed=i, max_new_tokens=budgets[i]))
+            for i, q in enumerate(QUESTIONS)]
+
+
+def test_rows_that_join_mid_decode_write_what_they_write_alone(endless_model, requests):
+    alone = [endless_model.chat(turns, image, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
+                                max_new_tokens=s.max_new_tokens) for turns, image, s in requests]
+    batch = RunningBatch(endless_model.generator, max_rows=4, chunk=8)
+    written = {i: [] for i in range(len(requests))}
+    sizes = []
+
+    def collect(results):
+        for owner, tokens, _ in results:
+            written[owner] += tokens
+        sizes.append(len(batch.owners))
+
+    def admit(owners):
+        turns, images, samplings = zip(*(requests[i] for i in owners))
+        collect(batch.admit(owners, [endless_model.encode(t) for t in turns],
+                            np.stack([endless_model.preprocess(image) for image in images]),
+                            [s.max_new_tokens for s in samplings], samplings))
+
+    admit([0])
+    collect(batch.run(3))
+    admit([1, 2])  # join row 0 after its 4th token
+    collect(batch.run(5))
+    admit([3])  # row 0 has ended (6 tokens): its row is taken over
+    collect(batch.run(8))
+    slots = batch.length
+    admit([4])  # joins rows 2 and 3, with more slots for all
+    assert batch.length > slots and batch.in_use == 3
+    while batch.in_use:
+        collect(batch.run(8))
+    assert [endless_model.decode(written[i]) for i in range(len(requests))] == alone
+    assert [len(written[i]) for i in range(len(requests))] == [s.max_new_tokens for _, _, s in requests]
+    assert max(sizes) == 4 and sizes[-1] == 0  # grown for the joiners, shrunk as they ended, dropped when idle
+
+
+def test_a_released_row_stops_and_its_place_is_taken(endless_model, requests):
+    batch = RunningBatch(endless_model.generator, max_rows=2, chunk=4)
+    (turns, image, sampling), (turns2, image2, sampling2) = requests[0], requests[2]
+    prompt = endless_model.encode(turns)
+    pixels = endless_model.preprocess(image)[None]
+    batch.admit(["gone"], [prompt], pixels, [400], [sampling])
+    batch.run(4)
+    batch.release("gone")
+    assert batch.in_use == 0
+    tokens = batch.admit(["next"], [endless_model.encode(turns2)], endless_model.preprocess(image2)[None], [5],
+                         [sampling2])[0][1]
+    while batch.in_use:
+        tokens += batch.run(4)[0][1]
+    assert endless_model.decode(tokens) == endless_model.chat(turns2, image2, temperature=0.0, max_new_tokens=5)
