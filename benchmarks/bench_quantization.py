@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
 from cxrllava_jax.convert import release  # noqa: E402
-from cxrllava_jax.inference import quantize  # noqa: E402
+from cxrllava_jax.models import quantize  # noqa: E402
 from cxrllava_jax.inference.generate import Generator, SamplingOptions  # noqa: E402
 from cxrllava_jax.models.configs import Runtime  # noqa: E402
 from cxrllava_jax.models.llama import Llama  # noqa: E402

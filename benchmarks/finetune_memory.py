@@ -1,10 +1,11 @@
 """Does LoRA fine-tuning of the 7B CXR-LLaVA fit one GPU? The real train step (configs/finetune.py: the frozen
-base in bf16, fp32 adapters, AdamW, remat) compiled ahead of time on abstract shapes, no weight allocated,
-and XLA's `memory_analysis()` of it read out.
+base in bf16, or int8/int4 for QLoRA, fp32 adapters, AdamW, remat) compiled ahead of time on abstract shapes
+(`training.aot`, the state built as the loop builds it), no weight allocated, and XLA's `memory_analysis()` read out.
 
     python benchmarks/finetune_memory.py                 # 7B (cxr_llava_v2), bf16 base; several GiB RAM
     python benchmarks/finetune_memory.py --size tiny     # the same code path at tiny sizes (a smoke test)
     python benchmarks/finetune_memory.py --topology v5p:2x2x1   # one TPU chip's compiler (a venv with libtpu)
+    python benchmarks/finetune_memory.py --variants qlora_int8   # some rows only (the others kept in the JSON)
 
 Prints a table and writes benchmarks/results/finetune_memory[_tiny][_TPU].json. The figure is XLA's buffer
 assignment of this program (arguments + temporaries + outputs not aliased to donated arguments), not a measurement
@@ -21,19 +22,19 @@ import platform
 import tempfile
 
 import jax
-import jax.numpy as jnp
-import flax.linen as nn
 
 from configs import finetune
 from cxrllava_jax import sharding
 from cxrllava_jax.models import configs as mc
+from cxrllava_jax.models import quantize
 from cxrllava_jax.training.optim import split_trainable
-from cxrllava_jax.training.steps import TrainState, make_train_step
+from cxrllava_jax.training import aot
 from cxrllava_jax.training.tasks import make_task
 
 SIZES = {"7b": ("cxr_llava_v2", 4, 1536), "tiny": ("cxr_llava_tiny", 4, 128)}  # preset, batch, sequence length
-# (name, frozen base, layers scanned, remat policy). QLoRA (an int8 base) is refused for now (see FinetuneTask).
-VARIANTS = (("lora_bf16", None, True, "nothing_saveable"),)
+# (name, quantized base (QLoRA), layers scanned, remat policy).
+VARIANTS = (("lora_bf16", None, True, "nothing_saveable"), ("qlora_int8", "int8", True, "nothing_saveable"),
+            ("qlora_int4", "int4", True, "nothing_saveable"))
 GIB = 2**30
 
 
@@ -46,7 +47,7 @@ def target_device(topology: str | None):
     return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices[0]
 
 
-def step_memory(preset: str, batch: int, seq_length: int, weight_qtype, scan: bool, remat: str,
+def step_memory(preset: str, batch: int, seq_length: int, base_quantize, scan: bool, remat: str,
                 device=None) -> dict:
     with tempfile.TemporaryDirectory() as base:
         # The base model is only its config here: fine-tuning reads the architecture from init.checkpoint.
@@ -54,7 +55,7 @@ def step_memory(preset: str, batch: int, seq_length: int, weight_qtype, scan: bo
         pathlib.Path(base, "model_config.json").write_text(json.dumps(meta))
         cfg = finetune.get_config()
         cfg.init.checkpoint = base
-        cfg.lora.weight_qtype = weight_qtype
+        cfg.lora.base_quantize = base_quantize
         cfg.runtime.scan = scan
         cfg.runtime.remat_policy = remat
         cfg.data.seq_length = seq_length
@@ -62,24 +63,19 @@ def step_memory(preset: str, batch: int, seq_length: int, weight_qtype, scan: bo
         task = make_task(cfg)
     tx, _ = task.optimizer(1000)
     mesh = sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=[device or jax.devices()[0]])
-    params = nn.meta.unbox(jax.eval_shape(lambda: task.init(jax.random.key(0), task.dummy_batch(1))["params"]))
+    # The train step as the loop builds it: the state through `hold_frozen` and `quantize_frozen`.
+    lowered, state = aot.lower_train_step(task, tx, task.frozen, mesh, batch, cfg.runtime.dtype)
+    compiled = lowered.compile()
+    params = state.params
     trainable, _ = split_trainable(params, task.frozen)
-    with sharding.activate(mesh):
-        state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                           opt_state=jax.eval_shape(tx.init, trainable))
-        batch_shapes = task.abstract_batch(batch)
-        # One device: every input whole on it (placed abstractly; nothing is allocated).
-        on_device = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh))  # noqa: E731
-        step = jax.jit(make_train_step(task, tx, task.frozen), donate_argnums=0)
-        key = on_device(jax.eval_shape(lambda: jax.random.key(0)))
-        compiled = step.lower(jax.tree.map(on_device, state), jax.tree.map(on_device, batch_shapes), key).compile()
     memory = compiled.memory_analysis()
-    leaves = jax.tree.leaves(params)
+    leaves = [x.array.qvalue if quantize.is_quantized(x) else x
+              for x in jax.tree.leaves(params, is_leaf=quantize.is_quantized)]
     adapter_count = sum(x.size for x in jax.tree.leaves(trainable))
     peak = (memory.argument_size_in_bytes + memory.temp_size_in_bytes + memory.output_size_in_bytes
             - memory.alias_size_in_bytes)
     return {"batch": batch, "seq_length": seq_length, "scan": scan, "remat_policy": cfg.runtime.remat_policy,
-            "lora_rank": cfg.lora.rank, "targets": list(cfg.lora.targets), "base": weight_qtype or cfg.lora.base_dtype,
+            "lora_rank": cfg.lora.rank, "targets": list(cfg.lora.targets), "base": base_quantize or cfg.lora.base_dtype,
             "parameters": int(sum(x.size for x in leaves)), "adapter_parameters": int(adapter_count),
             "arguments_gib": memory.argument_size_in_bytes / GIB, "temporaries_gib": memory.temp_size_in_bytes / GIB,
             "outputs_gib": memory.output_size_in_bytes / GIB, "aliased_gib": memory.alias_size_in_bytes / GIB,
@@ -90,11 +86,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="7b")
     parser.add_argument("--topology", help="compile for one chip of this TPU topology (e.g. v5p:2x2x1; needs libtpu)")
+    parser.add_argument("--variants", nargs="+", choices=[v[0] for v in VARIANTS], default=[v[0] for v in VARIANTS])
     args = parser.parse_args()
     device = target_device(args.topology)
     preset, batch, seq_length = SIZES[args.size]
     results = {}
-    for name, qtype, scan, remat in VARIANTS:
+    for name, qtype, scan, remat in (v for v in VARIANTS if v[0] in args.variants):
         results[name] = step_memory(preset, batch, seq_length, qtype, scan, remat, device)
         r = results[name]
         print(f"{name:11s} {preset} batch {batch} x {seq_length} tokens, base {r['base']}, remat "
@@ -103,6 +100,8 @@ def main():
               flush=True)
     suffix = ("" if args.size == "7b" else f"_{args.size}") + (f"_{args.topology.split(':')[0]}" if args.topology else "")
     out = pathlib.Path("benchmarks/results") / f"finetune_memory{suffix}.json"
+    if out.is_file() and set(args.variants) != {v[0] for v in VARIANTS}:  # a partial run updates its rows
+        results = {**json.loads(out.read_text()).get("results", {}), **results}
     out.write_text(json.dumps({"model": preset, "device": device.device_kind, "jax": jax.__version__,
                                "machine": platform.machine(), "cpus": os.cpu_count(), "results": results}, indent=2))
     print(f"wrote {out}")

@@ -5,9 +5,10 @@
 
 Starts from the release's directory (`init.release`) or any of our CXR-LLaVA checkpoints (`init.checkpoint`),
 whose architecture and tokenizer it keeps. Data: LLaVA conversation JSON/JSONL or a CSV of image,report
-(input_pipeline/conversations.py). Only the adapters train; the base stays frozen in bf16 (QLoRA, a quantized
-base, is refused for now: see FinetuneTask). The run writes the merged
-model to WORKDIR/model and the adapter alone, in PEFT's format, to WORKDIR/adapter.
+(input_pipeline/conversations.py). Only the adapters train; the base stays frozen in bf16, or, with
+`--config.lora.base_quantize=int8` (or int4: QLoRA), its language model quantized as `--quantize` does for inference.
+Checkpoints hold the adapters and optimizer state only (the base is reloaded from where it came on resume). The
+run writes the merged model to WORKDIR/model and the adapter alone, in PEFT's format, to WORKDIR/adapter.
 """
 
 import ml_collections
@@ -22,7 +23,8 @@ def get_config():
     c.lora = ml_collections.ConfigDict(dict(
         rank=16, alpha=32.0, dropout=0.05,
         targets=lora.DEFAULT_TARGETS,  # regexes over module paths; add lora.PROJECTOR, lora.VIT to adapt those
-        weight_qtype=ml_collections.FieldReference(None, field_type=str),  # QLoRA: not supported yet
+        # QLoRA: 'int8' or 'int4' holds the language model's frozen weights quantized as inference does
+        base_quantize=ml_collections.FieldReference(None, field_type=str),
         base_dtype="bfloat16",
     ))
     c.data.update(batch_size=4, eval_batch_size=4, seq_length=1536)

@@ -249,7 +249,7 @@ def test_int8_and_int4_weights_track_the_float_logits(hf, greedy_batch):
     so equal greedy tokens would be luck here: tests/test_quantize.py compares tokens on a trained model.)"""
     from flax import traverse_util
 
-    from cxrllava_jax.inference import quantize
+    from cxrllava_jax.models import quantize
 
     _, config, params, prompts = hf
     flat = traverse_util.flatten_dict(params["params"], sep="/")

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from cxrllava_jax.convert import release
 from cxrllava_jax.domain import prompting
-from cxrllava_jax.inference import quantize
+from cxrllava_jax.models import quantize
 from cxrllava_jax.inference.api import CXRLLaVA, TextStream
 from cxrllava_jax.inference.generate import SamplingOptions
 from cxrllava_jax.domain.tokenizer import load_tokenizer, train_tokenizer

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from cxrllava_jax.inference import quantize
+from cxrllava_jax.models import quantize
 from cxrllava_jax.inference.generate import Generator, SamplingOptions
 from cxrllava_jax.models.configs import Runtime
 from cxrllava_jax.models.llama import Llama

@@ -39,7 +39,7 @@ def save_model(path, kind: str, config, params, *, tokenizer_dir=None, scan: boo
     """Writes a model checkpoint; an existing one is replaced only with `overwrite` (and only once the new
     one is complete: it is written beside and swapped in, so a crash never leaves neither). `quantize` records
     that the language model's weights are quantized ones ({"kind": "int8"|"int4", "param_dtype": the dtype of
-    the others}; see `inference.quantize`)."""
+    the others}; see `models.quantize`)."""
     path = Path(path).absolute()
     if kind not in CONFIG_CLASSES:
         raise ValueError(f"unknown model kind {kind!r}; known: {sorted(CONFIG_CLASSES)}")

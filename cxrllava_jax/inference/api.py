@@ -28,7 +28,7 @@ from cxrllava_jax.convert import checkpoint, peft, release
 from cxrllava_jax.convert.layout import relayout
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.inference import compile_cache, loading
-from cxrllava_jax.inference import quantize as quantization
+from cxrllava_jax.models import quantize as quantization
 from cxrllava_jax.inference.generate import Generator, SamplingOptions
 from cxrllava_jax.domain.tokenizer import check_vocabulary, load_tokenizer
 from cxrllava_jax.models import cxr_llava

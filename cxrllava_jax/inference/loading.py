@@ -15,7 +15,7 @@ import numpy as np
 from flax import traverse_util
 
 from cxrllava_jax import sharding
-from cxrllava_jax.inference import quantize as quantization
+from cxrllava_jax.models import quantize as quantization
 
 
 def place_params(tensors: Iterable[tuple[str, np.ndarray]], model: nn.Module, init_args: tuple, *,

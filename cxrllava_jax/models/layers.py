@@ -65,11 +65,25 @@ class Dense(nn.Module):
                             in_shape + self.features, self.param_dtype)
         bias = (self.param("bias", partitioned(nn.initializers.zeros_init(), *self.out_names), self.features,
                            self.param_dtype) if self.use_bias else None)
+        if in_axes != tuple(range(x.ndim - len(in_axes), x.ndim)):
+            raise ValueError(f"Dense {self.name}: in_axes {self.in_axes} must be the input's last axes")
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        contract = (in_axes, tuple(range(len(in_axes))))
         # The cast keeps the compute dtype when a LoRA adapter (qwix, fp32 so that its small updates are not
         # rounded away) adds its low-rank product to this dot: bf16 activations stay bf16.
-        out = jax.lax.dot_general(x, kernel, (contract, ((), ()))).astype(x.dtype)
+        if self.is_initializing() or not isinstance(kernel, jax.core.Tracer):
+            # Init (where Qwix quantizes what the dot receives, keeping the kernel's axis names), quantized
+            # kernels and eager calls (where Qwix's LoRA knows the kernel only by identity, not through a
+            # reshape): contracted at the kernel's own shape.
+            contract = (in_axes, tuple(range(len(in_axes))))
+            out = jax.lax.dot_general(x, kernel, (contract, ((), ()))).astype(x.dtype)
+        else:
+            # One 2-D matmul [..., fan_in] @ [fan_in, fan_out]. A 3-D attention kernel [embed, heads, head_dim]
+            # contracted as it is makes XLA (TPU) relayout the whole stacked kernel for the backward pass, 1 GiB
+            # a projection at 7B held through the backward loop; flat, the transposed matmul reads it as stored.
+            lead = x.shape[:x.ndim - len(in_axes)]
+            out = jax.lax.dot_general(x.reshape(*lead, flat[0]), kernel.reshape(flat),
+                                      (((len(lead),), (0,)), ((), ())))
+            out = out.astype(x.dtype).reshape(*lead, *self.features)
         return out if bias is None else out + bias
 
 

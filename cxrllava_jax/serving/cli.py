@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from cxrllava_jax.errors import ConfigError
-from cxrllava_jax.inference.quantize import KINDS
+from cxrllava_jax.models.quantize import KINDS
 from cxrllava_jax.serving.limits import MIB, Limits
 
 

@@ -17,7 +17,7 @@ from cxrllava_jax import sharding
 from cxrllava_jax.training import data as stage_data
 from cxrllava_jax.training import initial_weights
 from cxrllava_jax.training import workdir as run_records
-from cxrllava_jax.training.checkpoints import RunCheckpoints, abstract_like
+from cxrllava_jax.training.checkpoints import RunCheckpoints
 from cxrllava_jax.training.reporting import Reporter
 from cxrllava_jax.training.steps import TrainState, hold_frozen, init_opt_state, jit_train_step, make_eval_step
 from cxrllava_jax.training.tasks import make_task
@@ -44,7 +44,8 @@ def train_and_evaluate(cfg, workdir) -> dict:
     data = stage_data.make_stage_data(cfg, task)
     total_steps = cfg.num_train_steps or math.ceil(cfg.num_epochs * data.steps_per_epoch)
     tx, schedule = task.optimizer(total_steps)
-    checkpoints = RunCheckpoints(workdir / "checkpoints", cfg.checkpoint)
+    checkpoints = RunCheckpoints(workdir / "checkpoints", cfg.checkpoint, task.unsaved, task.base_reference())
+    checkpoints.check_base()
     if cfg.checkpoint.best_metric and cfg.checkpoint.every_steps % cfg.eval_every_steps:
         print(f"[stage {cfg.stage}] note: only checkpoints on evaluation steps carry {cfg.checkpoint.best_metric!r}; "
               f"checkpoint.every_steps={cfg.checkpoint.every_steps} is not a multiple of eval_every_steps="
@@ -107,14 +108,14 @@ def _initial_state(cfg, task, tx, mesh, checkpoints, train_iterator):
     init_fn = lambda rng: task.init(rng, task.dummy_batch(1))["params"]  # noqa: E731
     params, param_shardings = sharding.create_sharded(init_fn, mesh, jax.random.key(cfg.seed))
     latest = checkpoints.latest_step()
-    if latest is None:
+    if latest is None or task.unsaved:  # the checkpoints do not hold the unsaved parameters
         params = initial_weights.load(cfg, params, param_shardings)
-    params = hold_frozen(params, task.frozen, cfg.runtime.dtype)
+    params = task.quantize_frozen(hold_frozen(params, task.frozen, cfg.runtime.dtype))
     step = jax.device_put(np.int32(0), sharding.replicated(mesh))
     state = TrainState(step=step, params=params, opt_state=init_opt_state(tx, params, task.frozen))
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     if latest is not None:
-        state = checkpoints.restore(latest, abstract_like(state, state_shardings), train_iterator)
+        state = checkpoints.restore(latest, state, train_iterator)
         print(f"[stage {cfg.stage}] resumed from step {latest}", flush=True)
     return state, state_shardings
 
@@ -156,6 +157,6 @@ def _params_to_export(cfg, checkpoints, state, state_shardings):
     if not cfg.checkpoint.best_metric or best is None or best == int(state.step):
         return state.params
     # Only the parameters: the best step's optimizer state may cover other parameters (before a release).
-    params = checkpoints.restore_params(best, abstract_like(state.params, state_shardings.params))
+    params = checkpoints.restore_params(best, state.params)
     print(f"[stage {cfg.stage}] exporting the best step {best} by {cfg.checkpoint.best_metric}", flush=True)
     return params

@@ -72,14 +72,14 @@ def hold_frozen(params, frozen, dtype):
 
 
 def abstract_train_state(task, tx: optax.GradientTransformation, frozen, mesh, frozen_dtype) -> TrainState:
-    """The train state as `jax.ShapeDtypeStruct`s carrying their shardings, through the same `init_opt_state`
-    and `hold_frozen` the real state goes through; nothing is allocated (for compiling ahead of time)."""
+    """The train state as `jax.ShapeDtypeStruct`s carrying their shardings, through the same `init_opt_state`,
+    `hold_frozen` and `task.quantize_frozen` the real state goes through; nothing is allocated (for compiling ahead of time)."""
     init_fn = lambda rng: task.init(rng, task.dummy_batch(1))["params"]  # noqa: E731
     boxed = jax.eval_shape(init_fn, jax.random.key(0))
     shardings = nn.meta.unbox(sharding.logical_shardings(boxed, mesh))
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed),
                           shardings)
-    params = hold_frozen(params, frozen, frozen_dtype)
+    params = task.quantize_frozen(hold_frozen(params, frozen, frozen_dtype))
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
     return TrainState(step=step, params=params, opt_state=init_opt_state(tx, params, frozen))
 

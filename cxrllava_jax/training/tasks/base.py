@@ -60,6 +60,8 @@ class Task(abc.ABC):
         # `releases` from that step on, gated by the optimizer so its state and the compiled step never change.
         self.frozen = tuple(cfg.frozen)
         self.releases = ()
+        # Regexes of parameters the checkpoints leave out: ones that come unchanged from `base_reference()`.
+        self.unsaved = ()
 
     # Data: records -> examples -> arrays.
     @abc.abstractmethod
@@ -112,6 +114,15 @@ class Task(abc.ABC):
 
     def units(self, batch) -> int:
         return batch["image"].shape[0]
+
+    def quantize_frozen(self, params):
+        """The parameters as the train state holds them, after `steps.hold_frozen`: some frozen ones may be
+        quantized (QLoRA). Arrays or abstract trees."""
+        return params
+
+    def base_reference(self) -> dict | None:
+        """Where the `unsaved` parameters come from, recorded beside the checkpoints."""
+        return None
 
     # Training schedule and export.
     def optimizer(self, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:

@@ -4,6 +4,10 @@ The architecture, normalisation and tokenizer are the base model's own (training
 presets'. Only the adapters train (`frozen` is everything else); the base is kept in `config.lora.base_dtype`,
 the adapters in fp32. The export is the adapted model with the adapters merged, plus the adapters alone in
 PEFT's format beside it (`WORKDIR/adapter`) when they adapt only the language model.
+
+QLoRA (`config.lora.base_quantize`): the base's language model is quantized as inference quantizes it, after
+its weights are loaded (`hold_frozen`); the model trains and evaluates on those weights. Checkpoints leave the
+base out (`unsaved`): it is loaded again from `config.init` when a run resumes.
 """
 
 import dataclasses
@@ -30,19 +34,15 @@ class FinetuneTask(InstructionTask):
         self.config = base_model.config(cfg)
         self.settings = lora.LoraSettings(**{k: (tuple(v) if k == "targets" else v)
                                              for k, v in cfg.lora.to_dict().items() if k != "base_dtype"})
-        if self.settings.weight_qtype:
-            # Qwix 0.1.8 quantizes the targeted kernels at init, but when the init is traced (jit, eval_shape,
-            # nn.scan, nn.remat: every real run) its find_param no longer recognises our quantized 3-D attention
-            # kernels [embed, heads, head_dim], so they get no adapter and the train step fails with
-            # ScopeParamNotFoundError 'kernel_lora_a'. Refused rather than half working.
-            raise ValueError("QLoRA (config.lora.weight_qtype) is not supported yet; leave it unset (LoRA on a bf16 "
-                             "base)")
-        self.model = lora.with_lora(CXRLLaVAModel(self.config, runtime(cfg)), self.settings)
+        base = lambda: CXRLLaVAModel(self.config, runtime(cfg))  # noqa: E731
+        self.model = lora.with_lora(base(), self.settings)
         # Qwix's LoRA dropout is always on: evaluation runs the same adapters without it.
-        self.eval_model = lora.with_lora(CXRLLaVAModel(self.config, runtime(cfg)),
-                                         dataclasses.replace(self.settings, dropout=0.0))
+        self.eval_model = lora.with_lora(base(), dataclasses.replace(self.settings, dropout=0.0))
+        self.init_model = lora.with_lora(base(), lora.float_settings(self.settings))
+        self.base_model = base()
         self.seq_length = cfg.data.seq_length
         self.base_dtype = jnp.dtype(cfg.lora.base_dtype)
+        self.unsaved = self.frozen
 
     @property
     def tokenizer_dir(self):
@@ -60,9 +60,20 @@ class FinetuneTask(InstructionTask):
         # value while creating it, which under our rules constrains the 2-D adapter with the kernel's 3-D names.
         # Initial values are placed by `create_sharded`'s out_shardings either way.
         with nn.logical_axis_rules(()):
-            variables = self.model.init(rng, batch["image"], batch["tokens"], batch["valid"])
+            variables = self.init_model.init(rng, batch["image"], batch["tokens"], batch["valid"])
         lora.check_targets(variables["params"], self.settings)
         return {"params": lora.cast_base(variables["params"], self.base_dtype)}
+
+    def quantize_frozen(self, params):
+        if self.settings.base_quantize is None:
+            return params
+        batch = self.dummy_batch(1)
+        return lora.quantize_base(params, self.base_model, self.settings.base_quantize,
+                                  self.model_images(batch["image"]), batch["tokens"], batch["valid"])
+
+    def base_reference(self) -> dict:
+        return {"base": str(self.cfg.init.release or self.cfg.init.checkpoint),
+                "quantize": self.settings.base_quantize}
 
     def loss(self, params, batch, rng, train: bool = True):
         model = self.model if train else self.eval_model

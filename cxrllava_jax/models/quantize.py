@@ -9,6 +9,7 @@ Quantizing one weight at a time lets a loader turn each tensor into int8/int4 as
 never exists in full precision.
 """
 
+import functools
 import math
 from typing import Callable
 
@@ -64,12 +65,39 @@ _QUANTIZERS: dict[str, Callable] = {}
 
 def _quantizer(leaf) -> Callable:
     """One compiled program per kind of weight (its shape and how it is quantized; the layers share them):
-    run op by op, quantizing would hold several float32 copies of the largest matrix at once."""
+    run op by op, quantizing would hold several float32 copies of the largest matrix at once.
+
+    A scanned stack's weight [layers, *kernel] is quantized layer by layer (`lax.map`, so one layer's float32
+    at a time): the template's `how` (which axes get their own scales) is the one layer's the model computes
+    with, so it cannot be applied to the stack."""
     key = repr(leaf)
     if key not in _QUANTIZERS:
-        template = nn.meta.unbox(leaf)
-        _QUANTIZERS[key] = jax.jit(lambda array: template.replace(array=_quantize(array, template.how)))
+        # Shapes only: no sharding constraint (which would need a mesh-placed value under an active mesh).
+        template = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
+                                leaf, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+        def quantize(array, template=template):
+            return template.replace(array=_quantize(array, template.how))
+
+        if not _fits(quantize, template):
+            layer = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), template)
+            quantize = functools.partial(jax.lax.map, functools.partial(quantize, template=layer))
+        _QUANTIZERS[key] = jax.jit(quantize)
     return _QUANTIZERS[key]
+
+
+def _fits(quantize, template) -> bool:
+    """Whether quantizing the whole weight as `template.how` says gives the template's shapes."""
+    try:
+        made = jax.eval_shape(quantize, jax.ShapeDtypeStruct(template.shape, jnp.float32))
+    except ValueError:  # tiles that do not divide the stacked axes
+        return False
+    return [x.shape for x in jax.tree.leaves(made)] == [x.shape for x in jax.tree.leaves(template)]
+
+
+def dequantized(leaf):
+    """A weight as a float array (in its scales' dtype) if it is quantized, else as it is."""
+    return qwix.dequantize(leaf.array) if is_quantized(leaf) else leaf
 
 
 def _quantize(array, how) -> qwix.QArray:
