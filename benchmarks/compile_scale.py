@@ -220,6 +220,8 @@ def main():
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     layers = ["--layers", str(args.layers)] if args.layers else []
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                            cwd=pathlib.Path(__file__).parent).stdout.strip() or None  # the code compiled
     for stage in args.stages.split(","):
         seq, data = [], None
         if stage.startswith("2") and args.seq_len:
@@ -232,7 +234,7 @@ def main():
             seq = ["--seq-len", str(data["seq_len"])]
         for target in args.targets.split(","):
             record, peak = in_child("--one", f"{stage},{target}", *layers, *seq)
-            record = {"stage": stage, "target": target, **record, "host_peak_rss_gib": peak}
+            record = {"stage": stage, "target": target, **record, "host_peak_rss_gib": peak, "commit": commit}
             if data:
                 record["seq_buckets_from_data"] = data
             print(json.dumps(record), flush=True)
