@@ -8,8 +8,9 @@ same work) from text prompts of PROMPT_LENGTH tokens, with the tests' tiny CXR-L
 (cxrllava_jax/reference/tiny_models.py) and a larger random LLaMA with LLaMA-2's vocabulary. Each figure is the best
 of REPEATS timed runs after a warm-up run that compiles; every contender's tokens are checked against ours.
 PyTorch runs with one thread per core this process may use (`--torch-threads` to change it): more threads
-than cores make its OpenMP threads spin against each other. The load average is recorded with the figures;
-compare on a quiet machine (load < 0.5).
+than cores make its OpenMP threads spin against each other. OMP_PROC_BIND is refused: it binds the main
+thread to one core once PyTorch starts its threads, and XLA's threads inherit that (measured: every JAX figure
+halved). The load average is recorded with the figures; compare on a quiet machine (load < 0.5).
 """
 
 import argparse
@@ -120,6 +121,9 @@ def measure(name, torch_model, config, params, batch_size: int) -> dict:
 def main():
     parser = argparse.ArgumentParser(description="generation speed against transformers' generate")
     parser.add_argument("--torch-threads", type=int, default=len(os.sched_getaffinity(0)))
+    if os.environ.get("OMP_PROC_BIND", "false").lower() != "false":
+        raise SystemExit(f"OMP_PROC_BIND={os.environ['OMP_PROC_BIND']}: unset it; it would pin JAX's threads to one "
+                         "core too (see this script's docstring)")
     torch.set_num_threads(parser.parse_args().torch_threads)
     load_before = open("/proc/loadavg").read().split()[:3]
     rows = []
