@@ -1,11 +1,14 @@
 """Continuous batching (`inference.continuous`): prompts that join a running batch mid-decode, greedy or sampled,
 write what `CXRLLaVA` writes for each of them alone; the batch grows and shrinks with the rows in use."""
 
+import re
+
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cxrllava_jax.inference.continuous import RunningBatch
-from cxrllava_jax.inference.generate import SamplingOptions
+from cxrllava_jax.inference.continuous import RunningBatch, decode_rows
+from cxrllava_jax.inference.generate import SamplingOptions, attention_spans
 from cxrllava_jax.reference.tiny_models import synthetic_radiograph
 from tests.serving_fixtures import NIH_PNG, endless_tiny_model
 
@@ -78,3 +81,29 @@ def test_a_released_row_stops_and_its_place_is_taken(endless_model, requests):
     while batch.in_use:
         tokens += batch.run(4)[0][1]
     assert endless_model.decode(tokens) == endless_model.chat(turns2, image2, temperature=0.0, max_new_tokens=5)
+
+
+def test_a_decode_step_reads_every_layers_cache_where_it_lies(endless_model, requests):
+    """The running batch keeps one cache array per layer, which a step attending over every slot (the batch's
+    usual case) reads in place; the new keys and values are scattered into it in place. The check finds the
+    copies a stacked cache costs: each layer sliced out. (XLA's CPU compiler does copy a one-row batch's
+    caches inside its decode loop; from a few rows up, where batching pays, it does not.)"""
+    batch = RunningBatch(endless_model.generator, max_rows=4, chunk=4)
+    prompts = [endless_model.encode(turns) for turns, _, _ in requests[:4]]
+    pixels = np.stack([endless_model.preprocess(image) for _, image, _ in requests[:4]])
+    batch.admit(list("abcd"), prompts, pixels, [8] * 4, [sampling for _, _, sampling in requests[:4]])
+    config = endless_model.config.llama
+    layer = (len(batch.owners), config.num_kv_heads, batch.length, config.kv_dim)
+
+    def layer_reads(rows) -> list[str]:
+        hlo = decode_rows.lower(batch.spec, batch.params, rows, np.int32(4), np.zeros(len(batch.owners), bool),
+                                chunk=4).compile().as_text()
+        shape = ",".join(map(str, layer))
+        pattern = rf"= \w+\[(1,)?{shape}\]\S* (copy|slice|dynamic-slice|fusion)\("
+        return [line.strip() for line in hlo.splitlines() if re.search(pattern, line) and "scatter" not in line]
+
+    assert len(batch.rows.cache["k"]) == config.num_layers
+    assert batch.length in attention_spans(0, batch.length, batch.spec.attention_bucket)[-1:]
+    assert layer_reads(batch.rows) == []
+    stacked = batch.rows.replace(cache={name: jnp.concatenate(arrays) for name, arrays in batch.rows.cache.items()})
+    assert len(layer_reads(stacked)) >= 2 * config.num_layers  # k and v of every layer, sliced out

@@ -34,7 +34,7 @@ _NOWHERE = 1 << 30  # a row index past any batch: `place_rows` drops what is put
 class Rows:
     """The running batch on the device, one entry per row."""
 
-    cache: dict  # k, v [layers, rows, kv_heads, length, head_dim]
+    cache: dict  # k, v as `models.llama.init_cache` lays them out: axis 1 the rows, axis 3 the slots
     kv_valid: jax.Array  # [rows, length] bool
     last: jax.Array  # [rows] int32: the token written last; its key/value go to `slot` at the next step
     slot: jax.Array  # [rows] int32
@@ -62,7 +62,8 @@ def sample_rows(spec: DecodeSpec, logits, temperature, top_p, key, index):
 @functools.partial(jax.jit, static_argnames=("spec", "rows", "length"))
 def empty_rows(spec: DecodeSpec, *, rows: int, length: int) -> Rows:
     zeros = jnp.zeros(rows, jnp.int32)
-    return Rows(cache=init_cache(spec.llama_config, rows, length, dtype_of(spec.model.runtime.dtype)),
+    return Rows(cache=init_cache(spec.llama_config, rows, length, dtype_of(spec.model.runtime.dtype),
+                                 per_layer=not spec.model.runtime.scan),
                 kv_valid=jnp.zeros((rows, length), bool), last=zeros, slot=zeros, position=zeros, written=zeros,
                 budget=zeros, done=jnp.ones(rows, bool), temperature=jnp.zeros(rows, jnp.float32),
                 top_p=jnp.ones(rows, jnp.float32), key=jnp.zeros((rows, 2), jnp.uint32))
@@ -70,10 +71,11 @@ def empty_rows(spec: DecodeSpec, *, rows: int, length: int) -> Rows:
 
 @functools.partial(jax.jit, static_argnames=("spec", "length"))
 def prefill_rows(spec: DecodeSpec, params, tokens, valid, images, temperature, top_p, key, *, length: int):
-    """Left-padded prompts [n, P] -> (their rows' cache [layers, n, kv_heads, length, head_dim] with the prompt at
+    """Left-padded prompts [n, P] -> (their rows' cache (n rows of `length` slots) with the prompt at
     slots [0, P), first tokens [n]). Whole rows, so that placing them compiles per batch size, not per prompt."""
     positions, mask = prompt_positions_and_mask(valid)
-    cache = init_cache(spec.llama_config, tokens.shape[0], length, dtype_of(spec.model.runtime.dtype))
+    cache = init_cache(spec.llama_config, tokens.shape[0], length, dtype_of(spec.model.runtime.dtype),
+                       per_layer=not spec.model.runtime.scan)
     logits, aux = spec.model.apply(params, tokens, images, positions, mask, cache, method="prefill")
     return aux["cache"], sample_rows(spec, logits, temperature, top_p, key, jnp.zeros(tokens.shape[0], jnp.int32))
 
@@ -88,7 +90,7 @@ def place_rows(rows: Rows, at, cache, kv_valid, slot, position, first, budget, t
         return old.at[at].set(new, mode="drop")
 
     return rows.replace(
-        cache={name: rows.cache[name].at[:, at].set(cache[name], mode="drop") for name in cache},
+        cache=jax.tree.map(lambda old, new: old.at[:, at].set(new, mode="drop"), rows.cache, cache),
         kv_valid=put(rows.kv_valid, kv_valid), last=put(rows.last, first), slot=put(rows.slot, slot),
         position=put(rows.position, position), written=put(rows.written, jnp.ones(at.shape, jnp.int32)),
         budget=put(rows.budget, budget), done=put(rows.done, (first == eos_id) | (budget <= 1)),
@@ -99,8 +101,8 @@ def place_rows(rows: Rows, at, cache, kv_valid, slot, position, first, budget, t
 def lengthen_rows(rows: Rows, *, length: int) -> Rows:
     """The batch with `length` cache slots a row (more than it has; the new ones empty)."""
     more = length - rows.kv_valid.shape[1]
-    return rows.replace(cache={name: jnp.pad(c, ((0, 0), (0, 0), (0, 0), (0, more), (0, 0)))
-                               for name, c in rows.cache.items()},
+    return rows.replace(cache=jax.tree.map(lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, 0), (0, more), (0, 0))),
+                                           rows.cache),
                         kv_valid=jnp.pad(rows.kv_valid, ((0, 0), (0, more))))
 
 
@@ -108,7 +110,7 @@ def lengthen_rows(rows: Rows, *, length: int) -> Rows:
 def resize_rows(rows: Rows, keep) -> Rows:
     """The rows `keep` [new size] of the batch, in that order; -1 makes an empty row."""
     taken = jax.tree.map(lambda a: jnp.take(a, jnp.maximum(keep, 0), axis=0), rows.replace(cache={}))
-    cache = {name: jnp.take(c, jnp.maximum(keep, 0), axis=1) for name, c in rows.cache.items()}
+    cache = jax.tree.map(lambda c: jnp.take(c, jnp.maximum(keep, 0), axis=1), rows.cache)
     empty = keep < 0
     return taken.replace(cache=cache, done=taken.done | empty, kv_valid=taken.kv_valid & ~empty[:, None])
 

@@ -13,6 +13,7 @@ decode step's matrix-vector products.
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from cxrllava_jax.models.configs import LlamaConfig, Runtime
@@ -101,22 +102,28 @@ class DecoderLayer(nn.Module):
 
 
 def write_and_read(cache, layer, k, v, cache_index, read_length: int):
-    """Writes this layer's new k, v [batch, length, kv_heads, head_dim] at slot `cache_index` of the stacked
-    cache, in place; returns the cache and the layer's first `read_length` slots [batch, kv_heads, read, head_dim].
+    """Writes this layer's new k, v [batch, length, kv_heads, head_dim] at slot `cache_index` of the cache, in
+    place; returns the cache and the layer's first `read_length` slots [batch, kv_heads, read, head_dim].
 
+    The cache is one array per layer (unrolled layers: `layer` is a Python int) or one stacked array (scanned
+    layers). With one array per layer a step that reads every slot reads the layer's array where it lies; a
+    stacked cache's layer is sliced out, a copy of [batch, kv_heads, read, head_dim] per layer and token.
     `cache_index` is one slot for every row, or (one new token per row) a slot per row [batch]: rows that
     joined a running batch at different steps write at different slots (`inference.continuous`)."""
     new = {"k": k, "v": v}
     updated, read = {}, {}
     for name, whole in cache.items():
+        per_layer = isinstance(whole, tuple)
+        array, at = (whole[layer], 0) if per_layer else (whole, layer)
         if jnp.ndim(cache_index) == 1:
-            rows = jnp.arange(whole.shape[1])
-            updated[name] = whole.at[layer, rows, :, cache_index].set(new[name][:, 0].astype(whole.dtype))
+            rows = jnp.arange(array.shape[1])
+            array = array.at[at, rows, :, cache_index].set(new[name][:, 0].astype(array.dtype))
         else:
-            slots = new[name].astype(whole.dtype).swapaxes(1, 2)[None]  # [1, batch, kv_heads, length, head_dim]
-            updated[name] = jax.lax.dynamic_update_slice(whole, slots, (layer, 0, 0, cache_index, 0))
-        size = (1, *whole.shape[1:3], read_length, whole.shape[4])
-        read[name] = jax.lax.dynamic_slice(updated[name], (layer, 0, 0, 0, 0), size)[0]
+            slots = new[name].astype(array.dtype).swapaxes(1, 2)[None]  # [1, batch, kv_heads, length, head_dim]
+            array = jax.lax.dynamic_update_slice(array, slots, (at, 0, 0, cache_index, 0))
+        updated[name] = whole[:layer] + (array,) + whole[layer + 1:] if per_layer else array
+        size = (1, *array.shape[1:3], read_length, array.shape[4])
+        read[name] = jax.lax.dynamic_slice(array, (at, 0, 0, 0, 0), size)[0]
     return updated, read["k"], read["v"]
 
 
@@ -144,7 +151,7 @@ class DecoderStack(nn.Module):
 
     @nn.compact
     def __call__(self, x, cache, positions, mask, cache_index):
-        layers = jnp.arange(self.config.num_layers)
+        layers = np.arange(self.config.num_layers)  # unrolled, a layer's index stays a Python int: its cache array
         (x, cache), _ = apply_layers(DecoderLayer, dict(config=self.config, runtime=self.runtime), (x, cache), layers,
                                      positions, mask, cache_index, num_layers=self.config.num_layers,
                                      scan=self.runtime.scan, remat_policy=self.runtime.remat_policy, name=LLAMA_STACK)
@@ -214,6 +221,12 @@ class Llama(nn.Module):
         return self.logits(self.hidden_states(self.embed(tokens), real_positions(valid), CausalMask(valid))), {}
 
 
-def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype=jnp.bfloat16):
+def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype=jnp.bfloat16, *, per_layer: bool = False):
+    """{"k", "v"}: one stacked [layers, batch, kv_heads, max_length, head_dim] array each or, with `per_layer`
+    (unrolled layers only), a tuple of one [1, batch, ...] array per layer, which a decode step that attends over
+    every slot reads where it lies (`write_and_read`). Either way axis 1 is the rows and axis 3 the slots."""
     shape = (config.num_layers, batch, config.num_kv_heads, max_length, config.kv_dim)
+    if per_layer:
+        return {name: tuple(jnp.zeros((1, *shape[1:]), dtype) for _ in range(config.num_layers))
+                for name in ("k", "v")}
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

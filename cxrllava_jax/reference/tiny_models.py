@@ -6,7 +6,10 @@ written beside and renamed into place so that processes running at the same time
 - a LLaMA-style SentencePiece tokenizer trained on synthetic reports and the prompts;
 - `release_dir()`: a release-layout PyTorch directory (`torch_models.ReleaseCXRLLaVA` with random
   weights, float32 safetensors, config.json, the tokenizer files), the thing users download;
-- `checkpoint_dir()`: the same weights imported into our checkpoint with the tokenizer under tokenizer/.
+- `checkpoint_dir()`: the same weights imported into our checkpoint with the tokenizer under tokenizer/;
+- `small_release_dir()`: a release-layout directory whose language model is a 4-layer, 256-wide LLaMA with
+  LLaMA-2's tokenizer (vocabulary 32,000): still small enough for a CPU, but one where decoding, not the
+  work around it, is most of a request's cost (the serving benchmark's second model).
 """
 
 import dataclasses
@@ -29,6 +32,9 @@ from input_pipeline import synthetic
 from cxrllava_jax.reference.torch_models import ReleaseCXRLLaVA, randomize_, save_release_dir
 
 TOKENIZER_VOCAB = 512
+LLAMA2_TOKENIZER = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "llama2-tokenizer"
+SMALL_LLAMA = dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8,
+                   num_kv_heads=8)
 
 
 def _sources_key() -> str:
@@ -78,6 +84,18 @@ def release_dir() -> Path:
             shutil.copy(f, out / f.name)
 
     return _built("release", build)
+
+
+@functools.cache
+def small_release_dir() -> Path:
+    def build(out):
+        base = CXR_LLAVA_PRESETS["cxr_llava_tiny"]
+        config = dataclasses.replace(base, llama=dataclasses.replace(base.llama, **SMALL_LLAMA))
+        torch.manual_seed(0)
+        save_release_dir(randomize_(ReleaseCXRLLaVA(config), seed=5), config, out, num_shards=2)
+        shutil.copy(LLAMA2_TOKENIZER / "tokenizer.model", out / "tokenizer.model")
+
+    return _built("small-release", build)
 
 
 @functools.cache
