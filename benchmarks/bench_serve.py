@@ -13,9 +13,10 @@ differential diagnoses and questions, at most MAX_TOKENS tokens each: 64 distinc
 many concurrent clients as the level says. The clients are coroutines of one asyncio process (aiohttp, kept-alive
 connections, request bodies built beforehand), so that the client costs the 2-core machine little beside
 the server it measures. Every answer is checked against `CXRLLaVA.chat` on the same request alone. Untimed
-passes at every level first compile the batch shapes the scheduler forms; each level's figures come from one
-timed pass of several seconds. Beside throughput and latency, the CPU seconds the server and the client
-spent per request (from /proc and the process clock) show where the machine's time went. Goals: zero failed
+passes over every level first compile the batch shapes the scheduler forms, until a pass compiles nothing new
+(the server's /health counts programs); each level's figures come from one timed pass of several seconds, and
+say how many programs were still compiled during it. Beside throughput and latency, the CPU seconds the server
+and the client spent per request (from /proc and the process clock) show where the machine's time went. Goals: zero failed
 requests, every answer equal, and throughput at 16 clients at least 3x that at 1 client (batching works);
 the script exits non-zero when one is missed (the throughput goal is judged on the small model, where what
 batching shares dominates; the tiny model's figures are reported beside it).
@@ -47,7 +48,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLIENTS = (1, 4, 16, 32)
 MODELS = {"tiny": (checkpoint_dir, 512), "small": (small_release_dir, 192)}  # -> (its directory, requests/level)
 THROUGHPUT_GOAL_MODEL = "small"
-WARM_UP_PASSES = 3  # untimed passes at every level: they compile the shapes the scheduler's batches take
+MAX_WARM_UP_PASSES = 8  # untimed passes over every level, until one compiles no new batch shape's program
 MAX_TOKENS = 48
 MAX_BATCH_SIZE = 32
 MODEL_ID = "cxr-llava-tiny"
@@ -124,7 +125,8 @@ async def run_level(url: str, bodies: list[bytes], clients: int) -> dict:
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         after = await health()
     return {"wall": wall, "client_cpu": cpu, "latencies": latencies, "replies": replies,
-            **{key: after[key] - before[key] for key in ("batches", "rows", "chunks", "row_chunks")}}
+            **{key: after[key] - before[key] for key in ("batches", "rows", "chunks", "row_chunks")},
+            "programs": sum(after[key] - before[key] for key in ("programs_compiled", "programs_loaded"))}
 
 
 def measure(server: Server, bodies: list[bytes], expected: list[str], clients: int) -> dict:
@@ -143,7 +145,7 @@ def measure(server: Server, bodies: list[bytes], expected: list[str], clients: i
             "mean_rows_per_decode_chunk": round(run["row_chunks"] / max(run["chunks"], 1), 2),
             "server_cpu_ms_per_request": round(server_cpu / n * 1e3, 3),
             "client_cpu_ms_per_request": round(run["client_cpu"] / n * 1e3, 3),
-            "failed": failed, "different_from_library": different}
+            "programs_compiled_or_loaded": run["programs"], "failed": failed, "different_from_library": different}
 
 
 def bench_model(name: str, clients: list[int], requests: int | None) -> dict:
@@ -159,8 +161,9 @@ def bench_model(name: str, clients: list[int], requests: int | None) -> dict:
     bodies = [distinct[i % len(distinct)] for i in range(requests or default_requests)]
     server = Server(checkpoint, max_queue=max(clients))
     try:
-        for level in clients * WARM_UP_PASSES:
-            asyncio.run(run_level(server.url, bodies, level))
+        for warm_up_passes in range(1, MAX_WARM_UP_PASSES + 1):
+            if sum(asyncio.run(run_level(server.url, bodies, level))["programs"] for level in clients) == 0:
+                break
         runs = []
         for level in clients:
             runs.append(run := measure(server, bodies, expected, level))
@@ -168,13 +171,15 @@ def bench_model(name: str, clients: list[int], requests: int | None) -> dict:
                   f"s  p99 {run['p99_latency_s']:.3f} s  rows/chunk {run['mean_rows_per_decode_chunk']:5.2f}  CPU "
                   f"ms/request server {run['server_cpu_ms_per_request']:.2f} "
                   f"client {run['client_cpu_ms_per_request']:.2f}  failed {run['failed']}  "
-                  f"different {run['different_from_library']}", flush=True)
+                  f"different {run['different_from_library']}  programs {run['programs_compiled_or_loaded']}",
+                  flush=True)
     finally:
         server.close()
     by_clients = {run["clients"]: run for run in runs}
     speedup = (by_clients[16]["requests_per_s"] / by_clients[1]["requests_per_s"]
                if {1, 16} <= by_clients.keys() else 0)
-    return {"checkpoint": checkpoint.name, "speedup_16_vs_1": round(speedup, 2), "runs": runs}
+    return {"checkpoint": checkpoint.name, "warm_up_passes": warm_up_passes, "speedup_16_vs_1": round(speedup, 2),
+            "runs": runs}
 
 
 def main() -> int:

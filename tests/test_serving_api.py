@@ -71,6 +71,26 @@ def test_models_and_health(server, client):
     assert [m.id for m in client.models.list()] == [MODEL_ID]
     status, health = server.request("GET", "/health")  # no key needed: it says nothing about requests
     assert status == 200 and health["status"] == "ok" and health["model"] == MODEL_ID
+    assert {"waiting", "running", "programs_compiled", "programs_loaded", "program_seconds"} <= health.keys()
+
+
+def test_health_counts_the_programs_the_process_compiles():
+    """What /health's program counts rest on: a new program is compiled (or loaded from the persistent cache)
+    once; running it again adds nothing."""
+    import jax
+
+    from cxrllava_jax.serving import compiles
+
+    def programs():
+        stats = compiles.counter().stats()
+        return stats["programs_compiled"] + stats["programs_loaded"]
+
+    before = programs()
+    triple = jax.jit(lambda x: x * 3 + 1)
+    triple(np.arange(11, dtype=np.int32)).block_until_ready()
+    once = programs()
+    triple(np.arange(11, dtype=np.int32)).block_until_ready()
+    assert once == before + 1 and programs() == once
 
 
 def test_image_chat_equals_the_library(model, client, images):

@@ -1,7 +1,7 @@
 """The Starlette application: the OpenAI-compatible routes, the task endpoints, the page and the API key.
 
     GET  /                          the web page (page/)
-    GET  /health                    {"status": "ok", "model", "waiting", "running", ...}
+    GET  /health                    {"status": "ok", "model", "waiting", "running", ..., "programs_compiled", ...}
     GET  /v1/models                 the one model served
     POST /v1/chat/completions       OpenAI chat completions; `stream: true` answers with server-sent events
     POST /v1/report                 multipart form with `file` (PNG, JPEG or DICOM) -> {"report": ...}
@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from cxrllava_jax.domain import prompting
-from cxrllava_jax.serving import requests, uploads
+from cxrllava_jax.serving import compiles, requests, uploads
 from cxrllava_jax.serving.limits import Limits, RequestError
 from cxrllava_jax.serving.scheduler import Failed, Finished, Job, QueueFull, Scheduler, TextDelta
 from cxrllava_jax.domain.images import decode_grayscale
@@ -47,6 +47,7 @@ def create_app(model, model_id: str, *, limits: Limits = Limits(), api_key: str 
                max_batch_size: int = 16, max_queue: int = 64) -> Starlette:
     """`model`: a loaded `inference.api.CXRLLaVA`; `model_id`: the name clients pass as `model`."""
     scheduler = Scheduler(model, max_batch_size=max_batch_size, max_queue=max_queue)
+    programs = compiles.counter()
     created = int(time.time())
     page = _page(model_id, limits)
 
@@ -65,7 +66,7 @@ def create_app(model, model_id: str, *, limits: Limits = Limits(), api_key: str 
         return Response(body, media_type=kind, headers={"Cache-Control": "no-cache"})
 
     async def health(request: Request):
-        return JSONResponse({"status": "ok", "model": model_id, **scheduler.stats()})
+        return JSONResponse({"status": "ok", "model": model_id, **scheduler.stats(), **programs.stats()})
 
     async def models(request: Request):
         authorize(request)
