@@ -27,7 +27,6 @@ from cxrllava_jax.models.layers import dtype_of
 from cxrllava_jax.models.llama import attention_mask, init_cache, prompt_positions_and_mask
 
 NO_TOKEN = -1  # in a chunk's tokens: the row wrote nothing at that step (it had ended)
-_NOWHERE = 1 << 30  # a row index past any batch: `place_rows` drops what is put there
 
 
 @flax.struct.dataclass
@@ -83,14 +82,13 @@ def prefill_rows(spec: DecodeSpec, params, tokens, valid, images, temperature, t
 @functools.partial(jax.jit, static_argnames=("eos_id",), donate_argnames=("rows",))
 def place_rows(rows: Rows, at, cache, kv_valid, slot, position, first, budget, temperature, top_p, key, *,
                eos_id: int) -> Rows:
-    """Admitted rows (prefill outputs and their settings [n, ...]) into the batch at row indices `at` [n]; an
-    index past the batch drops its row (the padding of the admitted group)."""
+    """Admitted rows (prefill outputs and their settings [n, ...]) into the batch at row indices `at` [n]."""
 
     def put(old, new):
-        return old.at[at].set(new, mode="drop")
+        return old.at[at].set(new)
 
     return rows.replace(
-        cache=jax.tree.map(lambda old, new: old.at[:, at].set(new, mode="drop"), rows.cache, cache),
+        cache=jax.tree.map(lambda old, new: old.at[:, at].set(new), rows.cache, cache),
         kv_valid=put(rows.kv_valid, kv_valid), last=put(rows.last, first), slot=put(rows.slot, slot),
         position=put(rows.position, position), written=put(rows.written, jnp.ones(at.shape, jnp.int32)),
         budget=put(rows.budget, budget), done=put(rows.done, (first == eos_id) | (budget <= 1)),
@@ -186,31 +184,41 @@ class RunningBatch:
 
     def admit(self, owners: list, prompts: Sequence[np.ndarray], images: np.ndarray | None, budgets: Sequence[int],
               samplings: Sequence[SamplingOptions]) -> list[tuple[object, list[int], bool]]:
-        """Prefills the prompts as one group into free rows -> (owner, [first token] or [] at EOS, ended)."""
-        n = len(prompts)
-        padded = 1 << (n - 1).bit_length()
+        """Prefills the prompts into free rows -> (owner, [first token] or [] at EOS, ended) for each.
+
+        They go in groups of powers of two, the binary digits of their number (7 = 4 + 2 + 1): prefill
+        programs exist per power of two, and a group padded up to the next one (7 -> 8) would pay a prompt's
+        prefill for nothing."""
+        results, start = [], 0
+        for bit in reversed(range(len(prompts).bit_length())):
+            if len(prompts) >> bit & 1:
+                part = slice(start, start + (1 << bit))
+                results += self._admit_group(owners[part], prompts[part], None if images is None else images[part],
+                                             budgets[part], samplings[part])
+                start = part.stop
+        return results
+
+    def _admit_group(self, owners: list, prompts: Sequence[np.ndarray], images: np.ndarray | None,
+                     budgets: Sequence[int], samplings: Sequence[SamplingOptions]) -> list:
+        n = len(prompts)  # a power of two
         length = round_up(max(map(len, prompts)), self.bucket)
-        tokens, valid = np.zeros((padded, length), np.int32), np.zeros((padded, length), bool)
-        for i in range(padded):
-            prompt = np.asarray(prompts[min(i, n - 1)], np.int32)
+        tokens, valid = np.zeros((n, length), np.int32), np.zeros((n, length), bool)
+        for i, prompt in enumerate(prompts):
             tokens[i, length - len(prompt):], valid[i, length - len(prompt):] = prompt, True
-        if images is not None:
-            images = np.concatenate([images, np.repeat(images[-1:], padded - n, axis=0)])
-        temperature = np.array([s.temperature for s in samplings] + [0.0] * (padded - n), np.float32)
-        top_p = np.array([s.top_p for s in samplings] + [1.0] * (padded - n), np.float32)
-        keys = np.stack([_key_data(s) for s in samplings] + [np.zeros(2, np.uint32)] * (padded - n))
-        budget = np.array(list(budgets) + [1] * (padded - n), np.int32)
+        temperature = np.array([s.temperature for s in samplings], np.float32)
+        top_p = np.array([s.top_p for s in samplings], np.float32)
+        keys = np.stack([_key_data(s) for s in samplings])
         self._lengthen(length + max(budgets))
         cache, first = prefill_rows(self.spec, self.params, tokens, valid, images, temperature, top_p, keys,
                                     length=self.length)
         at = self._make_room(n)
         self._stop -= set(at)  # a row freed by `release` and not yet stopped is taken over, not stopped
         kv_valid = np.pad(valid, ((0, 0), (0, self.length - length)))
-        self.rows = place_rows(self.rows, np.array(at + [_NOWHERE] * (padded - n), np.int32), cache, kv_valid,
-                               np.full(padded, length, np.int32), valid.sum(axis=1, dtype=np.int32), first, budget,
-                               temperature, top_p, keys, eos_id=self.spec.eos_id)
+        self.rows = place_rows(self.rows, np.array(at, np.int32), cache, kv_valid, np.full(n, length, np.int32),
+                               valid.sum(axis=1, dtype=np.int32), first, np.array(budgets, np.int32), temperature,
+                               top_p, keys, eos_id=self.spec.eos_id)
         results = []
-        for row, owner, token, limit in zip(at, owners, np.asarray(first)[:n].tolist(), budgets):
+        for row, owner, token, limit in zip(at, owners, np.asarray(first).tolist(), budgets):
             self.owners[row], self._budgets[row], self._written[row] = owner, limit, 1
             ended = token == self.spec.eos_id or limit <= 1
             results.append((owner, [] if token == self.spec.eos_id else [token], ended))
