@@ -3,11 +3,10 @@ write what `CXRLLaVA` writes for each of them alone; the batch grows and shrinks
 
 import re
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cxrllava_jax.inference.continuous import RunningBatch, decode_rows
+from cxrllava_jax.inference.continuous import RunningBatch, decode_rows, laid_out
 from cxrllava_jax.inference.generate import SamplingOptions, attention_spans
 from cxrllava_jax.reference.tiny_models import synthetic_radiograph
 from tests.serving_fixtures import NIH_PNG, endless_tiny_model
@@ -84,14 +83,17 @@ def test_a_released_row_stops_and_its_place_is_taken(endless_model, requests):
 
 
 def test_a_decode_step_reads_every_layers_cache_where_it_lies(endless_model, requests):
-    """The running batch keeps one cache array per layer, which a step attending over every slot (the batch's
-    usual case) reads in place; the new keys and values are scattered into it in place. The check finds the
-    copies a stacked cache costs: each layer sliced out. (XLA's CPU compiler does copy a one-row batch's
-    caches inside its decode loop; from a few rows up, where batching pays, it does not.)"""
+    """A running batch of several rows keeps one cache array per layer, which a step attending over every slot
+    (the batch's usual case) reads in place; the new keys and values are scattered into it in place. The check
+    finds the copies a stacked cache costs: each layer sliced out. (One row keeps the stacked cache:
+    `keeps_per_layer`.)"""
     batch = RunningBatch(endless_model.generator, max_rows=4, chunk=4)
     prompts = [endless_model.encode(turns) for turns, _, _ in requests[:4]]
     pixels = np.stack([endless_model.preprocess(image) for _, image, _ in requests[:4]])
-    batch.admit(list("abcd"), prompts, pixels, [8] * 4, [sampling for _, _, sampling in requests[:4]])
+    samplings = [sampling for _, _, sampling in requests[:4]]
+    batch.admit(["a"], prompts[:1], pixels[:1], [8], samplings[:1])
+    assert not isinstance(batch.rows.cache["k"], tuple)  # one row: stacked
+    batch.admit(list("bcd"), prompts[1:], pixels[1:], [8] * 3, samplings[1:])
     config = endless_model.config.llama
     layer = (len(batch.owners), config.num_kv_heads, batch.length, config.kv_dim)
 
@@ -105,5 +107,5 @@ def test_a_decode_step_reads_every_layers_cache_where_it_lies(endless_model, req
     assert len(batch.rows.cache["k"]) == config.num_layers
     assert batch.length in attention_spans(0, batch.length, batch.spec.attention_bucket)[-1:]
     assert layer_reads(batch.rows) == []
-    stacked = batch.rows.replace(cache={name: jnp.concatenate(arrays) for name, arrays in batch.rows.cache.items()})
+    stacked = batch.rows.replace(cache=laid_out(batch.rows.cache, per_layer=False))
     assert len(layer_reads(stacked)) >= 2 * config.num_layers  # k and v of every layer, sliced out

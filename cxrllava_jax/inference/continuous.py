@@ -8,9 +8,11 @@ slots [0, P), then one slot per token it writes. `slot[row]` is where its next k
 its own slot: `models.llama.write_and_read`) and `position[row]` counts its real tokens, so a row computes what
 it would alone. Each row samples with its own temperature, top-p and seed (its n-th token with
 `fold_in(key(seed), n)`, as `Generator.generate` draws for a batch of one), so greedy and sampled requests share
-steps. The batch holds a power of two of rows, doubled when rows join and halved when few are left (a step costs in
-proportion to its rows). Compiled programs: the prefill per (admitted rows, prompt bucket), the decode chunk per
-batch size, and small ones that place admitted rows and resize the batch.
+steps. The cache is one array per layer, which a step reads where it lies (`keeps_per_layer`: one row keeps it
+stacked). The batch holds a power of two of rows, doubled when rows join and halved when few are left (a step
+costs in proportion to its rows); rows join in groups of powers of two. Compiled programs: the prefill per
+(admitted rows, prompt bucket), the decode chunk per batch size, and small ones that place admitted rows and
+resize the batch.
 """
 
 import functools
@@ -33,7 +35,7 @@ NO_TOKEN = -1  # in a chunk's tokens: the row wrote nothing at that step (it had
 class Rows:
     """The running batch on the device, one entry per row."""
 
-    cache: dict  # k, v as `models.llama.init_cache` lays them out: axis 1 the rows, axis 3 the slots
+    cache: dict  # k, v as `models.llama.init_cache` lays them out: axis -4 the rows, axis -2 the slots
     kv_valid: jax.Array  # [rows, length] bool
     last: jax.Array  # [rows] int32: the token written last; its key/value go to `slot` at the next step
     slot: jax.Array  # [rows] int32
@@ -58,11 +60,30 @@ def sample_rows(spec: DecodeSpec, logits, temperature, top_p, key, index):
                         lambda: first_max(logits))
 
 
+def keeps_per_layer(spec: DecodeSpec, rows: int) -> bool:
+    """Whether a batch of `rows` keeps one cache array per layer, which a step reads in place, or one stacked
+    array, each layer sliced out for every step (`models.llama.write_and_read`). Scanned layers need it stacked.
+    So does one row: XLA's CPU compiler copies a one-row batch's per-layer arrays inside the decode loop (the
+    row's write becomes a dynamic-update-slice that it fuses, duplicated, into the attention's read)."""
+    return rows > 1 and not spec.model.runtime.scan
+
+
+def laid_out(cache: dict, per_layer: bool) -> dict:
+    """k and v as a tuple of per-layer arrays or as one stacked array."""
+
+    def one(c):
+        if isinstance(c, tuple):
+            return c if per_layer else jnp.stack(c)
+        return tuple(c) if per_layer else c
+
+    return {name: one(c) for name, c in cache.items()}
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "rows", "length"))
 def empty_rows(spec: DecodeSpec, *, rows: int, length: int) -> Rows:
     zeros = jnp.zeros(rows, jnp.int32)
     return Rows(cache=init_cache(spec.llama_config, rows, length, dtype_of(spec.model.runtime.dtype),
-                                 per_layer=not spec.model.runtime.scan),
+                                 per_layer=keeps_per_layer(spec, rows)),
                 kv_valid=jnp.zeros((rows, length), bool), last=zeros, slot=zeros, position=zeros, written=zeros,
                 budget=zeros, done=jnp.ones(rows, bool), temperature=jnp.zeros(rows, jnp.float32),
                 top_p=jnp.ones(rows, jnp.float32), key=jnp.zeros((rows, 2), jnp.uint32))
@@ -88,7 +109,8 @@ def place_rows(rows: Rows, at, cache, kv_valid, slot, position, first, budget, t
         return old.at[at].set(new)
 
     return rows.replace(
-        cache=jax.tree.map(lambda old, new: old.at[:, at].set(new), rows.cache, cache),
+        cache=jax.tree.map(lambda old, new: old.at[..., at, :, :, :].set(new), rows.cache,
+                           laid_out(cache, isinstance(rows.cache["k"], tuple))),
         kv_valid=put(rows.kv_valid, kv_valid), last=put(rows.last, first), slot=put(rows.slot, slot),
         position=put(rows.position, position), written=put(rows.written, jnp.ones(at.shape, jnp.int32)),
         budget=put(rows.budget, budget), done=put(rows.done, (first == eos_id) | (budget <= 1)),
@@ -99,16 +121,17 @@ def place_rows(rows: Rows, at, cache, kv_valid, slot, position, first, budget, t
 def lengthen_rows(rows: Rows, *, length: int) -> Rows:
     """The batch with `length` cache slots a row (more than it has; the new ones empty)."""
     more = length - rows.kv_valid.shape[1]
-    return rows.replace(cache=jax.tree.map(lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, 0), (0, more), (0, 0))),
+    return rows.replace(cache=jax.tree.map(lambda c: jnp.pad(c, [(0, 0)] * (c.ndim - 2) + [(0, more), (0, 0)]),
                                            rows.cache),
                         kv_valid=jnp.pad(rows.kv_valid, ((0, 0), (0, more))))
 
 
-@jax.jit
-def resize_rows(rows: Rows, keep) -> Rows:
-    """The rows `keep` [new size] of the batch, in that order; -1 makes an empty row."""
+@functools.partial(jax.jit, static_argnames=("per_layer",))
+def resize_rows(rows: Rows, keep, *, per_layer: bool) -> Rows:
+    """The rows `keep` [new size] of the batch, in that order; -1 makes an empty row. `per_layer`: the new size's
+    cache layout (`keeps_per_layer`)."""
     taken = jax.tree.map(lambda a: jnp.take(a, jnp.maximum(keep, 0), axis=0), rows.replace(cache={}))
-    cache = jax.tree.map(lambda c: jnp.take(c, jnp.maximum(keep, 0), axis=1), rows.cache)
+    cache = laid_out(jax.tree.map(lambda c: jnp.take(c, jnp.maximum(keep, 0), axis=-4), rows.cache), per_layer)
     empty = keep < 0
     return taken.replace(cache=cache, done=taken.done | empty, kv_valid=taken.kv_valid & ~empty[:, None])
 
@@ -288,7 +311,8 @@ class RunningBatch:
             self._resize(used + [-1] * (size // 2 - len(used)))
 
     def _resize(self, keep: list[int]):
-        self.rows = resize_rows(self.rows, np.array(keep, np.int32))
+        self.rows = resize_rows(self.rows, np.array(keep, np.int32),
+                                per_layer=keeps_per_layer(self.spec, len(keep)))
 
         def pick(values: list, empty) -> list:
             return [values[k] if k >= 0 else empty for k in keep]

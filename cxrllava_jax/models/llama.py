@@ -105,25 +105,27 @@ def write_and_read(cache, layer, k, v, cache_index, read_length: int):
     """Writes this layer's new k, v [batch, length, kv_heads, head_dim] at slot `cache_index` of the cache, in
     place; returns the cache and the layer's first `read_length` slots [batch, kv_heads, read, head_dim].
 
-    The cache is one array per layer (unrolled layers: `layer` is a Python int) or one stacked array (scanned
-    layers). With one array per layer a step that reads every slot reads the layer's array where it lies; a
-    stacked cache's layer is sliced out, a copy of [batch, kv_heads, read, head_dim] per layer and token.
+    The cache is stacked (one [layers, ...] array) or, for unrolled layers (`layer` a Python int), one
+    [batch, kv_heads, slots, head_dim] array per layer (`init_cache`), which a step that reads every slot reads
+    where it lies; a stacked cache's layer is sliced out first, a copy per layer and token.
     `cache_index` is one slot for every row, or (one new token per row) a slot per row [batch]: rows that
     joined a running batch at different steps write at different slots (`inference.continuous`)."""
     new = {"k": k, "v": v}
     updated, read = {}, {}
     for name, whole in cache.items():
         per_layer = isinstance(whole, tuple)
-        array, at = (whole[layer], 0) if per_layer else (whole, layer)
+        array = whole[layer] if per_layer else whole
+        at = () if per_layer else (layer,)  # the index of the layer's [batch, kv_heads, slots, head_dim]
         if jnp.ndim(cache_index) == 1:
-            rows = jnp.arange(array.shape[1])
-            array = array.at[at, rows, :, cache_index].set(new[name][:, 0].astype(array.dtype))
+            rows = jnp.arange(array.shape[-4])
+            array = array.at[(*at, rows, slice(None), cache_index)].set(new[name][:, 0].astype(array.dtype))
         else:
-            slots = new[name].astype(array.dtype).swapaxes(1, 2)[None]  # [1, batch, kv_heads, length, head_dim]
-            array = jax.lax.dynamic_update_slice(array, slots, (at, 0, 0, cache_index, 0))
+            slots = new[name].astype(array.dtype).swapaxes(1, 2)  # [batch, kv_heads, length, head_dim]
+            array = jax.lax.dynamic_update_slice(array, slots.reshape((1,) * len(at) + slots.shape),
+                                                 (*at, 0, 0, cache_index, 0))
         updated[name] = whole[:layer] + (array,) + whole[layer + 1:] if per_layer else array
-        size = (1, *array.shape[1:3], read_length, array.shape[4])
-        read[name] = jax.lax.dynamic_slice(array, (at, 0, 0, 0, 0), size)[0]
+        size = (*array.shape[-4:-2], read_length, array.shape[-1])
+        read[name] = jax.lax.dynamic_slice(array, (*at, 0, 0, 0, 0), (1,) * len(at) + size).reshape(size)
     return updated, read["k"], read["v"]
 
 
@@ -223,10 +225,10 @@ class Llama(nn.Module):
 
 def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype=jnp.bfloat16, *, per_layer: bool = False):
     """{"k", "v"}: one stacked [layers, batch, kv_heads, max_length, head_dim] array each or, with `per_layer`
-    (unrolled layers only), a tuple of one [1, batch, ...] array per layer, which a decode step that attends over
-    every slot reads where it lies (`write_and_read`). Either way axis 1 is the rows and axis 3 the slots."""
-    shape = (config.num_layers, batch, config.num_kv_heads, max_length, config.kv_dim)
+    (unrolled layers only), a tuple of one [batch, kv_heads, max_length, head_dim] array per layer, which a
+    decode step that attends over every slot reads where it lies (`write_and_read`). Either way the rows are
+    axis -4 and the slots axis -2."""
+    shape = (batch, config.num_kv_heads, max_length, config.kv_dim)
     if per_layer:
-        return {name: tuple(jnp.zeros((1, *shape[1:]), dtype) for _ in range(config.num_layers))
-                for name in ("k", "v")}
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        return {name: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)) for name in ("k", "v")}
+    return {name: jnp.zeros((config.num_layers, *shape), dtype) for name in ("k", "v")}
