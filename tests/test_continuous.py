@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cxrllava_jax.inference.continuous import RunningBatch, decode_rows, laid_out
-from cxrllava_jax.inference.generate import SamplingOptions, attention_spans
+from cxrllava_jax.inference.generate import SamplingOptions
 from cxrllava_jax.reference.tiny_models import synthetic_radiograph
 from tests.serving_fixtures import NIH_PNG, endless_tiny_model
 
@@ -105,7 +105,6 @@ def test_a_decode_step_reads_every_layers_cache_where_it_lies(endless_model, req
         return [line.strip() for line in hlo.splitlines() if re.search(pattern, line) and "scatter" not in line]
 
     assert len(batch.rows.cache["k"]) == config.num_layers
-    assert batch.length in attention_spans(0, batch.length, batch.spec.attention_bucket)[-1:]
     assert layer_reads(batch.rows) == []
     stacked = batch.rows.replace(cache=laid_out(batch.rows.cache, per_layer=False))
     assert len(layer_reads(stacked)) >= 2 * config.num_layers  # k and v of every layer, sliced out
