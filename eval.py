@@ -9,11 +9,13 @@ Reports are labeled by --labeler: ours (default), chexpert-csv (--labels_csv: th
 output for every report text) or chexbert (--chexbert_checkpoint: chexbert.pth, run with the f1chexbert package).
 """
 
+from pathlib import Path
+
 from absl import flags
 from ml_collections import config_flags
 
-from cxrllava_jax import errors, files
-from cxrllava_jax.evaluation import labelers, run
+from cxrllava_jax import arguments, errors, files
+from cxrllava_jax.evaluation import labelers
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "an evaluation config (configs/eval_*.py)", lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "our checkpoint or a release-layout PyTorch directory")
@@ -28,7 +30,7 @@ _LABELS_CSV = flags.DEFINE_string("labels_csv", None, "--labeler=chexpert-csv: l
 _CHEXBERT_CHECKPOINT = flags.DEFINE_string("chexbert_checkpoint", None, "--labeler=chexbert: CheXbert's chexbert.pth")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where answers, labels, tables and results.json are written")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace the results of an earlier evaluation in --workdir")
-flags.DEFINE_bool("debug", False, "on failure, show the traceback")
+flags.DEFINE_bool("debug", False, arguments.DEBUG_HELP)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -42,6 +44,8 @@ def main(argv):
 
 
 def evaluate():
+    from cxrllava_jax.evaluation import run  # here, not above: `--help` answers before the metrics' imports
+
     if _REFERENCE_LABELS.value and _PREDICTED_LABELS.value:
         run.evaluate_label_files(_CONFIG.value, _REFERENCE_LABELS.value, _PREDICTED_LABELS.value, _WORKDIR.value)
         return
@@ -58,4 +62,4 @@ def evaluate():
 
 
 if __name__ == "__main__":
-    errors.run_absl("eval.py", main)
+    arguments.run_absl("eval.py", main, sorted((Path(__file__).resolve().parent / "configs").glob("eval_*.py")))

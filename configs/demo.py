@@ -10,6 +10,7 @@ import importlib
 
 from cxrllava_jax.training import stages
 
+VARIANTS = stages.NAMES  # --config=configs/demo.py:VARIANT (train.py --help lists them)
 NUM_STUDIES, IMAGE_SIZE, VOCAB_SIZE = 2000, 64, 1024
 # stage -> (steps, optimizer, learning rate)
 SCHEDULE = {"1a": (300, "adam", 1e-3), "1b_labels": (300, "adam", 1e-3), "1b_reports": (150, "adam", 1e-3),

@@ -72,23 +72,6 @@ def report_errors(program: str, work: Callable[[], int | None], debug: bool = Fa
         return EXIT_ERROR
 
 
-def run_absl(program: str, main: Callable[[list], int | None]):
-    """`absl.app.run(main)` for train.py and eval.py, flag parsing included, with failures reported as by
-    `report_errors`. An unknown `--config.key` (a KeyError deep in ml_collections) becomes a ConfigError."""
-    from absl import app, flags
-
-    def parse(argv):
-        try:
-            return flags.FLAGS(argv)
-        except flags.Error as error:
-            raise UsageError(f"{error} (see --help)") from error
-        except (KeyError, AttributeError) as error:
-            raise ConfigError(f"a --config.KEY=VALUE override names a key the config does not have: "
-                              f"{str(error).strip(chr(34))}") from error
-
-    sys.exit(report_errors(program, lambda: app.run(main, flags_parser=parse), debug_requested()))
-
-
 def is_expected(error: BaseException) -> bool:
     return isinstance(error, (CXRLLaVAError, OSError, UnicodeDecodeError))
 

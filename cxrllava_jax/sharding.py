@@ -14,6 +14,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from cxrllava_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # FSDP shards the model dimension of every weight; tensor parallelism splits heads and the MLP.
@@ -36,19 +38,23 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh; -1 in one axis (`data` by default) takes the devices the others leave."""
+    """A (data, fsdp, tensor) mesh; -1 in one axis (`data` by default) takes the devices the others leave.
+    A shape the devices cannot fill is a ConfigError naming `config.mesh` and the device count."""
     devices = list(jax.devices() if devices is None else devices)
     shape = [data, fsdp, tensor]
-    if shape.count(-1) > 1:
-        raise ValueError(f"only one mesh axis may be -1, got {dict(zip(MESH_AXES, shape))}")
+    asked = f"config.mesh {dict(zip(MESH_AXES, shape))}"
+    if shape.count(-1) > 1 or any(not isinstance(n, int) or (n < 1 and n != -1) for n in shape):
+        raise ConfigError(f"{asked}: each axis is a whole number >= 1, and at most one is -1 (the devices the others "
+                          "leave)")
     if -1 in shape:
         rest = int(np.prod([n for n in shape if n != -1]))
         if len(devices) % rest:
-            raise ValueError(f"{len(devices)} devices do not divide into the mesh {dict(zip(MESH_AXES, shape))}")
+            raise ConfigError(f"{asked}: {len(devices)} devices do not divide into it")
         shape[shape.index(-1)] = len(devices) // rest
-    shape = tuple(shape)
     if int(np.prod(shape)) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {np.prod(shape)} devices, have {len(devices)}")
+        raise ConfigError(f"{asked} needs {int(np.prod(shape))} devices; this process sees {len(devices)} "
+                          f"({devices[0].platform})")
+    shape = tuple(shape)
     try:
         device_array = mesh_utils.create_device_mesh(shape, devices)
     except (AssertionError, NotImplementedError, ValueError):

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from input_pipeline import tables
-from cxrllava_jax.errors import InputError
+from cxrllava_jax.errors import ConfigError, InputError
 from input_pipeline.records import FRONTAL, FRONTAL_VIEWS, Record, labels_from
 
 SPLIT_FILES = {"train": ("train.csv",), "validate": ("valid.csv",), "test": ("groundtruth.csv",)}
@@ -25,7 +25,7 @@ def load(root, split: str | None = None) -> list[Record]:
     """Records of `split`, or of every split whose label file is present when `split` is None."""
     root = Path(root)
     if split is not None and split not in SPLIT_FILES:
-        raise ValueError(f"CheXpert splits are {sorted(SPLIT_FILES)}, got {split!r}")
+        raise ConfigError(f"CheXpert splits are {sorted(SPLIT_FILES)}, got {split!r}")
     wanted = [split] if split else list(SPLIT_FILES)
     files = {s: tables.find(root, *SPLIT_FILES[s]) for s in wanted}
     if split and files[split] is None:

@@ -35,7 +35,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from cxrllava_jax.errors import InputError
+from cxrllava_jax.errors import ConfigError, InputError
 
 # Substitutes tried for one bad record before giving up: with a tolerable bad fraction, running into
 # this many bad records in a row means the data, not a few files, is broken.
@@ -85,11 +85,11 @@ def batches(examples: Sequence, encode: Callable[..., dict], batch_size: int, *,
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if batch_size % process_count:
-        raise ValueError(f"batch size {batch_size} does not split over {process_count} processes")
+        raise ConfigError(f"batch size {batch_size} does not split over {process_count} processes")
     if not 0.0 <= max_bad_fraction < 1.0:
-        raise ValueError(f"max_bad_fraction must be in [0, 1), got {max_bad_fraction}")
+        raise ConfigError(f"max_bad_fraction must be in [0, 1), got {max_bad_fraction}")
     if len(examples) < batch_size:
-        raise ValueError(f"{len(examples)} examples are fewer than one batch of {batch_size}")
+        raise ConfigError(f"{len(examples)} examples are fewer than one batch of {batch_size}")
     local = batch_size // process_count
     decode = _DecodeSlice(examples, encode, slice(process_index * local, (process_index + 1) * local),
                           substitute_seed=seed or 0, skip_bad=max_bad_fraction > 0, buckets=buckets)

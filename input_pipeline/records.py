@@ -14,7 +14,7 @@ from typing import Collection, Iterable, Sequence
 import numpy as np
 
 from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS, NEGATIVE, POSITIVE, UNCERTAIN
-from cxrllava_jax.errors import InputError
+from cxrllava_jax.errors import ConfigError, InputError
 
 FRONTAL_VIEWS = ("PA", "AP")
 # A frontal image whose source does not say AP or PA (frontal-only releases such as VinDr or BrixIA).
@@ -136,7 +136,7 @@ def is_abnormal(labels: np.ndarray, uncertain_policy: str = "abnormal") -> bool 
     Finding is 1 or some observation is graded negative. A record without any label is dropped.
     """
     if uncertain_policy not in ("abnormal", "normal", "exclude"):
-        raise ValueError(f"uncertain_policy must be 'abnormal', 'normal' or 'exclude', got {uncertain_policy!r}")
+        raise ConfigError(f"uncertain_policy must be 'abnormal', 'normal' or 'exclude', got {uncertain_policy!r}")
     no_finding = labels[_INDEX["No Finding"]]
     findings = np.delete(labels, [_INDEX["No Finding"], _INDEX["Support Devices"]])
     if (findings == POSITIVE).any() or no_finding == NEGATIVE:

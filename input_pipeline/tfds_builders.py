@@ -35,7 +35,7 @@ import tensorflow_datasets as tfds
 
 from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
 from cxrllava_jax.domain import images
-from cxrllava_jax.errors import InputError
+from cxrllava_jax.errors import ConfigError, InputError, MismatchError
 from input_pipeline.records import Record, relative_name
 from input_pipeline.sources import ADAPTERS
 
@@ -132,7 +132,7 @@ class CxrPixels(CxrRecords):
 
 def _builder(source: str, data_dir, pixels: tuple[int, str] | None = None, **kwargs) -> CxrRecords:
     if source not in ADAPTERS:
-        raise ValueError(f"no TFDS builder config for source {source!r}; sources: {sorted(ADAPTERS)}")
+        raise ConfigError(f"no TFDS builder config for source {source!r}; sources: {sorted(ADAPTERS)}")
     if pixels is None:
         return CxrRecords(data_dir=str(data_dir), config=source, **kwargs)
     return CxrPixels(data_dir=str(data_dir), config=pixels_config(source, *pixels), **kwargs)
@@ -150,10 +150,10 @@ def data_source(source: str, data_dir, split: str, pixels: tuple[int, str] | Non
     """The built split as a random-access sequence of example dicts (text features come back as bytes)."""
     builder = _builder(source, data_dir, pixels)
     if not builder.is_prepared():
-        raise ValueError(f"{builder.data_dir}: the {source} records are not built; run tfds_builders.build "
+        raise InputError(f"{builder.data_dir}: the {source} records are not built; run tfds_builders.build "
                          "(or `cxrllava preprocess`) first")
     if split not in builder.info.splits:
-        raise ValueError(f"{builder.data_dir}: no split {split!r}; built splits: {sorted(builder.info.splits)}")
+        raise ConfigError(f"{builder.data_dir}: no split {split!r}; built splits: {sorted(builder.info.splits)}")
     return builder.as_data_source(split=split)
 
 
@@ -202,8 +202,8 @@ class StoredPixels:
 
     def model_pixels(self, size: int, mode: str) -> np.ndarray:
         if (size, mode) != (self.size, self.mode):
-            raise ValueError(f"{self.data_dir}: the {self.source} records hold {self.size}x{self.size} ({self.mode}) "
-                             f"pixels, but {size}x{size} ({mode}) are asked for; preprocess them at that size")
+            raise MismatchError(f"{self.data_dir}: the {self.source} records hold {self.size}x{self.size} ({self.mode}) "
+                                f"pixels, but {size}x{size} ({mode}) are asked for; preprocess them at that size")
         return _open_split(self.source, self.data_dir, self.split, (size, mode))[self.index]["pixels"]
 
     def __str__(self) -> str:

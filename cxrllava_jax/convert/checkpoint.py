@@ -24,7 +24,7 @@ from flax import traverse_util
 
 from cxrllava_jax import files
 from cxrllava_jax.convert.layout import relayout
-from cxrllava_jax.errors import InputError, MismatchError
+from cxrllava_jax.errors import InputError, MismatchError, OutputExistsError
 from cxrllava_jax.models import configs as mc
 
 LANGUAGE_MODEL_KINDS = ("cxr_llava", "llama")
@@ -44,7 +44,7 @@ def save_model(path, kind: str, config, params, *, tokenizer_dir=None, scan: boo
     if kind not in CONFIG_CLASSES:
         raise ValueError(f"unknown model kind {kind!r}; known: {sorted(CONFIG_CLASSES)}")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; refusing to overwrite a saved checkpoint (pass overwrite)")
+        raise OutputExistsError(f"{path} exists; refusing to overwrite a saved checkpoint (pass overwrite)")
     staging = path.with_name(path.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -122,19 +122,37 @@ def _host_array_writer() -> ocp.Checkpointer:
 
 
 def read_model_config(path):
-    """(kind, config, scan) from CKPT/model_config.json, with a clear error for a directory that is not one."""
-    meta_path = Path(path) / "model_config.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{path} is not a cxrllava-jax checkpoint: {meta_path.name} is missing")
-    meta = files.read_json(meta_path)
-    kind = meta.get("model") if isinstance(meta, dict) else None
+    """(kind, config, scan) from CKPT/model_config.json. A directory that is not a checkpoint, or a file that
+    cannot be read, is an InputError naming it; a config whose fields are not those of the model it names (e.g.
+    "model": "bert" over a CXR-LLaVA config) is a MismatchError naming both."""
+    meta_path, meta = _read_meta(path)
+    kind = meta.get("model")
     if kind not in CONFIG_CLASSES:
         raise InputError(f"{meta_path}: unknown model kind {kind!r}; known: {sorted(CONFIG_CLASSES)}")
-    return kind, mc.from_dict(CONFIG_CLASSES[kind], meta["config"]), bool(meta.get("scan", False))
+    if not isinstance(meta.get("config"), dict):
+        raise InputError(f"{meta_path}: no \"config\" object (the model's hyper-parameters)")
+    try:
+        config = mc.from_dict(CONFIG_CLASSES[kind], meta["config"])
+    except (TypeError, ValueError) as error:
+        raise MismatchError(f"{meta_path}: its \"config\" is not that of the {kind!r} model it names: "
+                            f"{error}") from error
+    return kind, config, bool(meta.get("scan", False))
 
 
 def read_quantization(path) -> dict | None:
-    return json.loads((Path(path) / "model_config.json").read_text()).get("quantize")
+    return _read_meta(path)[1].get("quantize")
+
+
+def _read_meta(path) -> tuple[Path, dict]:
+    meta_path = Path(path) / "model_config.json"
+    if not Path(path).exists():
+        raise InputError(f"{path}: no such checkpoint directory")
+    if not meta_path.is_file():
+        raise InputError(f"{path} is not a cxrllava-jax checkpoint: {meta_path.name} is missing")
+    meta = files.read_json(meta_path)
+    if not isinstance(meta, dict):
+        raise InputError(f"{meta_path}: not a JSON object but {type(meta).__name__}")
+    return meta_path, meta
 
 
 def restore_params(path, abstract):
@@ -182,7 +200,7 @@ def check_shapes(path, kind: str, config, params):
 def tokenizer_fingerprint(path) -> str | None:
     """The fingerprint of the tokenizer the checkpoint was saved with (None for older checkpoints or none)."""
     meta_path = Path(path) / "model_config.json"
-    return files.read_json(meta_path).get("tokenizer_fingerprint") if meta_path.is_file() else None
+    return _read_meta(path)[1].get("tokenizer_fingerprint") if meta_path.is_file() else None
 
 
 def tokenizer_dir(path) -> Path | None:

@@ -21,7 +21,7 @@ def detect_format(src: Path) -> str:
         raise InputError(f"{src}: no such directory (--src is a PyTorch model directory)")
     config_path = src / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{src}: no config.json; give --format")
+        raise InputError(f"{src}: no config.json; give --format")
     config = files.read_json(config_path)
     if "clip_vision_cfg" in config:
         return "release"

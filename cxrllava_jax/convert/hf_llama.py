@@ -50,7 +50,7 @@ def _rope_scaling(rope_type: str, rope: dict, origin: str) -> RopeScaling:
     fields = {f.name for f in dataclasses.fields(RopeScaling)} - {"rope_type"}
     values = {k: v for k, v in rope.items() if k in fields}
     if rope_type == "llama3" and "original_max_position_embeddings" not in values:
-        raise ValueError(f"{origin}: llama3 rope scaling without original_max_position_embeddings")
+        raise InputError(f"{origin}: llama3 rope scaling without original_max_position_embeddings")
     return RopeScaling(rope_type=rope_type, **values)
 
 
@@ -97,7 +97,7 @@ def llama_expected_shapes(cfg: LlamaConfig) -> dict:
 def read_config(directory) -> LlamaConfig:
     path = Path(directory) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{directory}: no config.json (a Hugging Face LLaMA directory)")
+        raise InputError(f"{directory}: no config.json (a Hugging Face LLaMA directory)")
     return config_from_hf(files.read_json(path), str(path))
 
 

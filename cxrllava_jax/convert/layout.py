@@ -9,7 +9,9 @@ import re
 
 import numpy as np
 
+from cxrllava_jax.errors import InputError
 from cxrllava_jax.models.layers import STACK_NAMES
+
 _NUMBERED = re.compile(rf"^({'|'.join(STACK_NAMES)})_(\d+)$")
 
 
@@ -46,7 +48,7 @@ def stack_layers(tree):
             out[key] = stack_layers(value)
     for name, layers in groups.items():
         if sorted(layers) != list(range(len(layers))):
-            raise ValueError(f"layers of {name!r} are not numbered 0..{len(layers) - 1}: {sorted(layers)}")
+            raise InputError(f"layers of {name!r} are not numbered 0..{len(layers) - 1}: {sorted(layers)}")
         ordered = [layers[i] for i in range(len(layers))]
         out[name] = _zip(ordered)
     return out

@@ -12,6 +12,7 @@ PEFT scales by lora_alpha / r (lora_alpha / sqrt(r) with rsLoRA), ours by alpha 
 
 import json
 import math
+import numbers
 import re
 from pathlib import Path
 
@@ -20,8 +21,10 @@ import numpy as np
 import safetensors.numpy
 from flax import traverse_util
 
+from cxrllava_jax import files
 from cxrllava_jax.convert.layout import relayout
 from cxrllava_jax.convert.mapping import ConversionError
+from cxrllava_jax.errors import MismatchError
 from cxrllava_jax.models import lora
 
 # LLaMA module -> (its parent in LlamaDecoderLayer, how many leading axes of our kernel are its input).
@@ -64,27 +67,40 @@ def save_peft(directory, params, settings: lora.LoraSettings, base_model: str = 
 
 
 def load_peft(directory) -> tuple[lora.LoraSettings, dict]:
-    """(settings, {our unscanned adapter path: array}) from a PEFT LoRA directory made by `peft` or `save_peft`."""
+    """(settings, {our unscanned adapter path: array}) from a PEFT LoRA directory made by `peft` or `save_peft`.
+    Every refusal is a ConversionError (an InputError) naming the file, and the key or tensor at fault."""
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not directory.is_dir():
+        raise ConversionError(f"{directory}: no such adapter directory (a PEFT LoRA directory: {CONFIG_NAME} and "
+                              f"{WEIGHTS_NAME})")
     for path in (config_path, weights_path):
         if not path.is_file():
-            raise FileNotFoundError(f"{directory} is not a PEFT adapter directory: {path.name} is missing")
-    config = json.loads(config_path.read_text())
+            raise ConversionError(f"{directory} is not a PEFT adapter directory: {path.name} is missing")
+    config = files.read_json(config_path)
+    if not isinstance(config, dict):
+        raise ConversionError(f"{config_path}: not a JSON object but {type(config).__name__}")
     if config.get("peft_type") != "LORA":
         raise ConversionError(f"{config_path}: peft_type {config.get('peft_type')!r}; only LORA adapters convert")
     unsupported = {k: config[k] for k, default in _UNSUPPORTED.items() if config.get(k) not in (default, None, {}, [])}
     if unsupported:
         raise ConversionError(f"{config_path}: unsupported PEFT options {unsupported}")
-    rank = int(config["r"])
+    rank, alpha = _number(config_path, config, "r", int), _number(config_path, config, "lora_alpha", float)
     # rsLoRA scales by alpha / sqrt(r); the same scale as alpha' / r.
-    alpha = float(config["lora_alpha"]) * (math.sqrt(rank) if config.get("use_rslora") else 1.0)
+    alpha *= math.sqrt(rank) if config.get("use_rslora") else 1.0
+    try:
+        tensors = safetensors.numpy.load_file(weights_path)
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own types for a cut-off or foreign file
+        raise ConversionError(f"{weights_path}: not a readable safetensors file ({error})") from error
     adapters, problems = {}, []
-    for key, value in safetensors.numpy.load_file(weights_path).items():
+    for key, value in tensors.items():
         match = _THEIRS.match(key)
         if not match or MODULES[match.group(3)][0] != match.group(2):
             problems.append(f"unexpected {key}")
             continue
+        if not np.isfinite(value).all():  # it would turn every answer into NaN logits, i.e. empty text
+            problems.append(f"{key}: {np.size(value) - np.isfinite(value).sum()} of {np.size(value)} values are "
+                            "NaN or infinite")
         layer, _, module, part = match.groups()
         expected = (rank, None) if part == "A" else (None, rank)
         if value.ndim != 2 or any(e is not None and e != s for e, s in zip(expected, value.shape)):
@@ -110,7 +126,12 @@ def load_peft(directory) -> tuple[lora.LoraSettings, dict]:
 def apply_adapter(params: dict, directory) -> dict:
     """Unscanned CXR-LLaVA params with the PEFT adapter in `directory` folded in (`lora.merge`): the adapted
     model, served or exported without a merged copy on disk. Adapter and model must fit each other."""
-    settings, adapters = load_peft(directory)
+    return merge_adapter(params, load_peft(directory), directory)
+
+
+def merge_adapter(params: dict, adapter: tuple[lora.LoraSettings, dict], directory) -> dict:
+    """`apply_adapter` of an adapter already read by `load_peft` (so it can be checked before the model loads)."""
+    settings, adapters = adapter
     flat = traverse_util.flatten_dict(params, sep="/")
     problems = []
     for path, value in adapters.items():
@@ -123,6 +144,17 @@ def apply_adapter(params: dict, directory) -> dict:
         if value.shape[0 if path.endswith("_a") else 1] != fan:
             problems.append(f"{path}: {value.shape} does not fit the kernel {shape}")
     if problems:
-        raise ConversionError(f"the adapter in {directory} does not fit the model:\n  " + "\n  ".join(problems))
+        raise MismatchError(f"the adapter in {directory} does not fit the model:\n  " + "\n  ".join(problems))
     merged = lora.merge(traverse_util.unflatten_dict({**flat, **adapters}, sep="/"), settings)
     return jax.tree.map(np.asarray, merged)
+
+
+def _number(config_path, config: dict, key: str, kind: type):
+    """A positive number from the adapter's config, refused by name when it is missing or not one."""
+    value = config.get(key)
+    if (not isinstance(value, numbers.Real) or isinstance(value, bool) or value <= 0
+            or (kind is int and value != int(value))):
+        raise ConversionError(f"{config_path}: {key!r} must be a positive {'whole ' if kind is int else ''}number, "
+                              f"not {value!r}" if key in config else f"{config_path}: no {key!r} (the LoRA "
+                              f"{'rank' if key == 'r' else 'scale'}); is this a PEFT LoRA adapter_config.json?")
+    return kind(value)

@@ -15,7 +15,7 @@ from cxrllava_jax.convert.mapping import Entry, expected_shapes, export_tensors,
 from cxrllava_jax.convert.open_clip import vit_entries
 from cxrllava_jax.convert.safetensors_io import SafetensorsReader, storage_dtype, write_sharded
 from cxrllava_jax.models.configs import CXRLLaVAConfig, VisionConfig
-from cxrllava_jax.errors import InputError
+from cxrllava_jax.errors import InputError, MismatchError
 
 VISION_FIELDS = ("image_size", "layers", "width", "head_width", "mlp_ratio", "patch_size", "ls_init_value",
                  "patch_dropout", "no_ln_pre", "final_ln_after_pool", "pool_type")
@@ -61,7 +61,7 @@ def config_to_release(cfg: CXRLLaVAConfig) -> dict:
 
 def release_entries(cfg: CXRLLaVAConfig) -> list[Entry]:
     if cfg.projector != "linear":
-        raise ValueError(f"the release layout has a linear projector; this model's is {cfg.projector!r}")
+        raise MismatchError(f"the release layout has a linear projector; this model's is {cfg.projector!r}")
     return (vit_entries(cfg.vision, "vision_tower.", "img/")
             + [Entry("mm_projector.weight", "projector/linear/kernel", "linear"),
                Entry("mm_projector.bias", "projector/linear/bias", "copy")]

@@ -40,7 +40,7 @@ class SafetensorsReader:
             pickles = sorted(p.name for p in self.directory.glob("*.bin")) + sorted(
                 p.name for p in self.directory.glob("*.pt*"))
             hint = f" (found {pickles}: pickle files are not read; convert them to safetensors first)" if pickles else ""
-            raise FileNotFoundError(f"{self.directory}: no .safetensors weights{hint}")
+            raise InputError(f"{self.directory}: no .safetensors weights{hint}")
         self._entries = {}  # key -> (file, dtype, shape, byte offset, byte length)
         for name in names:
             for key, entry in _read_header(self.directory / name).items():

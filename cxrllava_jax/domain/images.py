@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from cxrllava_jax.domain import radiograph_guard
-from cxrllava_jax.errors import InputError
+from cxrllava_jax.errors import ConfigError, InputError
 
 # The release's ViT patch: an image smaller than this on either side cannot make a single patch.
 RELEASE_PATCH_SIZE = 16
@@ -239,7 +239,7 @@ def model_pixels(image, size: int, mode: str = "crop", min_size: int = RELEASE_P
     """`preprocess` up to, not including, normalisation: uint8 [size, size, 1]. Deterministic, so it can be
     done once and stored (`cxrllava preprocess`); training then normalises on the accelerator."""
     if mode not in ("crop", "pad"):
-        raise ValueError(f"image mode must be 'crop' or 'pad', got {mode!r}")
+        raise ConfigError(f"image mode must be 'crop' or 'pad', got {mode!r}")
     if hasattr(image, "model_pixels"):  # already preprocessed and stored (tfds_builders.StoredPixels)
         return image.model_pixels(size, mode)
     origin = image if isinstance(image, (str, Path)) else "image"

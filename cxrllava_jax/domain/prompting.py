@@ -79,7 +79,7 @@ def _check_roles(turns: Sequence[dict]):
     roles = [t["role"] for t in turns]
     expected = ["user", "assistant"] * (len(roles) // 2 + 1)
     if not roles or roles != expected[:len(roles)]:
-        raise ValueError(f"a conversation alternates user/assistant turns starting with user; got {roles}")
+        raise InputError(f"a conversation alternates user/assistant turns starting with user; got {roles}")
     if any(IMAGE in t["content"] for t in turns[1:]):
         raise InputError(f"only the first user turn may carry {IMAGE}")
     if turns[0]["content"].count(IMAGE) > 1:
@@ -116,7 +116,7 @@ def encode_conversation(turns: Sequence[dict], tokenizer, num_image_tokens: int,
         trimmed = text.removeprefix(markers[0]) if adds_bos else text
         longer = tokenize_with_images(trimmed, tokenizer, num_image_tokens, image_token_id)
         if longer[:len(ids)] != ids:  # a token across a turn boundary would leave no clean answer span
-            raise ValueError(f"the tokenizer merges text across the turn boundary before {piece[:40]!r}")
+            raise InputError(f"the tokenizer merges text across the turn boundary before {piece[:40]!r}")
         mask += [is_answer] * (len(longer) - len(ids))
         ids = longer
     return np.asarray(ids, np.int32), np.asarray(mask, bool)
@@ -126,7 +126,7 @@ def encode_prompt(turns: Sequence[dict], tokenizer, num_image_tokens: int, image
                   max_length: int | None = None, system: str = SYSTEM_PROMPT) -> np.ndarray:
     """The generation prompt, as the release builds it, for a conversation whose last turn is the user's."""
     if not turns or turns[-1]["role"] != "user":
-        raise ValueError("the prompt's last turn must be the user's")
+        raise InputError("the prompt's last turn must be the user's")
     text = chat_text(turns, system, markers_of(tokenizer))
     ids = np.asarray(tokenize_with_images(text, tokenizer, num_image_tokens, image_token_id), np.int32)
     # The release writes at most max_length - prompt length - 1 tokens: at least one must fit.

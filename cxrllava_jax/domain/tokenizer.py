@@ -19,7 +19,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from cxrllava_jax.errors import MismatchError
+from cxrllava_jax import files
+from cxrllava_jax.errors import InputError, MismatchError
 
 # The chat template's markers become single tokens in the small tokenizers (LLaMA-2 splits them).
 CHAT_MARKERS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
@@ -47,7 +48,7 @@ class SentencePieceTokenizer:
     def __init__(self, directory):
         self.directory = directory = Path(directory)
         config_path = directory / "tokenizer_config.json"
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        config = files.read_json(config_path) if config_path.is_file() else {}
         model = (directory / "tokenizer.model").read_bytes()
         self.sp = spm.SentencePieceProcessor(model_proto=model)
         self.legacy = config.get("legacy") is not False
@@ -128,17 +129,25 @@ class SentencePieceTokenizer:
         return self.sp.decode(ids)
 
 
+def chat_template(directory) -> str:
+    """The tokenizer directory's chat template (tokenizer_config.json's `chat_template`, else chat_template.jinja),
+    where transformers reads it for either kind of tokenizer; InputError naming the directory when it has none."""
+    directory = Path(directory)
+    config_path, template_path = directory / "tokenizer_config.json", directory / "chat_template.jinja"
+    template = files.read_json(config_path).get("chat_template") if config_path.is_file() else None
+    if template is None and template_path.is_file():
+        template = files.read_text(template_path)
+    if not isinstance(template, str) or not template:
+        raise InputError(f"{directory}: the tokenizer has no chat template (tokenizer_config.json chat_template or "
+                         "chat_template.jinja); use plain completion (without --chat)")
+    return template
+
+
 def render_chat_template(directory: Path, messages: Sequence[dict], add_generation_prompt: bool, **tokens) -> str:
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    config_path, template_path = directory / "tokenizer_config.json", directory / "chat_template.jinja"
-    template = json.loads(config_path.read_text()).get("chat_template") if config_path.is_file() else None
-    if template is None and template_path.is_file():
-        template = template_path.read_text()
-    if template is None:
-        raise ValueError(f"{directory}: the tokenizer has no chat template (tokenizer_config.json chat_template or "
-                         "chat_template.jinja); use plain completion")
+    template = chat_template(directory)
 
     def raise_exception(message):
         raise TemplateError(message)
@@ -149,7 +158,7 @@ def render_chat_template(directory: Path, messages: Sequence[dict], add_generati
         return environment.from_string(template).render(messages=list(messages),
                                                         add_generation_prompt=add_generation_prompt, **tokens)
     except TemplateError as error:
-        raise ValueError(f"{directory}: the chat template refused the conversation: {error}") from error
+        raise InputError(f"{directory}: the chat template refused the conversation: {error}") from error
 
 
 def _without_dummy_prefix(model: bytes) -> spm.SentencePieceProcessor:
@@ -169,7 +178,7 @@ def load_tokenizer(path):
         import transformers
 
         return transformers.AutoTokenizer.from_pretrained(str(path))
-    raise FileNotFoundError(f"{path}: no tokenizer.model or tokenizer.json (a LLaMA tokenizer directory)")
+    raise InputError(f"{path}: no tokenizer.model or tokenizer.json (a LLaMA tokenizer directory)")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir) -> SentencePieceTokenizer:

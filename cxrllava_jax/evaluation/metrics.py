@@ -21,7 +21,7 @@ import dataclasses
 import numpy as np
 
 from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS, POSITIVE, UNCERTAIN
-from cxrllava_jax.errors import ConfigError
+from cxrllava_jax.errors import ConfigError, InputError, MismatchError
 
 LABEL_POLICY_CHOICES = {"uncertain": ("exclude", "positive", "negative"), "missing_reference": ("exclude", "negative")}
 
@@ -97,8 +97,8 @@ def pair_outcomes(reference, predicted, policy: LabelPolicy):
     """(truth, called, counted): boolean (n, 14) arrays; a pair is scored only where `counted`."""
     reference, predicted = np.asarray(reference, np.float64), np.asarray(predicted, np.float64)
     if reference.shape != predicted.shape or reference.ndim != 2 or reference.shape[1] != len(CHEXPERT_OBSERVATIONS):
-        raise ValueError(f"reference labels {reference.shape} and predicted labels {predicted.shape}: expected two "
-                         f"(n_reports, {len(CHEXPERT_OBSERVATIONS)}) arrays")
+        raise MismatchError(f"reference labels {reference.shape} and predicted labels {predicted.shape}: expected two "
+                            f"(n_reports, {len(CHEXPERT_OBSERVATIONS)}) arrays")
     ref_missing, ref_uncertain = np.isnan(reference), reference == UNCERTAIN
     pred_uncertain = predicted == UNCERTAIN
     truth = (reference == POSITIVE) | (ref_uncertain & (policy.uncertain == "positive"))
@@ -157,7 +157,7 @@ def score_labels(
     findings drop out of every subset. Default: one "Average" over all included findings."""
     truth, called, counted = pair_outcomes(reference, predicted, policy)
     if not len(truth):
-        raise ValueError("no reports to score")
+        raise InputError("no reports to score")
     excluded = exclusions(truth, counted, rules)
     included = [j for j, f in enumerate(CHEXPERT_OBSERVATIONS) if f not in excluded]
     tp = (truth & called & counted)[:, included].astype(np.float64)

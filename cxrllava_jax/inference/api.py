@@ -32,7 +32,7 @@ from cxrllava_jax.models import quantize as quantization
 from cxrllava_jax.inference.generate import Generator, SamplingOptions
 from cxrllava_jax.domain.tokenizer import check_vocabulary, load_tokenizer
 from cxrllava_jax.models import cxr_llava
-from cxrllava_jax.models.configs import CXRLLaVAConfig, Runtime
+from cxrllava_jax.models.configs import CXRLLaVAConfig, Runtime, check_dtype
 from cxrllava_jax.domain.images import preprocess
 from cxrllava_jax.errors import ConfigError, InputError, MismatchError
 
@@ -69,33 +69,37 @@ class CXRLLaVA:
         `adapter`: a LoRA adapter directory in PEFT's format (what fine-tuning writes to WORKDIR/adapter, or one
         made with `peft` for the hf-llama export); it is folded into the weights in memory as they load.
         Compiled programs are kept in the persistent compilation cache (see `compile_cache`).
+        Refusals name what is at fault: InputError for a path that is missing or cannot be read (the checkpoint,
+        its tokenizer, the adapter), MismatchError for parts that do not belong together (a checkpoint of another
+        kind of model, a config that does not describe its parameters, another tokenizer, an adapter for another
+        model or on quantized weights); ConfigError for a `dtype` or `quantize` that cannot work.
         """
+        check_dtype(dtype)  # the options and the adapter are checked before any weight is read
+        quantization.check_kind(quantize)
+        adapter = None if adapter is None else (peft.load_peft(adapter), adapter)
         compile_cache.enable()
         path = Path(path)
         if release.is_release_dir(path):
             config, tensors = release.iter_release(path)
-            tokenizer_path, scan = path, False
-        elif (path / "model_config.json").is_file():
-            kind, config, scan = checkpoint.read_model_config(path)
-            if kind != "cxr_llava":
-                raise InputError(f"{path} holds a {kind!r} model; inference needs a 'cxr_llava' checkpoint")
-            tokenizer_path = checkpoint.tokenizer_dir(path)
-            if tokenizer_path is None:
-                raise FileNotFoundError(f"{path}: no tokenizer/ directory; copy the LLaMA tokenizer files there")
-            stored = checkpoint.read_quantization(path)
-            if stored is not None:
-                if adapter is not None:
-                    raise ValueError(f"{path} holds quantized weights; apply the adapter to the checkpoint they "
-                                     "were quantized from")
-                return cls._from_quantized(path, config, scan, stored, quantize, dtype, tokenizer_path)
+            return cls._from_tensors(path, config, tensors, path, False, dtype, quantize, adapter)
+        config, scan, tokenizer_path = _read_checkpoint(path)
+        stored = checkpoint.read_quantization(path)
+        if stored is None:
             tensors = _drain(traverse_util.flatten_dict(checkpoint.load_model(path, Runtime(scan=scan))[2], sep="/"))
-        else:
-            raise FileNotFoundError(f"{path} is neither a cxrllava-jax checkpoint (model_config.json) nor a "
-                                    "release directory (config.json with clip_vision_cfg)")
+            return cls._from_tensors(path, config, tensors, tokenizer_path, scan, dtype, quantize, adapter)
+        if adapter is not None:
+            raise MismatchError(f"{path} holds quantized weights; apply the adapter to the checkpoint they were "
+                                "quantized from")
+        return cls._from_quantized(path, config, scan, stored, quantize, dtype, tokenizer_path)
+
+    @classmethod
+    def _from_tensors(cls, path, config, tensors, tokenizer_path, scan, dtype, quantize, adapter) -> "CXRLLaVA":
+        """The model from (parameter path, host array) pairs, the adapter ((settings, tensors), its directory)
+        folded in as they load."""
         if adapter is not None:
             # The adapter folds into the unscanned kernels it targets, so the model is gathered once for it.
-            merged = peft.apply_adapter(relayout(traverse_util.unflatten_dict(dict(tensors), sep="/"), scan=False),
-                                        adapter)
+            merged = peft.merge_adapter(relayout(traverse_util.unflatten_dict(dict(tensors), sep="/"), scan=False),
+                                        *adapter)
             tensors, scan = _drain(traverse_util.flatten_dict(merged, sep="/")), False
         param_dtype = dtype or (None if jax.default_backend() == "cpu" else "bfloat16")
         runtime = _runtime(dtype, scan, param_dtype or "bfloat16")
@@ -237,6 +241,23 @@ class CXRLLaVA:
         cfg = self.config
         return prompting.encode_prompt(turns, self.tokenizer, cfg.num_image_tokens, cfg.image_token_id,
                                        max_length=cfg.llama.max_position_embeddings, system=system)
+
+
+def _read_checkpoint(path: Path) -> tuple[CXRLLaVAConfig, bool, Path]:
+    """(config, scan, tokenizer directory) of our CXR-LLaVA checkpoint at `path`."""
+    if not path.is_dir():
+        raise InputError(f"{path}: no such directory (a cxrllava-jax checkpoint or the release's PyTorch "
+                         "directory)" if not path.exists() else f"{path} is a file; give the checkpoint's directory")
+    if not (path / "model_config.json").is_file():
+        raise InputError(f"{path} is neither a cxrllava-jax checkpoint (model_config.json) nor a release directory "
+                         "(config.json with clip_vision_cfg)")
+    kind, config, scan = checkpoint.read_model_config(path)
+    if kind != "cxr_llava":
+        raise MismatchError(f"{path} holds a {kind!r} model; inference needs a 'cxr_llava' checkpoint")
+    tokenizer_path = checkpoint.tokenizer_dir(path)
+    if tokenizer_path is None:
+        raise InputError(f"{path}: no tokenizer/ directory; copy the LLaMA tokenizer files there")
+    return config, scan, tokenizer_path
 
 
 def _runtime(dtype: str | None, scan: bool, stored_dtype: str = "bfloat16") -> Runtime:

@@ -2,7 +2,7 @@
 
     cxrllava report IMAGE_OR_DIR... --checkpoint CKPT [--jsonl OUT [--append | --overwrite]] [--batch-size N]
     cxrllava ask IMAGE "Is there a pneumothorax?" --checkpoint CKPT
-    cxrllava chat IMAGE --checkpoint CKPT          (type /exit or press Ctrl-D to leave)
+    cxrllava chat IMAGE --checkpoint CKPT          (/help lists the commands; /quit or Ctrl-D leaves)
     cxrllava complete --checkpoint LLM_CKPT --chat "What is the capital of France?"
     cxrllava complete --checkpoint LLM_CKPT "The capital of France is"
 
@@ -22,12 +22,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cxrllava_jax import files
+from cxrllava_jax import arguments, files
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.domain.images import is_dicom_file
 from cxrllava_jax.errors import InputError
 from cxrllava_jax.inference import compile_cache
 from cxrllava_jax.inference.generate import RELEASE_MAX_NEW_TOKENS, SamplingOptions
+from cxrllava_jax.models.configs import DTYPES
 from cxrllava_jax.models.quantize import KINDS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom")
@@ -36,19 +37,20 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom")
 def report_main(argv) -> int:
     parser = _parser("report", "write a radiologic report for each image")
     parser.add_argument("images", nargs="+", type=Path, help="image files or directories of them")
-    parser.add_argument("--jsonl", type=Path, help='write {"image", "report"} (or "error") lines here')
+    parser.add_argument("--jsonl", type=arguments.output_file,
+                        help='write {"image", "report"} (or "error") lines to this file (its folder is created)')
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--append", action="store_true", help="add to an existing --jsonl file")
     existing.add_argument("--overwrite", action="store_true", help="replace an existing --jsonl file")
-    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    parser.add_argument("--batch-size", type=arguments.positive, default=8, help="images generated together")
     args = parser.parse_args(argv)
     return _report(args)
 
 
 def ask_main(argv) -> int:
     parser = _parser("ask", "ask a question about an image")
-    parser.add_argument("image", type=Path)
-    parser.add_argument("question")
+    parser.add_argument("image", type=Path, help="a PNG, JPEG or DICOM file")
+    parser.add_argument("question", help="the question, in quotes")
     args = parser.parse_args(argv)
     prompting.check_user_text(args.question)
     options = _options(args)
@@ -60,7 +62,7 @@ def ask_main(argv) -> int:
 
 def chat_main(argv) -> int:
     parser = _parser("chat", "interactive multi-turn chat about an image")
-    parser.add_argument("image", type=Path)
+    parser.add_argument("image", type=Path, help="a PNG, JPEG or DICOM file")
     args = parser.parse_args(argv)
     return _chat(args)
 
@@ -75,7 +77,8 @@ def complete_main(argv) -> int:
     from cxrllava_jax.inference.language_model import LanguageModel
 
     options = _options(args)
-    model = LanguageModel.from_checkpoint(args.checkpoint, dtype=args.dtype)
+    compile_cache.enable(args.compilation_cache)
+    model = LanguageModel.from_checkpoint(args.checkpoint, dtype=args.dtype, chat=args.chat)
     if args.chat:
         print(model.chat([{"role": "user", "content": args.text}], **options))
     else:
@@ -104,6 +107,7 @@ def expand_images(paths) -> list[Path]:
 def _report(args) -> int:
     if args.jsonl:  # before the model loads, so a long run does not end in a refusal
         files.refuse_existing(args.jsonl, args.append or args.overwrite, "--append or --overwrite")
+        args.jsonl.parent.mkdir(parents=True, exist_ok=True)
     options = _options(args)
     paths = expand_images(args.images)
     model = _load(args)
@@ -134,11 +138,17 @@ def _report(args) -> int:
     return 1 if failed else 0
 
 
+CHAT_COMMANDS = {"/help": "list these commands", "/reset": "forget the conversation so far (same image)",
+                 "/quit": "leave (also /exit or Ctrl-D)"}
+
+
 def _chat(args) -> int:
     options = _options(args)
     model = _load(args)
     model.preprocess(args.image, args.allow_non_frontal)  # an unreadable image fails now, not after the first question
-    print(f"Chatting about {args.image}. Type /exit or press Ctrl-D to leave.", flush=True)
+    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is refused below instead of ending the chat
+        sys.stdin.reconfigure(errors="surrogateescape")
+    print(f"Chatting about {args.image}. Type /help for the commands, /quit or Ctrl-D to leave.", flush=True)
     history = []
     while True:
         try:
@@ -146,8 +156,18 @@ def _chat(args) -> int:
         except EOFError:
             print()
             return 0
-        if line == "/exit":
+        if line in ("/quit", "/exit"):
             return 0
+        if line == "/help":
+            print("\n".join(f"  {name:<7} {about}" for name, about in CHAT_COMMANDS.items()))
+            continue
+        if line == "/reset":
+            history = []
+            print("(the conversation is forgotten; the image stays)")
+            continue
+        if line.startswith("/") and line.split()[0] not in CHAT_COMMANDS:
+            print(f"(unknown command {line.split()[0]}; /help lists them)")
+            continue
         if not line:
             continue
         try:  # a turn that cannot be answered is dropped; the session and its history go on
@@ -155,7 +175,7 @@ def _chat(args) -> int:
             print("cxr-llava> ", end="", flush=True)
             answer = model.chat(history + [{"role": "user", "content": line}], args.image, on_text=_echo, **options)
         except prompting.PromptTooLongError as error:
-            print(f"\n(the conversation no longer fits the model's context: {error}; type /exit and start anew)")
+            print(f"\n(the conversation no longer fits the model's context: {error}; type /reset to start anew)")
             continue
         except InputError as error:
             print(f"\n(not asked: {error})")
@@ -165,16 +185,17 @@ def _chat(args) -> int:
 
 
 def _parser(name: str, description: str, images: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"cxrllava {name}", description=description)
+    parser = arguments.parser(f"cxrllava {name}", description)
     parser.add_argument("--checkpoint", required=True, type=Path,
                         help="our checkpoint directory or the release's PyTorch directory")
     defaults = SamplingOptions()
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=defaults.top_p)
-    parser.add_argument("--max-new-tokens", type=int, default=RELEASE_MAX_NEW_TOKENS)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--dtype", help="float32 or bfloat16 (default: the stored weights' dtype, computing in "
-                        "float32 on CPU and bfloat16 elsewhere)")
+    parser.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus sampling: the probability mass kept")
+    parser.add_argument("--max-new-tokens", type=int, default=RELEASE_MAX_NEW_TOKENS,
+                        help="at most this many tokens per answer (and never past the context window)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="the sampling seed")
+    parser.add_argument("--dtype", choices=DTYPES, help="parameter and compute dtype (default: the stored weights' "
+                        "dtype, computing in float32 on CPU and bfloat16 elsewhere)")
     parser.add_argument("--quantize", choices=KINDS, help="weight-only quantization of the language model")
     parser.add_argument("--compilation-cache", metavar="DIR",
                         help="where compiled programs are kept ('off' to keep none; default: "
@@ -194,13 +215,6 @@ def _options(args) -> dict:
     if hasattr(args, "allow_non_frontal"):
         options["allow_non_frontal"] = args.allow_non_frontal
     return options
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
-    return value
 
 
 def _load(args):

@@ -18,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cxrllava_jax.convert import checkpoint
+from cxrllava_jax.errors import InputError, MismatchError
 from cxrllava_jax.inference.generate import Generator, SamplingOptions
-from cxrllava_jax.domain.tokenizer import check_vocabulary, load_tokenizer
+from cxrllava_jax.domain.tokenizer import chat_template, check_vocabulary, load_tokenizer
 from cxrllava_jax.models.configs import LlamaConfig, Runtime
 from cxrllava_jax.models.llama import Llama
 
@@ -33,19 +34,26 @@ class LanguageModel:
                                    vocab_limit=len(tokenizer))
 
     @classmethod
-    def from_checkpoint(cls, path, dtype: str | None = None) -> "LanguageModel":
+    def from_checkpoint(cls, path, dtype: str | None = None, chat: bool = False) -> "LanguageModel":
+        """`chat`: the model will be asked through its chat template, so a tokenizer without one is refused
+        before the weights are read. Refusals name the checkpoint: InputError for what is missing, MismatchError
+        for a checkpoint that holds no language model (stage 1A's or 1B's)."""
         path = Path(path)
         dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
         # Scanned layers: one compiled layer body, so a 30- or 80-layer model compiles in seconds.
         runtime = Runtime(dtype=dtype, param_dtype=dtype, scan=True)
-        kind, config, params = checkpoint.load_model(path, runtime)
-        if kind == "cxr_llava":
-            config, params = config.llama, params["llm"]
-        elif kind != "llama":
-            raise ValueError(f"{path} holds a {kind!r} model; a language model is a 'llama' or 'cxr_llava' checkpoint")
+        kind = checkpoint.read_model_config(path)[0]
+        if kind not in checkpoint.LANGUAGE_MODEL_KINDS:
+            raise MismatchError(f"{path} holds a {kind!r} model, which has no language model; give a 'llama' or "
+                                "'cxr_llava' checkpoint")
         tokenizer_path = checkpoint.tokenizer_dir(path)
         if tokenizer_path is None:
-            raise FileNotFoundError(f"{path}: no tokenizer/ directory; import the model with its tokenizer files")
+            raise InputError(f"{path}: no tokenizer/ directory; import the model with its tokenizer files")
+        if chat:
+            chat_template(tokenizer_path)
+        _, config, params = checkpoint.load_model(path, runtime)
+        if kind == "cxr_llava":
+            config, params = config.llama, params["llm"]
         params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
         return cls(config, params, load_tokenizer(tokenizer_path), runtime, origin=str(path))
 
@@ -58,7 +66,14 @@ class LanguageModel:
         return self.generate([self.chat_ids(messages)], **options)[0]
 
     def complete(self, text: str, **options) -> str:
-        return self.generate([self.tokenizer(text)["input_ids"]], **options)[0]
+        """The continuation of `text`, with the space it starts with: SentencePiece puts a word's space in front of
+        it ("▁is"), and a continuation decoded alone loses it, so the prompt and continuation are decoded together
+        and the prompt's text is cut off."""
+        prompt = self.tokenizer(text)["input_ids"]
+        ids = self.generator.generate([np.asarray(prompt, np.int32)], None, SamplingOptions(**options))[0]
+        head = self.tokenizer.decode(prompt, skip_special_tokens=True)
+        whole = self.tokenizer.decode(list(prompt) + list(ids), skip_special_tokens=True)
+        return whole[len(head):] if whole.startswith(head) else self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def generate(self, prompts: Sequence[Sequence[int]], **options) -> list[str]:
         """Continuations of token-id prompts, decoded without special tokens."""

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from cxrllava_jax.errors import ConfigError
+
 KERNELS = ("xla", "cudnn", "splash", "auto")
 _BY_PLATFORM = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}
 
@@ -47,7 +49,7 @@ class CausalMask:
 def resolve(kernel: str) -> str:
     """'auto' -> the kernel for the platform the program is compiled for."""
     if kernel not in KERNELS:
-        raise ValueError(f"runtime.attention must be one of {KERNELS}, got {kernel!r}")
+        raise ConfigError(f"runtime.attention must be one of {KERNELS}, got {kernel!r}")
     if kernel != "auto":
         return kernel
     mesh = jax.sharding.get_abstract_mesh()

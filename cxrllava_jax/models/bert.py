@@ -6,6 +6,7 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cxrllava_jax.errors import ConfigError
 from cxrllava_jax.models.configs import BertConfig, Runtime
 from cxrllava_jax.models.attention import attend
 from cxrllava_jax.models.layers import BERT_STACK, apply_layers, dense, dtypes, layer_norm, partitioned
@@ -78,7 +79,7 @@ class TextEncoder(nn.Module):
             weights = attention_mask[..., None].astype(hidden.dtype)
             pooled = (hidden * weights).sum(1) / jnp.maximum(weights.sum(1), 1)
         else:
-            raise ValueError(f"text pooling must be 'cls' or 'mean', got {self.pooling!r}")
+            raise ConfigError(f"text pooling must be 'cls' or 'mean', got {self.pooling!r}")
         embedding = dense(self.embed_dim, (("embed",), ("clip",)), use_bias=False, name="proj", **dtypes(self.runtime))(
             pooled)
         return embedding, {"pooled": pooled, "tokens": hidden}

@@ -8,6 +8,12 @@ travels with every checkpoint, so a checkpoint always says what model it holds.
 import dataclasses
 from typing import Any
 
+from cxrllava_jax.errors import ConfigError
+
+# The dtypes the models compute and keep parameters in (float16 has no matrix product on CPU; integer and float8
+# types cannot hold trained weights): `--dtype` offers these, and any other is refused as a Runtime is made.
+DTYPES = ("float32", "bfloat16")
+
 
 @dataclasses.dataclass(frozen=True)
 class Runtime:
@@ -18,6 +24,16 @@ class Runtime:
     scan: bool = False  # nn.scan over layers: one compiled layer body
     remat_policy: str = "none"  # see layers.REMAT_POLICIES: what the backward pass keeps instead of recomputing
     attention: str = "xla"  # attention kernel: 'xla', 'cudnn', 'splash' or 'auto' (see models/attention.py)
+
+    def __post_init__(self):
+        check_dtype(self.dtype, "runtime.dtype")
+        check_dtype(self.param_dtype, "runtime.param_dtype")
+
+
+def check_dtype(dtype: str | None, name: str = "dtype"):
+    """Refuses a dtype the models cannot run in (None: the caller's default)."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"{name}={dtype!r}: expected one of {', '.join(DTYPES)}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ text before `<image>`, then `grid*grid` projected patch tokens, then the rest of
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cxrllava_jax.errors import ConfigError
 from cxrllava_jax.models.configs import CXRLLaVAConfig, Runtime
 from cxrllava_jax.models.attention import CausalMask
 from cxrllava_jax.models.layers import dense, dtypes
@@ -32,7 +33,7 @@ class Projector(nn.Module):
         if self.kind == "mlp2x_gelu":
             x = dense(self.features, (("mlp",), ("embed",)), name="fc1", **kw)(x)
             return dense(self.features, (("mlp",), ("embed",)), name="fc2", **kw)(nn.gelu(x, approximate=False)), {}
-        raise ValueError(f"projector must be 'linear' or 'mlp2x_gelu', got {self.kind!r}")
+        raise ConfigError(f"projector must be 'linear' or 'mlp2x_gelu', got {self.kind!r}")
 
 
 def splice_image_features(text_embeds, image_features, is_image):

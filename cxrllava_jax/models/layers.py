@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cxrllava_jax.errors import ConfigError
+
 Dtype = Any
 
 # The layer stacks' names (`apply_layers(name=...)`): open_clip's, LLaMA's (ours) and BERT's. convert/layout.py
@@ -113,8 +115,8 @@ def remat_policy_of(name: str):
     if name == "full":
         return None
     if not hasattr(jax.checkpoint_policies, name):
-        raise ValueError(f"runtime.remat_policy {name!r} is none of 'none', 'full', {sorted(NAMED_REMAT_POLICIES)} "
-                         "or a jax.checkpoint_policies member")
+        raise ConfigError(f"runtime.remat_policy {name!r} is none of 'none', 'full', {sorted(NAMED_REMAT_POLICIES)} "
+                          "or a jax.checkpoint_policies member")
     return getattr(jax.checkpoint_policies, name)
 
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import qwix
 from flax import traverse_util
 
+from cxrllava_jax.errors import ConfigError
 from cxrllava_jax.models import quantize
 
 # The LLM's attention and MLP projections (unrolled `block_3` or scanned `block`): the default targets.
@@ -50,18 +51,18 @@ class LoraSettings:
 
     def __post_init__(self):
         if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+            raise ConfigError(f"LoRA rank must be >= 1, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         if not self.targets:
-            raise ValueError("LoRA needs at least one target module regex")
+            raise ConfigError("LoRA needs at least one target module regex")
         for target in self.targets:
             try:
                 re.compile(target)
             except re.error as error:
-                raise ValueError(f"LoRA target {target!r} is not a regex: {error}") from None
+                raise ConfigError(f"LoRA target {target!r} is not a regex: {error}") from None
         if self.base_quantize not in (None, *quantize.KINDS):
-            raise ValueError(f"LoRA base_quantize must be None or one of {quantize.KINDS}, got {self.base_quantize!r}")
+            raise ConfigError(f"LoRA base_quantize must be None or one of {quantize.KINDS}, got {self.base_quantize!r}")
 
     @property
     def scale(self) -> float:
@@ -124,8 +125,8 @@ def check_targets(params, settings: LoraSettings):
     modules = {path.rsplit("/", 1)[0] for path in traverse_util.flatten_dict(params, sep="/") if is_adapter(path)}
     unused = [t for t in settings.targets if not any(re.fullmatch(t, m) for m in modules)]
     if unused:
-        raise ValueError(f"LoRA targets {unused} match no dense layer of the model; module paths look like "
-                         f"'llm/layers/block_0/q_proj', 'projector/linear', 'img/resblocks_0/attn/out_proj'")
+        raise ConfigError(f"LoRA targets {unused} match no dense layer of the model; module paths look like "
+                          f"'llm/layers/block_0/q_proj', 'projector/linear', 'img/resblocks_0/attn/out_proj'")
 
 
 def adapters(params) -> dict:

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import qwix
 from qwix._src.core import qarray as qwix_qarray  # calibrate and quantize with a given scale: not re-exported
 
+from cxrllava_jax.errors import ConfigError
+
 KINDS = ("int8", "int4")
 # The language model's projections and its lm_head (CXR-LLaVA nests it under llm/); the embedding is a
 # gather, the norms are vectors, the ViT and the projector are a small share of the weights.
@@ -26,6 +28,11 @@ LANGUAGE_MODEL_MATMULS = r"(llm/)?(layers/.*|lm_head)"
 # The model methods generation calls: inside them every matmul on a quantized weight is intercepted.
 METHODS = ("__call__", "prefill", "step")
 INT4_GROUP = 128
+
+
+def check_kind(kind: str | None):
+    if kind not in (None, *KINDS):
+        raise ConfigError(f"quantize={kind!r}: expected one of {', '.join(KINDS)} (or none)")
 
 
 def rules(kind: str, llama_config) -> list:
@@ -37,7 +44,7 @@ def rules(kind: str, llama_config) -> list:
         c = llama_config
         group = math.gcd(INT4_GROUP, c.hidden_size, c.intermediate_size, c.kv_dim)
         return [qwix.QuantizationRule(module_path=LANGUAGE_MODEL_MATMULS, weight_qtype="int4", tile_size=group)]
-    raise ValueError(f"quantize must be one of {KINDS} (or None), got {kind!r}")
+    check_kind(kind)
 
 
 def quantized(model: nn.Module, kind: str) -> nn.Module:

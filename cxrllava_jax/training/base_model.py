@@ -7,6 +7,7 @@ from pathlib import Path
 from cxrllava_jax.convert import checkpoint as model_checkpoint
 from cxrllava_jax.convert import release
 from cxrllava_jax.convert.layout import relayout
+from cxrllava_jax.errors import ConfigError, InputError, MismatchError
 from cxrllava_jax.models.configs import CXRLLaVAConfig, Runtime
 
 
@@ -34,26 +35,26 @@ def tokenizer_dir(cfg) -> Path:
         return Path(cfg.data.tokenizer)
     found = _release_dir(cfg) if cfg.init.release else model_checkpoint.tokenizer_dir(_checkpoint_dir(cfg))
     if found is None:
-        raise FileNotFoundError(f"{cfg.init.checkpoint} has no tokenizer/ directory; set config.data.tokenizer")
+        raise InputError(f"{cfg.init.checkpoint} has no tokenizer/ directory; set config.data.tokenizer")
     return found
 
 
 def _release_dir(cfg) -> Path:
     path = Path(cfg.init.release)
     if not release.is_release_dir(path):
-        raise FileNotFoundError(f"config.init.release={path} is not a CXR-LLaVA release directory (config.json with "
-                                "clip_vision_cfg)")
+        raise InputError(f"config.init.release={path} is not a CXR-LLaVA release directory (config.json with "
+                         "clip_vision_cfg)")
     return path
 
 
 def _checkpoint_dir(cfg) -> Path:
     if not cfg.init.checkpoint:
-        raise ValueError("fine-tuning starts from a trained model: set config.init.release (the released PyTorch "
-                         "directory) or config.init.checkpoint (one of our CXR-LLaVA checkpoints)")
+        raise ConfigError("fine-tuning starts from a trained model: set config.init.release (the released PyTorch "
+                          "directory) or config.init.checkpoint (one of our CXR-LLaVA checkpoints)")
     return Path(cfg.init.checkpoint)
 
 
 def _check_kind(cfg, kind: str):
     if kind != "cxr_llava":
-        raise ValueError(f"config.init.checkpoint={cfg.init.checkpoint} holds a {kind!r} model; fine-tuning needs a "
-                         "CXR-LLaVA one (stage 2A/2B output, import-torch of the release, or a fine-tuned model)")
+        raise MismatchError(f"config.init.checkpoint={cfg.init.checkpoint} holds a {kind!r} model; fine-tuning needs a "
+                            "CXR-LLaVA one (stage 2A/2B output, import-torch of the release, or a fine-tuned model)")

@@ -8,6 +8,8 @@ previous stage's exported model, taking the towers listed. Read by `configs/stag
 import dataclasses
 from pathlib import Path
 
+from cxrllava_jax.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
@@ -30,7 +32,7 @@ NAMES = tuple(STAGES)
 
 def get(name: str) -> Stage:
     if name not in STAGES:
-        raise ValueError(f"unknown stage {name!r}; the chain is {list(NAMES)}")
+        raise ConfigError(f"unknown stage {name!r}; the stages are {', '.join(NAMES)}")
     return STAGES[name]
 
 

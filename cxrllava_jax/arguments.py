@@ -1,0 +1,171 @@
+"""The command line, read the same way by every entry point.
+
+- `parser`: an argparse parser whose help keeps the description's lines, shows each option's default and lists
+  `--debug` (which `cli.main` takes out of the arguments before a subcommand parses them).
+- `whole_number`: an argparse type with bounds; a value outside them is refused by argparse naming the flag, the
+  value and the bounds, before any work.
+- `run_absl`: train.py's and eval.py's absl flags. `--help` exits 0 at once (before the entry point's heavy imports)
+  and lists the config files with their variants; a config file that refuses a variant, a `--config.KEY` the
+  config does not have, or a value of the wrong type, is one line naming the flag.
+"""
+
+import argparse
+import ast
+import importlib.util
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+from cxrllava_jax import errors
+
+DEBUG_HELP = "on failure, show the traceback (also CXRLLAVA_DEBUG=1)"
+HELP_FLAGS = ("-h", "--help", "--helpshort", "--helpfull", "-?")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's line breaks and adds `(default: X)` to an option whose help does not say it (an
+    option without a default, or a switch that is off, shows none)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.default is None or action.default is False
+                or action.default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
+def parser(prog: str, description: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand's parser: defaults shown in its help, and `--debug` listed (and accepted)."""
+    made = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter, **kwargs)
+    add_debug(made)
+    return made
+
+
+def add_debug(made: argparse.ArgumentParser):
+    made.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+
+
+def whole_number(low: int | None = None, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer within [low, high] (either end open when None)."""
+    bounds = (f"from {low:,} to {high:,}" if low is not None and high is not None
+              else f"at least {low:,}" if low is not None else f"at most {high:,}")
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is out of range: give a whole number {bounds}")
+        return value
+
+    parse.__name__ = "whole number"  # what argparse calls the type in its own messages
+    return parse
+
+
+positive = whole_number(1)
+
+
+def input_file(text: str) -> Path:
+    """An argparse type: an existing file (not a directory), refused by argparse naming the flag and the path."""
+    path = _path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    return path
+
+
+def output_file(text: str) -> Path:
+    """An argparse type: a file to write (its folder is created when it is written); a directory is refused."""
+    path = _path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give the name of the file to write in it")
+    return path
+
+
+def _path(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path")
+    return Path(text)
+
+
+# ---------------------------------------------------------------- absl (train.py, eval.py)
+
+def run_absl(program: str, main: Callable[[list], int | None], configs: list[Path] = ()):
+    """`absl.app.run(main)` with failures reported as by `errors.report_errors`, and a `--help` that exits 0
+    listing the config files `configs` (each with its docstring's first sentence, and `FILE:VARIANT` for a
+    config that names its variants in `VARIANTS`)."""
+    from absl import app, flags
+
+    if any(arg in HELP_FLAGS or arg.startswith("--helpfull") for arg in sys.argv[1:]):
+        print(absl_help(flags.FLAGS, configs))
+        sys.exit(0)
+
+    def parse(argv):
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as error:
+            cause = _root_cause(error)
+            if cause is error:
+                raise errors.UsageError(f"{error} (see --help)") from error
+            flag = re.match(r"flag (--[^=\s]+=\S*?): ", str(error))  # absl's "flag --NAME=VALUE: ..."
+            text = f"{flag.group(1) + ': ' if flag else ''}{_first_line(cause)}"
+            raise (type(cause) if isinstance(cause, errors.CXRLLaVAError) else errors.ConfigError)(text) from error
+        except (KeyError, AttributeError) as error:
+            raise errors.ConfigError(f"a --config.KEY=VALUE override names a key the config does not have: "
+                                     f"{str(error).strip(chr(34))}") from error
+
+    sys.exit(errors.report_errors(program, lambda: app.run(main, flags_parser=parse), errors.debug_requested()))
+
+
+def absl_help(flag_values, configs: list[Path]) -> str:
+    main_module = sys.modules["__main__"]
+    lines = [(main_module.__doc__ or "").strip(), "", "flags:", flag_values.main_module_help().split("\n", 1)[-1],
+             "  --config.KEY=VALUE: override any field of the config (e.g. --config.data.batch_size=32)"]
+    if configs:
+        lines += ["", "configs:"] + [f"  {name:<30} {about}" for name, about in config_files(configs)]
+    return "\n".join(lines)
+
+
+def config_files(paths: list[Path]) -> list[tuple[str, str]]:
+    """(what to pass to --config, the first sentence of its docstring) for each config file; one row per variant
+    for a file with a `VARIANTS` tuple. Only those are imported, so the listing stays fast."""
+    rows = []
+    for path in paths:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        names = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
+                 if isinstance(t, ast.Name)}
+        about = " ".join((ast.get_docstring(tree) or "").split())
+        about = re.split(r"(?<=[.:])\s|\s\(", about, maxsplit=1)[0].rstrip(":")
+        about = about if len(about) <= 90 else about[:89] + "…"
+        shown = f"{path.parent.name}/{path.name}"
+        if "VARIANTS" in names:
+            rows += [(f"{shown}:{variant}", about if i == 0 else "") for i, variant in
+                     enumerate(_load(path).VARIANTS)]
+        else:
+            rows.append((shown, about))
+    return rows
+
+
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The first exception of a chain: what a config file's get_config raised, under absl's and ml_collections'
+    re-raises (which paste its traceback into their text)."""
+    seen = {id(error)}
+    while (inner := error.__cause__ or error.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        error = inner
+    return error
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
