@@ -15,7 +15,6 @@ Two refiners give the same `RefinedReport` (the keys of the paper's prompt):
 labeler's headerless one-report-per-row CSV, row for row, so the output can go straight to `cxrllava label`.
 """
 
-import argparse
 import csv
 import dataclasses
 import json
@@ -25,7 +24,7 @@ import sys
 import urllib.error
 import urllib.request
 
-from cxrllava_jax import files
+from cxrllava_jax import arguments, files
 from cxrllava_jax.domain import phrases
 from cxrllava_jax.domain.label_files import read_reports_csv
 from cxrllava_jax.errors import InputError
@@ -215,12 +214,12 @@ def _as_text(value) -> str:
 # ---------------------------------------------------------------- command line
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="cxrllava refine",
-        description="Refine reports as the paper did with GPT-4: strip comparisons with prior studies, history, "
-                    "devices, lateral views and numbers. Rule-based unless --llm-url is given.")
-    parser.add_argument("--reports", required=True, help="headerless CSV, one report per row")
-    parser.add_argument("--out", required=True, help="headerless CSV of refined reports, row for row")
+    parser = arguments.parser(
+        "cxrllava refine", "Refine reports as the paper did with GPT-4: strip comparisons with prior studies, "
+                           "history, devices, lateral views and numbers. Rule-based unless --llm-url is given.")
+    parser.add_argument("--reports", required=True, type=arguments.input_file, help="headerless CSV, one report per row")
+    parser.add_argument("--out", required=True, type=arguments.output_file,
+                        help="headerless CSV of refined reports, row for row")
     parser.add_argument("--llm-url", help="OpenAI-compatible endpoint; without it the rule-based refiner runs")
     parser.add_argument("--model", help="model name for --llm-url")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")

@@ -11,7 +11,6 @@ main findings that are absent, so the CheXpert-style labeler reads back exactly 
 Everything is a function of the seed: the same seed gives the same bytes.
 """
 
-import argparse
 import csv
 import dataclasses
 import io
@@ -21,8 +20,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cxrllava_jax import arguments
 from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS, DIFFERENTIALS
 
+# `cxrllava synth` bounds: drawing holds int64 coordinate planes of the whole image (0.27 GB at 4096 pixels).
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, MAX_STUDIES = 8, 4096, 10_000_000
 FINDINGS = ("effusion", "cardiomegaly", "pneumothorax", "consolidation", "edema", "atelectasis", "nodule", "device")
 # Which CheXpert observation each drawn finding is labelled as.
 OBSERVATION = {"effusion": "Pleural Effusion", "cardiomegaly": "Cardiomegaly", "pneumothorax": "Pneumothorax",
@@ -347,11 +349,13 @@ def _write_tables(out: Path, studies: list[Study], size: int):
 
 
 def main(argv) -> int:
-    parser = argparse.ArgumentParser(prog="cxrllava synth", description=__doc__.splitlines()[0])
+    parser = arguments.parser("cxrllava synth", __doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output directory (MIMIC-CXR-JPG layout)")
-    parser.add_argument("--num", type=int, default=1000, help="number of studies")
-    parser.add_argument("--image-size", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num", type=arguments.whole_number(1, MAX_STUDIES), default=1000, help="number of studies")
+    parser.add_argument("--image-size", type=arguments.whole_number(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), default=512,
+                        help="width and height of the images in pixels")
+    parser.add_argument("--seed", type=arguments.whole_number(0, 2**32 - 1), default=0,
+                        help="the same seed gives the same bytes")
     args = parser.parse_args(argv)
     studies = generate(args.out, args.num, args.image_size, args.seed)
     counts = {split: sum(s.split == split for s in studies) for split, _ in SPLIT_FRACTIONS}

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
+from cxrllava_jax import arguments
 from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
 from cxrllava_jax.domain import images
 from cxrllava_jax.errors import ConfigError, InputError, MismatchError
@@ -240,13 +241,11 @@ def records(source: str, data_dir, split: str, pixels: tuple[int, str] | None = 
 
 def preprocess_main(argv) -> int:
     """`cxrllava preprocess`: a source's images as uint8 model pixels in ArrayRecord (`CxrPixels`), once."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="cxrllava preprocess", description=preprocess_main.__doc__)
+    parser = arguments.parser("cxrllava preprocess", preprocess_main.__doc__)
     parser.add_argument("--source", required=True, choices=sorted(ADAPTERS))
     parser.add_argument("--manual_dir", required=True, help="the dataset as published (what the adapter reads)")
     parser.add_argument("--data_dir", required=True, help="where the records go (config.data.tfds_dir)")
-    parser.add_argument("--size", type=int, default=512, help="the model's image size")
+    parser.add_argument("--size", type=arguments.whole_number(8, 4096), default=512, help="the model's image size")
     parser.add_argument("--mode", default="crop", choices=("crop", "pad"), help="config.data.image_mode")
     args = parser.parse_args(argv)
     try:

@@ -6,11 +6,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from cxrllava_jax import files
+from cxrllava_jax import arguments, files
 from cxrllava_jax.convert import checkpoint, hf_bert, hf_llama, release
 from cxrllava_jax.convert.layout import stack_layers
 from cxrllava_jax.domain.tokenizer import TOKENIZER_FILES
-from cxrllava_jax.models.configs import Runtime
+from cxrllava_jax.models.configs import DTYPES, Runtime
 from cxrllava_jax.errors import InputError, OutputExistsError
 
 FORMATS = ("release", "hf-llama", "hf-bert")
@@ -32,13 +32,12 @@ def detect_format(src: Path) -> str:
 
 
 def import_main(argv) -> int:
-    parser = argparse.ArgumentParser(prog="cxrllava import-torch",
-                                     description="PyTorch safetensors directory -> cxrllava-jax checkpoint")
-    parser.add_argument("--src", required=True, type=Path)
-    parser.add_argument("--out", required=True, type=Path)
+    parser = arguments.parser("cxrllava import-torch", "PyTorch safetensors directory -> cxrllava-jax checkpoint")
+    parser.add_argument("--src", required=True, type=Path, help="the PyTorch model directory (config.json, safetensors)")
+    parser.add_argument("--out", required=True, type=Path, help="the checkpoint directory to write")
     parser.add_argument("--format", choices=FORMATS, help="default: detected from config.json")
     parser.add_argument("--scan", action="store_true", help="store layers stacked (for scan=True runtimes)")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out checkpoint")
     args = parser.parse_args(argv)
     if args.out.exists() and not args.overwrite:  # before reading gigabytes of weights
         raise OutputExistsError(f"{args.out} exists; pass --overwrite to replace it")
@@ -61,12 +60,12 @@ def import_main(argv) -> int:
 
 
 def export_main(argv) -> int:
-    parser = argparse.ArgumentParser(prog="cxrllava export-torch",
-                                     description="cxrllava-jax checkpoint -> PyTorch safetensors directory")
-    parser.add_argument("--checkpoint", required=True, type=Path)
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--layout", choices=("release", "hf-llama"), default="release")
-    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    parser = arguments.parser("cxrllava export-torch", "cxrllava-jax checkpoint -> PyTorch safetensors directory")
+    parser.add_argument("--checkpoint", required=True, type=Path, help="our checkpoint directory")
+    parser.add_argument("--out", required=True, type=Path, help="a new (or empty) directory to export into")
+    parser.add_argument("--layout", choices=("release", "hf-llama"), default="release",
+                        help="the release's CXR-LLaVA layout, or its language model as LlamaForCausalLM")
+    parser.add_argument("--dtype", choices=DTYPES[::-1], default="bfloat16", help="the exported tensors' dtype")
     parser.add_argument("--max-shard-size", type=_parse_size, default="5GB", help="e.g. 5GB, 500MB")
     args = parser.parse_args(argv)
     if args.out.exists() and not args.out.is_dir():

@@ -40,11 +40,22 @@ def question_prompt(question: str) -> str:
 
 
 def check_user_text(text: str):
-    """Refuses `<image>` in text a person typed: it marks where the image features go, and a second one would
-    put them into the prompt twice."""
+    """Refuses text a person typed that cannot go into a prompt: bytes that were not UTF-8 (a terminal or a file in
+    Latin-1 arrives with them as lone surrogates), and `<image>`, which marks where the image features go (a second
+    one would put them into the prompt twice)."""
+    bad = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
+    if bad is not None:
+        raise InputError(f"the text is not UTF-8 (a byte {_escaped_byte(text[bad])} at character {bad + 1}); type it "
+                         f"again or set the terminal to UTF-8: {text[:bad]!r}...")
     if IMAGE in text:
         raise InputError(f"the text contains {IMAGE}, which marks the image's place in the prompt; "
                          f"the image is added for you, so remove it: {text[:80]!r}")
+
+
+def _escaped_byte(character: str) -> str:
+    """The byte a lone surrogate stands for (Python's surrogateescape maps byte b to U+DC00 + b)."""
+    code = ord(character)
+    return f"{code - 0xDC00:#04x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
 
 
 class PromptTooLongError(InputError):

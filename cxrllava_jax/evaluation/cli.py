@@ -1,26 +1,27 @@
 """`cxrllava label` and `cxrllava reader-study`: argument parsing only; the work is in the modules they call."""
 
-import argparse
 import json
 import sys
 import time
 
-from cxrllava_jax import files
+from cxrllava_jax import arguments, files
 from cxrllava_jax.domain import label_files
 from cxrllava_jax.evaluation import labelers, reader_study, run
 
 
 def label_main(argv) -> int:
-    parser = argparse.ArgumentParser(
-        prog="cxrllava label",
-        description="Label reports (the CheXpert labeler's file formats) with our CheXpert-style labeler, labels "
-                    "made elsewhere, or CheXbert.",
-    )
-    parser.add_argument("--reports", required=True, help="CSV, one report per row (a 'Reports' header is allowed)")
-    parser.add_argument("--out", required=True, help="labels CSV: Reports + 14 observations (1.0/0.0/-1.0/empty)")
-    parser.add_argument("--labeler", choices=labelers.CHOICES, default="ours")
-    parser.add_argument("--labels-csv", help="--labeler chexpert-csv: the CheXpert labeler's or CheXbert's output")
-    parser.add_argument("--chexbert-checkpoint", help="--labeler chexbert: CheXbert's chexbert.pth")
+    parser = arguments.parser(
+        "cxrllava label", "Label reports (the CheXpert labeler's file formats) with our CheXpert-style labeler, "
+                          "labels made elsewhere, or CheXbert.")
+    parser.add_argument("--reports", required=True, type=arguments.input_file,
+                        help="CSV, one report per row (a 'Reports' header is allowed)")
+    parser.add_argument("--out", required=True, type=arguments.output_file,
+                        help="labels CSV: Reports + 14 observations (1.0/0.0/-1.0/empty)")
+    parser.add_argument("--labeler", choices=labelers.CHOICES, default="ours", help="what labels the reports")
+    parser.add_argument("--labels-csv", type=arguments.input_file,
+                        help="--labeler chexpert-csv: the CheXpert labeler's or CheXbert's output")
+    parser.add_argument("--chexbert-checkpoint", type=arguments.input_file,
+                        help="--labeler chexbert: CheXbert's chexbert.pth")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
     files.refuse_existing(args.out, args.overwrite)
@@ -36,18 +37,26 @@ def label_main(argv) -> int:
 
 
 def reader_study_main(argv) -> int:
-    parser = argparse.ArgumentParser(prog="cxrllava reader-study", description=reader_study.__doc__.split("\n")[0])
+    parser = arguments.parser("cxrllava reader-study", reader_study.__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export", help="write a blinded, shuffled rating sheet and its key")
-    export.add_argument("--predictions", required=True, help="JSONL of {id, image, generated, reference}")
-    export.add_argument("--sheet", required=True, help="CSV for the radiologists (item, image, report, rating)")
-    export.add_argument("--key", required=True, help="CSV kept from the readers (item, case, source)")
-    export.add_argument("--seed", type=int, default=0)
+    export = commands.add_parser("export", help="write a blinded, shuffled rating sheet and its key",
+                                 formatter_class=arguments.HelpFormatter)
+    arguments.add_debug(export)
+    export.add_argument("--predictions", required=True, type=arguments.input_file,
+                        help="JSONL of {id, image, generated, reference}")
+    export.add_argument("--sheet", required=True, type=arguments.output_file,
+                        help="CSV for the radiologists (item, image, report, rating)")
+    export.add_argument("--key", required=True, type=arguments.output_file,
+                        help="CSV kept from the readers (item, case, source)")
+    export.add_argument("--seed", type=arguments.whole_number(0), default=0, help="the shuffle's seed")
     export.add_argument("--overwrite", action="store_true", help="replace an existing sheet and key")
-    analyze = commands.add_parser("analyze", help="Table 5 from returned rating sheets")
-    analyze.add_argument("--key", required=True)
-    analyze.add_argument("--ratings", required=True, nargs="+", help="one filled-in sheet per reader")
-    analyze.add_argument("--out", help="write the analysis as JSON here (printed either way)")
+    analyze = commands.add_parser("analyze", help="Table 5 from returned rating sheets",
+                                  formatter_class=arguments.HelpFormatter)
+    arguments.add_debug(analyze)
+    analyze.add_argument("--key", required=True, type=arguments.input_file, help="the key `export` wrote")
+    analyze.add_argument("--ratings", required=True, nargs="+", type=arguments.input_file,
+                         help="one filled-in sheet per reader")
+    analyze.add_argument("--out", type=arguments.output_file, help="write the analysis as JSON here (printed either way)")
     analyze.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
     for path in (args.sheet, args.key) if args.command == "export" else (args.out,) if args.out else ():

@@ -49,9 +49,17 @@ def _text_key(text: str) -> str:
     return " ".join(text.split())
 
 
+def _check_file(path, needs: str, flag: str):
+    """Names the flag that was not given (eval.py spells it with _, `cxrllava label` with -), or the file that is not
+    there."""
+    if not path:
+        raise LabelerUnavailable(f"{needs}: give --{flag} (eval.py) or --{flag.replace('_', '-')} (cxrllava label)")
+    if not Path(path).is_file():
+        raise LabelerUnavailable(f"{needs}; {path}: no such file")
+
+
 def _from_label_file(path) -> Labeler:
-    if not path or not Path(path).is_file():
-        raise LabelerUnavailable(f"the chexpert-csv labeler needs a label CSV; {path!r} is not a file")
+    _check_file(path, "the chexpert-csv labeler needs a label CSV", "labels_csv")
     table = label_files.read_labels_csv(path)
     if not any(table.reports):
         raise LabelerUnavailable(f"{path}: no report text column (Reports or Report Impression) to match reports by")
@@ -68,9 +76,8 @@ def _from_label_file(path) -> Labeler:
 
 
 def _chexbert(checkpoint) -> Labeler:
-    if not checkpoint or not Path(checkpoint).is_file():
-        raise LabelerUnavailable(f"the chexbert labeler needs CheXbert's checkpoint file (chexbert.pth, e.g. from "
-                                 f"StanfordAIMI/RRG_scorers); {checkpoint!r} is not a file")
+    _check_file(checkpoint, "the chexbert labeler needs CheXbert's checkpoint file (chexbert.pth, e.g. from "
+                            "StanfordAIMI/RRG_scorers)", "chexbert_checkpoint")
     try:
         import pandas
         import torch

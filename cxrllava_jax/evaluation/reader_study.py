@@ -49,12 +49,12 @@ def export_sheet(records, sheet_path, key_path, seed=0) -> None:
 
 def analyze_ratings(key_path, rating_paths) -> dict:
     """Rating sheets (one per reader, named by file stem) + key -> Table 5 counts, A+B rates, Cochran's Q."""
-    key = {row["item"]: (row["case"], row["source"]) for row in _read_csv(key_path)}
+    key = {row["item"]: (row["case"], row["source"]) for row in _read_csv(key_path, KEY_COLUMNS)}
     ratings = {}  # (reader, case) -> {source: class}
     unrated = 0
     for path in rating_paths:
         reader = pathlib.Path(path).stem
-        for line, row in enumerate(_read_csv(path), 2):
+        for line, row in enumerate(_read_csv(path, ("item", "rating")), 2):
             rating = (row.get("rating") or "").strip().upper()
             if not rating:
                 unrated += 1
@@ -64,6 +64,9 @@ def analyze_ratings(key_path, rating_paths) -> dict:
                                  f"item and one of {list(RATING_CLASSES)}")
             case, source = key[row["item"]]
             ratings.setdefault((reader, case), {})[source] = rating
+    if not ratings:
+        raise InputError(f"no item is rated in {', '.join(map(str, rating_paths))}: fill in the 'rating' column "
+                         f"({'/'.join(RATING_CLASSES)})")
     counts = {s: collections.Counter(r[s] for r in ratings.values() if s in r) for s in SOURCES}
     per_source = {}
     for source, counter in counts.items():
@@ -73,7 +76,7 @@ def analyze_ratings(key_path, rating_paths) -> dict:
             "ratings": total,
             "classes": {c: counter[c] for c in RATING_CLASSES},
             "success": success,
-            "success_rate": success / total if total else float("nan"),
+            "success_rate": success / total if total else None,  # JSON has no NaN
         }
     complete = [r for r in ratings.values() if all(s in r for s in SOURCES)]
     success = np.array([[r[s] in SUCCESS_CLASSES for s in SOURCES] for r in complete], dtype=np.int64)
@@ -104,5 +107,11 @@ def _write_csv(path, columns, rows):
         writer.writerows(rows)
 
 
-def _read_csv(path):
-    return list(csv.DictReader(io.StringIO(files.read_text(path), newline="")))
+def _read_csv(path, columns: tuple[str, ...]) -> list[dict]:
+    """The rows of a CSV with a header that has `columns` (a file without them is refused, naming them)."""
+    reader = csv.DictReader(io.StringIO(files.read_text(path), newline=""))
+    missing = [c for c in columns if c not in (reader.fieldnames or ())]
+    if missing:
+        raise InputError(f"{path}: no {', '.join(repr(c) for c in missing)} column; its header is "
+                         f"{reader.fieldnames or 'empty'} and should have {list(columns)}")
+    return list(reader)

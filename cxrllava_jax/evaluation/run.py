@@ -85,6 +85,8 @@ def read_prediction_records(path) -> list:
                              "each case must be scored once")
         first_line[record_id] = line_number
         records.append(record)
+    if not records:
+        raise InputError(f"{path}: no records (one JSON object per line: id, generated, reference)")
     return records
 
 
