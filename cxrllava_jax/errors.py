@@ -7,8 +7,11 @@ belong together) is a `CXRLLaVAError` whose message names the file, line, key or
 the traceback is shown only with `--debug` (or CXRLLAVA_DEBUG=1).
 """
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 import traceback
 from typing import Callable
 
@@ -54,9 +57,11 @@ def debug_requested(argv=None) -> bool:
 
 def report_errors(program: str, work: Callable[[], int | None], debug: bool = False) -> int:
     """Runs `work` and returns its exit status; a failure becomes a message on stderr (and, with `debug`, its
-    traceback) and a non-zero status. Usage errors (SystemExit from argparse or absl) pass through."""
+    traceback) and a non-zero status. Usage errors (SystemExit from argparse or absl) pass through. Ctrl-C is one
+    line and status 130, wherever it lands (see `_interrupts_reach_the_command`)."""
     try:
-        return work() or 0
+        with _interrupts_reach_the_command():
+            return work() or 0
     except KeyboardInterrupt:
         print(f"{program}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -70,6 +75,36 @@ def report_errors(program: str, work: Callable[[], int | None], debug: bool = Fa
                       "report it with the input that caused it", file=sys.stderr)
             return EXIT_BUG
         return EXIT_ERROR
+
+
+@contextlib.contextmanager
+def _interrupts_reach_the_command():
+    """A Ctrl-C that lands in a callback Python may not raise from (JAX's garbage-collection hook, a `__del__`) is
+    printed as "Exception ignored ... KeyboardInterrupt" and lost, and the command runs on. Such a lost interrupt
+    is raised again 50 ms later by an alarm (a system call, so nothing here can be interrupted on the way), by then
+    outside the callback."""
+    default_hook = sys.unraisablehook
+
+    def hook(unraisable):
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+        else:
+            default_hook(unraisable)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield
+        return
+    default_alarm = signal.signal(signal.SIGALRM, interrupt)
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, default_alarm)
+        sys.unraisablehook = default_hook
 
 
 def is_expected(error: BaseException) -> bool:

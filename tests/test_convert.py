@@ -15,6 +15,7 @@ import transformers
 from cxrllava_jax import cli
 from cxrllava_jax.convert import checkpoint, hf_bert, hf_llama, release
 from cxrllava_jax.convert.layout import stack_layers, unstack_layers
+from cxrllava_jax.errors import InputError
 from cxrllava_jax.convert.mapping import ConversionError, export_tensors
 from cxrllava_jax.models.configs import BERT_PRESETS, CXR_LLAVA_PRESETS, LLAMA_PRESETS, LlamaConfig, RopeScaling
 from cxrllava_jax.reference.torch_models import ReleaseCXRLLaVA, release_config_json, save_safetensors_dir
@@ -65,7 +66,7 @@ def test_rotary_buffers_of_old_checkpoints_are_ignored(state_dict, tmp_path):
 def test_pickle_only_directory_is_refused(state_dict, tmp_path):
     torch.save(state_dict, tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text(json.dumps(release_config_json(CONFIG)))
-    with pytest.raises(FileNotFoundError, match=r"no \.safetensors weights.*pytorch_model\.bin.*pickle"):
+    with pytest.raises(InputError, match=r"no \.safetensors weights.*pytorch_model\.bin.*pickle"):
         release.load_release(tmp_path)
 
 

@@ -214,7 +214,7 @@ def test_tokenizer_of_another_model_is_refused(tmp_path):
 
 
 def test_directory_that_is_no_model_is_refused(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither a cxrllava-jax checkpoint"):
+    with pytest.raises(InputError, match="neither a cxrllava-jax checkpoint"):
         CXRLLaVA.from_pretrained(tmp_path)
 
 

@@ -6,27 +6,27 @@ Binds to localhost unless --host says otherwise; with --api-key-file every /v1 r
 `Authorization: Bearer KEY`. Stop with Ctrl-C.
 """
 
-import argparse
 import socket
 import sys
 from pathlib import Path
 
+from cxrllava_jax import arguments
 from cxrllava_jax.errors import ConfigError
+from cxrllava_jax.models.configs import DTYPES
 from cxrllava_jax.models.quantize import KINDS
 from cxrllava_jax.serving.limits import MIB, Limits
 
 
 def serve_main(argv) -> int:
-    parser = argparse.ArgumentParser(prog="cxrllava serve", description="serve the model over HTTP: an "
-                                     "OpenAI-compatible API and a web page")
+    parser = arguments.parser("cxrllava serve", "serve the model over HTTP: an OpenAI-compatible API and a web page")
     parser.add_argument("--checkpoint", required=True, type=Path,
                         help="our checkpoint directory or the release's PyTorch directory")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--api-key-file", type=Path, help="a file holding the bearer key clients must send")
     parser.add_argument("--model-name", help="the model id clients pass (default: the checkpoint's directory name)")
-    parser.add_argument("--dtype", help="float32 or bfloat16 (default: the stored weights' dtype, computing in "
-                        "float32 on CPU and bfloat16 elsewhere)")
+    parser.add_argument("--dtype", choices=DTYPES, help="parameter and compute dtype (default: the stored weights' "
+                        "dtype, computing in float32 on CPU and bfloat16 elsewhere)")
     parser.add_argument("--quantize", choices=KINDS, help="weight-only quantization of the language model")
     parser.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together")
     parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 503")
