@@ -32,6 +32,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "where answers, labels, tables a
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace the results of an earlier evaluation in --workdir")
 flags.DEFINE_bool("debug", False, arguments.DEBUG_HELP)
 flags.mark_flags_as_required(["config", "workdir"])
+arguments.require_directory("workdir")
 
 
 def main(argv):

@@ -11,6 +11,7 @@ config_flags.DEFINE_config_file("config", None, "a stage config file (listed bel
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and the exported model.")
 flags.DEFINE_bool("debug", False, arguments.DEBUG_HELP)
 flags.mark_flags_as_required(["config", "workdir"])
+arguments.require_directory("workdir")
 
 
 def main(argv):

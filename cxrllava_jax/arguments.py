@@ -69,23 +69,32 @@ positive = whole_number(1)
 
 def input_file(text: str) -> Path:
     """An argparse type: an existing file (not a directory), refused by argparse naming the flag and the path."""
-    path = _path(text)
-    if path.is_dir():
+    given = path(text)
+    if given.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a directory; give a file")
-    if not path.is_file():
+    if not given.is_file():
         raise argparse.ArgumentTypeError(f"{text}: no such file")
-    return path
+    return given
 
 
 def output_file(text: str) -> Path:
     """An argparse type: a file to write (its folder is created when it is written); a directory is refused."""
-    path = _path(text)
-    if path.is_dir():
+    given = path(text)
+    if given.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a directory; give the name of the file to write in it")
-    return path
+    return given
 
 
-def _path(text: str) -> Path:
+def output_dir(text: str) -> Path:
+    """An argparse type: a directory to write into (created when written); an existing file is refused."""
+    given = path(text)
+    if given.exists() and not given.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file; give a directory")
+    return given
+
+
+def path(text: str) -> Path:
+    """An argparse type: a path that is not empty (an empty one would mean the current directory)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path")
     return Path(text)
@@ -105,7 +114,16 @@ def run_absl(program: str, main: Callable[[list], int | None], configs: list[Pat
 
     def parse(argv):
         try:
-            return flags.FLAGS(argv)
+            parsed = flags.FLAGS(argv)
+            if "config" in flags.FLAGS and flags.FLAGS.config is not None:
+                flags.FLAGS.config.keys()  # ml_collections keeps a config file's load error until its first use
+            return parsed
+        except OSError as error:  # the config file could not be loaded
+            given = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")), "")
+            file = given.split(":", 1)[0]
+            problem = ("an empty path" if not file else "no such config file" if not Path(file).is_file()
+                       else _first_line(error))
+            raise errors.ConfigError(f"--config={given}: {problem}; see --help for the configs") from error
         except flags.Error as error:
             cause = _root_cause(error)
             if cause is error:
@@ -118,6 +136,15 @@ def run_absl(program: str, main: Callable[[list], int | None], configs: list[Pat
                                      f"{str(error).strip(chr(34))}") from error
 
     sys.exit(errors.report_errors(program, lambda: app.run(main, flags_parser=parse), errors.debug_requested()))
+
+
+def require_directory(name: str):
+    """An absl flag that names a directory to write into: not empty (that would be the current directory) and not
+    an existing file; checked as the flags are parsed."""
+    from absl import flags
+
+    flags.register_validator(name, lambda value: value is None or (bool(value.strip()) and not Path(value).is_file()),
+                             f"--{name} must name a directory (not empty, not an existing file)")
 
 
 def absl_help(flag_values, configs: list[Path]) -> str:

@@ -18,6 +18,7 @@ from typing import Callable
 EXIT_ERROR = 1  # an expected failure: the message says what to change
 EXIT_BUG = 3  # anything else: the message names the exception and asks for --debug
 EXIT_INTERRUPTED = 130
+MAX_LINES = 8  # of an expected error's message on the command line
 
 
 class CXRLLaVAError(Exception):
@@ -68,7 +69,7 @@ def report_errors(program: str, work: Callable[[], int | None], debug: bool = Fa
     except Exception as error:  # noqa: BLE001 - the one place every failure is turned into a message
         if debug:
             traceback.print_exc()
-        print(f"{program}: {describe(error)}", file=sys.stderr)
+        print(f"{program}: {describe(error, debug)}", file=sys.stderr)
         if not is_expected(error):
             if not debug:
                 print(f"{program}: unexpected {type(error).__name__}; rerun with --debug for the traceback and "
@@ -111,12 +112,16 @@ def is_expected(error: BaseException) -> bool:
     return isinstance(error, (CXRLLaVAError, OSError, UnicodeDecodeError))
 
 
-def describe(error: BaseException) -> str:
-    """The message of an error, on one line for the unexpected ones (whose text may be pages long)."""
+def describe(error: BaseException, debug: bool = False) -> str:
+    """The message of an error, on one line for the unexpected ones (whose text may be pages long); an expected
+    one that lists its problems (a conversion's hundreds of missing tensors) shows the first few unless `debug`."""
     if isinstance(error, OSError) and not isinstance(error, CXRLLaVAError) and error.filename is not None:
         return f"{error.filename}: {error.strerror or error}"
     text = str(error) or type(error).__name__
     if is_expected(error):
-        return text
+        lines = text.splitlines()
+        if debug or len(lines) <= MAX_LINES:
+            return text
+        return "\n".join(lines[:MAX_LINES - 1] + [f"  ... and {len(lines) - MAX_LINES + 1} more lines (--debug shows them)"])
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
     return f"{type(error).__name__}: {first[:300]}"

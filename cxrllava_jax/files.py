@@ -40,6 +40,7 @@ def replaced_atomically(path, mode: str = "w", **open_args):
         raise IsADirectoryError(21, "Is a directory; an output file was expected", str(path))
     if "b" not in mode:
         open_args.setdefault("encoding", "utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)  # an output's folder is made for it, as for every output
     temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         with open(temporary, mode, **open_args) as f:
@@ -67,6 +68,7 @@ class LockedAppender:
         self.path = Path(path)
         if self.path.is_dir():
             raise IsADirectoryError(21, "Is a directory; an output file was expected", str(self.path))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write(self, record: dict):

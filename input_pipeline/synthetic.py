@@ -350,7 +350,7 @@ def _write_tables(out: Path, studies: list[Study], size: int):
 
 def main(argv) -> int:
     parser = arguments.parser("cxrllava synth", __doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="output directory (MIMIC-CXR-JPG layout)")
+    parser.add_argument("--out", required=True, type=arguments.output_dir, help="output directory (MIMIC-CXR-JPG layout)")
     parser.add_argument("--num", type=arguments.whole_number(1, MAX_STUDIES), default=1000, help="number of studies")
     parser.add_argument("--image-size", type=arguments.whole_number(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), default=512,
                         help="width and height of the images in pixels")

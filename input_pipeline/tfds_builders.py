@@ -244,7 +244,8 @@ def preprocess_main(argv) -> int:
     parser = arguments.parser("cxrllava preprocess", preprocess_main.__doc__)
     parser.add_argument("--source", required=True, choices=sorted(ADAPTERS))
     parser.add_argument("--manual_dir", required=True, help="the dataset as published (what the adapter reads)")
-    parser.add_argument("--data_dir", required=True, help="where the records go (config.data.tfds_dir)")
+    parser.add_argument("--data_dir", required=True, type=arguments.output_dir,
+                        help="where the records go (config.data.tfds_dir)")
     parser.add_argument("--size", type=arguments.whole_number(8, 4096), default=512, help="the model's image size")
     parser.add_argument("--mode", default="crop", choices=("crop", "pad"), help="config.data.image_mode")
     args = parser.parse_args(argv)

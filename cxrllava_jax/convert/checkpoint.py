@@ -145,8 +145,9 @@ def read_quantization(path) -> dict | None:
 
 def _read_meta(path) -> tuple[Path, dict]:
     meta_path = Path(path) / "model_config.json"
-    if not Path(path).exists():
-        raise InputError(f"{path}: no such checkpoint directory")
+    if not Path(path).is_dir():
+        raise InputError(f"{path}: no such checkpoint directory" if not Path(path).exists() else
+                         f"{path} is a file; give the checkpoint's directory")
     if not meta_path.is_file():
         raise InputError(f"{path} is not a cxrllava-jax checkpoint: {meta_path.name} is missing")
     meta = files.read_json(meta_path)

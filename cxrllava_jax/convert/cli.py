@@ -33,8 +33,8 @@ def detect_format(src: Path) -> str:
 
 def import_main(argv) -> int:
     parser = arguments.parser("cxrllava import-torch", "PyTorch safetensors directory -> cxrllava-jax checkpoint")
-    parser.add_argument("--src", required=True, type=Path, help="the PyTorch model directory (config.json, safetensors)")
-    parser.add_argument("--out", required=True, type=Path, help="the checkpoint directory to write")
+    parser.add_argument("--src", required=True, type=arguments.path, help="the PyTorch model directory (config.json, safetensors)")
+    parser.add_argument("--out", required=True, type=arguments.output_dir, help="the checkpoint directory to write")
     parser.add_argument("--format", choices=FORMATS, help="default: detected from config.json")
     parser.add_argument("--scan", action="store_true", help="store layers stacked (for scan=True runtimes)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out checkpoint")
@@ -61,8 +61,8 @@ def import_main(argv) -> int:
 
 def export_main(argv) -> int:
     parser = arguments.parser("cxrllava export-torch", "cxrllava-jax checkpoint -> PyTorch safetensors directory")
-    parser.add_argument("--checkpoint", required=True, type=Path, help="our checkpoint directory")
-    parser.add_argument("--out", required=True, type=Path, help="a new (or empty) directory to export into")
+    parser.add_argument("--checkpoint", required=True, type=arguments.path, help="our checkpoint directory")
+    parser.add_argument("--out", required=True, type=arguments.path, help="a new (or empty) directory to export into")
     parser.add_argument("--layout", choices=("release", "hf-llama"), default="release",
                         help="the release's CXR-LLaVA layout, or its language model as LlamaForCausalLM")
     parser.add_argument("--dtype", choices=DTYPES[::-1], default="bfloat16", help="the exported tensors' dtype")

@@ -36,7 +36,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom")
 
 def report_main(argv) -> int:
     parser = _parser("report", "write a radiologic report for each image")
-    parser.add_argument("images", nargs="+", type=Path, help="image files or directories of them")
+    parser.add_argument("images", nargs="+", type=arguments.path, help="image files or directories of them")
     parser.add_argument("--jsonl", type=arguments.output_file,
                         help='write {"image", "report"} (or "error") lines to this file (its folder is created)')
     existing = parser.add_mutually_exclusive_group()
@@ -49,7 +49,7 @@ def report_main(argv) -> int:
 
 def ask_main(argv) -> int:
     parser = _parser("ask", "ask a question about an image")
-    parser.add_argument("image", type=Path, help="a PNG, JPEG or DICOM file")
+    parser.add_argument("image", type=arguments.input_file, help="a PNG, JPEG or DICOM file")
     parser.add_argument("question", help="the question, in quotes")
     args = parser.parse_args(argv)
     prompting.check_user_text(args.question)
@@ -62,7 +62,7 @@ def ask_main(argv) -> int:
 
 def chat_main(argv) -> int:
     parser = _parser("chat", "interactive multi-turn chat about an image")
-    parser.add_argument("image", type=Path, help="a PNG, JPEG or DICOM file")
+    parser.add_argument("image", type=arguments.input_file, help="a PNG, JPEG or DICOM file")
     args = parser.parse_args(argv)
     return _chat(args)
 
@@ -107,7 +107,6 @@ def expand_images(paths) -> list[Path]:
 def _report(args) -> int:
     if args.jsonl:  # before the model loads, so a long run does not end in a refusal
         files.refuse_existing(args.jsonl, args.append or args.overwrite, "--append or --overwrite")
-        args.jsonl.parent.mkdir(parents=True, exist_ok=True)
     options = _options(args)
     paths = expand_images(args.images)
     model = _load(args)
@@ -186,7 +185,7 @@ def _chat(args) -> int:
 
 def _parser(name: str, description: str, images: bool = True) -> argparse.ArgumentParser:
     parser = arguments.parser(f"cxrllava {name}", description)
-    parser.add_argument("--checkpoint", required=True, type=Path,
+    parser.add_argument("--checkpoint", required=True, type=arguments.path,
                         help="our checkpoint directory or the release's PyTorch directory")
     defaults = SamplingOptions()
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
@@ -204,7 +203,7 @@ def _parser(name: str, description: str, images: bool = True) -> argparse.Argume
         parser.add_argument("--allow-non-frontal", action="store_true",
                             help="read DICOM files whose tags say they are not frontal chest radiographs (the "
                                  "model was trained on those only)")
-        parser.add_argument("--adapter", type=Path, help="a LoRA adapter directory (PEFT format) to apply to CKPT")
+        parser.add_argument("--adapter", type=arguments.path, help="a LoRA adapter directory (PEFT format) to apply to CKPT")
     return parser
 
 

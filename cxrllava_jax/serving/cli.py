@@ -19,7 +19,7 @@ from cxrllava_jax.serving.limits import MIB, Limits
 
 def serve_main(argv) -> int:
     parser = arguments.parser("cxrllava serve", "serve the model over HTTP: an OpenAI-compatible API and a web page")
-    parser.add_argument("--checkpoint", required=True, type=Path,
+    parser.add_argument("--checkpoint", required=True, type=arguments.path,
                         help="our checkpoint directory or the release's PyTorch directory")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")

@@ -13,6 +13,9 @@ from pathlib import Path
 
 from cxrllava_jax import files
 from cxrllava_jax.errors import ConfigError, MismatchError
+from cxrllava_jax.models.attention import KERNELS
+from cxrllava_jax.models.configs import DTYPES
+from cxrllava_jax.models.layers import NAMED_REMAT_POLICIES, remat_policy_of
 from cxrllava_jax.training.tasks import TASKS
 
 CONFIG, SUMMARY = "config.json", "summary.json"
@@ -36,6 +39,21 @@ def check_config(cfg):
     _check(cfg, "data.max_bad_fraction", lambda v: 0 <= v < 1, "in [0, 1)")
     _check(cfg, "data.image_mode", lambda v: v in ("crop", "pad"), "'crop' or 'pad'")
     _check(cfg, "checkpoint.best_mode", lambda v: v in ("min", "max"), "'min' or 'max'")
+    for key in ("runtime.dtype", "runtime.param_dtype"):
+        _check(cfg, key, lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}")
+    _check(cfg, "runtime.attention", lambda v: v in KERNELS, f"one of {', '.join(KERNELS)}")
+    _check(cfg, "runtime.remat_policy", _known_remat_policy, f"'none', 'full', one of {', '.join(NAMED_REMAT_POLICIES)} "
+           "or a jax.checkpoint_policies member")
+
+
+def _known_remat_policy(name) -> bool:
+    if name == "none":
+        return True
+    try:
+        remat_policy_of(name)
+    except (ConfigError, TypeError):
+        return False
+    return True
 
 
 def _check(cfg, key: str, ok, expected: str):
