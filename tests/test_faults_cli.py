@@ -103,6 +103,24 @@ def test_reader_study_refuses_sheets_without_their_columns(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_questions_and_images_of_the_wrong_kind(tmp_path, capsys):
+    assert "the text is empty" in _fails(["ask", str(ROOT / "README.md"), " ", "--checkpoint", str(tmp_path)], capsys)
+    assert f"argument image: {tmp_path} is a directory; give a file" in _usage_error(
+        ["ask", str(tmp_path), "Effusion?", "--checkpoint", str(tmp_path)], capsys)
+
+
+def test_an_output_folder_is_made_and_a_long_list_of_problems_is_cut(tmp_path, capsys):
+    reports = tmp_path / "reports.csv"
+    reports.write_text("No effusion.\n")
+    out = tmp_path / "new" / "folder" / "labels.csv"
+    assert cli.main(["label", "--reports", str(reports), "--out", str(out)]) == 0 and out.is_file()
+    capsys.readouterr()
+    problems = "\n".join(["345 problem(s) with the weights:"] + [f"  missing tensor {i}" for i in range(345)])
+    assert errors.report_errors("prog", lambda: (_ for _ in ()).throw(InputError(problems))) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == errors.MAX_LINES and err[-1] == "  ... and 339 more lines (--debug shows them)"
+
+
 def test_empty_predictions_are_refused(tmp_path):
     (tmp_path / "p.jsonl").write_text("\n")
     with pytest.raises(InputError, match="p.jsonl: no records"):
@@ -141,6 +159,10 @@ def test_entry_points_parse_as_a_user_meets_them(tmp_path):
                  "train.py: --config.data.batch_size=abc: invalid literal for int()"),
         "key": (["train.py", "--config=configs/demo.py:1a", "--config.data.nosuch=1", workdir], 1,
                 "override names a key the config does not have"),
+        "no_file": (["train.py", "--config=configs/nosuch.py", "--config.data.batch_size=2", workdir], 1,
+                    "train.py: --config=configs/nosuch.py: no such config file; see --help for the configs"),
+        "empty_workdir": (["eval.py", "--config=configs/eval_mimic.py", "--workdir="], 1,
+                          "eval.py: flag --workdir=: --workdir must name a directory (not empty"),
     }
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     started = {name: (subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -163,6 +185,19 @@ def test_help_does_not_import_jax():
 
 
 # ---------------------------------------------------------------- training configs
+
+@pytest.mark.parametrize("override, message", [
+    ({"model.llama": "nosuch"}, "config.model.llama='nosuch': no such preset; known: llama2_13b"),
+    ({"frozen": "("}, "config.frozen=('(',): must be a tuple of regular expressions"),
+    ({"runtime.dtype": "float16"}, "config.runtime.dtype='float16': must be one of float32, bfloat16"),
+    ({"runtime.remat_policy": "keep_all"}, "config.runtime.remat_policy='keep_all': must be 'none', 'full'"),
+])
+def test_config_values_are_refused_with_their_key(tmp_path, override, message):
+    cfg = setup.parse(setup.stage_flags("2b", tmp_path / "data", tmp_path / "tok", steps=2, **override))
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        loop.train_and_evaluate(cfg, tmp_path / "workdir")
+    assert not (tmp_path / "workdir").exists()
+
 
 def test_a_mesh_the_devices_cannot_fill_is_refused_before_any_work(tmp_path):
     cfg = setup.parse(setup.stage_flags("1a", tmp_path / "data", tmp_path / "tok", steps=2, **{"mesh.data": 3}))

@@ -33,14 +33,15 @@ def train_and_evaluate(cfg, workdir) -> dict:
     A workdir that has done its steps is left as it is (its summary returned); one of another stage is refused."""
     workdir = Path(workdir)
     run_records.check_config(cfg)
-    mesh = sharding.make_mesh(**cfg.mesh.to_dict())  # a mesh the devices cannot fill is refused before any work
     run_records.check_stage(workdir, cfg)
+    # A mesh the devices cannot fill, or a model preset or override that does not exist: refused before any work.
+    mesh = sharding.make_mesh(**cfg.mesh.to_dict())
+    task = make_task(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
     writer = jax.process_index() == 0  # one process writes what is not a checkpoint
     if writer and not (workdir / run_records.SUMMARY).exists():  # a finished run's record is kept (below)
         run_records.record_config(workdir, cfg)
 
-    task = make_task(cfg)
     data = stage_data.make_stage_data(cfg, task)
     total_steps = cfg.num_train_steps or math.ceil(cfg.num_epochs * data.steps_per_epoch)
     tx, schedule = task.optimizer(total_steps)

@@ -9,6 +9,7 @@ cannot work.
 
 import json
 import math
+import re
 from pathlib import Path
 
 from cxrllava_jax import files
@@ -39,11 +40,19 @@ def check_config(cfg):
     _check(cfg, "data.max_bad_fraction", lambda v: 0 <= v < 1, "in [0, 1)")
     _check(cfg, "data.image_mode", lambda v: v in ("crop", "pad"), "'crop' or 'pad'")
     _check(cfg, "checkpoint.best_mode", lambda v: v in ("min", "max"), "'min' or 'max'")
+    _check(cfg, "frozen", _regexes, "a tuple of regular expressions over parameter paths (e.g. ('img/.*',))")
     for key in ("runtime.dtype", "runtime.param_dtype"):
         _check(cfg, key, lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}")
     _check(cfg, "runtime.attention", lambda v: v in KERNELS, f"one of {', '.join(KERNELS)}")
     _check(cfg, "runtime.remat_policy", _known_remat_policy, f"'none', 'full', one of {', '.join(NAMED_REMAT_POLICIES)} "
            "or a jax.checkpoint_policies member")
+
+
+def _regexes(patterns) -> bool:
+    try:
+        return not isinstance(patterns, str) and all(re.compile(p) for p in patterns)
+    except (re.error, TypeError):
+        return False
 
 
 def _known_remat_policy(name) -> bool:

@@ -27,14 +27,24 @@ class Example:
     conversation: list | None = None
 
 
-def preset(presets: dict, name: str, overrides) -> object:
+def preset(presets: dict, cfg, tower: str) -> object:
+    """`config.model.<tower>` (a preset's name) with `config.model.<tower>_overrides` applied."""
+    name, overrides = cfg.model[tower], dict(cfg.model.get(f"{tower}_overrides") or {})
     if name not in presets:
-        raise ConfigError(f"unknown model preset {name!r}; known: {sorted(presets)}")
-    return dataclasses.replace(presets[name], **dict(overrides or {}))
+        raise ConfigError(f"config.model.{tower}={name!r}: no such preset; known: {', '.join(sorted(presets))}")
+    return with_overrides(presets[name], overrides, f"config.model.{tower}_overrides")
+
+
+def with_overrides(config, overrides: dict, key: str):
+    try:
+        return dataclasses.replace(config, **overrides)
+    except TypeError as error:  # a field the model does not have
+        raise ConfigError(f"{key}={overrides}: {error}; the fields are "
+                          f"{', '.join(f.name for f in dataclasses.fields(config))}") from error
 
 
 def vision_config(cfg) -> mc.VisionConfig:
-    return preset(mc.VISION_PRESETS, cfg.model.vision, cfg.model.get("vision_overrides"))
+    return preset(mc.VISION_PRESETS, cfg, "vision")
 
 
 def runtime(cfg) -> mc.Runtime:

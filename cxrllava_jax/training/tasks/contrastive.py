@@ -20,7 +20,7 @@ class ContrastiveTask(Task):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        text = preset(mc.BERT_PRESETS, cfg.model.text, cfg.model.get("text_overrides"))
+        text = preset(mc.BERT_PRESETS, cfg, "text")
         self.config = mc.ContrastiveConfig(vision=vision_config(cfg), text=text, text_pooling=cfg.model.text_pooling)
         self.model = ContrastiveModel(self.config, runtime(cfg))
         self.text_length = cfg.data.text_length

@@ -4,7 +4,6 @@
 they differ otherwise only in what `config.frozen` holds.
 """
 
-import dataclasses
 from pathlib import Path
 
 import jax
@@ -20,7 +19,7 @@ from cxrllava_jax.errors import InputError
 from cxrllava_jax.models import configs as mc
 from cxrllava_jax.models.cxr_llava import CXRLLaVAModel
 from cxrllava_jax.training.metrics import averages
-from cxrllava_jax.training.tasks.base import Example, Task, preset, runtime, vision_config
+from cxrllava_jax.training.tasks.base import Example, Task, preset, runtime, vision_config, with_overrides
 from input_pipeline import instructions, pipelines
 
 
@@ -30,14 +29,14 @@ def language_model_config(cfg) -> mc.LlamaConfig:
     `config.model.llama` preset; `config.model.llama_overrides` applies to each."""
     overrides = dict(cfg.model.get("llama_overrides") or {})
     if cfg.init.get("llama"):
-        return dataclasses.replace(hf_llama.read_config(cfg.init.llama), **overrides)
+        return with_overrides(hf_llama.read_config(cfg.init.llama), overrides, "config.model.llama_overrides")
     checkpoint = cfg.init.get("checkpoint")
     # A checkpoint that is not there yet fails by name when its weights load.
     if checkpoint and "llm" in cfg.init.get("towers", ()) and Path(checkpoint, "model_config.json").is_file():
         kind, config, _ = model_checkpoint.read_model_config(checkpoint)
         if kind == "cxr_llava":
-            return dataclasses.replace(config.llama, **overrides)
-    return preset(mc.LLAMA_PRESETS, cfg.model.llama, overrides)
+            return with_overrides(config.llama, overrides, "config.model.llama_overrides")
+    return preset(mc.LLAMA_PRESETS, cfg, "llama")
 
 
 class InstructionTask(Task):
