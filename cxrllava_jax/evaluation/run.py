@@ -20,7 +20,7 @@ import pathlib
 import ml_collections
 import numpy as np
 
-from cxrllava_jax import files
+from cxrllava_jax import files, hub
 from cxrllava_jax.domain import label_files
 from cxrllava_jax.evaluation import json_labels, labelers, metrics, paper_tables, tables, text_metrics
 from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
@@ -56,7 +56,9 @@ def evaluate_model(config, checkpoint, data_dir, workdir, batch_size: int = 16, 
     from cxrllava_jax.evaluation import generation
     from cxrllava_jax.inference.api import CXRLLaVA
 
-    model = model or CXRLLaVA.from_pretrained(checkpoint, adapter=adapter)
+    if model is None:
+        adapter = adapter and hub.resolve(adapter, what="--adapter")
+        model = CXRLLaVA.from_pretrained(hub.resolve(checkpoint, what="--checkpoint"), adapter=adapter)
     records = generation.generate_records(config, model, data_dir, pathlib.Path(workdir) / "generated.jsonl",
                                           batch_size)
     return evaluate_records(config, records, workdir, report_labeler)

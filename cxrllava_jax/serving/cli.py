@@ -11,6 +11,7 @@ import socket
 import sys
 from pathlib import Path
 
+from cxrllava_jax import hub
 from cxrllava_jax.errors import ConfigError
 from cxrllava_jax.models.quantize import KINDS
 from cxrllava_jax.serving.limits import MIB, Limits
@@ -20,7 +21,8 @@ def serve_main(argv) -> int:
     parser = argparse.ArgumentParser(prog="cxrllava serve", description="serve the model over HTTP: an "
                                      "OpenAI-compatible API and a web page")
     parser.add_argument("--checkpoint", required=True, type=Path,
-                        help="our checkpoint directory or the release's PyTorch directory")
+                        help="our checkpoint directory, the release's PyTorch directory, or a Hub id of either "
+                             "(OWNER/NAME[@REVISION])")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--api-key-file", type=Path, help="a file holding the bearer key clients must send")
@@ -57,7 +59,8 @@ def _serve(args, listener: socket.socket, limits: Limits, api_key: str | None) -
     from cxrllava_jax.inference.api import CXRLLaVA
     from cxrllava_jax.serving.app import create_app
 
-    model = CXRLLaVA.from_pretrained(args.checkpoint, dtype=args.dtype, quantize=args.quantize)
+    model = CXRLLaVA.from_pretrained(hub.resolve(args.checkpoint, what="--checkpoint"), dtype=args.dtype,
+                                     quantize=args.quantize)
     name = args.model_name or args.checkpoint.resolve().name
     app = create_app(model, name, limits=limits, api_key=api_key, max_batch_size=args.max_batch_size,
                      max_queue=args.max_queue)

@@ -34,6 +34,7 @@ def train_and_evaluate(cfg, workdir) -> dict:
     workdir = Path(workdir)
     run_records.check_config(cfg)
     run_records.check_stage(workdir, cfg)
+    cfg = run_records.with_local_models(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
     writer = jax.process_index() == 0  # one process writes what is not a checkpoint
     if writer and not (workdir / run_records.SUMMARY).exists():  # a finished run's record is kept (below)
