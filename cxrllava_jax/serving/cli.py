@@ -37,6 +37,9 @@ def serve_main(argv) -> int:
     parser.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels)
     parser.add_argument("--max-prompt-tokens", type=int, help="default: what fits the model's context")
     parser.add_argument("--max-output-tokens", type=int, default=defaults.max_output_tokens)
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="the access log (one line per request on stderr) and other log lines: key=value text "
+                             "or one JSON object per line")
     args = parser.parse_args(argv)
     api_key = _read_api_key(args.api_key_file) if args.api_key_file else None
     try:
@@ -57,6 +60,7 @@ def _serve(args, listener: socket.socket, limits: Limits, api_key: str | None) -
     import uvicorn
 
     from cxrllava_jax.inference.api import CXRLLaVA
+    from cxrllava_jax.serving import observability
     from cxrllava_jax.serving.app import create_app
 
     model = CXRLLaVA.from_pretrained(hub.resolve(args.checkpoint, what="--checkpoint"), dtype=args.dtype,
@@ -65,6 +69,7 @@ def _serve(args, listener: socket.socket, limits: Limits, api_key: str | None) -
     app = create_app(model, name, limits=limits, api_key=api_key, max_batch_size=args.max_batch_size,
                      max_queue=args.max_queue)
     host, port = listener.getsockname()[:2]
+    observability.configure_logging(args.log_format)
     print(f"cxrllava serve: model {name!r} at http://{_url_host(host)}:{port}/ (Ctrl-C stops)", file=sys.stderr,
           flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
