@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from cxrllava_jax import files, hub
-from cxrllava_jax.convert import checkpoint, hf_bert, hf_llama, release
+from cxrllava_jax.convert import checkpoint, hf_bert, hf_llama, model_card, release
 from cxrllava_jax.convert.layout import stack_layers
 from cxrllava_jax.domain.tokenizer import TOKENIZER_FILES
 from cxrllava_jax.models.configs import Runtime
@@ -92,9 +92,19 @@ def export_main(argv) -> int:
     if source_tokenizer:
         for f in source_tokenizer.iterdir():
             shutil.copy2(f, staging / f.name)
+    model_card.write(staging, _exported_facts(args.checkpoint, args.layout, kind))
     os.replace(staging, args.out)
     print(f"exported {args.checkpoint} -> {args.out} ({args.layout}, {args.dtype})")
     return 0
+
+
+def _exported_facts(checkpoint_dir: Path, layout: str, kind: str) -> dict:
+    """The checkpoint's own card facts (how it was trained, how it scored) for its export; a checkpoint taken from
+    the Hub is the export's base model."""
+    facts = model_card.read(checkpoint_dir) or {"base_source": str(checkpoint_dir)}
+    exported = "llama" if layout == "hf-llama" else kind
+    return {**facts, "format": layout, "model_kind": exported,
+            "base_model": hub.hub_id(checkpoint_dir) or facts.get("base_model")}
 
 
 def _tokenizer_files(src: Path) -> Path | None:
