@@ -7,6 +7,7 @@ Binds to localhost unless --host says otherwise; with --api-key-file every /v1 r
 """
 
 import argparse
+import logging
 import socket
 import sys
 from pathlib import Path
@@ -70,9 +71,13 @@ def _serve(args, listener: socket.socket, limits: Limits, api_key: str | None) -
                      max_queue=args.max_queue)
     host, port = listener.getsockname()[:2]
     observability.configure_logging(args.log_format)
-    print(f"cxrllava serve: model {name!r} at http://{_url_host(host)}:{port}/ (Ctrl-C stops)", file=sys.stderr,
-          flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
+    started = f"cxrllava serve: model {name!r} at http://{_url_host(host)}:{port}/ (Ctrl-C stops)"
+    if args.log_format == "json":  # then every line on stderr is a JSON object
+        logging.getLogger("cxrllava.serve").info(started)
+    else:
+        print(started, file=sys.stderr, flush=True)
+    # uvicorn's own warnings and errors go through the handlers configure_logging set (log_config=None).
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", log_config=None)).run(sockets=[listener])
     return 0
 
 

@@ -25,6 +25,7 @@ from starlette.responses import Response
 from cxrllava_jax.serving.scheduler import Finished
 
 access_log = logging.getLogger("cxrllava.access")
+SERVER_LOGGERS = {"cxrllava": logging.INFO, "cxrllava_jax": logging.INFO, "uvicorn": logging.WARNING}  # and levels
 # Seconds: a tiny model on a CPU answers in tens of milliseconds, a 7B one on a busy server in tens of seconds.
 _BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 
@@ -160,13 +161,14 @@ class AccessLog:
 
 
 def configure_logging(log_format: str):
-    """The server's loggers (`cxrllava.*`, and the scheduler's) write one line per record to stderr."""
+    """The server's loggers (`cxrllava.*`, the library's, uvicorn's warnings and errors) write one line per record
+    to stderr: `key=value` text, or with "json" one JSON object."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JSONFormatter() if log_format == "json" else _TextFormatter())
-    for name in ("cxrllava", "cxrllava_jax"):
+    for name, level in SERVER_LOGGERS.items():
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
-        logger.setLevel(logging.INFO)
+        logger.setLevel(level)
         logger.propagate = False
 
 

@@ -49,7 +49,6 @@ class _ResidualAttentionBlock(nn.Module):
 
     def __init__(self, width: int, heads: int, mlp_width: int, eps: float, ls_init_value):
         super().__init__()
-        self.heads = heads
         self.ln_1, self.ln_2 = nn.LayerNorm(width, eps=eps), nn.LayerNorm(width, eps=eps)
         self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
         self.mlp = nn.Sequential()
@@ -84,7 +83,9 @@ class _VisionTransformer(nn.Module):
         super().__init__()
         width, patch, size = cfg["width"], cfg["patch_size"], cfg["image_size"]
         eps = (cfg.get("norm_kwargs") or {}).get("eps", 1e-5)
-        self.final_ln_after_pool, self.pool_type = cfg.get("final_ln_after_pool", False), cfg.get("pool_type", "tok")
+        # The language model sees the patch tokens: after ln_post unless it is applied to the pooled token alone
+        # (whatever the pooling, it does not change the tokens).
+        self.final_ln_after_pool = cfg.get("final_ln_after_pool", False)
         self.conv1 = nn.Conv2d(cfg.get("in_chans", 1), width, patch, stride=patch, bias=False)
         self.class_embedding = nn.Parameter(torch.zeros(width))
         self.positional_embedding = nn.Parameter(torch.zeros((size // patch) ** 2 + 1, width))
@@ -158,7 +159,9 @@ class CXRLLAVAModel(PreTrainedModel):
         """The answer to a conversation whose first user turn carries `<image>` (temperature 0: greedy)."""
         ids = self.prompt_ids(chat)
         pixel_values = self.preprocess(image)
-        budget = min(max_new_tokens, self.config.llama["max_position_embeddings"] - len(ids) - 1)
+        vision = self.config.clip_vision_cfg
+        length = len(ids) - 1 + (vision["image_size"] // vision["patch_size"]) ** 2  # the image's patches included
+        budget = min(max_new_tokens, self.config.llama["max_position_embeddings"] - length - 1)
         tokens = self.generate_ids(torch.tensor([ids]), pixel_values, budget, temperature, top_p, seed)
         return self.tokenizer().decode(tokens)
 
