@@ -14,13 +14,14 @@ import zlib
 
 from PIL import Image
 
-from cxrllava_jax.domain import radiograph_guard
 from cxrllava_jax.errors import InputError
 
 # Limits of ours, far above any radiograph (a 43x43 cm detector at 100 um is 4300x4300 pixels, 37 MB in 16 bit):
 # files past them are refused, not decoded into gigabytes.
 MAX_IMAGE_BYTES = 256 * 2**20
 MAX_IMAGE_PIXELS = 100_000_000
+MAX_SIDE = 16384  # no radiograph detector is larger; a bigger "image" is not one (and would exhaust memory)
+MIN_GRAY_BITS = 8  # a 1-bit image is a drawing, not an exposure; one rule for PNG, TIFF and DICOM alike
 # Pillow formats a radiograph comes in (MPO: a JPEG that carries further pictures, refused if it does).
 PIL_FORMATS = ("PNG", "JPEG", "MPO", "TIFF")
 _MODE_BITS = {"1": 1, "L": 8, "P": 8, "LA": 8, "PA": 8, "RGB": 8, "RGBA": 8, "CMYK": 8, "YCbCr": 8,
@@ -29,6 +30,10 @@ _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pix
 _PNG_GRAY_TYPES = (0, 4)
 # Rows handled at once when 16-bit pixels are windowed in float64 (`images`, `dicom_pixels`): ~8 MB a temporary.
 BLOCK_PIXELS = 1 << 20
+
+
+class ImageTooLargeError(InputError):
+    """An image past a size limit (bytes, pixels, side): the server answers 413 rather than 400."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,24 +96,37 @@ def open_image(data: bytes, origin) -> OpenedImage:
 
 def check_bytes(size: int, origin):
     if size > MAX_IMAGE_BYTES:
-        raise InputError(f"{origin}: {size:,} bytes is past the {MAX_IMAGE_BYTES:,}-byte limit for one image")
+        raise ImageTooLargeError(f"{origin}: {size:,} bytes is past the {MAX_IMAGE_BYTES:,}-byte limit for one image")
 
 
 def check_pixels(count: int, origin):
     if count > MAX_IMAGE_PIXELS:
-        raise InputError(f"{origin}: {count:,} pixels is past the {MAX_IMAGE_PIXELS:,}-pixel limit for one image")
+        raise ImageTooLargeError(f"{origin}: {count:,} pixels is past the {MAX_IMAGE_PIXELS:,}-pixel limit for one "
+                                 "image")
+
+
+def check_size(width: int, height: int, origin):
+    if max(width, height) > MAX_SIDE:
+        raise ImageTooLargeError(f"{origin}: image {width}x{height} is larger than any radiograph ({MAX_SIDE} pixels "
+                                 "a side)")
+
+
+def check_gray_levels(bits: int, origin):
+    if bits < MIN_GRAY_BITS:
+        raise InputError(f"{origin}: {bits}-bit image ({2 ** bits} gray levels); a radiograph has {MIN_GRAY_BITS} to "
+                         "16 bits of gray levels")
 
 
 def _check_header(header: ImageHeader, origin):
     if header.width < 1 or header.height < 1:
         raise InputError(f"{origin}: the header declares an image of {header.width}x{header.height} pixels")
     check_pixels(header.pixels, origin)
-    radiograph_guard.check_size(header.width, header.height, origin)
+    check_size(header.width, header.height, origin)
     if header.frames != 1:
         raise InputError(f"{origin}: {header.format} file of {header.frames} images (pages or frames); a radiograph "
                          "is one image: save the one to read as a file of its own")
     if header.samples == 1:
-        radiograph_guard.check_gray_levels(header.bits, origin)
+        check_gray_levels(header.bits, origin)
 
 
 # ---------------------------------------------------------------- PNG, JPEG, TIFF (Pillow)
@@ -119,7 +137,7 @@ def _open_pil(data: bytes, origin) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as error:
-        raise InputError(f"{origin}: more than {MAX_IMAGE_PIXELS:,} pixels ({error})") from error
+        raise ImageTooLargeError(f"{origin}: more than {MAX_IMAGE_PIXELS:,} pixels ({error})") from error
     except Exception as error:  # decoders raise many types for broken headers; each is this file's failure
         raise InputError(f"{origin}: cannot decode image ({type(error).__name__}: {error})") from error
     if image.format not in PIL_FORMATS:

@@ -6,19 +6,18 @@ exports leave them out. A file without such tags (PNG, JPEG, TIFF) is refused wh
 radiograph: real colour (not gray stored as RGB) or a shape no chest film has (`check_content`).
 `allow_non_frontal=True` (`--allow-non-frontal`) reads such files anyway, for people who know what they do.
 
-Whatever the override, every image must have gray levels (8 to 16 bits: a 1-bit image is a drawing, not an
-exposure) and a size no larger than any detector.
+Whatever the override, every image must have gray levels and a size no larger than any detector
+(`image_headers.check_gray_levels`, `image_headers.check_size`).
 """
 
 import numpy as np
 
+from cxrllava_jax.domain.image_headers import check_gray_levels, check_size
 from cxrllava_jax.errors import InputError
 
 RADIOGRAPH_MODALITIES = ("CR", "DX", "DR")
 CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG", "LUNGS")
 LATERAL_VIEWS = ("LL", "RL", "LAT", "LATERAL")
-MAX_SIDE = 16384  # no radiograph detector is larger; a bigger "image" is not one (and would exhaust memory)
-MIN_GRAY_BITS = 8
 # Chest films are 35x43 cm, 43x43 cm or thereabouts (portable ones 24x30 cm): nothing near 2.5 to 1.
 MAX_ASPECT_RATIO = 2.5
 # Gray stored as RGB (JPEG's chroma noise included) differs between channels by a few levels; colour content is
@@ -45,18 +44,6 @@ def check_dicom(ds, origin) -> None:
     view = _tag(ds, "ViewPosition")
     if view in LATERAL_VIEWS:
         _refuse(origin, "ViewPosition", view, "a frontal view (PA or AP)")
-
-
-def check_gray_levels(bits: int, origin) -> None:
-    """One rule for every format: 1-bit PNG, TIFF and DICOM alike (and 2- or 4-bit gray)."""
-    if bits < MIN_GRAY_BITS:
-        raise InputError(f"{origin}: {bits}-bit image ({2 ** bits} gray levels); a radiograph has {MIN_GRAY_BITS} to "
-                         "16 bits of gray levels")
-
-
-def check_size(width: int, height: int, origin) -> None:
-    if max(width, height) > MAX_SIDE:
-        raise InputError(f"{origin}: image {width}x{height} is larger than any radiograph ({MAX_SIDE} pixels a side)")
 
 
 def check_image(image, origin) -> None:
