@@ -180,7 +180,7 @@ def test_label_reads_a_one_megabyte_report(tmp_path):
 def test_non_utf8_reports_name_the_file_and_offset(tmp_path, capsys):
     status, _ = _labeled_rows(tmp_path, "", data="No effusion.\nCaf\xe9 au lait.\n".encode("latin-1"))
     err = capsys.readouterr().err
-    assert status == 1 and "reports.csv: not UTF-8 text (byte 0xe9 at offset 16)" in err and "Traceback" not in err
+    assert status == 1 and "reports.csv: not UTF-8 text (byte 0xe9 at offset 16, line 2)" in err and "Traceback" not in err
 
 
 def test_dataset_tables_name_the_file_on_non_utf8(tmp_path):
