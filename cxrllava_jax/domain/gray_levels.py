@@ -43,6 +43,8 @@ def stretch_to_uint8(pixels: np.ndarray, origin) -> np.ndarray:
         def values(block):
             return block.astype(np.float64)
     low, high = value_range(pixels, values, origin)
+    if low == high:
+        raise InputError(f"{origin}: every pixel is {low:g}: a constant image, no radiograph")
     return map_blocks(pixels, lambda block: window_to_uint8(values(block), low, high))
 
 

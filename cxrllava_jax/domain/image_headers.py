@@ -138,6 +138,9 @@ def _open_pil(data: bytes, origin) -> Image.Image:
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as error:
         raise ImageTooLargeError(f"{origin}: more than {MAX_IMAGE_PIXELS:,} pixels ({error})") from error
+    except Image.UnidentifiedImageError:
+        raise InputError(f"{origin}: cannot decode image: not a readable PNG, JPEG, TIFF or DICOM file (it starts "
+                         f"with {data[:16]!r})") from None
     except Exception as error:  # decoders raise many types for broken headers; each is this file's failure
         raise InputError(f"{origin}: cannot decode image ({type(error).__name__}: {error})") from error
     if image.format not in PIL_FORMATS:

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from cxrllava_jax import files
 from cxrllava_jax.domain import dicom_pixels, radiograph_guard
 from cxrllava_jax.domain.gray_levels import array_to_gray, stretch_to_uint8
 from cxrllava_jax.domain.image_headers import check_bytes, check_png_complete, is_dicom, open_image
@@ -43,6 +44,9 @@ def load_grayscale(path, allow_non_frontal: bool = False) -> Image.Image:
     if path is None:
         raise InputError("no image given (the image path is None)")
     path = Path(path)
+    if files.printable(path) != str(path):
+        raise InputError(f"{files.printable(path)}: the file name is not UTF-8 text (shown with \\x escapes), so no "
+                         "report or error record could name it; rename the file")
     if path.is_dir():
         raise InputError(f"{path}: is a directory; give an image file (PNG, JPEG, TIFF or DICOM) inside it")
     if not path.is_file():
