@@ -405,6 +405,35 @@ def test_non_utf8_reports_name_the_file_and_offset(tmp_path, capsys):
     assert status == 1 and "reports.csv: not UTF-8 text (byte 0xe9 at offset 16, line 2)" in err and "Traceback" not in err
 
 
+def test_a_byte_order_mark_is_not_part_of_the_header(tmp_path):
+    status, table = _labeled_rows(tmp_path, "", data="Reports\nNo effusion.\n".encode("utf-8-sig"))
+    assert status == 0 and table.reports == ["No effusion."]
+    (tmp_path / "config.json").write_bytes('{"a": 1}'.encode("utf-8-sig"))
+    assert files.read_json(tmp_path / "config.json") == {"a": 1}
+
+
+def test_an_unclosed_quote_is_refused_naming_its_line(tmp_path, capsys):
+    status, _ = _labeled_rows(tmp_path, 'Reports\nNo effusion.\n"Mild cardiomegaly.\nNo pneumothorax.\nClear.\n')
+    err = capsys.readouterr().err
+    assert status == 1 and "reports.csv: line 3: a quoted field opened on this line is never closed" in err
+    rows = files.read_csv(_write(tmp_path / "ok.csv", 'a,"multi\nline"\n\n"x"\n'))
+    assert rows == [(1, ["a", "multi\nline"]), (3, []), (4, ["x"])]  # quoted newlines still fine
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_latin1_key_file_is_named_with_its_offset(tmp_path):
+    from cxrllava_jax.serving.cli import _read_api_key
+
+    key = _write(tmp_path / "key.txt", "")
+    key.write_bytes("s\xe9cret\n".encode("latin-1"))
+    with pytest.raises(InputError, match=r"key.txt: not UTF-8 text \(byte 0xe9 at offset 1, line 1\)"):
+        _read_api_key(key)
+
+
 def test_dataset_tables_name_the_file_on_non_utf8(tmp_path):
     from input_pipeline import tables
 
@@ -489,3 +518,64 @@ def test_report_errors_turns_failures_into_lines(capsys):
     assert errors.report_errors("prog", fail(ZeroDivisionError("x")), debug=True) == errors.EXIT_BUG
     assert "Traceback (most recent call last)" in capsys.readouterr().err
     assert errors.report_errors("prog", lambda: None) == 0
+
+
+# ---------------------------------------------------------------- the server: headers priced, admission before decoding
+
+def test_uploads_are_checked_and_priced_from_their_header(tmp_path):
+    from cxrllava_jax.serving import uploads
+    from cxrllava_jax.serving.limits import Limits, RequestError
+
+    limits = Limits()
+    pages = _tiff_pages(tmp_path / "pages.tif", 2).read_bytes()
+    with pytest.raises(RequestError, match="file: pages.tif: TIFF file of 2 images") as caught:
+        uploads.from_upload(pages, "pages.tif", "file", limits)
+    assert caught.value.status == 400 and caught.value.code == "invalid_image"
+    bomb = png_header_only(tmp_path / "bomb.png", 20_000, 10_000).read_bytes()
+    with pytest.raises(RequestError, match="file: bomb.png: more than 100,000,000 pixels") as caught:
+        uploads.from_upload(bomb, "bomb.png", "file", limits)
+    assert caught.value.status == 413
+    out = io.BytesIO()  # 16-bit 6000x6000: 72 MB of pixels in a file of a few hundred KB
+    Image.fromarray(np.tile(np.arange(6000, dtype=np.uint16), (6000, 1))).save(out, format="PNG")
+    image = uploads.from_upload(out.getvalue(), "big16.png", "file", limits)
+    assert image.decode_bytes == 2 * 6000 * 6000 * 2 + 6000 * 6000 + 32 * image_headers.BLOCK_PIXELS
+
+
+def test_admission_holds_decoding_to_its_budget_and_counts_the_queue():
+    """No timing: the event loop is stepped by hand and the state read between steps."""
+    import asyncio
+
+    from cxrllava_jax.serving.admission import Admission
+    from cxrllava_jax.serving.limits import RequestError
+
+    async def scenario():
+        queued = [0]
+        admission = Admission(budget_bytes=100, max_queue=3, queued=lambda: queued[0])
+        releases, inside = {name: asyncio.Event() for name in "ab"}, []
+
+        async def decode(name, cost):
+            async with admission.admitted(cost, "file"):
+                inside.append(name)
+                await releases[name].wait()
+
+        tasks = [asyncio.create_task(decode("a", 60)), asyncio.create_task(decode("b", 60))]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert inside == ["a"] and admission.decoding_bytes == 60 and admission.preparing == 2  # b waits for room
+        with pytest.raises(RequestError, match="needs about 0 MiB") as too_big:
+            async with admission.admitted(101, "file"):
+                pass
+        queued[0] = 1  # one prepared request waits for the model: 2 preparing + 1 queued = --max-queue 3
+        with pytest.raises(RequestError, match="3 requests are already waiting") as busy:
+            async with admission.admitted(10, "file"):
+                pass
+        releases["a"].set()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert inside == ["a", "b"] and admission.decoding_bytes == 60 and admission.preparing == 1
+        releases["b"].set()
+        await asyncio.gather(*tasks)
+        assert admission.decoding_bytes == 0 and admission.preparing == 0
+        return too_big.value.status, busy.value.status
+
+    assert asyncio.run(scenario()) == (413, 503)
