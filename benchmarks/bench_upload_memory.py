@@ -5,7 +5,7 @@
 `--tree` is the source tree whose `cxrllava serve` runs (default: this one; pass a checkout of an older commit to
 measure it the same way). The server runs the tests' tiny checkpoint on a free port. After one warm-up request
 (compiles, loads), its peak-RSS counter is reset (`/proc/PID/clear_refs`), then `--clients` threads post, all at
-once, the same 16-bit 6000x6000 PNG (a gradient, ~100 KB as a file, 72 MB as pixels) to `/v1/report` with
+once, the same 16-bit 6000x6000 PNG (a gradient: ~300 KB as a file, 72 MB as pixels) to `/v1/report` with
 `max_tokens=1`, and VmHWM is read from `/proc/PID/status`. A watchdog polls VmRSS and kills the server past
 `--cap-gb` (the machine is shared): a killed run reports the cap as a lower bound. Results (statuses, VmHWM
 before and after the burst, the load average) are merged into benchmarks/results/upload_memory.json under the
@@ -18,7 +18,6 @@ import json
 import os
 import pathlib
 import re
-import subprocess
 import sys
 import threading
 import time
@@ -27,7 +26,8 @@ import urllib.request
 import numpy as np
 from PIL import Image
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from bench_serve import ROOT, Server
+
 sys.path.insert(0, str(ROOT))
 NIH_PNG = ROOT / "tests" / "fixtures" / "real-cxr" / "nih" / "00000001_000.png"
 
@@ -53,34 +53,15 @@ def status_kb(pid: int, key: str) -> int:
     return int(re.search(rf"^{key}:\s+(\d+) kB", text, re.M)[1])
 
 
-class Server:
-    def __init__(self, tree: pathlib.Path, checkpoint, max_queue: int):
-        command = [sys.executable, "-m", "cxrllava_jax.cli", "serve", "--checkpoint", str(checkpoint), "--port", "0",
-                   "--model-name", "tiny", "--max-queue", str(max_queue)]
-        env = {**os.environ, "PYTHONPATH": str(tree), "JAX_PLATFORMS": "cpu", "CXRLLAVA_COMPILATION_CACHE": "off"}
-        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=tree, env=env)
-        for line in self.process.stderr:
-            if match := re.search(r"http://([\d.]+):(\d+)/", line):
-                self.url = f"http://{match[1]}:{match[2]}"
-                break
-        else:
-            raise RuntimeError(f"cxrllava serve exited with {self.process.wait()}")
-        threading.Thread(target=self.process.stderr.read, daemon=True).start()
-
-    def post(self, body: bytes, content_type: str) -> int:
-        request = urllib.request.Request(f"{self.url}/v1/report", data=body, headers={"Content-Type": content_type})
-        try:
-            with urllib.request.urlopen(request, timeout=600) as reply:
-                return reply.status
-        except urllib.error.HTTPError as error:
-            return error.code
-        except OSError:
-            return -1  # the connection failed (the watchdog killed the server)
-
-    def close(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=60)
+def post(server: Server, body: bytes, content_type: str) -> int:
+    request = urllib.request.Request(f"{server.url}/v1/report", data=body, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=600) as reply:
+            return reply.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return -1  # the connection failed (the watchdog killed the server)
 
 
 def burst(server: Server, body: bytes, content_type: str, clients: int, cap_kb: int) -> dict:
@@ -99,7 +80,7 @@ def burst(server: Server, body: bytes, content_type: str, clients: int, cap_kb: 
             time.sleep(0.02)
 
     threading.Thread(target=watch, daemon=True).start()
-    threads = [threading.Thread(target=lambda: statuses.append(server.post(body, content_type)))
+    threads = [threading.Thread(target=lambda: statuses.append(post(server, body, content_type)))
                for _ in range(clients)]
     start = time.perf_counter()
     for thread in threads:
@@ -130,9 +111,9 @@ def main():
     warm_body, _ = multipart("cxr.png", NIH_PNG.read_bytes())
     results = {}
     for max_queue in args.max_queue:
-        server = Server(args.tree.resolve(), checkpoint, max_queue)
+        server = Server(checkpoint, max_queue, tree=args.tree.resolve())
         try:
-            assert server.post(warm_body, content_type) == 200, "the warm-up request failed"
+            assert post(server, warm_body, content_type) == 200, "the warm-up request failed"
             idle = status_kb(server.process.pid, "VmHWM")
             pathlib.Path(f"/proc/{server.process.pid}/clear_refs").write_text("5")  # peak RSS := current RSS
             after_reset = status_kb(server.process.pid, "VmHWM")
