@@ -18,9 +18,10 @@ from tests.dicom_files import write_dicom
 STORED = (np.arange(32 * 32).reshape(32, 32) * 4 % 4096).astype(np.uint16)
 
 
-def png_header_only(path, width: int, height: int):
-    """A PNG that declares `width` x `height` 8-bit gray pixels but holds one row: decoders read the size first."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+def png_header_only(path, width: int, height: int, depth: int = 8):
+    """A PNG that declares `width` x `height` gray pixels of `depth` bits but holds one row of zeros (one byte a
+    pixel): decoders read the size first."""
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, 0, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
                      + _png_chunk(b"IDAT", zlib.compress(b"\0" * (width + 1))) + _png_chunk(b"IEND", b""))
     return path

@@ -133,6 +133,11 @@ DAMAGED = {  # name -> (how the file is made, what the error must say)
     "bits_20.dcm": (lambda p: _dicom_with(p, BitsAllocated=32, BitsStored=20,
                                           PixelData=STORED.astype("<u4").tobytes()), r"BitsStored is 20"),
     "no_rows.dcm": (lambda p: _dicom_with(p, Rows=None), r"DICOM image elements missing"),
+    "rows_zero.dcm": (lambda p: _dicom_with(p, Rows=0), r"the header declares an image of 32x0 pixels"),
+    "samples_3_mono.dcm": (lambda p: _dicom_with(p, SamplesPerPixel=3), r"SamplesPerPixel 3 with photometric "
+                                                                       r"interpretation 'MONOCHROME2'"),
+    "declared_big.png": (lambda p: png_header_only(p, 3000, 2000),
+                         r"the PNG image data ends early \(3,001 of 6,002,000 bytes, about 1 of 2000 rows\)"),
     "pages.tif": (lambda p: _tiff_pages(p, 3), r"TIFF file of 3 images \(pages or frames\)"),
     "animated.png": (lambda p: Image.fromarray(textured(48, 48)).save(
         p, save_all=True, append_images=[Image.fromarray(textured(48, 48, 1))]), r"PNG file of 2 images"),
@@ -535,9 +540,8 @@ def test_uploads_are_checked_and_priced_from_their_header(tmp_path):
     with pytest.raises(RequestError, match="file: bomb.png: more than 100,000,000 pixels") as caught:
         uploads.from_upload(bomb, "bomb.png", "file", limits)
     assert caught.value.status == 413
-    out = io.BytesIO()  # 16-bit 6000x6000: 72 MB of pixels in a file of a few hundred KB
-    Image.fromarray(np.tile(np.arange(6000, dtype=np.uint16), (6000, 1))).save(out, format="PNG")
-    image = uploads.from_upload(out.getvalue(), "big16.png", "file", limits)
+    big16 = png_header_only(tmp_path / "big16.png", 6000, 6000, depth=16).read_bytes()  # 72 MB of pixels, 20 bytes
+    image = uploads.from_upload(big16, "big16.png", "file", limits)
     assert image.decode_bytes == 2 * 6000 * 6000 * 2 + 6000 * 6000 + 32 * image_headers.BLOCK_PIXELS
 
 

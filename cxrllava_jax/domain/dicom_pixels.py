@@ -32,6 +32,9 @@ def check_elements(ds, header: ImageHeader, origin):
     if header.samples == 1 and not photometric.startswith("MONOCHROME") and photometric != "PALETTE COLOR":
         raise InputError(f"{origin}: photometric interpretation {photometric!r} with one sample per pixel is not "
                          "supported")
+    if header.samples != 1 and (header.samples != 3 or not photometric.startswith(("RGB", "YBR"))):
+        raise InputError(f"{origin}: SamplesPerPixel {header.samples} with photometric interpretation "
+                         f"{photometric!r}: a gray image has 1 sample per pixel, a colour one 3 (RGB or YBR)")
     check_dicom_pixel_data(ds, header, origin)
     if "RescaleSlope" in ds and "ModalityLUTSequence" not in ds and _number(ds.RescaleSlope, origin) == 0:
         raise InputError(f"{origin}: RescaleSlope is 0, which makes every pixel {ds.get('RescaleIntercept', 0)}: "

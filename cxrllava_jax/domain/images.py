@@ -61,9 +61,13 @@ def load_grayscale(path, allow_non_frontal: bool = False) -> Image.Image:
 
 
 def is_dicom_file(path) -> bool:
-    """A DICOM Part 10 file: a 128-byte preamble, then "DICM" (whatever the file is called)."""
-    with open(path, "rb") as f:
-        return is_dicom(f.read(132))
+    """A DICOM Part 10 file: a 128-byte preamble, then "DICM" (whatever the file is called). A file that cannot be
+    read is none (a folder of images is not refused for an unreadable stray file)."""
+    try:
+        with open(path, "rb") as f:
+            return is_dicom(f.read(132))
+    except OSError:
+        return False
 
 
 def decode_grayscale(data: bytes, origin, allow_non_frontal: bool = False) -> Image.Image:
