@@ -25,7 +25,6 @@ import uuid
 
 from python_multipart import create_form_parser
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -34,6 +33,7 @@ from starlette.routing import Route
 
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.serving import compiles, observability, requests, uploads
+from cxrllava_jax.serving.admission import Admission
 from cxrllava_jax.serving.limits import Limits, RequestError
 from cxrllava_jax.serving.scheduler import Failed, Finished, Job, QueueFull, Scheduler, TextDelta
 from cxrllava_jax.domain.images import decode_grayscale
@@ -49,6 +49,7 @@ def create_app(model, model_id: str, *, limits: Limits = Limits(), api_key: str 
                max_batch_size: int = 16, max_queue: int = 64) -> Starlette:
     """`model`: a loaded `inference.api.CXRLLaVA`; `model_id`: the name clients pass as `model`."""
     scheduler = Scheduler(model, max_batch_size=max_batch_size, max_queue=max_queue)
+    admission = Admission(limits.max_decode_bytes, max_queue, lambda: scheduler.stats()["waiting"])
     programs = compiles.counter()
     created = int(time.time())
     page = _page(model_id, limits)
@@ -105,10 +106,11 @@ def create_app(model, model_id: str, *, limits: Limits = Limits(), api_key: str 
         authorize(request)
         data = await _read_body(request, limits.max_image_bytes)
         image = uploads.from_upload(data, request.query_params.get("filename", ""), "body", limits)
-        return Response(await run_in_threadpool(_preview_png, image), media_type="image/png")
+        return Response(await admission.run(image, "body", _preview_png, image), media_type="image/png")
 
     async def submit(request: Request, generation: requests.Generation):
-        prepared = await run_in_threadpool(requests.prepare, generation, model, limits)
+        prepared = await admission.run(generation.image, generation.image_field, requests.prepare, generation,
+                                       model, limits)
         sink = _Sink(asyncio.get_running_loop())
         job = Job(prepared.prompt, prepared.pixels, generation.sampling, sink, stream=generation.stream)
         observability.watch(request, job, len(prepared.prompt))
