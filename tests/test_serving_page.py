@@ -162,7 +162,7 @@ def test_report_and_follow_up_in_the_browser(model, server, browser):
     browser.find_element(By.ID, "file").send_keys(str(NON_CHEST_DICOM))
     WebDriverWait(browser, 60).until(lambda b: "BodyPartExamined" in b.find_element(By.ID, "status").text)
     status = browser.find_element(By.ID, "status")
-    assert "Cannot use RG3_J2KR.dcm" in status.text and "No image is loaded" in status.text
+    assert "Cannot use RG3_J2KR.dcm, so no image is loaded" in status.text and "under Settings" in status.text
     assert "error" in status.get_attribute("class")
     assert _answers(browser) == [] and browser.find_element(By.ID, "subject").text == "No image loaded"
     assert all(_disabled(browser, "report-button", "differential-button", "question", "ask-button", "copy-button",
@@ -182,3 +182,9 @@ def test_report_and_follow_up_in_the_browser(model, server, browser):
     assert _answers(browser) == [model.chat(turns, NIH_PNG, temperature=0.0, max_new_tokens=ANSWER_TOKENS)]
     assert _about(browser) == ["00000001_000.png"]
     assert _disabled(browser, "copy-button") == [True]  # the copy button copies a report, and none was written
+
+    # The setting that reads a non-frontal file anyway (the server's allow_non_frontal field).
+    browser.find_element(By.ID, "allow-non-frontal").click()
+    browser.find_element(By.ID, "file").send_keys(str(NON_CHEST_DICOM))
+    WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, "report-button").is_enabled())
+    assert browser.find_element(By.ID, "subject").text == "Image: RG3_J2KR.dcm" and _answers(browser) == []

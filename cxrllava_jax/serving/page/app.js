@@ -48,7 +48,7 @@ async function load(file) {
     bitmap = await createImageBitmap(await response.blob());
     url = `data:${mediaType(file, bytes)};base64,${await base64(file)}`;
   } catch (error) {
-    if (ticket === state.loading) setStatus(`Cannot use ${file.name}: ${error.message} No image is loaded.`, true);
+    if (ticket === state.loading) setStatus(`Cannot use ${file.name}, so no image is loaded: ${forThePage(error.message)}`, true);
     return;
   }
   if (ticket !== state.loading) return;
@@ -57,6 +57,12 @@ async function load(file) {
   $("subject").textContent = `Image: ${file.name}`;
   enable({ tasks: true, question: true });
   setStatus(`${file.name} loaded. Write a report, ask for a differential diagnosis, or ask a question.`);
+}
+
+// The server's advice names its request field; on the page, the setting is what sends it.
+function forThePage(message) {
+  return message.replace(/to read it anyway, send allow_non_frontal.*$/s,
+                         'to read it anyway, tick "Read DICOM files whose tags say..." under Settings and choose the file again.');
 }
 
 function forgetImage() {
