@@ -107,6 +107,16 @@ BAD_JSON = [
      .encode(), 400, "messages[0].content[1].image_url", r"not valid base64"),
     ("base64 with a non-ASCII character", json.dumps(_good(messages=[image_message("x", "data:image/png;base64,é")]))
      .encode(), 400, "messages[0].content[1].image_url", r"outside base64's alphabet"),
+    ("a key twice", json.dumps(_good()).replace('"max_tokens": 2', '"max_tokens": 2, "max_tokens": 400').encode(),
+     400, "max_tokens", r"the key 'max_tokens' appears twice"),
+    ("200,000 values", json.dumps(_good(metadata=[0] * 200_000)).encode(), 400, None,
+     r"more than 100,000 JSON values \(200,0\d\d commas\)"),
+    ("2,000 messages", json.dumps(_good(messages=[{"role": "user", "content": "a"}] * 2000)).encode(), 400,
+     "messages", r"messages holds 2,000 turns; this server takes at most 1,024"),
+    ("two images", json.dumps(_good(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(NIH_PNG)}},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,!!"}}]}])).encode(), 400, "messages",
+     r"exactly one image .* it holds 2"),
     ("a non-frontal DICOM", json.dumps(_good(messages=[image_message("x", data_url(HAND, "application/dicom"))])).encode(), 400,
      "messages[0].content[1].image_url", r"BodyPartExamined.*send allow_non_frontal: true"),
 ]

@@ -37,6 +37,9 @@ _FORM_FIELDS = ("file", "temperature", "top_p", "max_tokens", "seed", "allow_non
 MAX_JSON_DEPTH = 16  # a chat request nests 6 deep (body, messages, message, content, part, image_url)
 MAX_NUMBER_CHARS = 40  # a number literal longer than this is no option's value (and int() of 5,000 digits is slow)
 MAX_FORM_PARTS = 16
+MAX_JSON_VALUES = 100_000
+# More turns than this cannot fit the release's context of 4,096 tokens (each turn's template takes several).
+MAX_MESSAGES = 1024
 # The library's advice for the command line; a server's client sends the request field instead.
 _CLI_OVERRIDE = "pass --allow-non-frontal (allow_non_frontal=True) to read it anyway"
 _OVERRIDE = ("to read it anyway, send allow_non_frontal: true (a JSON body field of /v1/chat/completions, a form "
@@ -71,8 +74,14 @@ def read_json(body: bytes) -> dict:
         text = body.decode("utf-8")
     except UnicodeDecodeError as error:
         raise RequestError(400, f"the request body is not UTF-8 (byte {error.start:,}: {error.reason})") from None
+    # Parsed JSON takes up to ~100 times the bytes of small values ([1,1,...], {}): count them before parsing.
+    # Every value but a container's first follows a comma (base64 has none; text is bounded far below this).
+    if (values := text.count(",")) > MAX_JSON_VALUES:
+        raise RequestError(400, f"the request body holds more than {MAX_JSON_VALUES:,} JSON values ({values:,} "
+                                "commas)")
     try:
-        value = json.loads(text, parse_int=_bounded(int), parse_float=_bounded(float), parse_constant=_NotJson)
+        value = json.loads(text, parse_int=_bounded(int), parse_float=_bounded(float), parse_constant=_NotJson,
+                           object_pairs_hook=_unique_keys)
     except RecursionError:
         path = _deep_path(text)
         raise RequestError(400, f"{path or 'the request body'}: JSON nested more than {MAX_JSON_DEPTH} levels deep",
@@ -196,6 +205,9 @@ def _conversation(messages, limits: Limits) -> tuple[list[dict], uploads.Uploade
     """OpenAI messages -> text turns and the one image (it belongs to the conversation's first user turn)."""
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "messages must be a non-empty list", "messages")
+    if len(messages) > MAX_MESSAGES:
+        raise RequestError(400, f"messages holds {len(messages):,} turns; this server takes at most {MAX_MESSAGES:,}",
+                           "messages", "context_length_exceeded")
     turns, images, characters = [], [], 0
     for i, message in enumerate(messages):
         field = f"messages[{i}]"
@@ -220,17 +232,16 @@ def _conversation(messages, limits: Limits) -> tuple[list[dict], uploads.Uploade
                                        f"{part_field}.text", "context_length_exceeded")
             elif part.get("type") == "image_url" and role == "user":
                 url = part.get("image_url")
-                url = url.get("url") if isinstance(url, dict) else url
-                images.append((part_field, uploads.from_data_url(url, f"{part_field}.image_url", limits)))
+                images.append((part_field, url.get("url") if isinstance(url, dict) else url))
             else:
                 raise RequestError(400, f"{part_field}: expected a text part or (in a user message) an image_url "
                                         f"part, got type {shown(part.get('type'))}", part_field)
         turns.append({"role": role, "content": "\n".join(texts)})
-    if len(images) != 1:
+    if len(images) != 1:  # counted before any is decoded
         raise RequestError(400, f"the conversation must hold exactly one image (an image_url part with a data: URL "
                                 f"of a PNG, JPEG or DICOM chest radiograph); it holds {len(images)}", "messages")
-    (field, image), = images
-    return turns, image, f"{field}.image_url"
+    (field, url), = images
+    return turns, uploads.from_data_url(url, f"{field}.image_url", limits), f"{field}.image_url"
 
 
 def _parts(content, field: str) -> list[dict]:
@@ -267,6 +278,16 @@ class _TooLong(str):
 
 class _NotJson(str):
     """NaN, Infinity or -Infinity, which Python's parser accepts and JSON does not have."""
+
+
+def _unique_keys(pairs: list) -> dict:
+    """An object whose key appears twice is ambiguous (which max_tokens counts?): refused, not the last taken."""
+    value = dict(pairs)
+    if len(value) < len(pairs):
+        seen = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise RequestError(400, f"the key {shown(twice)} appears twice in one JSON object", twice)
+    return value
 
 
 def _bounded(parse):
