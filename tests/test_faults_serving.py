@@ -252,10 +252,16 @@ def test_http_layer_oddities(server, caplog):
     answer = _raw(server, head.replace(b"application/json", b"text/plain") + b"Content-Length: %d\r\n\r\n" % len(body)
                   + body)
     assert _status(answer) == 400 and b"seed must be" in answer
-    # A client that hangs up half way through its body: one line in the log, no traceback.
-    with caplog.at_level(logging.WARNING):
-        _raw(server, head + b"Content-Length: 100000\r\n\r\n" + body[:100], then_close=True)
-        server.wait_for(lambda _: any("hung up" in r.getMessage() for r in caplog.records), timeout=60)
+    # A client that hangs up half way through its body: one line in the log, no traceback (uvicorn logs an
+    # application's exception on its own logger, which does not propagate to the root).
+    uvicorn_log = logging.getLogger("uvicorn")
+    uvicorn_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING):
+            _raw(server, head + b"Content-Length: 100000\r\n\r\n" + body[:100], then_close=True)
+            server.wait_for(lambda _: any("hung up" in r.getMessage() for r in caplog.records), timeout=60)
+    finally:
+        uvicorn_log.removeHandler(caplog.handler)
     assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
     assert server.post_json("/v1/chat/completions", _good(max_tokens=1))[0] == 200
 
