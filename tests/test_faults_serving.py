@@ -207,6 +207,17 @@ def test_sampling_ranges_are_one_set(values, option):
     assert SamplingOptions(temperature=1e-40).temperature == 0.0
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--seed", "4294967296", "--seed 4294967296: must be an integer in [0, 2**32)"),
+    ("--top-p", "0", "--top-p 0.0: must be a number in (0, 1]"),
+    ("--temperature", "2.5", "--temperature 2.5: must be a number in [0, 2]"),
+])
+def test_the_command_line_has_the_same_ranges(tmp_path, capsys, flag, value, message):
+    assert cli.main(["report", "--checkpoint", str(tmp_path / "none"), str(NIH_PNG), flag, value]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"cxrllava report: {message}") and len(err.strip().splitlines()) == 1, err
+
+
 def test_405_names_the_allowed_methods(server):
     status, reply = server.request("GET", "/v1/chat/completions")
     assert status == 405 and "GET /v1/chat/completions" in reply["error"]["message"]
