@@ -7,6 +7,7 @@ model. Cases that generate ask for a few tokens.
 """
 
 import base64
+import gzip
 import http.client
 import io
 import json
@@ -16,6 +17,7 @@ import socket
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from cxrllava_jax import cli
 from cxrllava_jax.inference.generate import SamplingOptions
@@ -290,3 +292,29 @@ def test_serve_refuses_bad_settings_in_one_line(tmp_path, capsys, flags, message
     assert cli.main(["serve", "--checkpoint", str(tmp_path / "none"), "--port", "0", *flags]) == 1
     err = capsys.readouterr().err
     assert err.strip() == f"cxrllava serve: {message}" or (message in err and len(err.strip().splitlines()) == 1), err
+
+
+def test_the_full_depth_preview_keeps_every_value(server, tmp_path):
+    """`/v1/preview?depth=full`, the page's window: the file's own values, exactly, and the loader's window."""
+    values = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 7 + 1000)
+    png = io.BytesIO()
+    Image.fromarray(values).save(png, format="PNG")
+    dicom = io.BytesIO()
+    write_dicom(dicom, values, photometric="MONOCHROME1", bits_stored=16, RescaleSlope=2, RescaleIntercept=-1024,
+                WindowCenter=5000, WindowWidth=2001)
+    for data, name, expected, window, invert in [
+            (png.getvalue(), "a.png", values, (values.min(), values.max()), "0"),
+            (dicom.getvalue(), "a.dcm", values * 2.0 - 1024, (3999.5, 5999.5), "1")]:
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+        conn.request("POST", f"/v1/preview?filename={name}&depth=full", body=data)
+        response = conn.getresponse()
+        body = response.read()
+        conn.close()
+        assert response.status == 200 and response.getheader("Content-Encoding") == "gzip", body[:200]
+        head = {key: float(response.getheader(f"X-{key}")) for key in
+                ("Image-Width", "Image-Height", "Value-Offset", "Value-Scale", "Window-Low", "Window-High")}
+        codes = np.frombuffer(gzip.decompress(body), "<u2").reshape(int(head["Image-Height"]), int(head["Image-Width"]))
+        np.testing.assert_array_equal(head["Value-Offset"] + codes / head["Value-Scale"], expected)
+        assert (head["Window-Low"], head["Window-High"]) == window and response.getheader("X-Invert") == invert
+    status, reply = server.request("POST", "/v1/preview?depth=12", png.getvalue())
+    assert status == 400 and reply["error"]["param"] == "depth"

@@ -13,7 +13,9 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.inference.generate import Generator
@@ -91,7 +93,7 @@ def _wait_until_answered(browser, count: int):
         lambda b: len(_answers(b)) == count and b.find_element(By.ID, "status").text.startswith("Done"))
 
 
-def test_report_and_follow_up_in_the_browser(model, server, browser):
+def test_report_and_follow_up_in_the_browser(model, server, browser, tmp_path):
     browser.get(server.url)
     assert "research use only" in browser.find_element(By.CSS_SELECTOR, ".notice").text.lower()
     browser.find_element(By.CSS_SELECTOR, "details summary").click()
@@ -115,8 +117,9 @@ def test_report_and_follow_up_in_the_browser(model, server, browser):
     centre = ("return Array.from(document.getElementById('image').getContext('2d')"
               ".getImageData(256, 256, 1, 1).data);")
     before = browser.execute_script(centre)
+    level = float(browser.find_element(By.ID, "level-value").text)
     browser.find_element(By.ID, "level").send_keys(Keys.ARROW_LEFT * 20)  # windowing from the keyboard
-    assert browser.find_element(By.ID, "level-value").text == "108"
+    assert float(browser.find_element(By.ID, "level-value").text) == level - 20
     assert browser.execute_script(centre) != before
 
     assert browser.find_element(By.ID, "subject").text == "Image: 00000001_000.png"
@@ -188,3 +191,24 @@ def test_report_and_follow_up_in_the_browser(model, server, browser):
     browser.find_element(By.ID, "file").send_keys(str(NON_CHEST_DICOM))
     WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, "report-button").is_enabled())
     assert browser.find_element(By.ID, "subject").text == "Image: RG3_J2KR.dcm" and _answers(browser) == []
+
+    # The window acts on the file's 16-bit values: a band of 16 levels (1000..1015) that the model's 8-bit
+    # picture (stretched over 0..60000) shows as one gray is 16 grays once windowed to it.
+    values = np.full((128, 128), 1000, np.uint16) + np.arange(128, dtype=np.uint16) % 16
+    values[0, 0], values[0, 1] = 0, 60000
+    deep = tmp_path / "band16.png"
+    Image.fromarray(values).save(deep)
+    browser.find_element(By.ID, "file").send_keys(str(deep))
+    WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, "subject").text == "Image: band16.png")
+    band = ("const d = document.getElementById('image').getContext('2d').getImageData(0, 64, 128, 1).data;"
+            "return Array.from(new Set(d.filter((_, i) => i % 4 === 0)));")
+    assert len(browser.execute_script(band)) == 1
+    browser.execute_script("""
+        for (const [id, value] of [['level', 1008], ['width', 16]]) {
+            document.getElementById(id).value = value;
+            document.getElementById(id).dispatchEvent(new Event('input'));
+        }""")
+    assert browser.find_element(By.ID, "level-value").text == "1008"
+    assert len(browser.execute_script(band)) == 16
+    browser.find_element(By.ID, "reset-window").click()
+    assert len(browser.execute_script(band)) == 1

@@ -7,7 +7,8 @@
     POST /v1/report                 multipart form with `file` (PNG, JPEG or DICOM) -> {"report": ...}
     POST /v1/differential-diagnosis the same -> {"differential_diagnosis": ...}
     POST /v1/preview                the image file as the body -> the 8-bit grayscale PNG the model's loader
-                                    decodes (DICOM windowed as its tags say), for the page's viewer
+                                    decodes (DICOM windowed as its tags say), for the page's viewer;
+                                    `?depth=full`: the image's own values for the viewer's window (preview.py)
 
 Every refusal is a 4xx JSON body in OpenAI's shape ({"error": {"message", "type", "param", "code"}}).
 Request content lives in memory only.
@@ -32,7 +33,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from cxrllava_jax.domain import prompting
-from cxrllava_jax.serving import compiles, requests, uploads
+from cxrllava_jax.serving import compiles, preview, requests, uploads
 from cxrllava_jax.serving.limits import Limits, RequestError
 from cxrllava_jax.serving.scheduler import Failed, Finished, Job, QueueFull, Scheduler, TextDelta
 from cxrllava_jax.domain.images import decode_grayscale
@@ -97,12 +98,16 @@ def create_app(model, model_id: str, *, limits: Limits = Limits(), api_key: str 
 
         return answer
 
-    async def preview(request: Request):
+    async def preview_image(request: Request):
         authorize(request)
         data = await _read_body(request, limits.max_image_bytes)
         image = uploads.from_upload(data, request.query_params.get("filename", ""), "body", limits)
         allow = requests.form_flag(request.query_params, "allow_non_frontal")
-        return Response(await run_in_threadpool(_preview_png, image, allow), media_type="image/png")
+        depth = request.query_params.get("depth", "8")
+        if depth not in ("8", "full"):
+            raise RequestError(400, f"depth must be 8 (the model's view, a PNG) or full (the image's values), got "
+                                    f"{depth[:20]!r}", "depth")
+        return await run_in_threadpool(_preview, image, allow, depth == "full")
 
     async def submit(generation: requests.Generation):
         prepared = await run_in_threadpool(requests.prepare, generation, model, limits)
@@ -126,7 +131,7 @@ def create_app(model, model_id: str, *, limits: Limits = Limits(), api_key: str 
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/report", task_endpoint("report"), methods=["POST"]),
         Route("/v1/differential-diagnosis", task_endpoint("differential_diagnosis"), methods=["POST"]),
-        Route("/v1/preview", preview, methods=["POST"]),
+        Route("/v1/preview", preview_image, methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={RequestError: _refusal, HTTPException: _http_error})
@@ -305,15 +310,18 @@ async def _read_form(request: Request, limits: Limits) -> tuple[dict, dict]:
     return fields, files
 
 
-def _preview_png(image: uploads.UploadedImage, allow_non_frontal: bool) -> bytes:
+def _preview(image: uploads.UploadedImage, allow_non_frontal: bool, full_depth: bool) -> Response:
     try:
         gray = decode_grayscale(image.read_bytes(), image, allow_non_frontal)
     except InputError as error:
         raise requests.image_refusal(error, "body") from error
+    if full_depth:
+        values = preview.full_depth(image.read_bytes(), image.name, gray, PREVIEW_MAX_SIDE)
+        return Response(values.body(), media_type="application/octet-stream", headers=values.headers())
     gray.thumbnail((PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE))
     out = io.BytesIO()
     gray.save(out, format="PNG")
-    return out.getvalue()
+    return Response(out.getvalue(), media_type="image/png")
 
 
 async def _refusal(request: Request, error: RequestError) -> JSONResponse:

@@ -38,7 +38,7 @@ async function load(file) {
   forgetImage();
   setStatus(`Reading ${file.name}...`);
   const allowNonFrontal = $("allow-non-frontal").checked;
-  let bitmap, url;
+  let bitmap, depth, url;
   try {
     const bytes = new Uint8Array(await file.arrayBuffer());
     // The server decodes it as the model will (DICOM windowed by its tags) and returns an 8-bit PNG to show.
@@ -46,6 +46,7 @@ async function load(file) {
     const response = await fetch(`/v1/preview?${query}`, { method: "POST", headers: headers(), body: bytes });
     if (!response.ok) throw new Error(await errorText(response));
     bitmap = await createImageBitmap(await response.blob());
+    depth = await fullDepth(bytes, query);
     url = `data:${mediaType(file, bytes)};base64,${await base64(file)}`;
   } catch (error) {
     if (ticket === state.loading) setStatus(`Cannot use ${file.name}, so no image is loaded: ${forThePage(error.message)}`, true);
@@ -53,7 +54,7 @@ async function load(file) {
   }
   if (ticket !== state.loading) return;
   state.image = { name: file.name, url, allowNonFrontal };
-  showImage(bitmap, file.name);
+  showImage(bitmap, file.name, depth);
   $("subject").textContent = `Image: ${file.name}`;
   enable({ tasks: true, question: true });
   setStatus(`${file.name} loaded. Write a report, ask for a differential diagnosis, or ask a question.`);
@@ -93,17 +94,34 @@ function base64(file) {
 
 // ------------------------------------------------------------------ the viewer: window level and width
 
-function showImage(bitmap, name) {
+// The canvas first shows the loader's 8-bit picture: what the model sees. The sliders window the image's own
+// values (16-bit PNG or TIFF, DICOM after its modality LUT; from /v1/preview?depth=full), in the file's units, so
+// no gray level the 8-bit picture merged is lost; "Reset window" returns to the model's picture.
+async function fullDepth(bytes, query) {
+  const response = await fetch(`/v1/preview?${query}&depth=full`, { method: "POST", headers: headers(), body: bytes });
+  if (!response.ok) throw new Error(await errorText(response));
+  const number = (name) => +response.headers.get(name);
+  const codes = new Uint16Array(await response.arrayBuffer());
+  let top = 0;
+  for (const code of codes) if (code > top) top = code;
+  return { codes, width: number("X-Image-Width"), height: number("X-Image-Height"), offset: number("X-Value-Offset"),
+           scale: number("X-Value-Scale"), low: number("X-Window-Low"), high: number("X-Window-High"),
+           invert: response.headers.get("X-Invert") === "1", top: number("X-Value-Offset") + top / number("X-Value-Scale") };
+}
+
+function showImage(bitmap, name, depth) {
   const canvas = $("image");
   canvas.width = bitmap.width;
   canvas.height = bitmap.height;
   const ctx = canvas.getContext("2d");
   ctx.drawImage(bitmap, 0, 0);
-  const rgba = ctx.getImageData(0, 0, canvas.width, canvas.height);
-  const gray = new Uint8Array(canvas.width * canvas.height);
-  for (let i = 0; i < gray.length; i++) gray[i] = rgba.data[4 * i];
-  state.pixels = { rgba, gray };
+  state.pixels = { model: ctx.getImageData(0, 0, canvas.width, canvas.height), depth };
   canvas.setAttribute("aria-label", `Chest radiograph ${name}, ${bitmap.width} by ${bitmap.height} pixels`);
+  // Integer values step by one; others by a thousandth of their range.
+  const range = Math.max(depth.top - depth.offset, 1e-9);
+  const step = depth.scale === 1 ? 1 : range / 1000;
+  Object.assign($("level"), { min: depth.offset, max: depth.top, step });
+  Object.assign($("width"), { min: step, max: range, step });
   $("window-controls").disabled = false;
   resetWindow();
 }
@@ -111,26 +129,36 @@ function showImage(bitmap, name) {
 function render() {
   if (!state.pixels) return;
   const level = +$("level").value, width = +$("width").value, invert = $("invert").checked;
-  $("level-value").value = level;
-  $("width-value").value = width;
-  const lut = new Uint8ClampedArray(256);
-  for (let v = 0; v < 256; v++) {
-    const y = ((v - (level - width / 2)) / width) * 255;
-    lut[v] = invert ? 255 - y : y;
+  showWindow();
+  const { codes, width: columns, height: rows, offset, scale } = state.pixels.depth;
+  const lut = new Uint8ClampedArray(65536);
+  const bottom = level - width / 2;
+  for (let code = 0; code < 65536; code++) {
+    const y = ((offset + code / scale - bottom) / width) * 255;
+    lut[code] = invert !== state.pixels.depth.invert ? 255 - y : y;  // MONOCHROME1 is dark where values are high
   }
-  const { rgba, gray } = state.pixels;
-  for (let i = 0; i < gray.length; i++) {
-    const y = lut[gray[i]];
-    rgba.data[4 * i] = rgba.data[4 * i + 1] = rgba.data[4 * i + 2] = y;
+  const image = new ImageData(columns, rows);
+  for (let i = 0; i < codes.length; i++) {
+    image.data[4 * i] = image.data[4 * i + 1] = image.data[4 * i + 2] = lut[codes[i]];
+    image.data[4 * i + 3] = 255;
   }
-  $("image").getContext("2d").putImageData(rgba, 0, 0);
+  $("image").getContext("2d").putImageData(image, 0, 0);
+}
+
+function showWindow() {
+  const shown = (value) => String(+(+value).toPrecision(6));
+  $("level-value").value = shown($("level").value);
+  $("width-value").value = shown($("width").value);
 }
 
 function resetWindow() {
-  $("level").value = 128;
-  $("width").value = 256;
+  if (!state.pixels) return;
+  const { low, high } = state.pixels.depth;
+  $("level").value = (low + high) / 2;
+  $("width").value = high - low;
   $("invert").checked = false;
-  render();
+  showWindow();
+  $("image").getContext("2d").putImageData(state.pixels.model, 0, 0);
 }
 
 for (const id of ["level", "width", "invert"]) $(id).addEventListener("input", render);
@@ -138,13 +166,14 @@ $("reset-window").addEventListener("click", resetWindow);
 let drag = null;
 $("image").addEventListener("pointerdown", (e) => {
   if (!state.pixels) return;
-  drag = { x: e.clientX, y: e.clientY, level: +$("level").value, width: +$("width").value };
+  drag = { x: e.clientX, y: e.clientY, level: +$("level").value, width: +$("width").value,
+           perPixel: (+$("width").max) / $("image").clientWidth };
   $("image").setPointerCapture(e.pointerId);
 });
 $("image").addEventListener("pointermove", (e) => {
   if (!drag) return;
-  $("width").value = drag.width + (e.clientX - drag.x);
-  $("level").value = drag.level + (e.clientY - drag.y);
+  $("width").value = drag.width + (e.clientX - drag.x) * drag.perPixel;
+  $("level").value = drag.level + (e.clientY - drag.y) * drag.perPixel;
   render();
 });
 $("image").addEventListener("pointerup", () => { drag = null; });
