@@ -166,7 +166,7 @@ def test_report_and_follow_up_in_the_browser(model, server, browser, tmp_path):
     WebDriverWait(browser, 60).until(lambda b: "BodyPartExamined" in b.find_element(By.ID, "status").text)
     status = browser.find_element(By.ID, "status")
     assert "Cannot use RG3_J2KR.dcm, so no image is loaded" in status.text and "under Settings" in status.text
-    assert "error" in status.get_attribute("class")
+    assert "error" in status.get_attribute("class") and browser.find_element(By.ID, "file").get_property("value") == ""
     assert _answers(browser) == [] and browser.find_element(By.ID, "subject").text == "No image loaded"
     assert all(_disabled(browser, "report-button", "differential-button", "question", "ask-button", "copy-button",
                          "window-controls"))

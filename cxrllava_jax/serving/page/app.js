@@ -49,7 +49,10 @@ async function load(file) {
     depth = await fullDepth(bytes, query);
     url = `data:${mediaType(file, bytes)};base64,${await base64(file)}`;
   } catch (error) {
-    if (ticket === state.loading) setStatus(`Cannot use ${file.name}, so no image is loaded: ${forThePage(error.message)}`, true);
+    if (ticket === state.loading) {
+      $("file").value = "";  // the chooser shows no file that is not the one loaded (and the same file can be chosen again)
+      setStatus(`Cannot use ${file.name}, so no image is loaded: ${forThePage(error.message)}`, true);
+    }
     return;
   }
   if (ticket !== state.loading) return;
