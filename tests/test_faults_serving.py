@@ -155,6 +155,7 @@ def test_a_bad_chat_request_is_a_4xx_json_naming_the_field(server, case):
      r"снимок ü\.png: cannot decode image"),
     ("a 1,000-character file name", [("file", "x" * 1000 + ".png", b"not a radiograph")], "file",
      r": x{100}\.\.\.x{96}\.png: cannot decode image"),
+    ("an upload cut short", [("file", "a.png", PNG)], "cut short", r"ends before its closing boundary"),
     ("a 100,000-character part header", [("file", "x" * 100_000 + ".png", b"not a radiograph")], None,
      r"form could not be parsed \(MultipartParseError: Maximum header size exceeded\)"),
 ], ids=lambda case: case[0])
@@ -165,6 +166,8 @@ def test_a_bad_form_is_a_4xx_json_naming_the_field(server, case):
         f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"'.encode()
         + (f'; filename="{filename}"'.encode() if filename is not None else b"") + b"\r\n\r\n" + data + b"\r\n"
         for name, filename, data in parts) + f"--{boundary}--\r\n".encode()
+    if param == "cut short":
+        body, param = body[:len(body) // 2], None
     got, reply = server.request("POST", "/v1/report", body,
                                 {"Content-Type": f"multipart/form-data; boundary={boundary}"})
     assert got == 400, reply

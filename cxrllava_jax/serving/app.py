@@ -25,6 +25,7 @@ import time
 import uuid
 
 from python_multipart import create_form_parser
+from python_multipart.multipart import parse_options_header
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -307,6 +308,9 @@ async def _read_form(request: Request, limits: Limits) -> tuple[dict, dict]:
         raise
     except Exception as error:  # python-multipart raises several types for malformed bodies
         raise RequestError(400, f"the form could not be parsed ({type(error).__name__}: {error})") from None
+    kind, options = parse_options_header(content_type)
+    if kind == b"multipart/form-data" and b"--" + options[b"boundary"] + b"--" not in body:
+        raise RequestError(400, "the form ends before its closing boundary: the upload was cut short")
     return fields, files
 
 
