@@ -32,7 +32,8 @@ _IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", 
 _CHAT_FIELDS = {"model", "messages", "stream", "stream_options", "temperature", "top_p", "max_tokens",
                 "max_completion_tokens", "seed", "allow_non_frontal"}
 # Request field -> SamplingOptions field.
-_SAMPLING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "max_tokens": "max_new_tokens", "seed": "seed"}
+_SAMPLING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "max_tokens": "max_new_tokens",
+                    "max_completion_tokens": "max_new_tokens", "seed": "seed"}
 _FORM_FIELDS = ("file", "temperature", "top_p", "max_tokens", "seed", "allow_non_frontal")
 MAX_JSON_DEPTH = 16  # a chat request nests 6 deep (body, messages, message, content, part, image_url)
 MAX_NUMBER_CHARS = 40  # a number literal longer than this is no option's value (and int() of 5,000 digits is slow)
@@ -99,8 +100,8 @@ def parse_chat(body: dict, model_id: str, limits: Limits) -> Generation:
     body = {key: value for key, value in body.items() if value is not None}  # null means absent, everywhere
     for key in body:
         if key not in _CHAT_FIELDS and key not in _UNSUPPORTED and key not in _IGNORED:
-            raise RequestError(400, f"unknown field {key!r}; see the README for the fields this server takes", key,
-                               "unknown_parameter")
+            raise RequestError(400, f"unknown field {shown(key)}; see the README for the fields this server takes",
+                               key, "unknown_parameter")
     model = body.get("model")
     if not isinstance(model, str):
         raise RequestError(400, "model is required (a string; GET /v1/models lists it)", "model")
@@ -119,11 +120,11 @@ def parse_chat(body: dict, model_id: str, limits: Limits) -> Generation:
     if not isinstance(options, dict):
         raise RequestError(400, "stream_options must be an object", "stream_options")
     given = {key: body[key] for key in _SAMPLING_FIELDS if key in body}
-    if "max_completion_tokens" in body:  # OpenAI's newer name for max_tokens
-        if "max_tokens" in given and given["max_tokens"] != body["max_completion_tokens"]:
+    if "max_completion_tokens" in given:  # OpenAI's newer name for max_tokens
+        if given.setdefault("max_tokens", given["max_completion_tokens"]) != given["max_completion_tokens"]:
             raise RequestError(400, "max_tokens and max_completion_tokens disagree; send one of them",
                                "max_completion_tokens")
-        given["max_tokens"] = body["max_completion_tokens"]
+        del given["max_tokens"]
     return Generation(turns, image, image_field, sampling(given, limits), stream,
                       include_usage=stream and _flag(options, "include_usage", "stream_options."),
                       allow_non_frontal=_flag(body, "allow_non_frontal"))
@@ -159,19 +160,21 @@ def form_flag(values, key: str) -> bool:
 
 
 def sampling(given: dict, limits: Limits) -> SamplingOptions:
-    """Request fields (temperature, top_p, max_tokens, seed; absent ones take the defaults) -> SamplingOptions,
-    refused in the request's own words when out of the ranges `inference.sampling` sets or past the server's
-    max_tokens limit."""
+    """Request fields (temperature, top_p, max_tokens or max_completion_tokens, seed; absent ones take the
+    defaults) -> SamplingOptions, refused in the request's own words when out of the ranges `inference.sampling`
+    sets or past the server's limit of tokens."""
     options = {_SAMPLING_FIELDS[key]: value for key, value in given.items()}
     options.setdefault("max_new_tokens", limits.max_output_tokens)
+    fields = {_SAMPLING_FIELDS[key]: key for key in given}  # option -> the request's name for it
     try:
         result = SamplingOptions(**options)
     except SamplingError as error:
-        field = next(key for key, option in _SAMPLING_FIELDS.items() if option == error.option)
+        field = fields.get(error.option, error.option)
         raise RequestError(400, f"{field} must be {error.requirement}, got {shown(error.value)}", field) from None
     if result.max_new_tokens > limits.max_output_tokens:
-        raise RequestError(400, f"max_tokens={result.max_new_tokens} is more than this server's limit of "
-                                f"{limits.max_output_tokens}", "max_tokens")
+        field = fields.get("max_new_tokens", "max_tokens")
+        raise RequestError(400, f"{field}={result.max_new_tokens} is more than this server's limit of "
+                                f"{limits.max_output_tokens}", field)
     return result
 
 
