@@ -117,16 +117,16 @@ def _report(args) -> int:
             failed.append(paths[index])
             progress.write(f"cxrllava report: skipped: {error}", file=sys.stderr)
             if out is not None:
-                out.write({"image": str(paths[index]), "error": str(error)})
+                out.write({"image": files.printable(paths[index]), "error": str(error)})
             progress.update()
 
         conversations = [[{"role": "user", "content": prompting.REPORT_PROMPT}]] * len(paths)
         for index, report in model.iter_generate(conversations, paths, batch_size=args.batch_size,
                                                  on_bad_image=bad_image, **options):
             if out is not None:
-                out.write({"image": str(paths[index]), "report": report})
+                out.write({"image": files.printable(paths[index]), "report": report})
             else:
-                progress.write(f"== {paths[index]} ==\n{report}\n", file=sys.stdout)
+                progress.write(f"== {files.printable(paths[index])} ==\n{report}\n", file=sys.stdout)
             progress.update()
     if failed:
         where = f' (each recorded with an "error" field in {args.jsonl})' if args.jsonl else ""

@@ -27,7 +27,6 @@ import uuid
 from python_multipart import create_form_parser
 from python_multipart.multipart import parse_options_header
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -35,6 +34,7 @@ from starlette.routing import Route
 
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.serving import compiles, preview, requests, uploads
+from cxrllava_jax.serving.admission import Admission
 from cxrllava_jax.serving.limits import Limits, RequestError
 from cxrllava_jax.serving.scheduler import Failed, Finished, Job, QueueFull, Scheduler, TextDelta
 from cxrllava_jax.domain.images import decode_grayscale
@@ -51,6 +51,7 @@ def create_app(model, model_id: str, *, limits: Limits = Limits(), api_key: str 
                max_batch_size: int = 16, max_queue: int = 64) -> Starlette:
     """`model`: a loaded `inference.api.CXRLLaVA`; `model_id`: the name clients pass as `model`."""
     scheduler = Scheduler(model, max_batch_size=max_batch_size, max_queue=max_queue)
+    admission = Admission(limits.max_decode_bytes, max_queue, lambda: scheduler.stats()["waiting"])
     programs = compiles.counter()
     created = int(time.time())
     page = _page(model_id, limits)
@@ -108,10 +109,11 @@ def create_app(model, model_id: str, *, limits: Limits = Limits(), api_key: str 
         if depth not in ("8", "full"):
             raise RequestError(400, f"depth must be 8 (the model's view, a PNG) or full (the image's values), got "
                                     f"{depth[:20]!r}", "depth")
-        return await run_in_threadpool(_preview, image, allow, depth == "full")
+        return await admission.run(image, "body", _preview, image, allow, depth == "full")
 
     async def submit(generation: requests.Generation):
-        prepared = await run_in_threadpool(requests.prepare, generation, model, limits)
+        prepared = await admission.run(generation.image, generation.image_field, requests.prepare, generation,
+                                       model, limits)
         sink = _Sink(asyncio.get_running_loop())
         job = Job(prepared.prompt, prepared.pixels, generation.sampling, sink, stream=generation.stream)
         try:

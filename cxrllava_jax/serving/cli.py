@@ -13,6 +13,7 @@ import socket
 import sys
 from pathlib import Path
 
+from cxrllava_jax import files
 from cxrllava_jax.errors import ConfigError
 from cxrllava_jax.models.quantize import KINDS
 from cxrllava_jax.serving.limits import MIB, Limits
@@ -83,7 +84,7 @@ def _limits(args) -> Limits:
 
 def _read_api_key(path: Path) -> str:
     try:
-        key = path.read_text().strip()
+        key = files.read_text(path).strip()
     except OSError as error:
         raise ConfigError(f"--api-key-file {path}: cannot read it ({error.strerror})") from error
     if not key:

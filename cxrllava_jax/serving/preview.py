@@ -12,12 +12,11 @@ The file has already passed the loader (`decode_grayscale`: the guard, the limit
 
 import dataclasses
 import gzip
-import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
-from cxrllava_jax.domain.images import is_dicom
+from cxrllava_jax.domain.image_headers import open_image
 
 _DEEP_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
@@ -44,14 +43,19 @@ class FullDepth:
 
 
 def full_depth(data: bytes, name: str, gray_8bit: Image.Image, max_side: int) -> FullDepth:
-    """The values behind `gray_8bit` (the loader's output for the same bytes), resized as the 8-bit preview is."""
-    values, window, invert = _dicom_values(data) if is_dicom(data) or name.lower().endswith((".dcm", ".dicom")) \
-        else _image_values(data)
-    if values is None:  # 8-bit or colour sources: the loader's gray levels are all there is
-        values, window, invert = np.asarray(gray_8bit, np.float64), (0.0, 255.0), False
-    if window is None:  # the loader stretches the values' own range
-        window = (float(values.min()), float(values.max()))
-    resized = Image.fromarray(values.astype(np.float32), mode="F")
+    """The values behind `gray_8bit` (the loader's output for the same bytes), resized as the 8-bit preview is.
+
+    Memory stays near one decode's: rows and columns are first taken at a stride (to at most twice the preview's
+    side, no copy), and only that sample is converted and resized."""
+    opened = open_image(data, name)
+    raw, values_of, window, invert = _dicom(opened.source) if opened.dicom else _deep_image(opened.source)
+    if raw is None:  # 8-bit or colour sources: the loader's gray levels are all there is
+        raw, values_of, window, invert = np.asarray(gray_8bit), _as_float, (0.0, 255.0), False
+    if window is None:  # the loader stretches the values' own range (the transforms here are monotonic)
+        ends = values_of(np.array([raw.min(), raw.max()]))
+        window = (float(ends.min()), float(ends.max()))
+    step = max(1, -(-max(raw.shape) // (2 * max_side)))
+    resized = Image.fromarray(np.asarray(values_of(raw[::step, ::step]), np.float32), mode="F")
     resized.thumbnail((max_side, max_side))
     values = np.asarray(resized, np.float64)
     low, high = float(values.min()), float(values.max())
@@ -62,28 +66,34 @@ def full_depth(data: bytes, name: str, gray_8bit: Image.Image, max_side: int) ->
     return FullDepth(codes, low, scale, window, invert)
 
 
-def _dicom_values(data: bytes):
+def _as_float(array: np.ndarray) -> np.ndarray:
+    return np.asarray(array, np.float64)
+
+
+def _dicom(ds):
+    """Stored pixels, the modality LUT, DICOM's first linear window (None: the loader's [min, max]), MONOCHROME1."""
     import pydicom
     from pydicom.pixels import apply_modality_lut
 
-    ds = pydicom.dcmread(io.BytesIO(data))
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if not photometric.startswith("MONOCHROME"):
-        return None, None, False
-    values = np.asarray(apply_modality_lut(ds.pixel_array, ds), np.float64)
+        return None, None, None, False
     window = None
     linear = str(ds.get("VOILUTFunction", "LINEAR")).upper() == "LINEAR"
     if not ds.get("VOILUTSequence") and linear and ds.get("WindowCenter") is not None \
             and ds.get("WindowWidth") is not None:
         center, width = (float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v)
                          for v in (ds.WindowCenter, ds.WindowWidth))
-        # DICOM's LINEAR function: values at or below c - 0.5 - (w - 1) / 2 are black, above c - 0.5 + (w - 1) / 2 white
+        # DICOM's LINEAR function: black at or below c - 0.5 - (w - 1) / 2, white above c - 0.5 + (w - 1) / 2
         window = (center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2)
-    return values, window, photometric == "MONOCHROME1"
+    return ds.pixel_array, lambda pixels: _as_float(apply_modality_lut(pixels, ds)), window, \
+        photometric == "MONOCHROME1"
 
 
-def _image_values(data: bytes):
-    with Image.open(io.BytesIO(data)) as image:
-        if image.mode not in _DEEP_MODES:
-            return None, None, False
-        return np.asarray(image, np.float64), None, False
+def _deep_image(image: Image.Image):
+    """A PIL image deeper than 8 bits, turned as its EXIF orientation says (as the loader turns it)."""
+    if image.mode not in _DEEP_MODES:
+        return None, None, None, False
+    image.load()
+    image = ImageOps.exif_transpose(image)
+    return np.asarray(image), _as_float, None, False

@@ -14,6 +14,7 @@ import re
 import numpy as np
 
 from cxrllava_jax.domain import prompting
+from cxrllava_jax.domain import radiograph_guard
 from cxrllava_jax.domain.radiograph_guard import NotFrontalChestError
 from cxrllava_jax.inference.generate import SamplingOptions
 from cxrllava_jax.inference.sampling import SamplingError, shown
@@ -41,8 +42,7 @@ MAX_FORM_PARTS = 16
 MAX_JSON_VALUES = 100_000
 # More turns than this cannot fit the release's context of 4,096 tokens (each turn's template takes several).
 MAX_MESSAGES = 1024
-# The library's advice for the command line; a server's client sends the request field instead.
-_CLI_OVERRIDE = "pass --allow-non-frontal (allow_non_frontal=True) to read it anyway"
+# A server's client sends the request field where the library's advice (radiograph_guard.OVERRIDE) names a flag.
 _OVERRIDE = ("to read it anyway, send allow_non_frontal: true (a JSON body field of /v1/chat/completions, a form "
              "field of the task endpoints, a query parameter of /v1/preview)")
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -200,7 +200,7 @@ def image_refusal(error: InputError, field: str) -> RequestError:
     """The loader's refusal of an image, for an HTTP client: its advice names the request field, not a flag."""
     message = str(error)
     if isinstance(error, NotFrontalChestError):
-        message = message.replace(_CLI_OVERRIDE, _OVERRIDE)
+        message = message.replace(radiograph_guard.OVERRIDE, _OVERRIDE)
     return RequestError(400, f"{field}: {message}", field, "invalid_image")
 
 

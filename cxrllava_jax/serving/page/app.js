@@ -140,12 +140,14 @@ function render() {
     const y = ((offset + code / scale - bottom) / width) * 255;
     lut[code] = invert !== state.pixels.depth.invert ? 255 - y : y;  // MONOCHROME1 is dark where values are high
   }
+  const canvas = $("image");
+  if (canvas.width !== columns || canvas.height !== rows) Object.assign(canvas, { width: columns, height: rows });
   const image = new ImageData(columns, rows);
   for (let i = 0; i < codes.length; i++) {
     image.data[4 * i] = image.data[4 * i + 1] = image.data[4 * i + 2] = lut[codes[i]];
     image.data[4 * i + 3] = 255;
   }
-  $("image").getContext("2d").putImageData(image, 0, 0);
+  canvas.getContext("2d").putImageData(image, 0, 0);
 }
 
 function showWindow() {
@@ -161,7 +163,9 @@ function resetWindow() {
   $("width").value = high - low;
   $("invert").checked = false;
   showWindow();
-  $("image").getContext("2d").putImageData(state.pixels.model, 0, 0);
+  const canvas = $("image");
+  Object.assign(canvas, { width: state.pixels.model.width, height: state.pixels.model.height });
+  canvas.getContext("2d").putImageData(state.pixels.model, 0, 0);
 }
 
 for (const id of ["level", "width", "invert"]) $(id).addEventListener("input", render);
