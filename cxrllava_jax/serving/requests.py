@@ -13,9 +13,7 @@ import re
 
 import numpy as np
 
-from cxrllava_jax.domain import prompting
-from cxrllava_jax.domain import radiograph_guard
-from cxrllava_jax.domain.radiograph_guard import NotFrontalChestError
+from cxrllava_jax.domain import prompting, radiograph_guard
 from cxrllava_jax.inference.generate import SamplingOptions
 from cxrllava_jax.inference.sampling import SamplingError, shown
 from cxrllava_jax.serving import uploads
@@ -199,7 +197,7 @@ def prepare(generation: Generation, model, limits: Limits) -> Prepared:
 def image_refusal(error: InputError, field: str) -> RequestError:
     """The loader's refusal of an image, for an HTTP client: its advice names the request field, not a flag."""
     message = str(error)
-    if isinstance(error, NotFrontalChestError):
+    if isinstance(error, radiograph_guard.NotFrontalChestError):
         message = message.replace(radiograph_guard.OVERRIDE, _OVERRIDE)
     return RequestError(400, f"{field}: {message}", field, "invalid_image")
 
