@@ -16,6 +16,7 @@ Request content lives in memory only.
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import importlib.resources
 import io
@@ -109,7 +110,9 @@ def create_app(model, model_id: str, *, limits: Limits = Limits(), api_key: str 
         if depth not in ("8", "full"):
             raise RequestError(400, f"depth must be 8 (the model's view, a PNG) or full (the image's values), got "
                                     f"{depth[:20]!r}", "depth")
-        return await admission.run(image, "body", _preview, image, allow, depth == "full")
+        # The full-depth view decodes the file a second time beside the 8-bit result: it is priced at two decodes.
+        priced = dataclasses.replace(image, decode_bytes=2 * image.decode_bytes) if depth == "full" else image
+        return await admission.run(priced, "body", _preview, image, allow, depth == "full")
 
     async def submit(generation: requests.Generation):
         prepared = await admission.run(generation.image, generation.image_field, requests.prepare, generation,

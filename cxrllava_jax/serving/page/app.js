@@ -46,7 +46,8 @@ async function load(file) {
     const response = await fetch(`/v1/preview?${query}`, { method: "POST", headers: headers(), body: bytes });
     if (!response.ok) throw new Error(await errorText(response));
     bitmap = await createImageBitmap(await response.blob());
-    depth = await fullDepth(bytes, query);
+    // Without the values (a busy server, an image past its memory budget) the picture is still shown, unwindowed.
+    depth = await fullDepth(bytes, query).catch(() => null);
     url = `data:${mediaType(file, bytes)};base64,${await base64(file)}`;
   } catch (error) {
     if (ticket === state.loading) {
@@ -120,6 +121,7 @@ function showImage(bitmap, name, depth) {
   ctx.drawImage(bitmap, 0, 0);
   state.pixels = { model: ctx.getImageData(0, 0, canvas.width, canvas.height), depth };
   canvas.setAttribute("aria-label", `Chest radiograph ${name}, ${bitmap.width} by ${bitmap.height} pixels`);
+  if (!depth) return;
   // Integer values step by one; others by a thousandth of their range.
   const range = Math.max(depth.top - depth.offset, 1e-9);
   const step = depth.scale === 1 ? 1 : range / 1000;
@@ -130,7 +132,7 @@ function showImage(bitmap, name, depth) {
 }
 
 function render() {
-  if (!state.pixels) return;
+  if (!state.pixels?.depth) return;
   const level = +$("level").value, width = +$("width").value, invert = $("invert").checked;
   showWindow();
   const { codes, width: columns, height: rows, offset, scale } = state.pixels.depth;
@@ -157,7 +159,7 @@ function showWindow() {
 }
 
 function resetWindow() {
-  if (!state.pixels) return;
+  if (!state.pixels?.depth) return;
   const { low, high } = state.pixels.depth;
   $("level").value = (low + high) / 2;
   $("width").value = high - low;
