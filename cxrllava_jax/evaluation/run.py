@@ -23,7 +23,9 @@ import numpy as np
 
 from cxrllava_jax import files
 from cxrllava_jax.domain import label_files
-from cxrllava_jax.evaluation import json_labels, labelers, metrics, paper_tables, references, tables, text_metrics
+from cxrllava_jax.evaluation import (
+    json_labels, labelers, metrics, model_metrics, paper_tables, references, tables, text_metrics,
+)
 from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
 from cxrllava_jax.errors import ConfigError, InputError
 
@@ -49,9 +51,9 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def evaluate_model(config, checkpoint, data_dir, workdir, batch_size: int = 16, model=None, adapter=None,
-                   report_labeler=None, limit=None) -> dict:
+                   report_labeler=None, limit=None, metric_names=()) -> dict:
     """Generates with the model at `checkpoint` (or `model`) over the test split (its first `limit` images), then
-    scores the answers.
+    scores the answers (`metric_names`: the model-based metrics of `model_metrics` to add).
 
     The answers are kept in workdir/generated.jsonl, which `evaluate_predictions` re-scores.
     """
@@ -61,11 +63,11 @@ def evaluate_model(config, checkpoint, data_dir, workdir, batch_size: int = 16, 
     model = model or CXRLLaVA.from_pretrained(checkpoint, adapter=adapter)
     records = generation.generate_records(config, model, data_dir, pathlib.Path(workdir) / "generated.jsonl",
                                           batch_size, limit)
-    return evaluate_records(config, records, workdir, report_labeler)
+    return evaluate_records(config, records, workdir, report_labeler, metric_names=metric_names)
 
 
 def evaluate_predictions(config, predictions_path, workdir, report_labeler=None, references_csv=None,
-                         limit=None) -> dict:
+                         limit=None, metric_names=()) -> dict:
     """Scores a JSONL generated elsewhere (no model needed): eval's own {id, generated, reference} records, or
     `cxrllava report`'s {image, report} lines joined to `references_csv` by image. `limit`: its first records."""
     if references_csv:
@@ -76,7 +78,7 @@ def evaluate_predictions(config, predictions_path, workdir, report_labeler=None,
                          "(an image column and each image's reference report)")
     else:
         records, scored = read_prediction_records(predictions_path), None
-    return evaluate_records(config, records[:limit], workdir, report_labeler, scored)
+    return evaluate_records(config, records[:limit], workdir, report_labeler, scored, metric_names)
 
 
 def read_prediction_records(path) -> list:
@@ -100,11 +102,12 @@ def read_prediction_records(path) -> list:
     return records
 
 
-def evaluate_records(config, records, workdir, report_labeler=None, scored=None) -> dict:
+def evaluate_records(config, records, workdir, report_labeler=None, scored=None, metric_names=()) -> dict:
     """Labels both sides of each {id, generated, reference} record, scores them, writes everything to `workdir`.
 
     `report_labeler` (a `labelers.Labeler`, ours by default) labels every report text. `scored` names the data
-    when it is not config.dataset's split (the tables say what was scored)."""
+    when it is not config.dataset's split (the tables say what was scored). `metric_names`: model-based metrics
+    (`model_metrics`) over the report texts."""
     if config.task not in TASKS:
         raise ConfigError(f"config.task={config.task!r}: expected one of {TASKS}")
     report_labeler = report_labeler or labelers.make("ours")
@@ -120,6 +123,8 @@ def evaluate_records(config, records, workdir, report_labeler=None, scored=None)
         if with_text:  # text metrics compare texts: records whose reference is labels have none
             extra["text_metrics"] = text_metrics.text_scores([r["reference"] for r in with_text],
                                                              [r["generated"] for r in with_text])
+            extra["model_metrics"] = model_metrics.scores(metric_names, [r["reference"] for r in with_text],
+                                                          [r["generated"] for r in with_text])
             text_metrics.write_rexrank_json(workdir / "rexrank_predictions.json", with_text, config.split)
     else:
         parsed = [json_labels.parse_json_labels(r["generated"]) for r in records]
@@ -175,6 +180,7 @@ def score_and_write(config, reference, predicted, workdir, extra=None) -> dict:
     markdown = tables.markdown_table(result, paper, title, standard, paper_columns)
     if "text_metrics" in extra:
         markdown += tables.text_metrics_line(extra["text_metrics"])
+    markdown += model_metrics.summary_line(extra.get("model_metrics", {}))
     files.write_text_atomically(workdir / "table.md", markdown)
     files.write_text_atomically(workdir / "table.csv", tables.csv_table(result, paper, standard, paper_columns))
     results = {
