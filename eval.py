@@ -49,9 +49,7 @@ def main(argv):
         raise errors.UsageError(f"--limit={_LIMIT.value}: give at least 1 image")
     if _REFERENCES.value and not _PREDICTIONS.value:
         raise errors.UsageError("--references goes with --predictions (a `cxrllava report --jsonl` file)")
-    metric_names = model_metrics.parse(_METRICS.value)
-    if metric_names and _CONFIG.value.task != "report":
-        raise errors.UsageError(f"--metrics compares report texts; config.task={_CONFIG.value.task} has none")
+    metric_names = model_metrics.parse(_METRICS.value, _CONFIG.value.task)
     model_metrics.check(metric_names)  # before any generation: a run should not end in a refusal
     evaluate(metric_names)
     print(files.read_text(f"{_WORKDIR.value}/table.md"))

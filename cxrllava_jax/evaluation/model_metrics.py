@@ -71,12 +71,15 @@ METRICS = {
 }
 
 
-def parse(text: str | None) -> tuple:
-    """'radgraph,bertscore' -> ('radgraph', 'bertscore'); an unknown name is an error listing the choices."""
+def parse(text: str | None, task: str = "report") -> tuple:
+    """'radgraph,bertscore' -> ('radgraph', 'bertscore'); an unknown name, or metrics for a task without report
+    texts, is an error."""
     names = tuple(dict.fromkeys(n.strip() for n in (text or "").split(",") if n.strip()))
     unknown = [n for n in names if n not in METRICS]
     if unknown:
         raise MetricUnavailable(f"--metrics: unknown {', '.join(unknown)}; choose from {', '.join(METRICS)}")
+    if names and task != "report":
+        raise MetricUnavailable(f"--metrics compares report texts; config.task={task} has none")
     return names
 
 
