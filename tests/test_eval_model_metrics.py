@@ -4,6 +4,7 @@ in the metrics' own formats (tests/metric_models.py), and clean one-line refusal
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -28,14 +29,16 @@ def _eval_py(tmp_path, metrics, env):
         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, **env})
 
 
-def test_chexbert_and_bertscore_end_to_end_on_tiny_models(tmp_path):
+def test_chexbert_bertscore_radgraph_radcliq_end_to_end_on_tiny_models(tmp_path):
     pytest.importorskip("radeval", reason="the optional extra: pip install 'cxrllava-jax[metrics]'")
     hub, xdg = tmp_path / "hub", tmp_path / "xdg"
     # CheXbert's heads answer by their position: Cardiomegaly positive, Edema uncertain (positive in F1), the rest
     # negative. A head read in the wrong order moves the 1.0s to other findings.
     metric_models.write_chexbert(hub, xdg, {"Cardiomegaly": metric_models.POSITIVE, "Edema": metric_models.UNCERTAIN})
-    metric_models.write_distilbert(hub)
-    completed = _eval_py(tmp_path, "chexbert,bertscore",
+    metric_models.write_bertscore_models(hub)
+    for model_type in ("radgraph-xl", "radgraph"):  # RadGraph F1 reads the XL model, RadCliQ the original
+        metric_models.write_radgraph(hub, xdg, model_type)
+    completed = _eval_py(tmp_path, "chexbert,bertscore,radgraph,radcliq",
                          {"HF_HUB_CACHE": str(hub), "XDG_CACHE_HOME": str(xdg), "HF_HUB_OFFLINE": "1"})
     assert completed.returncode == 0, completed.stderr[-3000:]
     results = json.loads((tmp_path / "work" / "results.json").read_text())["model_metrics"]
@@ -44,8 +47,10 @@ def test_chexbert_and_bertscore_end_to_end_on_tiny_models(tmp_path):
     assert {f for f, f1 in per_finding.items() if f1 == 1.0} == {"Cardiomegaly", "Edema"}
     assert chexbert["f1chexbert_5_micro_f1"] == 1.0 and chexbert["f1chexbert_5_macro_f1"] == pytest.approx(2 / 5)
     assert chexbert["f1chexbert_all_macro_f1"] == pytest.approx(2 / 14)
-    # Every generated report equals its reference: BERTScore, rescaled by its baseline, is 1.
+    # Every generated report equals its reference: BERTScore (rescaled by its baseline) and RadGraph F1 are 1.
     assert results["bertscore"]["bertscore"] == pytest.approx(1.0, abs=1e-4)
+    assert results["radgraph"] == {"radgraph_simple": 1.0, "radgraph_partial": 1.0, "radgraph_complete": 1.0}
+    assert math.isfinite(results["radcliq"]["radcliq_v1"])
     assert "Model-based metrics (RadEval): f1chexbert_5_micro_f1 1.0000" in completed.stdout
 
 

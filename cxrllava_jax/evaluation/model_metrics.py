@@ -87,7 +87,7 @@ def check(names) -> None:
     """Raises MetricUnavailable naming the first thing a chosen metric lacks: RadEval, a package, a GPU, weights."""
     if not names:
         return
-    _radeval()
+    radeval_registry()
     for name in names:
         metric = METRICS[name]
         for package in metric.packages:
@@ -109,7 +109,7 @@ def scores(names, references, generated) -> dict:
     if not names:
         return {}
     check(names)
-    get_metric_class = _radeval()
+    get_metric_class = radeval_registry()
     results = {}
     with _offline():
         for name in names:
@@ -129,7 +129,7 @@ def summary_line(results: dict) -> str:
     return f"\nModel-based metrics (RadEval): {', '.join(cells)}\n" if cells else ""
 
 
-def _radeval():
+def radeval_registry():
     """RadEval's lazy metric registry."""
     if importlib.util.find_spec("radeval") is None:
         raise MetricUnavailable("--metrics needs RadEval: pip install 'cxrllava-jax[metrics]'")
