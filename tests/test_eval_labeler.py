@@ -146,6 +146,16 @@ NF = {"No Finding": POSITIVE}
         ("Stable mediastinal and hilar contours.", {"Enlarged Cardiomediastinum": UNCERTAIN}),
         ("Heart size is enlarged, mediastinal contours are normal.",
          {"Cardiomegaly": POSITIVE, "Enlarged Cardiomediastinum": NEGATIVE}),
+        ("Normal cardiac contours.", {"Cardiomegaly": NEGATIVE, "Enlarged Cardiomediastinum": NEGATIVE, **NF}),
+        ("Prominent hilar contours.", {"Enlarged Cardiomediastinum": POSITIVE}),
+        # patterns/pre_negation_uncertainty.txt: what cannot be excluded is uncertain, adverbs or not; a list joined
+        # by "/" is negated as a whole, like one joined by "or".
+        ("Difficult to completely exclude early pneumonia.", {"Pneumonia": UNCERTAIN}),
+        ("Aspiration pneumonia is another consideration.", {"Pneumonia": UNCERTAIN}),
+        ("No focal consolidation, large pleural effusion/pneumothorax.",
+         {"Consolidation": NEGATIVE, "Pleural Effusion": NEGATIVE, "Pneumothorax": NEGATIVE, **NF}),
+        # phrases/mention/pneumothorax.txt: "pneumothorax" is matched inside longer words.
+        ("Moderate right hemopneumothorax.", {"Pneumothorax": POSITIVE}),
     ],
 )
 def test_the_chexpert_labelers_patterns_and_phrases(sentence, expected):

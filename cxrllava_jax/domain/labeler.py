@@ -43,8 +43,8 @@ SENTENCE_END = re.compile(r"(?<=[.?!])\s+|\n\s*\n")
 _GLUED_PUNCTUATION = re.compile(r"(?<=[a-z][.,])(?=[a-z])")
 _SEGMENT = re.compile(r",|\band\b")
 _LIST_LINK = re.compile(r"\b(?:and|or)\b")
-# "No consolidation, large effusion, or pneumothorax": a list that ends in "or" is negated as a whole.
-_OR_LIST = re.compile(r",[^,]*\b(?:or|nor)\b")
+# "No consolidation, large effusion, or pneumothorax": a list that ends in "or" (or "/") is negated as a whole.
+_OR_LIST = re.compile(r",[^,]*(?:\b(?:or|nor)\b|/)")
 _HEART_FAILURE = re.compile(r"\b(?:chf|heart failure)\b")
 _TRAILING_VERB = re.compile(r"\b(?:is|are|was|were)\s*$")
 

@@ -46,6 +46,7 @@ _MEDIASTINUM = (
     r"cardiomediastinum",
     r"(?:upper |superior )?mediastinum",
     r"mediastinal (?:and hilar )?(?:silhouettes?|contours?|width|structures|configuration)",
+    r"(?:cardiac|heart|hilar) contours?",  # the CheXpert labeler's phrase "contour" reads any contour
     r"pericardial silhouette",
 )
 # "Stable heart size", "the cardiomediastinal silhouette is unchanged": the CheXpert labeler calls these uncertain
@@ -108,7 +109,7 @@ MENTIONS = {
         r"\bcollapse of the\b",
         r"\bcollapsed\b",
     ),
-    "Pneumothorax": (r"\b(?:hydro)?pneumothora(?:x|ces)\b", r"\bptx\b"),
+    "Pneumothorax": (r"\b(?:hydro|hemo|haemo)?pneumothora(?:x|ces)\b", r"\bptx\b"),
     "Pleural Effusion": (
         r"\beffusions?\b",
         r"\bpleural fluid\b",
@@ -213,7 +214,7 @@ UNMENTIONS = {
 PRE_NEGATION_UNCERTAINTY = (
     r"\b(?:cannot|can ?not|can't|could not|may not|not) (?:be )?(?:entirely |completely |totally )?"
     r"(?:excluded?|ruled? out)\b",
-    r"\b(?:difficult|hard) to (?:exclude|rule out)\b",
+    r"\b(?:difficult|hard) to (?:completely |entirely |totally |definitely )?(?:exclude|rule out)\b",
     r"\bno new\b",  # "no new consolidation" leaves an old one possible
 )
 NEGATION_BEFORE = (
@@ -278,6 +279,7 @@ UNCERTAINTY_AFTER = (
     r"\bversus\b|\bvs\b",
     r"\b(?:is|are) in the differential\b",
     r"\bwould be a consideration\b",
+    r"\b(?:is|are) (?:an?|another) (?:consideration|possibility)\b",
 )
 # Negation words that do not negate: "no change in the effusion" reports an effusion.
 PSEUDO_NEGATION = (
