@@ -152,6 +152,8 @@ NF = {"No Finding": POSITIVE}
         # by "/" is negated as a whole, like one joined by "or".
         ("Difficult to completely exclude early pneumonia.", {"Pneumonia": UNCERTAIN}),
         ("Aspiration pneumonia is another consideration.", {"Pneumonia": UNCERTAIN}),
+        # patterns/post_negation_uncertainty.txt: (have > could) > appearance.
+        ("A small left effusion could have this appearance.", {"Pleural Effusion": UNCERTAIN}),
         ("No focal consolidation, large pleural effusion/pneumothorax.",
          {"Consolidation": NEGATIVE, "Pleural Effusion": NEGATIVE, "Pneumothorax": NEGATIVE, **NF}),
         # phrases/mention/pneumothorax.txt: "pneumothorax" is matched inside longer words.

@@ -280,6 +280,7 @@ UNCERTAINTY_AFTER = (
     r"\b(?:is|are) in the differential\b",
     r"\bwould be a consideration\b",
     r"\b(?:is|are) (?:an?|another) (?:consideration|possibility)\b",
+    r"\b(?:may|might|could|can) have (?:this|that|a similar|the same) appearance\b",
 )
 # Negation words that do not negate: "no change in the effusion" reports an effusion.
 PSEUDO_NEGATION = (
