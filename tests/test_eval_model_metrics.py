@@ -3,11 +3,13 @@ in the metrics' own formats (tests/metric_models.py), and clean one-line refusal
 
 import dataclasses
 import importlib.util
+import io
 import json
 import math
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -78,6 +80,18 @@ def test_refusals_name_what_to_install_or_download(tmp_path, monkeypatch):
             f"hf download StanfordAIMI/RRG_scorers chexbert.pth --cache-dir {checkpoint}$")):
         model_metrics.check(("chexbert",))
     with pytest.raises(model_metrics.MetricUnavailable, match="radgraph-xl.tar.gz in .*radgraph/0.1.18"):
+        model_metrics.check(("radgraph",))
+    # The archive there (not yet unpacked): the transformer its configuration names is checked too.
+    config = json.dumps({"dataset_reader": {"token_indexers": {"bert": {"model_name": "some/biomed-bert"}}}}).encode()
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        member = tarfile.TarInfo("./config.json")
+        member.size = len(config)
+        tar.addfile(member, io.BytesIO(config))
+    metric_models.hub_model(tmp_path / "xdg" / "radgraph" / "0.1.18", "StanfordAIMI/RRG_scorers",
+                            {"radgraph-xl.tar.gz": archive.getvalue()})
+    with pytest.raises(model_metrics.MetricUnavailable, match="^--metrics=radgraph needs some/biomed-bert in the "
+                                                              "Hugging Face cache: hf download some/biomed-bert$"):
         model_metrics.check(("radgraph",))
     cpu_only_green = dataclasses.replace(model_metrics.METRICS["green"], packages=())
     monkeypatch.setitem(model_metrics.METRICS, "green", cpu_only_green)

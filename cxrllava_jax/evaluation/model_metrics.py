@@ -24,8 +24,11 @@ what to install or download.
 import contextlib
 import dataclasses
 import importlib.util
+import json
 import os
+import re
 import sys
+import tarfile
 
 from cxrllava_jax.errors import ConfigError
 
@@ -117,8 +120,7 @@ def scores(names, references, generated) -> dict:
                 metric = _build(get_metric_class(METRICS[name].radeval_name))
                 results[name] = metric.compute(list(references), list(generated), detailed=True)
             except OSError as error:  # a file the checks above cannot foresee (a model an archive names)
-                first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-                raise MetricUnavailable(f"--metrics={name}: a model file is missing offline: {first_line}") from None
+                raise MetricUnavailable(f"--metrics={name} needs {_missing_model(error)}") from None
     return results
 
 
@@ -171,14 +173,38 @@ def _missing(weights: Weights) -> str:
     cache_dir = _radeval_cache(weights.cache) if weights.cache else None
     if weights.extracted:
         unpacked = os.path.join(cache_dir, weights.extracted)
-        if os.path.isdir(unpacked) and os.listdir(unpacked):
-            return ""
-    if isinstance(try_to_load_from_cache(weights.repo, weights.filename, cache_dir=cache_dir), str):
+        archive = try_to_load_from_cache(weights.repo, weights.filename, cache_dir=cache_dir)
+        config = _archive_config(unpacked, archive if isinstance(archive, str) else None)
+        if config is not None:  # the archive is there; its tagger runs on a transformer from the Hugging Face cache
+            return _missing(Weights(config["dataset_reader"]["token_indexers"]["bert"]["model_name"]))
+    elif isinstance(try_to_load_from_cache(weights.repo, weights.filename, cache_dir=cache_dir), str):
         return ""
     if cache_dir:
         return (f"{weights.repo}/{weights.filename} in {cache_dir}: "
                 f"hf download {weights.repo} {weights.filename} --cache-dir {cache_dir}")
     return f"{weights.repo} in the Hugging Face cache: hf download {weights.repo}"
+
+
+def _archive_config(unpacked: str, archive: str | None):
+    """A RadGraph archive's config.json, from the directory RadEval unpacks it into or from the archive itself."""
+    if os.path.isfile(os.path.join(unpacked, "config.json")):
+        with open(os.path.join(unpacked, "config.json"), encoding="utf-8") as f:
+            return json.load(f)
+    if archive is None:
+        return None
+    with tarfile.open(archive, "r:gz") as tar:
+        member = next(m for m in tar.getmembers() if m.name.removeprefix("./") == "config.json")
+        return json.load(tar.extractfile(member))
+
+
+def _missing_model(error: BaseException) -> str:
+    """What to download, from huggingface_hub's error somewhere in the chain that transformers raised."""
+    while error is not None:
+        found = re.search(r"repo_id: ([^,)\s]+)", str(error))
+        if found:
+            return f"{found[1]} in the Hugging Face cache: hf download {found[1]}"
+        error = error.__cause__ or error.__context__
+    return "a model file that is not in the Hugging Face cache (the metric runs offline)"
 
 
 def _radeval_cache(parts) -> str:

@@ -121,10 +121,11 @@ def evaluate_records(config, records, workdir, report_labeler=None, scored=None,
         predicted_rows = report_labeler.label_reports([r["generated"] for r in records])
         with_text = [r for r in records if isinstance(r["reference"], str)]
         if with_text:  # text metrics compare texts: records whose reference is labels have none
-            extra["text_metrics"] = text_metrics.text_scores([r["reference"] for r in with_text],
-                                                             [r["generated"] for r in with_text])
+            # The model-based metrics first: they load models, and a refusal should leave nothing written.
             extra["model_metrics"] = model_metrics.scores(metric_names, [r["reference"] for r in with_text],
                                                           [r["generated"] for r in with_text])
+            extra["text_metrics"] = text_metrics.text_scores([r["reference"] for r in with_text],
+                                                             [r["generated"] for r in with_text])
             text_metrics.write_rexrank_json(workdir / "rexrank_predictions.json", with_text, config.split)
     else:
         parsed = [json_labels.parse_json_labels(r["generated"]) for r in records]
