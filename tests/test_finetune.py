@@ -131,9 +131,10 @@ def test_the_train_step_learns_with_the_base_bit_identical(tmp_path, base_quanti
         for was, now in zip(jax.tree.leaves(base[path]), jax.tree.leaves(after[path])):
             np.testing.assert_array_equal(was, np.asarray(now), err_msg=path)
     images = task.model_images(batch["image"])
-    unmerged, _ = task.eval_model.apply({"params": state.params}, images, batch["tokens"], batch["valid"])
-    merged, _ = task.base_model.apply({"params": lora.merge(state.params, task.settings)}, images, batch["tokens"],
-                                      batch["valid"])
+    evaluated = task.adapted(dataclasses.replace(task.settings, dropout=0.0))
+    unmerged, _ = evaluated.apply({"params": state.params}, images, batch["tokens"], batch["valid"])
+    merged, _ = task.adapted(None).apply({"params": lora.merge(state.params, task.settings)}, images, batch["tokens"],
+                                         batch["valid"])
     np.testing.assert_allclose(np.asarray(merged), np.asarray(unmerged), atol=1e-4, rtol=0)
 
 
@@ -307,3 +308,15 @@ def test_conversation_files_name_every_bad_record_with_its_line(tmp_path):
     assert record.report == "Heart normal.\nLungs clear."
     assert record.conversations == [[{"role": "user", "content": prompting.REPORT_PROMPT},
                                      {"role": "assistant", "content": "Heart normal.\nLungs clear."}]]
+
+
+def test_the_run_s_model_and_adapter_carry_model_cards(trained):
+    from huggingface_hub import ModelCard
+
+    workdir, _ = trained
+    model, adapter = (ModelCard.load(workdir / name / "README.md") for name in ("model", "adapter"))
+    assert (model.data.library_name, adapter.data.library_name) == ("cxrllava-jax", "peft")
+    for card in (model, adapter):
+        assert f"Stage `finetune` of `train.py`, {STEPS} steps, starting from `config.init.release={release_dir()}`" \
+            in card.text and "For research only" in card.text
+        assert card.data.base_model is None  # a local base has no Hub id to name

@@ -12,8 +12,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Lower rank = lower layer. Packages not listed (stdlib, third party) are not checked.
 LAYERS = {
     "cxrllava_jax.errors": 0,
-    "cxrllava_jax.files": 1,
-    "cxrllava_jax.arguments": 1,  # the command line's parsers and value types  # output and input file helpers; raise the errors above
+    "cxrllava_jax.files": 1,  # output and input file helpers; raise the errors above
+    "cxrllava_jax.arguments": 1,  # the command line's parsers and value types
+    "cxrllava_jax.hub": 1,  # model references: local directories or Hugging Face Hub ids
     "cxrllava_jax.sharding": 1,  # raises the errors above
     "cxrllava_jax.models": 1,
     "cxrllava_jax.convert": 3,  # weight formats; reads the domain's tokenizer files

@@ -9,9 +9,7 @@ or an empty cell for not mentioned. The reader takes any column order and also C
 
 import csv
 import dataclasses
-import io
 import math
-import sys
 
 import numpy as np
 
@@ -40,20 +38,15 @@ def read_reports_csv(path) -> list:
     first row that is just a column name is a header, not a report.
 
     A row that an unquoted comma split into several cells is joined back with commas."""
-    rows = [",".join(row) for row in _csv_rows(path) if row]
+    rows = [",".join(row) for row in csv_rows(path) if row]
     if rows and rows[0].strip().lower() in _TEXT_COLUMNS:
         rows = rows[1:]
     return rows
 
 
-def _csv_rows(path):
-    """csv rows of a UTF-8 file (errors name it), any field length: a report may be longer than csv's 128 KiB."""
-    text = files.read_text(path)
-    csv.field_size_limit(sys.maxsize)
-    try:
-        return list(csv.reader(io.StringIO(text, newline="")))
-    except csv.Error as error:
-        raise InputError(f"{path}: not a readable CSV ({error})") from None
+def csv_rows(path):
+    """csv rows of a UTF-8 file (`files.read_csv`: errors name it), any field length."""
+    return [row for _, row in files.read_csv(path)]
 
 
 def write_labels_csv(path, reports, labels, ids=None) -> None:
@@ -69,7 +62,7 @@ def write_labels_csv(path, reports, labels, ids=None) -> None:
 
 def read_labels_csv(path) -> LabelTable:
     """Reads our, the CheXpert labeler's or CheXbert's label CSV. Rows without an id column get ids "0", "1", ..."""
-    rows = _csv_rows(path)
+    rows = csv_rows(path)
     header = rows[0] if rows else []
     by_lower = {name.strip().lower(): i for i, name in enumerate(header)}
     missing = [o for o in CHEXPERT_OBSERVATIONS if o.lower() not in by_lower]

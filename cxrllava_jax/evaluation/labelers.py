@@ -49,17 +49,18 @@ def _text_key(text: str) -> str:
     return " ".join(text.split())
 
 
-def _check_file(path, needs: str, flag: str):
-    """Names the flag that was not given (eval.py spells it with _, `cxrllava label` with -), or the file that is not
-    there."""
+def _require_file(path, needed: str):
+    """None: say what is needed; a path that is not a file: name it and say what it is instead."""
     if not path:
-        raise LabelerUnavailable(f"{needs}: give --{flag} (eval.py) or --{flag.replace('_', '-')} (cxrllava label)")
+        raise LabelerUnavailable(f"{needed}; none was given")
     if not Path(path).is_file():
-        raise LabelerUnavailable(f"{needs}; {path}: no such file")
+        state = "is a directory" if Path(path).is_dir() else "does not exist"
+        raise LabelerUnavailable(f"{path}: {state}; {needed}")
 
 
 def _from_label_file(path) -> Labeler:
-    _check_file(path, "the chexpert-csv labeler needs a label CSV", "labels_csv")
+    _require_file(path, "the chexpert-csv labeler needs the label CSV of every report (--labels-csv FILE; "
+                        "eval.py --labels_csv=FILE)")
     table = label_files.read_labels_csv(path)
     if not any(table.reports):
         raise LabelerUnavailable(f"{path}: no report text column (Reports or Report Impression) to match reports by")
@@ -76,8 +77,8 @@ def _from_label_file(path) -> Labeler:
 
 
 def _chexbert(checkpoint) -> Labeler:
-    _check_file(checkpoint, "the chexbert labeler needs CheXbert's checkpoint file (chexbert.pth, e.g. from "
-                            "StanfordAIMI/RRG_scorers)", "chexbert_checkpoint")
+    _require_file(checkpoint, "the chexbert labeler needs CheXbert's checkpoint file (chexbert.pth, e.g. from "
+                              "StanfordAIMI/RRG_scorers)")
     try:
         import pandas
         import torch

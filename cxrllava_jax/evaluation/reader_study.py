@@ -9,7 +9,6 @@ reporting") rate, and Cochran's Q test of A+B across sources, with (reader, case
 
 import collections
 import csv
-import io
 import pathlib
 import random
 
@@ -109,9 +108,9 @@ def _write_csv(path, columns, rows):
 
 def _read_csv(path, columns: tuple[str, ...]) -> list[dict]:
     """The rows of a CSV with a header that has `columns` (a file without them is refused, naming them)."""
-    reader = csv.DictReader(io.StringIO(files.read_text(path), newline=""))
-    missing = [c for c in columns if c not in (reader.fieldnames or ())]
+    header, records = files.read_csv_records(path)
+    missing = [c for c in columns if c not in header]
     if missing:
         raise InputError(f"{path}: no {', '.join(repr(c) for c in missing)} column; its header is "
-                         f"{reader.fieldnames or 'empty'} and should have {list(columns)}")
-    return list(reader)
+                         f"{header or 'empty'} and should have {list(columns)}")
+    return [row for _, row in records]

@@ -10,13 +10,13 @@ chat_template.jinja) with the generation prompt, and tokenizes it without adding
 temperature (0 = greedy), top_p, max_new_tokens, seed; it stops at the tokenizer's EOS.
 """
 
-from pathlib import Path
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cxrllava_jax import hub
 from cxrllava_jax.convert import checkpoint
 from cxrllava_jax.errors import InputError, MismatchError
 from cxrllava_jax.inference.generate import Generator, SamplingOptions
@@ -35,10 +35,11 @@ class LanguageModel:
 
     @classmethod
     def from_checkpoint(cls, path, dtype: str | None = None, chat: bool = False) -> "LanguageModel":
-        """`chat`: the model will be asked through its chat template, so a tokenizer without one is refused
-        before the weights are read. Refusals name the checkpoint: InputError for what is missing, MismatchError
-        for a checkpoint that holds no language model (stage 1A's or 1B's)."""
-        path = Path(path)
+        """`path`: a checkpoint directory or a Hub id of one (`hub.resolve`). `chat`: the model will be asked
+        through its chat template, so a tokenizer without one is refused before the weights are read. Refusals
+        name the checkpoint: InputError for what is missing, MismatchError for a checkpoint that holds no language
+        model (stage 1A's or 1B's)."""
+        path = hub.resolve(path)
         dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
         # Scanned layers: one compiled layer body, so a 30- or 80-layer model compiles in seconds.
         runtime = Runtime(dtype=dtype, param_dtype=dtype, scan=True)

@@ -12,7 +12,7 @@ import math
 import re
 from pathlib import Path
 
-from cxrllava_jax import files
+from cxrllava_jax import files, hub
 from cxrllava_jax.errors import ConfigError, MismatchError
 from cxrllava_jax.models.attention import KERNELS
 from cxrllava_jax.models.configs import DTYPES
@@ -20,6 +20,7 @@ from cxrllava_jax.models.layers import NAMED_REMAT_POLICIES, remat_policy_of
 from cxrllava_jax.training.tasks import TASKS
 
 CONFIG, SUMMARY = "config.json", "summary.json"
+MODEL_REFERENCES = ("checkpoint", "release", "llama", "bert")  # config.init fields that name a model
 
 # (key, test, what it must be): checked in this order, the first failure named.
 _POSITIVE = ("data.batch_size", "data.eval_batch_size", "data.seq_length", "data.text_length", "log_every_steps",
@@ -63,6 +64,16 @@ def _known_remat_policy(name) -> bool:
     except (ConfigError, TypeError):
         return False
     return True
+
+
+def with_local_models(cfg):
+    """A copy of `cfg` whose `config.init.*` model references (directories or Hugging Face Hub ids) are the local
+    directories they name, resolved once (downloaded when need be) before any part of the run reads them."""
+    resolved = cfg.copy_and_resolve_references()
+    for key in MODEL_REFERENCES:
+        if key in resolved.get("init", {}) and resolved.init[key]:
+            resolved.init[key] = str(hub.resolve(resolved.init[key], what=f"config.init.{key}"))
+    return resolved
 
 
 def _check(cfg, key: str, ok, expected: str):
