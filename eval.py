@@ -10,8 +10,6 @@ Reports are labeled by --labeler: ours (default), chexpert-csv (--labels_csv: th
 output for every report text) or chexbert (--chexbert_checkpoint: chexbert.pth, run with the f1chexbert package).
 """
 
-from pathlib import Path
-
 from absl import flags
 from ml_collections import config_flags
 
@@ -38,9 +36,7 @@ _LABELS_CSV = flags.DEFINE_string("labels_csv", None, "--labeler=chexpert-csv: l
 _CHEXBERT_CHECKPOINT = flags.DEFINE_string("chexbert_checkpoint", None, "--labeler=chexbert: CheXbert's chexbert.pth")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where answers, labels, tables and results.json are written")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace the results of an earlier evaluation in --workdir")
-flags.DEFINE_bool("debug", False, arguments.DEBUG_HELP)
-flags.mark_flags_as_required(["config", "workdir"])
-arguments.require_directory("workdir")
+arguments.define_absl_flags(required=("config", "workdir"), directory="workdir")
 
 
 def main(argv):
@@ -60,7 +56,6 @@ def main(argv):
 
 def evaluate(metric_names):
     from cxrllava_jax.evaluation import run  # here, not above: `--help` answers before the metrics' imports
-
     if _REFERENCE_LABELS.value and _PREDICTED_LABELS.value:
         if metric_names:
             raise errors.UsageError("--metrics compares report texts; label files have none")
@@ -81,4 +76,4 @@ def evaluate(metric_names):
 
 
 if __name__ == "__main__":
-    arguments.run_absl("eval.py", main, sorted((Path(__file__).resolve().parent / "configs").glob("eval_*.py")))
+    arguments.run_absl("eval.py", main, configs=("eval_*.py",))

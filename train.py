@@ -1,7 +1,5 @@
 """Trains one CXR-LLaVA stage: python train.py --config=configs/stage2b.py --workdir=DIR [--config.key=value]."""
 
-from pathlib import Path
-
 from absl import flags
 from ml_collections import config_flags
 
@@ -9,9 +7,7 @@ from cxrllava_jax import arguments, errors
 
 config_flags.DEFINE_config_file("config", None, "a stage config file (listed below)", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and the exported model.")
-flags.DEFINE_bool("debug", False, arguments.DEBUG_HELP)
-flags.mark_flags_as_required(["config", "workdir"])
-arguments.require_directory("workdir")
+arguments.define_absl_flags(required=("config", "workdir"), directory="workdir")
 
 
 def main(argv):
@@ -25,5 +21,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    configs = Path(__file__).resolve().parent / "configs"
-    arguments.run_absl("train.py", main, [*sorted(configs.glob("stage*.py")), configs / "finetune.py", configs / "demo.py"])
+    arguments.run_absl("train.py", main, configs=("stage*.py", "finetune.py", "demo.py"))

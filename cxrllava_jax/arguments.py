@@ -102,14 +102,15 @@ def path(text: str) -> Path:
 
 # ---------------------------------------------------------------- absl (train.py, eval.py)
 
-def run_absl(program: str, main: Callable[[list], int | None], configs: list[Path] = ()):
+def run_absl(program: str, main: Callable[[list], int | None], configs: tuple[str, ...] = ()):
     """`absl.app.run(main)` with failures reported as by `errors.report_errors`, and a `--help` that exits 0
-    listing the config files `configs` (each with its docstring's first sentence, and `FILE:VARIANT` for a
-    config that names its variants in `VARIANTS`)."""
+    listing the config files that match the glob patterns `configs` in the entry point's configs/ folder (each
+    with its docstring's first sentence, and `FILE:VARIANT` for a config that names its variants in `VARIANTS`)."""
     from absl import app, flags
 
     if any(arg in HELP_FLAGS or arg.startswith("--helpfull") for arg in sys.argv[1:]):
-        print(absl_help(flags.FLAGS, configs))
+        folder = Path(sys.modules["__main__"].__file__).resolve().parent / "configs"
+        print(absl_help(flags.FLAGS, [path for pattern in configs for path in sorted(folder.glob(pattern))]))
         sys.exit(0)
 
     def parse(argv):
@@ -138,13 +139,16 @@ def run_absl(program: str, main: Callable[[list], int | None], configs: list[Pat
     sys.exit(errors.report_errors(program, lambda: app.run(main, flags_parser=parse), errors.debug_requested()))
 
 
-def require_directory(name: str):
-    """An absl flag that names a directory to write into: not empty (that would be the current directory) and not
-    an existing file; checked as the flags are parsed."""
+def define_absl_flags(required: tuple[str, ...], directory: str):
+    """What train.py and eval.py share beside their own flags: `--debug`, the flags they cannot run without, and
+    `--DIRECTORY` (their workdir) checked as the flags are parsed: not empty (that would be the current directory)
+    and not an existing file."""
     from absl import flags
 
-    flags.register_validator(name, lambda value: value is None or (bool(value.strip()) and not Path(value).is_file()),
-                             f"--{name} must name a directory (not empty, not an existing file)")
+    flags.DEFINE_bool("debug", False, DEBUG_HELP)
+    flags.mark_flags_as_required(list(required))
+    flags.register_validator(directory, lambda value: value is None or (bool(value.strip()) and not Path(value).is_file()),
+                             f"--{directory} must name a directory (not empty, not an existing file)")
 
 
 def absl_help(flag_values, configs: list[Path]) -> str:

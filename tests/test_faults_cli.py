@@ -249,9 +249,11 @@ LORA = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj
                    "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.full((64, 2), np.inf, np.float32)},
      "q_proj.lora_B.weight: 128 of 128 values are NaN or infinite"),
 ])
-def test_bad_adapters_are_refused_before_the_model_loads(image, tmp_path, capsys, name, config, tensors, message):
+def test_bad_adapters_are_refused_before_the_model_loads(image, tmp_path, capsys, monkeypatch, imported_checkpoint,
+                                                         name, config, tensors, message):
     adapter = _adapter(tmp_path / name, config, tensors)
-    assert message in _fails(["ask", str(image), "Effusion?", "--checkpoint", str(tmp_path / "never-read"),
+    monkeypatch.setattr(checkpoints, "load_model", None)  # never reached: the adapter is read first
+    assert message in _fails(["ask", str(image), "Effusion?", "--checkpoint", str(imported_checkpoint),
                               "--adapter", str(adapter)], capsys)
     with pytest.raises(InputError) as error:
         CXRLLaVA.from_pretrained(tmp_path / "never-read", adapter=adapter)
@@ -260,12 +262,12 @@ def test_bad_adapters_are_refused_before_the_model_loads(image, tmp_path, capsys
 
 @pytest.mark.parametrize("case, error_type, message", [
     ("missing", InputError, "missing: no such directory"),
-    ("a_file", InputError, "a_file is a file; give the checkpoint's directory"),
+    ("a_file", InputError, "a_file: no such directory"),
     ("empty", InputError, "empty is neither a cxrllava-jax checkpoint"),
     ("other", MismatchError, "its \"config\" is not that of the 'bert' model it names"),
     ("stage_1a", MismatchError, "holds a 'vit_classifier' model; inference needs a 'cxr_llava' checkpoint"),
     ("no_tokenizer", InputError, "no tokenizer/ directory"),
-    ("no_adapter", InputError, "no such adapter directory"),
+    ("no_adapter", InputError, "no-adapter: no such directory"),
 ])
 def test_from_pretrained_refuses_each_kind_of_problem_with_one_type(case, error_type, message, tmp_path, other_model,
                                                                     stage_1a_checkpoint, imported_checkpoint):

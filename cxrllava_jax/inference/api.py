@@ -80,11 +80,11 @@ class CXRLLaVA:
         """
         check_dtype(dtype)  # the options and the adapter are checked before any weight is read
         quantization.check_kind(quantize)
-        adapter = None if adapter is None else (peft.load_peft(adapter), adapter)
-        compile_cache.enable()
-        path = hub.resolve(path, revision=revision, token=token, cache_dir=cache_dir)
         if adapter is not None:
             adapter = hub.resolve(adapter, token=token, cache_dir=cache_dir, what="adapter")
+            adapter = (peft.load_peft(adapter), adapter)
+        compile_cache.enable()
+        path = hub.resolve(path, revision=revision, token=token, cache_dir=cache_dir)
         if release.is_release_dir(path):
             config, tensors = release.iter_release(path)
             return cls._from_tensors(path, config, tensors, path, False, dtype, quantize, adapter)
