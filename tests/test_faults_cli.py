@@ -86,6 +86,12 @@ def test_paths_of_the_wrong_kind_are_named(image, tmp_path, capsys):
         ["reader-study", "analyze", "--key", str(tmp_path / "none.csv"), "--ratings", str(image)], capsys)
 
 
+def test_a_huge_token_budget_is_refused_before_the_model_loads(image, tmp_path, capsys):
+    err = _fails(["ask", str(image), "Effusion?", "--checkpoint", str(tmp_path), "--max-new-tokens", "1" + "0" * 20],
+                 capsys)
+    assert "--max-new-tokens 100000000000000000000: must be an integer in [1, 2**31)" in err
+
+
 def test_text_that_is_not_utf8_is_refused_before_the_model_loads(image, tmp_path, capsys):
     question = b"Caf\xe9 effusion?".decode("utf-8", "surrogateescape")  # what Python makes of a Latin-1 argument
     err = _fails(["ask", str(image), question, "--checkpoint", str(tmp_path / "never-read")], capsys)

@@ -15,6 +15,7 @@ import numpy as np
 from cxrllava_jax.errors import ConfigError
 
 MAX_TEMPERATURE = 2.0  # OpenAI's range; past it the distribution is all but uniform noise
+MAX_NEW_TOKENS = 2**31  # far past any context window: generation stops there anyway
 SEED_RANGE = 2**32  # jax.random.key takes 32 bits; larger seeds would wrap onto smaller ones
 # top_p in (0, TOP_P_FLOOR] keeps the most likely token only (the nucleus always holds it), as float32 can say.
 TOP_P_FLOOR = float(np.finfo(np.float32).tiny)
@@ -38,8 +39,8 @@ def checked(temperature, top_p, max_new_tokens, seed) -> tuple[float, float, int
         raise SamplingError("temperature", temperature, f"a number in [0, {MAX_TEMPERATURE:g}] (0 = greedy)")
     if not _real(top_p) or not 0 < top_p <= 1:
         raise SamplingError("top_p", top_p, "a number in (0, 1]")
-    if not _integer(max_new_tokens) or max_new_tokens < 1:
-        raise SamplingError("max_new_tokens", max_new_tokens, "an integer >= 1")
+    if not _integer(max_new_tokens) or not 1 <= max_new_tokens < MAX_NEW_TOKENS:  # past it, no array holds it
+        raise SamplingError("max_new_tokens", max_new_tokens, "an integer in [1, 2**31)")
     if not _integer(seed) or not 0 <= seed < SEED_RANGE:
         raise SamplingError("seed", seed, "an integer in [0, 2**32)")
     temperature = 0.0 if temperature < TEMPERATURE_FLOOR else float(temperature)
