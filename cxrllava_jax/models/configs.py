@@ -111,10 +111,18 @@ class CXRLLaVAConfig:
     image_mean: float = 0.5
     image_std: float = 0.5
     image_token_id: int = -200  # the release's placeholder id for `<image>`
+    # Token reduction for several images in one context: the ViT's grid averaged over pool x pool patches before
+    # the projector (2: 256 tokens an image instead of the release's 1,024). 1 (off) is the release.
+    projector_pool: int = 1
+
+    def __post_init__(self):
+        if self.projector_pool < 1 or self.vision.grid % self.projector_pool:
+            raise ValueError(f"projector_pool must be a divisor of the ViT's {self.vision.grid}-patch grid, got "
+                             f"{self.projector_pool}")
 
     @property
     def num_image_tokens(self) -> int:
-        return self.vision.grid**2
+        return (self.vision.grid // self.projector_pool) ** 2
 
 
 @dataclasses.dataclass(frozen=True)
