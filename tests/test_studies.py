@@ -91,3 +91,22 @@ def test_a_study_too_long_for_the_context_is_refused_naming_the_token_counts():
     with pytest.raises(prompting.PromptTooLongError, match=r"3072 tokens \(3072 of them image positions: 3 images x 1024\) .* context is 3000"):
         study.check_fits(1024, 3000)
     study.check_fits(256, 4096)
+
+
+def test_conversation_files_take_image_lists_with_one_place_each(tmp_path):
+    import json
+
+    from input_pipeline import conversations
+
+    for name in ("pa.png", "lat.png"):
+        Image.open(NIH[0]).save(tmp_path / name)
+    answer = {"from": "gpt", "value": "Unchanged."}
+    records = [{"image": ["pa.png", "lat.png"], "conversations": [{"from": "human", "value": "Compare."}, answer]},
+               {"image": ["pa.png", "lat.png"], "conversations": [{"from": "human", "value": "<image>\nOne?"}, answer]}]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(InputError, match=r"s.jsonl:2: the first human turn: 1 <image> place\(s\) .* for 2 image"):
+        conversations.load(tmp_path / "s.jsonl")
+    (tmp_path / "s.jsonl").write_text(json.dumps(records[0]) + "\n")
+    [record] = conversations.load(tmp_path / "s.jsonl")
+    assert record.image == (str(tmp_path / "pa.png"), str(tmp_path / "lat.png"))
+    assert record.conversations[0][0]["content"] == "<image>\n<image>\nCompare."
