@@ -25,6 +25,9 @@ IMAGE = "<image>"
 REPORT_QUESTION = ("Write a radiologic report on the given chest radiograph, including information about "
                    "atelectasis, cardiomegaly, consolidation, pulmonary edema, pleural effusion, and pneumothorax.\n")
 REPORT_PROMPT = f"{IMAGE}\n{REPORT_QUESTION}"
+# A study's report (`study_prompt`): the current films against the prior, each finding's change said.
+COMPARISON_QUESTION = ("Write a radiologic report on the current study, comparing it with the prior study: say for "
+                       "each finding whether it is new, resolved, increased, decreased or unchanged.\n")
 DIFFERENTIAL_PROMPT = f"{IMAGE}\nWhat are the possible differential diagnoses for this patient?\n"
 # The paper's label-generation prompt (Figure 2b) is not published; this one asks for the same 14 binary
 # labels as a JSON object, which evaluation.json_labels reads.

@@ -22,7 +22,7 @@ import numpy as np
 
 from cxrllava_jax import files
 from cxrllava_jax.domain import label_files
-from cxrllava_jax.evaluation import json_labels, labelers, metrics, paper_tables, tables, text_metrics
+from cxrllava_jax.evaluation import changes, json_labels, labelers, metrics, paper_tables, tables, text_metrics
 from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
 from cxrllava_jax.errors import ConfigError, InputError
 
@@ -108,6 +108,9 @@ def evaluate_records(config, records, workdir, report_labeler=None) -> dict:
             extra["text_metrics"] = text_metrics.text_scores([r["reference"] for r in with_text],
                                                              [r["generated"] for r in with_text])
             text_metrics.write_rexrank_json(workdir / "rexrank_predictions.json", with_text, config.split)
+            compared = changes.change_scores([r["reference"] for r in with_text], [r["generated"] for r in with_text])
+            if compared["statements"]:  # references that compare with a prior study
+                extra["change_statements"] = compared
     else:
         parsed = [json_labels.parse_json_labels(r["generated"]) for r in records]
         predicted_rows = [p.as_row() for p in parsed]
