@@ -25,8 +25,8 @@ from tqdm import tqdm
 from cxrllava_jax import files
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.domain.images import is_dicom_file
-from cxrllava_jax.errors import InputError
-from cxrllava_jax.inference import compile_cache
+from cxrllava_jax.errors import ConfigError, InputError
+from cxrllava_jax.inference import compile_cache, sampling
 from cxrllava_jax.inference.generate import RELEASE_MAX_NEW_TOKENS, SamplingOptions
 from cxrllava_jax.models.quantize import KINDS
 
@@ -190,7 +190,10 @@ def _parser(name: str, description: str, images: bool = True) -> argparse.Argume
 def _options(args) -> dict:
     """The sampling keywords, range-checked now (before the model loads), and the input guard's override."""
     options = dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
-    SamplingOptions(**options)
+    try:
+        SamplingOptions(**options)
+    except sampling.SamplingError as error:  # the same ranges as the API's and the server's, named as flags
+        raise ConfigError(f"--{error.option.replace('_', '-')} {error.value}: must be {error.requirement}") from None
     if hasattr(args, "allow_non_frontal"):
         options["allow_non_frontal"] = args.allow_non_frontal
     return options
