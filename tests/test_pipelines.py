@@ -280,7 +280,9 @@ def test_a_study_batch_is_the_tasks_abstract_batch(tmp_path):
     batch is still exactly `abstract_batch`."""
     import json
 
+    from cxrllava_jax.errors import ConfigError
     from cxrllava_jax.training.tasks import make_task
+    from input_pipeline import conversations
 
     cfg = finetune_config(tmp_path)
     lines = [json.loads(line) for line in open(cfg.data.train)]
@@ -296,3 +298,6 @@ def test_a_study_batch_is_the_tasks_abstract_batch(tmp_path):
     assert {k: (np.shape(v), np.asarray(v).dtype) for k, v in batch.items()} == declared
     assert batch["image"][:, :2].reshape(4, 2, -1).max(axis=-1).min() > 0 and not batch["image"][:, 2].any()
     assert ((batch["tokens"] == task.config.image_token_id).sum(axis=1) == 2 * task.config.num_image_tokens).all()
+    task.max_images = 1  # as configured by config.data.max_images=1: refused before training starts
+    with pytest.raises(ConfigError, match="studies.jsonl:1: 2 images in one example, more than config.data.max_images=1"):
+        task.examples(conversations.load(cfg.data.train))

@@ -56,6 +56,8 @@ def test_study_prompt_names_each_view_and_the_prior():
     assert text == ("Indication: Dyspnea.\nCurrent study, 2024-01-05:\nPA view <image>\nlateral view <image>\n"
                     "Prior study, 2023-03-01:\nAP view <image>\nPrior report: Small left effusion.\nDescribe.")
     assert prompting.count_images([{"role": "user", "content": text}]) == 3
+    with pytest.raises(InputError, match="contains <image>"):  # a place only the study's images may put there
+        prompting.study_prompt("Describe.", ["PA"], prior_report="See <image>")
 
 
 @pytest.mark.parametrize("views", [[""], ["PA"], ["AP"]])

@@ -50,6 +50,8 @@ def study_prompt(question: str, views: Sequence[str], prior_views: Sequence[str]
 
     One image with nothing else to say (no prior, no indication) is the release's prompt, `<image>\n{question}`,
     whatever its view: a single frontal film reads exactly as the released model was trained to read it."""
+    for text in (question, prior_report, indication):
+        check_user_text(text)
     if len(views) == 1 and not prior_views and not prior_report and not indication:
         return f"{IMAGE}\n{question}"
     lines = [f"Indication: {' '.join(indication.split())}"] if indication.strip() else []

@@ -100,7 +100,8 @@ class Study:
 def studies_in_folder(folder) -> list[Study]:
     """Every study in a folder of DICOM files (searched recursively; other files are passed over): files grouped
     by StudyInstanceUID, ordered by patient, then StudyDate and StudyTime, each study's prior the patient's study
-    before it. A file without a StudyInstanceUID is a study of its own; studies without a PatientID (anonymised
+    before it (a study without a StudyDate counts as the oldest). A file without a StudyInstanceUID is a study of
+    its own; studies without a PatientID (anonymised
     exports) are taken as one patient's, as a folder usually is."""
     folder = Path(folder)
     if not folder.is_dir():

@@ -20,7 +20,7 @@ from cxrllava_jax.convert import checkpoint as model_checkpoint
 from cxrllava_jax.convert import hf_llama
 from cxrllava_jax.domain import images, prompting
 from cxrllava_jax.domain.tokenizer import check_vocabulary, load_tokenizer
-from cxrllava_jax.errors import InputError
+from cxrllava_jax.errors import ConfigError, InputError
 from cxrllava_jax.models import configs as mc
 from cxrllava_jax.models.cxr_llava import CXRLLaVAModel
 from cxrllava_jax.training.metrics import averages
@@ -73,6 +73,10 @@ class InstructionTask(Task):
         return self.cfg.data.tokenizer
 
     def examples(self, records) -> list[Example]:
+        crowded = next((r for r in records if len(image_paths(r.image)) > self.max_images), None)
+        if crowded is not None:  # before training starts, not at the batch that holds it
+            raise ConfigError(f"{crowded.origin}: {len(crowded.image)} images in one example, more than "
+                              f"config.data.max_images={self.max_images} slots a row; raise it")
         if self.cfg.data.conversations == "report":
             report_turns = lambda r: [{"role": "user", "content": prompting.REPORT_PROMPT},  # noqa: E731
                                       {"role": "assistant", "content": r.report}]
@@ -100,10 +104,7 @@ class InstructionTask(Task):
     def image(self, example) -> np.ndarray:
         """One image's model pixels [size, size, 1], or with `max_images` > 1 the row's slots [max_images, size,
         size, 1] (zeros after its images). A lateral view is read beside the others of its study."""
-        sources = image_paths(example.image)
-        if len(sources) > self.max_images:
-            raise InputError(f"{', '.join(map(str, sources))}: {len(sources)} images in one example, more than "
-                             f"config.data.max_images={self.max_images} slots a row")
+        sources = image_paths(example.image)  # at most max_images: `examples` refused more
         if self.max_images == 1:
             return super().image(example)
         size = self.image_size()
