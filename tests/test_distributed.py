@@ -42,3 +42,4 @@ def test_initialize_calls_jax_only_when_a_launcher_is_there(monkeypatch, env, jo
         monkeypatch.setenv(name, value)
     distributed.initialize()
     assert calls == ([{"cluster_detection_method": distributed.detected_cluster()}] if joins else [])
+
