@@ -13,9 +13,9 @@ USABLE = 0.9  # of the card, split between the processes (the rest: CUDA context
 
 
 def shared_memory_env(processes: int, env=os.environ) -> dict[str, str]:
-    """The variables that give one of `processes` JAX processes on one accelerator its share of the memory;
-    none where the user set any of JAX's memory variables."""
-    if processes <= 1 or any(name in env for name in MEMORY_VARIABLES):
+    """The variables that give one of `processes` JAX processes on one accelerator its share of the memory (one
+    process: all that is usable, not JAX's 75%); none where the user set any of JAX's memory variables."""
+    if any(name in env for name in MEMORY_VARIABLES):
         return {}
     return {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{USABLE / processes:.2f}"}
 
