@@ -73,6 +73,7 @@ class Sizes:
     matmul: int
     big_vision: str  # the 7B model's ViT preset (decode, report, serving)
     big_llama: dict  # LlamaConfig overrides of llama2_7b
+    tiny_layers: int | None = None  # the dry run's towers: one layer each (what compiles is what costs it)
     decode_batches: tuple = (1, 16)
     decode_context: int = 1152  # the slots a step reads: a report's prompt (1,024 image tokens + text) and more
     decode_tokens: int = 64
@@ -95,16 +96,17 @@ DEVICE = Sizes(
                   "stage2_causal": (2, 1536, 1536, 32, 128), "prefill_left_padded": (2, 1101, 1101, 32, 128)})
 # The dry run's budgets are generous (a loaded 2-core CI machine must not skip a part); what it costs is measured.
 DRY = Sizes(
-    budget_s=900, copy_mib=8, matmul=256, big_vision="vit_tiny_64",
-    big_llama={"hidden_size": 64, "intermediate_size": 172, "num_layers": 2, "num_heads": 4, "num_kv_heads": 4},
+    budget_s=900, copy_mib=8, matmul=256, big_vision="vit_tiny_64", tiny_layers=1,
+    big_llama={"hidden_size": 64, "intermediate_size": 172, "num_layers": 1, "num_heads": 4, "num_kv_heads": 4},
     part_budgets_s={"device": 60, "parity": 240, "kernels": 90, "decode": 90, "report": 90, "serving": 120,
                     "train": 150},
     decode_batches=(1, 2), decode_context=32, decode_tokens=4, report_batches=(1, 2), report_tokens=4,
     serving_levels=((1, 2), (16, 16)), serving_tokens=2,
-    train_2b={"data.batch_size": 2, "data.seq_length": 128, "model.vision": "vit_tiny_64",
+    train_2b={"data.batch_size": 2, "data.seq_length": 64, "model.vision": "vit_tiny_64",
+              "model.vision_overrides": {"layers": 1},
               "model.llama_overrides": {"hidden_size": 64, "intermediate_size": 172, "num_heads": 4,
                                         "num_kv_heads": 4}},
-    train_1a={"data.batch_size": 2, "model.vision": "vit_tiny_64"},
+    train_1a={"data.batch_size": 2, "model.vision": "vit_tiny_64", "model.vision_overrides": {"layers": 1}},
     kernel_cases={"vit": (1, 17, 17, 2, 16), "bert_key_padding": (2, 16, 16, 2, 16),
                   "stage2_causal": (2, 32, 32, 2, 16), "prefill_left_padded": (2, 21, 21, 2, 16)})
 
@@ -166,6 +168,13 @@ def ran(units: list[dict]) -> list[dict]:
     return units
 
 
+def peak_memory() -> int | None:
+    """The device's peak bytes in use so far (None on CPU): what the engine's cache resizes held at once."""
+    import jax
+
+    return (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+
+
 def timed(fn, *args, repeats: int = 3) -> float:
     """The fastest of `repeats` calls (after one warm-up call), in seconds, results waited for."""
     import jax
@@ -196,7 +205,8 @@ def big_config(sizes: Sizes):
     from cxrllava_jax.models.configs import CXRLLaVAConfig, LLAMA_PRESETS, VISION_PRESETS
 
     llama = dataclasses.replace(LLAMA_PRESETS["llama2_7b"], **sizes.big_llama)
-    return CXRLLaVAConfig(vision=VISION_PRESETS[sizes.big_vision], llama=llama)
+    vision = VISION_PRESETS[sizes.big_vision]
+    return CXRLLaVAConfig(vision=dataclasses.replace(vision, layers=sizes.tiny_layers or vision.layers), llama=llama)
 
 
 def radiograph(size: int, seed: int):
@@ -257,8 +267,10 @@ def reference_values(sizes: Sizes) -> dict:
 
     tokenizer = load_tokenizer(LLAMA2_TOKENIZER)
     base = CXR_LLAVA_PRESETS["cxr_llava_tiny"]
+    layers = sizes.tiny_layers or base.llama.num_layers
     config = dataclasses.replace(base, llama=dataclasses.replace(base.llama, vocab_size=len(tokenizer),
-                                                                   max_position_embeddings=512))
+                                                                   num_layers=layers),
+                                 vision=dataclasses.replace(base.vision, layers=sizes.tiny_layers or base.vision.layers))
     size = config.vision.image_size
     images = [radiograph(size, seed) for seed in range(2)]
     cpu = jax.devices("cpu")[0]
@@ -270,7 +282,7 @@ def reference_values(sizes: Sizes) -> dict:
     out = {}
     with jax.default_matmul_precision("highest"):  # float32 parity: no TF32 on the GPU
         api = CXRLLaVA(config, params, tokenizer, Runtime(dtype="float32", param_dtype="float32"))
-        out["greedy"] = api.write_radiologic_reports(images, temperature=0.0, max_new_tokens=12)
+        out["greedy"] = api.write_radiologic_reports(images, temperature=0.0, max_new_tokens=8)
     tokens = jnp.asarray(np.stack([api.encode([{"role": "user", "content": "<image>\nDescribe the lungs."}])] * 2))
     pixels = jnp.asarray(np.stack([api.preprocess(image) for image in images]))
     bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
@@ -344,7 +356,9 @@ def train_step_losses(sizes: Sizes) -> list[float]:
     from cxrllava_jax.training.tasks import make_task
 
     overrides = {**DRY.train_2b, "runtime.dtype": "float32", "runtime.scan": False, "model.llama": "llama_tiny",
-                 "model.llama_overrides": {"vocab_size": 512, "num_layers": 2}, "data.seq_length": 128}
+                 "model.llama_overrides": {"vocab_size": 512, "num_layers": sizes.tiny_layers or 2}}
+    if not sizes.tiny_layers:
+        overrides["model.vision_overrides"] = {}
     cfg = stage_config("2b", overrides)
     task = make_task(cfg)
     mesh = sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
@@ -362,6 +376,8 @@ def part_parity(check: Check) -> dict:
     import numpy as np
 
     device = reference_values(check.sizes)
+    if "cpu_reference" not in check.shared:  # the dry run: after this process compiled the same CPU programs
+        check.shared["cpu_reference"] = start_cpu_reference(check.dry_run)
     child, path = check.shared["cpu_reference"]
     try:
         child.wait(timeout=max(check.part_left(), 1))
@@ -550,7 +566,7 @@ def part_report(check: Check) -> dict:
             runs.append({"batch": batch, **sampling, "seconds": round(warm, 3), "first_call_s": round(first, 2),
                          "prompt_tokens": prompt, "max_new_tokens": sizes.report_tokens,
                          "tokens_out_min": min(out), "tokens_out_max": max(out)})
-    return {"image": 512, "runs": ran(runs)}
+    return {"image": 512, "runs": ran(runs), "peak_bytes_in_use": peak_memory()}
 
 
 def part_serving(check: Check) -> dict:
@@ -610,7 +626,7 @@ def part_serving(check: Check) -> dict:
     rates = {lv["clients"]: lv.get("requests_per_s") for lv in ran(levels)}
     speedup = rates[16] / rates[1] if rates.get(1) and rates.get(16) else None
     return {"max_tokens": check.sizes.serving_tokens, "levels": levels,
-            "speedup_16_vs_1": None if speedup is None else round(speedup, 2),
+            "speedup_16_vs_1": None if speedup is None else round(speedup, 2), "peak_bytes_in_use": peak_memory(),
             "checks": {"no_failed_request": all(lv.get("failed", 0) == 0 for lv in levels)}}
 
 
@@ -746,6 +762,14 @@ def main(argv=None) -> int:
     sizes = DRY if args.dry_run else DEVICE
     if args.dry_run or args.cpu_reference:
         os.environ["JAX_PLATFORMS"] = "cpu"
+    flags = os.environ.get("XLA_FLAGS", "")
+    if args.dry_run and "xla_backend_optimization_level" not in flags:  # tiny programs: optimising costs more
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
+    if args.dry_run and not args.cpu_reference:
+        # The CPU reference child compiles the programs this process compiled for the parity part: it loads them
+        # from a compilation cache of this run's own instead (JAX reads these variables when it is imported).
+        os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="device-check-xla-"))
+        os.environ.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     else:
         from cxrllava_jax import accelerator
 
@@ -758,7 +782,7 @@ def main(argv=None) -> int:
     check = Check(sizes, args.dry_run, args.budget or sizes.budget_s)
     name = "dry-run" if args.dry_run else device_name()
     out = args.out or ROOT / "benchmarks" / "results" / f"device_{name}.json"
-    if "parity" in args.parts:
+    if "parity" in args.parts and not args.dry_run:  # on the CPU beside the device's parts from the start
         check.shared["cpu_reference"] = start_cpu_reference(args.dry_run)
     functions = {"device": part_device, "parity": part_parity, "kernels": part_kernels, "decode": part_decode,
                  "report": part_report, "serving": part_serving, "train": part_train}
