@@ -341,8 +341,8 @@ def synthetic_batch(task, batch_size: int, seed: int) -> dict:
             valid = np.arange(spec.shape[1])[None] < lengths[:, None]
             batch[name] = valid & (np.arange(spec.shape[1])[None] >= 2 * lengths[:, None] // 3) \
                 if name == "loss_mask" else valid
-        elif np.issubdtype(spec.dtype, np.integer):
-            batch[name] = rng.integers(3, 500, spec.shape).astype(spec.dtype)
+        elif np.issubdtype(spec.dtype, np.integer):  # token ids, or uint8 pixels
+            batch[name] = rng.integers(3, 500 if spec.dtype != np.uint8 else 256, spec.shape).astype(spec.dtype)
         else:
             batch[name] = rng.random(spec.shape).astype(spec.dtype)
     return batch
