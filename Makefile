@@ -57,6 +57,7 @@ DEVICE_WHEELS := grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 clu==0.0.12
 WHEEL_PLATFORMS := $(foreach n,17 24 27 28,--platform manylinux_2_$(n)_x86_64) --platform manylinux2014_x86_64 \
 	--platform manylinux1_x86_64
 DEVICE_PYTHON ?= python3
+DEVICE_CHECK_ARGS ?=
 device-wheels:
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		$(WHEEL_PLATFORMS) -d .whl $(DEVICE_WHEELS)
@@ -65,8 +66,8 @@ device-wheels:
 # One GPU, at most 8 minutes: writes benchmarks/results/device_<gpu>.json and prints a table (timeout: a hard stop
 # past the script's own budgets; the JSON is rewritten after every part).
 device-check:
-	$(DEVICE_PYTHON) -m pip install -q --no-index --no-deps --no-compile --target .whl/site .whl/*.whl
-	PYTHONPATH=.:.whl/site timeout 540 $(DEVICE_PYTHON) benchmarks/device_check.py
+	$(DEVICE_PYTHON) -m pip install -q --no-index --no-deps --no-compile --upgrade --target .whl/site .whl/*.whl
+	PYTHONPATH=.:.whl/site timeout 540 $(DEVICE_PYTHON) benchmarks/device_check.py $(DEVICE_CHECK_ARGS)
 
 device-check-dry-run: $(VENV)/.base
 	PYTHONPATH=. $(PY) benchmarks/device_check.py --dry-run
