@@ -566,7 +566,7 @@ def part_report(check: Check) -> dict:
             out = [len(api.tokenizer.encode(a, add_special_tokens=False)) for a in answers]
             runs.append({"batch": batch, **sampling, "seconds": round(warm, 3), "first_call_s": round(first, 2),
                          "prompt_tokens": prompt, "max_new_tokens": sizes.report_tokens,
-                         "tokens_out_min": min(out), "tokens_out_max": max(out)})
+                         "reencoded_tokens_out_min": min(out), "reencoded_tokens_out_max": max(out)})
     return {"image": 512, "runs": ran(runs), "peak_bytes_in_use": peak_memory()}
 
 
@@ -652,14 +652,15 @@ def part_train(check: Check) -> dict:
     check.shared.pop("big", None)
     gc.collect()
     device = jax.devices()[0]
-    memory = (device.memory_stats() or {}).get("bytes_limit")
+    stats = device.memory_stats() or {}
+    memory = stats["bytes_limit"] - stats.get("bytes_in_use", 0) if "bytes_limit" in stats else None  # free now
     peak = peak_tflops(device.device_kind)
     peak_flops = peak * 1e12 if peak else check.shared.get("matmul_flops_per_s")
     mesh = sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=[device])
     runs = []
     for stage, overrides in (("2b", check.sizes.train_2b), ("1a", check.sizes.train_1a)):
         layers = None
-        if stage == "2b":  # LLaMA-2-7B layers (202M parameters; fp32 master + Adam: 16 bytes each) that fit
+        if stage == "2b":  # LLaMA-2-7B layers (202M parameters; fp32 master, Adam, gradient: 16 bytes) that fit
             layers = 1 if memory is None else max(1, min(32, int((0.45 * memory - 5e9) // 3.3e9)))
             overrides = {**overrides, "model.llama_overrides": {**overrides.get("model.llama_overrides", {}),
                                                                 "num_layers": layers}}
