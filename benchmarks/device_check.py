@@ -546,6 +546,8 @@ def big_api(check: Check):
 
 
 def part_report(check: Check) -> dict:
+    from cxrllava_jax.domain import prompting
+
     api = big_api(check)
     sizes = check.sizes
     image = radiograph(512, seed=0)
@@ -562,7 +564,7 @@ def part_report(check: Check) -> dict:
             start = time.perf_counter()
             answers = api.write_radiologic_reports([image] * batch, **options)
             warm = time.perf_counter() - start
-            prompt = len(api.encode([{"role": "user", "content": "<image>\nreport"}]))
+            prompt = len(api.encode([{"role": "user", "content": prompting.REPORT_PROMPT}]))
             out = [len(api.tokenizer.encode(a, add_special_tokens=False)) for a in answers]
             runs.append({"batch": batch, **sampling, "seconds": round(warm, 3), "first_call_s": round(first, 2),
                          "prompt_tokens": prompt, "max_new_tokens": sizes.report_tokens,
