@@ -139,7 +139,7 @@ class Check:
                                           f"{budget:.0f} s"}
             return
         self.deadline = time.monotonic() + budget
-        started = time.monotonic()
+        started, cpu = time.monotonic(), time.process_time()
         try:
             results = fn(self)
             checks = results.get("checks", {})
@@ -152,7 +152,8 @@ class Check:
         except Exception as error:  # recorded; the next part still runs
             self.parts[name] = {"status": "failed", "error": f"{type(error).__name__}: {error}"[:2000],
                                 "traceback": traceback.format_exc()[-3000:]}
-        self.parts[name].update(seconds=round(time.monotonic() - started, 2), budget_s=round(budget, 1))
+        self.parts[name].update(seconds=round(time.monotonic() - started, 2), budget_s=round(budget, 1),
+                                cpu_s=round(time.process_time() - cpu, 2))  # this process's threads
 
     def within_part(self, needed: float = 0.0) -> bool:
         """Whether the part's budget still holds a step of `needed` seconds (the rest of it is skipped)."""
