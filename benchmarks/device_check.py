@@ -80,6 +80,7 @@ class Sizes:
     report_batches: tuple = (1, 8)
     report_tokens: int = 100
     serving_levels: tuple = ((1, 4), (16, 32))  # (clients, requests)
+    serving_batch: int = 16  # the server's --max-batch-size
     serving_tokens: int = 32
     train_2b: dict = dataclasses.field(default_factory=dict)  # config overrides
     train_1a: dict = dataclasses.field(default_factory=dict)
@@ -101,7 +102,7 @@ DRY = Sizes(
     part_budgets_s={"device": 60, "parity": 240, "kernels": 90, "decode": 90, "report": 90, "serving": 120,
                     "train": 150},
     decode_batches=(1, 2), decode_context=32, decode_tokens=4, report_batches=(1, 2), report_tokens=4,
-    serving_levels=((1, 2), (16, 16)), serving_tokens=2,
+    serving_levels=((1, 2), (16, 16)), serving_tokens=2, serving_batch=2,
     train_2b={"data.batch_size": 2, "data.seq_length": 64, "model.vision": "vit_tiny_64",
               "model.vision_overrides": {"layers": 1},
               "model.llama_overrides": {"hidden_size": 64, "intermediate_size": 172, "num_heads": 4,
@@ -594,7 +595,7 @@ def part_serving(check: Check) -> dict:
                        "messages": [{"role": "user", "content": [{"type": "text", "text": "Write the report."},
                                                                  {"type": "image_url", "image_url": {"url": url}}]}]})
     listener = socket.create_server(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(api, "device-check", max_batch_size=16), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(api, "device-check", max_batch_size=check.sizes.serving_batch), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     while not server.started:
