@@ -272,7 +272,8 @@ def reference_values(sizes: Sizes) -> dict:
     layers = sizes.tiny_layers or base.llama.num_layers
     config = dataclasses.replace(base, llama=dataclasses.replace(base.llama, vocab_size=len(tokenizer),
                                                                    num_layers=layers),
-                                 vision=dataclasses.replace(base.vision, layers=sizes.tiny_layers or base.vision.layers))
+                                 vision=dataclasses.replace(base.vision,
+                                                            layers=sizes.tiny_layers or base.vision.layers))
     size = config.vision.image_size
     images = [radiograph(size, seed) for seed in range(2)]
     cpu = jax.devices("cpu")[0]
@@ -595,7 +596,8 @@ def part_serving(check: Check) -> dict:
                        "messages": [{"role": "user", "content": [{"type": "text", "text": "Write the report."},
                                                                  {"type": "image_url", "image_url": {"url": url}}]}]})
     listener = socket.create_server(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(api, "device-check", max_batch_size=check.sizes.serving_batch), log_level="warning"))
+    app = create_app(api, "device-check", max_batch_size=check.sizes.serving_batch)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     while not server.started:
@@ -712,7 +714,8 @@ def train_throughput(stage: str, overrides: dict, mesh, peak_flops) -> dict:
         seconds = (time.perf_counter() - start) / steps
     units = cfg.data.batch_size * (cfg.data.seq_length if stage == "2b" else 1)
     return {"stage": stage, "batch": cfg.data.batch_size, "seq_length": cfg.data.seq_length if stage == "2b" else None,
-            "step_s": round(seconds, 4), ("tokens_per_s" if stage == "2b" else "images_per_s"): round(units / seconds, 1),
+            "step_s": round(seconds, 4),
+            ("tokens_per_s" if stage == "2b" else "images_per_s"): round(units / seconds, 1),
             "compile_s": round(compile_s, 1), "tflop_per_step": None if flops is None else round(flops / 1e12, 3),
             "mfu": None if not (flops and peak_flops) else round(flops / seconds / peak_flops, 4),
             "loss_finite": bool(jax.numpy.isfinite(loss))}
