@@ -21,6 +21,10 @@ $(VENV)/.base: pyproject.toml
 
 $(VENV)/.test: $(VENV)/.base
 	$(PY) -m pip install -q -e '.[test]'
+	# RadEval (the `metrics` extra) without its own dependencies, which include torchvision and so a CUDA build of
+	# torch over the pinned CPU one; the metrics the tests run need only these.
+	$(PY) -m pip install -q --no-deps 'radeval==2.2.1'
+	$(PY) -m pip install -q appdirs dotmap jsonpickle h5py pandas 'scikit-learn>=1.8,<1.9'
 	touch $@
 
 demo: $(VENV)/.base
