@@ -17,7 +17,9 @@ class Runtime:
     param_dtype: str = "float32"  # float32 for training, bfloat16 is fine for inference
     scan: bool = False  # nn.scan over layers: one compiled layer body
     remat_policy: str = "none"  # see layers.remat_policy_of: what the backward pass keeps instead of recomputing
-    attention: str = "xla"  # attention kernel: 'xla', 'cudnn', 'splash' or 'auto' (see models/attention.py)
+    # Attention kernel: 'xla', 'cudnn', 'splash' or 'auto' (see models/attention.py). `auto` everywhere (training,
+    # inference, evaluation) so one rule picks the kernel: XLA on CPU, cuDNN or splash where they take the inputs.
+    attention: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
