@@ -25,7 +25,7 @@ from cxrllava_jax import files, hub
 from cxrllava_jax.convert import model_card
 from cxrllava_jax.domain import label_files
 from cxrllava_jax.evaluation import (
-    json_labels, labelers, metrics, model_metrics, paper_tables, references, tables, text_metrics,
+    changes, json_labels, labelers, metrics, model_metrics, paper_tables, references, tables, text_metrics,
 )
 from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
 from cxrllava_jax.errors import ConfigError, InputError
@@ -145,6 +145,9 @@ def evaluate_records(config, records, workdir, report_labeler=None, scored=None,
             extra["text_metrics"] = text_metrics.text_scores([r["reference"] for r in with_text],
                                                              [r["generated"] for r in with_text])
             text_metrics.write_rexrank_json(workdir / "rexrank_predictions.json", with_text, config.split)
+            compared = changes.change_scores([r["reference"] for r in with_text], [r["generated"] for r in with_text])
+            if compared["statements"]:  # references that compare with a prior study
+                extra["change_statements"] = compared
     else:
         parsed = [json_labels.parse_json_labels(r["generated"]) for r in records]
         predicted_rows = [p.as_row() for p in parsed]
