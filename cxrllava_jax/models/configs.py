@@ -135,8 +135,8 @@ class CXRLLaVAConfig:
 
     def __post_init__(self):
         if self.projector_pool < 1 or self.vision.grid % self.projector_pool:
-            raise ValueError(f"projector_pool must be a divisor of the ViT's {self.vision.grid}-patch grid, got "
-                             f"{self.projector_pool}")
+            raise ConfigError(f"projector_pool must be a divisor of the ViT's {self.vision.grid}-patch grid, got "
+                              f"{self.projector_pool}")
 
     @property
     def num_image_tokens(self) -> int:
