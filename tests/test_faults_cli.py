@@ -110,7 +110,7 @@ def test_reader_study_refuses_sheets_without_their_columns(tmp_path, capsys):
 
 
 def test_questions_and_images_of_the_wrong_kind(tmp_path, capsys):
-    assert "the text is empty" in _fails(["ask", str(ROOT / "README.md"), " ", "--checkpoint", str(tmp_path)], capsys)
+    assert "the question is empty" in _fails(["ask", str(ROOT / "README.md"), " ", "--checkpoint", str(tmp_path)], capsys)
     assert f"argument image: {tmp_path} is a directory; give a file" in _usage_error(
         ["ask", str(tmp_path), "Effusion?", "--checkpoint", str(tmp_path)], capsys)
 

@@ -39,6 +39,8 @@ LLAMA2_MARKERS = ("<s>", "</s>")  # BOS and EOS as the chat template writes them
 
 
 def question_prompt(question: str) -> str:
+    if not question.strip():
+        raise InputError("the question is empty")
     check_user_text(question)
     return f"{IMAGE}\n{question}"
 
@@ -80,11 +82,9 @@ def _dated(date: str) -> str:
 
 
 def check_user_text(text: str):
-    """Refuses text a person typed that cannot go into a prompt: nothing at all, bytes that were not UTF-8 (a terminal or a file in
+    """Refuses text a person typed that cannot go into a prompt: bytes that were not UTF-8 (a terminal or a file in
     Latin-1 arrives with them as lone surrogates), and `<image>`, which marks where the image features go (a second
     one would put them into the prompt twice)."""
-    if not text.strip():
-        raise InputError("the text is empty: write a question")
     bad = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
     if bad is not None:
         raise InputError(f"the text is not UTF-8 (a byte {_escaped_byte(text[bad])} at character {bad + 1}); type it "

@@ -52,7 +52,7 @@ def ask_main(argv) -> int:
     parser.add_argument("image", type=arguments.input_file, help="a PNG, JPEG or DICOM file")
     parser.add_argument("question", help="the question, in quotes")
     args = parser.parse_args(argv)
-    prompting.check_user_text(args.question)
+    prompting.question_prompt(args.question)  # a question that cannot be asked is refused before the model loads
     options = _options(args)
     model = _load(args)
     model.ask_question(args.question, args.image, on_text=_echo, **options)
