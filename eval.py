@@ -34,25 +34,26 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    files.refuse_existing(f"{_WORKDIR.value}/results.json", _OVERWRITE.value)  # before any work
     if _BATCH_SIZE.value < 1:
         raise errors.UsageError(f"--batch_size={_BATCH_SIZE.value}: give at least 1 image per batch")
-    evaluate()
+    # Refused (without --overwrite) before any work; written beside the old results and swapped in together.
+    with files.staged_directory(_WORKDIR.value, _OVERWRITE.value, owns=run.OUTPUTS) as staging:
+        evaluate(staging)
     print(files.read_text(f"{_WORKDIR.value}/table.md"))
 
 
-def evaluate():
+def evaluate(workdir):
     if _REFERENCE_LABELS.value and _PREDICTED_LABELS.value:
-        run.evaluate_label_files(_CONFIG.value, _REFERENCE_LABELS.value, _PREDICTED_LABELS.value, _WORKDIR.value)
+        run.evaluate_label_files(_CONFIG.value, _REFERENCE_LABELS.value, _PREDICTED_LABELS.value, workdir)
         return
     report_labeler = labelers.make(_LABELER.value, _LABELS_CSV.value, _CHEXBERT_CHECKPOINT.value)
     if _CHECKPOINT.value:
         if not _DATA_DIR.value:
             raise errors.UsageError("--checkpoint needs --data_dir (the test set)")
-        run.evaluate_model(_CONFIG.value, _CHECKPOINT.value, _DATA_DIR.value, _WORKDIR.value, _BATCH_SIZE.value,
+        run.evaluate_model(_CONFIG.value, _CHECKPOINT.value, _DATA_DIR.value, workdir, _BATCH_SIZE.value,
                            adapter=_ADAPTER.value, report_labeler=report_labeler)
     elif _PREDICTIONS.value:
-        run.evaluate_predictions(_CONFIG.value, _PREDICTIONS.value, _WORKDIR.value, report_labeler)
+        run.evaluate_predictions(_CONFIG.value, _PREDICTIONS.value, workdir, report_labeler)
     else:
         raise errors.UsageError("give --checkpoint and --data_dir, --predictions, or both label files")
 

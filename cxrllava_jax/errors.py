@@ -75,7 +75,7 @@ def report_errors(program: str, work: Callable[[], int | None], debug: bool = Fa
 def run_absl(program: str, main: Callable[[list], int | None]):
     """`absl.app.run(main)` for train.py and eval.py, flag parsing included, with failures reported as by
     `report_errors`. An unknown `--config.key` (a KeyError deep in ml_collections) becomes a ConfigError."""
-    from absl import app, flags
+    from absl import app, flags, logging
 
     def parse(argv):
         try:
@@ -86,7 +86,16 @@ def run_absl(program: str, main: Callable[[list], int | None]):
             raise ConfigError(f"a --config.KEY=VALUE override names a key the config does not have: "
                               f"{str(error).strip(chr(34))}") from error
 
-    sys.exit(report_errors(program, lambda: app.run(main, flags_parser=parse), debug_requested()))
+    def quiet_main(argv):
+        # Libraries log through absl (Orbax: a hundred INFO lines and notes about its internals at every
+        # checkpoint); the run's own lines are prints. --debug or --verbosity shows them all.
+        if not debug_requested() and not flags.FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.WARNING)
+            logging.get_absl_logger().addFilter(
+                lambda record: record.levelno >= logging.converter.STANDARD_ERROR or "/orbax/" not in record.pathname)
+        return main(argv)
+
+    sys.exit(report_errors(program, lambda: app.run(quiet_main, flags_parser=parse), debug_requested()))
 
 
 def is_expected(error: BaseException) -> bool:

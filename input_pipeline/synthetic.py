@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cxrllava_jax import files
 from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS, DIFFERENTIALS
 
 FINDINGS = ("effusion", "cardiomegaly", "pneumothorax", "consolidation", "edema", "atelectasis", "nodule", "device")
@@ -284,9 +285,19 @@ def _finding_question(abnormal: list[Finding], rng, question_prompt) -> list[dic
 
 # ---------------------------------------------------------------- the dataset on disk
 
-def generate(out_dir, num: int, image_size: int = 512, seed: int = 0) -> list[Study]:
-    """Writes `num` studies in the MIMIC-CXR-JPG layout under `out_dir`; returns them."""
-    out = Path(out_dir)
+# What a dataset directory holds; anything else in it is kept when it is generated anew.
+DATASET_ENTRIES = ("files", "reports", "mimic-cxr-2.0.0-*.csv", "synthetic-instructions.jsonl")
+
+
+def generate(out_dir, num: int, image_size: int = 512, seed: int = 0, overwrite: bool = False) -> list[Study]:
+    """Writes `num` studies in the MIMIC-CXR-JPG layout under `out_dir`; returns them. A dataset already there is
+    refused, or with `overwrite` replaced whole once the new one is complete (`files.staged_directory`: never
+    written into, so copies hard-linked to its images keep them)."""
+    with files.staged_directory(out_dir, overwrite, owns=DATASET_ENTRIES) as staging:
+        return _write_dataset(staging, num, image_size, seed)
+
+
+def _write_dataset(out: Path, num: int, image_size: int, seed: int) -> list[Study]:
     rng = np.random.default_rng(seed)
     studies = []
     for i in range(num):
@@ -352,8 +363,10 @@ def main(argv) -> int:
     parser.add_argument("--num", type=int, default=1000, help="number of studies")
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a dataset already in --out (the new one is built beside it and swapped in)")
     args = parser.parse_args(argv)
-    studies = generate(args.out, args.num, args.image_size, args.seed)
+    studies = generate(args.out, args.num, args.image_size, args.seed, overwrite=args.overwrite)
     counts = {split: sum(s.split == split for s in studies) for split, _ in SPLIT_FRACTIONS}
     print(f"wrote {len(studies)} synthetic studies to {args.out} ({counts})")
     return 0

@@ -176,7 +176,7 @@ def test_export_torch_bad_targets(checkpoint, tmp_path, capsys):
     onto_file = tmp_path / "file"
     onto_file.write_text("keep me")
     assert cli.main(["export-torch", "--checkpoint", str(checkpoint), "--out", str(onto_file)]) == 1
-    assert "is a file" in capsys.readouterr().err and onto_file.read_text() == "keep me"
+    assert "Not a directory" in capsys.readouterr().err and onto_file.read_text() == "keep me"
     with pytest.raises(SystemExit):
         cli.main(["export-torch", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o"), "--max-shard-size",
                   "abc"])

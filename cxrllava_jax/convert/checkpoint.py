@@ -14,6 +14,7 @@ models saved with a tokenizer) the tokenizer's vocabulary against the fingerprin
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -34,40 +35,31 @@ CONFIG_CLASSES = {
 }
 
 
+# What a checkpoint directory holds; other files in it (notes, a model card) are kept when it is replaced.
+ENTRIES = ("model_config.json", "params", "tokenizer")
+
+
 def save_model(path, kind: str, config, params, *, tokenizer_dir=None, scan: bool = False, overwrite: bool = False,
                quantize: dict | None = None):
     """Writes a model checkpoint; an existing one is replaced only with `overwrite` (and only once the new
-    one is complete: it is written beside and swapped in, so a crash never leaves neither). `quantize` records
+    one is complete: it is written beside and swapped in, `files.staged_directory`). `quantize` records
     that the language model's weights are quantized ones ({"kind": "int8"|"int4", "param_dtype": the dtype of
     the others}; see `models.quantize`)."""
-    path = Path(path).absolute()
     if kind not in CONFIG_CLASSES:
         raise ValueError(f"unknown model kind {kind!r}; known: {sorted(CONFIG_CLASSES)}")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; refusing to overwrite a saved checkpoint (pass overwrite)")
-    staging = path.with_name(path.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    with _host_array_writer() as checkpointer:
-        host = jax.tree.map(np.asarray, jax.device_get(params))
-        checkpointer.save(staging / "params", args=ocp.args.PyTreeSave(host))
-    meta = {"model": kind, "config": mc.to_dict(config), "scan": bool(scan), "quantize": quantize}
-    if tokenizer_dir and kind in LANGUAGE_MODEL_KINDS:
-        fingerprint = tokenizer_fingerprint_of(tokenizer_dir)
-        if fingerprint:
-            meta["tokenizer_fingerprint"] = fingerprint
-    (staging / "model_config.json").write_text(json.dumps(meta, indent=2))
-    if tokenizer_dir:
-        shutil.copytree(tokenizer_dir, staging / "tokenizer")
-    if path.exists():  # set aside, not deleted first: between the two renames is the only moment without either
-        replaced = path.with_name(path.name + ".replaced")
-        shutil.rmtree(replaced, ignore_errors=True)
-        path.rename(replaced)
-        staging.rename(path)
-        shutil.rmtree(replaced)
-    else:
-        staging.rename(path)
-    return path
+    with files.staged_directory(path, overwrite, owns=ENTRIES) as staging:
+        with _host_array_writer() as checkpointer:
+            host = jax.tree.map(np.asarray, jax.device_get(params))
+            checkpointer.save(staging / "params", args=ocp.args.PyTreeSave(host))
+        meta = {"model": kind, "config": mc.to_dict(config), "scan": bool(scan), "quantize": quantize}
+        if tokenizer_dir and kind in LANGUAGE_MODEL_KINDS:
+            fingerprint = tokenizer_fingerprint_of(tokenizer_dir)
+            if fingerprint:
+                meta["tokenizer_fingerprint"] = fingerprint
+        (staging / "model_config.json").write_text(json.dumps(meta, indent=2))
+        if tokenizer_dir:
+            shutil.copytree(tokenizer_dir, staging / "tokenizer")
+    return Path(os.path.abspath(path))
 
 
 def tokenizer_fingerprint_of(directory) -> str | None:

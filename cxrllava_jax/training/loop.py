@@ -18,6 +18,7 @@ from cxrllava_jax.training import data as stage_data
 from cxrllava_jax.training import initial_weights
 from cxrllava_jax.training import workdir as run_records
 from cxrllava_jax.training.checkpoints import RunCheckpoints
+from cxrllava_jax.training.optim import warmup_warning
 from cxrllava_jax.training.reporting import Reporter
 from cxrllava_jax.training.steps import TrainState, hold_frozen, init_opt_state, jit_train_step, make_eval_step
 from cxrllava_jax.training.tasks import make_task
@@ -30,8 +31,9 @@ class NonFiniteLossError(FloatingPointError):
 def train_and_evaluate(cfg, workdir) -> dict:
     """Trains one stage in `workdir`; returns the summary also written to `workdir/summary.json`.
 
-    A workdir that has done its steps is left as it is (its summary returned); one of another stage is refused."""
-    workdir = Path(workdir)
+    A workdir that has done its steps is left as it is (its summary returned); one of another stage is refused.
+    A relative `workdir` is taken from the current directory (Orbax needs absolute paths)."""
+    workdir = run_records.absolute(workdir)
     run_records.check_config(cfg)
     run_records.check_stage(workdir, cfg)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -44,6 +46,8 @@ def train_and_evaluate(cfg, workdir) -> dict:
     data = stage_data.make_stage_data(cfg, task)
     total_steps = cfg.num_train_steps or math.ceil(cfg.num_epochs * data.steps_per_epoch)
     tx, schedule = task.optimizer(total_steps)
+    if (warning := warmup_warning(cfg.optim, total_steps)) and jax.process_index() == 0:
+        print(f"[stage {cfg.stage}] {warning}", flush=True)
     checkpoints = RunCheckpoints(workdir / "checkpoints", cfg.checkpoint, task.unsaved, task.base_reference())
     checkpoints.check_base()
     if cfg.checkpoint.best_metric and cfg.checkpoint.every_steps % cfg.eval_every_steps:
@@ -62,7 +66,7 @@ def train_and_evaluate(cfg, workdir) -> dict:
             return finished
         if writer:
             run_records.record_config(workdir, cfg)
-        reporter = Reporter(workdir, total_steps, task.unit, cfg.stage)
+        reporter = Reporter(workdir, total_steps, task.unit, cfg.stage, step)
         train_step = jit_train_step(task, tx, task.frozen, state_shardings)
         eval_step = jax.jit(make_eval_step(task))
         rng = jax.random.key(cfg.seed + 1)
@@ -96,10 +100,12 @@ def train_and_evaluate(cfg, workdir) -> dict:
         final_params = _to_host(_params_to_export(cfg, checkpoints, state, state_shardings))
     summary = {"stage": cfg.stage, "steps": step, "eval": last_eval, "best_step": checkpoints.best_step()}
     if writer:
-        task.export(workdir / "model", final_params)
+        exported = task.export(workdir / "model", final_params)
         run_records.record_summary(workdir, summary)
     checkpoints.close()
     reporter.close()
+    if writer:
+        print(f"[stage {cfg.stage}] done after {step} steps: " + ", ".join(map(str, exported)), flush=True)
     return summary
 
 

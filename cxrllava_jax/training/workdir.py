@@ -9,6 +9,7 @@ cannot work.
 
 import json
 import math
+import os
 from pathlib import Path
 
 from cxrllava_jax import files
@@ -46,6 +47,12 @@ def _check(cfg, key: str, ok, expected: str):
         value = value[part]
     if not ok(value):
         raise ConfigError(f"config.{key}={value!r}: must be {expected}")
+
+
+def absolute(workdir) -> Path:
+    """The workdir as an absolute path, taken once from the current directory: Orbax refuses relative checkpoint
+    paths, and a relative one would change meaning if anything changed the directory later."""
+    return Path(os.path.abspath(workdir))
 
 
 def identity(cfg) -> str:
