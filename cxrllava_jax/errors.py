@@ -55,6 +55,10 @@ def debug_requested(argv=None) -> bool:
 def report_errors(program: str, work: Callable[[], int | None], debug: bool = False) -> int:
     """Runs `work` and returns its exit status; a failure becomes a message on stderr (and, with `debug`, its
     traceback) and a non-zero status. Usage errors (SystemExit from argparse or absl) pass through."""
+    if not debug:
+        import logging
+
+        logging.getLogger("absl").addFilter(_orbax_notes)
     try:
         return work() or 0
     except KeyboardInterrupt:
@@ -87,15 +91,21 @@ def run_absl(program: str, main: Callable[[list], int | None]):
                               f"{str(error).strip(chr(34))}") from error
 
     def quiet_main(argv):
-        # Libraries log through absl (Orbax: a hundred INFO lines and notes about its internals at every
-        # checkpoint); the run's own lines are prints. --debug or --verbosity shows them all.
-        if not debug_requested() and not flags.FLAGS["verbosity"].present:
+        # absl.app logs INFO by default: Orbax's hundred lines around each checkpoint. The run's own lines are
+        # prints; --debug or --verbosity shows the libraries' logs again.
+        if flags.FLAGS["verbosity"].present:
+            logging.get_absl_logger().removeFilter(_orbax_notes)
+        elif not debug_requested():
             logging.set_verbosity(logging.WARNING)
-            logging.get_absl_logger().addFilter(
-                lambda record: record.levelno >= logging.converter.STANDARD_ERROR or "/orbax/" not in record.pathname)
         return main(argv)
 
     sys.exit(report_errors(program, lambda: app.run(quiet_main, flags_parser=parse), debug_requested()))
+
+
+def _orbax_notes(record) -> bool:
+    """False for Orbax's notes about its own workings (INFO, and warnings such as "No jax.Array in
+    TypeHandlerRegistry" at every save): a command's user can do nothing with them. Its errors still show."""
+    return record.levelno >= 40 or "/orbax/" not in record.pathname
 
 
 def is_expected(error: BaseException) -> bool:

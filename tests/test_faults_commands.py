@@ -76,7 +76,7 @@ def test_existing_jsonl_is_kept_unless_append_or_overwrite(mixed_folder, checkpo
     out.write_text('{"image": "earlier.png", "report": "kept"}\n')
     args = ["report", str(mixed_folder / "a_good.png"), "--checkpoint", str(checkpoint), "--jsonl", str(out), *GREEDY]
     assert cli.main(args) == 1
-    assert "r.jsonl exists; pass --append or --overwrite" in capsys.readouterr().err
+    assert "r.jsonl exists; pass --append, --resume or --overwrite" in capsys.readouterr().err
     assert out.read_text() == '{"image": "earlier.png", "report": "kept"}\n'
     assert cli.main(args + ["--append"]) == 0
     assert [r["image"] for r in _jsonl(out)] == ["earlier.png", str(mixed_folder / "a_good.png")]

@@ -14,8 +14,10 @@ models saved with a tokenizer) the tokenizer's vocabulary against the fingerprin
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import jax
@@ -132,8 +134,31 @@ def read_quantization(path) -> dict | None:
 def restore_params(path, abstract):
     """The parameter tree restored into the structure, dtypes and placement of `abstract` (ShapeDtypeStructs
     with shardings): what a quantized checkpoint needs, whose leaves only its model's template describes."""
+    drop_closed_loop_echoes()
     with _process_local_checkpointer() as checkpointer:
         return checkpointer.restore(Path(path).absolute() / "params", abstract)
+
+
+def drop_closed_loop_echoes():
+    """Call before an Orbax restore. Orbax reads the arrays concurrently in an asyncio loop of its own and closes
+    it at the first failed read (a damaged file); the reads still in flight then complete into the closed loop,
+    and TensorStore reports each as an unraisable "RuntimeError: Event loop is closed" traceback, 6 to 140 of them
+    around the real error; asyncio logs the other failed reads' tasks as "Task exception was never retrieved".
+    Those echoes are dropped from then on (before and after the restore returns: they arrive from TensorStore's
+    threads and the garbage collector); other errors still show, and the real error is reported."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_echoes", False):
+        return
+    logging.getLogger("asyncio").addFilter(
+        lambda record: not (str(record.msg).startswith("Task exception was never retrieved")
+                            and "orbax" in record.getMessage()))
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_loop_echoes = True
+    sys.unraisablehook = hook
 
 
 def load_model(path, runtime: mc.Runtime = mc.Runtime()):
@@ -142,6 +167,7 @@ def load_model(path, runtime: mc.Runtime = mc.Runtime()):
     kind, config, _ = read_model_config(path)
     params_dir = Path(path).absolute() / "params"
     try:
+        drop_closed_loop_echoes()
         with _process_local_checkpointer() as checkpointer:
             params = checkpointer.restore(params_dir)
     except Exception as error:  # Orbax and TensorStore raise many types for missing or cut-off files
