@@ -83,7 +83,7 @@ def test_resume_after_sigkill_is_bitwise_exact(data, tmp_path):
     output = uninterrupted.finish()
     assert uninterrupted.returncode == 0, output
 
-    a, b = flat_params(tmp_path / "killed" / "model"), flat_params(tmp_path / "straight" / "model")
+    a, b = flat_params(elsewhere / "killed" / "model"), flat_params(tmp_path / "straight" / "model")
     assert a.keys() == b.keys()
     for path in a:
         np.testing.assert_array_equal(a[path], b[path], err_msg=path)

@@ -63,7 +63,8 @@ def warmup_warning(cfg, total_steps: int) -> str | None:
     reached = cfg.learning_rate * (updates - 1) / cfg.warmup_steps  # the rate of the last update
     return (f"warning: config.optim.warmup_steps={cfg.warmup_steps} but the run makes only {updates} optimizer "
             f"updates ({total_steps} steps, config.optim.grad_accum_steps={cfg.grad_accum_steps}): it ends in warm-up, "
-            f"its learning rate reaching {reached:.2e} of config.optim.learning_rate={cfg.learning_rate:.2e}. Lower "
+            f"its last update made at a learning rate of {reached:.2e}, below config.optim.learning_rate="
+            f"{cfg.learning_rate:.2e}. Lower "
             "warmup_steps or train longer (num_train_steps / num_epochs)")
 
 
