@@ -38,11 +38,16 @@ EVERYTHING = ("*",)
 
 
 def refuse_existing(path, overwrite: bool, flag: str = "--overwrite", owns=None):
-    """Raises OutputExistsError if `path` exists (a non-empty file or directory) and `overwrite` is false.
+    """Raises OutputExistsError if `path` exists (a non-empty file or directory) and `overwrite` is false, and
+    PermissionError if nothing can be written where it would go.
 
     Without `owns`, `path` is an output file (a directory there is refused); with `owns` (name patterns), an output
     directory (a file there is refused) of which only the entries it would replace (those matching `owns`) count."""
     path = _followed(path)
+    folder = next(p for p in path.parents if p.exists())
+    if not os.access(folder, os.W_OK | os.X_OK):  # found now, not after hours of work
+        raise PermissionError(errno.EACCES, "cannot write there (a read-only filesystem, or no permission)",
+                              str(folder))
     if owns is None and path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "Is a directory; an output file was expected", str(path))
     if owns is not None and path.exists() and not path.is_dir():
@@ -72,7 +77,7 @@ def replaced_atomically(path, mode: str = "w", **open_args):
     if "b" not in mode:
         open_args.setdefault("encoding", "utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned(path)
+    _remove_abandoned(path.parent, path.name)
     temporary = _staging_name(path)
     try:
         with _naming_output(path, temporary):
@@ -82,7 +87,7 @@ def replaced_atomically(path, mode: str = "w", **open_args):
                 os.fsync(f.fileno())
             _replace(temporary, path)
     finally:
-        temporary.unlink(missing_ok=True)
+        _discard(temporary)
 
 
 def write_text_atomically(path, text: str):
@@ -104,21 +109,28 @@ def staged_directory(path, overwrite: bool, flag: str = "--overwrite", owns=EVER
     `owns`: name patterns (fnmatch) of the entries the command writes. Existing ones are refused unless
     `overwrite`; entries of the old directory that match none are carried into the new one (hard links, so no
     data is copied and nothing written to them), so replacing a dataset or an evaluation never deletes a file
-    the user keeps beside it. A killed run's staging directory is removed by the next run into `path`."""
+    the user keeps beside it. A killed run's staging directory is removed by the next run into `path`.
+
+    A mount point (a container's volume, a cluster's scratch disk) cannot be renamed: there the staging directory
+    is made inside it and its entries are swapped in one by one, each atomically."""
     path = _followed(path)
     refuse_existing(path, overwrite, flag, owns)
     if Path.cwd() == path or path in Path.cwd().parents:  # the swap would leave the shell in a removed directory
         raise OutputExistsError(f"{path} is the current directory or holds it; run the command from elsewhere")
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned(path)
-    staging = _staging_name(path)
+    mount_point = os.path.ismount(path)
+    staging = _staging_name(path, inside=mount_point)
+    _remove_abandoned(staging.parent, path.name)
     try:
         with _naming_output(path, staging):
             staging.mkdir()
             yield staging
-            if path.exists():
-                _carry_over(path, staging, owns)
-            _swap_in(staging, path)
+            if mount_point:
+                _swap_entries(staging, path, owns)
+            else:
+                if path.exists():
+                    _carry_over(path, staging, owns)
+                _swap_in(staging, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # the old directory after a swap, the partial one after a failure
 
@@ -126,7 +138,7 @@ def staged_directory(path, overwrite: bool, flag: str = "--overwrite", owns=EVER
 def _swap_in(staging: Path, path: Path):
     """Puts `staging` at `path`; an existing `path` ends up at `staging` (removed by the caller). Linux swaps the two
     in one atomic step (renameat2 RENAME_EXCHANGE); elsewhere the old one is renamed aside first."""
-    if not path.exists():
+    if not (path.exists() or path.is_symlink()):
         os.rename(staging, path)
         return
     if _exchange(staging, path):
@@ -135,6 +147,16 @@ def _swap_in(staging: Path, path: Path):
     os.rename(path, aside)
     os.rename(staging, path)
     os.rename(aside, staging)
+
+
+def _swap_entries(staging: Path, path: Path, owns):
+    """Each entry of `staging` put in `path`; the entries of `path` it replaces, and owned ones it did not write
+    anew, end up in `staging` (removed by the caller)."""
+    written = {entry.name for entry in staging.iterdir()}
+    for name in written:
+        _swap_in(staging / name, path / name)
+    for name in set(_owned(path, owns)) - written:
+        os.rename(path / name, staging / name)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -152,13 +174,15 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _owned(directory: Path, owns) -> list[str]:
-    return [entry.name for entry in directory.iterdir() if any(fnmatch.fnmatch(entry.name, p) for p in owns)]
+    """The entries of `directory` matching `owns` (never a staging directory of ours)."""
+    return [entry.name for entry in directory.iterdir()
+            if any(fnmatch.fnmatch(entry.name, p) for p in owns) and not _is_staging(entry.name)]
 
 
 def _carry_over(old: Path, new: Path, owns):
     """Entries of `old` the command does not own, and that it did not write anew, linked into `new`."""
     for entry in old.iterdir():
-        if any(fnmatch.fnmatch(entry.name, p) for p in owns) or (new / entry.name).exists():
+        if any(fnmatch.fnmatch(entry.name, p) for p in owns) or (new / entry.name).exists() or _is_staging(entry.name):
             continue
         if entry.is_symlink():
             os.symlink(os.readlink(entry), new / entry.name)
@@ -181,14 +205,25 @@ def _followed(path) -> Path:
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
-def _staging_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.partial")
+def _staging_name(path: Path, inside: bool = False) -> Path:
+    """`.NAME.PID.partial` beside `path` (or, `inside`, in it): on its filesystem, hidden, and this process's."""
+    return (path if inside else path.parent) / f".{path.name}.{os.getpid()}.partial"
 
 
-def _remove_abandoned(path: Path):
-    """Staging directories of earlier runs into `path` whose process is gone (killed mid-write)."""
-    for staging in path.parent.glob(f".{glob.escape(path.name)}.*.partial"):
-        pid = staging.name[len(path.name) + 2:-len(".partial")]
+def _discard(temporary: Path):
+    """Removes a staging file if it is there; a failure to (a read-only filesystem) never hides the real error."""
+    with contextlib.suppress(OSError):
+        temporary.unlink(missing_ok=True)
+
+
+def _is_staging(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".partial")
+
+
+def _remove_abandoned(folder: Path, name: str):
+    """Staging files and directories for `name` in `folder` whose process is gone (killed mid-write)."""
+    for staging in folder.glob(f".{glob.escape(name)}.*.partial"):
+        pid = staging.name[len(name) + 2:-len(".partial")]
         if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
             shutil.rmtree(staging, ignore_errors=True) if staging.is_dir() else staging.unlink(missing_ok=True)
 
@@ -302,7 +337,7 @@ def record_appender(path, replace: bool = False, skip_recorded=None):
         with LockedAppender(path, skip_recorded) as out:
             yield out
         return
-    _remove_abandoned(path)
+    _remove_abandoned(path.parent, path.name)
     temporary = _staging_name(path)
     try:
         with _naming_output(path, temporary):
@@ -310,7 +345,7 @@ def record_appender(path, replace: bool = False, skip_recorded=None):
                 yield out
             _replace(temporary, path)
     finally:
-        temporary.unlink(missing_ok=True)
+        _discard(temporary)
 
 
 def read_text(path) -> str:

@@ -231,6 +231,19 @@ def test_a_set_of_outputs_is_swapped_in_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"]
 
 
+def test_a_mount_point_has_its_entries_swapped_in_one_by_one(tmp_path, monkeypatch):
+    """A mount point (a container's volume) cannot be renamed: the set is staged inside it instead."""
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    for name, text in (("a.txt", "old a"), ("stale.txt", "old"), ("notes.txt", "the user's")):
+        (volume / name).write_text(text)
+    monkeypatch.setattr(os.path, "ismount", lambda path: str(path) == str(volume))
+    with files.staged_directory(volume, overwrite=True, owns=("a.txt", "stale.txt")) as staging:
+        assert staging.parent == volume
+        (staging / "a.txt").write_text("new a")
+    assert {p.name: p.read_text() for p in volume.iterdir()} == {"a.txt": "new a", "notes.txt": "the user's"}
+
+
 @pytest.mark.parametrize("kind", ["file", "directory", "appended record"])
 def test_a_full_disk_names_the_output_and_keeps_the_old(tmp_path, monkeypatch, capsys, kind):
     out = tmp_path / ("out" if kind == "directory" else "out.jsonl")

@@ -115,3 +115,11 @@ def test_next_stage_refuses_a_tokenizer_other_than_the_one_its_model_learned(dat
     with pytest.raises(MismatchError, match="other_tokenizer: this tokenizer's vocabulary"):
         loop.train_and_evaluate(cfg, tmp_path / "run")
     shutil.rmtree(tmp_path / "run", ignore_errors=True)
+
+
+def test_a_workdir_another_run_trains_in_is_refused(tmp_path):
+    held = run_records.claim(tmp_path)
+    with pytest.raises(MismatchError, match="another run is training in this workdir"):
+        run_records.claim(tmp_path)
+    held.close()  # the run ended (or was killed): the workdir is free again
+    run_records.claim(tmp_path).close()

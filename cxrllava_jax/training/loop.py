@@ -38,6 +38,7 @@ def train_and_evaluate(cfg, workdir) -> dict:
     run_records.check_stage(workdir, cfg)
     workdir.mkdir(parents=True, exist_ok=True)
     writer = jax.process_index() == 0  # one process writes what is not a checkpoint
+    claim = run_records.claim(workdir) if writer else None  # one job's processes share it, another job is refused
     if writer and not (workdir / run_records.SUMMARY).exists():  # a finished run's record is kept (below)
         run_records.record_config(workdir, cfg)
 
@@ -61,6 +62,8 @@ def train_and_evaluate(cfg, workdir) -> dict:
         finished = run_records.finished_summary(workdir, step, total_steps)
         if finished is not None:
             checkpoints.close()
+            if claim:
+                claim.close()
             print(f"[stage {cfg.stage}] {workdir} has already done its {step} steps; its records are kept "
                   "(train further with a larger num_train_steps, or start anew in another --workdir)", flush=True)
             return finished
@@ -104,6 +107,8 @@ def train_and_evaluate(cfg, workdir) -> dict:
         run_records.record_summary(workdir, summary)
     checkpoints.close()
     reporter.close()
+    if claim:
+        claim.close()
     if writer:
         print(f"[stage {cfg.stage}] done after {step} steps: " + ", ".join(map(str, exported)), flush=True)
     return summary
