@@ -44,7 +44,9 @@ def refuse_existing(path, overwrite: bool, flag: str = "--overwrite", owns=None)
     Without `owns`, `path` is an output file (a directory there is refused); with `owns` (name patterns), an output
     directory (a file there is refused) of which only the entries it would replace (those matching `owns`) count."""
     path = _followed(path)
-    folder = next(p for p in path.parents if p.exists())
+    folder = next((p for p in path.parents if p.exists()), path)
+    if not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory, so no output can be written under it", str(folder))
     if not os.access(folder, os.W_OK | os.X_OK):  # found now, not after hours of work
         raise PermissionError(errno.EACCES, "cannot write there (a read-only filesystem, or no permission)",
                               str(folder))
