@@ -202,7 +202,7 @@ class Llama(nn.Module):
     def prefill(self, tokens, images, positions, mask, cache):
         """Runs a prompt into the cache; returns (the last slot's logits [batch, vocab] fp32, {"cache"}) (the
         lm_head over every prompt slot would cost [batch, length, vocab] for nothing). `images` is None: the
-        argument keeps one signature with `CXRLLaVA.prefill`."""
+        argument keeps one signature with `CXRLLaVAModel.prefill`."""
         if images is not None:
             raise ValueError("the language model takes no images")
         return self.last_logits(self.embed(tokens), positions, mask, cache)
