@@ -340,3 +340,23 @@ def test_export_torch_overwrite_replaces_an_export_beside_it(checkpoint, tmp_pat
     assert all(p.stat().st_ino != weights[p.name] for p in out.glob("*.safetensors"))  # written anew, not into
     assert (out / "README.md").read_text() == "model card"
 
+
+
+def test_records_after_a_line_cut_off_by_a_kill_stay_whole(tmp_path):
+    """A kill mid-line leaves a line without its newline: the next record starts a line of its own, and --resume's
+    reading skips the cut one (its image is done again). The output's folder is created; a replaced file keeps
+    its permissions."""
+    out = tmp_path / "new" / "folder" / "r.jsonl"
+    image = lambda record: record.get("image")  # noqa: E731
+    with files.record_appender(out, skip_recorded=image) as appender:
+        assert appender.write({"image": "a.png", "report": "x"})
+    with open(out, "a") as f:
+        f.write('{"image": "b.png", "rep')
+    with files.record_appender(out, skip_recorded=image) as appender:
+        assert appender.recorded() == {"a.png"}
+        assert not appender.write({"image": "a.png", "report": "again"}) and appender.write({"image": "b.png"})
+    assert out.read_text().splitlines()[-1] == '{"image": "b.png"}'
+    out.chmod(0o640)
+    with files.record_appender(out, replace=True) as appender:
+        appender.write({"image": "c.png", "report": "y"})
+    assert out.read_text() == '{"image": "c.png", "report": "y"}\n' and out.stat().st_mode & 0o777 == 0o640

@@ -1,6 +1,6 @@
 """`cxrllava report`, `ask`, `chat` and `complete`: the inference API from a terminal.
 
-    cxrllava report IMAGE_OR_DIR... --checkpoint CKPT [--jsonl OUT [--append | --resume | --overwrite]]
+    cxrllava report IMAGE_OR_DIR... --checkpoint CKPT [--jsonl OUT [--append|--resume|--overwrite]] [--batch-size N]
     cxrllava ask IMAGE "Is there a pneumothorax?" --checkpoint CKPT
     cxrllava chat IMAGE --checkpoint CKPT          (type /exit or press Ctrl-D to leave)
     cxrllava complete --checkpoint LLM_CKPT --chat "What is the capital of France?"
@@ -146,8 +146,8 @@ def _report(args) -> int:
 
 
 def _recorded_image(record: dict) -> str | None:
-    """The image a --jsonl record is done with (it holds a report or an error), as an absolute path, so that a
-    run given the same images by another relative path or from another directory matches it."""
+    """The image a --jsonl record is done with (it holds a report or an error), as an absolute path (a relative one
+    taken from the current directory), so that `images/a.png` and `/data/images/a.png` match."""
     if "image" in record and ("report" in record or "error" in record):
         return os.path.abspath(str(record["image"]))
     return None
