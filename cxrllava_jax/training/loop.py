@@ -47,7 +47,7 @@ def train_and_evaluate(cfg, workdir) -> dict:
     data = stage_data.make_stage_data(cfg, task)
     total_steps = cfg.num_train_steps or math.ceil(cfg.num_epochs * data.steps_per_epoch)
     tx, schedule = task.optimizer(total_steps)
-    if (warning := warmup_warning(cfg.optim, total_steps)) and jax.process_index() == 0:
+    if (warning := warmup_warning(cfg.optim, total_steps)) and writer:
         print(f"[stage {cfg.stage}] {warning}", flush=True)
     checkpoints = RunCheckpoints(workdir / "checkpoints", cfg.checkpoint, task.unsaved, task.base_reference())
     checkpoints.check_base()

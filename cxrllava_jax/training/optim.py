@@ -64,8 +64,7 @@ def warmup_warning(cfg, total_steps: int) -> str | None:
     return (f"warning: config.optim.warmup_steps={cfg.warmup_steps} but the run makes only {updates} optimizer "
             f"updates ({total_steps} steps, config.optim.grad_accum_steps={cfg.grad_accum_steps}): it ends in warm-up, "
             f"its last update made at a learning rate of {reached:.2e}, below config.optim.learning_rate="
-            f"{cfg.learning_rate:.2e}. Lower "
-            "warmup_steps or train longer (num_train_steps / num_epochs)")
+            f"{cfg.learning_rate:.2e}. Lower warmup_steps or train longer (num_train_steps / num_epochs)")
 
 
 def released_at(pattern: str, step: int) -> optax.GradientTransformation:
