@@ -48,7 +48,7 @@ class SentencePieceTokenizer:
     def __init__(self, directory):
         self.directory = directory = Path(directory)
         config_path = directory / "tokenizer_config.json"
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        config = files.read_json(config_path) if config_path.is_file() else {}
         model = (directory / "tokenizer.model").read_bytes()
         self.sp = spm.SentencePieceProcessor(model_proto=model)
         self.legacy = config.get("legacy") is not False

@@ -28,8 +28,8 @@ from tqdm import tqdm
 from cxrllava_jax import files
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.domain.images import is_dicom_file
-from cxrllava_jax.errors import InputError
-from cxrllava_jax.inference import compile_cache
+from cxrllava_jax.errors import ConfigError, InputError
+from cxrllava_jax.inference import compile_cache, sampling
 from cxrllava_jax.inference.generate import RELEASE_MAX_NEW_TOKENS, SamplingOptions
 from cxrllava_jax.models.quantize import KINDS
 
@@ -128,16 +128,16 @@ def _report(args) -> int:
             failed.append(paths[index])
             progress.write(f"cxrllava report: skipped: {error}", file=sys.stderr)
             if out is not None:
-                out.write({"image": str(paths[index]), "error": str(error)})
+                out.write({"image": files.printable(paths[index]), "error": str(error)})
             progress.update()
 
         conversations = [[{"role": "user", "content": prompting.REPORT_PROMPT}]] * len(paths)
         for index, report in model.iter_generate(conversations, paths, batch_size=args.batch_size,
                                                  on_bad_image=bad_image, **options):
             if out is not None:
-                out.write({"image": str(paths[index]), "report": report})
+                out.write({"image": files.printable(paths[index]), "report": report})
             else:
-                progress.write(f"== {paths[index]} ==\n{report}\n", file=sys.stdout)
+                progress.write(f"== {files.printable(paths[index])} ==\n{report}\n", file=sys.stdout)
             progress.update()
     if failed:
         where = f' (each recorded with an "error" field in {args.jsonl})' if args.jsonl else ""
@@ -160,14 +160,14 @@ def _recorded_before(paths: list[Path], jsonl: Path, skip: bool) -> list[Path]:
         return paths
     with files.LockedAppender(jsonl, skip_recorded=_recorded_image) as existing:
         done = existing.recorded()
-    again = [p for p in paths if os.path.abspath(p) in done]
+    again = {p for p in paths if os.path.abspath(files.printable(p)) in done}  # named as records name them
     if skip:
-        print(f"cxrllava report: {len(again)} of {len(paths)} images already have a record in {jsonl}; "
+        print(f"cxrllava report: {len(again)} of {len(paths)} images already have a record in {files.printable(jsonl)}; "
               f"{'nothing to do' if len(again) == len(paths) else f'writing the other {len(paths) - len(again)}'}",
               file=sys.stderr)
-        return [p for p in paths if os.path.abspath(p) not in done]
+        return [p for p in paths if p not in again]
     if again:
-        print(f"cxrllava report: {len(again)} of {len(paths)} images already have a record in {jsonl}; --append "
+        print(f"cxrllava report: {len(again)} of {len(paths)} images already have a record in {files.printable(jsonl)}; --append "
               "writes them again (--resume skips them)", file=sys.stderr)
     return paths
 
@@ -228,7 +228,10 @@ def _parser(name: str, description: str, images: bool = True) -> argparse.Argume
 def _options(args) -> dict:
     """The sampling keywords, range-checked now (before the model loads), and the input guard's override."""
     options = dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
-    SamplingOptions(**options)
+    try:
+        SamplingOptions(**options)
+    except sampling.SamplingError as error:  # the same ranges as the API's and the server's, named as flags
+        raise ConfigError(f"--{error.option.replace('_', '-')} {error.value}: must be {error.requirement}") from None
     if hasattr(args, "allow_non_frontal"):
         options["allow_non_frontal"] = args.allow_non_frontal
     return options

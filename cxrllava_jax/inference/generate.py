@@ -18,7 +18,6 @@ Works for the language model alone (`models.llama.Llama`, prompts of token ids) 
 
 import dataclasses
 import functools
-import math
 from typing import Any, Callable, Sequence
 
 import flax.struct
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cxrllava_jax.domain.prompting import PromptTooLongError
-from cxrllava_jax.errors import ConfigError
+from cxrllava_jax.inference import sampling
 from cxrllava_jax.models.cxr_llava import CXRLLaVAModel
 from cxrllava_jax.models.layers import dtype_of
 from cxrllava_jax.models.llama import attention_mask, init_cache, prompt_positions_and_mask
@@ -46,12 +45,11 @@ class SamplingOptions:
     seed: int = 0
 
     def __post_init__(self):
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):  # NaN fails every comparison
-            raise ConfigError(f"temperature={self.temperature}: must be a finite number >= 0 (0 = greedy)")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p={self.top_p}: must be in (0, 1]")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
+        # One set of ranges for the API, the command line and the server (`sampling`), applied as the decoder reads
+        # them: a top_p or temperature too small for float32 means the top token, not no token.
+        values = sampling.checked(self.temperature, self.top_p, self.max_new_tokens, self.seed)
+        for name, value in zip(("temperature", "top_p", "max_new_tokens", "seed"), values):
+            object.__setattr__(self, name, value)
 
 
 def sample_next(logits, temperature, top_p, key, draw=0):

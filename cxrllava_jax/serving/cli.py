@@ -2,15 +2,18 @@
 
     cxrllava serve --checkpoint CKPT [--host 127.0.0.1] [--port 8000] [--api-key-file FILE] [--quantize int8|int4]
 
-Binds to localhost unless --host says otherwise; with --api-key-file every /v1 route needs
-`Authorization: Bearer KEY`. Stop with Ctrl-C.
+Binds to localhost unless --host says otherwise (`--port 0` picks a free port; the first line on stderr names the
+one bound); with --api-key-file every /v1 route needs `Authorization: Bearer KEY`. Every number is checked, and
+the port bound, before the model loads: a bad setting is one line and exit 1. Stop with Ctrl-C.
 """
 
 import argparse
+import math
 import socket
 import sys
 from pathlib import Path
 
+from cxrllava_jax import files
 from cxrllava_jax.errors import ConfigError
 from cxrllava_jax.models.quantize import KINDS
 from cxrllava_jax.serving.limits import MIB, Limits
@@ -36,12 +39,8 @@ def serve_main(argv) -> int:
     parser.add_argument("--max-prompt-tokens", type=int, help="default: what fits the model's context")
     parser.add_argument("--max-output-tokens", type=int, default=defaults.max_output_tokens)
     args = parser.parse_args(argv)
+    limits = _limits(args)
     api_key = _read_api_key(args.api_key_file) if args.api_key_file else None
-    try:
-        limits = Limits(max_image_bytes=int(args.max_image_mb * MIB), max_image_pixels=args.max_image_pixels,
-                        max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens)
-    except ValueError as error:
-        raise ConfigError(str(error)) from error
     try:
         listener = socket.create_server((args.host, args.port))
     except OSError as error:
@@ -68,9 +67,24 @@ def _serve(args, listener: socket.socket, limits: Limits, api_key: str | None) -
     return 0
 
 
+def _limits(args) -> Limits:
+    """The numeric flags, each refused by name when out of its range, as the server's Limits."""
+    ranges = {"--port": (args.port, 0, 65535), "--max-batch-size": (args.max_batch_size, 1, None),
+              "--max-queue": (args.max_queue, 1, None), "--max-image-pixels": (args.max_image_pixels, 1, None),
+              "--max-prompt-tokens": (args.max_prompt_tokens, 1, None),
+              "--max-output-tokens": (args.max_output_tokens, 1, None)}
+    for flag, (value, low, high) in ranges.items():
+        if value is not None and not (low <= value and (high is None or value <= high)):
+            raise ConfigError(f"{flag} {value}: must be " + (f"in {low}..{high}" if high is not None else f">= {low}"))
+    if not (math.isfinite(args.max_image_mb) and args.max_image_mb * MIB >= 1):
+        raise ConfigError(f"--max-image-mb {args.max_image_mb}: must be a positive size in MiB")
+    return Limits(max_image_bytes=int(args.max_image_mb * MIB), max_image_pixels=args.max_image_pixels,
+                  max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens)
+
+
 def _read_api_key(path: Path) -> str:
     try:
-        key = path.read_text().strip()
+        key = files.read_text(path).strip()
     except OSError as error:
         raise ConfigError(f"--api-key-file {path}: cannot read it ({error.strerror})") from error
     if not key:
