@@ -337,13 +337,13 @@ def test_export_torch_overwrite_replaces_an_export_beside_it(checkpoint, tmp_pat
     out = tmp_path / "export"
     args = ["export-torch", "--checkpoint", str(checkpoint), "--out", str(out), "--dtype", "float32"]
     assert cli.main(args) == 0
-    (out / "README.md").write_text("model card")
+    (out / "NOTES.txt").write_text("the user's notes")
     weights = {p.name: p.stat().st_ino for p in out.glob("*.safetensors")}
     assert cli.main(args) == 1 and "pass --overwrite" in capsys.readouterr().err
     assert cli.main(args + ["--overwrite"]) == 0
     assert {p.name for p in out.glob("*.safetensors")} == set(weights)
     assert all(p.stat().st_ino != weights[p.name] for p in out.glob("*.safetensors"))  # written anew, not into
-    assert (out / "README.md").read_text() == "model card"
+    assert (out / "NOTES.txt").read_text() == "the user's notes" and (out / "README.md").is_file()  # the new card
 
 
 

@@ -20,7 +20,8 @@ import pathlib
 import ml_collections
 import numpy as np
 
-from cxrllava_jax import files
+from cxrllava_jax import files, hub
+from cxrllava_jax.convert import model_card
 from cxrllava_jax.domain import label_files
 from cxrllava_jax.evaluation import json_labels, labelers, metrics, paper_tables, tables, text_metrics
 from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
@@ -60,10 +61,25 @@ def evaluate_model(config, checkpoint, data_dir, workdir, batch_size: int = 16, 
     from cxrllava_jax.evaluation import generation
     from cxrllava_jax.inference.api import CXRLLaVA
 
-    model = model or CXRLLaVA.from_pretrained(checkpoint, adapter=adapter)
+    if model is None:
+        adapter = adapter and hub.resolve(adapter, what="--adapter")
+        checkpoint = hub.resolve(checkpoint, what="--checkpoint")
+        model = CXRLLaVA.from_pretrained(checkpoint, adapter=adapter)
     records = generation.generate_records(config, model, data_dir, pathlib.Path(workdir) / "generated.jsonl",
                                           batch_size)
-    return evaluate_records(config, records, workdir, report_labeler)
+    results = evaluate_records(config, records, workdir, report_labeler)
+    if checkpoint is not None and adapter is None:  # the card describes the checkpoint alone, not with an adapter
+        model_card.add_evaluation(checkpoint, card_evaluation(results))
+    return results
+
+
+def card_evaluation(results: dict) -> dict:
+    """The figures a model card lists from results.json: each average's micro and macro F1, BLEU-4, ROUGE-L."""
+    scores = {f"{name} {kind}-F1": round(average[kind]["f1"], 4)
+              for name, average in results["result"]["averages"].items() for kind in ("micro", "macro")}
+    text = results.get("text_metrics", {})
+    scores.update({key.upper().replace("_", "-"): round(text[key], 4) for key in ("bleu_4", "rouge_l") if key in text})
+    return {"dataset": results["dataset"], "split": results["split"], "scores": scores}
 
 
 def evaluate_predictions(config, predictions_path, workdir, report_labeler=None) -> dict:

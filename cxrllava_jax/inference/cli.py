@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cxrllava_jax import files
+from cxrllava_jax import files, hub
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.domain.images import is_dicom_file
 from cxrllava_jax.errors import ConfigError, InputError
@@ -82,7 +82,7 @@ def complete_main(argv) -> int:
     from cxrllava_jax.inference.language_model import LanguageModel
 
     options = _options(args)
-    model = LanguageModel.from_checkpoint(args.checkpoint, dtype=args.dtype)
+    model = LanguageModel.from_checkpoint(hub.resolve(args.checkpoint, what="--checkpoint"), dtype=args.dtype)
     if args.chat:
         print(model.chat([{"role": "user", "content": args.text}], **options))
     else:
@@ -205,7 +205,8 @@ def _chat(args) -> int:
 def _parser(name: str, description: str, images: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"cxrllava {name}", description=description)
     parser.add_argument("--checkpoint", required=True, type=Path,
-                        help="our checkpoint directory or the release's PyTorch directory")
+                        help="our checkpoint directory, the release's PyTorch directory, or a Hub id of either "
+                             "(OWNER/NAME[@REVISION])")
     defaults = SamplingOptions()
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=defaults.top_p)
@@ -221,7 +222,7 @@ def _parser(name: str, description: str, images: bool = True) -> argparse.Argume
         parser.add_argument("--allow-non-frontal", action="store_true",
                             help="read DICOM files whose tags say they are not frontal chest radiographs (the "
                                  "model was trained on those only)")
-        parser.add_argument("--adapter", type=Path, help="a LoRA adapter directory (PEFT format) to apply to CKPT")
+        parser.add_argument("--adapter", type=Path, help="a LoRA adapter (PEFT format; a directory or Hub id) to apply to CKPT")
     return parser
 
 
@@ -248,7 +249,9 @@ def _load(args):
     from cxrllava_jax.inference.api import CXRLLaVA
 
     compile_cache.enable(args.compilation_cache)
-    return CXRLLaVA.from_pretrained(args.checkpoint, dtype=args.dtype, quantize=args.quantize, adapter=args.adapter)
+    adapter = args.adapter and hub.resolve(args.adapter, what="--adapter")
+    return CXRLLaVA.from_pretrained(hub.resolve(args.checkpoint, what="--checkpoint"), dtype=args.dtype,
+                                    quantize=args.quantize, adapter=adapter)
 
 
 _echo = functools.partial(print, end="", flush=True)

@@ -10,13 +10,13 @@ chat_template.jinja) with the generation prompt, and tokenizes it without adding
 temperature (0 = greedy), top_p, max_new_tokens, seed; it stops at the tokenizer's EOS.
 """
 
-from pathlib import Path
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cxrllava_jax import hub
 from cxrllava_jax.convert import checkpoint
 from cxrllava_jax.inference.generate import Generator, SamplingOptions
 from cxrllava_jax.domain.tokenizer import check_vocabulary, load_tokenizer
@@ -34,7 +34,8 @@ class LanguageModel:
 
     @classmethod
     def from_checkpoint(cls, path, dtype: str | None = None) -> "LanguageModel":
-        path = Path(path)
+        """`path`: a checkpoint directory or a Hub id of one (`hub.resolve`)."""
+        path = hub.resolve(path)
         dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
         # Scanned layers: one compiled layer body, so a 30- or 80-layer model compiles in seconds.
         runtime = Runtime(dtype=dtype, param_dtype=dtype, scan=True)

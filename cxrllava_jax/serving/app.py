@@ -2,6 +2,7 @@
 
     GET  /                          the web page (page/)
     GET  /health                    {"status": "ok", "model", "waiting", "running", ..., "programs_compiled", ...}
+    GET  /metrics                   Prometheus metrics (serving/observability.py; each request is also logged)
     GET  /v1/models                 the one model served
     POST /v1/chat/completions       OpenAI chat completions; `stream: true` answers with server-sent events
     POST /v1/report                 multipart form with `file` (PNG, JPEG or DICOM) -> {"report": ...}
@@ -29,12 +30,13 @@ from python_multipart import create_form_parser
 from python_multipart.multipart import parse_options_header
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from cxrllava_jax.domain import prompting
-from cxrllava_jax.serving import compiles, preview, requests, uploads
+from cxrllava_jax.serving import compiles, observability, preview, requests, uploads
 from cxrllava_jax.serving.admission import Admission
 from cxrllava_jax.serving.limits import Limits, RequestError
 from cxrllava_jax.serving.scheduler import Failed, Finished, Job, QueueFull, Scheduler, TextDelta
@@ -83,7 +85,7 @@ def create_app(model, model_id: str, *, limits: Limits = Limits(), api_key: str 
         authorize(request)
         parsed = requests.read_json(await _read_body(request, limits.max_body_bytes))
         generation = requests.parse_chat(parsed, model_id, limits)
-        job, sink, prompt_tokens = await submit(generation)
+        job, sink, prompt_tokens = await submit(request, generation)
         reply = _ChatReply(model_id, prompt_tokens)
         if generation.stream:
             return StreamingResponse(_chat_events(job, sink, scheduler, reply, generation.include_usage),
@@ -94,7 +96,7 @@ def create_app(model, model_id: str, *, limits: Limits = Limits(), api_key: str 
         async def answer(request: Request):
             authorize(request)
             fields, files = await _read_form(request, limits)
-            job, sink, prompt_tokens = await submit(requests.parse_task(task, fields, files, limits))
+            job, sink, prompt_tokens = await submit(request, requests.parse_task(task, fields, files, limits))
             finished = await _final(request, job, sink, scheduler)
             return JSONResponse({"model": model_id, task: finished.text, "finish_reason": finished.finish_reason,
                                  "usage": _usage(prompt_tokens, finished.completion_tokens)})
@@ -114,11 +116,12 @@ def create_app(model, model_id: str, *, limits: Limits = Limits(), api_key: str 
         priced = dataclasses.replace(image, decode_bytes=2 * image.decode_bytes) if depth == "full" else image
         return await admission.run(priced, "body", _preview, image, allow, depth == "full")
 
-    async def submit(generation: requests.Generation):
+    async def submit(request: Request, generation: requests.Generation):
         prepared = await admission.run(generation.image, generation.image_field, requests.prepare, generation,
                                        model, limits)
         sink = _Sink(asyncio.get_running_loop())
         job = Job(prepared.prompt, prepared.pixels, generation.sampling, sink, stream=generation.stream)
+        observability.watch(request, job, len(prepared.prompt))
         try:
             scheduler.submit(job)
         except QueueFull as error:
@@ -139,7 +142,10 @@ def create_app(model, model_id: str, *, limits: Limits = Limits(), api_key: str 
         Route("/v1/differential-diagnosis", task_endpoint("differential_diagnosis"), methods=["POST"]),
         Route("/v1/preview", preview_image, methods=["POST"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan,
+    metrics = observability.Metrics(scheduler, programs)
+    routes.append(Route("/metrics", metrics.endpoint))
+    logged = Middleware(observability.AccessLog, metrics=metrics, routes={route.path for route in routes})
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[logged],
                     exception_handlers={RequestError: _refusal, HTTPException: _http_error})
     app.state.scheduler = scheduler
     return app

@@ -8,12 +8,13 @@ the port bound, before the model loads: a bad setting is one line and exit 1. St
 """
 
 import argparse
+import logging
 import math
 import socket
 import sys
 from pathlib import Path
 
-from cxrllava_jax import files
+from cxrllava_jax import files, hub
 from cxrllava_jax.errors import ConfigError
 from cxrllava_jax.models.quantize import KINDS
 from cxrllava_jax.serving.limits import MIB, Limits
@@ -23,7 +24,8 @@ def serve_main(argv) -> int:
     parser = argparse.ArgumentParser(prog="cxrllava serve", description="serve the model over HTTP: an "
                                      "OpenAI-compatible API and a web page")
     parser.add_argument("--checkpoint", required=True, type=Path,
-                        help="our checkpoint directory or the release's PyTorch directory")
+                        help="our checkpoint directory, the release's PyTorch directory, or a Hub id of either "
+                             "(OWNER/NAME[@REVISION])")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--api-key-file", type=Path, help="a file holding the bearer key clients must send")
@@ -38,6 +40,9 @@ def serve_main(argv) -> int:
     parser.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels)
     parser.add_argument("--max-prompt-tokens", type=int, help="default: what fits the model's context")
     parser.add_argument("--max-output-tokens", type=int, default=defaults.max_output_tokens)
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="the access log (one line per request on stderr) and other log lines: key=value text "
+                             "or one JSON object per line")
     args = parser.parse_args(argv)
     limits = _limits(args)
     api_key = _read_api_key(args.api_key_file) if args.api_key_file else None
@@ -54,16 +59,23 @@ def _serve(args, listener: socket.socket, limits: Limits, api_key: str | None) -
     import uvicorn
 
     from cxrllava_jax.inference.api import CXRLLaVA
+    from cxrllava_jax.serving import observability
     from cxrllava_jax.serving.app import create_app
 
-    model = CXRLLaVA.from_pretrained(args.checkpoint, dtype=args.dtype, quantize=args.quantize)
+    model = CXRLLaVA.from_pretrained(hub.resolve(args.checkpoint, what="--checkpoint"), dtype=args.dtype,
+                                     quantize=args.quantize)
     name = args.model_name or args.checkpoint.resolve().name
     app = create_app(model, name, limits=limits, api_key=api_key, max_batch_size=args.max_batch_size,
                      max_queue=args.max_queue)
     host, port = listener.getsockname()[:2]
-    print(f"cxrllava serve: model {name!r} at http://{_url_host(host)}:{port}/ (Ctrl-C stops)", file=sys.stderr,
-          flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
+    observability.configure_logging(args.log_format)
+    started = f"cxrllava serve: model {name!r} at http://{_url_host(host)}:{port}/ (Ctrl-C stops)"
+    if args.log_format == "json":  # then every line on stderr is a JSON object
+        logging.getLogger("cxrllava.serve").info(started)
+    else:
+        print(started, file=sys.stderr, flush=True)
+    # uvicorn's own warnings and errors go through the handlers configure_logging set (log_config=None).
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", log_config=None)).run(sockets=[listener])
     return 0
 
 

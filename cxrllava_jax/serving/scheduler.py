@@ -15,6 +15,7 @@ import collections
 import dataclasses
 import logging
 import threading
+import time
 from typing import Callable
 
 import numpy as np
@@ -55,6 +56,8 @@ class Job:
     sink: Callable[[object], None]
     stream: bool = False
     cancelled: bool = False
+    admitted_at: float | None = None  # time.monotonic() when it joined the batch and when its first token came:
+    first_token_at: float | None = None  # the server's access log and metrics read them
 
 
 class QueueFull(Exception):
@@ -147,7 +150,9 @@ class Scheduler:
         pixels = np.stack([job.pixels for job in jobs])
         self.counts["batches"] += 1
         self.counts["rows"] += len(jobs)
+        admitted = time.monotonic()
         for job, budget in zip(jobs, budgets):
+            job.admitted_at = admitted
             self._rows[job] = _Row(job, budget, self.model.tokenizer)
         self._deliver(self._batch.admit(jobs, [job.prompt for job in jobs], pixels, budgets,
                                         [job.sampling for job in jobs]))
@@ -182,6 +187,8 @@ class _Row:
         self.text = TextStream(tokenizer, lambda piece: job.sink(TextDelta(piece))) if job.stream else None
 
     def extend(self, tokens: list[int]):
+        if tokens and self.job.first_token_at is None:
+            self.job.first_token_at = time.monotonic()
         self.ids += tokens
         if self.text is not None and tokens and not self.job.cancelled:
             self.text([tokens])
