@@ -65,6 +65,9 @@ def config_to_release(cfg: CXRLLaVAConfig) -> dict:
 def release_entries(cfg: CXRLLaVAConfig) -> list[Entry]:
     if cfg.projector != "linear":
         raise ValueError(f"the release layout has a linear projector; this model's is {cfg.projector!r}")
+    if cfg.projector_pool != 1:
+        raise ValueError(f"the release layout reads every ViT patch; this model pools {cfg.projector_pool}x"
+                         f"{cfg.projector_pool} (projector_pool)")
     return (vit_entries(cfg.vision, "vision_tower.", "img/")
             + [Entry("mm_projector.weight", "projector/linear/kernel", "linear"),
                Entry("mm_projector.bias", "projector/linear/bias", "copy")]

@@ -7,6 +7,7 @@ out (and counted). The JSONL is what `eval.py --predictions` reads, so a run can
 """
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +32,11 @@ def test_records(config, data_dir) -> tuple[list, int]:
     return usable, len(records) - len(usable)
 
 
-def generate_records(config, model, data_dir, out_path, batch_size: int = 16) -> list[dict]:
-    """Greedy answers for the test split; writes and returns {id, image, generated, reference} records."""
+def generate_records(config, model, data_dir, out_path, batch_size: int = 16, limit=None) -> list[dict]:
+    """Greedy answers for the test split (its first `limit` usable records); writes and returns {id, image,
+    generated, reference} records."""
     records, skipped = test_records(config, data_dir)
+    records = records[:limit]
     if not records:
         raise InputError(f"{data_dir}: the {config.dataset} {config.split} split has no records with a reference "
                          f"for the {config.task} task ({skipped} without)")
@@ -42,7 +45,7 @@ def generate_records(config, model, data_dir, out_path, batch_size: int = 16) ->
     out_path.parent.mkdir(parents=True, exist_ok=True)
     results = []
     with files.replaced_atomically(out_path) as out, tqdm(total=len(records), desc="generating", unit="image",
-                                                              disable=None) as progress:
+                                                              file=sys.stderr) as progress:
         for start in range(0, len(records), batch_size):
             chunk = records[start:start + batch_size]
             answers = model.generate([conversation] * len(chunk), [r.image for r in chunk], batch_size=batch_size,
