@@ -50,8 +50,7 @@ def main(argv):
         raise errors.UsageError("--references goes with --predictions (a `cxrllava report --jsonl` file)")
     metric_names = model_metrics.parse(_METRICS.value, _CONFIG.value.task)
     model_metrics.check(metric_names)  # before any generation: a run should not end in a refusal
-    # Refused (without --overwrite) before any work; written beside the old results and swapped in together.
-    with files.staged_directory(_WORKDIR.value, _OVERWRITE.value, owns=run.OUTPUTS) as staging:
+    with files.staged_directory(_WORKDIR.value, _OVERWRITE.value, owns=run.OUTPUTS) as staging:  # swapped in whole
         evaluate(staging, metric_names)
     print(files.read_text(f"{_WORKDIR.value}/table.md"))
 
