@@ -106,7 +106,7 @@ def run_absl(program: str, main: Callable[[list], int | None], configs: tuple[st
     """`absl.app.run(main)` with failures reported as by `errors.report_errors`, and a `--help` that exits 0
     listing the config files that match the glob patterns `configs` in the entry point's configs/ folder (each
     with its docstring's first sentence, and `FILE:VARIANT` for a config that names its variants in `VARIANTS`)."""
-    from absl import app, flags
+    from absl import app, flags, logging
 
     if any(arg in HELP_FLAGS or arg.startswith("--helpfull") for arg in sys.argv[1:]):
         folder = Path(sys.modules["__main__"].__file__).resolve().parent / "configs"
@@ -136,7 +136,16 @@ def run_absl(program: str, main: Callable[[list], int | None], configs: tuple[st
             raise errors.ConfigError(f"a --config.KEY=VALUE override names a key the config does not have: "
                                      f"{str(error).strip(chr(34))}") from error
 
-    sys.exit(errors.report_errors(program, lambda: app.run(main, flags_parser=parse), errors.debug_requested()))
+    def quiet_main(argv):
+        # absl.app logs INFO by default: Orbax's hundred lines around each checkpoint. The run's own lines are
+        # prints; --debug or --verbosity shows the libraries' logs again.
+        if flags.FLAGS["verbosity"].present:
+            logging.get_absl_logger().removeFilter(errors.orbax_notes)
+        elif not errors.debug_requested():
+            logging.set_verbosity(logging.WARNING)
+        return main(argv)
+
+    sys.exit(errors.report_errors(program, lambda: app.run(quiet_main, flags_parser=parse), errors.debug_requested()))
 
 
 def define_absl_flags(required: tuple[str, ...], directory: str):

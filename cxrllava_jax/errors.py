@@ -60,6 +60,10 @@ def report_errors(program: str, work: Callable[[], int | None], debug: bool = Fa
     """Runs `work` and returns its exit status; a failure becomes a message on stderr (and, with `debug`, its
     traceback) and a non-zero status. Usage errors (SystemExit from argparse or absl) pass through. Ctrl-C is one
     line and status 130, wherever it lands (see `_interrupts_reach_the_command`)."""
+    if not debug:
+        import logging
+
+        logging.getLogger("absl").addFilter(orbax_notes)
     try:
         with _interrupts_reach_the_command():
             return work() or 0
@@ -106,6 +110,12 @@ def _interrupts_reach_the_command():
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, default_alarm)
         sys.unraisablehook = default_hook
+
+
+def orbax_notes(record) -> bool:
+    """False for Orbax's notes about its own workings (INFO, and warnings such as "No jax.Array in
+    TypeHandlerRegistry" at every save): a command's user can do nothing with them. Its errors still show."""
+    return record.levelno >= 40 or "/orbax/" not in record.pathname
 
 
 def is_expected(error: BaseException) -> bool:
