@@ -39,8 +39,8 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace the results of an ea
 arguments.define_absl_flags(required=("config", "workdir"), directory="workdir")
 
 
-def main(argv):
-    del argv
+def main(_argv):
+    from cxrllava_jax.evaluation import run  # here, not above: `--help` answers before the metrics' imports
     if _BATCH_SIZE.value < 1:
         raise errors.UsageError(f"--batch_size={_BATCH_SIZE.value}: give at least 1 image per batch")
     if _LIMIT.value is not None and _LIMIT.value < 1:
@@ -55,7 +55,7 @@ def main(argv):
 
 
 def evaluate(workdir, metric_names):
-    from cxrllava_jax.evaluation import run  # here, not above: `--help` answers before the metrics' imports
+    from cxrllava_jax.evaluation import run
     if _REFERENCE_LABELS.value and _PREDICTED_LABELS.value:
         if metric_names:
             raise errors.UsageError("--metrics compares report texts; label files have none")

@@ -293,11 +293,13 @@ def test_a_full_disk_names_the_output_and_keeps_the_old(tmp_path, monkeypatch, c
 def test_output_paths_of_the_wrong_kind_are_refused_before_any_work(checkpoint, tmp_path, capsys, monkeypatch):
     (tmp_path / "a_file").write_text("keep")
     (tmp_path / "a_dir").mkdir()
-    assert cli.main(["synth", "--out", str(tmp_path / "a_file"), "--num", "2"]) == 1
-    assert "a_file: Not a directory; an output directory was expected" in capsys.readouterr().err
-    assert cli.main(["report", str(tmp_path / "missing.png"), "--checkpoint", str(checkpoint), "--jsonl",
-                     str(tmp_path / "a_dir"), "--overwrite"]) == 1
-    assert "a_dir: Is a directory; an output file was expected" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # the argument's type refuses it, naming the flag
+        cli.main(["synth", "--out", str(tmp_path / "a_file"), "--num", "2"])
+    assert exit_.value.code == 2 and "argument --out: " in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["report", str(tmp_path / "missing.png"), "--checkpoint", str(checkpoint), "--jsonl",
+                  str(tmp_path / "a_dir"), "--overwrite"])
+    assert exit_.value.code == 2 and "a_dir is a directory; give the name of the file" in capsys.readouterr().err
     inside = tmp_path / "a_dir" / "sub"
     inside.mkdir()
     monkeypatch.chdir(inside)  # swapping a directory the shell is in would leave it in a removed one
