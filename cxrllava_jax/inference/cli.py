@@ -27,7 +27,7 @@ from cxrllava_jax.domain import prompting
 from cxrllava_jax.domain.images import is_dicom_file
 from cxrllava_jax.errors import InputError
 from cxrllava_jax.inference import compile_cache
-from cxrllava_jax.inference.generate import RELEASE_MAX_NEW_TOKENS, SamplingOptions
+from cxrllava_jax.inference.engine import RELEASE_MAX_NEW_TOKENS, SamplingOptions
 from cxrllava_jax.models.quantize import KINDS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom")

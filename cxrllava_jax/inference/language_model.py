@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cxrllava_jax.convert import checkpoint
-from cxrllava_jax.inference.generate import Generator, SamplingOptions
+from cxrllava_jax.inference.engine import Engine, Request, SamplingOptions
 from cxrllava_jax.domain.tokenizer import check_vocabulary, load_tokenizer
 from cxrllava_jax.models.configs import LlamaConfig, Runtime
 from cxrllava_jax.models.llama import Llama
@@ -29,8 +29,8 @@ class LanguageModel:
                  origin: str = "model"):
         check_vocabulary(tokenizer, config.vocab_size, origin)
         self.config, self.tokenizer = config, tokenizer
-        self.generator = Generator(Llama(config, runtime), {"params": params}, eos_id=tokenizer.eos_token_id,
-                                   vocab_limit=len(tokenizer))
+        self.engine = Engine(Llama(config, runtime), {"params": params}, eos_id=tokenizer.eos_token_id,
+                             vocab_limit=len(tokenizer))
 
     @classmethod
     def from_checkpoint(cls, path, dtype: str | None = None) -> "LanguageModel":
@@ -62,6 +62,6 @@ class LanguageModel:
 
     def generate(self, prompts: Sequence[Sequence[int]], **options) -> list[str]:
         """Continuations of token-id prompts, decoded without special tokens."""
-        outputs = self.generator.generate([np.asarray(p, np.int32) for p in prompts], None,
-                                          SamplingOptions(**options))
-        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
+        sampling = SamplingOptions(**options)
+        completions = self.engine.generate([Request(np.asarray(p, np.int32), sampling=sampling) for p in prompts])
+        return [self.tokenizer.decode(c.tokens, skip_special_tokens=True) for c in completions]

@@ -44,9 +44,10 @@ OWNER = "cxrllava-jax"
 
 
 def create_app(model, model_id: str, *, limits: Limits = Limits(), api_key: str | None = None,
-               max_batch_size: int = 16, max_queue: int = 64) -> Starlette:
-    """`model`: a loaded `inference.api.CXRLLaVA`; `model_id`: the name clients pass as `model`."""
-    scheduler = Scheduler(model, max_batch_size=max_batch_size, max_queue=max_queue)
+               max_batch_size: int = 16, max_queue: int = 64, cache_bytes: int | None = None) -> Starlette:
+    """`model`: a loaded `inference.api.CXRLLaVA`; `model_id`: the name clients pass as `model`; `cache_bytes`:
+    the bound of the prefix and image cache (None: the engine's default)."""
+    scheduler = Scheduler(model, max_batch_size=max_batch_size, max_queue=max_queue, cache_bytes=cache_bytes)
     programs = compiles.counter()
     created = int(time.time())
     page = _page(model_id, limits)
@@ -82,7 +83,7 @@ def create_app(model, model_id: str, *, limits: Limits = Limits(), api_key: str 
             raise RequestError(400, f"the request body is not valid JSON ({error})") from None
         generation = requests.parse_chat(parsed, model_id, limits)
         job, sink, prompt_tokens = await submit(generation)
-        reply = _ChatReply(model_id, prompt_tokens)
+        reply = _ChatReply(model_id, prompt_tokens, model.provenance)
         if generation.stream:
             return StreamingResponse(_chat_events(job, sink, scheduler, reply, generation.include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -95,7 +96,8 @@ def create_app(model, model_id: str, *, limits: Limits = Limits(), api_key: str 
             job, sink, prompt_tokens = await submit(requests.parse_task(task, fields, files, limits))
             finished = await _final(request, job, sink, scheduler)
             return JSONResponse({"model": model_id, task: finished.text, "finish_reason": finished.finish_reason,
-                                 "usage": _usage(prompt_tokens, finished.completion_tokens)})
+                                 "usage": _usage(prompt_tokens, finished.completion_tokens),
+                                 "provenance": _provenance(model.provenance, finished)})
 
         return answer
 
@@ -164,15 +166,16 @@ class _Sink:
 class _ChatReply:
     """OpenAI's chat.completion and chat.completion.chunk objects for one request."""
 
-    def __init__(self, model_id: str, prompt_tokens: int):
-        self.model_id, self.prompt_tokens = model_id, prompt_tokens
+    def __init__(self, model_id: str, prompt_tokens: int, provenance: dict):
+        self.model_id, self.prompt_tokens, self.provenance = model_id, prompt_tokens, provenance
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def completion(self, finished: Finished) -> dict:
         return {**self._head("chat.completion"),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": finished.text},
                              "finish_reason": finished.finish_reason}],
-                "usage": _usage(self.prompt_tokens, finished.completion_tokens)}
+                "usage": _usage(self.prompt_tokens, finished.completion_tokens),
+                "provenance": _provenance(self.provenance, finished)}
 
     def chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
         return {**self._head("chat.completion.chunk"),
@@ -180,10 +183,12 @@ class _ChatReply:
 
     def usage_chunk(self, finished: Finished) -> dict:
         return {**self._head("chat.completion.chunk"), "choices": [],
-                "usage": _usage(self.prompt_tokens, finished.completion_tokens)}
+                "usage": _usage(self.prompt_tokens, finished.completion_tokens),
+                "provenance": _provenance(self.provenance, finished)}
 
     def _head(self, kind: str) -> dict:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model_id}
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model_id,
+                "system_fingerprint": self.provenance["fingerprint"]}
 
 
 async def _chat_events(job: Job, sink: _Sink, scheduler: Scheduler, reply: _ChatReply, include_usage: bool):
@@ -244,6 +249,11 @@ def _server_error(event: Failed) -> RequestError:
 
 def _event(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
+
+
+def _provenance(model: dict, finished: Finished) -> dict:
+    """Which weights wrote the answer (checkpoint, fingerprint, adapter), with what settings, and why it ended."""
+    return {**model, **finished.answer.record()}
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:

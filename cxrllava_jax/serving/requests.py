@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from cxrllava_jax.domain import prompting
-from cxrllava_jax.inference.generate import SamplingOptions
+from cxrllava_jax.inference.engine import SamplingOptions
 from cxrllava_jax.serving import uploads
 from cxrllava_jax.serving.limits import Limits, RequestError
 from cxrllava_jax.errors import InputError
