@@ -572,8 +572,10 @@ class Engine:
 
     # ---------------------------------------------------------------- one step
 
-    def step(self, streaming: bool = False):
-        """Admits what waits (as many as free rows allow), then decodes one chunk of steps for every row."""
+    def step(self, streaming: bool = False, steps: int | None = None):
+        """Admits what waits (as many as free rows allow), then decodes one chunk of steps for every row: `steps`
+        (0: admits only), or `stream_every` when a request streams, `check_every` when requests wait or the worker thread runs (it
+        admits new ones between chunks), or up to LONGEST_CHUNK."""
         with self._stepping:
             admitted = self._take()
             try:
@@ -582,8 +584,8 @@ class Engine:
                 for handle in [h for h in self.owners if h is not None and h.cancelled]:
                     self._release(handle)
                     self.counts["abandoned_rows"] += 1
-                if any(h is not None for h in self.owners):
-                    self._decode(streaming)
+                if any(h is not None for h in self.owners) and steps != 0:
+                    self._decode(streaming, steps)
             except Exception as error:  # every request in flight ends with it; the batch starts anew
                 for handle in {*[h for h in self.owners if h is not None], *admitted}:
                     if not handle.done:
@@ -646,12 +648,15 @@ class Engine:
     def _encode_missing(self, admissions: list[_Admission]):
         """Replaces each admission's images by their features: from the cache, or encoded here in groups of
         powers of two."""
-        missing: dict[str, np.ndarray] = {}
+        found, missing = {}, {}
         for admission in admissions:
             for image in admission.features:
-                if self.cache.features(image.digest) is None:
-                    missing.setdefault(image.digest, image.pixels)
-        encoded = {}
+                if image.digest not in found and image.digest not in missing:
+                    features = self.cache.features(image.digest)
+                    if features is None:
+                        missing[image.digest] = image.pixels
+                    else:
+                        found[image.digest] = features
         digests = list(missing)
         start = 0
         for bit in reversed(range(len(digests).bit_length())):
@@ -659,12 +664,11 @@ class Engine:
                 part = digests[start:start + (1 << bit)]
                 features = encode_images(self.spec, self.params, np.stack([missing[d] for d in part]))
                 for digest, one in zip(part, _split_rows(features, rows=len(part))):
-                    encoded[digest] = one
+                    found[digest] = one
                     self.cache.add_features(digest, one, one.nbytes)
                 start += len(part)
         for admission in admissions:
-            admission.features = [encoded.get(image.digest) if image.digest in encoded
-                                  else self.cache.features(image.digest) for image in admission.features]
+            admission.features = [found[image.digest] for image in admission.features]
 
     def _admit_group(self, group: list[_Admission]):
         n = len(group)
@@ -714,11 +718,13 @@ class Engine:
         blank = jnp.zeros_like(some)
         return jnp.stack([jnp.concatenate(a.features + [blank] * (most - len(a.features))) for a in group])
 
-    def _decode(self, streaming: bool):
+    def _decode(self, streaming: bool, steps: int | None):
         live = [h for h in self.owners if h is not None]
         self.counts["chunks"] += 1
         self.counts["row_chunks"] += len(live)
-        if streaming or any(h.on_tokens is not None for h in live):
+        if steps is not None:
+            steps = min(steps, LONGEST_CHUNK)
+        elif streaming or any(h.on_tokens is not None for h in live):
             steps = self.stream_every
         elif self._waiting or self._thread is not None:
             steps = self.check_every
