@@ -17,6 +17,7 @@ or the LLM inside a CXR-LLaVA checkpoint), so a conversion can be checked before
 import argparse
 import contextlib
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -25,12 +26,13 @@ from tqdm import tqdm
 from cxrllava_jax import files
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.domain.images import is_dicom_file
-from cxrllava_jax.errors import InputError
+from cxrllava_jax.errors import ConfigError, InputError
 from cxrllava_jax.inference import compile_cache
 from cxrllava_jax.inference.engine import RELEASE_MAX_NEW_TOKENS, SamplingOptions
 from cxrllava_jax.models.quantize import KINDS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom")
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
 
 def report_main(argv) -> int:
@@ -40,7 +42,10 @@ def report_main(argv) -> int:
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--append", action="store_true", help="add to an existing --jsonl file")
     existing.add_argument("--overwrite", action="store_true", help="replace an existing --jsonl file")
-    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="images decoded together (default: 8)")
+    parser.add_argument("--workers", type=_non_negative_int, default=DEFAULT_WORKERS,
+                        help="threads that read and preprocess images ahead of the model (0: one at a time as "
+                             f"needed; default: {DEFAULT_WORKERS})")
     args = parser.parse_args(argv)
     return _report(args)
 
@@ -75,7 +80,7 @@ def complete_main(argv) -> int:
     from cxrllava_jax.inference.language_model import LanguageModel
 
     options = _options(args)
-    model = LanguageModel.from_checkpoint(args.checkpoint, dtype=args.dtype)
+    model = LanguageModel.from_checkpoint(args.checkpoint, dtype=args.dtype, adapter=args.adapter)
     if args.chat:
         print(model.chat([{"role": "user", "content": args.text}], **options))
     else:
@@ -102,10 +107,13 @@ def expand_images(paths) -> list[Path]:
 
 
 def _report(args) -> int:
+    process, processes = this_process()
+    if args.jsonl and processes > 1:  # each process writes its own file
+        args.jsonl = args.jsonl.with_name(f"{args.jsonl.stem}.{process:05d}-of-{processes:05d}{args.jsonl.suffix}")
     if args.jsonl:  # before the model loads, so a long run does not end in a refusal
         files.refuse_existing(args.jsonl, args.append or args.overwrite, "--append or --overwrite")
     options = _options(args)
-    paths = expand_images(args.images)
+    paths = expand_images(args.images)[process::processes]
     model = _load(args)
     failed = []
     show_progress = any(p.is_dir() for p in args.images) or len(paths) > args.batch_size
@@ -117,16 +125,17 @@ def _report(args) -> int:
             failed.append(paths[index])
             progress.write(f"cxrllava report: skipped: {error}", file=sys.stderr)
             if out is not None:
-                out.write({"image": str(paths[index]), "error": str(error)})
+                out.write({"image": str(paths[index]), "error": str(error), "provenance": model.provenance})
             progress.update()
 
         conversations = [[{"role": "user", "content": prompting.REPORT_PROMPT}]] * len(paths)
-        for index, report in model.iter_generate(conversations, paths, batch_size=args.batch_size,
-                                                 on_bad_image=bad_image, **options):
+        for index, answer in model.iter_generate(conversations, paths, batch_size=args.batch_size,
+                                                 on_bad_image=bad_image, keep=False, workers=args.workers, **options):
             if out is not None:
-                out.write({"image": str(paths[index]), "report": report})
+                out.write({"image": str(paths[index]), "report": answer.text,
+                           "provenance": {**model.provenance, **answer.record()}})
             else:
-                progress.write(f"== {paths[index]} ==\n{report}\n", file=sys.stdout)
+                progress.write(f"== {paths[index]} ==\n{answer.text}\n", file=sys.stdout)
             progress.update()
     if failed:
         where = f' (each recorded with an "error" field in {args.jsonl})' if args.jsonl else ""
@@ -179,11 +188,11 @@ def _parser(name: str, description: str, images: bool = True) -> argparse.Argume
     parser.add_argument("--compilation-cache", metavar="DIR",
                         help="where compiled programs are kept ('off' to keep none; default: "
                              f"${compile_cache.ENV} or {compile_cache.default_directory()})")
+    parser.add_argument("--adapter", type=Path, help="a LoRA adapter directory (PEFT format) to apply to CKPT")
     if images:
         parser.add_argument("--allow-non-frontal", action="store_true",
                             help="read DICOM files whose tags say they are not frontal chest radiographs (the "
                                  "model was trained on those only)")
-        parser.add_argument("--adapter", type=Path, help="a LoRA adapter directory (PEFT format) to apply to CKPT")
     return parser
 
 
@@ -194,6 +203,30 @@ def _options(args) -> dict:
     if hasattr(args, "allow_non_frontal"):
         options["allow_non_frontal"] = args.allow_non_frontal
     return options
+
+
+def this_process() -> tuple[int, int]:
+    """(this process's number, how many processes) from JAX's multi-process variables (JAX_PROCESS_ID,
+    JAX_NUM_PROCESSES) or SLURM's (SLURM_PROCID, SLURM_NTASKS); (0, 1) when neither is set. Report processes
+    need no coordinator: each takes every n-th image and writes its own file."""
+    for number, count in (("JAX_PROCESS_ID", "JAX_NUM_PROCESSES"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if count in os.environ:
+            try:
+                process, processes = int(os.environ.get(number, "0")), int(os.environ[count])
+            except ValueError:
+                raise ConfigError(f"{number}={os.environ.get(number)!r}, {count}={os.environ[count]!r}: "
+                                  "must be whole numbers") from None
+            if not 0 <= process < processes:
+                raise ConfigError(f"{number}={process} must be in [0, {count}={processes})")
+            return process, processes
+    return 0, 1
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
 
 
 def _positive_int(text: str) -> int:

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cxrllava_jax.convert import checkpoint
+from cxrllava_jax.convert import checkpoint, peft
+from cxrllava_jax.convert.layout import relayout
 from cxrllava_jax.inference.engine import Engine, Request, SamplingOptions
 from cxrllava_jax.domain.tokenizer import check_vocabulary, load_tokenizer
 from cxrllava_jax.models.configs import LlamaConfig, Runtime
@@ -33,12 +34,15 @@ class LanguageModel:
                              vocab_limit=len(tokenizer))
 
     @classmethod
-    def from_checkpoint(cls, path, dtype: str | None = None) -> "LanguageModel":
+    def from_checkpoint(cls, path, dtype: str | None = None, adapter=None) -> "LanguageModel":
+        """`adapter`: a LoRA adapter directory (PEFT format) folded into the weights as they load."""
         path = Path(path)
         dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
         # Scanned layers: one compiled layer body, so a 30- or 80-layer model compiles in seconds.
         runtime = Runtime(dtype=dtype, param_dtype=dtype, scan=True)
         kind, config, params = checkpoint.load_model(path, runtime)
+        if adapter is not None:  # it folds into the unscanned kernels it targets (llm/... in a CXR-LLaVA)
+            params = relayout(peft.apply_adapter(relayout(params, scan=False), adapter), scan=True)
         if kind == "cxr_llava":
             config, params = config.llama, params["llm"]
         elif kind != "llama":
