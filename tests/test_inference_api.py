@@ -142,7 +142,7 @@ def test_text_stream_waits_for_whole_characters(model):
     pieces = []
     stream = TextStream(tokenizer, pieces.append)
     for i in range(len(ids)):
-        stream([ids[i:i + 1]])
+        stream(ids[i:i + 1])
     stream.finish(model.decode(ids))
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)
@@ -157,7 +157,7 @@ def test_streamed_text_waits_for_a_run_of_byte_pieces_to_end(model):
     pieces = []
     stream = TextStream(tokenizer, pieces.append)
     for i in range(len(ids)):
-        stream([ids[i:i + 1]])
+        stream(ids[i:i + 1])
     answer = model.decode(ids)
     stream.finish(answer)
     assert "".join(pieces) == answer and answer.endswith("There is")
@@ -173,7 +173,7 @@ def test_text_stream_waits_for_a_whole_run_of_byte_tokens(model):
     pieces = []
     stream = TextStream(tokenizer, pieces.append)
     for i in range(len(ids)):
-        stream([ids[i:i + 1]])
+        stream(ids[i:i + 1])
     stream.finish(model.decode(ids))
     assert "".join(pieces) == model.decode(ids)
 

@@ -120,7 +120,8 @@ class Handle:
         self.completion: Completion | None = None
         self.error: Exception | None = None
         self.cancelled = False
-        self.cached_tokens = 0
+        self.cached_tokens = 0  # prompt positions reused from the prefix cache
+        self.key: np.ndarray | None = None  # its prefix key (`Engine._plan`)
 
     @property
     def done(self) -> bool:
@@ -276,12 +277,13 @@ def empty_cache(spec: DecodeSpec, *, rows: int, length: int) -> dict:
                       per_layer=not spec.model.runtime.scan)
 
 
-@functools.partial(jax.jit, donate_argnames=("cache",))
-def put_prefix(cache: dict, row, kv: dict) -> dict:
-    """A kept prefix's keys and values {"k", "v"}: [layers, kv_heads, slots, head_dim] into row `row`'s first
-    slots of a group's cache."""
+@functools.partial(jax.jit, static_argnames=("slots",), donate_argnames=("cache",))
+def put_prefix(cache: dict, row, kv: dict, *, slots: int) -> dict:
+    """The first `slots` of a kept prefix's keys and values {"k", "v"}: [layers, kv_heads, >= slots, head_dim]
+    into row `row`'s first slots of a group's cache."""
 
     def put(c, p):
+        p = p[:, :, :slots]
         if isinstance(c, tuple):
             return tuple(jax.lax.dynamic_update_slice(layer, p[i][None], (row, 0, 0, 0)) for i, layer in enumerate(c))
         return jax.lax.dynamic_update_slice(c, p[:, None], (0, row, 0, 0, 0))
@@ -686,7 +688,8 @@ class Engine:
         cache = empty_cache(self.spec, rows=n, length=self.length)
         for i, admission in enumerate(group):
             if admission.prefix is not None:
-                cache = put_prefix(cache, np.int32(i), admission.prefix.kv)
+                slots = min(round_up(admission.start, self.length_bucket), self.length)
+                cache = put_prefix(cache, np.int32(i), admission.prefix.kv, slots=slots)
         samplings = [a.handle.request.sampling for a in group]
         temperature = np.array([s.temperature for s in samplings], np.float32)
         top_p = np.array([s.top_p for s in samplings], np.float32)
