@@ -111,6 +111,24 @@ def test_every_image_kind_gives_the_same_report(model, images, tmp_path):
     assert reports == [model.write_radiologic_report(kinds[4], **GREEDY)] * 4
 
 
+def test_a_batch_answers_every_input_and_says_how(model, images, tmp_path):
+    """A bad image gets its error in its place, the others their reports; every answer says where it came from."""
+    (tmp_path / "notes.png").write_text("not an image")
+    reports = model.write_radiologic_reports([images[0], tmp_path / "notes.png", images[1]], **GREEDY)
+    assert isinstance(reports[0], str) and isinstance(reports[2], str)
+    assert isinstance(reports[1], InputError) and "notes.png" in str(reports[1])
+    assert reports[0] == model.write_radiologic_report(images[0], **GREEDY)
+    with pytest.raises(InputError, match="notes.png"):
+        model.write_radiologic_report(tmp_path / "notes.png", **GREEDY)
+    index, answer = next(model.iter_generate([[{"role": "user", "content": "Any effusion?"}]], [images[0]], **GREEDY))
+    record = {**model.provenance, **answer.record()}
+    assert record["checkpoint"] == str(checkpoint_dir()) and record["fingerprint"].startswith("sha256:")
+    assert record["adapter"] is None and record["seed"] == 0 and record["temperature"] == 0.0
+    assert record["completion_tokens"] == len(answer.completion.tokens) <= GREEDY["max_new_tokens"]
+    assert record["finish_reason"] == ("length" if record["completion_tokens"] == GREEDY["max_new_tokens"] else "stop")
+    assert record["prompt_tokens"] == len(model.encode([{"role": "user", "content": "Any effusion?"}]))
+
+
 def test_questions_and_chat(model, images):
     question = "Is there a pleural effusion?"
     answer = model.ask_question(question, images[0], **GREEDY)
