@@ -75,13 +75,15 @@ def request_body(turns: list[dict], image: pathlib.Path) -> bytes:
 
 
 class Server:
-    """`cxrllava serve` on a free localhost port."""
+    """`cxrllava serve` on a free localhost port, from the source tree `tree` (another checkout measures the code
+    of another commit)."""
 
-    def __init__(self, checkpoint, max_queue: int, extra: list[str]):
+    def __init__(self, checkpoint, max_queue: int, tree: pathlib.Path = ROOT, extra: tuple = ()):
         command = [sys.executable, "-m", "cxrllava_jax.cli", "serve", "--checkpoint", str(checkpoint), "--port", "0",
                    "--model-name", MODEL_ID, "--max-batch-size", str(MAX_BATCH_SIZE), "--max-queue", str(max_queue),
                    *extra]
-        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=tree,
+                                        env={**os.environ, "PYTHONPATH": str(tree)})
         for line in self.process.stderr:
             if match := re.search(r"http://([\d.]+):(\d+)/", line):
                 self.url = f"http://{match[1]}:{match[2]}"

@@ -7,13 +7,19 @@
 - `LockedAppender`: records that arrive one by one (reports of a batch) are appended as whole lines under an
   exclusive lock, so writers in several processes never interleave and a kill loses at most the line being
   written, never what came before.
-- `read_json`, `read_text`, `read_json_lines`: parse errors name the file (and line).
+- `read_text`, `read_csv`, `read_json`, `read_json_lines`: every text and table input is read here, so that each
+  is UTF-8 (a byte-order mark dropped, gzip undone) and each error names the file and the byte offset or line.
+- `printable`: a path as text that can be written anywhere (a file name that is not UTF-8 gets \\x escapes).
 """
 
 import contextlib
+import csv
 import fcntl
+import gzip
+import io
 import json
 import os
+import sys
 from pathlib import Path
 
 from cxrllava_jax.errors import InputError, OutputExistsError
@@ -93,14 +99,63 @@ class LockedAppender:
 
 
 def read_text(path) -> str:
-    """A UTF-8 text file; other bytes raise an InputError naming the file and the offset."""
+    """A UTF-8 text file (gzipped if its name ends in .gz); a byte-order mark is dropped, other bytes that are
+    not UTF-8 raise an InputError naming the file and the offset."""
     path = Path(path)
     data = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as error:
+            raise InputError(f"{printable(path)}: not a readable gzip file ({error})") from None
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        raise InputError(f"{path}: not UTF-8 text (byte {data[error.start]:#04x} at offset {error.start}); "
-                         "save the file as UTF-8") from None
+        offset = error.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        line = data[:offset].count(b"\n") + 1
+        raise InputError(f"{printable(path)}: not UTF-8 text (byte {data[offset]:#04x} at offset {offset}, line "
+                         f"{line}); save the file as UTF-8") from None
+
+
+# A line no text holds: a quote left open swallows it into a field, which shows where the quote was opened.
+_END_OF_FILE = "\uffff end of file \uffff"
+
+
+def read_csv(path, delimiter: str = ",") -> list[tuple[int, list[str]]]:
+    """(line number, cells) for every row of a CSV file read by `read_text`, fields of any length. A quote that is
+    never closed (it would swallow the rest of the file into one field) is an InputError naming its line."""
+    csv.field_size_limit(sys.maxsize)
+    lines = list(io.StringIO(read_text(path), newline=""))  # only \n, \r\n and \r end a line, as for csv
+    if lines and not lines[-1].endswith(("\n", "\r")):
+        lines[-1] += "\n"
+    reader = csv.reader([*lines, _END_OF_FILE + "\n"], delimiter=delimiter)
+    rows, first_line = [], 1
+    try:
+        for row in reader:
+            if row == [_END_OF_FILE]:
+                break
+            if row and _END_OF_FILE in row[-1]:
+                raise InputError(f"{printable(path)}: line {first_line}: a quoted field opened on this line is never "
+                                 "closed (an unmatched '\"'), so it would hold the rest of the file")
+            rows.append((first_line, row))
+            first_line = reader.line_num + 1
+    except csv.Error as error:
+        raise InputError(f"{printable(path)}: line {reader.line_num}: not a readable CSV ({error})") from None
+    return rows
+
+
+def read_csv_records(path, delimiter: str = ",") -> tuple[list[str], list[tuple[int, dict]]]:
+    """(header, [(line number, {column: cell})]) as csv.DictReader gives them: blank lines skipped, a short row's
+    missing cells None."""
+    rows = [(line, cells) for line, cells in read_csv(path, delimiter) if cells]
+    header = rows[0][1] if rows else []
+    return header, [(line, {name: cells[i] if i < len(cells) else None for i, name in enumerate(header)})
+                    for line, cells in rows[1:]]
+
+
+def printable(path) -> str:
+    """`path` as text that encodes as UTF-8: bytes of a name that is not UTF-8 are shown as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def read_json(path):
@@ -108,7 +163,7 @@ def read_json(path):
     try:
         return json.loads(read_text(path))
     except json.JSONDecodeError as error:
-        raise InputError(f"{path}: line {error.lineno} column {error.colno}: not valid JSON ({error.msg})") from None
+        raise InputError(f"{printable(path)}: line {error.lineno} column {error.colno}: not valid JSON ({error.msg})") from None
 
 
 def read_json_lines(path) -> list[tuple[int, object]]:
@@ -121,5 +176,5 @@ def read_json_lines(path) -> list[tuple[int, object]]:
         try:
             values.append((number, json.loads(line)))
         except json.JSONDecodeError as error:
-            raise InputError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
+            raise InputError(f"{printable(path)}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
     return values

@@ -15,12 +15,12 @@ Turns alternate human/gpt starting with human and ending with gpt. The first hum
 training starts, and all bad ones are reported together, each with its line in the file.
 """
 
-import csv
 import json
 from pathlib import Path
 
 import numpy as np
 
+from cxrllava_jax import files
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
 from cxrllava_jax.errors import InputError
@@ -58,7 +58,7 @@ def load(path) -> list[Record]:
 
 
 def _jsonl_records(path: Path):
-    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, text in enumerate(files.read_text(path).splitlines(), start=1):
         if not text.strip():
             continue
         try:
@@ -69,7 +69,7 @@ def _jsonl_records(path: Path):
 
 def _json_records(path: Path):
     """A JSON list, record by record with the line each starts on (json.load alone would not say where)."""
-    text = path.read_text(encoding="utf-8")
+    text = files.read_text(path)
     decoder = json.JSONDecoder()
     position = _skip(text, 0)
     if not text.startswith("[", position):
@@ -98,14 +98,13 @@ def _skip(text: str, position: int) -> int:
 
 
 def _csv_records(path: Path):
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = {"image", "report"} - set(reader.fieldnames or ())
-        if missing:
-            raise InputError(f"{path}: a report CSV needs the columns image and report; {sorted(missing)} missing")
-        for row in reader:
-            conversation = [{"from": "human", "value": prompting.REPORT_PROMPT}, {"from": "gpt", "value": row["report"]}]
-            yield reader.line_num, {"image": row["image"], "conversations": conversation, "report": row["report"]}
+    names, records = files.read_csv_records(path)
+    missing = {"image", "report"} - set(names)
+    if missing:
+        raise InputError(f"{path}: a report CSV needs the columns image and report; {sorted(missing)} missing")
+    for line, row in records:
+        conversation = [{"from": "human", "value": prompting.REPORT_PROMPT}, {"from": "gpt", "value": row["report"]}]
+        yield line, {"image": row["image"], "conversations": conversation, "report": row["report"]}
 
 
 class _Unreadable:

@@ -6,10 +6,10 @@ The synthetic dataset is written in this layout, so this adapter reads it too (p
 turns when `synthetic-instructions.jsonl` is present).
 """
 
-import json
 import re
 from pathlib import Path
 
+from cxrllava_jax import files
 from input_pipeline import tables
 from input_pipeline.records import FRONTAL_VIEWS, Record, labels_from, sectioned_report
 
@@ -38,8 +38,8 @@ def load(root, split: str | None = None) -> list[Record]:
               for origin, r in table("mimic-cxr-2.0.0-chexpert.csv", ("subject_id", "study_id"))}
     instructions = {}
     if (root / "synthetic-instructions.jsonl").is_file():
-        with open(root / "synthetic-instructions.jsonl") as f:
-            instructions = {str(r["study_id"]): r["conversations"] for r in map(json.loads, f)}
+        instructions = {str(r["study_id"]): r["conversations"]
+                        for _, r in files.read_json_lines(root / "synthetic-instructions.jsonl")}
     records = []
     for origin, row in table("mimic-cxr-2.0.0-metadata.csv", ("dicom_id", "subject_id", "study_id", "ViewPosition")):
         if row["ViewPosition"] not in FRONTAL_VIEWS:
@@ -50,7 +50,7 @@ def load(root, split: str | None = None) -> list[Record]:
         subject, study = row["subject_id"], row["study_id"]
         relative = Path("files") / f"p{subject[:2]}" / f"p{subject}" / f"s{study}"
         report_file = root / "reports" / relative.parent / f"s{study}.txt"
-        report = report_sections(report_file.read_text()) if report_file.is_file() else ""
+        report = report_sections(files.read_text(report_file)) if report_file.is_file() else ""
         label_origin, label_row = labels.get((subject, study), (origin, {}))
         records.append(Record(
             image=str(root / relative / f"{row['dicom_id']}.jpg"),

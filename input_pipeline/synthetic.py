@@ -17,20 +17,15 @@ import dataclasses
 import io
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
 
 from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS, DIFFERENTIALS
 
-FINDINGS = ("effusion", "cardiomegaly", "pneumothorax", "consolidation", "edema", "atelectasis", "nodule", "device")
-# Which CheXpert observation each drawn finding is labelled as.
-OBSERVATION = {"effusion": "Pleural Effusion", "cardiomegaly": "Cardiomegaly", "pneumothorax": "Pneumothorax",
-               "consolidation": "Consolidation", "edema": "Edema", "atelectasis": "Atelectasis",
-               "nodule": "Lung Lesion", "device": "Support Devices"}
 SEVERITIES = ("small", "moderate", "large")  # size of an effusion, pneumothorax, consolidation or nodule
 DEGREES = ("mild", "moderate", "severe")  # degree of cardiomegaly or edema
-SIDED = ("effusion", "pneumothorax", "consolidation", "atelectasis", "nodule")
 SPLIT_FRACTIONS = (("train", 0.8), ("validate", 0.1), ("test", 0.1))
 
 
@@ -38,8 +33,27 @@ SPLIT_FRACTIONS = (("train", 0.8), ("validate", 0.1), ("test", 0.1))
 class Finding:
     name: str
     side: str = ""  # 'left' / 'right' / '' (bilateral or central)
-    severity: str = ""  # one of SEVERITIES, or of DEGREES for cardiomegaly and edema
+    severity: str = ""  # one of the kind's grades (SEVERITIES or DEGREES), or ''
     zone: str = ""  # 'upper' / 'lower'
+
+
+@dataclasses.dataclass(frozen=True)
+class FindingKind:
+    """Everything the dataset knows about one kind of finding; adding a finding is adding one entry to KINDS."""
+
+    observation: str  # the CheXpert observation it is labelled as
+    draw: Callable | None  # (image, finding, x, y, lungs, rng) -> image; None: the anatomy draws it (the heart)
+    sentences: Callable[[Finding], list[str]]  # the report's phrasings of it, one chosen per report
+    impression: Callable[[Finding], str] | None = None  # the impression's phrase; None: not an abnormality
+    noun: Callable[[Finding], str] | None = None  # what a follow-up question calls it ('Which side is the ... on?')
+    grades: tuple[str, ...] = ()  # how large or how bad it can be
+    sided: bool = False
+    zoned: bool = False  # upper or lower lung
+    negation: str = ""  # its phrase in the report's joint negation of absent findings ('No A, B or C.')
+    normal: tuple[str, ...] = ()  # what a report may say when it is absent, in its own sentence...
+    normal_chance: float = 1.0  # ...this often
+    leads: bool = False  # its sentence (or `normal`) opens the findings
+    question: tuple[str, str] | None = None  # a yes/no question about it, and the answer when it is absent
 
 
 @dataclasses.dataclass
@@ -52,6 +66,10 @@ class Study:
     report: str = ""
     labels: dict = dataclasses.field(default_factory=dict)
     conversations: list = dataclasses.field(default_factory=list)
+
+
+def _lesion(f: Finding) -> str:
+    return "mass" if f.severity == "large" else "nodule"
 
 
 # ---------------------------------------------------------------- drawing
@@ -76,8 +94,8 @@ def draw_radiograph(findings: list[Finding], size: int, rng: np.random.Generator
     img = img + 0.4 * heart + 0.3 * _ellipse(x, y, 0.5, 0.35, 0.05, 0.2)  # heart and mediastinum
     img = img + 0.4 * (y > 0.78 + 0.05 * np.abs(x - 0.5)) * body  # diaphragm and abdomen
     for f in findings:
-        if f.name != "cardiomegaly":  # drawn above as the wider heart
-            img = _draw_finding(img, f, x, y, lungs, rng)
+        if KINDS[f.name].draw is not None:
+            img = KINDS[f.name].draw(img, f, x, y, lungs, rng)
     img = img + rng.normal(0, 0.025, img.shape)
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
@@ -90,33 +108,124 @@ def _blob(x, y, cx, cy, r):
     return np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * r * r))
 
 
-def _draw_finding(img, f: Finding, x, y, lungs, rng):
-    cx = 0.31 if f.side == "right" else 0.69
-    lung = lungs.get(f.side, lungs["right"] + lungs["left"])
-    scale = {"small": 0.7, "moderate": 1.0, "large": 1.3}.get(f.severity, 1.0)
-    if f.name == "effusion":  # fluid fills the lung base with a meniscus
-        level = 0.78 - 0.12 * scale + 0.04 * np.abs(x - cx) / 0.15
-        return img + 0.45 * lung * (y > level)
-    if f.name == "pneumothorax":  # a lucent rim along the apex and lateral wall, no lung markings
-        rim = lung * (_ellipse(x, y, cx, 0.5, 0.15, 0.3) - _ellipse(x, y, cx + (0.04 if f.side == "right" else -0.04),
-                                                                    0.55, 0.15 - 0.05 * scale, 0.3 - 0.07 * scale))
-        return img - 0.3 * np.clip(rim, 0, 1)
-    if f.name == "consolidation":
-        cy = 0.4 if f.zone == "upper" else 0.62
-        return img + 0.45 * lung * (_blob(x, y, cx, cy, 0.06 * scale) > 0.35)
-    if f.name == "edema":  # bilateral perihilar haze
-        density = {"mild": 0.22, "moderate": 0.3, "severe": 0.4}.get(f.severity, 0.3)
-        return img + density * lung * (_blob(x, y, 0.36, 0.5, 0.09) + _blob(x, y, 0.64, 0.5, 0.09))
-    if f.name == "atelectasis":  # a horizontal band at the base
-        band = np.exp(-((y - 0.68 + 0.1 * (x - cx)) ** 2) / (2 * 0.012 ** 2))
-        return img + 0.5 * lung * band * (np.abs(x - cx) < 0.12)
-    if f.name == "nodule":  # a large one is a mass
-        cy = 0.38 if f.zone == "upper" else 0.6
-        radius = {"small": 0.018, "moderate": 0.025, "large": 0.045}.get(f.severity, 0.025)
-        return img + 0.55 * (_blob(x, y, cx + rng.normal(0, 0.02), cy, radius) > 0.5)
-    if f.name == "device":  # an endotracheal tube down the midline
-        return img + 0.5 * ((np.abs(x - 0.5) < 0.012) & (y < 0.38)).astype(np.float32)
-    raise ValueError(f"unknown finding {f.name!r}")
+def _centre(f: Finding) -> float:
+    return 0.31 if f.side == "right" else 0.69
+
+
+def _lung(f: Finding, lungs):
+    return lungs.get(f.side, lungs["right"] + lungs["left"])
+
+
+def _scale(f: Finding) -> float:
+    return {"small": 0.7, "moderate": 1.0, "large": 1.3}.get(f.severity, 1.0)
+
+
+def _draw_effusion(img, f, x, y, lungs, rng):  # fluid fills the lung base with a meniscus
+    level = 0.78 - 0.12 * _scale(f) + 0.04 * np.abs(x - _centre(f)) / 0.15
+    return img + 0.45 * _lung(f, lungs) * (y > level)
+
+
+def _draw_pneumothorax(img, f, x, y, lungs, rng):  # a lucent rim along the apex and lateral wall, no markings
+    cx, scale = _centre(f), _scale(f)
+    rim = _lung(f, lungs) * (_ellipse(x, y, cx, 0.5, 0.15, 0.3) - _ellipse(
+        x, y, cx + (0.04 if f.side == "right" else -0.04), 0.55, 0.15 - 0.05 * scale, 0.3 - 0.07 * scale))
+    return img - 0.3 * np.clip(rim, 0, 1)
+
+
+def _draw_consolidation(img, f, x, y, lungs, rng):
+    cy = 0.4 if f.zone == "upper" else 0.62
+    return img + 0.45 * _lung(f, lungs) * (_blob(x, y, _centre(f), cy, 0.06 * _scale(f)) > 0.35)
+
+
+def _draw_edema(img, f, x, y, lungs, rng):  # bilateral perihilar haze
+    density = {"mild": 0.22, "moderate": 0.3, "severe": 0.4}.get(f.severity, 0.3)
+    return img + density * _lung(f, lungs) * (_blob(x, y, 0.36, 0.5, 0.09) + _blob(x, y, 0.64, 0.5, 0.09))
+
+
+def _draw_atelectasis(img, f, x, y, lungs, rng):  # a horizontal band at the base
+    cx = _centre(f)
+    band = np.exp(-((y - 0.68 + 0.1 * (x - cx)) ** 2) / (2 * 0.012 ** 2))
+    return img + 0.5 * _lung(f, lungs) * band * (np.abs(x - cx) < 0.12)
+
+
+def _draw_nodule(img, f, x, y, lungs, rng):  # a large one is a mass
+    cy = 0.38 if f.zone == "upper" else 0.6
+    radius = {"small": 0.018, "moderate": 0.025, "large": 0.045}.get(f.severity, 0.025)
+    return img + 0.55 * (_blob(x, y, _centre(f) + rng.normal(0, 0.02), cy, radius) > 0.5)
+
+
+def _draw_device(img, f, x, y, lungs, rng):  # an endotracheal tube down the midline
+    return img + 0.5 * ((np.abs(x - 0.5) < 0.012) & (y < 0.38)).astype(np.float32)
+
+
+# ---------------------------------------------------------------- the findings
+
+def _capitalised(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+KINDS: dict[str, FindingKind] = {
+    "effusion": FindingKind(
+        "Pleural Effusion", _draw_effusion, grades=SEVERITIES, sided=True, negation="pleural effusion",
+        sentences=lambda f: [f"There is a {f.severity} {f.side} pleural effusion.",
+                             f"{_capitalised(f.severity)} {f.side} pleural effusion.",
+                             f"A {f.severity} {f.side} pleural effusion is present."],
+        impression=lambda f: f"{f.severity} {f.side} pleural effusion", noun=lambda f: "pleural effusion",
+        question=("Is there a pleural effusion?", "No. There is no pleural effusion.")),
+    "cardiomegaly": FindingKind(
+        "Cardiomegaly", None, grades=DEGREES, leads=True,
+        sentences=lambda f: {"mild": ["The heart is mildly enlarged.", "Mild cardiomegaly."],
+                             "moderate": ["There is moderate cardiomegaly.", "The heart is moderately enlarged."],
+                             "severe": ["Severe cardiomegaly.", "The heart is markedly enlarged."],
+                             }.get(f.severity, ["Cardiomegaly."]),
+        normal=("Heart size is normal.", "The cardiac silhouette is normal in size.",
+                "Heart size is within normal limits."),
+        impression=lambda f: f"{f.severity} cardiomegaly", noun=lambda f: "cardiomegaly",
+        question=("Is the heart enlarged?", "No. The heart size is normal.")),
+    "pneumothorax": FindingKind(
+        "Pneumothorax", _draw_pneumothorax, grades=SEVERITIES, sided=True, negation="pneumothorax",
+        sentences=lambda f: [f"There is a {f.severity} {f.side} pneumothorax.",
+                             f"{_capitalised(f.severity)} {f.side} apical pneumothorax.",
+                             f"A {f.severity} {f.side} pneumothorax is seen."],
+        impression=lambda f: f"{f.severity} {f.side} pneumothorax", noun=lambda f: "pneumothorax",
+        question=("Is there a pneumothorax?", "No. There is no pneumothorax.")),
+    "consolidation": FindingKind(
+        "Consolidation", _draw_consolidation, grades=SEVERITIES, sided=True, zoned=True,
+        negation="focal consolidation",
+        sentences=lambda f: [f"Patchy consolidation in the {f.side} {f.zone} lobe.",
+                             f"There is focal consolidation in the {f.side} {f.zone} lobe.",
+                             f"Airspace consolidation in the {f.side} {f.zone} lobe."],
+        impression=lambda f: f"{f.side} {f.zone} lobe consolidation", noun=lambda f: "consolidation",
+        question=("Is there any consolidation?", "No. There is no focal consolidation.")),
+    "edema": FindingKind(
+        "Edema", _draw_edema, grades=DEGREES,
+        sentences=lambda f: [f"There is {f.severity} pulmonary edema.", f"{_capitalised(f.severity)} pulmonary edema.",
+                             f"Findings are consistent with {f.severity} pulmonary edema."],
+        normal=("No pulmonary edema.", "There is no pulmonary edema."), normal_chance=0.5,
+        impression=lambda f: f"{f.severity} pulmonary edema", noun=lambda f: "pulmonary edema",
+        question=("Is there pulmonary edema?", "No. There is no pulmonary edema.")),
+    "atelectasis": FindingKind(
+        "Atelectasis", _draw_atelectasis, sided=True,
+        sentences=lambda f: [f"There is {f.side} basilar atelectasis.", f"Linear atelectasis at the {f.side} lung base.",
+                             f"Plate-like atelectasis in the {f.side} lower lung."],
+        impression=lambda f: f"{f.side} basilar atelectasis", noun=lambda f: "atelectasis",
+        question=("Is there atelectasis?", "No. There is no atelectasis.")),
+    "nodule": FindingKind(
+        "Lung Lesion", _draw_nodule, grades=SEVERITIES, sided=True, zoned=True,
+        sentences=lambda f: [f"A {f.severity} {_lesion(f)} is seen in the {f.side} {f.zone} lung.",
+                             f"There is a {f.severity} {f.side} {f.zone} lung {_lesion(f)}."],
+        impression=lambda f: f"{f.side} {f.zone} lung {_lesion(f)}", noun=lambda f: f"lung {_lesion(f)}",
+        question=("Is there a lung nodule or mass?", "No. There is no lung nodule or mass.")),
+    "device": FindingKind(
+        "Support Devices", _draw_device,
+        sentences=lambda f: ["Endotracheal tube in place.", "An endotracheal tube is present.",
+                             "Endotracheal tube terminates above the carina."]),
+}
+
+
+def observation(name: str) -> str:
+    """The CheXpert observation a drawn finding is labelled as."""
+    return KINDS[name].observation
 
 
 # ---------------------------------------------------------------- reports and labels
@@ -124,58 +233,27 @@ def _draw_finding(img, f: Finding, x, y, lungs, rng):
 def sample_findings(rng: np.random.Generator) -> list[Finding]:
     if rng.random() < 0.35:
         return [Finding("device")] if rng.random() < 0.1 else []
+    names = list(KINDS)
     count = rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15])
-    names = rng.choice(FINDINGS, size=count, replace=False)
-    return [Finding(str(n), side=str(rng.choice(["left", "right"])) if n in SIDED else "",
-                    severity=_draw_severity(str(n), rng),
-                    zone=str(rng.choice(["upper", "lower"])) if n in ("consolidation", "nodule") else "")
-            for n in sorted(names, key=FINDINGS.index)]
+    chosen = rng.choice(names, size=count, replace=False)
+    return [_sample(str(n), rng) for n in sorted(chosen, key=names.index)]
 
 
-def _draw_severity(name: str, rng) -> str:
-    if name in ("cardiomegaly", "edema"):
-        return str(rng.choice(DEGREES))
-    if name in ("effusion", "pneumothorax", "nodule", "consolidation"):
-        return str(rng.choice(SEVERITIES))
-    return ""
-
-
-def _lesion(f: Finding) -> str:
-    return "mass" if f.severity == "large" else "nodule"
+def _sample(name: str, rng) -> Finding:
+    kind = KINDS[name]
+    side = str(rng.choice(["left", "right"])) if kind.sided else ""
+    severity = str(rng.choice(kind.grades)) if kind.grades else ""
+    zone = str(rng.choice(["upper", "lower"])) if kind.zoned else ""
+    return Finding(name, side=side, severity=severity, zone=zone)
 
 
 def _sentence(f: Finding, rng) -> str:
-    side, sev, zone, lesion = f.side, f.severity, f.zone, _lesion(f)
-    options = {
-        "effusion": [f"There is a {sev} {side} pleural effusion.", f"{sev.capitalize()} {side} pleural effusion.",
-                     f"A {sev} {side} pleural effusion is present."],
-        "cardiomegaly": {"mild": ["The heart is mildly enlarged.", "Mild cardiomegaly."],
-                         "moderate": ["There is moderate cardiomegaly.", "The heart is moderately enlarged."],
-                         "severe": ["Severe cardiomegaly.", "The heart is markedly enlarged."],
-                         }.get(sev, ["Cardiomegaly."]),
-        "pneumothorax": [f"There is a {sev} {side} pneumothorax.", f"{sev.capitalize()} {side} apical pneumothorax.",
-                         f"A {sev} {side} pneumothorax is seen."],
-        "consolidation": [f"Patchy consolidation in the {side} {zone} lobe.",
-                          f"There is focal consolidation in the {side} {zone} lobe.",
-                          f"Airspace consolidation in the {side} {zone} lobe."],
-        "edema": [f"There is {sev} pulmonary edema.", f"{sev.capitalize()} pulmonary edema.",
-                  f"Findings are consistent with {sev} pulmonary edema."],
-        "atelectasis": [f"There is {side} basilar atelectasis.", f"Linear atelectasis at the {side} lung base.",
-                        f"Plate-like atelectasis in the {side} lower lung."],
-        "nodule": [f"A {sev} {lesion} is seen in the {side} {zone} lung.",
-                   f"There is a {sev} {side} {zone} lung {lesion}."],
-        "device": ["Endotracheal tube in place.", "An endotracheal tube is present.",
-                   "Endotracheal tube terminates above the carina."],
-    }[f.name]
-    return str(rng.choice(options))
-
-
-NEGATED = {"consolidation": "focal consolidation", "effusion": "pleural effusion", "pneumothorax": "pneumothorax"}
+    return str(rng.choice(KINDS[f.name].sentences(f)))
 
 
 def _negation(names: list[str], rng) -> str:
     """'No A, B or C.' in one of several phrasings a radiologist uses."""
-    listed = [NEGATED[n] for n in names]
+    listed = [KINDS[n].negation for n in names]
     joined = listed[0] if len(listed) == 1 else ", ".join(listed[:-1]) + " or " + listed[-1]
     form = int(rng.integers(4))
     if form == 3:  # 'X and Y are not seen.'
@@ -185,27 +263,29 @@ def _negation(names: list[str], rng) -> str:
 
 
 def write_report(findings: list[Finding], rng: np.random.Generator) -> tuple[str, dict]:
-    """(report text, CheXpert labels) with explicit negations of the main findings not present."""
-    names = {f.name for f in findings}
+    """(report text, CheXpert labels): a sentence per finding, the leading kinds' (the heart's) first, then the
+    absent kinds with a `negation` denied together (alphabetically), then the absent kinds' `normal` sentences."""
+    present = {f.name: f for f in findings}
     labels = {obs: None for obs in CHEXPERT_OBSERVATIONS}
-    sentences = [_sentence(f, rng) for f in findings if f.name != "cardiomegaly"]
+    sentences = [_sentence(f, rng) for f in findings if not KINDS[f.name].leads]
     for f in findings:
-        labels[OBSERVATION[f.name]] = 1.0
-    if "cardiomegaly" in names:
-        sentences.insert(0, _sentence(next(f for f in findings if f.name == "cardiomegaly"), rng))
-    else:
-        sentences.insert(0, str(rng.choice(["Heart size is normal.", "The cardiac silhouette is normal in size.",
-                                            "Heart size is within normal limits."])))
-        labels["Cardiomegaly"] = 0.0
-    absent = [n for n in NEGATED if n not in names]
+        labels[observation(f.name)] = 1.0
+    for name in (n for n, kind in KINDS.items() if kind.leads):
+        if name in present:
+            sentences.insert(0, _sentence(present[name], rng))
+        else:
+            sentences.insert(0, str(rng.choice(KINDS[name].normal)))
+            labels[observation(name)] = 0.0
+    absent = sorted(n for n, kind in KINDS.items() if kind.negation and n not in present)
     if absent:
         sentences.append(_negation(absent, rng))
         for n in absent:
-            labels[OBSERVATION[n]] = 0.0
-    if "edema" not in names and rng.random() < 0.5:
-        sentences.append(str(rng.choice(["No pulmonary edema.", "There is no pulmonary edema."])))
-        labels["Edema"] = 0.0
-    abnormal = [f for f in findings if f.name != "device"]
+            labels[observation(n)] = 0.0
+    for name, kind in KINDS.items():
+        if kind.normal and not kind.leads and name not in present and rng.random() < kind.normal_chance:
+            sentences.append(str(rng.choice(kind.normal)))
+            labels[observation(name)] = 0.0
+    abnormal = _abnormal(findings)
     if abnormal:
         impression = " ".join(_impression(f) for f in abnormal)
     else:
@@ -214,33 +294,22 @@ def write_report(findings: list[Finding], rng: np.random.Generator) -> tuple[str
     return f"FINDINGS: {' '.join(sentences)}\n\nIMPRESSION: {impression}", labels
 
 
+def _abnormal(findings: list[Finding]) -> list[Finding]:
+    """The findings an impression names (a support device is none)."""
+    return [f for f in findings if KINDS[f.name].impression is not None]
+
+
 def _impression(f: Finding) -> str:
-    text = {"effusion": f"{f.severity} {f.side} pleural effusion", "cardiomegaly": f"{f.severity} cardiomegaly",
-            "pneumothorax": f"{f.severity} {f.side} pneumothorax", "consolidation": f"{f.side} {f.zone} lobe consolidation",
-            "edema": f"{f.severity} pulmonary edema", "atelectasis": f"{f.side} basilar atelectasis",
-            "nodule": f"{f.side} {f.zone} lung {_lesion(f)}"}[f.name]
-    return text[0].upper() + text[1:] + "."
-
-
-# Yes/no questions about one finding, and the answer when it is absent.
-QUESTIONS = {
-    "effusion": ("Is there a pleural effusion?", "No. There is no pleural effusion."),
-    "cardiomegaly": ("Is the heart enlarged?", "No. The heart size is normal."),
-    "pneumothorax": ("Is there a pneumothorax?", "No. There is no pneumothorax."),
-    "consolidation": ("Is there any consolidation?", "No. There is no focal consolidation."),
-    "edema": ("Is there pulmonary edema?", "No. There is no pulmonary edema."),
-    "atelectasis": ("Is there atelectasis?", "No. There is no atelectasis."),
-    "nodule": ("Is there a lung nodule or mass?", "No. There is no lung nodule or mass."),
-}
+    return _capitalised(KINDS[f.name].impression(f)) + "."
 
 
 def write_conversations(findings: list[Finding], report: str, rng) -> list[list[dict]]:
     """Instruction data like the paper's: the report, a differential diagnosis and questions about findings."""
     from cxrllava_jax.domain.prompting import DIFFERENTIAL_PROMPT, REPORT_PROMPT, question_prompt
 
-    abnormal = [f for f in findings if f.name != "device"]
+    abnormal = _abnormal(findings)
     if abnormal:
-        causes = [f"{_impression(f)[:-1]}: {DIFFERENTIALS[OBSERVATION[f.name]]}" for f in abnormal]
+        causes = [f"{_impression(f)[:-1]}: {DIFFERENTIALS[observation(f.name)]}" for f in abnormal]
         differential = "; ".join(causes) + "."
     else:
         differential = "The chest radiograph is normal; no differential diagnosis is suggested."
@@ -249,7 +318,7 @@ def write_conversations(findings: list[Finding], report: str, rng) -> list[list[
     sided = [f for f in abnormal if f.side]
     if sided:
         f = sided[int(rng.integers(len(sided)))]
-        name = f"lung {_lesion(f)}" if f.name == "nodule" else NEGATED.get(f.name, f.name).removeprefix("focal ")
+        name = KINDS[f.name].noun(f)
         conversations.append([
             {"role": "user", "content": question_prompt("Is there any abnormality on this radiograph?")},
             {"role": "assistant", "content": f"Yes. {_impression(f)}"},
@@ -269,8 +338,8 @@ def _finding_question(abnormal: list[Finding], rng, question_prompt) -> list[dic
     """A yes/no question about one finding (present half the time when there is one), with its size if asked."""
     present = {f.name: f for f in abnormal}
     asked = (str(rng.choice(sorted(present))) if present and rng.random() < 0.5
-             else str(rng.choice(sorted(QUESTIONS))))
-    question, negative = QUESTIONS[asked]
+             else str(rng.choice(sorted(n for n, kind in KINDS.items() if kind.question))))
+    question, negative = KINDS[asked].question
     turns = [{"role": "user", "content": question_prompt(question)}]
     if asked not in present:
         return turns + [{"role": "assistant", "content": negative}]

@@ -1,11 +1,11 @@
 """Reading the label tables that datasets publish: CSV (optionally gzipped), any delimiter, with a line number
-for every row so that an error can name the row at fault."""
+for every row so that an error can name the row at fault. Text is read by `files.read_text` (UTF-8, a byte-order
+mark as some releases (BrixIA) carry dropped, errors naming the file and offset)."""
 
-import csv
-import gzip
 from pathlib import Path
 from typing import Iterator
 
+from cxrllava_jax import files
 from cxrllava_jax.errors import InputError
 
 
@@ -27,30 +27,18 @@ def require(root: Path, *names: str, dataset: str) -> Path:
 
 def rows(path: Path, columns=(), delimiter: str = ",") -> Iterator[tuple[str, dict]]:
     """(origin, row) for every data row; origin is 'FILE line N'. Raises if a column in `columns` is absent."""
-    with _open(path) as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        try:
-            missing = [c for c in columns if c not in (reader.fieldnames or ())]
-            if missing:
-                raise InputError(f"{path}: missing column(s) {missing}; the header is {reader.fieldnames}")
-            for row in reader:
-                yield f"{path.name} line {reader.line_num}", row
-        except UnicodeDecodeError as error:
-            raise InputError(f"{path}: not UTF-8 text after line {reader.line_num} ({error.reason}); save it as "
-                             "UTF-8") from None
+    names, records = files.read_csv_records(path, delimiter)
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {missing}; the header is {names}")
+    for line, row in records:
+        yield f"{path.name} line {line}", row
 
 
 def header(path: Path, delimiter: str = ",") -> list[str]:
-    with _open(path) as f:
-        return next(csv.reader(f, delimiter=delimiter), [])
-
-
-def _open(path: Path):
-    opener = gzip.open if path.suffix == ".gz" else open
-    # utf-8-sig: some releases (BrixIA) start with a byte-order mark that would otherwise stick to the first name.
-    return opener(path, "rt", newline="", encoding="utf-8-sig")
+    return files.read_csv_records(path, delimiter)[0]
 
 
 def read_lines(path: Path) -> list[str]:
     """Non-empty stripped lines of a text list (e.g. NIH's train_val_list.txt)."""
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [line.strip() for line in files.read_text(path).splitlines() if line.strip()]

@@ -1,5 +1,6 @@
-"""Crafted files for the fault suites: PNG headers that declare huge sizes, colour and palette DICOM, a tokenizer
-that differs from another only in which ids its pieces have."""
+"""Crafted files for the fault suites: PNG headers that declare huge sizes, PNGs whose data stops half way or is
+Adam7-interlaced, colour and palette DICOM, a tokenizer that differs from another only in which ids its pieces
+have."""
 
 import shutil
 import struct
@@ -17,13 +18,12 @@ from tests.dicom_files import write_dicom
 STORED = (np.arange(32 * 32).reshape(32, 32) * 4 % 4096).astype(np.uint16)
 
 
-def png_header_only(path, width: int, height: int):
-    """A PNG that declares `width` x `height` 8-bit gray pixels but holds one row: decoders read the size first."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * (width + 1)))
-                     + chunk(b"IEND", b""))
+def png_header_only(path, width: int, height: int, depth: int = 8):
+    """A PNG that declares `width` x `height` gray pixels of `depth` bits but holds one row of zeros (one byte a
+    pixel): decoders read the size first."""
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
+                     + _png_chunk(b"IDAT", zlib.compress(b"\0" * (width + 1))) + _png_chunk(b"IEND", b""))
     return path
 
 
@@ -65,3 +65,30 @@ def swapped_tokenizer(source, out):
     a, b = proto.pieces[300], proto.pieces[301]
     a.piece, b.piece = b.piece, a.piece
     (out / "tokenizer.model").write_bytes(proto.SerializeToString())
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_8bit_gray(path, pixels: np.ndarray, interlace: bool = False, keep_rows: int | None = None):
+    """An 8-bit gray PNG written chunk by chunk: optionally Adam7-interlaced, and optionally holding only the first
+    `keep_rows` rows of its (non-interlaced) data in a well-formed IDAT chunk: the file ends properly, with IEND,
+    but its compressed data stops half way (Pillow then fills the rest with black)."""
+    height, width = pixels.shape
+    passes = [pixels[y0::dy, x0::dx] for x0, y0, dx, dy in ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4),
+                                                             (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))] \
+        if interlace else [pixels[:keep_rows]]
+    raw = b"".join(b"\0" + row.astype(np.uint8).tobytes() for image in passes if image.size for row in image)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, int(interlace))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(raw))
+                     + _png_chunk(b"IEND", b""))
+    return path
+
+
+def textured(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """An 8-bit gray image with structure (not constant, not colour)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    return np.clip(120 + 60 * np.sin(x / 5.0) * np.cos(y / 3.0) + 30 * x / width + rng.normal(0, 8, (height, width)),
+                   0, 255).astype(np.uint8)

@@ -52,7 +52,7 @@ def test_chexbert_without_a_checkpoint_is_a_clear_error(tmp_path):
     completed = _eval_py(tmp_path, f"--predictions={tmp_path / 'p.jsonl'}", "--labeler=chexbert",
                          f"--chexbert_checkpoint={tmp_path / 'chexbert.pth'}")
     assert completed.returncode != 0
-    assert "chexbert.pth" in completed.stderr and "is not a file" in completed.stderr
+    assert "chexbert.pth: does not exist" in completed.stderr
     assert "Traceback" not in completed.stderr
 
 

@@ -3,6 +3,7 @@ identity checks refuse parts that do not belong together, and the converters fai
 In process (cli.main with capsys) except where a separate process is the point (tests/test_faults_processes.py)."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -39,6 +40,7 @@ def mixed_folder(tmp_path_factory):
     write_dicom(folder / "d_width0.dcm", STORED, WindowCenter=10, WindowWidth=0, VOILUTFunction="SIGMOID")
     (folder / "e_truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 20)
     synthetic_radiograph(folder / "f_good.png", seed=1)
+    synthetic_radiograph(os.fsdecode(bytes(folder) + b"/g_caf\xe9.png"), seed=2)  # a Latin-1 file name
     return folder
 
 
@@ -52,13 +54,15 @@ def test_report_batch_survives_every_bad_file(mixed_folder, checkpoint, tmp_path
                        "--batch-size", "2", *GREEDY])
     records = {r["image"].rsplit("/", 1)[1]: r for r in _jsonl(out)}
     assert status == 1
-    assert sorted(records) == ["a_good.png", "b_IM0001", "c_bomb.png", "d_width0.dcm", "e_truncated.jpg", "f_good.png"]
+    assert sorted(records) == ["a_good.png", "b_IM0001", "c_bomb.png", "d_width0.dcm", "e_truncated.jpg", "f_good.png",
+                               "g_caf\\xe9.png"]
     assert {name for name, r in records.items() if "report" in r} == {"a_good.png", "b_IM0001", "f_good.png"}
     assert "more than 100,000,000 pixels" in records["c_bomb.png"]["error"]
     assert "window width 0" in records["d_width0.dcm"]["error"]
     assert "cannot decode image" in records["e_truncated.jpg"]["error"]
+    assert "the file name is not UTF-8 text" in records["g_caf\\xe9.png"]["error"]
     err = capsys.readouterr().err
-    assert "3 of 6 images failed" in err and "Traceback" not in err
+    assert "4 of 7 images failed" in err and "Traceback" not in err
 
 
 def test_a_prompt_too_long_is_recorded_for_its_item(model, mixed_folder):
@@ -198,3 +202,5 @@ def test_image_errors_are_input_errors_for_library_callers(model, mixed_folder):
     with pytest.raises(ValueError, match="batch_size=0"):
         model.write_radiologic_reports([mixed_folder / "a_good.png"], batch_size=0)
     assert np.isfinite(model.preprocess(mixed_folder / "b_IM0001")).all()
+    with pytest.raises(InputError, match=f"{mixed_folder}: is a directory; give an image file"):  # `ask DIR`
+        model.ask_question("Is there an effusion?", mixed_folder)

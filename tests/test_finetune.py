@@ -131,9 +131,10 @@ def test_the_train_step_learns_with_the_base_bit_identical(tmp_path, base_quanti
         for was, now in zip(jax.tree.leaves(base[path]), jax.tree.leaves(after[path])):
             np.testing.assert_array_equal(was, np.asarray(now), err_msg=path)
     images = task.model_images(batch["image"])
-    unmerged, _ = task.eval_model.apply({"params": state.params}, images, batch["tokens"], batch["valid"])
-    merged, _ = task.base_model.apply({"params": lora.merge(state.params, task.settings)}, images, batch["tokens"],
-                                      batch["valid"])
+    evaluated = task.adapted(dataclasses.replace(task.settings, dropout=0.0))
+    unmerged, _ = evaluated.apply({"params": state.params}, images, batch["tokens"], batch["valid"])
+    merged, _ = task.adapted(None).apply({"params": lora.merge(state.params, task.settings)}, images, batch["tokens"],
+                                         batch["valid"])
     np.testing.assert_allclose(np.asarray(merged), np.asarray(unmerged), atol=1e-4, rtol=0)
 
 

@@ -56,18 +56,19 @@ def test_letterbox_keeps_the_whole_image_and_pads_black():
 
 
 def test_colour_images_become_luma(tmp_path):
+    """Colour content is refused unless allowed (tests/test_faults_inputs.py); allowed, it becomes luma."""
     rng = np.random.default_rng(1)
     rgb = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "rgb.png")
     luma = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
-    got = np.asarray(load_grayscale(tmp_path / "rgb.png"), np.float64)
+    got = np.asarray(load_grayscale(tmp_path / "rgb.png", allow_non_frontal=True), np.float64)
     assert np.abs(got - luma).max() <= 1.0
     alpha = rng.integers(0, 256, (20, 30, 1), dtype=np.uint8)
     Image.fromarray(np.concatenate([rgb, alpha], -1)).save(tmp_path / "rgba.png")
-    got = np.asarray(load_grayscale(tmp_path / "rgba.png"), np.float64)
+    got = np.asarray(load_grayscale(tmp_path / "rgba.png", allow_non_frontal=True), np.float64)
     assert np.abs(got - luma * alpha[..., 0] / 255.0).max() <= 1.5  # composited over black
     Image.fromarray(rgb).save(tmp_path / "rgb.jpg", quality=95)
-    assert load_grayscale(tmp_path / "rgb.jpg").mode == "L"
+    assert load_grayscale(tmp_path / "rgb.jpg", allow_non_frontal=True).mode == "L"
 
 
 def test_16bit_png_is_stretched_to_the_8bit_range(tmp_path):
@@ -138,9 +139,9 @@ def test_bad_files_are_refused_with_their_name(tmp_path):
     (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg" * 10)
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00garbage" * 5)
-    Image.fromarray(radiograph(8, 40)).save(tmp_path / "tiny.png")
+    Image.fromarray(radiograph(8, 12)).save(tmp_path / "tiny.png")
     cases = {"truncated.png": "cannot decode", "corrupt.jpg": "cannot decode", "empty.png": "empty",
-             "missing.png": "not found", "broken.dcm": "cannot decode DICOM", "tiny.png": "40x8 is smaller than one 16"}
+             "missing.png": "not found", "broken.dcm": "DICOM file without pixel data", "tiny.png": "12x8 is smaller than one 16"}
     for name, problem in cases.items():
         with pytest.raises(InputError, match=f"{name}.*{problem}"):
             preprocess(tmp_path / name, 32, MEAN, STD)

@@ -226,18 +226,43 @@ def test_each_stage_batches(demo_data, stage, tmp_path):
     assert_same_batches(list(data.eval()), eval_batches)  # a fresh, identical pass each time
 
 
-@pytest.mark.parametrize("stage", ["1a", "1b_reports", "2a"])
-def test_encoded_rows_have_the_abstract_batch_shapes(demo_data, stage):
-    """What the encoder makes of an example is one row of the task's abstract batch (compile-ahead relies on it)."""
-    from cxrllava_jax.training import stage_records
+def finetune_config(tmp_path):
+    """configs/finetune.py on the tiny release directory and a small LLaVA JSONL of synthetic radiographs."""
+    from configs import finetune
+    from cxrllava_jax.reference.tiny_models import release_dir
+    from tests.test_finetune import write_template_data
+
+    cfg = finetune.get_config()
+    cfg.init.release = str(release_dir())
+    cfg.data.update(train=str(write_template_data(tmp_path, count=8)), batch_size=4, seq_length=192)
+    return cfg
+
+
+# Every registered task, by a config that selects it; a task registered without one here fails the check below.
+TASK_CONFIGS = {"1a": "1a", "1b": "1b_reports", "2a": "2a", "2b": "2b", "finetune": "finetune"}
+
+
+def test_every_registered_task_is_checked_against_a_real_batch():
+    from cxrllava_jax.training.tasks import TASKS
+
+    assert set(TASK_CONFIGS) == set(TASKS)
+
+
+@pytest.mark.parametrize("stage", sorted(TASK_CONFIGS))
+def test_a_real_batch_is_the_tasks_abstract_batch(demo_data, stage, tmp_path):
+    """What the pipeline feeds a task's train step has exactly the shapes and dtypes its `abstract_batch` declares,
+    which compile-ahead, the memory benchmarks and parameter creation compile against (sequence buckets off: with
+    them a batch is cut to a bucket length on the sequence axis)."""
     from cxrllava_jax.training.tasks import make_task
 
-    cfg = stage_config(stage, *demo_data)
+    cfg = finetune_config(tmp_path) if stage == "finetune" else stage_config(TASK_CONFIGS[stage], *demo_data)
+    if "seq_buckets" in cfg.data:
+        cfg.data.seq_buckets = 0
     task = make_task(cfg)
-    row = task.encoder()(task.examples(stage_records.load(cfg, "train"))[0])
-    expected = {k: (s.shape[1:], np.dtype(s.dtype)) for k, s in task.abstract_batch(3).items()}
-    assert {k: (np.shape(v), np.asarray(v).dtype) for k, v in row.items()} == expected
-    assert all(s.shape[0] == 3 for s in task.abstract_batch(3).values())
+    assert task.stage == stage
+    batch = next(stage_data.make_stage_data(cfg, task).train)
+    declared = {k: (s.shape, np.dtype(s.dtype)) for k, s in task.abstract_batch(cfg.data.batch_size).items()}
+    assert {k: (np.shape(v), np.asarray(v).dtype) for k, v in batch.items()} == declared
 
 
 def test_a_tokenizer_the_model_cannot_use_is_refused(demo_data):

@@ -117,3 +117,34 @@ def test_a_linear_classifier_sees_the_findings(train_set, held_out):
     accuracy = ((scores > 0) == y_test).mean()
     # Measured: AUROC 0.991, accuracy 0.97 on the 400 held-out studies (57.5 % abnormal; chance: 0.5 / 0.575).
     assert auroc(scores, y_test) >= 0.9 and accuracy >= 0.85, (auroc(scores, y_test), accuracy)
+
+
+def test_a_new_finding_is_one_entry(monkeypatch, tmp_path):
+    """Registering one `FindingKind` is all it takes: it is sampled, drawn, reported, denied when absent, labelled
+    (as our labeler reads it back), asked about, and written to disk."""
+    def draw_fracture(img, f, x, y, lungs, rng):  # a bright step in a rib on its side
+        cx = 0.25 if f.side == "right" else 0.75
+        return img + 0.5 * ((np.abs(x - cx) < 0.04) & (np.abs(y - 0.3) < 0.01)).astype(np.float32)
+
+    monkeypatch.setitem(synthetic.KINDS, "fracture", synthetic.FindingKind(
+        "Fracture", draw_fracture, sided=True, negation="acute rib fracture",
+        sentences=lambda f: [f"There is an acute {f.side} rib fracture."],
+        impression=lambda f: f"acute {f.side} rib fracture", noun=lambda f: "rib fracture",
+        question=("Is there a rib fracture?", "No. There is no rib fracture.")))
+    studies = synthetic.generate(tmp_path, 120, 48, seed=4)
+    with_fracture = [s for s in studies if any(f.name == "fracture" for f in s.findings)]
+    assert with_fracture and len(with_fracture) < len(studies)
+    column = CHEXPERT_OBSERVATIONS.index("Fracture")
+    read = label_reports([s.report for s in studies])
+    for study, labels in zip(studies, read):
+        present = study in with_fracture
+        assert ("rib fracture" in study.report.split("IMPRESSION")[0]) and study.labels["Fracture"] == float(present)
+        assert labels[column] == float(present), study.report  # "acute rib fracture" is denied when absent
+    asked = [c for s in studies for c in s.conversations if c[0]["content"].endswith("Is there a rib fracture?")]
+    assert asked
+    study = with_fracture[0]
+    rng = np.random.default_rng(0)
+    drawn = synthetic.draw_radiograph(study.findings, 48, rng)
+    without = synthetic.draw_radiograph([f for f in study.findings if f.name != "fracture"], 48,
+                                        np.random.default_rng(0))
+    assert (drawn != without).any()

@@ -9,9 +9,7 @@ or an empty cell for not mentioned. The reader takes any column order and also C
 
 import csv
 import dataclasses
-import io
 import math
-import sys
 
 import numpy as np
 
@@ -47,13 +45,8 @@ def read_reports_csv(path) -> list:
 
 
 def _csv_rows(path):
-    """csv rows of a UTF-8 file (errors name it), any field length: a report may be longer than csv's 128 KiB."""
-    text = files.read_text(path)
-    csv.field_size_limit(sys.maxsize)
-    try:
-        return list(csv.reader(io.StringIO(text, newline="")))
-    except csv.Error as error:
-        raise InputError(f"{path}: not a readable CSV ({error})") from None
+    """csv rows of a UTF-8 file (`files.read_csv`: errors name it), any field length."""
+    return [row for _, row in files.read_csv(path)]
 
 
 def write_labels_csv(path, reports, labels, ids=None) -> None:

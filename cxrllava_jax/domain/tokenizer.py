@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from cxrllava_jax import files
 from cxrllava_jax.errors import MismatchError
 
 # The chat template's markers become single tokens in the small tokenizers (LLaMA-2 splits them).
@@ -47,7 +48,7 @@ class SentencePieceTokenizer:
     def __init__(self, directory):
         self.directory = directory = Path(directory)
         config_path = directory / "tokenizer_config.json"
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        config = files.read_json(config_path) if config_path.is_file() else {}
         model = (directory / "tokenizer.model").read_bytes()
         self.sp = spm.SentencePieceProcessor(model_proto=model)
         self.legacy = config.get("legacy") is not False

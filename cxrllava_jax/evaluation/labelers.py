@@ -49,9 +49,18 @@ def _text_key(text: str) -> str:
     return " ".join(text.split())
 
 
+def _require_file(path, needed: str):
+    """None: say what is needed; a path that is not a file: name it and say what it is instead."""
+    if not path:
+        raise LabelerUnavailable(f"{needed}; none was given")
+    if not Path(path).is_file():
+        state = "is a directory" if Path(path).is_dir() else "does not exist"
+        raise LabelerUnavailable(f"{path}: {state}; {needed}")
+
+
 def _from_label_file(path) -> Labeler:
-    if not path or not Path(path).is_file():
-        raise LabelerUnavailable(f"the chexpert-csv labeler needs a label CSV; {path!r} is not a file")
+    _require_file(path, "the chexpert-csv labeler needs the label CSV of every report (--labels-csv FILE; "
+                        "eval.py --labels_csv=FILE)")
     table = label_files.read_labels_csv(path)
     if not any(table.reports):
         raise LabelerUnavailable(f"{path}: no report text column (Reports or Report Impression) to match reports by")
@@ -68,9 +77,8 @@ def _from_label_file(path) -> Labeler:
 
 
 def _chexbert(checkpoint) -> Labeler:
-    if not checkpoint or not Path(checkpoint).is_file():
-        raise LabelerUnavailable(f"the chexbert labeler needs CheXbert's checkpoint file (chexbert.pth, e.g. from "
-                                 f"StanfordAIMI/RRG_scorers); {checkpoint!r} is not a file")
+    _require_file(checkpoint, "the chexbert labeler needs CheXbert's checkpoint file (chexbert.pth, e.g. from "
+                              "StanfordAIMI/RRG_scorers)")
     try:
         import pandas
         import torch

@@ -9,7 +9,6 @@ reporting") rate, and Cochran's Q test of A+B across sources, with (reader, case
 
 import collections
 import csv
-import io
 import pathlib
 import random
 
@@ -105,4 +104,4 @@ def _write_csv(path, columns, rows):
 
 
 def _read_csv(path):
-    return list(csv.DictReader(io.StringIO(files.read_text(path), newline="")))
+    return [row for _, row in files.read_csv_records(path)[1]]

@@ -125,17 +125,17 @@ def _report(args) -> int:
             failed.append(paths[index])
             progress.write(f"cxrllava report: skipped: {error}", file=sys.stderr)
             if out is not None:
-                out.write({"image": str(paths[index]), "error": str(error), "provenance": model.provenance})
+                out.write({"image": files.printable(paths[index]), "error": str(error), "provenance": model.provenance})
             progress.update()
 
         conversations = [[{"role": "user", "content": prompting.REPORT_PROMPT}]] * len(paths)
         for index, answer in model.iter_generate(conversations, paths, batch_size=args.batch_size,
                                                  on_bad_image=bad_image, keep=False, workers=args.workers, **options):
             if out is not None:
-                out.write({"image": str(paths[index]), "report": answer.text,
+                out.write({"image": files.printable(paths[index]), "report": answer.text,
                            "provenance": {**model.provenance, **answer.record()}})
             else:
-                progress.write(f"== {paths[index]} ==\n{answer.text}\n", file=sys.stdout)
+                progress.write(f"== {files.printable(paths[index])} ==\n{answer.text}\n", file=sys.stdout)
             progress.update()
     if failed:
         where = f' (each recorded with an "error" field in {args.jsonl})' if args.jsonl else ""

@@ -16,7 +16,7 @@ class Runtime:
     dtype: str = "float32"  # compute dtype (bfloat16 on accelerators)
     param_dtype: str = "float32"  # float32 for training, bfloat16 is fine for inference
     scan: bool = False  # nn.scan over layers: one compiled layer body
-    remat_policy: str = "none"  # see layers.REMAT_POLICIES: what the backward pass keeps instead of recomputing
+    remat_policy: str = "none"  # see layers.remat_policy_of: what the backward pass keeps instead of recomputing
     attention: str = "xla"  # attention kernel: 'xla', 'cudnn', 'splash' or 'auto' (see models/attention.py)
 
 

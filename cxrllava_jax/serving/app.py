@@ -24,7 +24,6 @@ import uuid
 
 from python_multipart import create_form_parser
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -32,6 +31,7 @@ from starlette.routing import Route
 
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.serving import compiles, requests, uploads
+from cxrllava_jax.serving.admission import Admission
 from cxrllava_jax.serving.limits import Limits, RequestError
 from cxrllava_jax.serving.scheduler import Failed, Finished, Job, QueueFull, Scheduler, TextDelta
 from cxrllava_jax.domain.images import decode_grayscale
@@ -48,6 +48,7 @@ def create_app(model, model_id: str, *, limits: Limits = Limits(), api_key: str 
     """`model`: a loaded `inference.api.CXRLLaVA`; `model_id`: the name clients pass as `model`; `cache_bytes`:
     the bound of the prefix and image cache (None: the engine's default)."""
     scheduler = Scheduler(model, max_batch_size=max_batch_size, max_queue=max_queue, cache_bytes=cache_bytes)
+    admission = Admission(limits.max_decode_bytes, max_queue, lambda: scheduler.stats()["waiting"])
     programs = compiles.counter()
     created = int(time.time())
     page = _page(model_id, limits)
@@ -105,10 +106,11 @@ def create_app(model, model_id: str, *, limits: Limits = Limits(), api_key: str 
         authorize(request)
         data = await _read_body(request, limits.max_image_bytes)
         image = uploads.from_upload(data, request.query_params.get("filename", ""), "body", limits)
-        return Response(await run_in_threadpool(_preview_png, image), media_type="image/png")
+        return Response(await admission.run(image, "body", _preview_png, image), media_type="image/png")
 
     async def submit(generation: requests.Generation):
-        prepared = await run_in_threadpool(requests.prepare, generation, model, limits)
+        prepared = await admission.run(generation.image, generation.image_field, requests.prepare, generation,
+                                       model, limits)
         sink = _Sink(asyncio.get_running_loop())
         job = Job(prepared.prompt, prepared.pixels, generation.sampling, sink, stream=generation.stream)
         try:

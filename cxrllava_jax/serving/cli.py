@@ -12,6 +12,7 @@ import socket
 import sys
 from pathlib import Path
 
+from cxrllava_jax import files
 from cxrllava_jax.errors import ConfigError
 from cxrllava_jax.inference.prefix_cache import DEFAULT_CACHE_BYTES
 from cxrllava_jax.models.quantize import KINDS
@@ -78,7 +79,7 @@ def _serve(args, listener: socket.socket, limits: Limits, api_key: str | None) -
 
 def _read_api_key(path: Path) -> str:
     try:
-        key = path.read_text().strip()
+        key = files.read_text(path).strip()
     except OSError as error:
         raise ConfigError(f"--api-key-file {path}: cannot read it ({error.strerror})") from error
     if not key:

@@ -11,6 +11,8 @@ MIB = 1 << 20
 class Limits:
     max_image_bytes: int = 64 * MIB  # an uncompressed 16-bit 4k x 4k DICOM is 32 MiB
     max_image_pixels: int = 40_000_000
+    # Memory for decoding images at once (`serving.admission`): one 40-megapixel 16-bit image needs ~230 MiB.
+    max_decode_bytes: int = 512 * MIB
     max_prompt_tokens: int | None = None  # None: whatever fits the model's context
     max_output_tokens: int = RELEASE_MAX_NEW_TOKENS
 

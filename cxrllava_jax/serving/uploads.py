@@ -1,17 +1,17 @@
 """Image bytes from a request -> an image the library's loader decodes, after the server's byte and pixel limits.
 
 The loader (`cxrllava_jax.domain.images`) reads anything with `read_bytes()`, so its decoding, windowing and checks
-(the DICOM input guard included) apply to uploads exactly as to files. Nothing is written to disk.
+(the DICOM input guard included) apply to uploads exactly as to files. The header is read and checked here, before
+anything is decoded; its `decode_bytes` is what the request costs `serving.admission`. Nothing is written to disk.
 """
 
 import base64
 import binascii
 import dataclasses
-import io
 import re
 
-from PIL import Image
-
+from cxrllava_jax.domain.image_headers import ImageTooLargeError, read_header
+from cxrllava_jax.errors import InputError
 from cxrllava_jax.serving.limits import Limits, RequestError
 
 # What a data: URL or an upload may hold, and the suffix that tells the loader which decoder to use.
@@ -26,6 +26,7 @@ class UploadedImage:
 
     data: bytes
     name: str
+    decode_bytes: int = 0  # memory its decoding takes, estimated from the header
 
     def read_bytes(self) -> bytes:
         return self.data
@@ -65,37 +66,23 @@ def from_upload(data: bytes, filename: str, field: str, limits: Limits) -> Uploa
 
 
 def checked(image: UploadedImage, field: str, limits: Limits) -> UploadedImage:
+    """The upload's header against the library's and the server's limits, before any pixel is decoded."""
     if not image.data:
         raise RequestError(400, f"{field}: the image is empty", field)
     if len(image.data) > limits.max_image_bytes:
         raise _too_big(field, limits)
-    pixels = _pixel_count(image)
-    if pixels is not None and pixels > limits.max_image_pixels:
-        raise RequestError(413, f"{field}: the image has {pixels:,} pixels; the server accepts at most "
+    try:
+        header = read_header(image.data, image.name)
+    except ImageTooLargeError as error:
+        raise RequestError(413, f"{field}: {error}", field, "image_too_large") from None
+    except InputError as error:
+        raise RequestError(400, f"{field}: {error}", field, "invalid_image") from None
+    if header.pixels > limits.max_image_pixels:
+        raise RequestError(413, f"{field}: the image has {header.pixels:,} pixels; the server accepts at most "
                                 f"{limits.max_image_pixels:,}", field, "image_too_large")
-    return image
+    return dataclasses.replace(image, decode_bytes=header.decode_bytes)
 
 
 def _too_big(field: str, limits: Limits) -> RequestError:
     return RequestError(413, f"{field}: the image is larger than the server's limit of {limits.max_image_bytes:,} "
                              "bytes", field, "image_too_large")
-
-
-def _pixel_count(image: UploadedImage) -> int | None:
-    """Width x height (x frames) from the header alone, before anything is decoded; None when the header is not
-    one we know (the loader then names the problem)."""
-    if image.data[128:132] == b"DICM" or image.name.lower().endswith((".dcm", ".dicom")):
-        import pydicom
-
-        try:
-            header = pydicom.dcmread(io.BytesIO(image.data), stop_before_pixels=True)
-            return int(header.Rows) * int(header.Columns) * int(header.get("NumberOfFrames", 1) or 1)
-        except Exception:  # pydicom raises many types for broken headers; the loader reports them
-            return None
-    try:
-        with Image.open(io.BytesIO(image.data)) as opened:
-            return opened.width * opened.height
-    except Image.DecompressionBombError:  # past twice Pillow's own limit: certainly past ours
-        return Image.MAX_IMAGE_PIXELS * 2 + 1
-    except Exception:  # not an image Pillow knows
-        return None

@@ -92,12 +92,16 @@ class Task(abc.ABC):
         size = self.image_size()
         return jax.ShapeDtypeStruct((batch_size, size, size, 1), jnp.uint8)
 
+    def normalisation(self) -> tuple[float, float]:
+        """(mean, std) the model's towers were trained with: config.data's, unless the model brings its own."""
+        return self.cfg.data.image_mean, self.cfg.data.image_std
+
     def model_images(self, pixels) -> jax.Array:
         """uint8 model pixels -> the normalised float32 the towers take, on the device; float images (tests,
         benchmarks) are taken as normalised already."""
         if pixels.dtype != jnp.uint8:
             return pixels
-        return images.normalise(pixels, self.cfg.data.image_mean, self.cfg.data.image_std)
+        return images.normalise(pixels, *self.normalisation())
 
     def sequence_buckets(self, examples) -> pipelines.Buckets | None:
         """Lengths to cut batches to, chosen from the examples (stage 2); None: batches keep their shape."""

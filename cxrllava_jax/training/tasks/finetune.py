@@ -15,52 +15,51 @@ from pathlib import Path
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from cxrllava_jax.convert import peft
 from cxrllava_jax.convert.mapping import ConversionError
-from cxrllava_jax.domain import images
 from cxrllava_jax.models import lora
 from cxrllava_jax.models.cxr_llava import CXRLLaVAModel
 from cxrllava_jax.training import base_model
-from cxrllava_jax.training.tasks.base import Task, runtime
+from cxrllava_jax.training.tasks.base import runtime
 from cxrllava_jax.training.tasks.instruction import InstructionTask, next_token_loss
 
 
 class FinetuneTask(InstructionTask):
     def __init__(self, cfg):
-        Task.__init__(self, cfg)
-        self.frozen = (lora.BASE_PATTERN,)
-        self.config = base_model.config(cfg)
         self.settings = lora.LoraSettings(**{k: (tuple(v) if k == "targets" else v)
                                              for k, v in cfg.lora.to_dict().items() if k != "base_dtype"})
-        base = lambda: CXRLLaVAModel(self.config, runtime(cfg))  # noqa: E731
-        self.model = lora.with_lora(base(), self.settings)
-        # Qwix's LoRA dropout is always on: evaluation runs the same adapters without it.
-        self.eval_model = lora.with_lora(base(), dataclasses.replace(self.settings, dropout=0.0))
-        self.init_model = lora.with_lora(base(), lora.float_settings(self.settings))
-        self.base_model = base()
-        self.seq_length = cfg.data.seq_length
+        super().__init__(cfg)
+        self.frozen = self.unsaved = (lora.BASE_PATTERN,)
         self.base_dtype = jnp.dtype(cfg.lora.base_dtype)
-        self.unsaved = self.frozen
 
-    @property
-    def tokenizer_dir(self):
+    def model_config(self):
+        """The base model's own architecture and normalisation, whatever the presets and config.data say."""
+        return base_model.config(self.cfg)
+
+    def find_tokenizer(self):
         """The base model's own tokenizer unless config.data.tokenizer names another."""
         return base_model.tokenizer_dir(self.cfg)
 
-    def image(self, example) -> np.ndarray:
-        """Preprocessed as the base model was trained (its normalisation, whatever config.data says)."""
-        cfg = self.config
-        return images.preprocess(example.image, cfg.vision.image_size, cfg.image_mean, cfg.image_std,
-                                 mode=self.cfg.data.image_mode)
+    def build_model(self):
+        return self.adapted(self.settings)
+
+    def adapted(self, settings: lora.LoraSettings | None):
+        """The base model with `settings`' adapters (None: the bare base, which QLoRA quantizes)."""
+        base = CXRLLaVAModel(self.config, runtime(self.cfg))
+        return base if settings is None else lora.with_lora(base, settings)
+
+    def normalisation(self) -> tuple[float, float]:
+        # Batches carry uint8 pixels like every stage's; they are normalised as the base model was trained.
+        return self.config.image_mean, self.config.image_std
 
     def init(self, rng, batch):
         # Without logical rules in force: Qwix 0.1.8 unboxes the kernel's partitioning box around the new adapter
         # value while creating it, which under our rules constrains the 2-D adapter with the kernel's 3-D names.
         # Initial values are placed by `create_sharded`'s out_shardings either way.
         with nn.logical_axis_rules(()):
-            variables = self.init_model.init(rng, batch["image"], batch["tokens"], batch["valid"])
+            variables = self.adapted(lora.float_settings(self.settings)).init(
+                rng, self.model_images(batch["image"]), batch["tokens"], batch["valid"])
         lora.check_targets(variables["params"], self.settings)
         return {"params": lora.cast_base(variables["params"], self.base_dtype)}
 
@@ -68,7 +67,7 @@ class FinetuneTask(InstructionTask):
         if self.settings.base_quantize is None:
             return params
         batch = self.dummy_batch(1)
-        return lora.quantize_base(params, self.base_model, self.settings.base_quantize,
+        return lora.quantize_base(params, self.adapted(None), self.settings.base_quantize,
                                   self.model_images(batch["image"]), batch["tokens"], batch["valid"])
 
     def base_reference(self) -> dict:
@@ -76,7 +75,8 @@ class FinetuneTask(InstructionTask):
                 "quantize": self.settings.base_quantize}
 
     def loss(self, params, batch, rng, train: bool = True):
-        model = self.model if train else self.eval_model
+        # Qwix's LoRA dropout is always on: evaluation runs the same adapters without it.
+        model = self.model if train else self.adapted(dataclasses.replace(self.settings, dropout=0.0))
         return next_token_loss(model, params, self.model_images(batch["image"]), batch, self.config.num_image_tokens,
                                rngs={"dropout": rng})
 

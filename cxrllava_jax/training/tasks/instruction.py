@@ -47,11 +47,24 @@ class InstructionTask(Task):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.config = mc.CXRLLaVAConfig(vision=vision_config(cfg), llama=language_model_config(cfg), projector=cfg.model.projector,
-                                        image_mean=cfg.data.image_mean, image_std=cfg.data.image_std)
-        self.model = CXRLLaVAModel(self.config, runtime(cfg))
+        self.config = self.model_config()
+        self.model = self.build_model()
         self.seq_length = cfg.data.seq_length
-        self.tokenizer_dir = cfg.data.tokenizer
+        self.tokenizer_dir = self.find_tokenizer()
+
+    # What a subclass that starts from a finished model (fine-tuning) replaces.
+    def model_config(self) -> mc.CXRLLaVAConfig:
+        """The model the stage trains: the presets and `config.init` as the stage config sets them."""
+        cfg = self.cfg
+        return mc.CXRLLaVAConfig(vision=vision_config(cfg), llama=language_model_config(cfg),
+                                 projector=cfg.model.projector, image_mean=cfg.data.image_mean,
+                                 image_std=cfg.data.image_std)
+
+    def build_model(self):
+        return CXRLLaVAModel(self.config, runtime(self.cfg))
+
+    def find_tokenizer(self):
+        return self.cfg.data.tokenizer
 
     def examples(self, records) -> list[Example]:
         if self.cfg.data.conversations == "report":
