@@ -153,7 +153,8 @@ def measure(server: Server, bodies: list[bytes], expected: list[str], clients: i
             "programs_compiled_or_loaded": run["programs"], "failed": failed, "different_from_library": different}
 
 
-def bench_model(name: str, clients: list[int], requests: int | None, extra: list[str]) -> dict:
+def bench_model(name: str, clients: list[int], requests: int | None, extra: list[str],
+                tree: pathlib.Path = ROOT) -> dict:
     """Every level on one model: its runs, 16 clients' throughput over 1 client's, failures, differences."""
     directory, default_requests = MODELS[name]
     checkpoint = directory()
@@ -164,7 +165,7 @@ def bench_model(name: str, clients: list[int], requests: int | None, extra: list
         expected = [model.chat(turns, image, temperature=0.0, max_new_tokens=MAX_TOKENS) for turns, image in pairs]
         del model
     bodies = [distinct[i % len(distinct)] for i in range(requests or default_requests)]
-    server = Server(checkpoint, max_queue=max(clients), extra=extra)
+    server = Server(checkpoint, max_queue=max(clients), tree=tree, extra=extra)
     try:
         for warm_up_passes in range(1, MAX_WARM_UP_PASSES + 1):
             if sum(asyncio.run(run_level(server.url, bodies, level))["programs"] for level in clients) == 0:
@@ -204,10 +205,14 @@ def main() -> int:
     parser.add_argument("--clients", type=int, nargs="+", default=CLIENTS, help="levels (default %(default)s)")
     parser.add_argument("--cache-mb", help="the server's prefix cache (the workload repeats its 64 requests, which a "
                         "cache answers with almost no prefill; 0 measures batching alone)")
+    parser.add_argument("--tree", type=pathlib.Path, default=ROOT,
+                        help="the source tree whose server is measured (another checkout: another commit's code)")
+    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "serve.json")
     args = parser.parse_args()
     load_before = os.getloadavg()
     extra = [] if args.cache_mb is None else ["--cache-mb", args.cache_mb]
-    models = {name: bench_model(name, args.clients, args.requests, extra) for name in args.models}
+    models = {name: bench_model(name, args.clients, args.requests, extra, args.tree.resolve())
+              for name in args.models}
     goals = {"speedup_16_vs_1": 3.0, "speedup_judged_on": THROUGHPUT_GOAL_MODEL, "failed": 0,
              "different_from_library": 0}
     correct = all(run["failed"] == 0 and run["different_from_library"] == 0
@@ -216,8 +221,8 @@ def main() -> int:
     met = correct and judged >= goals["speedup_16_vs_1"]
     result = {"machine": platform.machine(), "cpu_count": os.cpu_count(), "load_average_before": load_before,
               "load_average_after": os.getloadavg(), "max_tokens": MAX_TOKENS, "max_batch_size": MAX_BATCH_SIZE,
-              "server_options": extra, "goals": goals, "goals_met": met, "models": models}
-    out = ROOT / "benchmarks" / "results" / "serve.json"
+              "server_options": extra, "tree": str(args.tree), "goals": goals, "goals_met": met, "models": models}
+    out = args.out
     out.write_text(json.dumps(result, indent=2) + "\n")
     for name, model in models.items():
         print(f"{name}: 16 clients vs 1: {model['speedup_16_vs_1']:.2f}x")
