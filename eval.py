@@ -3,6 +3,7 @@ label files.
 
   python eval.py --config=configs/eval_mimic.py --checkpoint=CKPT --data_dir=DATA --workdir=DIR
   python eval.py --config=configs/eval_mimic.py --predictions=PRED.jsonl --workdir=DIR
+  python eval.py --config=configs/eval_mimic.py --predictions=REPORT.jsonl --references=REFS.csv --workdir=DIR
   python eval.py --config=configs/eval_mimic.py --reference_labels=REF.csv --predicted_labels=PRED.csv --workdir=DIR
 
 Reports are labeled by --labeler: ours (default), chexpert-csv (--labels_csv: the CheXpert labeler's or CheXbert's
@@ -13,14 +14,21 @@ from absl import flags
 from ml_collections import config_flags
 
 from cxrllava_jax import errors, files
-from cxrllava_jax.evaluation import labelers, run
+from cxrllava_jax.evaluation import labelers, model_metrics, run
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "an evaluation config (configs/eval_*.py)", lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "our checkpoint or a release-layout PyTorch directory")
 _ADAPTER = flags.DEFINE_string("adapter", None, "a LoRA adapter directory (PEFT format) applied to --checkpoint")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "the test set as published (read by config.dataset's adapter)")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "images per generation batch")
-_PREDICTIONS = flags.DEFINE_string("predictions", None, "JSONL of {id, generated, reference} records")
+_PREDICTIONS = flags.DEFINE_string("predictions", None, "JSONL of {id, generated, reference} records, or "
+                                   "`cxrllava report --jsonl` output (with --references)")
+_REFERENCES = flags.DEFINE_string("references", None, "with --predictions from `cxrllava report`: CSV of image, report "
+                                  "(or image + the 14 observations for config.task=json_labels)")
+_METRICS = flags.DEFINE_string("metrics", None, "model-based metrics to add, any of "
+                               f"{','.join(model_metrics.METRICS)} (pip install 'cxrllava-jax[metrics]'; weights from "
+                               "the Hugging Face cache)")
+_LIMIT = flags.DEFINE_integer("limit", None, "score only the first N images (a quick look at a checkpoint)")
 _REFERENCE_LABELS = flags.DEFINE_string("reference_labels", None, "reference label CSV (CheXpert labeler format)")
 _PREDICTED_LABELS = flags.DEFINE_string("predicted_labels", None, "predicted label CSV (CheXpert labeler format)")
 _LABELER = flags.DEFINE_enum("labeler", "ours", labelers.CHOICES, "what labels the report texts")
@@ -37,12 +45,20 @@ def main(argv):
     files.refuse_existing(f"{_WORKDIR.value}/results.json", _OVERWRITE.value)  # before any work
     if _BATCH_SIZE.value < 1:
         raise errors.UsageError(f"--batch_size={_BATCH_SIZE.value}: give at least 1 image per batch")
-    evaluate()
+    if _LIMIT.value is not None and _LIMIT.value < 1:
+        raise errors.UsageError(f"--limit={_LIMIT.value}: give at least 1 image")
+    if _REFERENCES.value and not _PREDICTIONS.value:
+        raise errors.UsageError("--references goes with --predictions (a `cxrllava report --jsonl` file)")
+    metric_names = model_metrics.parse(_METRICS.value, _CONFIG.value.task)
+    model_metrics.check(metric_names)  # before any generation: a run should not end in a refusal
+    evaluate(metric_names)
     print(files.read_text(f"{_WORKDIR.value}/table.md"))
 
 
-def evaluate():
+def evaluate(metric_names):
     if _REFERENCE_LABELS.value and _PREDICTED_LABELS.value:
+        if metric_names:
+            raise errors.UsageError("--metrics compares report texts; label files have none")
         run.evaluate_label_files(_CONFIG.value, _REFERENCE_LABELS.value, _PREDICTED_LABELS.value, _WORKDIR.value)
         return
     report_labeler = labelers.make(_LABELER.value, _LABELS_CSV.value, _CHEXBERT_CHECKPOINT.value)
@@ -50,9 +66,11 @@ def evaluate():
         if not _DATA_DIR.value:
             raise errors.UsageError("--checkpoint needs --data_dir (the test set)")
         run.evaluate_model(_CONFIG.value, _CHECKPOINT.value, _DATA_DIR.value, _WORKDIR.value, _BATCH_SIZE.value,
-                           adapter=_ADAPTER.value, report_labeler=report_labeler)
+                           adapter=_ADAPTER.value, report_labeler=report_labeler, limit=_LIMIT.value,
+                           metric_names=metric_names)
     elif _PREDICTIONS.value:
-        run.evaluate_predictions(_CONFIG.value, _PREDICTIONS.value, _WORKDIR.value, report_labeler)
+        run.evaluate_predictions(_CONFIG.value, _PREDICTIONS.value, _WORKDIR.value, report_labeler, _REFERENCES.value,
+                                 _LIMIT.value, metric_names)
     else:
         raise errors.UsageError("give --checkpoint and --data_dir, --predictions, or both label files")
 

@@ -17,8 +17,10 @@ passes over every level first compile the batch shapes the scheduler forms, unti
 (the server's /health counts programs); each level's figures come from the fastest of three timed passes of
 several seconds, taken round the levels (every pass's requests/s is kept, and the programs still compiled
 during them). Beside throughput and latency, the CPU seconds the server and the client spent per request (from
-/proc and the process clock) show where the machine's time went. Goals: zero failed requests, every answer
-equal, and throughput at 16 clients at least 3x that at 1 client (batching works); the script exits non-zero
+/proc and the process clock) show where the machine's time went. Each level also scrapes the server's /metrics
+before and after and reads its access log: both must count exactly the requests and tokens the level sent and
+received (`metrics_and_log_agree`). Goals: zero failed requests, every answer equal, metrics and log that agree,
+and throughput at 16 clients at least 3x that at 1 client (batching works); the script exits non-zero
 when one is missed (the throughput goal is judged on the small model, where what batching shares dominates; the
 tiny model's figures are reported beside it).
 """
@@ -39,7 +41,9 @@ import time
 
 import aiohttp
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
+from cxrllava_jax import accelerator
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.inference.api import CXRLLaVA
 from cxrllava_jax.reference.tiny_models import checkpoint_dir, small_release_dir, synthetic_radiograph
@@ -82,15 +86,27 @@ class Server:
         command = [sys.executable, "-m", "cxrllava_jax.cli", "serve", "--checkpoint", str(checkpoint), "--port", "0",
                    "--model-name", MODEL_ID, "--max-batch-size", str(MAX_BATCH_SIZE), "--max-queue", str(max_queue),
                    *extra]
-        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=tree,
-                                        env={**os.environ, "PYTHONPATH": str(tree)})
+        # This process holds its reference model's device memory too: the server gets the other share.
+        env = {**os.environ, "PYTHONPATH": str(tree), **accelerator.shared_memory_env(2)}
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=tree, env=env)
         for line in self.process.stderr:
             if match := re.search(r"http://([\d.]+):(\d+)/", line):
                 self.url = f"http://{match[1]}:{match[2]}"
                 break
         else:
             raise RuntimeError(f"cxrllava serve exited with {self.process.wait()}")
-        threading.Thread(target=self.process.stderr.read, daemon=True).start()  # keep its pipe drained
+        self.chat_lines = 0  # access-log lines of chat completions answered with 200
+        threading.Thread(target=self._read_log, daemon=True).start()  # keeps its pipe drained
+
+    def _read_log(self):
+        for line in self.process.stderr:
+            self.chat_lines += " cxrllava.access " in line and " route=/v1/chat/completions status=200 " in line
+
+    def wait_for_log(self, lines: int, timeout: float = 60.0):
+        """A request's line is written once its response has gone: the client may have it a moment before."""
+        deadline = time.monotonic() + timeout
+        while self.chat_lines < lines and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the server process has used so far."""
@@ -122,7 +138,7 @@ async def run_level(url: str, bodies: list[bytes], clients: int) -> dict:
 
         async def health() -> dict:
             async with session.get(f"{url}/health") as reply:
-                return await reply.json()
+                return {**await reply.json(), **scraped(await (await session.get(f"{url}/metrics")).text())}
 
         before = await health()
         start, cpu = time.perf_counter(), time.process_time()
@@ -130,16 +146,33 @@ async def run_level(url: str, bodies: list[bytes], clients: int) -> dict:
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         after = await health()
     return {"wall": wall, "client_cpu": cpu, "latencies": latencies, "replies": replies,
-            **{key: after[key] - before[key] for key in ("batches", "rows", "chunks", "row_chunks")},
+            **{key: after[key] - before[key] for key in ("batches", "rows", "chunks", "row_chunks", *METRICS)},
             "programs": sum(after[key] - before[key] for key in ("programs_compiled", "programs_loaded"))}
 
 
+METRICS = {"requests": ("cxrllava_requests_total", {"method": "POST", "route": "/v1/chat/completions",
+                                                    "status": "200"}),
+           "prompt_tokens": ("cxrllava_prompt_tokens_total", {}),
+           "completion_tokens": ("cxrllava_completion_tokens_total", {})}
+
+
+def scraped(text: str) -> dict:
+    """The /metrics samples this benchmark checks, by METRICS' names (0 before the first request)."""
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    return {key: samples.get((name, tuple(sorted(labels.items()))), 0.0) for key, (name, labels) in METRICS.items()}
+
+
 def measure(server: Server, bodies: list[bytes], expected: list[str], clients: int) -> dict:
-    server_cpu = server.cpu_seconds()
+    server_cpu, log_lines = server.cpu_seconds(), server.chat_lines
     run = asyncio.run(run_level(server.url, bodies, clients))
     server_cpu = server.cpu_seconds() - server_cpu
     replies, n = run["replies"], len(bodies)
     failed = sum(status != 200 for status, _ in replies)
+    sent = {"requests": n - failed, **{key: sum(reply["usage"][key] for status, reply in replies if status == 200)
+                                       for key in ("prompt_tokens", "completion_tokens")}}
+    server.wait_for_log(log_lines + sent["requests"])
+    counted = {"metrics": {key: int(run[key]) for key in METRICS}, "access_log_lines": server.chat_lines - log_lines}
     different = sum(status == 200 and reply["choices"][0]["message"]["content"] != expected[i % len(expected)]
                     for i, (status, reply) in enumerate(replies))
     return {"clients": clients, "requests": n, "wall_s": round(run["wall"], 3),
@@ -150,7 +183,9 @@ def measure(server: Server, bodies: list[bytes], expected: list[str], clients: i
             "mean_rows_per_decode_chunk": round(run["row_chunks"] / max(run["chunks"], 1), 2),
             "server_cpu_ms_per_request": round(server_cpu / n * 1e3, 3),
             "client_cpu_ms_per_request": round(run["client_cpu"] / n * 1e3, 3),
-            "programs_compiled_or_loaded": run["programs"], "failed": failed, "different_from_library": different}
+            "programs_compiled_or_loaded": run["programs"], "failed": failed, "different_from_library": different,
+            "sent": sent, "counted": counted,
+            "metrics_and_log_agree": counted == {"metrics": sent, "access_log_lines": sent["requests"]}}
 
 
 def bench_model(name: str, clients: list[int], requests: int | None, extra: list[str],
@@ -180,14 +215,16 @@ def bench_model(name: str, clients: list[int], requests: int | None, extra: list
             run = {**max(passes[level], key=lambda p: p["requests_per_s"]),
                    "requests_per_s_each_pass": [p["requests_per_s"] for p in passes[level]],
                    **{key: sum(p[key] for p in passes[level]) for key in ("failed", "different_from_library",
-                                                                        "programs_compiled_or_loaded")}}
+                                                                        "programs_compiled_or_loaded")},
+                   "metrics_and_log_agree": all(p["metrics_and_log_agree"] for p in passes[level])}
             runs.append(run)
             print(f"{name:>5} {level:>3} clients: {run['requests_per_s']:7.2f} req/s "
                   f"(passes {', '.join(map(str, run['requests_per_s_each_pass']))})  p50 {run['p50_latency_s']:.3f} "
                   f"s  p99 {run['p99_latency_s']:.3f} s  rows/chunk {run['mean_rows_per_decode_chunk']:5.2f}  CPU "
                   f"ms/request server {run['server_cpu_ms_per_request']:.2f} "
                   f"client {run['client_cpu_ms_per_request']:.2f}  failed {run['failed']}  "
-                  f"different {run['different_from_library']}  programs {run['programs_compiled_or_loaded']}",
+                  f"different {run['different_from_library']}  programs {run['programs_compiled_or_loaded']}  "
+                  f"/metrics and log {'agree' if run['metrics_and_log_agree'] else 'DISAGREE'}",
                   flush=True)
     finally:
         server.close()
@@ -209,13 +246,14 @@ def main() -> int:
                         help="the source tree whose server is measured (another checkout: another commit's code)")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "serve.json")
     args = parser.parse_args()
+    accelerator.share_memory(2)  # this process and the server it starts, on one GPU
     load_before = os.getloadavg()
     extra = [] if args.cache_mb is None else ["--cache-mb", args.cache_mb]
     models = {name: bench_model(name, args.clients, args.requests, extra, args.tree.resolve())
               for name in args.models}
     goals = {"speedup_16_vs_1": 3.0, "speedup_judged_on": THROUGHPUT_GOAL_MODEL, "failed": 0,
-             "different_from_library": 0}
-    correct = all(run["failed"] == 0 and run["different_from_library"] == 0
+             "different_from_library": 0, "metrics_and_log_agree": True}
+    correct = all(run["failed"] == 0 and run["different_from_library"] == 0 and run["metrics_and_log_agree"]
                   for result in models.values() for run in result["runs"])
     judged = models.get(THROUGHPUT_GOAL_MODEL, {}).get("speedup_16_vs_1", 0)
     met = correct and judged >= goals["speedup_16_vs_1"]
@@ -226,7 +264,7 @@ def main() -> int:
     out.write_text(json.dumps(result, indent=2) + "\n")
     for name, model in models.items():
         print(f"{name}: 16 clients vs 1: {model['speedup_16_vs_1']:.2f}x")
-    print(f"goal >= 3x on the {THROUGHPUT_GOAL_MODEL} model, no failure, no difference: "
+    print(f"goal >= 3x on the {THROUGHPUT_GOAL_MODEL} model, no failure, no difference, /metrics and log agree: "
           f"{'met' if met else 'MISSED'}; wrote {out}")
     return 0 if met else 1
 

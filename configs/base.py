@@ -13,6 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
         llama="llama2_7b", llama_overrides={},
         text="bert_base", text_overrides={}, text_pooling="cls",
         projector="linear",
+        projector_pool=1,  # > 1: ViT patches averaged pool x pool (2: 256 tokens an image) to fit several images
     ))
     c.runtime = ml_collections.ConfigDict(dict(
         dtype="bfloat16", param_dtype="float32", scan=True, remat_policy="save_qkv_proj", attention="auto",
@@ -32,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
         text_kind="labels",  # stage 1B texts: 'labels' (keywords) or 'reports'
         conversations="instruction",  # stage 2: 'report' (2A alignment) or 'instruction' (2B)
         train="", eval="",  # stage 2 and fine-tuning: your own conversation files instead (.json, .jsonl, .csv)
+        max_images=1,  # stage 2 and fine-tuning: image slots a row (> 1: studies, `"image": [..]` lists)
     ))
 
     c.optim = ml_collections.ConfigDict(dict(

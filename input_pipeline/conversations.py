@@ -1,6 +1,8 @@
 """Your own studies for fine-tuning (and stage 2B): LLaVA's conversation files, or a CSV of image and report.
 
-LLaVA JSON (a list) or JSONL (one record a line); `image` is relative to the file's folder (or absolute):
+LLaVA JSON (a list) or JSONL (one record a line); `image` is relative to the file's folder (or absolute), or a
+list of such paths for a study (frontal, lateral, prior...; `config.data.max_images` slots a row), one `<image>`
+place each in the first human turn, in the list's order:
 
     {"image": "images/0001.png",
      "conversations": [{"from": "human", "value": "<image>\\nWrite a radiologic report ..."},
@@ -10,8 +12,8 @@ LLaVA JSON (a list) or JSONL (one record a line); `image` is relative to the fil
 CSV with an `image` and a `report` column, for report-only fine-tuning: each row becomes the release's
 report prompt answered by the report (and a record with that report, which stage 2A's report view reads).
 
-Turns alternate human/gpt starting with human and ending with gpt. The first human turn carries the image:
-`<image>` is put in front of it when missing, and no other turn may have one. Every record is checked before
+Turns alternate human/gpt starting with human and ending with gpt. The first human turn carries the images:
+one `<image>` line per image is put in front of it when it has none, and no other turn may have one. Every record is checked before
 training starts, and all bad ones are reported together, each with its line in the file.
 """
 
@@ -112,21 +114,25 @@ class _Unreadable:
         self.reason = reason
 
 
-def _example(record, root: Path) -> tuple[str, list[dict]]:
+def _example(record, root: Path) -> tuple[str | tuple[str, ...], list[dict]]:
     if isinstance(record, _Unreadable):
         raise InputError(record.reason)
     if not isinstance(record, dict):
         raise InputError(f"a record is a JSON object, got {type(record).__name__}")
     image = record.get("image")
-    if not isinstance(image, str) or not image.strip():
-        raise InputError("no 'image' path")
-    image_path = root / image
-    if not image_path.is_file():
-        raise InputError(f"image {image!r} not found (looked for {image_path})")
-    return str(image_path), _turns(record.get("conversations"))
+    names = image if isinstance(image, list) else [image]
+    if not names or not all(isinstance(name, str) and name.strip() for name in names):
+        raise InputError("no 'image' path (a path, or a non-empty list of paths)")
+    paths = []
+    for name in names:
+        if not (root / name).is_file():
+            raise InputError(f"image {name!r} not found (looked for {root / name})")
+        paths.append(str(root / name))
+    turns = _turns(record.get("conversations"), len(paths))
+    return (tuple(paths) if isinstance(image, list) else paths[0]), turns
 
 
-def _turns(conversation) -> list[dict]:
+def _turns(conversation, images: int) -> list[dict]:
     if not isinstance(conversation, list) or not conversation:
         raise InputError("'conversations' must be a non-empty list of {\"from\", \"value\"} turns")
     turns = []
@@ -144,5 +150,6 @@ def _turns(conversation) -> list[dict]:
     if len(turns) % 2:
         raise InputError("the last turn is human's; a training conversation ends with the gpt answer")
     if prompting.IMAGE not in turns[0]["content"]:
-        turns[0]["content"] = f"{prompting.IMAGE}\n{turns[0]['content']}"
+        turns[0]["content"] = f"{prompting.IMAGE}\n" * images + turns[0]["content"]
+    prompting.check_image_count(turns, images, "the first human turn")
     return turns

@@ -30,7 +30,9 @@ LUNG_OPACITY_CHILDREN = ("Edema", "Consolidation", "Pneumonia", "Lung Lesion", "
 
 @dataclasses.dataclass
 class Record:
-    image: str  # path of the image file (it need not exist: see `require_images`)
+    # Path of the image file (it need not exist: see `require_images`), or a study's files in the order of its
+    # `<image>` places (conversation files with an `"image": [..]` list).
+    image: str | tuple[str, ...]
     labels: np.ndarray  # float32 [14] in CHEXPERT_OBSERVATIONS order: 1, 0, -1, or NaN (not given)
     report: str  # free text ('' when the source has none)
     dataset: str
@@ -112,15 +114,20 @@ def relative_name(path, root) -> str:
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
+def image_paths(image: str | tuple[str, ...]) -> tuple[str, ...]:
+    """A record's image files: one, or a study's several."""
+    return image if isinstance(image, tuple) else (image,)
+
+
 def require_images(records: Sequence[Record]) -> None:
     """Raises an InputError naming the label rows whose image file is missing.
 
     Adapters build records from label files alone (so label files can be checked, counted and tested on a
     machine without the images); this is the separate step that checks the images are there.
     """
-    missing = [r for r in records if not Path(r.image).is_file()]
+    missing = [(r, path) for r in records for path in image_paths(r.image) if not Path(path).is_file()]
     if missing:
-        shown = "; ".join(f"{r.origin}: {r.image}" for r in missing[:5])
+        shown = "; ".join(f"{r.origin}: {path}" for r, path in missing[:5])
         raise InputError(f"{len(missing)} of {len(records)} records point at missing image files: {shown}"
                          + (" ..." if len(missing) > 5 else ""))
 

@@ -9,6 +9,13 @@ atelectasis, nodule (a mass when large) and an endotracheal tube, each with the 
 its drawing, its report sentence and the answers about it share. Reports vary their phrasing and negate the
 main findings that are absent, so the CheXpert-style labeler reads back exactly the labels written.
 Everything is a function of the seed: the same seed gives the same bytes.
+
+`cxrllava synth --studies --out DIR` writes instead a set of studies that needs the prior (`generate_studies`):
+each has a prior frontal film with its report, and a current frontal and lateral film whose findings appeared,
+resolved, grew, shrank or stayed since; the current report says which ("New ...", "... has resolved",
+"..., increased from ...", "Unchanged ..."). It is written as LLaVA conversation files for fine-tuning: the study
+(`studies-SPLIT.jsonl`, three images and the prior report) and the same reports against the current frontal film
+alone (`single-SPLIT.jsonl`, the baseline that cannot know what changed).
 """
 
 import argparse
@@ -415,13 +422,143 @@ def _write_tables(out: Path, studies: list[Study], size: int):
             f.write(json.dumps({"study_id": s.study_id, "conversations": s.conversations}) + "\n")
 
 
+# ---------------------------------------------------------------- studies: a prior and a current study
+
+CHANGES = ("new", "resolved", "increased", "decreased", "unchanged")
+
+
+@dataclasses.dataclass
+class StudyPair:
+    """A patient's prior study and current study, and how each finding changed between them."""
+
+    index: int
+    split: str
+    prior: list[Finding]
+    current: list[Finding]
+    changes: dict[str, str]  # finding name -> one of CHANGES
+    prior_report: str = ""
+    report: str = ""
+
+
+def evolve(prior: list[Finding], rng: np.random.Generator) -> tuple[list[Finding], dict[str, str]]:
+    """The current findings grown from the prior ones, and each finding's change: every prior finding stays,
+    resolves, or (graded kinds) moves one grade up or down; a kind absent before appears half the time."""
+    current, changes = [], {}
+    for f in prior:
+        grades = KINDS[f.name].grades
+        options = ["unchanged", "resolved"] + (["increased"] if grades and f.severity != grades[-1] else []) \
+            + (["decreased"] if grades and f.severity != grades[0] else [])
+        change = str(rng.choice(options))
+        changes[f.name] = change
+        if change != "resolved":
+            step = {"increased": 1, "decreased": -1}.get(change, 0)
+            severity = grades[grades.index(f.severity) + step] if grades else f.severity
+            current.append(dataclasses.replace(f, severity=severity))
+    absent = [n for n, kind in KINDS.items() if kind.impression is not None and n not in changes]
+    if absent and (rng.random() < 0.5 or not prior):
+        name = str(rng.choice(absent))
+        current.append(_sample(name, rng))
+        changes[name] = "new"
+    order = list(KINDS)
+    return sorted(current, key=lambda f: order.index(f.name)), changes
+
+
+def comparison_sentence(name: str, change: str, prior: dict[str, Finding], current: dict[str, Finding]) -> str:
+    """The report's sentence for one finding's change since the prior study."""
+    if change == "resolved":
+        return f"The previously seen {KINDS[name].impression(prior[name])} has resolved."
+    phrase = KINDS[name].impression(current[name])
+    if change == "new":
+        return f"New {phrase}."
+    if change == "unchanged":
+        return f"Unchanged {phrase}."
+    return f"{_capitalised(phrase)}, {change} from {prior[name].severity}."
+
+
+def write_comparison_report(pair: StudyPair, rng: np.random.Generator) -> str:
+    """FINDINGS: a change sentence per finding (in KINDS order) and the absent kinds denied; IMPRESSION: the
+    changes, or no change at all."""
+    prior = {f.name: f for f in pair.prior}
+    current = {f.name: f for f in pair.current}
+    sentences = [comparison_sentence(n, pair.changes[n], prior, current) for n in KINDS if n in pair.changes]
+    absent = sorted(n for n, kind in KINDS.items() if kind.negation and n not in current and n not in pair.changes)
+    findings = " ".join(sentences + ([_negation(absent, rng)] if absent else []))
+    changed = [s for n, s in zip([n for n in KINDS if n in pair.changes], sentences) if pair.changes[n] != "unchanged"]
+    impression = " ".join(changed) if changed else "No interval change."
+    return f"FINDINGS: {findings}\n\nIMPRESSION: {impression}"
+
+
+def draw_lateral(findings: list[Finding], size: int, rng: np.random.Generator) -> np.ndarray:
+    """A lateral chest radiograph as uint8 [size, size]: the heart in front (image left), the spine behind, one
+    lung field; effusions fill the posterior base, other findings show as densities at their height."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    body = _ellipse(x, y, 0.5, 0.55, 0.4, 0.52)
+    lung = _ellipse(x, y, 0.52 + rng.normal(0, 0.01), 0.48, 0.26, 0.32) * (y < 0.8)
+    img = 0.15 + 0.05 * rng.random() + 0.35 * body - 0.3 * lung
+    enlarged = {f.name: f.severity for f in findings}.get("cardiomegaly")
+    heart_width = {None: 0.11, "mild": 0.15, "moderate": 0.18, "severe": 0.21}[enlarged]
+    img = img + 0.4 * _ellipse(x, y, 0.36, 0.62, heart_width, 0.15) + 0.45 * (np.abs(x - 0.8) < 0.04) * body
+    for f in findings:
+        if f.name == "effusion":
+            img = img + 0.45 * lung * (y > 0.78 - 0.1 * _scale(f)) * (x > 0.5)
+        elif KINDS[f.name].draw is not None:
+            cy = 0.38 if f.zone == "upper" else 0.6
+            img = img + 0.35 * lung * (_blob(x, y, 0.55, cy, 0.05 * _scale(f)) > 0.4)
+    img = img + rng.normal(0, 0.025, img.shape)
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def generate_studies(out_dir, num: int, image_size: int = 512, seed: int = 0) -> list[StudyPair]:
+    """Writes `num` prior/current study pairs as LLaVA conversation files under `out_dir`; returns them."""
+    from cxrllava_jax.domain.prompting import COMPARISON_QUESTION, REPORT_PROMPT, study_prompt
+
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    pairs, lines = [], {}
+    for i in range(num):
+        prior = [f for f in sample_findings(rng) if KINDS[f.name].impression is not None]
+        current, changes = evolve(prior, rng)
+        pair = StudyPair(i, _split(i, num), prior, current, changes)
+        pair.prior_report, _ = write_report(prior, rng)
+        pair.report = write_comparison_report(pair, rng)
+        names = {}
+        for view, pixels in (("current_pa", draw_radiograph(current, image_size, rng)),
+                             ("current_lateral", draw_lateral(current, image_size, rng)),
+                             ("prior_pa", draw_radiograph(prior, image_size, rng))):
+            names[view] = f"images/{seed:04d}-{i:06d}-{view}.png"
+            Image.fromarray(pixels).save(out / names[view])
+        prompt = study_prompt(COMPARISON_QUESTION, ["PA", "LATERAL"], ["PA"], "21791201", pair.prior_report,
+                              date="21800101")
+        answer = {"from": "gpt", "value": pair.report}
+        common = {"id": f"{seed:04d}-{i:06d}", "report": pair.report, "changes": changes}
+        lines.setdefault(pair.split, {"studies": [], "single": []})
+        lines[pair.split]["studies"].append({**common, "conversations": [{"from": "human", "value": prompt}, answer],
+                                             "image": [names["current_pa"], names["current_lateral"],
+                                                       names["prior_pa"]]})
+        lines[pair.split]["single"].append({**common, "image": names["current_pa"],
+                                            "conversations": [{"from": "human", "value": REPORT_PROMPT}, answer]})
+        pairs.append(pair)
+    for split, kinds in lines.items():
+        for kind, records in kinds.items():
+            (out / f"{kind}-{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return pairs
+
+
 def main(argv) -> int:
     parser = argparse.ArgumentParser(prog="cxrllava synth", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output directory (MIMIC-CXR-JPG layout)")
     parser.add_argument("--num", type=int, default=1000, help="number of studies")
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--studies", action="store_true",
+                        help="write prior/current study pairs (frontal, lateral, prior) as LLaVA conversation files")
     args = parser.parse_args(argv)
+    if args.studies:
+        pairs = generate_studies(args.out, args.num, args.image_size, args.seed)
+        counts = {split: sum(p.split == split for p in pairs) for split, _ in SPLIT_FRACTIONS}
+        print(f"wrote {len(pairs)} synthetic prior/current studies to {args.out} ({counts})")
+        return 0
     studies = generate(args.out, args.num, args.image_size, args.seed)
     counts = {split: sum(s.split == split for s in studies) for split, _ in SPLIT_FRACTIONS}
     print(f"wrote {len(studies)} synthetic studies to {args.out} ({counts})")

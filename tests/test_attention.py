@@ -81,3 +81,20 @@ def test_auto_is_xla_on_cpu_and_unknown_kernels_are_refused():
     assert attention.resolve("auto") == "xla"
     with pytest.raises(ValueError, match="runtime.attention"):
         attention.resolve("flash")
+
+
+@pytest.mark.parametrize("case", ["odd_no_mask", "key_padding", "odd_key_padding", "dense_left_padded_odd"])
+def test_cudnn_arguments_equal_xla_for_encoders_and_prompts(case):
+    """What the cuDNN path hands the kernel (key lengths, a full-shape bias, one slot of padding for odd lengths),
+    run through XLA, equals the plain XLA path at every real query."""
+    length = 17 if "odd" in case else 16
+    rng = np.random.default_rng(4)
+    q, k, v = (jnp.asarray(rng.standard_normal((3, length, 4, 16), np.float32)) for _ in range(3))
+    valid = jnp.arange(length)[None, :] < jnp.asarray([length, 9, 3])[:, None]
+    mask, real = {"odd_no_mask": (None, np.ones((3, length), bool)),
+                  "key_padding": (attention.KeyMask(valid, right_padded=True), np.ones((3, length), bool)),
+                  "odd_key_padding": (attention.KeyMask(valid, right_padded=True), np.ones((3, length), bool)),
+                  "dense_left_padded_odd": (CausalMask(valid[:, ::-1]), np.asarray(valid[:, ::-1]))}[case]
+    expected = attention.attend(q, k, v, mask, kernel="xla")
+    got = attention.cudnn(q, k, v, mask, implementation="xla")
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(expected)[real], atol=2e-5)

@@ -106,6 +106,64 @@ def test_standard_phrasing(sentence, expected):
     assert _mentioned(label_report(sentence)) == expected
 
 
+NF = {"No Finding": POSITIVE}
+
+
+@pytest.mark.parametrize(
+    "sentence, expected",
+    [
+        # patterns/post_negation_uncertainty.txt: heart < compound (size > borderline); the heart itself borderline
+        # enlarged is a positive mention.
+        ("Heart size is borderline.", {"Cardiomegaly": UNCERTAIN}),
+        ("The heart is borderline enlarged.", {"Cardiomegaly": POSITIVE}),
+        # ... {} < nmod:to secondary; {} < nmod:with (compatible > be); ... > (likely > less); {} < dobj favor.
+        ("Right basilar opacity secondary to pneumonia.", {"Lung Opacity": POSITIVE, "Pneumonia": UNCERTAIN}),
+        ("Findings are compatible with pneumonia.", {"Pneumonia": UNCERTAIN}),
+        ("Consolidation is less likely.", {"Consolidation": UNCERTAIN}),
+        ("Findings favor atelectasis.", {"Atelectasis": UNCERTAIN}),
+        # ... appreciate > neg and evaluate|visualize > neg are uncertain; a "no" before them still negates.
+        ("A small apical pneumothorax is not appreciated.", {"Pneumothorax": UNCERTAIN}),
+        ("Pneumothorax is not visualized.", {"Pneumothorax": UNCERTAIN}),
+        ("No pneumothorax is appreciated.", {"Pneumothorax": NEGATIVE, **NF}),
+        # phrases/mention/support_devices.txt: valve, marker, line, device, equipment are devices whatever comes
+        # before them; sternotomy wires, surgical clips and stents are not in the list.
+        ("Nipple markers.", {"Support Devices": POSITIVE, **NF}),
+        ("Prosthetic aortic valve.", {"Support Devices": POSITIVE, **NF}),
+        ("Left-sided line with its tip in the SVC.", {"Support Devices": POSITIVE, **NF}),
+        ("Loop recorder device.", {"Support Devices": POSITIVE, **NF}),
+        ("Monitoring equipment overlies the chest.", {"Support Devices": POSITIVE, **NF}),
+        ("Median sternotomy wires.", NF),
+        ("Surgical clips in the upper abdomen.", NF),
+        ("Kerley B lines.", NF),  # lines that are no device (ours: the list's "lines" would match)
+        # patterns/negation.txt: "normal" and "within normal limits" reach every subject of a list; the mediastinum's
+        # phrases include "contour"; a stable contour is uncertain (post-negation uncertainty).
+        ("Heart size, mediastinal contour, and pulmonary vascularity are within normal limits.",
+         {"Cardiomegaly": NEGATIVE, "Enlarged Cardiomediastinum": NEGATIVE, **NF}),
+        ("Normal heart size and mediastinal contours.",
+         {"Cardiomegaly": NEGATIVE, "Enlarged Cardiomediastinum": NEGATIVE, **NF}),
+        ("The heart is normal in size and contour.",
+         {"Cardiomegaly": NEGATIVE, "Enlarged Cardiomediastinum": NEGATIVE, **NF}),
+        ("Stable mediastinal and hilar contours.", {"Enlarged Cardiomediastinum": UNCERTAIN}),
+        ("Heart size is enlarged, mediastinal contours are normal.",
+         {"Cardiomegaly": POSITIVE, "Enlarged Cardiomediastinum": NEGATIVE}),
+        ("Normal cardiac contours.", {"Cardiomegaly": NEGATIVE, "Enlarged Cardiomediastinum": NEGATIVE, **NF}),
+        ("Prominent hilar contours.", {"Enlarged Cardiomediastinum": POSITIVE}),
+        # patterns/pre_negation_uncertainty.txt: what cannot be excluded is uncertain, adverbs or not; a list joined
+        # by "/" is negated as a whole, like one joined by "or".
+        ("Difficult to completely exclude early pneumonia.", {"Pneumonia": UNCERTAIN}),
+        ("Aspiration pneumonia is another consideration.", {"Pneumonia": UNCERTAIN}),
+        # patterns/post_negation_uncertainty.txt: (have > could) > appearance.
+        ("A small left effusion could have this appearance.", {"Pleural Effusion": UNCERTAIN}),
+        ("No focal consolidation, large pleural effusion/pneumothorax.",
+         {"Consolidation": NEGATIVE, "Pleural Effusion": NEGATIVE, "Pneumothorax": NEGATIVE, **NF}),
+        # phrases/mention/pneumothorax.txt: "pneumothorax" is matched inside longer words.
+        ("Moderate right hemopneumothorax.", {"Pneumothorax": POSITIVE}),
+    ],
+)
+def test_the_chexpert_labelers_patterns_and_phrases(sentence, expected):
+    assert _mentioned(label_report(sentence)) == expected
+
+
 def test_no_finding_follows_the_chexpert_rule():
     # Support devices do not make a study abnormal; an uncertain finding does; No Finding is never negative.
     assert label_report("Pacemaker in place. No effusion.")["No Finding"] == POSITIVE

@@ -5,7 +5,7 @@ import pytest
 
 from cxrllava_jax.evaluation import paper_check, paper_tables
 from cxrllava_jax.evaluation.metrics import (
-    ExclusionRules, LabelPolicy, exclusions, pair_outcomes, precision_recall_f1, score_labels,
+    ExclusionRules, LabelPolicy, exclusions, pair_outcomes, precision_recall_f1, score_labels, standard_aggregates,
 )
 from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
 
@@ -38,6 +38,32 @@ def test_micro_and_macro_on_a_hand_computed_case():
     assert (micro.precision, micro.recall, micro.f1) == pytest.approx((0.75, 21 / 32, 0.7))
     assert (macro.precision, macro.recall, macro.f1) == pytest.approx((0.75, 0.625, 0.675))
     assert result.findings[0].n == 40 and result.findings[0].positives == 20
+
+
+def test_standard_f1_14_and_f1_5_on_a_hand_computed_case():
+    # The field's convention: positive or uncertain = 1, negative or not mentioned = 0, every report counts.
+    #              Cardiomegaly       Edema              Pneumothorax
+    # report 1     ref 1, pred 1      ref -1, pred -     ref 0, pred 1
+    # report 2     ref 0, pred 1      ref 1, pred -1     ref -, pred -
+    # report 3     ref -, pred -      ref 0, pred 0      ref 1, pred 0
+    # report 4     ref 1, pred 0      ref -, pred 1      ref -, pred -
+    # Cardiomegaly TP 1 FP 1 FN 1 -> F1 0.5; Edema TP 1 FP 1 FN 1 -> 0.5; Pneumothorax TP 0 FP 1 FN 1 -> 0; the other
+    # 11 observations have no positive on either side -> F1 0.
+    # F1-14: micro 2 TP, 3 FP, 3 FN -> 4 / 10 = 0.4; macro (0.5 + 0.5) / 14.
+    # F1-5 (Atelectasis, Cardiomegaly, Consolidation, Edema, Effusion): micro 2, 2, 2 -> 0.5; macro 1.0 / 5 = 0.2.
+    reference, predicted = np.full((4, 14), NAN), np.full((4, 14), NAN)
+    ED, PTX = CHEXPERT_OBSERVATIONS.index("Edema"), CHEXPERT_OBSERVATIONS.index("Pneumothorax")
+    reference[:, [CM, ED, PTX]] = [[1, -1, 0], [0, 1, NAN], [NAN, 0, 1], [1, NAN, NAN]]
+    predicted[:, [CM, ED, PTX]] = [[1, NAN, 1], [1, -1, NAN], [NAN, 0, 0], [0, 1, NAN]]
+    result = standard_aggregates(reference, predicted, bootstrap_samples=100, seed=0)
+    assert not result.excluded and len(result.findings) == 14
+    f1_14, f1_5 = result.averages["F1-14"], result.averages["F1-5"]
+    assert (f1_14["micro"].tp, f1_14["micro"].fp, f1_14["micro"].fn) == (2, 3, 3)
+    assert f1_14["micro"].f1 == pytest.approx(0.4) and f1_14["macro"].f1 == pytest.approx(1.0 / 14)
+    assert f1_5["micro"].f1 == pytest.approx(0.5) and f1_5["macro"].f1 == pytest.approx(0.2)
+    assert f1_5["micro"].f1_ci[0] <= 0.5 <= f1_5["micro"].f1_ci[1]
+    by_finding = {f.finding: f for f in result.findings}
+    assert by_finding["Edema"].n == 4 and by_finding["Edema"].positives == 2
 
 
 def test_zero_denominators_give_zero():

@@ -63,6 +63,49 @@ def test_eval_py_scores_a_predictions_file(tmp_path):
     assert "| Cardiomegaly | 0." in markdown and "Average (micro)" in markdown and "Excluded:" in markdown
     assert "labels by ours (CheXpert-style rules)" in markdown and "ROUGE-L" in markdown
     assert markdown in completed.stdout
+    # The standard aggregates, from the same labels, in results.json and both tables.
+    standard = results["standard"]["averages"]
+    assert set(standard) == {"F1-14", "F1-5"} and 0 < standard["F1-5"]["micro"]["f1"] <= 1
+    assert float(rows["F1-5 (micro)"]["f1"]) == pytest.approx(standard["F1-5"]["micro"]["f1"], abs=1e-4)
+    assert rows["F1-14 (macro)"]["kind"] == "standard_macro" and "| F1-14 (micro) | " in markdown
+    # An excluded finding names the setting that excludes it and how to change it.
+    assert "setting min_class_count" in rows["Edema"]["excluded_because"]
+    assert "--config.min_class_count=" in markdown
+
+
+def test_report_jsonl_is_joined_to_references_by_image(tmp_path):
+    """`cxrllava report --jsonl` lines (absolute image paths, one unreadable image) and a reference CSV that names
+    the images under the data directory: scored without a converter, titled by the files scored."""
+    records = _report_records(30)
+    lines = [{"image": f"/data/mimic/files/p{i}/s{i}/view.jpg", "report": r["generated"]} for i, r in enumerate(records)]
+    lines.append({"image": "/data/mimic/files/bad.jpg", "error": "cannot identify image file"})
+    predictions = tmp_path / "r.jsonl"
+    predictions.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    references = tmp_path / "refs.csv"
+    with open(references, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "report"])
+        writer.writerows([f"files/p{i}/s{i}/view.jpg", r["reference"]] for i, r in enumerate(records))
+    config = _small_config()
+    config.update(min_class_count=1, min_class_fraction=0.0)
+    results = run.evaluate_predictions(config, predictions, tmp_path / "work", references_csv=references, limit=20)
+    assert results["result"]["n_reports"] == 20 and results["scored"] == "r.jsonl against refs.csv"
+    expected = run.evaluate_records(config, records[:20], tmp_path / "direct")
+    assert results["result"]["averages"] == expected["result"]["averages"]
+    table = (tmp_path / "work" / "table.md").read_text()
+    assert table.startswith("### F1 (95% CI) on r.jsonl against refs.csv") and "(paper)" not in table
+    with pytest.raises(ValueError, match="give --references"):
+        run.evaluate_predictions(config, predictions, tmp_path / "again")
+
+
+@pytest.mark.parametrize("dataset, paper_shown", [("mimic", True), ("synthetic", False)])
+def test_the_papers_column_only_for_the_papers_dataset(tmp_path, dataset, paper_shown):
+    config = _small_config()
+    config.dataset = dataset
+    results = run.evaluate_records(config, _report_records(20), tmp_path)
+    table = (tmp_path / "table.md").read_text()
+    assert ("MIMIC internal test set" in results["title"]) == paper_shown == ("CXR-LLaVA (paper)" in table)
+    assert f"on {dataset} / test" in results["title"]
 
 
 def test_json_labels_task_counts_unparsed_answers(tmp_path):

@@ -89,8 +89,8 @@ def test_existing_jsonl_is_kept_unless_append_or_overwrite(mixed_folder, checkpo
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("--temperature", "nan", "temperature=nan"), ("--top-p", "0", "top_p=0.0"), ("--top-p", "nan", "top_p=nan"),
-    ("--max-new-tokens", "0", "max_new_tokens=0"),
+    ("--temperature", "nan", "--temperature nan: must be"), ("--top-p", "0", "--top-p 0.0: must be"),
+    ("--top-p", "nan", "--top-p nan: must be"), ("--max-new-tokens", "0", "--max-new-tokens 0: must be"),
 ])
 def test_sampling_options_refused_before_the_model_loads(tmp_path, capsys, option, value, message):
     status = cli.main(["report", str(tmp_path), "--checkpoint", str(tmp_path / "none"), option, value])

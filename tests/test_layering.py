@@ -13,7 +13,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAYERS = {
     "cxrllava_jax.errors": 0,
     "cxrllava_jax.files": 1,  # output and input file helpers; raise the errors above
+    "cxrllava_jax.hub": 1,  # model references: local directories or Hugging Face Hub ids
     "cxrllava_jax.sharding": 0,
+    "cxrllava_jax.accelerator": 0,  # memory shares of processes on one accelerator, set before JAX starts
     "cxrllava_jax.models": 1,
     "cxrllava_jax.convert": 3,  # weight formats; reads the domain's tokenizer files
     "cxrllava_jax.domain": 2,

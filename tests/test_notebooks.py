@@ -9,23 +9,25 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from cxrllava_jax.reference.tiny_models import release_dir
+from cxrllava_jax.reference.tiny_models import hub_cache, release_dir
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "colab").glob("*.ipynb"))
 KERNEL = "cxrllava-tests"
+RELEASE_ID = "ECOFRI/CXR-LLAVA-v2"  # what the notebooks load on Colab; here the tiny release under that id
 
 
 def notebook_environment(name: str) -> dict:
-    """What each notebook's parameters cell reads from the environment in place of Colab paths."""
+    """What each notebook's parameters cell reads from the environment in place of Colab paths. The release's Hub
+    id resolves offline from a Hugging Face cache holding the tiny release (HF_HUB_CACHE, HF_HUB_OFFLINE=1)."""
     if name == "inference.ipynb":
         # The release layout (the notebook converts it); short answers: a random tiny model's chat history
         # would soon overflow its 512-token context.
-        return {"CXRLLAVA_CHECKPOINT": str(release_dir()), "CXRLLAVA_MAX_NEW_TOKENS": "24"}
+        return {"CXRLLAVA_CHECKPOINT": RELEASE_ID, "CXRLLAVA_MAX_NEW_TOKENS": "24"}
     if name == "training_demo.ipynb":  # every stage for a few steps: the code paths, not the learning
         return {"CXRLLAVA_DEMO_STUDIES": "100", "CXRLLAVA_DEMO_STEPS": "3"}
     if name == "finetune_lora.ipynb":  # the tiny release as the base, a few steps: the code paths
-        return {"CXRLLAVA_BASE": str(release_dir()), "CXRLLAVA_FT_STEPS": "3", "CXRLLAVA_FT_STUDIES": "40"}
+        return {"CXRLLAVA_BASE": RELEASE_ID, "CXRLLAVA_FT_STEPS": "3", "CXRLLAVA_FT_STUDIES": "40"}
     return {}
 
 
@@ -51,6 +53,9 @@ def test_notebook_runs_top_to_bottom(path, kernel_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("JUPYTER_PATH", str(kernel_dir))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    hub_cache(tmp_path / "hf-cache", RELEASE_ID, release_dir())
     for key, value in notebook_environment(path.name).items():
         monkeypatch.setenv(key, value)
     notebook = nbformat.read(path, as_version=4)
@@ -61,6 +66,7 @@ def test_notebook_runs_top_to_bottom(path, kernel_dir, tmp_path, monkeypatch):
     if path.name == "inference.ipynb":
         printed = "".join(o.get("text", "") for c in code_cells for o in c.outputs)
         assert "imported release" in printed  # the release directory was converted to our checkpoint
+        assert "models--ECOFRI--CXR-LLAVA-v2/snapshots/" in printed  # found by its Hub id, in the cache
         assert all(f"== sample_images/cxr{i}.png ==" in printed for i in range(4))  # the batch
         assert (tmp_path / "cxr-llava-jax" / "model_config.json").is_file()
     if path.name == "training_demo.ipynb":

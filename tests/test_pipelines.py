@@ -273,3 +273,31 @@ def test_a_tokenizer_the_model_cannot_use_is_refused(demo_data):
     cfg.model.llama_overrides.vocab_size = 4 * cfg.model.llama_overrides.vocab_size
     with pytest.raises(ValueError, match="does not belong to this model"):
         make_task(cfg).encoder()
+
+
+def test_a_study_batch_is_the_tasks_abstract_batch(tmp_path):
+    """LLaVA records with `"image": [..]` lists: a row's images fill its first slots, the rest stay zeros, and the
+    batch is still exactly `abstract_batch`."""
+    import json
+
+    from cxrllava_jax.errors import ConfigError
+    from cxrllava_jax.training.tasks import make_task
+    from input_pipeline import conversations
+
+    cfg = finetune_config(tmp_path)
+    lines = [json.loads(line) for line in open(cfg.data.train)]
+    names = [record["image"] for record in lines]
+    for i, record in enumerate(lines):
+        record["image"] = [names[i], names[(i + 1) % len(names)]]
+        record["conversations"][0]["value"] = "Current study:\nPA view <image>\nlateral view <image>\nDescribe."
+    (tmp_path / "studies.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    cfg.data.update(train=str(tmp_path / "studies.jsonl"), max_images=3, seq_buckets=0)
+    task = make_task(cfg)
+    batch = next(stage_data.make_stage_data(cfg, task).train)
+    declared = {k: (s.shape, np.dtype(s.dtype)) for k, s in task.abstract_batch(cfg.data.batch_size).items()}
+    assert {k: (np.shape(v), np.asarray(v).dtype) for k, v in batch.items()} == declared
+    assert batch["image"][:, :2].reshape(4, 2, -1).max(axis=-1).min() > 0 and not batch["image"][:, 2].any()
+    assert ((batch["tokens"] == task.config.image_token_id).sum(axis=1) == 2 * task.config.num_image_tokens).all()
+    task.max_images = 1  # as configured by config.data.max_images=1: refused before training starts
+    with pytest.raises(ConfigError, match="studies.jsonl:1: 2 images in one example, more than config.data.max_images=1"):
+        task.examples(conversations.load(cfg.data.train))

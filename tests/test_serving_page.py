@@ -1,6 +1,8 @@
 """The web page in headless Chromium (Debian's chromium + chromium-driver, driven by Selenium): upload the NIH
-radiograph, see it in the viewer, window it from the keyboard, get the report streamed, ask a follow-up with
-the keyboard, copy the report. Writes a screenshot to $TEST_ARTIFACTS (default test-artifacts/).
+radiograph, see it in the viewer, window it from the keyboard, get the report streamed (a waiting state shown
+until the first words come, the file it is about named with it), ask a follow-up with the keyboard, copy the
+report; then a refused upload clears the image, the conversation and the buttons and says why, and a question may
+come before any report. Writes a screenshot to $TEST_ARTIFACTS (default test-artifacts/).
 
 Answers come from the tiny model with EOS never ending them (every answer is exactly its token budget long),
 paced so that the stream is seen arriving; the texts shown must equal the library's greedy answers.
@@ -11,13 +13,15 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.inference.engine import Engine
 from cxrllava_jax.serving.app import create_app
 from cxrllava_jax.serving.limits import Limits
-from tests.serving_fixtures import NIH_PNG, LiveServer, endless_tiny_model
+from tests.serving_fixtures import NIH_PNG, NON_CHEST_DICOM, LiveServer, endless_tiny_model
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 if not (CHROMIUM and CHROMEDRIVER) and not os.environ.get("CI"):  # .ci/run installs them: CI never skips
@@ -73,12 +77,20 @@ def _answers(browser) -> list[str]:
     return [e.get_property("textContent") for e in answers]
 
 
+def _about(browser) -> list[str]:
+    return [e.get_property("textContent") for e in browser.find_elements(By.CSS_SELECTOR, "#conversation .about")]
+
+
+def _disabled(browser, *ids) -> list[bool]:
+    return [bool(browser.find_element(By.ID, i).get_attribute("disabled")) for i in ids]
+
+
 def _wait_until_answered(browser, count: int):
     WebDriverWait(browser, 120).until(
         lambda b: len(_answers(b)) == count and b.find_element(By.ID, "status").text.startswith("Done"))
 
 
-def test_report_and_follow_up_in_the_browser(model, server, browser):
+def test_report_and_follow_up_in_the_browser(model, server, browser, tmp_path):
     browser.get(server.url)
     assert "research use only" in browser.find_element(By.CSS_SELECTOR, ".notice").text.lower()
     browser.find_element(By.CSS_SELECTOR, "details summary").click()
@@ -102,24 +114,34 @@ def test_report_and_follow_up_in_the_browser(model, server, browser):
     centre = ("return Array.from(document.getElementById('image').getContext('2d')"
               ".getImageData(256, 256, 1, 1).data);")
     before = browser.execute_script(centre)
+    level = float(browser.find_element(By.ID, "level-value").text)
     browser.find_element(By.ID, "level").send_keys(Keys.ARROW_LEFT * 20)  # windowing from the keyboard
-    assert browser.find_element(By.ID, "level-value").text == "108"
+    assert float(browser.find_element(By.ID, "level-value").text) == level - 20
     assert browser.execute_script(centre) != before
 
-    # Every change of the answer's text, as the browser renders it.
+    assert browser.find_element(By.ID, "subject").text == "Image: 00000001_000.png"
+
+    # Every change of the answer's text and of the status line, as the browser renders them.
     browser.execute_script("""
         window.seen = [];
+        window.statuses = [];
         new MutationObserver(() => {
             const answers = document.querySelectorAll('#conversation .assistant p');
             if (answers.length) window.seen.push(answers[answers.length - 1].textContent);
         }).observe(document.getElementById('conversation'), {childList: true, subtree: true, characterData: true});
+        new MutationObserver(() => window.statuses.push(document.getElementById('status').textContent))
+            .observe(document.getElementById('status'), {childList: true, subtree: true, characterData: true});
     """)
     browser.find_element(By.ID, "report-button").click()
     _wait_until_answered(browser, 1)
     report = model.write_radiologic_report(NIH_PNG, temperature=0.0, max_new_tokens=ANSWER_TOKENS)
-    assert _answers(browser) == [report]
+    assert _answers(browser) == [report] and _about(browser) == ["00000001_000.png"]
     partial = [text for text in browser.execute_script("return window.seen") if text and text != report]
     assert len(set(partial)) >= 2 and all(report.startswith(text) for text in partial)
+    # Until the first words came, the page said it was waiting (a new server compiles first), naming the file.
+    statuses = browser.execute_script("return window.statuses")
+    assert any(s.startswith("Waiting for the first words about 00000001_000.png") for s in statuses), statuses
+    assert statuses[-1].startswith("Done: the report about 00000001_000.png"), statuses
 
     question = browser.find_element(By.ID, "question")
     question.send_keys("Is the heart enlarged?", Keys.ENTER)
@@ -128,8 +150,62 @@ def test_report_and_follow_up_in_the_browser(model, server, browser):
              {"role": "user", "content": "Is the heart enlarged?"}]
     assert _answers(browser)[1] == model.chat(turns, NIH_PNG, temperature=0.0, max_new_tokens=ANSWER_TOKENS)
 
+    assert _about(browser) == ["00000001_000.png"] * 2
+
     browser.find_element(By.ID, "copy-button").click()
-    WebDriverWait(browser, 10).until(
-        lambda b: b.find_element(By.ID, "status").text == "Report copied to the clipboard.")
+    WebDriverWait(browser, 10).until(lambda b: b.find_element(By.ID, "status").text
+                                     == "The report about 00000001_000.png is copied to the clipboard.")
     browser.execute_script("window.scrollTo(0, 0)")
     browser.save_screenshot(str(ARTIFACTS / "serve_page.png"))
+
+    # A refused upload (an extremity DICOM) leaves nothing of the previous image usable, and says why.
+    browser.find_element(By.ID, "file").send_keys(str(NON_CHEST_DICOM))
+    WebDriverWait(browser, 60).until(lambda b: "BodyPartExamined" in b.find_element(By.ID, "status").text)
+    status = browser.find_element(By.ID, "status")
+    assert "Cannot use RG3_J2KR.dcm, so no image is loaded" in status.text and "under Settings" in status.text
+    assert "error" in status.get_attribute("class") and browser.find_element(By.ID, "file").get_property("value") == ""
+    assert _answers(browser) == [] and browser.find_element(By.ID, "subject").text == "No image loaded"
+    assert all(_disabled(browser, "report-button", "differential-button", "question", "ask-button", "copy-button",
+                         "window-controls"))
+    assert browser.find_element(By.ID, "image").get_attribute("aria-label") == "No image loaded"
+    blank = ("const c = document.getElementById('image');"
+             "return c.getContext('2d').getImageData(0, 0, c.width, c.height).data.every(v => v === 0);")
+    assert browser.execute_script(blank)
+    browser.save_screenshot(str(ARTIFACTS / "serve_page_refused.png"))
+
+    # A question may come first: the image goes with it.
+    browser.find_element(By.ID, "file").send_keys(str(NIH_PNG))
+    WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, "question").is_enabled())
+    browser.find_element(By.ID, "question").send_keys("Is the heart enlarged?", Keys.ENTER)
+    _wait_until_answered(browser, 1)
+    turns = [{"role": "user", "content": "Is the heart enlarged?"}]
+    assert _answers(browser) == [model.chat(turns, NIH_PNG, temperature=0.0, max_new_tokens=ANSWER_TOKENS)]
+    assert _about(browser) == ["00000001_000.png"]
+    assert _disabled(browser, "copy-button") == [True]  # the copy button copies a report, and none was written
+
+    # The setting that reads a non-frontal file anyway (the server's allow_non_frontal field).
+    browser.find_element(By.ID, "allow-non-frontal").click()
+    browser.find_element(By.ID, "file").send_keys(str(NON_CHEST_DICOM))
+    WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, "report-button").is_enabled())
+    assert browser.find_element(By.ID, "subject").text == "Image: RG3_J2KR.dcm" and _answers(browser) == []
+
+    # The window acts on the file's 16-bit values: a band of 16 levels (1000..1015) that the model's 8-bit
+    # picture (stretched over 0..60000) shows as one gray is 16 grays once windowed to it.
+    values = np.full((128, 128), 1000, np.uint16) + np.arange(128, dtype=np.uint16) % 16
+    values[0, 0], values[0, 1] = 0, 60000
+    deep = tmp_path / "band16.png"
+    Image.fromarray(values).save(deep)
+    browser.find_element(By.ID, "file").send_keys(str(deep))
+    WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, "subject").text == "Image: band16.png")
+    band = ("const d = document.getElementById('image').getContext('2d').getImageData(0, 64, 128, 1).data;"
+            "return Array.from(new Set(d.filter((_, i) => i % 4 === 0)));")
+    assert len(browser.execute_script(band)) == 1
+    browser.execute_script("""
+        for (const [id, value] of [['level', 1008], ['width', 16]]) {
+            document.getElementById(id).value = value;
+            document.getElementById(id).dispatchEvent(new Event('input'));
+        }""")
+    assert browser.find_element(By.ID, "level-value").text == "1008"
+    assert len(browser.execute_script(band)) == 16
+    browser.find_element(By.ID, "reset-window").click()
+    assert len(browser.execute_script(band)) == 1

@@ -6,8 +6,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from cxrllava_jax import files
-from cxrllava_jax.convert import checkpoint, hf_bert, hf_llama, release
+from cxrllava_jax import files, hub
+from cxrllava_jax.convert import checkpoint, hf_bert, hf_llama, model_card, release
 from cxrllava_jax.convert.layout import stack_layers
 from cxrllava_jax.domain.tokenizer import TOKENIZER_FILES
 from cxrllava_jax.models.configs import Runtime
@@ -34,7 +34,7 @@ def detect_format(src: Path) -> str:
 def import_main(argv) -> int:
     parser = argparse.ArgumentParser(prog="cxrllava import-torch",
                                      description="PyTorch safetensors directory -> cxrllava-jax checkpoint")
-    parser.add_argument("--src", required=True, type=Path)
+    parser.add_argument("--src", required=True, type=Path, help="a PyTorch model directory or its Hub id")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--format", choices=FORMATS, help="default: detected from config.json")
     parser.add_argument("--scan", action="store_true", help="store layers stacked (for scan=True runtimes)")
@@ -42,6 +42,7 @@ def import_main(argv) -> int:
     args = parser.parse_args(argv)
     if args.out.exists() and not args.overwrite:  # before reading gigabytes of weights
         raise OutputExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    args.src = hub.resolve(args.src, what="--src")
     fmt = args.format or detect_format(args.src)
     kind, (config, params) = {
         "release": lambda: ("cxr_llava", release.load_release(args.src)),
@@ -63,7 +64,7 @@ def import_main(argv) -> int:
 def export_main(argv) -> int:
     parser = argparse.ArgumentParser(prog="cxrllava export-torch",
                                      description="cxrllava-jax checkpoint -> PyTorch safetensors directory")
-    parser.add_argument("--checkpoint", required=True, type=Path)
+    parser.add_argument("--checkpoint", required=True, type=Path, help="our checkpoint directory or its Hub id")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--layout", choices=("release", "hf-llama"), default="release")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
@@ -72,6 +73,7 @@ def export_main(argv) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise OutputExistsError(f"{args.out} is a file; --out names the directory to export into")
     files.refuse_existing(args.out, overwrite=False, flag="an empty or new --out directory")
+    args.checkpoint = hub.resolve(args.checkpoint, what="--checkpoint")
     kind = checkpoint.read_model_config(args.checkpoint)[0]
     exportable = {"release": ("cxr_llava",), "hf-llama": ("cxr_llava", "llama")}[args.layout]
     if kind not in exportable:
@@ -90,9 +92,19 @@ def export_main(argv) -> int:
     if source_tokenizer:
         for f in source_tokenizer.iterdir():
             shutil.copy2(f, staging / f.name)
+    model_card.write(staging, _exported_facts(args.checkpoint, args.layout, kind))
     os.replace(staging, args.out)
     print(f"exported {args.checkpoint} -> {args.out} ({args.layout}, {args.dtype})")
     return 0
+
+
+def _exported_facts(checkpoint_dir: Path, layout: str, kind: str) -> dict:
+    """The checkpoint's own card facts (how it was trained, how it scored) for its export; a checkpoint taken from
+    the Hub is the export's base model."""
+    facts = model_card.read(checkpoint_dir) or {"base_source": str(checkpoint_dir)}
+    exported = "llama" if layout == "hf-llama" else kind
+    return {**facts, "format": layout, "model_kind": exported,
+            "base_model": hub.hub_id(checkpoint_dir) or facts.get("base_model")}
 
 
 def _tokenizer_files(src: Path) -> Path | None:

@@ -3,6 +3,7 @@
 llama, image_preprocess_cfg)."""
 
 import json
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -22,6 +23,8 @@ VISION_FIELDS = ("image_size", "layers", "width", "head_width", "mlp_ratio", "pa
 # open_clip options our ViT does not implement, with the one value we accept (and write on export).
 FIXED_VISION = {"attentional_pool": False, "pos_embed_type": "learnable"}
 REQUIRED = ("clip_vision_cfg", "clip_embed_dim", "llama")
+# PyTorch code of ours that exports carry (torch and transformers only; never imported here).
+MODELING_CODE = Path(__file__).parent / "torch_code" / "modeling_cxrllava.py"
 
 
 def is_release_dir(directory) -> bool:
@@ -62,6 +65,9 @@ def config_to_release(cfg: CXRLLaVAConfig) -> dict:
 def release_entries(cfg: CXRLLaVAConfig) -> list[Entry]:
     if cfg.projector != "linear":
         raise ValueError(f"the release layout has a linear projector; this model's is {cfg.projector!r}")
+    if cfg.projector_pool != 1:
+        raise ValueError(f"the release layout reads every ViT patch; this model pools {cfg.projector_pool}x"
+                         f"{cfg.projector_pool} (projector_pool)")
     return (vit_entries(cfg.vision, "vision_tower.", "img/")
             + [Entry("mm_projector.weight", "projector/linear/kernel", "linear"),
                Entry("mm_projector.bias", "projector/linear/bias", "copy")]
@@ -95,7 +101,14 @@ def iter_release(directory) -> tuple[CXRLLaVAConfig, Iterator[tuple[str, np.ndar
 
 def save_release(directory, cfg: CXRLLaVAConfig, params: dict, dtype: str = "bfloat16",
                  max_shard_bytes: int = 5 * 2**30):
-    """Sharded safetensors (bfloat16 by default, as released) + config.json in the release schema."""
+    """Sharded safetensors (bfloat16 by default, as released) + config.json in the release schema, with our own
+    PyTorch modeling code beside them (`auto_map`): `transformers.AutoModel.from_pretrained(directory,
+    trust_remote_code=True)` loads it with nothing from the release's repository."""
     directory = Path(directory)
     write_sharded(directory, export_tensors(release_entries(cfg), params, storage_dtype(dtype)), max_shard_bytes)
-    (directory / "config.json").write_text(json.dumps(config_to_release(cfg), indent=2))
+    shutil.copyfile(MODELING_CODE, directory / MODELING_CODE.name)
+    code = MODELING_CODE.stem
+    config = {"architectures": ["CXRLLAVAModel"], "model_type": "CXR-LLAVA", **config_to_release(cfg),
+              "auto_map": {"AutoConfig": f"{code}.CXRLLaVAConfig", "AutoModel": f"{code}.CXRLLAVAModel"},
+              "torch_dtype": dtype}
+    (directory / "config.json").write_text(json.dumps(config, indent=2))

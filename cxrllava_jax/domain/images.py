@@ -14,7 +14,8 @@ range:
 Every file goes through one path, `decode_grayscale`, in this order:
 1. the header alone (`image_headers.open_image`): byte, pixel and side limits, one image per file, 8 to 16 bits
    of gray levels, DICOM elements that agree with each other and with the pixel data's length;
-2. the DICOM tags guard (`radiograph_guard.check_dicom`) unless `allow_non_frontal`;
+2. the DICOM tags guard (`radiograph_guard.check_dicom`) unless `allow_non_frontal`; a lateral view passes only
+   with `allow_lateral` (a study that has a frontal image, `studies.Study`);
 3. the decode, then the validation step: decoded sizes equal the header's (Pillow silently fills a PNG whose
    data ends early with black: its data length is checked), no NaN, and no constant image;
 4. for files without DICOM tags, the content guard (`radiograph_guard.check_content`: colour, shape) unless
@@ -39,7 +40,7 @@ RELEASE_PATCH_SIZE = 16
 _HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
-def load_grayscale(path, allow_non_frontal: bool = False) -> Image.Image:
+def load_grayscale(path, allow_non_frontal: bool = False, allow_lateral: bool = False) -> Image.Image:
     """Any supported file -> an 8-bit grayscale PIL image (`radiograph_guard` decides what is refused)."""
     if path is None:
         raise InputError("no image given (the image path is None)")
@@ -57,7 +58,7 @@ def load_grayscale(path, allow_non_frontal: bool = False) -> Image.Image:
         data = path.read_bytes()
     except OSError as error:
         raise InputError(f"{path}: cannot read ({error.strerror or error})") from None
-    return decode_grayscale(data, path, allow_non_frontal)
+    return decode_grayscale(data, path, allow_non_frontal, allow_lateral)
 
 
 def is_dicom_file(path) -> bool:
@@ -70,12 +71,13 @@ def is_dicom_file(path) -> bool:
         return False
 
 
-def decode_grayscale(data: bytes, origin, allow_non_frontal: bool = False) -> Image.Image:
+def decode_grayscale(data: bytes, origin, allow_non_frontal: bool = False,
+                     allow_lateral: bool = False) -> Image.Image:
     """The bytes of a supported file (named `origin` in errors; its suffix may mark DICOM) -> 8-bit grayscale."""
     opened = open_image(data, origin)
     if opened.dicom:
         if not allow_non_frontal:
-            radiograph_guard.check_dicom(opened.source, origin)  # before decoding: a refused file costs no decode
+            radiograph_guard.check_dicom(opened.source, origin, allow_lateral)  # before decoding: a refused file costs no decode
         dicom_pixels.check_elements(opened.source, opened.header, origin)
         gray = Image.fromarray(dicom_pixels.to_uint8(opened.source, origin))
     else:
@@ -155,7 +157,7 @@ def preprocess(image, size: int, mean: float, std: float, mode: str = "crop",
 
 
 def model_pixels(image, size: int, mode: str = "crop", min_size: int = RELEASE_PATCH_SIZE,
-                 allow_non_frontal: bool = False) -> np.ndarray:
+                 allow_non_frontal: bool = False, allow_lateral: bool = False) -> np.ndarray:
     """`preprocess` up to, not including, normalisation: uint8 [size, size, 1]. Deterministic, so it can be
     done once and stored (`cxrllava preprocess`); training then normalises on the accelerator."""
     if mode not in ("crop", "pad"):
@@ -164,13 +166,14 @@ def model_pixels(image, size: int, mode: str = "crop", min_size: int = RELEASE_P
         return image.model_pixels(size, mode)
     origin = image if isinstance(image, (str, Path)) else "image"
     if image is None or isinstance(image, (str, Path)):
-        image = load_grayscale(image, allow_non_frontal)
+        image = load_grayscale(image, allow_non_frontal, allow_lateral)
     elif hasattr(image, "read_bytes"):  # an image file held elsewhere (tfds_builders.StoredImage), named by str()
         origin = image
-        image = decode_grayscale(image.read_bytes(), image, allow_non_frontal)
+        image = decode_grayscale(image.read_bytes(), image, allow_non_frontal, allow_lateral)
     elif hasattr(image, "read") or isinstance(image, (bytes, bytearray, memoryview)):  # an open file, or its bytes
         origin = Path(str(getattr(image, "name", ""))).name or f"image ({type(image).__name__})"
-        image = decode_grayscale(bytes(image.read() if hasattr(image, "read") else image), origin, allow_non_frontal)
+        image = decode_grayscale(bytes(image.read() if hasattr(image, "read") else image), origin, allow_non_frontal,
+                                 allow_lateral)
     elif isinstance(image, np.ndarray):
         image = _array_to_pil(image, origin)
     elif isinstance(image, Image.Image):

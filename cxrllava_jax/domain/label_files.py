@@ -38,13 +38,13 @@ def read_reports_csv(path) -> list:
     first row that is just a column name is a header, not a report.
 
     A row that an unquoted comma split into several cells is joined back with commas."""
-    rows = [",".join(row) for row in _csv_rows(path) if row]
+    rows = [",".join(row) for row in csv_rows(path) if row]
     if rows and rows[0].strip().lower() in _TEXT_COLUMNS:
         rows = rows[1:]
     return rows
 
 
-def _csv_rows(path):
+def csv_rows(path):
     """csv rows of a UTF-8 file (`files.read_csv`: errors name it), any field length."""
     return [row for _, row in files.read_csv(path)]
 
@@ -62,7 +62,7 @@ def write_labels_csv(path, reports, labels, ids=None) -> None:
 
 def read_labels_csv(path) -> LabelTable:
     """Reads our, the CheXpert labeler's or CheXbert's label CSV. Rows without an id column get ids "0", "1", ..."""
-    rows = _csv_rows(path)
+    rows = csv_rows(path)
     header = rows[0] if rows else []
     by_lower = {name.strip().lower(): i for i, name in enumerate(header)}
     missing = [o for o in CHEXPERT_OBSERVATIONS if o.lower() not in by_lower]

@@ -25,12 +25,13 @@ _NORMAL_STATES = (
 )
 
 
-def subject_state(subjects, states, max_gap=4):
+def subject_state(subjects, states, max_gap=4, before_gap=0):
     """'<subject> ... <state>' with at most `max_gap` words between ("heart size is mildly enlarged"),
-    or '<state> <subject>' ("enlarged heart")."""
+    or '<state> ... <subject>' with at most `before_gap` ("enlarged heart")."""
     subject, state = "|".join(subjects), "|".join(states)
     gap = rf"(?:[\s,]+(?!{_GAP_STOP})[\w/'-]+){{0,{max_gap}}}?[\s,]+"
-    return rf"\b(?:{subject})\b{gap}(?:{state})\b|\b(?:{state})\s+(?:{subject})\b"
+    before = rf"(?:\s+(?!{_GAP_STOP})[\w/'-]+){{0,{before_gap}}}?\s+"
+    return rf"\b(?:{subject})\b{gap}(?:{state})\b|\b(?:{state}){before}(?:{subject})\b"
 
 
 _HEART = (
@@ -39,11 +40,13 @@ _HEART = (
     r"size of the heart",
     r"heart silhouette",
 )
+_HEART_SIZE = (r"(?:heart|cardiac) size", r"size of the heart")
 _MEDIASTINUM = (
     r"cardiomediastinal(?: silhouettes?| contours?| structures| size| width)?",
     r"cardiomediastinum",
     r"(?:upper |superior )?mediastinum",
-    r"mediastinal (?:silhouettes?|contours?|width|structures|configuration)",
+    r"mediastinal (?:and hilar )?(?:silhouettes?|contours?|width|structures|configuration)",
+    r"(?:cardiac|heart|hilar) contours?",  # the CheXpert labeler's phrase "contour" reads any contour
     r"pericardial silhouette",
 )
 # "Stable heart size", "the cardiomediastinal silhouette is unchanged": the CheXpert labeler calls these uncertain
@@ -106,7 +109,7 @@ MENTIONS = {
         r"\bcollapse of the\b",
         r"\bcollapsed\b",
     ),
-    "Pneumothorax": (r"\b(?:hydro)?pneumothora(?:x|ces)\b", r"\bptx\b"),
+    "Pneumothorax": (r"\b(?:hydro|hemo|haemo)?pneumothora(?:x|ces)\b", r"\bptx\b"),
     "Pleural Effusion": (
         r"\beffusions?\b",
         r"\bpleural fluid\b",
@@ -136,29 +139,37 @@ MENTIONS = {
         r"\bport[- ]?a[- ]?cath\b|\bmediport\b",
         r"\b(?:pacemaker|pacer|aicd|icd|defibrillator)s?\b",
         r"\b(?:pacing|pacer) (?:leads?|wires?)\b",
-        r"\b(?:sternotomy|sternal|cerclage) wires\b",
-        r"\b(?:surgical )?clips\b",
-        r"\bstents?\b",
+        # Sternotomy wires, surgical clips and stents are not among the CheXpert labeler's device phrases; valves,
+        # markers, lines, devices and equipment are, whatever word comes before them.
         r"\bcoils?\b",
-        r"\b(?:prosthetic|mechanical) (?:heart )?valves?\b",
-        r"\bvalve replacement\b",
+        r"\bvalves?\b",
+        r"\bmarkers?\b",
+        r"\blines?\b",
+        r"\bdevices?\b",
+        r"\bequipment\b",
         r"\bhardware\b|\bapparatus\b",
         r"\bplates?\b(?![- ]like| of)|\bscrews?\b",
         r"\barthroplast\w+",
         r"\bdrains?\b",
         r"\b(?:lvad|ventricular assist device)\b",
-        r"\b(?:support|medical|monitoring) (?:devices?|equipment)\b",
     ),
 }
 
+# A normal state reaches every subject of a list, as the CheXpert labeler's dependency patterns do ("heart size,
+# mediastinal contour and pulmonary vascularity are within normal limits"; "normal heart size and mediastinal
+# contours"); "normal in size and contour" also negates the mediastinum (its phrase list has "contour").
 NORMAL_STATEMENTS = {
-    "Enlarged Cardiomediastinum": (subject_state(_MEDIASTINUM, _NORMAL_STATES),),
-    "Cardiomegaly": (subject_state(_HEART, _NORMAL_STATES),),
+    "Enlarged Cardiomediastinum": (subject_state(_MEDIASTINUM, _NORMAL_STATES, max_gap=8, before_gap=3),
+                                   r"\bnormal in size and (?:contour|configuration)\b"),
+    "Cardiomegaly": (subject_state(_HEART, _NORMAL_STATES, max_gap=8, before_gap=3),
+                     r"\bnormal (?:size|size and (?:contour|configuration)) of the (?:heart|cardiac silhouette)\b"),
     "Pleural Effusion": (r"\b(?:costophrenic|cp) (?:angles?|sulci) (?:are |is )?(?:sharp|clear)\b",),
 }
 UNCERTAIN_STATEMENTS = {
     "Enlarged Cardiomediastinum": (subject_state(_MEDIASTINUM, _STABLE_STATES, max_gap=2),),
-    "Cardiomegaly": (subject_state(_HEART, _STABLE_STATES, max_gap=2), r"\bborderline (?:heart|cardiac) size\b"),
+    "Cardiomegaly": (subject_state(_HEART, _STABLE_STATES, max_gap=2), r"\bborderline (?:heart|cardiac) size\b",
+                     # The size is borderline, the heart is not said to be enlarged: "heart size is borderline".
+                     subject_state(_HEART_SIZE, (r"borderline(?!\s+(?:enlarg|large|cardiomegaly))",), max_gap=2)),
     # Signs that may or may not be edema: uncertain unless negated ("no vascular congestion").
     "Edema": (
         r"\b(?:pulmonary |central )?(?:vascular|venous) (?:congestion|prominence|engorgement|redistribution)\b",
@@ -195,14 +206,15 @@ UNMENTIONS = {
     "Lung Opacity": (r"\bpleural (?:scar|scarring)\b", r"\bpleuro-?parenchymal scar\w*"),
     "Edema": (r"\b(?:soft tissue|subcutaneous|facial|peripheral|extremity|chest wall) (?:o?edema)\b",),
     "Pleural Effusion": (r"\b(?:pericardial|joint|knee|shoulder) effusions?\b",),
-    "Support Devices": (r"\b(?:bronchial|eustachian) tubes?\b",),
+    "Support Devices": (r"\b(?:bronchial|eustachian) tubes?\b",
+                        r"\b(?:kerley(?: [a-c])?|[a-c]-|septal|pleural|fissural|skin|junction|paraspinal|paratracheal) ?lines?\b"),
 }
 
 # Cues. "Before" cues reach forward to a mention later in the clause, "after" cues reach back.
 PRE_NEGATION_UNCERTAINTY = (
     r"\b(?:cannot|can ?not|can't|could not|may not|not) (?:be )?(?:entirely |completely |totally )?"
     r"(?:excluded?|ruled? out)\b",
-    r"\b(?:difficult|hard) to (?:exclude|rule out)\b",
+    r"\b(?:difficult|hard) to (?:completely |entirely |totally |definitely )?(?:exclude|rule out)\b",
     r"\bno new\b",  # "no new consolidation" leaves an old one possible
 )
 NEGATION_BEFORE = (
@@ -222,8 +234,8 @@ NEGATION_BEFORE = (
     r"\brather than\b",
 )
 NEGATION_AFTER = (
-    r"\b(?:is |are |was |were |has been |have been )?(?:not (?:seen|identified|present|visualized|visible|"
-    r"appreciated|demonstrated|evident|noted|detected|shown)|absent|resolved|cleared|removed|"
+    r"\b(?:is |are |was |were |has been |have been )?(?:not (?:seen|identified|present|visible|"
+    r"demonstrated|evident|noted|detected|shown)|absent|resolved|cleared|removed|"
     r"no longer (?:seen|present|visible|evident|identified|demonstrated|appreciated)|excluded|ruled out)\b",
     r"\b(?:appears? |is |are )?within (?:the )?(?:normal limits|limits of normal)\b",
 )
@@ -251,16 +263,24 @@ UNCERTAINTY_BEFORE = (
     r"\b(?:evaluate|assess) for\b",
     r"\bcorrelat\w* (?:clinically )?for\b",
     r"\bobscuring\b",
+    r"\bsecondary to\b",
+    r"\b(?:is|are|be) compatible with\b",
+    r"\bfavou?r(?:s|ed|ing)?\b",
 )
 UNCERTAINTY_AFTER = (
     # Only at the end of the clause: in "opacity is likely atelectasis" the cue belongs to what follows.
     r"\b(?:is|are|seems|appears)(?: to be)? (?:likely|possible|probable|questionable)\b(?!\s+\w)",
     r"\b(?:suspected|questioned)\b",
     r"\b(?:obscured|(?:poorly|incompletely|not well|not clearly) (?:evaluated|visualized|seen|assessed))\b",
+    # What is not appreciated, visualized or evaluated may be there: the CheXpert labeler's uncertainty.
+    r"\b(?:is |are |was |were )?not (?:appreciated|visualized|evaluated)\b",
+    r"\b(?:is|are) less likely\b",
     r"\b(?:may|might|could) be\b",
     r"\bversus\b|\bvs\b",
     r"\b(?:is|are) in the differential\b",
     r"\bwould be a consideration\b",
+    r"\b(?:is|are) (?:an?|another) (?:consideration|possibility)\b",
+    r"\b(?:may|might|could|can) have (?:this|that|a similar|the same) appearance\b",
 )
 # Negation words that do not negate: "no change in the effusion" reports an effusion.
 PSEUDO_NEGATION = (

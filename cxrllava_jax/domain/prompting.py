@@ -22,8 +22,12 @@ from cxrllava_jax.errors import InputError
 SYSTEM_PROMPT = ("You are a helpful radiologist. Try to interpret chest x ray image and answer to the question "
                  "that user provides.")
 IMAGE = "<image>"
-REPORT_PROMPT = (f"{IMAGE}\nWrite a radiologic report on the given chest radiograph, including information about "
-                 "atelectasis, cardiomegaly, consolidation, pulmonary edema, pleural effusion, and pneumothorax.\n")
+REPORT_QUESTION = ("Write a radiologic report on the given chest radiograph, including information about "
+                   "atelectasis, cardiomegaly, consolidation, pulmonary edema, pleural effusion, and pneumothorax.\n")
+REPORT_PROMPT = f"{IMAGE}\n{REPORT_QUESTION}"
+# A study's report (`study_prompt`): the current films against the prior, each finding's change said.
+COMPARISON_QUESTION = ("Write a radiologic report on the current study, comparing it with the prior study: say for "
+                       "each finding whether it is new, resolved, increased, decreased or unchanged.\n")
 DIFFERENTIAL_PROMPT = f"{IMAGE}\nWhat are the possible differential diagnoses for this patient?\n"
 # The paper's label-generation prompt (Figure 2b) is not published; this one asks for the same 14 binary
 # labels as a JSON object, which evaluation.json_labels reads.
@@ -37,6 +41,42 @@ LLAMA2_MARKERS = ("<s>", "</s>")  # BOS and EOS as the chat template writes them
 def question_prompt(question: str) -> str:
     check_user_text(question)
     return f"{IMAGE}\n{question}"
+
+
+def study_prompt(question: str, views: Sequence[str], prior_views: Sequence[str] = (), prior_date: str = "",
+                 prior_report: str = "", indication: str = "", date: str = "") -> str:
+    """The first user turn about a study: one `<image>` per image, current images (in `views` order) then the
+    prior's, each named by its view; the prior's date and report and the indication as text; then `question`.
+
+    One image with nothing else to say (no prior, no indication) is the release's prompt, `<image>\n{question}`,
+    whatever its view: a single frontal film reads exactly as the released model was trained to read it."""
+    for text in (question, prior_report, indication):
+        check_user_text(text)
+    if len(views) == 1 and not prior_views and not prior_report and not indication:
+        return f"{IMAGE}\n{question}"
+    lines = [f"Indication: {' '.join(indication.split())}"] if indication.strip() else []
+    lines.append(f"Current study{_dated(date)}:")
+    lines += [f"{_view_name(view)} {IMAGE}" for view in views]
+    if prior_views or prior_report:
+        lines.append(f"Prior study{_dated(prior_date)}:")
+        lines += [f"{_view_name(view)} {IMAGE}" for view in prior_views]
+    if prior_report.strip():
+        lines.append(f"Prior report: {' '.join(prior_report.split())}")
+    return "\n".join(lines) + f"\n{question}"
+
+
+def _view_name(view: str) -> str:
+    """'PA view', 'AP view', 'lateral view', or 'frontal view' for an image whose view nobody gave."""
+    view = view.strip()
+    return f"{'lateral' if view.upper() in ('LL', 'RL', 'LAT', 'LATERAL') else (view.upper() or 'frontal')} view"
+
+
+def _dated(date: str) -> str:
+    """', 2024-01-05' for DICOM's '20240105' (any other text as given), '' for none."""
+    date = date.strip()
+    if len(date) == 8 and date.isdigit():
+        date = f"{date[:4]}-{date[4:6]}-{date[6:]}"
+    return f", {date}" if date else ""
 
 
 def check_user_text(text: str):
@@ -82,9 +122,19 @@ def _check_roles(turns: Sequence[dict]):
         raise ValueError(f"a conversation alternates user/assistant turns starting with user; got {roles}")
     if any(IMAGE in t["content"] for t in turns[1:]):
         raise InputError(f"only the first user turn may carry {IMAGE}")
-    if turns[0]["content"].count(IMAGE) > 1:
-        raise InputError(f"the first user turn carries {IMAGE} {turns[0]['content'].count(IMAGE)} times; "
-                         "the conversation is about one image")
+
+
+def count_images(turns: Sequence[dict]) -> int:
+    """How many `<image>` places a conversation has (all in its first user turn)."""
+    return turns[0]["content"].count(IMAGE) if turns else 0
+
+
+def check_image_count(turns: Sequence[dict], images: int, origin="the conversation"):
+    """Each image needs its `<image>` place and each place its image."""
+    places = count_images(turns)
+    if places != images:
+        raise InputError(f"{origin}: {places} {IMAGE} place(s) in the first user turn for {images} image(s); "
+                         "give one per image, in the images' order")
 
 
 def tokenize_with_images(text: str, tokenizer, num_image_tokens: int, image_token_id: int) -> list[int]:
@@ -129,9 +179,17 @@ def encode_prompt(turns: Sequence[dict], tokenizer, num_image_tokens: int, image
         raise ValueError("the prompt's last turn must be the user's")
     text = chat_text(turns, system, markers_of(tokenizer))
     ids = np.asarray(tokenize_with_images(text, tokenizer, num_image_tokens, image_token_id), np.int32)
-    # The release writes at most max_length - prompt length - 1 tokens: at least one must fit.
-    if max_length is not None and len(ids) + 1 >= max_length:
-        raise PromptTooLongError(
-            f"the prompt is {len(ids)} tokens ({num_image_tokens} of them image positions) but the model's "
-            f"context is {max_length}: nothing would be left to generate")
+    check_fits(len(ids), text.count(IMAGE), num_image_tokens, max_length)
     return ids
+
+
+def check_fits(prompt_tokens: int, images: int, num_image_tokens: int, max_length: int | None):
+    """Refuses a prompt that leaves no token to generate (the release writes at most max_length - prompt length
+    - 1), naming where its tokens go; `prompt_tokens` may be the image positions alone, to refuse a study before
+    any image is read."""
+    if max_length is not None and prompt_tokens + 1 >= max_length:
+        raise PromptTooLongError(
+            f"the prompt is {prompt_tokens} tokens ({images * num_image_tokens} of them image positions"
+            f"{f': {images} images x {num_image_tokens}' if images > 1 else ''}) but the model's context is "
+            f"{max_length}: nothing would be left to generate"
+            + ("; model.projector_pool=2 makes a quarter of the tokens an image" if images > 1 else ""))

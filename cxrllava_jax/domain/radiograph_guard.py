@@ -2,7 +2,8 @@
 
 A DICOM file is refused, naming the tag and its value, when its Modality is not a projection radiograph (CR, DX,
 DR), its BodyPartExamined is not the chest, or its ViewPosition is lateral. An absent or empty tag passes: many
-exports leave them out. A file without such tags (PNG, JPEG, TIFF) is refused when its pixels show it is not a
+exports leave them out. A lateral view is read only beside a frontal one of the same study (`allow_lateral`, set by
+`studies.Study`), never alone: the model reports on a frontal film and a lateral adds to it. A file without such tags (PNG, JPEG, TIFF) is refused when its pixels show it is not a
 radiograph: real colour (not gray stored as RGB) or a shape no chest film has (`check_content`).
 `allow_non_frontal=True` (`--allow-non-frontal`) reads such files anyway, for people who know what they do.
 
@@ -33,8 +34,9 @@ class NotFrontalChestError(InputError):
     """A file whose metadata or content says it is not a frontal chest radiograph."""
 
 
-def check_dicom(ds, origin) -> None:
-    """Refuses a DICOM dataset whose tags say it is not a frontal chest radiograph."""
+def check_dicom(ds, origin, allow_lateral: bool = False) -> None:
+    """Refuses a DICOM dataset whose tags say it is not a frontal chest radiograph (a lateral view passes when
+    `allow_lateral`: inside a study that has a frontal one)."""
     modality = _tag(ds, "Modality")
     if modality and modality not in RADIOGRAPH_MODALITIES:
         _refuse(origin, "Modality", modality, f"a projection radiograph ({'/'.join(RADIOGRAPH_MODALITIES)})")
@@ -42,7 +44,7 @@ def check_dicom(ds, origin) -> None:
     if body_part and not any(part in body_part for part in CHEST_BODY_PARTS):
         _refuse(origin, "BodyPartExamined", body_part, "the chest")
     view = _tag(ds, "ViewPosition")
-    if view in LATERAL_VIEWS:
+    if view in LATERAL_VIEWS and not allow_lateral:
         _refuse(origin, "ViewPosition", view, "a frontal view (PA or AP)")
 
 
@@ -77,6 +79,11 @@ def colour_fraction(image) -> float:
     rgb = np.asarray(sample.convert("RGB"), np.int16)
     chroma = rgb.max(axis=-1) - rgb.min(axis=-1)
     return float((chroma > COLOUR_CHROMA).mean())
+
+
+def is_lateral(view: str) -> bool:
+    """A ViewPosition (or a view a user gave) that names a lateral projection."""
+    return view.strip().upper() in LATERAL_VIEWS
 
 
 def _tag(ds, keyword: str) -> str:

@@ -7,6 +7,7 @@ out (and counted). The JSONL is what `eval.py --predictions` reads, so a run can
 """
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +32,11 @@ def test_records(config, data_dir) -> tuple[list, int]:
     return usable, len(records) - len(usable)
 
 
-def generate_records(config, model, data_dir, out_path, batch_size: int = 16) -> list[dict]:
-    """Greedy answers for the test split; writes and returns {id, image, generated, reference} records."""
+def generate_records(config, model, data_dir, out_path, batch_size: int = 16, limit=None) -> list[dict]:
+    """Greedy answers for the test split (its first `limit` usable records); writes and returns {id, image,
+    generated, reference} records."""
     records, skipped = test_records(config, data_dir)
+    records = records[:limit]
     if not records:
         raise InputError(f"{data_dir}: the {config.dataset} {config.split} split has no records with a reference "
                          f"for the {config.task} task ({skipped} without)")
@@ -41,7 +44,7 @@ def generate_records(config, model, data_dir, out_path, batch_size: int = 16) ->
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     answers = {}
-    with tqdm(total=len(records), desc="generating", unit="image", disable=None) as progress:
+    with tqdm(total=len(records), desc="generating", unit="image", file=sys.stderr) as progress:
         # Nothing follows these answers: their keys and values are not kept for follow-ups.
         for index, answer in model.iter_generate([conversation] * len(records), [r.image for r in records],
                                                  batch_size=batch_size, keep=False, temperature=0.0):

@@ -14,6 +14,13 @@ Which pairs count, for each finding (`LabelPolicy`):
 The paper's "average" is the micro average, F1 of the counts pooled over the included findings (see
 `paper_check`); the macro average (mean of per-finding F1) is reported beside it. Bootstrap samples resample
 reports, so the findings of one report stay together and the averages' intervals see their correlation.
+
+Beside the paper's protocol, `standard_aggregates` gives the figures report-generation papers and ReXrank print,
+"F1-14" and "F1-5", computed as the f1chexbert package (its "rrg" mode) and RadEval compute CheXbert F1: every
+report counts for every finding; a label is 1 when positive or uncertain, 0 when negative or not mentioned; no
+finding is excluded; F1-14 averages the 14 observations (No Finding included), F1-5 the five of the CheXpert
+competition; micro = F1 of the pooled counts, macro = the mean of per-finding F1 (0 for a finding with no positive
+on either side, as scikit-learn's classification_report, which those packages call, gives it).
 """
 
 import dataclasses
@@ -47,6 +54,12 @@ class ExclusionRules:
     min_class_fraction: float = 0.05
     always_excluded: tuple = ("No Finding", "Enlarged Cardiomediastinum")
 
+
+# The field's convention (see the module docstring), applied to labels from any labeler.
+STANDARD_FIVE = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
+STANDARD_AVERAGES = {"F1-14": None, "F1-5": STANDARD_FIVE}
+STANDARD_POLICY = LabelPolicy(uncertain="positive", missing_reference="negative")
+STANDARD_RULES = ExclusionRules(min_class_count=0, min_class_fraction=0.0, always_excluded=())
 
 _WHY_ALWAYS_EXCLUDED = {
     "No Finding": "not a pathology; none of the paper's tables reports it",
@@ -117,13 +130,14 @@ def exclusions(truth, counted, rules: ExclusionRules) -> dict:
     for j, finding in enumerate(CHEXPERT_OBSERVATIONS):
         n, pos, neg = int(positives[j] + negatives[j]), int(positives[j]), int(negatives[j])
         if finding in rules.always_excluded:
-            reasons[finding] = _WHY_ALWAYS_EXCLUDED.get(finding, "always left out by the configuration")
+            why = _WHY_ALWAYS_EXCLUDED.get(finding, "always left out by the configuration")
+            reasons[finding] = f"{why} (setting always_excluded)"
         elif min(pos, neg) < rules.min_class_count:
-            reasons[finding] = f"fewer than {rules.min_class_count} in a class ({pos} positive, {neg} negative)"
+            reasons[finding] = (f"fewer than {rules.min_class_count} in a class ({pos} positive, {neg} negative; "
+                                f"setting min_class_count)")
         elif n and min(pos, neg) / n < rules.min_class_fraction:
-            reasons[finding] = (
-                f"a class under {rules.min_class_fraction:.0%} ({pos} positive, {neg} negative of {n})"
-            )
+            reasons[finding] = (f"a class under {rules.min_class_fraction:.0%} ({pos} positive, {neg} negative of {n}; "
+                                f"setting min_class_fraction)")
     return reasons
 
 
@@ -199,6 +213,12 @@ def score_labels(
     return EvaluationResult(
         findings, excluded, average_results, len(tp), policy, rules, bootstrap_samples, seed, confidence
     )
+
+
+def standard_aggregates(reference, predicted, bootstrap_samples=1000, seed=0, confidence=0.95) -> EvaluationResult:
+    """F1-14 and F1-5, micro and macro with bootstrap intervals, by the field's CheXbert-style convention."""
+    return score_labels(reference, predicted, STANDARD_POLICY, STANDARD_RULES, bootstrap_samples, seed, confidence,
+                        STANDARD_AVERAGES)
 
 
 def _ratio(numerator, denominator):

@@ -10,6 +10,7 @@ CHEXZERO, RADIOLOGISTS = "CheXzero", "Human radiologists"
 @dataclasses.dataclass(frozen=True)
 class PaperTable:
     key: str
+    dataset: str  # the dataset adapter (config.dataset) of the test set the paper scored
     title: str
     models: tuple
     rows: dict  # finding -> one (f1, low, high) or None (N/A) per model
@@ -19,6 +20,7 @@ class PaperTable:
 
 TABLE_2 = PaperTable(
     key="mimic",
+    dataset="mimic",
     title="Table 2. Model performance with the MIMIC internal test set (F1, 95% CI)",
     models=(CXR_LLAVA, GPT4V, GEMINI),
     rows={
@@ -42,6 +44,7 @@ TABLE_2 = PaperTable(
 _CHEXZERO_FIVE = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 TABLE_3 = PaperTable(
     key="chexpert",
+    dataset="chexpert",
     title="Table 3. Model performance with the CheXpert internal test set (F1, 95% CI)",
     models=(CXR_LLAVA, GPT4V, GEMINI, CHEXZERO, RADIOLOGISTS),
     rows={
@@ -73,6 +76,7 @@ TABLE_3 = PaperTable(
 
 TABLE_4 = PaperTable(
     key="indiana",
+    dataset="indiana",
     title="Table 4. Model performance with the Indiana external test set (F1, 95% CI)",
     models=(CXR_LLAVA, GPT4V, GEMINI),
     rows={

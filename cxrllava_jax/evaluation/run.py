@@ -10,7 +10,8 @@ A record is {"id", "generated", "reference"}: `reference` is the reference repor
 ({finding: 1 / 0 / -1 / null}). `evaluate_records` is everything after generation; a model run feeds it records.
 Files written to the workdir: reference_labels.csv and predicted_labels.csv (CheXpert labeler format with an id
 column first), table.md, table.csv, results.json, and for reports rexrank_predictions.json (ReXrank's per-study
-prediction file).
+prediction file). Every result carries, beside the paper's protocol, the field's standard aggregates (F1-14 and
+F1-5, micro and macro: `metrics.standard_aggregates`) from the same labels.
 """
 
 import collections
@@ -20,9 +21,12 @@ import pathlib
 import ml_collections
 import numpy as np
 
-from cxrllava_jax import files
+from cxrllava_jax import files, hub
+from cxrllava_jax.convert import model_card
 from cxrllava_jax.domain import label_files
-from cxrllava_jax.evaluation import json_labels, labelers, metrics, paper_tables, tables, text_metrics
+from cxrllava_jax.evaluation import (
+    changes, json_labels, labelers, metrics, model_metrics, paper_tables, references, tables, text_metrics,
+)
 from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
 from cxrllava_jax.errors import ConfigError, InputError
 
@@ -48,23 +52,49 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def evaluate_model(config, checkpoint, data_dir, workdir, batch_size: int = 16, model=None, adapter=None,
-                   report_labeler=None) -> dict:
-    """Generates with the model at `checkpoint` (or `model`) over the test split, then scores the answers.
+                   report_labeler=None, limit=None, metric_names=()) -> dict:
+    """Generates with the model at `checkpoint` (or `model`) over the test split (its first `limit` images), then
+    scores the answers (`metric_names`: the model-based metrics of `model_metrics` to add).
 
     The answers are kept in workdir/generated.jsonl, which `evaluate_predictions` re-scores.
     """
     from cxrllava_jax.evaluation import generation
     from cxrllava_jax.inference.api import CXRLLaVA
 
-    model = model or CXRLLaVA.from_pretrained(checkpoint, adapter=adapter)
+    if model is None:
+        adapter = adapter and hub.resolve(adapter, what="--adapter")
+        checkpoint = hub.resolve(checkpoint, what="--checkpoint")
+        model = CXRLLaVA.from_pretrained(checkpoint, adapter=adapter)
     records = generation.generate_records(config, model, data_dir, pathlib.Path(workdir) / "generated.jsonl",
-                                          batch_size)
-    return evaluate_records(config, records, workdir, report_labeler)
+                                          batch_size, limit)
+    results = evaluate_records(config, records, workdir, report_labeler, metric_names=metric_names)
+    if checkpoint is not None and adapter is None:  # the card describes the checkpoint alone, not with an adapter
+        model_card.add_evaluation(checkpoint, card_evaluation(results))
+    return results
 
 
-def evaluate_predictions(config, predictions_path, workdir, report_labeler=None) -> dict:
-    """Scores a JSONL of records generated elsewhere (no model needed)."""
-    return evaluate_records(config, read_prediction_records(predictions_path), workdir, report_labeler)
+def card_evaluation(results: dict) -> dict:
+    """The figures a model card lists from results.json: each average's micro and macro F1, BLEU-4, ROUGE-L."""
+    scores = {f"{name} {kind}-F1": round(average[kind]["f1"], 4)
+              for name, average in results["result"]["averages"].items() for kind in ("micro", "macro")}
+    text = results.get("text_metrics", {})
+    scores.update({key.upper().replace("_", "-"): round(text[key], 4) for key in ("bleu_4", "rouge_l") if key in text})
+    return {"dataset": results["dataset"], "split": results["split"], "scores": scores}
+
+
+def evaluate_predictions(config, predictions_path, workdir, report_labeler=None, references_csv=None,
+                         limit=None, metric_names=()) -> dict:
+    """Scores a JSONL generated elsewhere (no model needed): eval's own {id, generated, reference} records, or
+    `cxrllava report`'s {image, report} lines joined to `references_csv` by image. `limit`: its first records."""
+    if references_csv:
+        records = references.joined_records(predictions_path, references_csv, config.task)
+        scored = f"{pathlib.Path(predictions_path).name} against {pathlib.Path(references_csv).name}"
+    elif references.is_report_output(predictions_path):
+        raise InputError(f"{predictions_path}: `cxrllava report` lines have no reference; give --references=CSV "
+                         "(an image column and each image's reference report)")
+    else:
+        records, scored = read_prediction_records(predictions_path), None
+    return evaluate_records(config, records[:limit], workdir, report_labeler, scored, metric_names)
 
 
 def read_prediction_records(path) -> list:
@@ -88,10 +118,12 @@ def read_prediction_records(path) -> list:
     return records
 
 
-def evaluate_records(config, records, workdir, report_labeler=None) -> dict:
+def evaluate_records(config, records, workdir, report_labeler=None, scored=None, metric_names=()) -> dict:
     """Labels both sides of each {id, generated, reference} record, scores them, writes everything to `workdir`.
 
-    `report_labeler` (a `labelers.Labeler`, ours by default) labels every report text."""
+    `report_labeler` (a `labelers.Labeler`, ours by default) labels every report text. `scored` names the data
+    when it is not config.dataset's split (the tables say what was scored). `metric_names`: model-based metrics
+    (`model_metrics`) over the report texts."""
     if config.task not in TASKS:
         raise ConfigError(f"config.task={config.task!r}: expected one of {TASKS}")
     report_labeler = report_labeler or labelers.make("ours")
@@ -100,14 +132,20 @@ def evaluate_records(config, records, workdir, report_labeler=None) -> dict:
     records = list(records)
     ids = [str(r["id"]) for r in records]
     reference_rows = _reference_rows(records, report_labeler)
-    extra = {"task": config.task, "labeler": report_labeler.name}
+    extra = {"task": config.task, "labeler": report_labeler.name, **({"scored": scored} if scored else {})}
     if config.task == "report":
         predicted_rows = report_labeler.label_reports([r["generated"] for r in records])
         with_text = [r for r in records if isinstance(r["reference"], str)]
         if with_text:  # text metrics compare texts: records whose reference is labels have none
+            # The model-based metrics first: they load models, and a refusal should leave nothing written.
+            extra["model_metrics"] = model_metrics.scores(metric_names, [r["reference"] for r in with_text],
+                                                          [r["generated"] for r in with_text])
             extra["text_metrics"] = text_metrics.text_scores([r["reference"] for r in with_text],
                                                              [r["generated"] for r in with_text])
             text_metrics.write_rexrank_json(workdir / "rexrank_predictions.json", with_text, config.split)
+            compared = changes.change_scores([r["reference"] for r in with_text], [r["generated"] for r in with_text])
+            if compared["statements"]:  # references that compare with a prior study
+                extra["change_statements"] = compared
     else:
         parsed = [json_labels.parse_json_labels(r["generated"]) for r in records]
         predicted_rows = [p.as_row() for p in parsed]
@@ -140,7 +178,9 @@ def evaluate_label_files(config, reference_csv, predicted_csv, workdir) -> dict:
 
 
 def score_and_write(config, reference, predicted, workdir, extra=None) -> dict:
-    """Scores two LabelTables by the config's protocol; writes table.md, table.csv and results.json."""
+    """Scores two LabelTables by the config's protocol and the standard aggregates; writes table.md, table.csv and
+    results.json."""
+    extra = extra or {}
     paper = paper_tables.TABLES[config.paper_table]
     result = metrics.score_labels(
         reference.labels,
@@ -152,24 +192,38 @@ def score_and_write(config, reference, predicted, workdir, extra=None) -> dict:
         confidence=config.confidence,
         averages={label: findings for label, (findings, _) in paper.averages.items()},
     )
-    labeled_by = (extra or {}).get("labeler", "the label files given")
-    title = f"{paper.title}: ours on {config.dataset} / {config.split}, labels by {labeled_by}"
-    markdown = tables.markdown_table(result, paper, title)
-    if "text_metrics" in (extra or {}):
+    standard = metrics.standard_aggregates(reference.labels, predicted.labels, config.bootstrap_samples, config.seed,
+                                           config.confidence)
+    # The paper's figures sit beside ours only where we scored the paper's own test set.
+    paper_columns = config.dataset == paper.dataset and "scored" not in extra
+    title = _title(config, paper, extra.get("scored"), extra.get("labeler", "the label files given"), paper_columns)
+    markdown = tables.markdown_table(result, paper, title, standard, paper_columns)
+    if "text_metrics" in extra:
         markdown += tables.text_metrics_line(extra["text_metrics"])
+    markdown += model_metrics.summary_line(extra.get("model_metrics", {}))
     files.write_text_atomically(workdir / "table.md", markdown)
-    files.write_text_atomically(workdir / "table.csv", tables.csv_table(result, paper))
+    files.write_text_atomically(workdir / "table.csv", tables.csv_table(result, paper, standard, paper_columns))
     results = {
         "dataset": config.dataset,
         "split": config.split,
         "paper_table": config.paper_table,
-        **(extra or {}),
+        "title": title,
+        **extra,
         "reference_label_counts": _label_counts(reference.labels),
         "predicted_label_counts": _label_counts(predicted.labels),
         "result": result.to_dict(),
+        "standard": standard.to_dict(),
     }
     files.write_text_atomically(workdir / "results.json", json.dumps(results, indent=2))  # last: marks it done
     return results
+
+
+def _title(config, paper, scored, labeled_by, paper_columns) -> str:
+    if paper_columns:
+        return f"{paper.title}: ours on {config.dataset} / {config.split}, labels by {labeled_by}"
+    table = paper.title.split(".")[0]
+    return (f"F1 (95% CI) on {scored or f'{config.dataset} / {config.split}'}, labels by {labeled_by}; the protocol of "
+            f"the paper's {table} (its figures are for the {paper.dataset} test set and are not shown)")
 
 
 def _reference_rows(records, report_labeler):

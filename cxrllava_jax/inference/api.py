@@ -1,6 +1,6 @@
 """The released model's Python interface, batched: reports, differential diagnoses, questions and chat.
 
-    model = CXRLLaVA.from_pretrained("CXR-LLAVA-v2")      # the release's directory, or our checkpoint
+    model = CXRLLaVA.from_pretrained("ECOFRI/CXR-LLAVA-v2")   # a Hub id, the release's directory, or our checkpoint
     model.write_radiologic_report("cxr.png")
     model.write_radiologic_reports(["a.dcm", "b.png"], temperature=0.0)
     model.ask_question("Is there a pneumothorax?", "cxr.png")
@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from cxrllava_jax import hub
 from cxrllava_jax.convert import checkpoint, peft, release
 from cxrllava_jax.convert.layout import relayout
 from cxrllava_jax.domain import prompting
@@ -62,10 +63,13 @@ class CXRLLaVA:
                              **engine)
 
     @classmethod
-    def from_pretrained(cls, path, dtype: str | None = None, quantize: str | None = None,
-                        adapter=None) -> "CXRLLaVA":
+    def from_pretrained(cls, path, dtype: str | None = None, quantize: str | None = None, adapter=None, *,
+                        revision: str | None = None, token: str | bool | None = None,
+                        cache_dir=None) -> "CXRLLaVA":
         """Loads our checkpoint (tokenizer under CKPT/tokenizer) or the release's PyTorch directory
         (config.json with clip_vision_cfg, safetensors, tokenizer files), converting the latter on the fly.
+        `path` and `adapter` are directories or Hugging Face Hub ids (`OWNER/NAME[@REVISION]`, see `hub.resolve`:
+        `revision`, `token` and `cache_dir` go to `huggingface_hub`; an existing local directory wins).
 
         Tensors go to the devices one at a time (split over several devices by the logical-axis rules).
         `dtype`: parameter and compute dtype. By default accelerators get bfloat16 parameters (cast tensor by
@@ -77,7 +81,9 @@ class CXRLLaVA:
         Compiled programs are kept in the persistent compilation cache (see `compile_cache`).
         """
         compile_cache.enable()
-        path = Path(path)
+        path = hub.resolve(path, revision=revision, token=token, cache_dir=cache_dir)
+        if adapter is not None:
+            adapter = hub.resolve(adapter, token=token, cache_dir=cache_dir, what="adapter")
         if release.is_release_dir(path):
             config, tensors = release.iter_release(path)
             tokenizer_path, scan = path, False

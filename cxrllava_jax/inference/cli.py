@@ -23,11 +23,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cxrllava_jax import files
+from cxrllava_jax import files, hub
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.domain.images import is_dicom_file
 from cxrllava_jax.errors import ConfigError, InputError
-from cxrllava_jax.inference import compile_cache
+from cxrllava_jax.inference import compile_cache, sampling
 from cxrllava_jax.inference.engine import RELEASE_MAX_NEW_TOKENS, SamplingOptions
 from cxrllava_jax.models.quantize import KINDS
 
@@ -80,7 +80,9 @@ def complete_main(argv) -> int:
     from cxrllava_jax.inference.language_model import LanguageModel
 
     options = _options(args)
-    model = LanguageModel.from_checkpoint(args.checkpoint, dtype=args.dtype, adapter=args.adapter)
+    adapter = None if args.adapter is None else hub.resolve(args.adapter, what="--adapter")
+    model = LanguageModel.from_checkpoint(hub.resolve(args.checkpoint, what="--checkpoint"), dtype=args.dtype,
+                                          adapter=adapter)
     if args.chat:
         print(model.chat([{"role": "user", "content": args.text}], **options))
     else:
@@ -176,7 +178,8 @@ def _chat(args) -> int:
 def _parser(name: str, description: str, images: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"cxrllava {name}", description=description)
     parser.add_argument("--checkpoint", required=True, type=Path,
-                        help="our checkpoint directory or the release's PyTorch directory")
+                        help="our checkpoint directory, the release's PyTorch directory, or a Hub id of either "
+                             "(OWNER/NAME[@REVISION])")
     defaults = SamplingOptions()
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=defaults.top_p)
@@ -188,7 +191,7 @@ def _parser(name: str, description: str, images: bool = True) -> argparse.Argume
     parser.add_argument("--compilation-cache", metavar="DIR",
                         help="where compiled programs are kept ('off' to keep none; default: "
                              f"${compile_cache.ENV} or {compile_cache.default_directory()})")
-    parser.add_argument("--adapter", type=Path, help="a LoRA adapter directory (PEFT format) to apply to CKPT")
+    parser.add_argument("--adapter", type=Path, help="a LoRA adapter (PEFT format; a directory or Hub id) to apply to CKPT")
     if images:
         parser.add_argument("--allow-non-frontal", action="store_true",
                             help="read DICOM files whose tags say they are not frontal chest radiographs (the "
@@ -199,7 +202,10 @@ def _parser(name: str, description: str, images: bool = True) -> argparse.Argume
 def _options(args) -> dict:
     """The sampling keywords, range-checked now (before the model loads), and the input guard's override."""
     options = dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
-    SamplingOptions(**options)
+    try:
+        SamplingOptions(**options)
+    except sampling.SamplingError as error:  # the same ranges as the API's and the server's, named as flags
+        raise ConfigError(f"--{error.option.replace('_', '-')} {error.value}: must be {error.requirement}") from None
     if hasattr(args, "allow_non_frontal"):
         options["allow_non_frontal"] = args.allow_non_frontal
     return options
@@ -240,7 +246,9 @@ def _load(args):
     from cxrllava_jax.inference.api import CXRLLaVA
 
     compile_cache.enable(args.compilation_cache)
-    return CXRLLaVA.from_pretrained(args.checkpoint, dtype=args.dtype, quantize=args.quantize, adapter=args.adapter)
+    adapter = args.adapter and hub.resolve(args.adapter, what="--adapter")
+    return CXRLLaVA.from_pretrained(hub.resolve(args.checkpoint, what="--checkpoint"), dtype=args.dtype,
+                                    quantize=args.quantize, adapter=adapter)
 
 
 _echo = functools.partial(print, end="", flush=True)

@@ -31,8 +31,8 @@ import collections
 import dataclasses
 import functools
 import logging
-import math
 import threading
+import time
 from typing import Callable, Iterable, Iterator, Sequence
 
 import flax.struct
@@ -42,6 +42,7 @@ import numpy as np
 
 from cxrllava_jax.domain.prompting import PromptTooLongError
 from cxrllava_jax.errors import ConfigError, InputError
+from cxrllava_jax.inference import sampling
 from cxrllava_jax.inference.prefix_cache import DEFAULT_CACHE_BYTES, PrefixCache, image_digest, image_key
 from cxrllava_jax.models.cxr_llava import CXRLLaVAModel
 from cxrllava_jax.models.layers import dtype_of
@@ -65,12 +66,11 @@ class SamplingOptions:
     seed: int = 0
 
     def __post_init__(self):
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):  # NaN fails every comparison
-            raise ConfigError(f"temperature={self.temperature}: must be a finite number >= 0 (0 = greedy)")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p={self.top_p}: must be in (0, 1]")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
+        # One set of ranges for the API, the command line and the server (`sampling`), applied as the decoder reads
+        # them: a top_p or temperature too small for float32 means the top token, not no token.
+        values = sampling.checked(self.temperature, self.top_p, self.max_new_tokens, self.seed)
+        for name, value in zip(("temperature", "top_p", "max_new_tokens", "seed"), values):
+            object.__setattr__(self, name, value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,12 +122,16 @@ class Handle:
         self.cancelled = False
         self.cached_tokens = 0  # prompt positions reused from the prefix cache
         self.key: np.ndarray | None = None  # its prefix key (`Engine._plan`)
+        self.admitted_at: float | None = None  # time.monotonic() when it got its row, and its first token
+        self.first_token_at: float | None = None
 
     @property
     def done(self) -> bool:
         return self.completion is not None or self.error is not None
 
     def _extend(self, tokens: list[int]):
+        if tokens and self.first_token_at is None:
+            self.first_token_at = time.monotonic()
         self.tokens += tokens
         if tokens and self.on_tokens is not None and not self.cancelled:
             self.on_tokens(tokens)
@@ -705,7 +709,7 @@ class Engine:
                                temperature, top_p, keys, eos_id=self.spec.eos_id)
         for row, admission, token in zip(at, group, np.asarray(first).tolist()):
             handle = admission.handle
-            handle.key = admission.key
+            handle.key, handle.admitted_at = admission.key, time.monotonic()
             self.owners[row] = handle
             self.counts["prompt_tokens"] += len(handle.request.prompt)
             self.counts["cached_tokens"] += admission.start

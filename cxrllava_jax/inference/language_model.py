@@ -10,13 +10,13 @@ chat_template.jinja) with the generation prompt, and tokenizes it without adding
 temperature (0 = greedy), top_p, max_new_tokens, seed; it stops at the tokenizer's EOS.
 """
 
-from pathlib import Path
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cxrllava_jax import hub
 from cxrllava_jax.convert import checkpoint, peft
 from cxrllava_jax.convert.layout import relayout
 from cxrllava_jax.inference.engine import Engine, Request, SamplingOptions
@@ -35,8 +35,10 @@ class LanguageModel:
 
     @classmethod
     def from_checkpoint(cls, path, dtype: str | None = None, adapter=None) -> "LanguageModel":
-        """`adapter`: a LoRA adapter directory (PEFT format) folded into the weights as they load."""
-        path = Path(path)
+        """`path`: a checkpoint directory or a Hub id of one (`hub.resolve`). `adapter`: a LoRA adapter (PEFT
+        format; a directory or Hub id) folded into the weights as they load."""
+        path = hub.resolve(path)
+        adapter = None if adapter is None else hub.resolve(adapter, what="adapter")
         dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
         # Scanned layers: one compiled layer body, so a 30- or 80-layer model compiles in seconds.
         runtime = Runtime(dtype=dtype, param_dtype=dtype, scan=True)

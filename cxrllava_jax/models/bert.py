@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cxrllava_jax.models.configs import BertConfig, Runtime
-from cxrllava_jax.models.attention import attend
+from cxrllava_jax.models.attention import KeyMask, attend
 from cxrllava_jax.models.layers import BERT_STACK, apply_layers, dense, dtypes, layer_norm, partitioned
 
 
@@ -38,7 +38,8 @@ class Bert(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, token_type_ids=None):
-        """input_ids, attention_mask: [batch, length]. Returns (last hidden states, {"pooler_output"})."""
+        """input_ids, attention_mask: [batch, length], padded on the right as BERT tokenizers pad (real tokens
+        first). Returns (last hidden states, {"pooler_output"})."""
         cfg, rt = self.config, self.runtime
 
         def embed(num, name, axis_name):
@@ -52,7 +53,7 @@ class Bert(nn.Module):
              + embed(cfg.type_vocab_size, "token_type_embeddings", "classes")(token_type_ids)
              + embed(cfg.max_position_embeddings, "position_embeddings", "length")(positions))
         x = layer_norm(cfg.layer_norm_eps, rt, "embeddings_LayerNorm")(x)
-        mask = attention_mask.astype(bool)[:, None, None, :]
+        mask = KeyMask(attention_mask.astype(bool), right_padded=True)
         x, _ = apply_layers(BertLayer, dict(config=cfg, runtime=rt), x, None, mask, num_layers=cfg.num_layers,
                             scan=rt.scan, remat_policy=rt.remat_policy, name=BERT_STACK)
         kw = dict(use_bias=True, **dtypes(rt))

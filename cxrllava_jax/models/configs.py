@@ -17,7 +17,9 @@ class Runtime:
     param_dtype: str = "float32"  # float32 for training, bfloat16 is fine for inference
     scan: bool = False  # nn.scan over layers: one compiled layer body
     remat_policy: str = "none"  # see layers.remat_policy_of: what the backward pass keeps instead of recomputing
-    attention: str = "xla"  # attention kernel: 'xla', 'cudnn', 'splash' or 'auto' (see models/attention.py)
+    # Attention kernel: 'xla', 'cudnn', 'splash' or 'auto' (see models/attention.py). `auto` everywhere (training,
+    # inference, evaluation) so one rule picks the kernel: XLA on CPU, cuDNN or splash where they take the inputs.
+    attention: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,10 +113,18 @@ class CXRLLaVAConfig:
     image_mean: float = 0.5
     image_std: float = 0.5
     image_token_id: int = -200  # the release's placeholder id for `<image>`
+    # Token reduction for several images in one context: the ViT's grid averaged over pool x pool patches before
+    # the projector (2: 256 tokens an image instead of the release's 1,024). 1 (off) is the release.
+    projector_pool: int = 1
+
+    def __post_init__(self):
+        if self.projector_pool < 1 or self.vision.grid % self.projector_pool:
+            raise ValueError(f"projector_pool must be a divisor of the ViT's {self.vision.grid}-patch grid, got "
+                             f"{self.projector_pool}")
 
     @property
     def num_image_tokens(self) -> int:
-        return self.vision.grid**2
+        return (self.vision.grid // self.projector_pool) ** 2
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,9 +1,14 @@
 """CXR-LLaVA: image encoder -> projector -> image tokens spliced into LLaMA's input embeddings.
 
-Tokenisation expands the `<image>` placeholder into `num_image_tokens` copies of `image_token_id`, so
+Tokenisation expands each `<image>` placeholder into `num_image_tokens` copies of `image_token_id`, so
 every batch row holds its image positions at static offsets of a fixed-length sequence; the merge is
 a gather, not a Python loop over the batch. This reproduces the release's sequence exactly:
 text before `<image>`, then `grid*grid` projected patch tokens, then the rest of the text.
+
+A row may carry several images (a study: frontal, lateral, the prior): images [batch, slots, H, W, 1] are encoded
+as one [batch * slots] ViT batch and their tokens laid end to end, so the k-th image position of a row takes the
+k-th token of its images in slot order. A row with fewer `<image>` places than slots never reads the trailing
+slots (zeros), so the token ids are the mask.
 """
 
 import flax.linen as nn
@@ -35,11 +40,22 @@ class Projector(nn.Module):
         raise ValueError(f"projector must be 'linear' or 'mlp2x_gelu', got {self.kind!r}")
 
 
+def pool_tokens(tokens, pool: int):
+    """ViT patch tokens [n, grid*grid, width] averaged over pool x pool patches -> [n, (grid/pool)^2, width], in the
+    same row-major order; pool 1 returns them untouched."""
+    if pool == 1:
+        return tokens
+    n, count, width = tokens.shape
+    grid = round(count ** 0.5)
+    blocks = tokens.reshape(n, grid // pool, pool, grid // pool, pool, width)
+    return blocks.mean(axis=(2, 4), dtype=jnp.float32).astype(tokens.dtype).reshape(n, -1, width)
+
+
 def splice_image_features(text_embeds, image_features, is_image):
     """Puts image feature i at the i-th image position of each row.
 
-    text_embeds: [batch, length, hidden]; image_features: [batch, num_image_tokens, hidden];
-    is_image: [batch, length] bool with exactly num_image_tokens (or zero) True entries per row.
+    text_embeds: [batch, length, hidden]; image_features: [batch, slots * num_image_tokens, hidden];
+    is_image: [batch, length] bool with at most slots * num_image_tokens True entries per row.
     """
     order = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, image_features.shape[1] - 1)
     gathered = jnp.take_along_axis(image_features, order[..., None], axis=1)
@@ -59,11 +75,14 @@ class CXRLLaVAModel(nn.Module):
         self.llm = Llama(cfg.llama, self.runtime)
 
     def encode_images(self, images):
-        """[batch, H, W, 1] normalised -> [batch, num_image_tokens, llm hidden]."""
+        """[batch, H, W, 1] or [batch, slots, H, W, 1] normalised -> [batch, slots * num_image_tokens, llm hidden]."""
+        batch = images.shape[0]
+        images = images.reshape((-1, *images.shape[-3:]))
         # Tower outputs are pinned to batch sharding. Left to sharding propagation, XLA (jax 0.10.2) compiled
         # ViT -> projector on a (data, fsdp, tensor) mesh into a program that returned wrong rows.
         _, vision = self.img(images)
-        features, _ = self.projector(vision["tokens"])
+        features, _ = self.projector(pool_tokens(vision["tokens"], self.config.projector_pool))
+        features = features.reshape(batch, -1, features.shape[-1])
         return nn.with_logical_constraint(features, ("batch", "length", "embed"))
 
     def embed(self, tokens, image_features):

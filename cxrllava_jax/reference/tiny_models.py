@@ -139,3 +139,25 @@ def _built(name: str, build) -> Path:
         pass
     shutil.rmtree(staging, ignore_errors=True)
     return final
+
+
+def hub_cache(cache: Path, repo_id: str, source: Path, revision: str = "main") -> Path:
+    """Writes `source`'s files into the Hugging Face cache at `cache` as `huggingface_hub` lays out a download of
+    `repo_id` (blobs named by content hash, `snapshots/COMMIT/` linking to them, `refs/REVISION` naming COMMIT),
+    so that `HF_HUB_OFFLINE=1` resolves the id with no network. Returns the snapshot directory."""
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    digest = hashlib.sha1(repo_id.encode())
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(source)).encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    commit = digest.hexdigest()
+    snapshot = repo / "snapshots" / commit
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        blob = repo / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, blob)
+        link = snapshot / path.relative_to(source)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    return snapshot

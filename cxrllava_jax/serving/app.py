@@ -2,12 +2,14 @@
 
     GET  /                          the web page (page/)
     GET  /health                    {"status": "ok", "model", "waiting", "running", ..., "programs_compiled", ...}
+    GET  /metrics                   Prometheus metrics (serving/observability.py; each request is also logged)
     GET  /v1/models                 the one model served
     POST /v1/chat/completions       OpenAI chat completions; `stream: true` answers with server-sent events
     POST /v1/report                 multipart form with `file` (PNG, JPEG or DICOM) -> {"report": ...}
     POST /v1/differential-diagnosis the same -> {"differential_diagnosis": ...}
     POST /v1/preview                the image file as the body -> the 8-bit grayscale PNG the model's loader
-                                    decodes (DICOM windowed as its tags say), for the page's viewer
+                                    decodes (DICOM windowed as its tags say), for the page's viewer;
+                                    `?depth=full`: the image's own values for the viewer's window (preview.py)
 
 Every refusal is a 4xx JSON body in OpenAI's shape ({"error": {"message", "type", "param", "code"}}).
 Request content lives in memory only.
@@ -15,22 +17,26 @@ Request content lives in memory only.
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import importlib.resources
 import io
 import json
+import logging
 import time
 import uuid
 
 from python_multipart import create_form_parser
+from python_multipart.multipart import parse_options_header
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from cxrllava_jax.domain import prompting
-from cxrllava_jax.serving import compiles, requests, uploads
+from cxrllava_jax.serving import compiles, observability, preview, requests, uploads
 from cxrllava_jax.serving.admission import Admission
 from cxrllava_jax.serving.limits import Limits, RequestError
 from cxrllava_jax.serving.scheduler import Failed, Finished, Job, QueueFull, Scheduler, TextDelta
@@ -41,6 +47,7 @@ PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.
               "/style.css": ("style.css", "text/css")}
 PREVIEW_MAX_SIDE = 2048  # enough for a screen; the model sees its own preprocessing of the full image
 OWNER = "cxrllava-jax"
+log = logging.getLogger(__name__)
 
 
 def create_app(model, model_id: str, *, limits: Limits = Limits(), api_key: str | None = None,
@@ -77,13 +84,9 @@ def create_app(model, model_id: str, *, limits: Limits = Limits(), api_key: str 
 
     async def chat_completions(request: Request):
         authorize(request)
-        body = await _read_body(request, limits.max_body_bytes)
-        try:
-            parsed = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise RequestError(400, f"the request body is not valid JSON ({error})") from None
+        parsed = requests.read_json(await _read_body(request, limits.max_body_bytes))
         generation = requests.parse_chat(parsed, model_id, limits)
-        job, sink, prompt_tokens = await submit(generation)
+        job, sink, prompt_tokens = await submit(request, generation)
         reply = _ChatReply(model_id, prompt_tokens, model.provenance)
         if generation.stream:
             return StreamingResponse(_chat_events(job, sink, scheduler, reply, generation.include_usage),
@@ -94,7 +97,7 @@ def create_app(model, model_id: str, *, limits: Limits = Limits(), api_key: str 
         async def answer(request: Request):
             authorize(request)
             fields, files = await _read_form(request, limits)
-            job, sink, prompt_tokens = await submit(requests.parse_task(task, fields, files, limits))
+            job, sink, prompt_tokens = await submit(request, requests.parse_task(task, fields, files, limits))
             finished = await _final(request, job, sink, scheduler)
             return JSONResponse({"model": model_id, task: finished.text, "finish_reason": finished.finish_reason,
                                  "usage": _usage(prompt_tokens, finished.completion_tokens),
@@ -102,17 +105,25 @@ def create_app(model, model_id: str, *, limits: Limits = Limits(), api_key: str 
 
         return answer
 
-    async def preview(request: Request):
+    async def preview_image(request: Request):
         authorize(request)
         data = await _read_body(request, limits.max_image_bytes)
         image = uploads.from_upload(data, request.query_params.get("filename", ""), "body", limits)
-        return Response(await admission.run(image, "body", _preview_png, image), media_type="image/png")
+        allow = requests.form_flag(request.query_params, "allow_non_frontal")
+        depth = request.query_params.get("depth", "8")
+        if depth not in ("8", "full"):
+            raise RequestError(400, f"depth must be 8 (the model's view, a PNG) or full (the image's values), got "
+                                    f"{depth[:20]!r}", "depth")
+        # The full-depth view decodes the file a second time beside the 8-bit result: it is priced at two decodes.
+        priced = dataclasses.replace(image, decode_bytes=2 * image.decode_bytes) if depth == "full" else image
+        return await admission.run(priced, "body", _preview, image, allow, depth == "full")
 
-    async def submit(generation: requests.Generation):
+    async def submit(request: Request, generation: requests.Generation):
         prepared = await admission.run(generation.image, generation.image_field, requests.prepare, generation,
                                        model, limits)
         sink = _Sink(asyncio.get_running_loop())
         job = Job(prepared.prompt, prepared.pixels, generation.sampling, sink, stream=generation.stream)
+        observability.watch(request, job, len(prepared.prompt))
         try:
             scheduler.submit(job)
         except QueueFull as error:
@@ -131,9 +142,12 @@ def create_app(model, model_id: str, *, limits: Limits = Limits(), api_key: str 
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/report", task_endpoint("report"), methods=["POST"]),
         Route("/v1/differential-diagnosis", task_endpoint("differential_diagnosis"), methods=["POST"]),
-        Route("/v1/preview", preview, methods=["POST"]),
+        Route("/v1/preview", preview_image, methods=["POST"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan,
+    metrics = observability.Metrics(scheduler, programs)
+    routes.append(Route("/metrics", metrics.endpoint))
+    logged = Middleware(observability.AccessLog, metrics=metrics, routes={route.path for route in routes})
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[logged],
                     exception_handlers={RequestError: _refusal, HTTPException: _http_error})
     app.state.scheduler = scheduler
     return app
@@ -269,16 +283,22 @@ async def _read_body(request: Request, limit: int) -> bytes:
         raise RequestError(413, f"the request body is {int(declared):,} bytes; the server accepts at most {limit:,}",
                            code="request_too_large")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise RequestError(413, f"the request body is larger than the server's limit of {limit:,} bytes",
-                               code="request_too_large")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise RequestError(413, f"the request body is larger than the server's limit of {limit:,} bytes",
+                                   code="request_too_large")
+    except ClientDisconnect:  # nobody is left to answer: one line in the log, no traceback
+        client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+        log.warning("%s %s: %s hung up after %s of the request body's bytes", request.method, request.url.path,
+                    client, f"{len(body):,}")
+        raise RequestError(400, "the client disconnected while sending the request body") from None
     return bytes(body)
 
 
 async def _read_form(request: Request, limits: Limits) -> tuple[dict, dict]:
-    """multipart/form-data (or urlencoded) -> ({field: text}, {field: (filename, bytes)}), held in memory."""
+    """multipart/form-data (or urlencoded) -> ({field: [text]}, {field: [(filename, bytes)]}), held in memory."""
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         raise RequestError(400, f"expected a multipart/form-data upload with a 'file' field, got content type "
@@ -286,12 +306,18 @@ async def _read_form(request: Request, limits: Limits) -> tuple[dict, dict]:
     body = await _read_body(request, limits.max_body_bytes)
     fields, files = {}, {}
 
+    def counted(name: bytes | None, into: dict) -> list:
+        if sum(map(len, fields.values())) + sum(map(len, files.values())) >= requests.MAX_FORM_PARTS:
+            raise RequestError(400, f"the form has more than {requests.MAX_FORM_PARTS} fields")
+        return into.setdefault((name or b"").decode(errors="replace"), [])
+
     def on_field(field):
-        fields[field.field_name.decode()] = (field.value or b"").decode(errors="replace")
+        counted(field.field_name, fields).append((field.value or b"").decode(errors="replace"))
 
     def on_file(file):
         file.file_object.seek(0)
-        files[file.field_name.decode()] = ((file.file_name or b"").decode(errors="replace"), file.file_object.read())
+        counted(file.field_name, files).append(((file.file_name or b"").decode(errors="replace"),
+                                                file.file_object.read()))
 
     try:
         # Files stay in memory up to the body limit, which `body` is already within: nothing reaches the disk.
@@ -299,20 +325,28 @@ async def _read_form(request: Request, limits: Limits) -> tuple[dict, dict]:
                                     config={"MAX_MEMORY_FILE_SIZE": limits.max_body_bytes + 1})
         parser.write(body)
         parser.finalize()
+    except RequestError:
+        raise
     except Exception as error:  # python-multipart raises several types for malformed bodies
         raise RequestError(400, f"the form could not be parsed ({type(error).__name__}: {error})") from None
+    kind, options = parse_options_header(content_type)
+    if kind == b"multipart/form-data" and b"--" + options[b"boundary"] + b"--" not in body:
+        raise RequestError(400, "the form ends before its closing boundary: the upload was cut short")
     return fields, files
 
 
-def _preview_png(image: uploads.UploadedImage) -> bytes:
+def _preview(image: uploads.UploadedImage, allow_non_frontal: bool, full_depth: bool) -> Response:
     try:
-        gray = decode_grayscale(image.read_bytes(), image)
+        gray = decode_grayscale(image.read_bytes(), image, allow_non_frontal)
     except InputError as error:
-        raise RequestError(400, f"body: {error}", "body", "invalid_image") from error
+        raise requests.image_refusal(error, "body") from error
+    if full_depth:
+        values = preview.full_depth(image.read_bytes(), image.name, gray, PREVIEW_MAX_SIDE)
+        return Response(values.body(), media_type="application/octet-stream", headers=values.headers())
     gray.thumbnail((PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE))
     out = io.BytesIO()
     gray.save(out, format="PNG")
-    return out.getvalue()
+    return Response(out.getvalue(), media_type="image/png")
 
 
 async def _refusal(request: Request, error: RequestError) -> JSONResponse:
@@ -321,4 +355,5 @@ async def _refusal(request: Request, error: RequestError) -> JSONResponse:
 
 async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
     message = f"{request.method} {request.url.path}: {error.detail}"
-    return JSONResponse(RequestError(error.status_code, message).body(), status_code=error.status_code)
+    return JSONResponse(RequestError(error.status_code, message).body(), status_code=error.status_code,
+                        headers=error.headers)  # a 405's Allow among them

@@ -3,16 +3,19 @@
     cxrllava serve --checkpoint CKPT [--adapter DIR] [--host 127.0.0.1] [--port 8000] [--api-key-file FILE]
                    [--quantize int8|int4] [--cache-mb MB]
 
-Binds to localhost unless --host says otherwise; with --api-key-file every /v1 route needs
-`Authorization: Bearer KEY`. Stop with Ctrl-C.
+Binds to localhost unless --host says otherwise (`--port 0` picks a free port; the first line on stderr names the
+one bound); with --api-key-file every /v1 route needs `Authorization: Bearer KEY`. Every number is checked, and
+the port bound, before the model loads: a bad setting is one line and exit 1. Stop with Ctrl-C.
 """
 
 import argparse
+import logging
+import math
 import socket
 import sys
 from pathlib import Path
 
-from cxrllava_jax import files
+from cxrllava_jax import files, hub
 from cxrllava_jax.errors import ConfigError
 from cxrllava_jax.inference.prefix_cache import DEFAULT_CACHE_BYTES
 from cxrllava_jax.models.quantize import KINDS
@@ -23,8 +26,10 @@ def serve_main(argv) -> int:
     parser = argparse.ArgumentParser(prog="cxrllava serve", description="serve the model over HTTP: an "
                                      "OpenAI-compatible API and a web page")
     parser.add_argument("--checkpoint", required=True, type=Path,
-                        help="our checkpoint directory or the release's PyTorch directory")
-    parser.add_argument("--adapter", type=Path, help="a LoRA adapter directory (PEFT format) to apply to CKPT")
+                        help="our checkpoint directory, the release's PyTorch directory, or a Hub id of either "
+                             "(OWNER/NAME[@REVISION])")
+    parser.add_argument("--adapter", type=Path, help="a LoRA adapter (PEFT format; a directory or Hub id) to apply to "
+                        "CKPT")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--api-key-file", type=Path, help="a file holding the bearer key clients must send")
@@ -42,13 +47,12 @@ def serve_main(argv) -> int:
     parser.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels)
     parser.add_argument("--max-prompt-tokens", type=int, help="default: what fits the model's context")
     parser.add_argument("--max-output-tokens", type=int, default=defaults.max_output_tokens)
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="the access log (one line per request on stderr) and other log lines: key=value text "
+                             "or one JSON object per line")
     args = parser.parse_args(argv)
+    limits = _limits(args)
     api_key = _read_api_key(args.api_key_file) if args.api_key_file else None
-    try:
-        limits = Limits(max_image_bytes=int(args.max_image_mb * MIB), max_image_pixels=args.max_image_pixels,
-                        max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens)
-    except ValueError as error:
-        raise ConfigError(str(error)) from error
     try:
         listener = socket.create_server((args.host, args.port))
     except OSError as error:
@@ -64,17 +68,40 @@ def _serve(args, listener: socket.socket, limits: Limits, api_key: str | None) -
     import uvicorn
 
     from cxrllava_jax.inference.api import CXRLLaVA
+    from cxrllava_jax.serving import observability
     from cxrllava_jax.serving.app import create_app
 
-    model = CXRLLaVA.from_pretrained(args.checkpoint, dtype=args.dtype, quantize=args.quantize, adapter=args.adapter)
+    adapter = None if args.adapter is None else hub.resolve(args.adapter, what="--adapter")
+    model = CXRLLaVA.from_pretrained(hub.resolve(args.checkpoint, what="--checkpoint"), dtype=args.dtype,
+                                     quantize=args.quantize, adapter=adapter)
     name = args.model_name or args.checkpoint.resolve().name
     app = create_app(model, name, limits=limits, api_key=api_key, max_batch_size=args.max_batch_size,
                      max_queue=args.max_queue, cache_bytes=int(args.cache_mb * MIB))
     host, port = listener.getsockname()[:2]
-    print(f"cxrllava serve: model {name!r} at http://{_url_host(host)}:{port}/ (Ctrl-C stops)", file=sys.stderr,
-          flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
+    observability.configure_logging(args.log_format)
+    started = f"cxrllava serve: model {name!r} at http://{_url_host(host)}:{port}/ (Ctrl-C stops)"
+    if args.log_format == "json":  # then every line on stderr is a JSON object
+        logging.getLogger("cxrllava.serve").info(started)
+    else:
+        print(started, file=sys.stderr, flush=True)
+    # uvicorn's own warnings and errors go through the handlers configure_logging set (log_config=None).
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", log_config=None)).run(sockets=[listener])
     return 0
+
+
+def _limits(args) -> Limits:
+    """The numeric flags, each refused by name when out of its range, as the server's Limits."""
+    ranges = {"--port": (args.port, 0, 65535), "--max-batch-size": (args.max_batch_size, 1, None),
+              "--max-queue": (args.max_queue, 1, None), "--max-image-pixels": (args.max_image_pixels, 1, None),
+              "--max-prompt-tokens": (args.max_prompt_tokens, 1, None),
+              "--max-output-tokens": (args.max_output_tokens, 1, None)}
+    for flag, (value, low, high) in ranges.items():
+        if value is not None and not (low <= value and (high is None or value <= high)):
+            raise ConfigError(f"{flag} {value}: must be " + (f"in {low}..{high}" if high is not None else f">= {low}"))
+    if not (math.isfinite(args.max_image_mb) and args.max_image_mb * MIB >= 1):
+        raise ConfigError(f"--max-image-mb {args.max_image_mb}: must be a positive size in MiB")
+    return Limits(max_image_bytes=int(args.max_image_mb * MIB), max_image_pixels=args.max_image_pixels,
+                  max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens)
 
 
 def _read_api_key(path: Path) -> str:

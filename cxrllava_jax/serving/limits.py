@@ -15,6 +15,9 @@ class Limits:
     max_decode_bytes: int = 512 * MIB
     max_prompt_tokens: int | None = None  # None: whatever fits the model's context
     max_output_tokens: int = RELEASE_MAX_NEW_TOKENS
+    # The conversation's text, refused before it is tokenized: 64 characters a token would not fit the release's
+    # context of 4,096 tokens (English text averages about 4).
+    max_text_chars: int = 256 * 1024
 
     @property
     def max_body_bytes(self) -> int:

@@ -61,6 +61,15 @@ class Job:
     stream: bool = False
     handle: engine.Handle | None = None
 
+    # time.monotonic() when it joined the batch and when its first token came: the access log and metrics read them
+    @property
+    def admitted_at(self) -> float | None:
+        return None if self.handle is None else self.handle.admitted_at
+
+    @property
+    def first_token_at(self) -> float | None:
+        return None if self.handle is None else self.handle.first_token_at
+
 
 class QueueFull(Exception):
     pass

@@ -17,6 +17,12 @@ from cxrllava_jax.serving.limits import Limits, RequestError
 # What a data: URL or an upload may hold, and the suffix that tells the loader which decoder to use.
 MEDIA_SUFFIXES = {"image/png": ".png", "image/jpeg": ".jpg", "image/jpg": ".jpg", "application/dicom": ".dcm"}
 FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+# What the first bytes say a file is (DICOM: "DICM" after a 128-byte preamble; a DICOM without one has no signature).
+_MAGIC = {"image/png": lambda data: data.startswith(b"\x89PNG\r\n\x1a\n"),
+          "image/jpeg": lambda data: data.startswith(b"\xff\xd8\xff"),
+          "application/dicom": lambda data: data[128:132] == b"DICM"}
+_BASE64_SPACE = b" \t\r\n"  # MIME base64 breaks lines; the line breaks are no data
+MAX_NAME_CHARS = 200  # of an uploaded file's name, as errors show it
 _DATA_URL = re.compile(r"data:(?P<type>[^;,]*)(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)", re.DOTALL)
 
 
@@ -51,15 +57,21 @@ def from_data_url(url, field: str, limits: Limits) -> UploadedImage:
     if len(match["data"]) > limits.max_image_bytes * 4 // 3 + 4:
         raise _too_big(field, limits)
     try:
-        data = base64.b64decode(match["data"], validate=True)
-    except (binascii.Error, ValueError) as error:
-        raise RequestError(400, f"{field}: the data: URL is not valid base64 ({error})", field) from error
-    return checked(UploadedImage(data, "image" + MEDIA_SUFFIXES[media_type]), field, limits)
+        data = base64.b64decode(match["data"].encode("ascii").translate(None, _BASE64_SPACE), validate=True)
+    except (binascii.Error, ValueError) as error:  # a non-ASCII character is a ValueError (UnicodeEncodeError)
+        reason = "it holds a character outside base64's alphabet" if isinstance(error, UnicodeError) else error
+        raise RequestError(400, f"{field}: the data: URL is not valid base64 ({reason})", field) from None
+    # A mislabelled file (a PNG sent as application/dicom) is read as what its first bytes say it is: the name's
+    # suffix picks the decoder, and the declared type only decides for bytes without a signature.
+    actual = next((kind for kind, looks_like in _MAGIC.items() if looks_like(data)), media_type)
+    return checked(UploadedImage(data, "image" + MEDIA_SUFFIXES[actual]), field, limits)
 
 
 def from_upload(data: bytes, filename: str, field: str, limits: Limits) -> UploadedImage:
     """An uploaded file; its name keeps a known image suffix so that DICOM without a preamble still decodes."""
     name = filename or "upload"
+    if len(name) > MAX_NAME_CHARS:  # the name only labels errors; its suffix (kept) picks the decoder
+        name = name[:MAX_NAME_CHARS // 2] + "..." + name[-MAX_NAME_CHARS // 2:]
     if not name.lower().endswith(FILE_SUFFIXES) and data[128:132] == b"DICM":
         name += ".dcm"
     return checked(UploadedImage(data, name), field, limits)

@@ -15,7 +15,7 @@ import numpy as np
 
 from cxrllava_jax import sharding
 from cxrllava_jax.training import data as stage_data
-from cxrllava_jax.training import initial_weights
+from cxrllava_jax.training import initial_weights, model_cards
 from cxrllava_jax.training import workdir as run_records
 from cxrllava_jax.training.checkpoints import RunCheckpoints
 from cxrllava_jax.training.reporting import Reporter
@@ -34,6 +34,7 @@ def train_and_evaluate(cfg, workdir) -> dict:
     workdir = Path(workdir)
     run_records.check_config(cfg)
     run_records.check_stage(workdir, cfg)
+    cfg = run_records.with_local_models(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
     writer = jax.process_index() == 0  # one process writes what is not a checkpoint
     if writer and not (workdir / run_records.SUMMARY).exists():  # a finished run's record is kept (below)
@@ -97,6 +98,7 @@ def train_and_evaluate(cfg, workdir) -> dict:
     summary = {"stage": cfg.stage, "steps": step, "eval": last_eval, "best_step": checkpoints.best_step()}
     if writer:
         task.export(workdir / "model", final_params)
+        model_cards.write_cards(workdir, cfg, task.export_kind, step)
         run_records.record_summary(workdir, summary)
     checkpoints.close()
     reporter.close()

@@ -11,11 +11,12 @@ import json
 import math
 from pathlib import Path
 
-from cxrllava_jax import files
+from cxrllava_jax import files, hub
 from cxrllava_jax.errors import ConfigError, MismatchError
 from cxrllava_jax.training.tasks import TASKS
 
 CONFIG, SUMMARY = "config.json", "summary.json"
+MODEL_REFERENCES = ("checkpoint", "release", "llama", "bert")  # config.init fields that name a model
 
 # (key, test, what it must be): checked in this order, the first failure named.
 _POSITIVE = ("data.batch_size", "data.eval_batch_size", "data.seq_length", "data.text_length", "log_every_steps",
@@ -36,6 +37,16 @@ def check_config(cfg):
     _check(cfg, "data.max_bad_fraction", lambda v: 0 <= v < 1, "in [0, 1)")
     _check(cfg, "data.image_mode", lambda v: v in ("crop", "pad"), "'crop' or 'pad'")
     _check(cfg, "checkpoint.best_mode", lambda v: v in ("min", "max"), "'min' or 'max'")
+
+
+def with_local_models(cfg):
+    """A copy of `cfg` whose `config.init.*` model references (directories or Hugging Face Hub ids) are the local
+    directories they name, resolved once (downloaded when need be) before any part of the run reads them."""
+    resolved = cfg.copy_and_resolve_references()
+    for key in MODEL_REFERENCES:
+        if key in resolved.get("init", {}) and resolved.init[key]:
+            resolved.init[key] = str(hub.resolve(resolved.init[key], what=f"config.init.{key}"))
+    return resolved
 
 
 def _check(cfg, key: str, ok, expected: str):

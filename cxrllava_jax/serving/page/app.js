@@ -3,7 +3,10 @@
 
 const config = JSON.parse(document.getElementById("server-config").textContent);
 const $ = (id) => document.getElementById(id);
-const state = { imageUrl: null, pixels: null, messages: [], controller: null, report: "" };
+// `image`: the radiograph the conversation is about ({name, url, allowNonFrontal}), null while none is usable.
+// `loading` counts files chosen: a file read after a later one was chosen is dropped.
+// `task`: the button that began the conversation (its first answer is the report the copy button copies).
+const state = { image: null, pixels: null, messages: [], task: null, controller: null, report: "", loading: 0 };
 
 // ------------------------------------------------------------------ choosing an image
 
@@ -29,27 +32,59 @@ function mediaType(file, bytes) {
 }
 
 async function load(file) {
-  stop();
+  // The previous image, its conversation and every button acting on it go first: whatever happens to this
+  // file, nothing can be asked about an image the file chooser no longer shows.
+  const ticket = ++state.loading;
+  forgetImage();
   setStatus(`Reading ${file.name}...`);
-  const bytes = new Uint8Array(await file.arrayBuffer());
+  const allowNonFrontal = $("allow-non-frontal").checked;
+  let bitmap, depth, url;
   try {
+    const bytes = new Uint8Array(await file.arrayBuffer());
     // The server decodes it as the model will (DICOM windowed by its tags) and returns an 8-bit PNG to show.
-    const response = await fetch(`/v1/preview?filename=${encodeURIComponent(file.name)}`,
-                                 { method: "POST", headers: headers(), body: bytes });
+    const query = new URLSearchParams({ filename: file.name, allow_non_frontal: allowNonFrontal });
+    const response = await fetch(`/v1/preview?${query}`, { method: "POST", headers: headers(), body: bytes });
     if (!response.ok) throw new Error(await errorText(response));
-    const bitmap = await createImageBitmap(await response.blob());
-    showImage(bitmap, file.name);
+    bitmap = await createImageBitmap(await response.blob());
+    // Without the values (a busy server, an image past its memory budget) the picture is still shown, unwindowed.
+    depth = await fullDepth(bytes, query).catch(() => null);
+    url = `data:${mediaType(file, bytes)};base64,${await base64(file)}`;
   } catch (error) {
-    setStatus(`Cannot use ${file.name}: ${error.message}`, true);
+    if (ticket === state.loading) {
+      $("file").value = "";  // the chooser shows no file that is not the one loaded (and the same file can be chosen again)
+      setStatus(`Cannot use ${file.name}, so no image is loaded: ${forThePage(error.message)}`, true);
+    }
     return;
   }
-  state.imageUrl = `data:${mediaType(file, bytes)};base64,${await base64(file)}`;
+  if (ticket !== state.loading) return;
+  state.image = { name: file.name, url, allowNonFrontal };
+  showImage(bitmap, file.name, depth);
+  $("subject").textContent = `Image: ${file.name}`;
+  enable({ tasks: true, question: true });
+  setStatus(`${file.name} loaded. Write a report, ask for a differential diagnosis, or ask a question.`);
+}
+
+// The server's advice names its request field; on the page, the setting is what sends it.
+function forThePage(message) {
+  return message.replace(/to read it anyway, send allow_non_frontal.*$/s,
+                         'to read it anyway, tick "Read DICOM files whose tags say..." under Settings and choose the file again.');
+}
+
+function forgetImage() {
+  stop();
+  state.image = null;
+  state.pixels = null;
   state.messages = [];
+  state.task = null;
   state.report = "";
   $("conversation").replaceChildren();
-  enable({ tasks: true, question: false });
+  const canvas = $("image");
+  canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+  canvas.setAttribute("aria-label", "No image loaded");
+  $("window-controls").disabled = true;
+  $("subject").textContent = "No image loaded";
   $("copy-button").disabled = true;
-  setStatus(`${file.name} loaded. Write a report or ask for a differential diagnosis.`);
+  enable({ tasks: false, question: false });
 }
 
 function base64(file) {
@@ -63,44 +98,76 @@ function base64(file) {
 
 // ------------------------------------------------------------------ the viewer: window level and width
 
-function showImage(bitmap, name) {
+// The canvas first shows the loader's 8-bit picture: what the model sees. The sliders window the image's own
+// values (16-bit PNG or TIFF, DICOM after its modality LUT; from /v1/preview?depth=full), in the file's units, so
+// no gray level the 8-bit picture merged is lost; "Reset window" returns to the model's picture.
+async function fullDepth(bytes, query) {
+  const response = await fetch(`/v1/preview?${query}&depth=full`, { method: "POST", headers: headers(), body: bytes });
+  if (!response.ok) throw new Error(await errorText(response));
+  const number = (name) => +response.headers.get(name);
+  const codes = new Uint16Array(await response.arrayBuffer());
+  let top = 0;
+  for (const code of codes) if (code > top) top = code;
+  return { codes, width: number("X-Image-Width"), height: number("X-Image-Height"), offset: number("X-Value-Offset"),
+           scale: number("X-Value-Scale"), low: number("X-Window-Low"), high: number("X-Window-High"),
+           invert: response.headers.get("X-Invert") === "1", top: number("X-Value-Offset") + top / number("X-Value-Scale") };
+}
+
+function showImage(bitmap, name, depth) {
   const canvas = $("image");
   canvas.width = bitmap.width;
   canvas.height = bitmap.height;
   const ctx = canvas.getContext("2d");
   ctx.drawImage(bitmap, 0, 0);
-  const rgba = ctx.getImageData(0, 0, canvas.width, canvas.height);
-  const gray = new Uint8Array(canvas.width * canvas.height);
-  for (let i = 0; i < gray.length; i++) gray[i] = rgba.data[4 * i];
-  state.pixels = { rgba, gray };
+  state.pixels = { model: ctx.getImageData(0, 0, canvas.width, canvas.height), depth };
   canvas.setAttribute("aria-label", `Chest radiograph ${name}, ${bitmap.width} by ${bitmap.height} pixels`);
+  if (!depth) return;
+  // Integer values step by one; others by a thousandth of their range.
+  const range = Math.max(depth.top - depth.offset, 1e-9);
+  const step = depth.scale === 1 ? 1 : range / 1000;
+  Object.assign($("level"), { min: depth.offset, max: depth.top, step });
+  Object.assign($("width"), { min: step, max: range, step });
   $("window-controls").disabled = false;
   resetWindow();
 }
 
 function render() {
-  if (!state.pixels) return;
+  if (!state.pixels?.depth) return;
   const level = +$("level").value, width = +$("width").value, invert = $("invert").checked;
-  $("level-value").value = level;
-  $("width-value").value = width;
-  const lut = new Uint8ClampedArray(256);
-  for (let v = 0; v < 256; v++) {
-    const y = ((v - (level - width / 2)) / width) * 255;
-    lut[v] = invert ? 255 - y : y;
+  showWindow();
+  const { codes, width: columns, height: rows, offset, scale } = state.pixels.depth;
+  const lut = new Uint8ClampedArray(65536);
+  const bottom = level - width / 2;
+  for (let code = 0; code < 65536; code++) {
+    const y = ((offset + code / scale - bottom) / width) * 255;
+    lut[code] = invert !== state.pixels.depth.invert ? 255 - y : y;  // MONOCHROME1 is dark where values are high
   }
-  const { rgba, gray } = state.pixels;
-  for (let i = 0; i < gray.length; i++) {
-    const y = lut[gray[i]];
-    rgba.data[4 * i] = rgba.data[4 * i + 1] = rgba.data[4 * i + 2] = y;
+  const canvas = $("image");
+  if (canvas.width !== columns || canvas.height !== rows) Object.assign(canvas, { width: columns, height: rows });
+  const image = new ImageData(columns, rows);
+  for (let i = 0; i < codes.length; i++) {
+    image.data[4 * i] = image.data[4 * i + 1] = image.data[4 * i + 2] = lut[codes[i]];
+    image.data[4 * i + 3] = 255;
   }
-  $("image").getContext("2d").putImageData(rgba, 0, 0);
+  canvas.getContext("2d").putImageData(image, 0, 0);
+}
+
+function showWindow() {
+  const shown = (value) => String(+(+value).toPrecision(6));
+  $("level-value").value = shown($("level").value);
+  $("width-value").value = shown($("width").value);
 }
 
 function resetWindow() {
-  $("level").value = 128;
-  $("width").value = 256;
+  if (!state.pixels?.depth) return;
+  const { low, high } = state.pixels.depth;
+  $("level").value = (low + high) / 2;
+  $("width").value = high - low;
   $("invert").checked = false;
-  render();
+  showWindow();
+  const canvas = $("image");
+  Object.assign(canvas, { width: state.pixels.model.width, height: state.pixels.model.height });
+  canvas.getContext("2d").putImageData(state.pixels.model, 0, 0);
 }
 
 for (const id of ["level", "width", "invert"]) $(id).addEventListener("input", render);
@@ -108,22 +175,23 @@ $("reset-window").addEventListener("click", resetWindow);
 let drag = null;
 $("image").addEventListener("pointerdown", (e) => {
   if (!state.pixels) return;
-  drag = { x: e.clientX, y: e.clientY, level: +$("level").value, width: +$("width").value };
+  drag = { x: e.clientX, y: e.clientY, level: +$("level").value, width: +$("width").value,
+           perPixel: (+$("width").max) / $("image").clientWidth };
   $("image").setPointerCapture(e.pointerId);
 });
 $("image").addEventListener("pointermove", (e) => {
   if (!drag) return;
-  $("width").value = drag.width + (e.clientX - drag.x);
-  $("level").value = drag.level + (e.clientY - drag.y);
+  $("width").value = drag.width + (e.clientX - drag.x) * drag.perPixel;
+  $("level").value = drag.level + (e.clientY - drag.y) * drag.perPixel;
   render();
 });
 $("image").addEventListener("pointerup", () => { drag = null; });
 
 // ------------------------------------------------------------------ the conversation
 
-$("report-button").addEventListener("click", () => startTask(config.prompts.report, "Write a report"));
+$("report-button").addEventListener("click", () => startTask(config.prompts.report, "Write a report", "report"));
 $("differential-button").addEventListener("click",
-  () => startTask(config.prompts.differential_diagnosis, "Differential diagnosis"));
+  () => startTask(config.prompts.differential_diagnosis, "Differential diagnosis", "differential diagnosis"));
 $("stop-button").addEventListener("click", stop);
 $("question-form").addEventListener("submit", (e) => { e.preventDefault(); ask(); });
 $("question").addEventListener("keydown", (e) => {
@@ -131,10 +199,12 @@ $("question").addEventListener("keydown", (e) => {
 });
 $("copy-button").addEventListener("click", copyReport);
 
-function startTask(prompt, shown) {
-  state.messages = [{ role: "user", content: [{ type: "text", text: prompt },
-                                              { type: "image_url", image_url: { url: state.imageUrl } }] }];
+function startTask(prompt, shown, task) {
+  if (!state.image || state.controller) return;
+  state.messages = [firstTurn(prompt)];
+  state.task = task;
   state.report = "";
+  $("copy-button").disabled = true;
   $("conversation").replaceChildren();
   addMessage("user", shown);
   answer();
@@ -142,48 +212,73 @@ function startTask(prompt, shown) {
 
 function ask() {
   const question = $("question").value.trim();
-  if (!question || !state.messages.length || state.controller) return;
+  if (!question || !state.image || state.controller) return;
   $("question").value = "";
-  state.messages.push({ role: "user", content: question });
+  // A question may come first: the image then goes with it, as with a task's prompt.
+  if (!state.messages.length) state.task = null;
+  state.messages.push(state.messages.length ? { role: "user", content: question } : firstTurn(question));
   addMessage("user", question);
   answer();
 }
 
+function firstTurn(text) {
+  return { role: "user", content: [{ type: "text", text }, { type: "image_url", image_url: { url: state.image.url } }] };
+}
+
 async function answer() {
-  const bubble = addMessage("assistant", "");
+  const image = state.image;  // what this answer is about; if another file is chosen meanwhile, it is dropped
+  const current = () => state.image === image;
+  const bubble = addMessage("assistant", "", image.name);
   bubble.setAttribute("aria-busy", "true");
   state.controller = new AbortController();
   enable({ tasks: false, question: false });
   $("stop-button").disabled = false;
-  setStatus("Writing...");
   let text = "", finish = null;
+  // The first words can take long: a new server compiles its programs for each new shape of request.
+  const started = Date.now();
+  const waiting = () => setStatus(`Waiting for the first words about ${image.name} (${Math.round((Date.now() - started) / 1000)} s; ` +
+                                  "a request of a new shape first compiles the model, which can take a minute)...");
+  waiting();
+  const ticker = setInterval(() => { if (current() && !text) waiting(); }, 1000);
   try {
     const response = await fetch("/v1/chat/completions", {
       method: "POST", signal: state.controller.signal,
       headers: { ...headers(), "Content-Type": "application/json" },
       body: JSON.stringify({ model: config.model, messages: state.messages, stream: true,
-                             temperature: +$("temperature").value, max_tokens: +$("max-tokens").value }),
+                             temperature: +$("temperature").value, max_tokens: +$("max-tokens").value,
+                             allow_non_frontal: image.allowNonFrontal }),
     });
     if (!response.ok) throw new Error(await errorText(response));
     for await (const event of serverSentEvents(response)) {
       if (event.error) throw new Error(event.error.message);
       const choice = event.choices[0];
-      if (choice.delta.content) { text += choice.delta.content; bubble.textContent = text; }
+      if (choice.delta.content) {
+        if (!text) setStatus(`Writing about ${image.name}...`);
+        text += choice.delta.content;
+        bubble.textContent = text;
+      }
       if (choice.finish_reason) finish = choice.finish_reason;
     }
+    if (!current()) return;
     state.messages.push({ role: "assistant", content: text });
-    if (state.messages.length === 2) { state.report = text; $("copy-button").disabled = false; }
-    setStatus(finish === "length" ? "Done (stopped at the answer length limit)." : "Done.");
+    const task = state.messages.length === 2 ? state.task : null;
+    if (task) { state.report = text; $("copy-button").disabled = false; }
+    setStatus(`Done: the ${task || "answer"} about ${image.name}` +
+              (finish === "length" ? " (stopped at the answer length limit)." : "."));
   } catch (error) {
+    if (!current()) return;
     state.messages.pop();  // the question goes unanswered; it can be asked again
     const stopped = error.name === "AbortError";
     bubble.textContent = text + (stopped ? " [stopped]" : "");
     setStatus(stopped ? "Stopped." : `The server refused: ${error.message}`, !stopped);
   } finally {
+    clearInterval(ticker);
     bubble.removeAttribute("aria-busy");
-    state.controller = null;
-    $("stop-button").disabled = true;
-    enable({ tasks: true, question: state.messages.length > 0 });
+    if (current()) {
+      state.controller = null;
+      $("stop-button").disabled = true;
+      enable({ tasks: true, question: true });
+    }
   }
 }
 
@@ -206,6 +301,8 @@ async function* serverSentEvents(response) {
 
 function stop() {
   if (state.controller) state.controller.abort();
+  state.controller = null;
+  $("stop-button").disabled = true;
 }
 
 async function copyReport() {
@@ -219,28 +316,35 @@ async function copyReport() {
     document.execCommand("copy");
     area.remove();
   }
-  setStatus("Report copied to the clipboard.");
+  setStatus(`The report about ${state.image.name} is copied to the clipboard.`);
 }
 
 // ------------------------------------------------------------------ small helpers
 
-function addMessage(role, text) {
+function addMessage(role, text, about = null) {
   const item = document.createElement("li");
   item.className = `message ${role}`;
   const who = document.createElement("span");
   who.className = "who";
   who.textContent = role === "user" ? "You" : "CXR-LLaVA";
+  item.append(who);
+  if (about !== null) {  // every answer names the image it is about
+    const name = document.createElement("span");
+    name.className = "about";
+    name.textContent = about;
+    item.append(" about ", name);
+  }
   const body = document.createElement("p");
   body.textContent = text;
-  item.append(who, body);
+  item.append(body);
   $("conversation").append(item);
   return body;
 }
 
 function enable({ tasks, question }) {
-  const haveImage = state.imageUrl !== null;
+  const haveImage = state.image !== null;
   $("report-button").disabled = $("differential-button").disabled = !(tasks && haveImage);
-  $("question").disabled = $("ask-button").disabled = !question;
+  $("question").disabled = $("ask-button").disabled = !(question && haveImage);
 }
 
 function headers() {

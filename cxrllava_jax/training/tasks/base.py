@@ -2,7 +2,7 @@
 
 import abc
 import dataclasses
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import jax
 import jax.numpy as jnp
@@ -14,14 +14,17 @@ from cxrllava_jax.domain import images
 from cxrllava_jax.errors import ConfigError
 from cxrllava_jax.models import configs as mc
 from cxrllava_jax.training.optim import build_optimizer
-from input_pipeline import pipelines, tfds_builders
+from input_pipeline import pipelines
+
+if TYPE_CHECKING:  # TFDS loads only where stored records are read (a GPU node's image may not have it)
+    from input_pipeline import tfds_builders
 
 
 @dataclasses.dataclass
 class Example:
     """One training example before encoding: an image plus the stage's target (label, text or conversation)."""
 
-    image: str | tfds_builders.StoredImage
+    image: "str | tfds_builders.StoredImage"
     label: int = 0
     text: str = ""
     conversation: list | None = None

@@ -40,7 +40,8 @@ class ContrastiveTask(Task):
         path = self.cfg.data.text_tokenizer or self.cfg.init.bert
         if not path:
             raise ConfigError("stage 1B needs config.data.text_tokenizer (or config.init.bert): a BERT tokenizer dir")
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        # Padding on the right is what the text tower's attention promises its kernels (models/bert.py).
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, padding_side="right")
         check_vocabulary(tokenizer, self.config.text.vocab_size, path)
 
         def encode(e):

@@ -16,6 +16,7 @@ from pathlib import Path
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cxrllava_jax import hub
 from cxrllava_jax.convert import peft
 from cxrllava_jax.convert.mapping import ConversionError
 from cxrllava_jax.models import lora
@@ -82,8 +83,8 @@ class FinetuneTask(InstructionTask):
 
     def export(self, path, params):
         try:
-            peft.save_peft(Path(path).parent / "adapter", params, self.settings,
-                           self.cfg.init.release or self.cfg.init.checkpoint)
+            base = self.cfg.init.release or self.cfg.init.checkpoint
+            peft.save_peft(Path(path).parent / "adapter", params, self.settings, hub.hub_id(base) or base)
         except ConversionError as reason:
             print(f"[stage finetune] no PEFT adapter written: {reason}", flush=True)
         super().export(path, lora.merge(params, self.settings))

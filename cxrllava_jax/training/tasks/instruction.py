@@ -2,6 +2,10 @@
 
 2A (alignment) sees one report conversation per study, 2B (instruction tuning) every instruction conversation;
 they differ otherwise only in what `config.frozen` holds.
+
+With `config.data.max_images` > 1 (studies: conversation files with `"image": [..]` lists) a batch's images are
+[batch, max_images, size, size, 1], a row's images in its `<image>` places' order and zeros after them; the model
+reads as many slots as the row's tokens have places (models/cxr_llava.py), so the tokens are the mask.
 """
 
 import dataclasses
@@ -14,14 +18,15 @@ import optax
 
 from cxrllava_jax.convert import checkpoint as model_checkpoint
 from cxrllava_jax.convert import hf_llama
-from cxrllava_jax.domain import prompting
+from cxrllava_jax.domain import images, prompting
 from cxrllava_jax.domain.tokenizer import check_vocabulary, load_tokenizer
-from cxrllava_jax.errors import InputError
+from cxrllava_jax.errors import ConfigError, InputError
 from cxrllava_jax.models import configs as mc
 from cxrllava_jax.models.cxr_llava import CXRLLaVAModel
 from cxrllava_jax.training.metrics import averages
 from cxrllava_jax.training.tasks.base import Example, Task, preset, runtime, vision_config
 from input_pipeline import instructions, pipelines
+from input_pipeline.records import image_paths
 
 
 def language_model_config(cfg) -> mc.LlamaConfig:
@@ -50,6 +55,7 @@ class InstructionTask(Task):
         self.config = self.model_config()
         self.model = self.build_model()
         self.seq_length = cfg.data.seq_length
+        self.max_images = cfg.data.max_images
         self.tokenizer_dir = self.find_tokenizer()
 
     # What a subclass that starts from a finished model (fine-tuning) replaces.
@@ -58,7 +64,7 @@ class InstructionTask(Task):
         cfg = self.cfg
         return mc.CXRLLaVAConfig(vision=vision_config(cfg), llama=language_model_config(cfg),
                                  projector=cfg.model.projector, image_mean=cfg.data.image_mean,
-                                 image_std=cfg.data.image_std)
+                                 image_std=cfg.data.image_std, projector_pool=cfg.model.projector_pool)
 
     def build_model(self):
         return CXRLLaVAModel(self.config, runtime(self.cfg))
@@ -67,6 +73,10 @@ class InstructionTask(Task):
         return self.cfg.data.tokenizer
 
     def examples(self, records) -> list[Example]:
+        crowded = next((r for r in records if len(image_paths(r.image)) > self.max_images), None)
+        if crowded is not None:  # before training starts, not at the batch that holds it
+            raise ConfigError(f"{crowded.origin}: {len(crowded.image)} images in one example, more than "
+                              f"config.data.max_images={self.max_images} slots a row; raise it")
         if self.cfg.data.conversations == "report":
             report_turns = lambda r: [{"role": "user", "content": prompting.REPORT_PROMPT},  # noqa: E731
                                       {"role": "assistant", "content": r.report}]
@@ -83,11 +93,31 @@ class InstructionTask(Task):
             model_checkpoint.check_tokenizer(self.tokenizer_dir, self.cfg.init.checkpoint)
 
         def encode(e):
+            origin = ", ".join(image_paths(e.image))
+            prompting.check_image_count(e.conversation, len(image_paths(e.image)), origin)
             tokens, mask = self._tokens(e, tokenizer)
-            tokens, mask, valid = fit_length(tokens, mask, self.seq_length, e.image)
+            tokens, mask, valid = fit_length(tokens, mask, self.seq_length, origin, self.config.image_token_id)
             return {"image": self.image(e), "tokens": tokens, "loss_mask": mask, "valid": valid}
 
         return encode
+
+    def image(self, example) -> np.ndarray:
+        """One image's model pixels [size, size, 1], or with `max_images` > 1 the row's slots [max_images, size,
+        size, 1] (zeros after its images). A lateral view is read beside the others of its study."""
+        sources = image_paths(example.image)  # at most max_images: `examples` refused more
+        if self.max_images == 1:
+            return super().image(example)
+        size = self.image_size()
+        slots = np.zeros((self.max_images, size, size, 1), np.uint8)
+        for i, source in enumerate(sources):
+            slots[i] = images.model_pixels(source, size, mode=self.cfg.data.image_mode, allow_lateral=len(sources) > 1)
+        return slots
+
+    def abstract_images(self, batch_size: int) -> jax.ShapeDtypeStruct:
+        one = super().abstract_images(batch_size)
+        if self.max_images == 1:
+            return one
+        return jax.ShapeDtypeStruct((batch_size, self.max_images, *one.shape[1:]), one.dtype)
 
     def _tokens(self, example, tokenizer):
         return prompting.encode_conversation(example.conversation, tokenizer, self.config.num_image_tokens,
@@ -161,12 +191,12 @@ def scored_positions(tokens, loss_mask, num_image_tokens: int):
             jnp.take_along_axis(scored, at, axis=1).astype(jnp.float32))
 
 
-def fit_length(tokens, mask, length: int, origin: str):
+def fit_length(tokens, mask, length: int, origin: str, image_token_id: int):
     """Right-pads (or truncates the end of) a conversation to `length`; truncation never cuts the image."""
     first_answer = int(np.argmax(mask)) if mask.any() else len(tokens)
     if first_answer >= length:
-        raise InputError(f"{origin}: the prompt alone is {first_answer} tokens, leaving no room for the answer in "
-                         f"config.data.seq_length={length}")
+        raise InputError(f"{origin}: the prompt alone is {first_answer} tokens ({int((tokens == image_token_id).sum())} "
+                         f"of them image positions), leaving no room for the answer in config.data.seq_length={length}")
     valid = np.zeros(length, bool)
     valid[:min(len(tokens), length)] = True
     out_tokens = np.zeros(length, np.int32)

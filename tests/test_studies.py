@@ -1,0 +1,114 @@
+"""Studies from real films written as DICOM: grouped by StudyInstanceUID, ordered by StudyDate, a lateral read
+beside its frontal and refused alone; the study prompt (one frontal film: the release's prompt)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxrllava_jax.domain import prompting
+from cxrllava_jax.domain.radiograph_guard import NotFrontalChestError
+from cxrllava_jax.domain.studies import Study, latest_studies, studies_in_folder
+from cxrllava_jax.errors import InputError
+from tests.dicom_files import write_dicom
+
+NIH = sorted((Path(__file__).parent / "fixtures" / "real-cxr" / "nih").glob("*.png"))
+SIZE = 32
+
+
+def film(path, index: int, **tags) -> Path:
+    """A real NIH film (downscaled to 128 pixels) as a 12-bit CR chest DICOM file with `tags`."""
+    stored = np.asarray(Image.open(NIH[index]).convert("L").resize((128, 128)), np.uint16) * 16
+    return write_dicom(path, stored, Modality="CR", BodyPartExamined="CHEST", WindowCenter="2048",
+                       WindowWidth="4096", **tags)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """Patient P1: a PA and a lateral of 2024-01-05 (in a subfolder, the lateral's name sorting first), the PA of
+    2023-03-01 before it; a stray text file."""
+    (tmp_path / "new").mkdir()
+    film(tmp_path / "new" / "a_lateral.dcm", 1, ViewPosition="LL", StudyInstanceUID="1.2.3.2", PatientID="P1",
+         StudyDate="20240105")
+    film(tmp_path / "new" / "b_frontal.dcm", 0, ViewPosition="PA", StudyInstanceUID="1.2.3.2", PatientID="P1",
+         StudyDate="20240105")
+    film(tmp_path / "old.dcm", 1, ViewPosition="PA", StudyInstanceUID="1.2.3.1", PatientID="P1", StudyDate="20230301")
+    (tmp_path / "notes.txt").write_text("not an image")
+    return tmp_path
+
+
+def test_folder_is_grouped_by_study_and_ordered_by_date_with_the_prior_linked(folder):
+    older, current = studies_in_folder(folder)
+    assert (older.uid, older.date, older.prior) == ("1.2.3.1", "20230301", None)
+    assert (current.uid, current.date, current.prior) == ("1.2.3.2", "20240105", older)
+    assert [(Path(i.source).name, i.view) for i in current.images] == [("b_frontal.dcm", "PA"), ("a_lateral.dcm", "LL")]
+    assert latest_studies([older, current]) == [current]
+    pixels = current.pixels(SIZE)  # frontal, lateral, then the prior's frontal: the prompt's order
+    assert pixels.shape == (3, SIZE, SIZE, 1) and pixels.dtype == np.uint8
+    np.testing.assert_array_equal(pixels[2], Study.of(folder / "old.dcm").pixels(SIZE)[0])
+    assert not np.array_equal(pixels[0], pixels[1])
+
+
+def test_study_prompt_names_each_view_and_the_prior():
+    text = prompting.study_prompt("Describe.", ["PA", "LL"], ["AP"], "20230301", "Small left effusion.",
+                                  "Dyspnea.", "20240105")
+    assert text == ("Indication: Dyspnea.\nCurrent study, 2024-01-05:\nPA view <image>\nlateral view <image>\n"
+                    "Prior study, 2023-03-01:\nAP view <image>\nPrior report: Small left effusion.\nDescribe.")
+    assert prompting.count_images([{"role": "user", "content": text}]) == 3
+    with pytest.raises(InputError, match="contains <image>"):  # a place only the study's images may put there
+        prompting.study_prompt("Describe.", ["PA"], prior_report="See <image>")
+
+
+@pytest.mark.parametrize("views", [[""], ["PA"], ["AP"]])
+def test_one_frontal_image_is_the_release_prompt(views):
+    study = Study.of(NIH[0], views=views)
+    assert study.prompt(prompting.REPORT_QUESTION) == prompting.REPORT_PROMPT
+
+
+def test_lateral_alone_is_refused_naming_the_tag_and_inside_a_study_read(folder):
+    lateral = folder / "new" / "a_lateral.dcm"
+    with pytest.raises(NotFrontalChestError, match="ViewPosition is 'LL'"):
+        Study.of(lateral).pixels(SIZE)
+    with pytest.raises(NotFrontalChestError, match="only view is lateral"):  # a PNG the user calls lateral
+        Study.of(NIH[0], views=["lateral"]).pixels(SIZE)
+    assert Study.of([lateral, folder / "new" / "b_frontal.dcm"]).pixels(SIZE).shape == (2, SIZE, SIZE, 1)
+
+
+def test_a_non_chest_file_is_refused_inside_a_study(folder):
+    abdomen = write_dicom(folder / "abdomen.dcm", np.arange(64 * 64).reshape(64, 64), BodyPartExamined="ABDOMEN",
+                          ViewPosition="AP")
+    with pytest.raises(NotFrontalChestError, match="BodyPartExamined is 'ABDOMEN'"):
+        Study.of([folder / "new" / "b_frontal.dcm", abdomen]).pixels(SIZE)
+
+
+def test_files_of_one_study_that_disagree_are_refused(folder):
+    film(folder / "other.dcm", 0, ViewPosition="PA", StudyInstanceUID="1.2.3.2", PatientID="P1", StudyDate="20240106")
+    with pytest.raises(InputError, match="StudyDate is '20240106' but .* says '20240105'"):
+        studies_in_folder(folder)
+
+
+def test_a_study_too_long_for_the_context_is_refused_naming_the_token_counts():
+    study = Study.of([NIH[0], NIH[1]], views=["PA", "LL"], prior=Study.of(NIH[1]))
+    with pytest.raises(prompting.PromptTooLongError, match=r"3072 tokens \(3072 of them image positions: 3 images x 1024\) .* context is 3000"):
+        study.check_fits(1024, 3000)
+    study.check_fits(256, 4096)
+
+
+def test_conversation_files_take_image_lists_with_one_place_each(tmp_path):
+    import json
+
+    from input_pipeline import conversations
+
+    for name in ("pa.png", "lat.png"):
+        Image.open(NIH[0]).save(tmp_path / name)
+    answer = {"from": "gpt", "value": "Unchanged."}
+    records = [{"image": ["pa.png", "lat.png"], "conversations": [{"from": "human", "value": "Compare."}, answer]},
+               {"image": ["pa.png", "lat.png"], "conversations": [{"from": "human", "value": "<image>\nOne?"}, answer]}]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(InputError, match=r"s.jsonl:2: the first human turn: 1 <image> place\(s\) .* for 2 image"):
+        conversations.load(tmp_path / "s.jsonl")
+    (tmp_path / "s.jsonl").write_text(json.dumps(records[0]) + "\n")
+    [record] = conversations.load(tmp_path / "s.jsonl")
+    assert record.image == (str(tmp_path / "pa.png"), str(tmp_path / "lat.png"))
+    assert record.conversations[0][0]["content"] == "<image>\n<image>\nCompare."
