@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from configs import demo as demo_configs
+from cxrllava_jax import files
 from cxrllava_jax.evaluation import run as evaluation
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.inference.api import CXRLLaVA
@@ -35,7 +36,7 @@ def prepare_data(workdir: Path, num_studies: int = demo_configs.NUM_STUDIES, see
     cfg = demo_configs.get_config("2b", root=str(workdir))
     data_dir, tokenizer_dir = Path(cfg.data.data_dir), Path(cfg.data.tokenizer)
     image_size, vocab_size = demo_configs.IMAGE_SIZE, demo_configs.VOCAB_SIZE
-    studies = synthetic.generate(data_dir, num_studies, image_size, seed)
+    studies = synthetic.generate(data_dir, num_studies, image_size, seed, overwrite=True)  # a rerun: same bytes
     texts = [s.report for s in studies] + [turn["content"] for s in studies for c in s.conversations for turn in c]
     texts += [prompting.SYSTEM_PROMPT, prompting.REPORT_PROMPT, prompting.DIFFERENTIAL_PROMPT]
     train_tokenizer(texts, vocab_size, tokenizer_dir)
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
                     "follow_up_answer": answer},
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    files.write_text_atomically(workdir / "summary.json", json.dumps(summary, indent=2))
     for name, value in measured.items():
         print(f"[demo] {name} = {value:.3f} (required >= {REQUIRED[name]})")
     print(f"[demo] {'PASSED' if summary['passed'] else 'FAILED'} in {summary['wall_seconds']:.0f} s; "

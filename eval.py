@@ -42,7 +42,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    files.refuse_existing(f"{_WORKDIR.value}/results.json", _OVERWRITE.value)  # before any work
     if _BATCH_SIZE.value < 1:
         raise errors.UsageError(f"--batch_size={_BATCH_SIZE.value}: give at least 1 image per batch")
     if _LIMIT.value is not None and _LIMIT.value < 1:
@@ -51,25 +50,26 @@ def main(argv):
         raise errors.UsageError("--references goes with --predictions (a `cxrllava report --jsonl` file)")
     metric_names = model_metrics.parse(_METRICS.value, _CONFIG.value.task)
     model_metrics.check(metric_names)  # before any generation: a run should not end in a refusal
-    evaluate(metric_names)
+    with files.staged_directory(_WORKDIR.value, _OVERWRITE.value, owns=run.OUTPUTS) as staging:  # swapped in whole
+        evaluate(staging, metric_names)
     print(files.read_text(f"{_WORKDIR.value}/table.md"))
 
 
-def evaluate(metric_names):
+def evaluate(workdir, metric_names):
     if _REFERENCE_LABELS.value and _PREDICTED_LABELS.value:
         if metric_names:
             raise errors.UsageError("--metrics compares report texts; label files have none")
-        run.evaluate_label_files(_CONFIG.value, _REFERENCE_LABELS.value, _PREDICTED_LABELS.value, _WORKDIR.value)
+        run.evaluate_label_files(_CONFIG.value, _REFERENCE_LABELS.value, _PREDICTED_LABELS.value, workdir)
         return
     report_labeler = labelers.make(_LABELER.value, _LABELS_CSV.value, _CHEXBERT_CHECKPOINT.value)
     if _CHECKPOINT.value:
         if not _DATA_DIR.value:
             raise errors.UsageError("--checkpoint needs --data_dir (the test set)")
-        run.evaluate_model(_CONFIG.value, _CHECKPOINT.value, _DATA_DIR.value, _WORKDIR.value, _BATCH_SIZE.value,
+        run.evaluate_model(_CONFIG.value, _CHECKPOINT.value, _DATA_DIR.value, workdir, _BATCH_SIZE.value,
                            adapter=_ADAPTER.value, report_labeler=report_labeler, limit=_LIMIT.value,
                            metric_names=metric_names)
     elif _PREDICTIONS.value:
-        run.evaluate_predictions(_CONFIG.value, _PREDICTIONS.value, _WORKDIR.value, report_labeler, _REFERENCES.value,
+        run.evaluate_predictions(_CONFIG.value, _PREDICTIONS.value, workdir, report_labeler, _REFERENCES.value,
                                  _LIMIT.value, metric_names)
     else:
         raise errors.UsageError("give --checkpoint and --data_dir, --predictions, or both label files")

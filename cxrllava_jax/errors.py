@@ -55,6 +55,10 @@ def debug_requested(argv=None) -> bool:
 def report_errors(program: str, work: Callable[[], int | None], debug: bool = False) -> int:
     """Runs `work` and returns its exit status; a failure becomes a message on stderr (and, with `debug`, its
     traceback) and a non-zero status. Usage errors (SystemExit from argparse or absl) pass through."""
+    if not debug:
+        import logging
+
+        logging.getLogger("absl").addFilter(_orbax_notes)
     try:
         return work() or 0
     except KeyboardInterrupt:
@@ -75,7 +79,7 @@ def report_errors(program: str, work: Callable[[], int | None], debug: bool = Fa
 def run_absl(program: str, main: Callable[[list], int | None]):
     """`absl.app.run(main)` for train.py and eval.py, flag parsing included, with failures reported as by
     `report_errors`. An unknown `--config.key` (a KeyError deep in ml_collections) becomes a ConfigError."""
-    from absl import app, flags
+    from absl import app, flags, logging
 
     def parse(argv):
         try:
@@ -86,7 +90,22 @@ def run_absl(program: str, main: Callable[[list], int | None]):
             raise ConfigError(f"a --config.KEY=VALUE override names a key the config does not have: "
                               f"{str(error).strip(chr(34))}") from error
 
-    sys.exit(report_errors(program, lambda: app.run(main, flags_parser=parse), debug_requested()))
+    def quiet_main(argv):
+        # absl.app logs INFO by default: Orbax's hundred lines around each checkpoint. The run's own lines are
+        # prints; --debug or --verbosity shows the libraries' logs again.
+        if flags.FLAGS["verbosity"].present:
+            logging.get_absl_logger().removeFilter(_orbax_notes)
+        elif not debug_requested():
+            logging.set_verbosity(logging.WARNING)
+        return main(argv)
+
+    sys.exit(report_errors(program, lambda: app.run(quiet_main, flags_parser=parse), debug_requested()))
+
+
+def _orbax_notes(record) -> bool:
+    """False for Orbax's notes about its own workings (INFO, and warnings such as "No jax.Array in
+    TypeHandlerRegistry" at every save): a command's user can do nothing with them. Its errors still show."""
+    return record.levelno >= 40 or "/orbax/" not in record.pathname
 
 
 def is_expected(error: BaseException) -> bool:

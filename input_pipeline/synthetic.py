@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from cxrllava_jax import files
 from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS, DIFFERENTIALS
 
 SEVERITIES = ("small", "moderate", "large")  # size of an effusion, pneumothorax, consolidation or nodule
@@ -360,9 +361,20 @@ def _finding_question(abnormal: list[Finding], rng, question_prompt) -> list[dic
 
 # ---------------------------------------------------------------- the dataset on disk
 
-def generate(out_dir, num: int, image_size: int = 512, seed: int = 0) -> list[Study]:
-    """Writes `num` studies in the MIMIC-CXR-JPG layout under `out_dir`; returns them."""
-    out = Path(out_dir)
+# What a dataset directory holds; anything else in it is kept when it is generated anew.
+DATASET_ENTRIES = ("files", "reports", "mimic-cxr-2.0.0-*.csv", "synthetic-instructions.jsonl")
+STUDY_ENTRIES = ("images", "studies-*.jsonl", "single-*.jsonl")  # `generate_studies`
+
+
+def generate(out_dir, num: int, image_size: int = 512, seed: int = 0, overwrite: bool = False) -> list[Study]:
+    """Writes `num` studies in the MIMIC-CXR-JPG layout under `out_dir`; returns them. A dataset already there is
+    refused, or with `overwrite` replaced whole once the new one is complete (`files.staged_directory`: never
+    written into, so copies hard-linked to its images keep them)."""
+    with files.staged_directory(out_dir, overwrite, owns=DATASET_ENTRIES) as staging:
+        return _write_dataset(staging, num, image_size, seed)
+
+
+def _write_dataset(out: Path, num: int, image_size: int, seed: int) -> list[Study]:
     rng = np.random.default_rng(seed)
     studies = []
     for i in range(num):
@@ -508,12 +520,18 @@ def draw_lateral(findings: list[Finding], size: int, rng: np.random.Generator) -
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
-def generate_studies(out_dir, num: int, image_size: int = 512, seed: int = 0) -> list[StudyPair]:
-    """Writes `num` prior/current study pairs as LLaVA conversation files under `out_dir`; returns them."""
+def generate_studies(out_dir, num: int, image_size: int = 512, seed: int = 0,
+                     overwrite: bool = False) -> list[StudyPair]:
+    """Writes `num` prior/current study pairs as LLaVA conversation files under `out_dir`; returns them. Pairs
+    already there are refused, or with `overwrite` replaced whole once the new ones are complete (as `generate`)."""
+    with files.staged_directory(out_dir, overwrite, owns=STUDY_ENTRIES) as staging:
+        return _write_studies(staging, num, image_size, seed)
+
+
+def _write_studies(out: Path, num: int, image_size: int, seed: int) -> list[StudyPair]:
     from cxrllava_jax.domain.prompting import COMPARISON_QUESTION, REPORT_PROMPT, study_prompt
 
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "images").mkdir()
     rng = np.random.default_rng(seed)
     pairs, lines = [], {}
     for i in range(num):
@@ -553,13 +571,15 @@ def main(argv) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--studies", action="store_true",
                         help="write prior/current study pairs (frontal, lateral, prior) as LLaVA conversation files")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a dataset already in --out (the new one is built beside it and swapped in)")
     args = parser.parse_args(argv)
     if args.studies:
-        pairs = generate_studies(args.out, args.num, args.image_size, args.seed)
+        pairs = generate_studies(args.out, args.num, args.image_size, args.seed, overwrite=args.overwrite)
         counts = {split: sum(p.split == split for p in pairs) for split, _ in SPLIT_FRACTIONS}
         print(f"wrote {len(pairs)} synthetic prior/current studies to {args.out} ({counts})")
         return 0
-    studies = generate(args.out, args.num, args.image_size, args.seed)
+    studies = generate(args.out, args.num, args.image_size, args.seed, overwrite=args.overwrite)
     counts = {split: sum(s.split == split for s in studies) for split, _ in SPLIT_FRACTIONS}
     print(f"wrote {len(studies)} synthetic studies to {args.out} ({counts})")
     return 0

@@ -2,12 +2,11 @@
 
     python tests/kill_at_write.py POINT N cxrllava SUBCOMMAND ARGS...   (or: ... POINT N eval.py ARGS...)
 
-POINT is where the N-th call is stopped: `replace` (a finished file about to be renamed into place,
-cxrllava_jax.files), `append` (a record about to be appended), `os_replace` / `path_rename` (a staged directory
-about to be renamed into place: export-torch, import-torch)."""
+POINT is where the N-th call is stopped (all in cxrllava_jax.files): `replace` (a finished file about to be renamed
+into place), `append` (a record about to be appended), `swap` (a finished staged directory about to take its
+destination's place: synth, eval.py, export-torch, import-torch)."""
 
 import os
-import pathlib
 import runpy
 import signal
 import sys
@@ -30,7 +29,7 @@ def kill_at(owner, name: str, n: int):
 if __name__ == "__main__":
     point, n, program, *argv = sys.argv[1:]
     owner, name = {"replace": (files, "_replace"), "append": (files.LockedAppender, "write"),
-                   "os_replace": (os, "replace"), "path_rename": (pathlib.Path, "rename")}[point]
+                   "swap": (files, "_swap_in")}[point]
     kill_at(owner, name, int(n))
     if program == "cxrllava":
         sys.exit(cli.main(argv))

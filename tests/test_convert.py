@@ -71,8 +71,9 @@ def test_pickle_only_directory_is_refused(state_dict, tmp_path):
 
 def test_import_refuses_an_existing_output_before_reading(tmp_path, capsys):
     (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "model_config.json").write_text("{}")
     assert cli.main(["import-torch", "--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "ckpt")]) == 1
-    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert "ckpt already holds model_config.json; pass --overwrite" in capsys.readouterr().err
 
 
 def test_export_refuses_a_checkpoint_of_the_wrong_kind(tmp_path, capsys):

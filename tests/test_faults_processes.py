@@ -14,6 +14,7 @@ import pytest
 
 from cxrllava_jax.cli import COMMANDS
 from cxrllava_jax.reference.tiny_models import release_dir, synthetic_radiograph
+from tests.sigkill import kill_when
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
@@ -67,12 +68,12 @@ def test_every_command_reports_bad_input_without_a_traceback(bad_inputs, image, 
                                   tmp_path / "s.csv", "--key", tmp_path / "k.csv"), "repeats line 1"),
         "import-torch": (cxrllava("import-torch", "--src", missing, "--out", tmp_path / "i"), "no such directory"),
         "export-torch": (cxrllava("export-torch", "--checkpoint", missing, "--out", tmp_path / "e"),
-                         "not a cxrllava-jax checkpoint"),
+                         "missing: no such directory"),
         "export-torch cut checkpoint": (cxrllava("export-torch", "--checkpoint", cut, "--out", tmp_path / "e2"),
                                         "cannot read the parameters"),
-        "report": (cxrllava("report", image, "--checkpoint", missing), "neither a cxrllava-jax checkpoint"),
-        "ask": (cxrllava("ask", image, "Effusion?", "--checkpoint", missing), "neither a cxrllava-jax checkpoint"),
-        "chat": (cxrllava("chat", image, "--checkpoint", missing), "neither a cxrllava-jax checkpoint"),
+        "report": (cxrllava("report", image, "--checkpoint", missing), "missing: no such directory"),
+        "ask": (cxrllava("ask", image, "Effusion?", "--checkpoint", missing), "missing: no such directory"),
+        "chat": (cxrllava("chat", image, "--checkpoint", missing), "missing: no such directory"),
         "train.py unknown key": (["train.py", "--config=configs/demo.py:1a", f"--workdir={tmp_path / 't'}",
                                   "--config.no_such_key=1"], "no_such_key"),
         "train.py every_steps=0": (["train.py", "--config=configs/demo.py:1a", f"--workdir={tmp_path / 't'}",
@@ -96,18 +97,23 @@ def test_every_command_reports_bad_input_without_a_traceback(bad_inputs, image, 
     assert not (tmp_path / "t").exists() and not (tmp_path / "ev").exists()  # refused before anything was written
 
 
-def test_two_report_processes_share_one_jsonl(imported_checkpoint, tmp_path):
-    images = [synthetic_radiograph(tmp_path / f"cxr{i}.png", seed=i) for i in range(4)]
+def test_report_killed_then_resumed_by_two_processes_records_every_image_once(imported_checkpoint, image, tmp_path):
+    """`report --jsonl` killed half way, then resumed by two processes sharing the file: every image has exactly one
+    record, each line whole JSON, and the file's earlier records are kept (those written before the kill are
+    skipped, and neither resumer writes what the other wrote meanwhile)."""
+    images = [shutil.copy(image, tmp_path / f"cxr{i:02d}.png") for i in range(24)]
     out = tmp_path / "reports.jsonl"
     out.write_text('{"image": "earlier.png", "report": "kept"}\n')
-    writers = [start(cxrllava("report", *images[i::2], "--checkpoint", imported_checkpoint, "--jsonl", out,
-                              "--append", "--batch-size", 1, *GREEDY)) for i in range(2)]
-    for writer in writers:
-        status, _, err = finish(writer)
-        assert status == 0, err
-    records = [json.loads(line) for line in out.read_text().splitlines()]  # every line whole JSON
-    assert sorted(r["image"] for r in records) == sorted(["earlier.png", *map(str, images)])
-    assert all("report" in r for r in records)
+    argv = cxrllava("report", *images, "--checkpoint", imported_checkpoint, "--jsonl", out, "--batch-size", 1,
+                    "--temperature", "0", "--max-new-tokens", 8)
+    kill_when(start([*argv, "--append"]), lambda: out.read_bytes().count(b"\n") >= 4, "3 records written")
+    resumers = [start([*argv, "--resume"]) for _ in range(2)]
+    for resumer in resumers:
+        status, _, err = finish(resumer)
+        assert status == 0 and "of 24 images already have a record" in err, err
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert records[0] == {"image": "earlier.png", "report": "kept"}
+    assert sorted(r["image"] for r in records[1:]) == sorted(map(str, images)) and all("report" in r for r in records)
 
 
 @pytest.fixture(scope="module")
@@ -120,16 +126,20 @@ def earlier_outputs(tmp_path_factory, imported_checkpoint, image):
     (root / "pred.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     for name in ("labels.csv", "refined.csv", "sheet.csv", "key.csv"):
         (root / name).write_text(f"earlier {name}\n")
-    for workdir in ("eval1", "eval5"):
+    for workdir in ("eval1", "eval5", "eval_swap"):
         (root / workdir).mkdir()
         (root / workdir / "results.json").write_text('{"earlier": true}\n')
     (root / "reports.jsonl").write_text('{"image": "earlier.png", "report": "kept"}\n')
+    (root / "replaced.jsonl").write_text("".join(f'{{"image": "earlier{i}.png", "report": "kept"}}\n' for i in range(56)))
+    (root / "synth").mkdir()
+    (root / "synth" / "mimic-cxr-2.0.0-split.csv").write_text("earlier split\n")
     return root
 
 
 def test_sigkill_at_each_write_point_keeps_earlier_outputs(earlier_outputs, imported_checkpoint, image, tmp_path):
     """A kill (an OOM, a pre-emption) at any write point leaves every earlier output whole: files are renamed
-    into place only when complete, records are appended whole, exported directories appear only when complete."""
+    into place only when complete, records are appended whole, sets of outputs (a dataset, an evaluation, an
+    export) take their place only when complete, and --overwrite keeps the old output until the new one exists."""
     r = earlier_outputs
     kill = lambda point, n, *argv: ["tests/kill_at_write.py", point, str(n), *map(str, argv)]  # noqa: E731
     cases = {
@@ -143,19 +153,26 @@ def test_sigkill_at_each_write_point_keeps_earlier_outputs(earlier_outputs, impo
         "eval.py first file": (kill("replace", 1, "eval.py", "--config=configs/eval_mimic.py",
                                     f"--predictions={r / 'pred.jsonl'}", f"--workdir={r / 'eval1'}", "--overwrite",
                                     "--config.bootstrap_samples=10"), ["eval1/results.json"]),
-        "eval.py results.json": (kill("replace", 5, "eval.py", "--config=configs/eval_mimic.py",
+        "eval.py results.json": (kill("replace", 6, "eval.py", "--config=configs/eval_mimic.py",
                                       f"--predictions={r / 'pred.jsonl'}", f"--workdir={r / 'eval5'}", "--overwrite",
                                       "--config.bootstrap_samples=10"), ["eval5/results.json"]),
+        "eval.py swap": (kill("swap", 1, "eval.py", "--config=configs/eval_mimic.py",
+                              f"--predictions={r / 'pred.jsonl'}", f"--workdir={r / 'eval_swap'}", "--overwrite",
+                              "--config.bootstrap_samples=10"), ["eval_swap/results.json"]),
+        "report --overwrite": (kill("append", 2, "cxrllava", "report", image, image, "--checkpoint",
+                                    imported_checkpoint, "--jsonl", r / "replaced.jsonl", "--overwrite",
+                                    "--batch-size", 1, *GREEDY), ["replaced.jsonl"]),
+        "synth --overwrite": (kill("swap", 1, "cxrllava", "synth", "--out", r / "synth", "--num", 2, "--image-size",
+                                   32, "--overwrite"), ["synth/mimic-cxr-2.0.0-split.csv"]),
         "report --append": (kill("append", 2, "cxrllava", "report", image, image, "--checkpoint", imported_checkpoint,
                                  "--jsonl", r / "reports.jsonl", "--append", "--batch-size", 1, *GREEDY),
                             []),
-        "export-torch": (kill("os_replace", 1, "cxrllava", "export-torch", "--checkpoint", imported_checkpoint,
+        "export-torch": (kill("swap", 1, "cxrllava", "export-torch", "--checkpoint", imported_checkpoint,
                               "--out", tmp_path / "export", "--dtype", "float32"), []),
-        "import-torch": (kill("path_rename", 1, "cxrllava", "import-torch", "--src", release_dir(), "--out",
+        "import-torch": (kill("swap", 1, "cxrllava", "import-torch", "--src", release_dir(), "--out",
                               tmp_path / "imported"), []),
     }
-    before = {name: (r / name).read_bytes() for name in ("labels.csv", "refined.csv", "sheet.csv", "key.csv",
-                                                          "eval1/results.json", "eval5/results.json")}
+    before = {name: (r / name).read_bytes() for _, kept in cases.values() for name in kept}
     running = {name: start(argv) for name, (argv, _) in cases.items()}
     for name, process in running.items():
         status, _, err = finish(process)
@@ -166,4 +183,7 @@ def test_sigkill_at_each_write_point_keeps_earlier_outputs(earlier_outputs, impo
     assert json.loads(lines[0]) == {"image": "earlier.png", "report": "kept"}
     assert len(lines) == 2 and "report" in json.loads(lines[1])  # the first new record whole, the second never begun
     assert not (tmp_path / "export").exists() and not (tmp_path / "imported").exists()
+    for workdir in ("eval1", "eval5", "eval_swap"):  # no new label files beside the old results
+        assert [p.name for p in (r / workdir).iterdir()] == ["results.json"], workdir
+    assert [p.name for p in (r / "synth").iterdir()] == ["mimic-cxr-2.0.0-split.csv"]
 

@@ -1,14 +1,21 @@
 """Fault cases for training workdirs: config values refused before any work or file, another stage's workdir
-refused before anything in it changes, a finished run's records left intact when it is run again, and the
-tokenizer a stage learned refused in favour of another of the same size."""
+refused before anything in it changes, a finished run's records left intact when it is run again, a damaged
+checkpoint named in one message, a run that ends in its warm-up warned of, metrics.jsonl without the steps a
+resumed run does again, and the tokenizer a stage learned refused in favour of another of the same size."""
 
 import json
 import shutil
+import sys
+import types
 
+import ml_collections
 import pytest
 
-from cxrllava_jax.errors import ConfigError, MismatchError
+from cxrllava_jax.convert.checkpoint import drop_closed_loop_echoes
+from cxrllava_jax.errors import ConfigError, InputError, MismatchError
 from cxrllava_jax.training import loop
+from cxrllava_jax.training.optim import warmup_warning
+from cxrllava_jax.training.reporting import Reporter
 from cxrllava_jax.training import workdir as run_records
 from tests.fault_files import swapped_tokenizer
 from tests import training_setup as setup
@@ -59,6 +66,45 @@ def test_rerunning_a_finished_workdir_keeps_its_records(data, tmp_path, capsys):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["eval"] == first["eval"]
 
+    # Its newest checkpoint damaged, trained further: one message naming the step and the way on.
+    manifest = tmp_path / "checkpoints" / "2" / "state" / "manifest.ocdbt"
+    manifest.write_bytes(manifest.read_bytes()[:20])
+    with pytest.raises(InputError, match=r"checkpoints/2: cannot restore this checkpoint \(.*\); it is damaged.* Move "
+                                         r"it out of .*checkpoints to start from the beginning"):
+        loop.train_and_evaluate(setup.parse(setup.stage_flags("1a", *data, steps=4, eval_every_steps=2)), tmp_path)
+
+
+def test_echoes_of_a_failed_orbax_read_are_dropped(monkeypatch):
+    """A damaged checkpoint's first failed read closes Orbax's event loop; the reads still in flight each end in an
+    unraisable "Event loop is closed" (6 to 140 tracebacks after the real message). Those, and only those, go."""
+    shown = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: shown.append(str(unraisable.exc_value)))
+    drop_closed_loop_echoes()
+    for error in (RuntimeError("Event loop is closed"), RuntimeError("something else")):
+        sys.unraisablehook(types.SimpleNamespace(exc_type=type(error), exc_value=error, exc_traceback=None,
+                                                 err_msg=None, object=None))
+    assert shown == ["something else"]
+
+
+@pytest.mark.parametrize("warmup, steps, accumulate, warned", [
+    (20, 10, 1, "warmup_steps=20 but the run makes only 10 optimizer updates"),
+    (20, 20, 1, "its last update made at a learning rate of 1.90e-04, below config.optim.learning_rate=2.00e-04"),
+    (20, 21, 1, None), (20, 80, 4, "only 20 optimizer updates (80 steps, config.optim.grad_accum_steps=4)"),
+    (0, 5, 1, None),
+])
+def test_a_run_that_ends_in_its_warmup_is_warned_of(warmup, steps, accumulate, warned):
+    cfg = ml_collections.ConfigDict(dict(warmup_steps=warmup, grad_accum_steps=accumulate, learning_rate=2e-4))
+    warning = warmup_warning(cfg, steps)
+    assert warning is None if warned is None else warned in warning
+
+
+def test_metrics_of_steps_after_the_restored_checkpoint_are_dropped(tmp_path):
+    """A run killed after its checkpoint at step 2 had logged steps 3 and 4 (the last cut off mid-line)."""
+    lines = [json.dumps({"step": s, "split": "train", "loss": 1.0 / s}) for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 4, "spl')
+    Reporter(tmp_path, 10, "img", "1a", step=2).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == "\n".join(lines[:2]) + "\n"
+
 
 @pytest.mark.slow
 def test_next_stage_refuses_a_tokenizer_other_than_the_one_its_model_learned(data, tmp_path, imported_checkpoint):
@@ -69,3 +115,11 @@ def test_next_stage_refuses_a_tokenizer_other_than_the_one_its_model_learned(dat
     with pytest.raises(MismatchError, match="other_tokenizer: this tokenizer's vocabulary"):
         loop.train_and_evaluate(cfg, tmp_path / "run")
     shutil.rmtree(tmp_path / "run", ignore_errors=True)
+
+
+def test_a_workdir_another_run_trains_in_is_refused(tmp_path):
+    held = run_records.claim(tmp_path)
+    with pytest.raises(MismatchError, match="another run is training in this workdir"):
+        run_records.claim(tmp_path)
+    held.close()  # the run ended (or was killed): the workdir is free again
+    run_records.claim(tmp_path).close()

@@ -4,8 +4,6 @@ export; an adapter made by `peft` imports back; a killed run resumes exactly; co
 
 import dataclasses
 import json
-import signal
-import time
 from pathlib import Path
 
 import flax.linen as nn
@@ -35,6 +33,7 @@ from cxrllava_jax.training.tasks import make_task
 from cxrllava_jax.reference.tiny_models import release_dir, synthetic_radiograph
 from input_pipeline import conversations
 from tests import training_setup as setup
+from tests.sigkill import kill_when
 
 # The new pattern the fine-tuning data teaches (words the tiny tokenizer has pieces for).
 TEMPLATE = "FINDINGS: The heart size is normal. IMPRESSION: No acute cardiopulmonary process."
@@ -242,16 +241,11 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     train_file = write_template_data(tmp_path / "data", count=16)
     args = finetune_flags(train_file, steps=24, **{"checkpoint.every_steps": 4, "lora.dropout": 0.1})
     killed = setup.TrainProcess(args, tmp_path / "killed", log_name="killed.log")
-    deadline = time.time() + 240
-    while not (tmp_path / "killed" / "checkpoints" / "8" / "commit_success.txt").exists() and killed.poll() is None:
-        assert time.time() < deadline, "no checkpoint at step 8 within 4 minutes"
-        time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert killed.returncode == -signal.SIGKILL, killed.log_path.read_text()
+    kill_when(killed, (tmp_path / "killed" / "checkpoints" / "8" / "commit_success.txt").exists, "checkpoint at step 8")
     resumed = setup.TrainProcess(args, tmp_path / "killed", log_name="resumed.log")
     output = resumed.finish()
     assert resumed.returncode == 0 and "resumed from step" in output, output
+    assert output.strip().splitlines()[-1].endswith(f"{tmp_path / 'killed' / 'adapter'}, {tmp_path / 'killed' / 'model'}")
     straight = setup.TrainProcess(args, tmp_path / "straight")
     output = straight.finish()
     assert straight.returncode == 0, output
@@ -259,8 +253,7 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-    losses = setup.train_losses(tmp_path / "straight")
-    assert setup.train_losses(tmp_path / "killed")[-len(losses) // 2:] == losses[-len(losses) // 2:]
+    assert setup.train_losses(tmp_path / "killed") == setup.train_losses(tmp_path / "straight")
 
 
 def test_targets_are_regexes_over_module_paths(tmp_path):

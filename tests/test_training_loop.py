@@ -4,11 +4,9 @@ runs give the single-device losses, and every config loads."""
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -22,6 +20,7 @@ from cxrllava_jax.training import loop, stages, steps
 from cxrllava_jax.training.checkpoints import RunCheckpoints
 from cxrllava_jax.training.tasks import make_task
 from tests import training_setup as setup
+from tests.sigkill import kill_when
 
 pytestmark = pytest.mark.slow
 
@@ -59,34 +58,38 @@ def test_every_stage_runs_and_hands_its_model_to_the_next(data, tmp_path):
 
 
 def test_resume_after_sigkill_is_bitwise_exact(data, tmp_path):
-    """A run killed with SIGKILL right after a checkpoint, resumed, ends where an uninterrupted run ends."""
-    args = setup.stage_flags("2b", *data, steps=40, **{"checkpoint.every_steps": 4, "data.shuffle_seed": 7})
-    killed = setup.TrainProcess(args, tmp_path / "killed", log_name="killed.log")
-    checkpoints = tmp_path / "killed" / "checkpoints"
-    deadline = time.time() + 240
-    while not (checkpoints / "8" / "commit_success.txt").exists() and killed.poll() is None:
-        assert time.time() < deadline, "no checkpoint at step 8 within 4 minutes"
-        time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert killed.returncode == -signal.SIGKILL, killed.log_path.read_text()
-    assert not (tmp_path / "killed" / "model").exists(), "the run finished before it could be killed"
+    """A run killed with SIGKILL right after a checkpoint, resumed, ends where an uninterrupted run ends; its
+    metrics.jsonl holds every step once. Both halves run as the README writes them, with a relative --workdir:
+    the first from another directory (`python /path/train.py --config=/path/configs/...`), the second from the
+    repository root. The log is the run's own lines (no Orbax INFO), warns that the run ends in its warm-up, and
+    ends naming the model it wrote."""
+    args = setup.stage_flags("2b", *data, steps=40, **{"checkpoint.every_steps": 4, "data.shuffle_seed": 7,
+                                                        "optim.warmup_steps": 50})
+    elsewhere = tmp_path / "elsewhere"
+    killed = setup.TrainProcess(args, elsewhere / "killed", log_name="killed.log", cwd=elsewhere)
+    kill_when(killed, (elsewhere / "killed" / "checkpoints" / "8" / "commit_success.txt").exists,
+              "checkpoint at step 8")
+    assert not (elsewhere / "killed" / "model").exists(), "the run finished before it could be killed"
 
-    resumed = setup.TrainProcess(args, tmp_path / "killed", log_name="resumed.log")
+    resumed = setup.TrainProcess(args, elsewhere / "killed", log_name="resumed.log", cwd=setup.ROOT)
     output = resumed.finish()
     assert resumed.returncode == 0, output
     assert "resumed from step" in output
+    lines = output.strip().splitlines()
+    assert "config.optim.warmup_steps=50 but the run makes only 40 optimizer updates" in lines[0], output
+    assert lines[-1].endswith(f"done after 40 steps: {elsewhere / 'killed' / 'model'}"), output
+    assert not [line for line in lines if not line.startswith("[stage 2b]")], output  # no library logs
     uninterrupted = setup.TrainProcess(args, tmp_path / "straight")
     output = uninterrupted.finish()
     assert uninterrupted.returncode == 0, output
 
-    a, b = flat_params(tmp_path / "killed" / "model"), flat_params(tmp_path / "straight" / "model")
+    a, b = flat_params(elsewhere / "killed" / "model"), flat_params(tmp_path / "straight" / "model")
     assert a.keys() == b.keys()
     for path in a:
         np.testing.assert_array_equal(a[path], b[path], err_msg=path)
-    # Same data order too: the losses of the steps after the resume are the uninterrupted run's.
-    straight = setup.train_losses(tmp_path / "straight")
-    assert setup.train_losses(tmp_path / "killed")[-len(straight) // 2:] == straight[-len(straight) // 2:]
+    # Same data order too, and every step recorded once: the killed and resumed run's losses are the uninterrupted
+    # run's, the steps between the checkpoint and the kill not twice.
+    assert setup.train_losses(elsewhere / "killed") == setup.train_losses(tmp_path / "straight")
 
 
 def test_resume_and_best_export_across_the_text_tower_release(data, tmp_path, capsys):

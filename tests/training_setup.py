@@ -59,16 +59,21 @@ def parse(args: list[str]):
 
 
 class TrainProcess(subprocess.Popen):
-    """`python train.py` on CPU in the repository root, its output going to a log file (a pipe nobody reads
-    would fill up and block the run)."""
+    """`python train.py` on CPU, its output going to a log file (a pipe nobody reads would fill up and block the
+    run). In the repository root with `workdir` as given; or, with `cwd`, as the README's commands run from
+    elsewhere: `python /path/to/train.py --config=/path/to/configs/...` with `workdir` relative to `cwd`."""
 
-    def __init__(self, args: list[str], workdir: Path, env: dict | None = None, log_name: str = "train.log"):
+    def __init__(self, args: list[str], workdir: Path, env: dict | None = None, log_name: str = "train.log",
+                 cwd: Path | None = None):
         Path(workdir).mkdir(parents=True, exist_ok=True)
         self.log_path = Path(workdir) / log_name
         full_env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), **(env or {})}
+        if cwd is not None:
+            args = [a.replace("--config=configs/", f"--config={ROOT}/configs/") for a in args]
+            workdir = os.path.relpath(workdir, cwd)
         with open(self.log_path, "a", encoding="utf-8") as log:
-            super().__init__([sys.executable, "train.py", *args, f"--workdir={workdir}"], cwd=ROOT, env=full_env,
-                             stdout=log, stderr=subprocess.STDOUT)
+            super().__init__([sys.executable, str(ROOT / "train.py"), *args, f"--workdir={workdir}"],
+                             cwd=cwd or ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
 
     def finish(self, timeout: float = 600) -> str:
         """Waits for the run (killed if it overruns `timeout`); returns its output."""

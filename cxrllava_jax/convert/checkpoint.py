@@ -14,7 +14,10 @@ models saved with a tokenizer) the tokenizer's vocabulary against the fingerprin
 
 import hashlib
 import json
+import logging
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import jax
@@ -34,40 +37,31 @@ CONFIG_CLASSES = {
 }
 
 
+# What a checkpoint directory holds; other files in it (notes, a model card) are kept when it is replaced.
+ENTRIES = ("model_config.json", "params", "tokenizer")
+
+
 def save_model(path, kind: str, config, params, *, tokenizer_dir=None, scan: bool = False, overwrite: bool = False,
                quantize: dict | None = None):
     """Writes a model checkpoint; an existing one is replaced only with `overwrite` (and only once the new
-    one is complete: it is written beside and swapped in, so a crash never leaves neither). `quantize` records
+    one is complete: it is written beside and swapped in, `files.staged_directory`). `quantize` records
     that the language model's weights are quantized ones ({"kind": "int8"|"int4", "param_dtype": the dtype of
     the others}; see `models.quantize`)."""
-    path = Path(path).absolute()
     if kind not in CONFIG_CLASSES:
         raise ValueError(f"unknown model kind {kind!r}; known: {sorted(CONFIG_CLASSES)}")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; refusing to overwrite a saved checkpoint (pass overwrite)")
-    staging = path.with_name(path.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    with _host_array_writer() as checkpointer:
-        host = jax.tree.map(np.asarray, jax.device_get(params))
-        checkpointer.save(staging / "params", args=ocp.args.PyTreeSave(host))
-    meta = {"model": kind, "config": mc.to_dict(config), "scan": bool(scan), "quantize": quantize}
-    if tokenizer_dir and kind in LANGUAGE_MODEL_KINDS:
-        fingerprint = tokenizer_fingerprint_of(tokenizer_dir)
-        if fingerprint:
-            meta["tokenizer_fingerprint"] = fingerprint
-    (staging / "model_config.json").write_text(json.dumps(meta, indent=2))
-    if tokenizer_dir:
-        shutil.copytree(tokenizer_dir, staging / "tokenizer")
-    if path.exists():  # set aside, not deleted first: between the two renames is the only moment without either
-        replaced = path.with_name(path.name + ".replaced")
-        shutil.rmtree(replaced, ignore_errors=True)
-        path.rename(replaced)
-        staging.rename(path)
-        shutil.rmtree(replaced)
-    else:
-        staging.rename(path)
-    return path
+    with files.staged_directory(path, overwrite, owns=ENTRIES) as staging:
+        with _host_array_writer() as checkpointer:
+            host = jax.tree.map(np.asarray, jax.device_get(params))
+            checkpointer.save(staging / "params", args=ocp.args.PyTreeSave(host))
+        meta = {"model": kind, "config": mc.to_dict(config), "scan": bool(scan), "quantize": quantize}
+        if tokenizer_dir and kind in LANGUAGE_MODEL_KINDS:
+            fingerprint = tokenizer_fingerprint_of(tokenizer_dir)
+            if fingerprint:
+                meta["tokenizer_fingerprint"] = fingerprint
+        (staging / "model_config.json").write_text(json.dumps(meta, indent=2))
+        if tokenizer_dir:
+            shutil.copytree(tokenizer_dir, staging / "tokenizer")
+    return Path(os.path.abspath(path))
 
 
 def tokenizer_fingerprint_of(directory) -> str | None:
@@ -156,8 +150,31 @@ def read_quantization(path) -> dict | None:
 def restore_params(path, abstract):
     """The parameter tree restored into the structure, dtypes and placement of `abstract` (ShapeDtypeStructs
     with shardings): what a quantized checkpoint needs, whose leaves only its model's template describes."""
+    drop_closed_loop_echoes()
     with _process_local_checkpointer() as checkpointer:
         return checkpointer.restore(Path(path).absolute() / "params", abstract)
+
+
+def drop_closed_loop_echoes():
+    """Call before an Orbax restore. Orbax reads the arrays concurrently in an asyncio loop of its own and closes
+    it at the first failed read (a damaged file); the reads still in flight then complete into the closed loop,
+    and TensorStore reports each as an unraisable "RuntimeError: Event loop is closed" traceback, 6 to 140 of them
+    around the real error; asyncio logs the other failed reads' tasks as "Task exception was never retrieved".
+    Those echoes are dropped from then on (before and after the restore returns: they arrive from TensorStore's
+    threads and the garbage collector); other errors still show, and the real error is reported."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_echoes", False):
+        return
+    logging.getLogger("asyncio").addFilter(
+        lambda record: not (str(record.msg).startswith("Task exception was never retrieved")
+                            and "orbax" in record.getMessage()))
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_loop_echoes = True
+    sys.unraisablehook = hook
 
 
 def load_model(path, runtime: mc.Runtime = mc.Runtime()):
@@ -166,6 +183,7 @@ def load_model(path, runtime: mc.Runtime = mc.Runtime()):
     kind, config, _ = read_model_config(path)
     params_dir = Path(path).absolute() / "params"
     try:
+        drop_closed_loop_echoes()
         with _process_local_checkpointer() as checkpointer:
             params = checkpointer.restore(params_dir)
     except Exception as error:  # Orbax and TensorStore raise many types for missing or cut-off files

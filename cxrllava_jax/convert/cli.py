@@ -1,7 +1,6 @@
 """`cxrllava import-torch` and `cxrllava export-torch`."""
 
 import argparse
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -11,9 +10,12 @@ from cxrllava_jax.convert import checkpoint, hf_bert, hf_llama, model_card, rele
 from cxrllava_jax.convert.layout import stack_layers
 from cxrllava_jax.domain.tokenizer import TOKENIZER_FILES
 from cxrllava_jax.models.configs import Runtime
-from cxrllava_jax.errors import InputError, OutputExistsError
+from cxrllava_jax.errors import InputError
 
 FORMATS = ("release", "hf-llama", "hf-bert")
+# What an export directory holds (weights, their index, configs, tokenizer files, modeling code, the model card);
+# anything else is kept.
+EXPORT_ENTRIES = ("*.safetensors", "*.json", "tokenizer*", "*.model", "*.py", "README.md")
 
 
 def detect_format(src: Path) -> str:
@@ -40,8 +42,7 @@ def import_main(argv) -> int:
     parser.add_argument("--scan", action="store_true", help="store layers stacked (for scan=True runtimes)")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    if args.out.exists() and not args.overwrite:  # before reading gigabytes of weights
-        raise OutputExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    files.refuse_existing(args.out, args.overwrite, owns=checkpoint.ENTRIES)  # before reading gigabytes of weights
     args.src = hub.resolve(args.src, what="--src")
     fmt = args.format or detect_format(args.src)
     kind, (config, params) = {
@@ -69,10 +70,10 @@ def export_main(argv) -> int:
     parser.add_argument("--layout", choices=("release", "hf-llama"), default="release")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--max-shard-size", type=_parse_size, default="5GB", help="e.g. 5GB, 500MB")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an export already in --out (the new one is written beside it and swapped in)")
     args = parser.parse_args(argv)
-    if args.out.exists() and not args.out.is_dir():
-        raise OutputExistsError(f"{args.out} is a file; --out names the directory to export into")
-    files.refuse_existing(args.out, overwrite=False, flag="an empty or new --out directory")
+    files.refuse_existing(args.out, args.overwrite, owns=EXPORT_ENTRIES)  # before the weights are read
     args.checkpoint = hub.resolve(args.checkpoint, what="--checkpoint")
     kind = checkpoint.read_model_config(args.checkpoint)[0]
     exportable = {"release": ("cxr_llava",), "hf-llama": ("cxr_llava", "llama")}[args.layout]
@@ -80,20 +81,17 @@ def export_main(argv) -> int:
         raise InputError(f"--layout {args.layout} needs a {' or '.join(exportable)} checkpoint; "
                          f"{args.checkpoint} holds a {kind}")
     _, config, params = checkpoint.load_model(args.checkpoint, Runtime(scan=False))
-    # Written beside and renamed into place: a kill or an error never leaves a half-written export at --out.
-    staging = args.out.with_name(args.out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    if args.layout == "release":
-        release.save_release(staging, config, params, args.dtype, args.max_shard_size)
-    else:
-        llama_config, llama_params = (config.llama, params["llm"]) if kind == "cxr_llava" else (config, params)
-        hf_llama.save_hf_llama(staging, llama_config, llama_params, args.dtype, args.max_shard_size)
-    source_tokenizer = checkpoint.tokenizer_dir(args.checkpoint)
-    if source_tokenizer:
-        for f in source_tokenizer.iterdir():
-            shutil.copy2(f, staging / f.name)
-    model_card.write(staging, _exported_facts(args.checkpoint, args.layout, kind))
-    os.replace(staging, args.out)
+    with files.staged_directory(args.out, args.overwrite, owns=EXPORT_ENTRIES) as staging:
+        if args.layout == "release":
+            release.save_release(staging, config, params, args.dtype, args.max_shard_size)
+        else:
+            llama_config, llama_params = (config.llama, params["llm"]) if kind == "cxr_llava" else (config, params)
+            hf_llama.save_hf_llama(staging, llama_config, llama_params, args.dtype, args.max_shard_size)
+        source_tokenizer = checkpoint.tokenizer_dir(args.checkpoint)
+        if source_tokenizer:
+            for f in source_tokenizer.iterdir():
+                shutil.copy2(f, staging / f.name)
+        model_card.write(staging, _exported_facts(args.checkpoint, args.layout, kind))
     print(f"exported {args.checkpoint} -> {args.out} ({args.layout}, {args.dtype})")
     return 0
 

@@ -12,6 +12,7 @@ PEFT scales by lora_alpha / r (lora_alpha / sqrt(r) with rsLoRA), ours by alpha 
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import numpy as np
 import safetensors.numpy
 from flax import traverse_util
 
+from cxrllava_jax import files
 from cxrllava_jax.convert.layout import relayout
 from cxrllava_jax.convert.mapping import ConversionError
 from cxrllava_jax.models import lora
@@ -36,7 +38,7 @@ _UNSUPPORTED = {"use_dora": False, "bias": "none", "rank_pattern": {}, "alpha_pa
                 "layers_to_transform": None, "fan_in_fan_out": False, "lora_bias": False}
 
 
-def save_peft(directory, params, settings: lora.LoraSettings, base_model: str = ""):
+def save_peft(directory, params, settings: lora.LoraSettings, base_model: str = "", overwrite: bool = False):
     """Writes the adapters of a CXR-LLaVA parameter tree (scanned or not) as a PEFT LoRA directory.
 
     Only the language model's projections have a place in a LlamaForCausalLM adapter: adapters elsewhere (the
@@ -51,16 +53,15 @@ def save_peft(directory, params, settings: lora.LoraSettings, base_model: str = 
         layer, module, part = _OURS.match(path).groups()
         key = f"base_model.model.model.layers.{layer}.{MODULES[module][0]}.{module}.lora_{part.upper()}.weight"
         tensors[key] = np.ascontiguousarray(np.asarray(value, np.float32).T)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    safetensors.numpy.save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
     modules = sorted({_OURS.match(k).group(2) for k in found})
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
               "r": settings.rank, "lora_alpha": settings.alpha, "lora_dropout": settings.dropout,
               "target_modules": modules, "use_rslora": False, "init_lora_weights": True, "inference_mode": True,
               **_UNSUPPORTED}
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-    return directory
+    with files.staged_directory(directory, overwrite, owns=(CONFIG_NAME, WEIGHTS_NAME)) as staging:
+        safetensors.numpy.save_file(tensors, staging / WEIGHTS_NAME, metadata={"format": "pt"})
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    return Path(os.path.abspath(directory))
 
 
 def load_peft(directory) -> tuple[lora.LoraSettings, dict]:

@@ -175,18 +175,17 @@ def load_tokenizer(path):
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir) -> SentencePieceTokenizer:
     """Trains a LLaMA-style SentencePiece BPE model on `texts`; writes tokenizer.model and tokenizer_config.json
-    as a LLaMA-2 directory has them."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(list(texts)), model_prefix=str(out_dir / "tokenizer"), vocab_size=vocab_size,
-        model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
-        user_defined_symbols=list(CHAT_MARKERS), split_digits=True, hard_vocab_limit=False, minloglevel=2,
-    )
-    (out_dir / "tokenizer.vocab").unlink(missing_ok=True)
-    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-              "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    as a LLaMA-2 directory has them (replacing a tokenizer there only once the new one is complete)."""
+    with files.staged_directory(out_dir, overwrite=True, owns=("tokenizer.model", "tokenizer_config.json")) as staging:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(list(texts)), model_prefix=str(staging / "tokenizer"), vocab_size=vocab_size,
+            model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
+            user_defined_symbols=list(CHAT_MARKERS), split_digits=True, hard_vocab_limit=False, minloglevel=2,
+        )
+        (staging / "tokenizer.vocab").unlink(missing_ok=True)
+        config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+                  "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+        (staging / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return SentencePieceTokenizer(out_dir)
 
 

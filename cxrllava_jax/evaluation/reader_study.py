@@ -8,6 +8,7 @@ reporting") rate, and Cochran's Q test of A+B across sources, with (reader, case
 """
 
 import collections
+import contextlib
 import csv
 import pathlib
 import random
@@ -42,8 +43,11 @@ def export_sheet(records, sheet_path, key_path, seed=0) -> None:
     random.Random(seed).shuffle(items)
     width = len(str(len(items)))
     names = [f"item-{i + 1:0{width}d}" for i in range(len(items))]
-    _write_csv(sheet_path, SHEET_COLUMNS, [(n, image, text, "", "") for n, (_, image, _, text) in zip(names, items)])
-    _write_csv(key_path, KEY_COLUMNS, [(n, case, source) for n, (case, _, source, _) in zip(names, items)])
+    with contextlib.ExitStack() as pair:  # both renamed into place only once both are complete: a sheet and its key
+        _write_csv(pair.enter_context(files.replaced_atomically(sheet_path, newline="")), SHEET_COLUMNS,
+                   [(n, image, text, "", "") for n, (_, image, _, text) in zip(names, items)])
+        _write_csv(pair.enter_context(files.replaced_atomically(key_path, newline="")), KEY_COLUMNS,
+                   [(n, case, source) for n, (case, _, source, _) in zip(names, items)])
 
 
 def analyze_ratings(key_path, rating_paths) -> dict:
@@ -96,11 +100,10 @@ def cochrans_q(outcomes) -> tuple:
     return float(q), float(stats.chi2.sf(q, k - 1))
 
 
-def _write_csv(path, columns, rows):
-    with files.replaced_atomically(path, newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(columns)
-        writer.writerows(rows)
+def _write_csv(f, columns, rows):
+    writer = csv.writer(f, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows(rows)
 
 
 def _read_csv(path):

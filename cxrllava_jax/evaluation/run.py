@@ -31,6 +31,10 @@ from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
 from cxrllava_jax.errors import ConfigError, InputError
 
 TASKS = ("report", "json_labels")
+# What an evaluation writes into its workdir, replaced together (eval.py stages them; see files.staged_directory).
+# generated.jsonl is not among them: a run that re-scores it (--predictions) keeps it.
+OUTPUTS = ("reference_labels.csv", "predicted_labels.csv", "table.md", "table.csv", "results.json",
+           "rexrank_predictions.json")
 
 
 def default_config() -> ml_collections.ConfigDict:

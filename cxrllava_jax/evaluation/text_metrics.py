@@ -11,6 +11,8 @@ import re
 import sacrebleu
 from rouge_score import rouge_scorer
 
+from cxrllava_jax import files
+
 _SECTION = re.compile(r"^(FINDINGS|IMPRESSION):\s*", re.MULTILINE)
 
 
@@ -52,5 +54,4 @@ def write_rexrank_json(path, records, split) -> None:
             "section_impression": reference["impression"],
             "split": split,
         }
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(studies, f, indent=2)
+    files.write_text_atomically(path, json.dumps(studies, indent=2))

@@ -1,6 +1,6 @@
 """`cxrllava report`, `ask`, `chat` and `complete`: the inference API from a terminal.
 
-    cxrllava report IMAGE_OR_DIR... --checkpoint CKPT [--jsonl OUT [--append | --overwrite]] [--batch-size N]
+    cxrllava report IMAGE_OR_DIR... --checkpoint CKPT [--jsonl OUT [--append|--resume|--overwrite]] [--batch-size N]
     cxrllava ask IMAGE "Is there a pneumothorax?" --checkpoint CKPT
     cxrllava chat IMAGE --checkpoint CKPT          (type /exit or press Ctrl-D to leave)
     cxrllava complete --checkpoint LLM_CKPT --chat "What is the capital of France?"
@@ -9,7 +9,9 @@
 CKPT is our checkpoint or the release's PyTorch directory. Directories expand to the images under them (DICOM
 found by content, as PACS exports often have no extension). An image that cannot be used is recorded with an
 "error" field and counted; the others still run. Records are appended one by one under a lock, so a kill keeps
-those already written and several processes may share one --jsonl (with --append).
+those already written and several processes may share one --jsonl (with --append). `--resume` skips the images
+that already have a record (a report or an error) in --jsonl, so a killed run continues where it stopped;
+`--overwrite` writes a new file beside the old one and replaces it only when the run is done.
 `complete` talks to a converted language model alone (`import-torch` of a Hugging Face LLaMA-family directory,
 or the LLM inside a CXR-LLaVA checkpoint), so a conversion can be checked before a projector is trained on it.
 """
@@ -40,8 +42,12 @@ def report_main(argv) -> int:
     parser.add_argument("images", nargs="+", type=Path, help="image files or directories of them")
     parser.add_argument("--jsonl", type=Path, help='write {"image", "report"} (or "error") lines here')
     existing = parser.add_mutually_exclusive_group()
-    existing.add_argument("--append", action="store_true", help="add to an existing --jsonl file")
-    existing.add_argument("--overwrite", action="store_true", help="replace an existing --jsonl file")
+    existing.add_argument("--append", action="store_true", help="add to an existing --jsonl file (images already "
+                          "in it are written again; say how many)")
+    existing.add_argument("--resume", action="store_true", help="add to --jsonl, skipping the images already "
+                          "recorded in it (after a killed or failed run)")
+    existing.add_argument("--overwrite", action="store_true", help="replace an existing --jsonl file (the old one "
+                          "is kept until this run is done)")
     parser.add_argument("--batch-size", type=_positive_int, default=8, help="images decoded together (default: 8)")
     parser.add_argument("--workers", type=_non_negative_int, default=DEFAULT_WORKERS,
                         help="threads that read and preprocess images ahead of the model (0: one at a time as "
@@ -113,16 +119,20 @@ def _report(args) -> int:
     if args.jsonl and processes > 1:  # each process writes its own file
         args.jsonl = args.jsonl.with_name(f"{args.jsonl.stem}.{process:05d}-of-{processes:05d}{args.jsonl.suffix}")
     if args.jsonl:  # before the model loads, so a long run does not end in a refusal
-        files.refuse_existing(args.jsonl, args.append or args.overwrite, "--append or --overwrite")
+        files.refuse_existing(args.jsonl, args.append or args.resume or args.overwrite,
+                              "--append, --resume or --overwrite")
     options = _options(args)
     paths = expand_images(args.images)[process::processes]
+    if args.jsonl and (args.append or args.resume):
+        paths = _recorded_before(paths, args.jsonl, skip=args.resume)
+        if not paths:
+            return 0
     model = _load(args)
     failed = []
     show_progress = any(p.is_dir() for p in args.images) or len(paths) > args.batch_size
-    if args.jsonl and args.overwrite:
-        args.jsonl.unlink(missing_ok=True)
-    with (files.LockedAppender(args.jsonl) if args.jsonl else contextlib.nullcontext()) as out, \
-            tqdm(total=len(paths), unit="image", disable=not show_progress, file=sys.stderr) as progress:
+    writer = (files.record_appender(args.jsonl, replace=args.overwrite, skip_recorded=_recorded_image if args.resume
+                                    else None) if args.jsonl else contextlib.nullcontext())
+    with writer as out, tqdm(total=len(paths), unit="image", disable=not show_progress, file=sys.stderr) as progress:
         def bad_image(index, error):
             failed.append(paths[index])
             progress.write(f"cxrllava report: skipped: {error}", file=sys.stderr)
@@ -143,6 +153,33 @@ def _report(args) -> int:
         where = f' (each recorded with an "error" field in {args.jsonl})' if args.jsonl else ""
         print(f"cxrllava report: {len(failed)} of {len(paths)} images failed{where}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _recorded_image(record: dict) -> str | None:
+    """The image a --jsonl record is done with (it holds a report or an error), as an absolute path (a relative one
+    taken from the current directory), so that `images/a.png` and `/data/images/a.png` match."""
+    if "image" in record and ("report" in record or "error" in record):
+        return os.path.abspath(str(record["image"]))
+    return None
+
+
+def _recorded_before(paths: list[Path], jsonl: Path, skip: bool) -> list[Path]:
+    """`paths` without those already recorded in `jsonl` (with `skip`), or all of them with a note of how many
+    will be recorded twice."""
+    if not jsonl.exists():
+        return paths
+    with files.LockedAppender(jsonl, skip_recorded=_recorded_image) as existing:
+        done = existing.recorded()
+    again = {p for p in paths if os.path.abspath(files.printable(p)) in done}  # named as records name them
+    if skip:
+        print(f"cxrllava report: {len(again)} of {len(paths)} images already have a record in {files.printable(jsonl)}; "
+              f"{'nothing to do' if len(again) == len(paths) else f'writing the other {len(paths) - len(again)}'}",
+              file=sys.stderr)
+        return [p for p in paths if p not in again]
+    if again:
+        print(f"cxrllava report: {len(again)} of {len(paths)} images already have a record in {files.printable(jsonl)}; --append "
+              "writes them again (--resume skips them)", file=sys.stderr)
+    return paths
 
 
 def _chat(args) -> int:

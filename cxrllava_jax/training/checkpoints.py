@@ -19,7 +19,8 @@ from flax import traverse_util
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from cxrllava_jax import files
-from cxrllava_jax.errors import MismatchError
+from cxrllava_jax.convert.checkpoint import drop_closed_loop_echoes
+from cxrllava_jax.errors import InputError, MismatchError
 from cxrllava_jax.training.optim import merge, split_trainable
 
 BASE_RECORD = "base.json"
@@ -75,7 +76,16 @@ class RunCheckpoints:
         unsaved parameters, which are taken from it); moves `data_iterator` in place."""
         args = ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(self._saved(state))),
                                   data=grain.checkpoint.CheckpointRestore(data_iterator))
-        restored = self.manager.restore(step, args=args)["state"]
+        drop_closed_loop_echoes()
+        try:
+            restored = self.manager.restore(step, args=args)["state"]
+        except Exception as error:  # Orbax and TensorStore raise many types for cut-off or damaged files
+            earlier = [s for s in self.manager.all_steps() if s < step]
+            then = f"to resume from step {max(earlier)}" if earlier else "to start from the beginning"
+            raise InputError(f"{self.manager.directory / str(step)}: cannot restore this checkpoint "
+                             f"({type(error).__name__}: {_first_line(error)}); it is damaged, or was saved by a "
+                             f"run of other model sizes. Move it out of {self.manager.directory} {then}, or train "
+                             "in another --workdir") from error
         if not self.unsaved:
             return restored
         return restored.replace(params=self._with_unsaved(restored.params, state.params))
@@ -86,6 +96,7 @@ class RunCheckpoints:
         target = {"params": _abstract(self._saved_params(params))}
         restore = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                          partial_restore=True)
+        drop_closed_loop_echoes()
         with ocp.PyTreeCheckpointer() as checkpointer:
             restored = checkpointer.restore(self.manager.directory / str(step) / "state", args=restore)["params"]
         return self._with_unsaved(restored, params)
@@ -119,6 +130,11 @@ class RunCheckpoints:
 
     def close(self):
         self.manager.close()
+
+
+def _first_line(error) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else ""
 
 
 def _abstract(tree):

@@ -18,6 +18,7 @@ from cxrllava_jax.training import data as stage_data
 from cxrllava_jax.training import initial_weights, model_cards
 from cxrllava_jax.training import workdir as run_records
 from cxrllava_jax.training.checkpoints import RunCheckpoints
+from cxrllava_jax.training.optim import warmup_warning
 from cxrllava_jax.training.reporting import Reporter
 from cxrllava_jax.training.steps import TrainState, hold_frozen, init_opt_state, jit_train_step, make_eval_step
 from cxrllava_jax.training.tasks import make_task
@@ -30,13 +31,15 @@ class NonFiniteLossError(FloatingPointError):
 def train_and_evaluate(cfg, workdir) -> dict:
     """Trains one stage in `workdir`; returns the summary also written to `workdir/summary.json`.
 
-    A workdir that has done its steps is left as it is (its summary returned); one of another stage is refused."""
-    workdir = Path(workdir)
+    A workdir that has done its steps is left as it is (its summary returned); one of another stage is refused.
+    A relative `workdir` is taken from the current directory (Orbax needs absolute paths)."""
+    workdir = run_records.absolute(workdir)
     run_records.check_config(cfg)
     run_records.check_stage(workdir, cfg)
     cfg = run_records.with_local_models(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
     writer = jax.process_index() == 0  # one process writes what is not a checkpoint
+    claim = run_records.claim(workdir) if writer else None  # one job's processes share it, another job is refused
     if writer and not (workdir / run_records.SUMMARY).exists():  # a finished run's record is kept (below)
         run_records.record_config(workdir, cfg)
 
@@ -45,6 +48,8 @@ def train_and_evaluate(cfg, workdir) -> dict:
     data = stage_data.make_stage_data(cfg, task)
     total_steps = cfg.num_train_steps or math.ceil(cfg.num_epochs * data.steps_per_epoch)
     tx, schedule = task.optimizer(total_steps)
+    if (warning := warmup_warning(cfg.optim, total_steps)) and writer:
+        print(f"[stage {cfg.stage}] {warning}", flush=True)
     checkpoints = RunCheckpoints(workdir / "checkpoints", cfg.checkpoint, task.unsaved, task.base_reference())
     checkpoints.check_base()
     if cfg.checkpoint.best_metric and cfg.checkpoint.every_steps % cfg.eval_every_steps:
@@ -58,12 +63,14 @@ def train_and_evaluate(cfg, workdir) -> dict:
         finished = run_records.finished_summary(workdir, step, total_steps)
         if finished is not None:
             checkpoints.close()
+            if claim:
+                claim.close()
             print(f"[stage {cfg.stage}] {workdir} has already done its {step} steps; its records are kept "
                   "(train further with a larger num_train_steps, or start anew in another --workdir)", flush=True)
             return finished
         if writer:
             run_records.record_config(workdir, cfg)
-        reporter = Reporter(workdir, total_steps, task.unit, cfg.stage)
+        reporter = Reporter(workdir, total_steps, task.unit, cfg.stage, step)
         train_step = jit_train_step(task, tx, task.frozen, state_shardings)
         eval_step = jax.jit(make_eval_step(task))
         rng = jax.random.key(cfg.seed + 1)
@@ -97,11 +104,15 @@ def train_and_evaluate(cfg, workdir) -> dict:
         final_params = _to_host(_params_to_export(cfg, checkpoints, state, state_shardings))
     summary = {"stage": cfg.stage, "steps": step, "eval": last_eval, "best_step": checkpoints.best_step()}
     if writer:
-        task.export(workdir / "model", final_params)
+        exported = task.export(workdir / "model", final_params)
         model_cards.write_cards(workdir, cfg, task.export_kind, step)
         run_records.record_summary(workdir, summary)
     checkpoints.close()
     reporter.close()
+    if claim:
+        claim.close()
+    if writer:
+        print(f"[stage {cfg.stage}] done after {step} steps: " + ", ".join(map(str, exported)), flush=True)
     return summary
 
 

@@ -55,6 +55,18 @@ def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([warmup, decays[cfg.schedule]()], [cfg.warmup_steps])
 
 
+def warmup_warning(cfg, total_steps: int) -> str | None:
+    """A note when the run ends before its warm-up does: its learning rate never reaches config.optim.learning_rate."""
+    updates = math.ceil(total_steps / max(cfg.grad_accum_steps, 1))
+    if cfg.warmup_steps <= 0 or updates > cfg.warmup_steps:
+        return None
+    reached = cfg.learning_rate * (updates - 1) / cfg.warmup_steps  # the rate of the last update
+    return (f"warning: config.optim.warmup_steps={cfg.warmup_steps} but the run makes only {updates} optimizer "
+            f"updates ({total_steps} steps, config.optim.grad_accum_steps={cfg.grad_accum_steps}): it ends in warm-up, "
+            f"its last update made at a learning rate of {reached:.2e}, below config.optim.learning_rate="
+            f"{cfg.learning_rate:.2e}. Lower warmup_steps or train longer (num_train_steps / num_epochs)")
+
+
 def released_at(pattern: str, step: int) -> optax.GradientTransformation:
     """Multiplies the leaves whose path matches `pattern` by 0 before training step `step` and by 1 from it on.
 

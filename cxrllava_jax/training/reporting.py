@@ -6,6 +6,10 @@ import time
 import jax
 from tensorboardX import SummaryWriter
 
+from cxrllava_jax import files
+
+METRICS = "metrics.jsonl"
+
 
 def format_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
@@ -15,13 +19,20 @@ def format_duration(seconds: float) -> str:
 
 
 class Reporter:
-    """Writes scalars to TensorBoard on the first process and prints one progress line per log step."""
+    """Writes scalars to TensorBoard on the first process and prints one progress line per log step.
 
-    def __init__(self, workdir, total_steps: int, unit: str, stage: str):
+    A run that starts at `step` (resumed from its checkpoint) first forgets what an earlier attempt recorded after
+    that step, so the steps it does again are recorded once: those lines are dropped from metrics.jsonl, and
+    TensorBoard is told to purge its events from step + 1 on."""
+
+    def __init__(self, workdir, total_steps: int, unit: str, stage: str, step: int = 0):
         self.total_steps, self.unit, self.stage = total_steps, unit, stage
-        self.writer = SummaryWriter(str(workdir / "tensorboard")) if jax.process_index() == 0 else None
-        # The same scalars as JSON lines, for notebooks and scripts that should not parse event files.
-        self.jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8") if jax.process_index() == 0 else None
+        self.writer = self.jsonl = None
+        if jax.process_index() == 0:
+            self.writer = SummaryWriter(str(workdir / "tensorboard"), purge_step=step + 1)
+            # The same scalars as JSON lines, for notebooks and scripts that should not parse event files.
+            _drop_records_after(workdir / METRICS, step)
+            self.jsonl = open(workdir / METRICS, "a", encoding="utf-8")
         self._mark_step, self._mark_time, self._units = None, None, 0
 
     def start(self, step: int):
@@ -56,3 +67,22 @@ class Reporter:
         if self.writer:
             self.writer.close()
             self.jsonl.close()
+
+
+def _drop_records_after(path, step: int):
+    """Rewrites (atomically) a metrics.jsonl without its records past `step`; a line cut off by a kill goes too."""
+    if not path.is_file():
+        return
+    kept, dropped = [], 0
+    for line in files.read_text(path).splitlines():
+        try:
+            record = json.loads(line)
+            recorded_step = record["step"]
+        except (ValueError, TypeError, KeyError):
+            recorded_step = None
+        if isinstance(recorded_step, int) and recorded_step <= step:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        files.write_text_atomically(path, "".join(kept))

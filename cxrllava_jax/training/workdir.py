@@ -7,15 +7,17 @@ they are. Config values are checked here, when the run starts, so that no work i
 cannot work.
 """
 
+import fcntl
 import json
 import math
+import os
 from pathlib import Path
 
 from cxrllava_jax import files, hub
 from cxrllava_jax.errors import ConfigError, MismatchError
 from cxrllava_jax.training.tasks import TASKS
 
-CONFIG, SUMMARY = "config.json", "summary.json"
+CONFIG, SUMMARY, LOCK = "config.json", "summary.json", "run.lock"
 MODEL_REFERENCES = ("checkpoint", "release", "llama", "bert")  # config.init fields that name a model
 
 # (key, test, what it must be): checked in this order, the first failure named.
@@ -57,6 +59,27 @@ def _check(cfg, key: str, ok, expected: str):
         value = value[part]
     if not ok(value):
         raise ConfigError(f"config.{key}={value!r}: must be {expected}")
+
+
+def absolute(workdir) -> Path:
+    """The workdir as an absolute path, taken once from the current directory: Orbax refuses relative checkpoint
+    paths, and a relative one would change meaning if anything changed the directory later."""
+    return Path(os.path.abspath(workdir))
+
+
+def claim(workdir: Path):
+    """Refuses a workdir that another run is training in (both would write the same checkpoint steps and records).
+    The claim is an exclusive lock held while the returned file is open, so a killed run leaves none behind."""
+    handle = open(workdir / LOCK, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise MismatchError(f"{workdir}: another run is training in this workdir; wait for it to end, or give "
+                            "another --workdir") from None
+    except OSError:  # a filesystem without locks (some network mounts): the run goes on unguarded
+        pass
+    return handle
 
 
 def identity(cfg) -> str:

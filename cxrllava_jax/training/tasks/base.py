@@ -136,10 +136,12 @@ class Task(abc.ABC):
         """config.optim's optimizer over the non-frozen parameters, holding back `releases` until their step."""
         return build_optimizer(self.cfg.optim, total_steps, self.releases)
 
-    def export(self, path, params):
-        """Writes the trained model in our checkpoint format: the next stage's `config.init.checkpoint`."""
-        model_checkpoint.save_model(path, self.export_kind, self.config, jax.device_get(params),
-                                    tokenizer_dir=self.export_tokenizer(), scan=self.cfg.runtime.scan, overwrite=True)
+    def export(self, path, params) -> list:
+        """Writes the trained model in our checkpoint format: the next stage's `config.init.checkpoint`. Returns
+        the directories written."""
+        return [model_checkpoint.save_model(path, self.export_kind, self.config, jax.device_get(params),
+                                            tokenizer_dir=self.export_tokenizer(), scan=self.cfg.runtime.scan,
+                                            overwrite=True)]
 
     def export_tokenizer(self) -> str | None:
         """The tokenizer that belongs to the exported model (stage 1 models have none)."""

@@ -81,10 +81,12 @@ class FinetuneTask(InstructionTask):
         return next_token_loss(model, params, self.model_images(batch["image"]), batch, self.config.num_image_tokens,
                                rngs={"dropout": rng})
 
-    def export(self, path, params):
+    def export(self, path, params) -> list:
         try:
             base = self.cfg.init.release or self.cfg.init.checkpoint
-            peft.save_peft(Path(path).parent / "adapter", params, self.settings, hub.hub_id(base) or base)
+            adapter = [peft.save_peft(Path(path).parent / "adapter", params, self.settings, hub.hub_id(base) or base,
+                                      overwrite=True)]
         except ConversionError as reason:
             print(f"[stage finetune] no PEFT adapter written: {reason}", flush=True)
-        super().export(path, lora.merge(params, self.settings))
+            adapter = []
+        return adapter + super().export(path, lora.merge(params, self.settings))
