@@ -23,7 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cxrllava_jax.inference import generate  # noqa: E402
+from cxrllava_jax.inference import engine  # noqa: E402
 from cxrllava_jax.models.configs import LlamaConfig  # noqa: E402
 from cxrllava_jax.models.llama import Llama  # noqa: E402
 
@@ -39,29 +39,37 @@ NEVER = -1  # an EOS id no token equals: every run decodes all its steps
 
 def decode_ms_per_token(spec, params, filled: int) -> float:
     rng = np.random.RandomState(0)
-    tokens = jnp.asarray(rng.randint(3, CONFIG.vocab_size, (BATCH, filled)), jnp.int32)
-    valid = jnp.ones(tokens.shape, bool)
-    budget = jnp.full((BATCH,), DECODE_STEPS + 1, jnp.int32)
+    tokens = rng.randint(3, CONFIG.vocab_size, (BATCH, filled)).astype(np.int32)
+    kv_valid = np.zeros((BATCH, CACHE_SLOTS), bool)
+    kv_valid[:, :filled] = True
+    greedy = (np.zeros(BATCH, np.float32), np.ones(BATCH, np.float32), np.zeros((BATCH, 2), np.uint32))
 
-    def fresh_state():
-        state = generate.prefill(spec, params, tokens, valid, None, budget, jnp.float32(0.0), jnp.float32(1.0),
-                                 jax.random.key(0), cache_length=CACHE_SLOTS)
-        return jax.block_until_ready(state)
+    def fresh_rows():
+        """The engine's running batch with every row's prompt prefilled into a CACHE_SLOTS-slot cache."""
+        cache = engine.empty_cache(spec, rows=BATCH, length=CACHE_SLOTS)
+        cache, first = engine.prefill_rows(spec, params, cache, tokens, None, np.int32(0), kv_valid,
+                                           np.full(BATCH, filled - 1, np.int32), *greedy, read=filled)
+        rows = engine.empty_rows(spec, rows=BATCH, length=CACHE_SLOTS)
+        rows = engine.place_rows(rows, np.arange(BATCH, dtype=np.int32), cache, kv_valid,
+                                 np.full(BATCH, filled, np.int32), first, np.full(BATCH, DECODE_STEPS + 1, np.int32),
+                                 *greedy, eos_id=NEVER)
+        return jax.block_until_ready(rows)
 
     times = []
     for _ in range(REPEATS + 1):  # the first run compiles
-        state = fresh_state()
+        rows = fresh_rows()
         start = time.perf_counter()
-        state = jax.block_until_ready(generate.decode(spec, params, state, jnp.int32(DECODE_STEPS + 1)))
+        rows, out = jax.block_until_ready(engine.decode_rows(spec, params, rows, np.int32(DECODE_STEPS),
+                                                             np.zeros(BATCH, bool), chunk=DECODE_STEPS))
         times.append(time.perf_counter() - start)
-        assert int(state.step) == DECODE_STEPS + 1
+        assert (np.asarray(out) != engine.NO_TOKEN).all()
     return 1000 * min(times[1:]) / DECODE_STEPS
 
 
 def main():
     model = Llama(CONFIG)
     params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
-    spec = generate.DecodeSpec(model, NEVER, None)
+    spec = engine.DecodeSpec(model, NEVER, None)
     load_before = open("/proc/loadavg").read().split()[:3]
     ms = {filled: decode_ms_per_token(spec, params, filled) for filled in FILLED}
     ratio = ms[FILLED[1]] / ms[FILLED[0]]

@@ -1,4 +1,4 @@
-"""Generation speed on this machine: our jitted prefill + while_loop decode against transformers' `generate`
+"""Generation speed on this machine: the engine's jitted prefill + while_loop decode against transformers' `generate`
 on the same weights, and against recomputing the whole sequence every step (no KV cache).
 
     python benchmarks/bench_inference.py   # prints a table, writes benchmarks/results/inference.json
@@ -30,7 +30,7 @@ import transformers
 from safetensors.torch import load_file
 
 from cxrllava_jax.convert import hf_llama, release
-from cxrllava_jax.inference.generate import Generator, SamplingOptions
+from cxrllava_jax.inference.engine import Engine, Request, SamplingOptions
 from cxrllava_jax.models.configs import LlamaConfig
 from cxrllava_jax.models.llama import Llama
 from cxrllava_jax.reference.tiny_models import release_dir
@@ -97,8 +97,10 @@ def measure(name, torch_model, config, params, batch_size: int) -> dict:
     rng = np.random.RandomState(0)
     prompts = rng.randint(3, config.vocab_size, (batch_size, PROMPT_LENGTH)).astype(np.int32)
     greedy = SamplingOptions(temperature=0.0, max_new_tokens=NEW_TOKENS)
-    generator = Generator(Llama(config), {"params": params}, eos_id=NEVER)
-    ours_s, ours = best_time(lambda: generator.generate(list(prompts), options=greedy))
+    # No prefix cache: every timed run prefills its prompts, as the other contenders do.
+    engine = Engine(Llama(config), {"params": params}, eos_id=NEVER, max_rows=batch_size, cache_bytes=0)
+    ours_s, ours = best_time(lambda: [c.tokens for c in engine.generate([Request(p, sampling=greedy)
+                                                                         for p in prompts])])
 
     def transformers_generate():
         with torch.no_grad():

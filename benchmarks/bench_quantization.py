@@ -26,7 +26,7 @@ from flax import traverse_util  # noqa: E402
 
 from cxrllava_jax.convert import release  # noqa: E402
 from cxrllava_jax.models import quantize  # noqa: E402
-from cxrllava_jax.inference.generate import Generator, SamplingOptions  # noqa: E402
+from cxrllava_jax.inference.engine import Engine, Request, SamplingOptions  # noqa: E402
 from cxrllava_jax.models.configs import Runtime  # noqa: E402
 from cxrllava_jax.models.llama import Llama  # noqa: E402
 from cxrllava_jax.reference import trained_llama  # noqa: E402
@@ -51,10 +51,15 @@ def trained_model():
     return "tiny LLaMA trained on a fixed template (bfloat16)", trained_llama.CONFIG, bf16, params, prompts
 
 
+def greedy_tokens(model, weights, prompts, greedy: SamplingOptions) -> list[list[int]]:
+    engine = Engine(model, {"params": weights}, eos_id=NEVER, cache_bytes=0)
+    return [c.tokens for c in engine.generate([Request(p, sampling=greedy) for p in prompts])]
+
+
 def compare(name, config, runtime, params, prompts) -> dict:
     prompts = list(prompts)
     greedy = SamplingOptions(temperature=0.0, max_new_tokens=NEW_TOKENS)
-    exact_tokens = Generator(Llama(config, runtime), {"params": params}, eos_id=NEVER).generate(prompts, options=greedy)
+    exact_tokens = greedy_tokens(Llama(config, runtime), params, prompts, greedy)
     sequences = jnp.asarray([np.concatenate([p, t]) for p, t in zip(prompts, exact_tokens)])
     exact, _ = Llama(config, runtime).apply({"params": params}, sequences)
     exact = np.asarray(exact, np.float32)[:, PROMPT_LENGTH - 1:-1]
@@ -68,7 +73,7 @@ def compare(name, config, runtime, params, prompts) -> dict:
         weights = traverse_util.unflatten_dict(
             {p: quantize.quantize_leaf(template, p, jnp.asarray(a)) for p, a in flat.items()}, sep="/")
         logits = np.asarray(model.apply({"params": weights}, sequences)[0], np.float32)[:, PROMPT_LENGTH - 1:-1]
-        tokens = Generator(model, {"params": weights}, eos_id=NEVER).generate(prompts, options=greedy)
+        tokens = greedy_tokens(model, weights, prompts, greedy)
         same = np.mean([a == b for x, y in zip(tokens, exact_tokens) for a, b in zip(x, y)])
         result[kind] = {"max_logit_diff": round(float(np.abs(logits - exact).max()), 4),
                         "mean_logit_diff": round(float(np.abs(logits - exact).mean()), 4),

@@ -113,18 +113,18 @@ def decode_ms_per_token(llama: LlamaConfig) -> float:
     import jax
     import jax.numpy as jnp
 
-    from cxrllava_jax.inference.generate import Generator, SamplingOptions
+    from cxrllava_jax.inference.engine import Engine, Request, SamplingOptions
     from cxrllava_jax.models.configs import Runtime
     from cxrllava_jax.models.llama import Llama
 
     model = Llama(dataclasses.replace(llama, num_layers=DECODE_LAYERS), Runtime(param_dtype="bfloat16"))
     params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
-    generator = Generator(model, params, eos_id=-1)
-    prompt = [np.arange(3, 3 + DECODE_PROMPT, dtype=np.int32)]
-    options = SamplingOptions(temperature=0.0, max_new_tokens=DECODE_TOKENS)
-    generator.generate(prompt, options=options)  # compiles
+    engine = Engine(model, params, eos_id=-1, cache_bytes=0)
+    request = Request(np.arange(3, 3 + DECODE_PROMPT, dtype=np.int32),
+                      sampling=SamplingOptions(temperature=0.0, max_new_tokens=DECODE_TOKENS))
+    engine.generate([request])  # compiles
     start = time.perf_counter()
-    generator.generate(prompt, options=options)
+    engine.generate([request])
     return round(1000 * (time.perf_counter() - start) / DECODE_TOKENS, 2)
 
 

@@ -82,9 +82,10 @@ class Server:
     """`cxrllava serve` on a free localhost port, from the source tree `tree` (another checkout measures the code
     of another commit)."""
 
-    def __init__(self, checkpoint, max_queue: int, tree: pathlib.Path = ROOT):
+    def __init__(self, checkpoint, max_queue: int, tree: pathlib.Path = ROOT, extra: tuple = ()):
         command = [sys.executable, "-m", "cxrllava_jax.cli", "serve", "--checkpoint", str(checkpoint), "--port", "0",
-                   "--model-name", MODEL_ID, "--max-batch-size", str(MAX_BATCH_SIZE), "--max-queue", str(max_queue)]
+                   "--model-name", MODEL_ID, "--max-batch-size", str(MAX_BATCH_SIZE), "--max-queue", str(max_queue),
+                   *extra]
         # This process holds its reference model's device memory too: the server gets the other share.
         env = {**os.environ, "PYTHONPATH": str(tree), **accelerator.shared_memory_env(2)}
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=tree, env=env)
@@ -187,7 +188,8 @@ def measure(server: Server, bodies: list[bytes], expected: list[str], clients: i
             "metrics_and_log_agree": counted == {"metrics": sent, "access_log_lines": sent["requests"]}}
 
 
-def bench_model(name: str, clients: list[int], requests: int | None) -> dict:
+def bench_model(name: str, clients: list[int], requests: int | None, extra: list[str],
+                tree: pathlib.Path = ROOT) -> dict:
     """Every level on one model: its runs, 16 clients' throughput over 1 client's, failures, differences."""
     directory, default_requests = MODELS[name]
     checkpoint = directory()
@@ -198,7 +200,7 @@ def bench_model(name: str, clients: list[int], requests: int | None) -> dict:
         expected = [model.chat(turns, image, temperature=0.0, max_new_tokens=MAX_TOKENS) for turns, image in pairs]
         del model
     bodies = [distinct[i % len(distinct)] for i in range(requests or default_requests)]
-    server = Server(checkpoint, max_queue=max(clients))
+    server = Server(checkpoint, max_queue=max(clients), tree=tree, extra=extra)
     try:
         for warm_up_passes in range(1, MAX_WARM_UP_PASSES + 1):
             if sum(asyncio.run(run_level(server.url, bodies, level))["programs"] for level in clients) == 0:
@@ -238,10 +240,17 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--requests", type=int, help="requests per level (default: 512 tiny, 192 small)")
     parser.add_argument("--clients", type=int, nargs="+", default=CLIENTS, help="levels (default %(default)s)")
+    parser.add_argument("--cache-mb", help="the server's prefix cache (the workload repeats its 64 requests, which a "
+                        "cache answers with almost no prefill; 0 measures batching alone)")
+    parser.add_argument("--tree", type=pathlib.Path, default=ROOT,
+                        help="the source tree whose server is measured (another checkout: another commit's code)")
+    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "serve.json")
     args = parser.parse_args()
     accelerator.share_memory(2)  # this process and the server it starts, on one GPU
     load_before = os.getloadavg()
-    models = {name: bench_model(name, args.clients, args.requests) for name in args.models}
+    extra = [] if args.cache_mb is None else ["--cache-mb", args.cache_mb]
+    models = {name: bench_model(name, args.clients, args.requests, extra, args.tree.resolve())
+              for name in args.models}
     goals = {"speedup_16_vs_1": 3.0, "speedup_judged_on": THROUGHPUT_GOAL_MODEL, "failed": 0,
              "different_from_library": 0, "metrics_and_log_agree": True}
     correct = all(run["failed"] == 0 and run["different_from_library"] == 0 and run["metrics_and_log_agree"]
@@ -250,8 +259,8 @@ def main() -> int:
     met = correct and judged >= goals["speedup_16_vs_1"]
     result = {"machine": platform.machine(), "cpu_count": os.cpu_count(), "load_average_before": load_before,
               "load_average_after": os.getloadavg(), "max_tokens": MAX_TOKENS, "max_batch_size": MAX_BATCH_SIZE,
-              "goals": goals, "goals_met": met, "models": models}
-    out = ROOT / "benchmarks" / "results" / "serve.json"
+              "server_options": extra, "tree": str(args.tree), "goals": goals, "goals_met": met, "models": models}
+    out = args.out
     out.write_text(json.dumps(result, indent=2) + "\n")
     for name, model in models.items():
         print(f"{name}: 16 clients vs 1: {model['speedup_16_vs_1']:.2f}x")

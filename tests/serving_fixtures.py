@@ -13,7 +13,7 @@ from pathlib import Path
 import uvicorn
 
 from cxrllava_jax.inference.api import CXRLLaVA
-from cxrllava_jax.inference.generate import Generator
+from cxrllava_jax.inference.engine import Engine
 from cxrllava_jax.models import cxr_llava
 from cxrllava_jax.reference.tiny_models import checkpoint_dir
 
@@ -21,12 +21,12 @@ NIH_PNG = Path(__file__).parent / "fixtures" / "real-cxr" / "nih" / "00000001_00
 NON_CHEST_DICOM = Path(__file__).parent / "fixtures" / "real-cxr" / "dicom" / "RG3_J2KR.dcm"
 
 
-def endless_tiny_model(generator=Generator) -> CXRLLaVA:
+def endless_tiny_model(engine=Engine) -> CXRLLaVA:
     """The tiny model with EOS never ending an answer: every answer is exactly its token budget long, so tests do
-    not depend on when an untrained model happens to write EOS. `generator`: the Generator class to run it."""
+    not depend on when an untrained model happens to write EOS. `engine`: the Engine class to run it."""
     model = CXRLLaVA.from_pretrained(checkpoint_dir())
-    model.generator = generator(cxr_llava.CXRLLaVAModel(model.config), model.generator.params, eos_id=-1,
-                                vocab_limit=len(model.tokenizer))
+    model.engine = engine(cxr_llava.CXRLLaVAModel(model.config), model.engine.params, eos_id=-1,
+                          vocab_limit=len(model.tokenizer))
     return model
 
 

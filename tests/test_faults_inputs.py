@@ -19,7 +19,7 @@ from cxrllava_jax.domain.radiograph_guard import NotFrontalChestError
 from cxrllava_jax.errors import InputError
 from cxrllava_jax.evaluation import run
 from cxrllava_jax.inference.cli import expand_images
-from cxrllava_jax.inference.generate import SamplingOptions
+from cxrllava_jax.inference.engine import SamplingOptions
 from tests.dicom_files import write_dicom
 from tests.fault_files import STORED, color_dicom, palette_dicom, png_8bit_gray, png_header_only, textured
 

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from cxrllava_jax import cli
-from cxrllava_jax.inference.generate import SamplingOptions
+from cxrllava_jax.inference.engine import SamplingOptions
 from cxrllava_jax.inference.sampling import TOP_P_FLOOR, SamplingError
 from cxrllava_jax.serving import requests, uploads
 from cxrllava_jax.serving.app import create_app

@@ -12,8 +12,8 @@ import torch
 import transformers
 
 from cxrllava_jax.convert import hf_llama
-from cxrllava_jax.inference import generate
-from cxrllava_jax.inference.generate import Generator, SamplingOptions, sample_next
+from cxrllava_jax.inference import engine as engine_module
+from cxrllava_jax.inference.engine import Engine, Request, SamplingOptions, sample_next
 from cxrllava_jax.domain.prompting import PromptTooLongError
 from cxrllava_jax.models.configs import LlamaConfig, Runtime
 from cxrllava_jax.models.llama import Llama
@@ -43,12 +43,18 @@ def hf(tmp_path_factory):
 def generator(hf):
     _, config, params, _ = hf
     # Spans of 48 and 64 slots: the greedy tests cross from one decode loop into the next.
-    return Generator(Llama(config), params, eos_id=NEVER, length_bucket=BUCKET, attention_bucket=24)
+    return Engine(Llama(config), params, eos_id=NEVER, length_bucket=BUCKET, attention_bucket=24)
+
+
+def generate(engine: Engine, prompts, options: SamplingOptions, on_tokens=None) -> list[list[int]]:
+    """The tokens the engine writes for each prompt, every prompt submitted at once."""
+    completions = engine.generate([Request(p, sampling=options) for p in prompts], on_tokens=on_tokens)
+    return [c.tokens for c in completions]
 
 
 @pytest.fixture(scope="module")
 def greedy_batch(hf, generator):
-    return generator.generate(hf[3], options=SamplingOptions(temperature=0.0, max_new_tokens=NEW_TOKENS))
+    return generate(generator, hf[3], SamplingOptions(temperature=0.0, max_new_tokens=NEW_TOKENS))
 
 
 def _cut(ids, eos):
@@ -85,22 +91,22 @@ def test_cached_decoding_equals_recomputing_the_sequence(hf, greedy_batch):
 
 def test_batch_equals_one_by_one(hf, generator, greedy_batch):
     options = SamplingOptions(temperature=0.0, max_new_tokens=NEW_TOKENS)
-    assert [generator.generate([p], options=options)[0] for p in hf[3]] == greedy_batch
+    assert [generate(generator, [p], options)[0] for p in hf[3]] == greedy_batch
 
 
 def test_each_row_stops_at_its_eos(hf, greedy_batch):
     _, config, params, prompts = hf
     eos = greedy_batch[0][3]
-    stopping = Generator(Llama(config), params, eos_id=eos, length_bucket=BUCKET)
-    out = stopping.generate(prompts, options=SamplingOptions(temperature=0.0, max_new_tokens=NEW_TOKENS))
+    stopping = Engine(Llama(config), params, eos_id=eos, length_bucket=BUCKET)
+    out = generate(stopping, prompts, SamplingOptions(temperature=0.0, max_new_tokens=NEW_TOKENS))
     assert out == [_cut(row, eos) for row in greedy_batch]
     assert len(out[0]) <= 3 < len(greedy_batch[0])
 
 
 def test_same_seed_same_sample(hf, generator, greedy_batch):
     def sample(seed):
-        return generator.generate(hf[3], options=SamplingOptions(temperature=1.0, top_p=0.95, seed=seed,
-                                                                 max_new_tokens=NEW_TOKENS))
+        return generate(generator, hf[3], SamplingOptions(temperature=1.0, top_p=0.95, seed=seed,
+                                                          max_new_tokens=NEW_TOKENS))
 
     first = sample(7)
     assert sample(7) == first
@@ -109,36 +115,37 @@ def test_same_seed_same_sample(hf, generator, greedy_batch):
 
 
 def test_streaming_hands_out_every_token_in_chunks(hf, generator, greedy_batch):
-    chunks = []
-    out = generator.generate(hf[3], options=SamplingOptions(temperature=0.0, max_new_tokens=NEW_TOKENS),
-                             on_tokens=chunks.append, stream_every=3)
+    chunks = {row: [] for row in range(len(hf[3]))}
+    out = generate(generator.sibling(stream_every=3), hf[3], SamplingOptions(temperature=0.0, max_new_tokens=NEW_TOKENS),
+                   on_tokens=lambda row, new: chunks[row].append(new))
     assert out == greedy_batch
-    assert len(chunks) >= NEW_TOKENS // 3
     for row, expected in enumerate(greedy_batch):
-        assert [t for chunk in chunks for t in chunk[row]] == expected
+        assert len(chunks[row]) >= NEW_TOKENS // 3
+        assert [t for chunk in chunks[row] for t in chunk] == expected
 
 
 def test_prompt_lengths_in_one_bucket_compile_once(hf):
     _, config, params, _ = hf
     # A bucket no other test uses, so these shapes are compiled here first.
-    fresh = Generator(Llama(config), params, eos_id=config.eos_token_id, length_bucket=48)
+    fresh = Engine(Llama(config), params, eos_id=config.eos_token_id, length_bucket=48)
     options = SamplingOptions(temperature=0.0, max_new_tokens=8)
     rng = np.random.RandomState(3)
 
     def compilations():
-        return generate.prefill._cache_size(), generate.decode._cache_size()
+        return engine_module.prefill_rows._cache_size(), engine_module.decode_rows._cache_size()
 
     before = compilations()
     for lengths in [(3, 7), (12, 9), (48, 2)]:
-        fresh.generate([rng.randint(3, 200, n) for n in lengths], options=options)
-    fresh.generate([rng.randint(3, 200, 10)] * 2, options=options, on_tokens=lambda chunk: None, stream_every=2)
-    fresh.generate([rng.randint(3, 200, 4)] * 2, options=SamplingOptions(temperature=0.7, seed=3, max_new_tokens=8))
-    # Loading the same model again (a new Generator of an equal module) reuses the compiled functions.
-    Generator(Llama(config), params, eos_id=config.eos_token_id, length_bucket=48).generate(
-        [rng.randint(3, 200, 30)] * 2, options=options)
+        generate(fresh, [rng.randint(3, 200, n) for n in lengths], options)
+    generate(fresh.sibling(stream_every=2), [rng.randint(3, 200, 10)] * 2, options, on_tokens=lambda row, new: None)
+    generate(fresh, [rng.randint(3, 200, 4)] * 2, SamplingOptions(temperature=0.7, seed=3, max_new_tokens=8))
+    # Loading the same model again (a new engine of an equal module) reuses the compiled functions.
+    generate(Engine(Llama(config), params, eos_id=config.eos_token_id, length_bucket=48, cache_bytes=0),
+             [rng.randint(3, 200, 30)] * 2, options)
     assert np.subtract(compilations(), before).tolist() == [1, 1]
-    fresh.generate([rng.randint(3, 200, 49)] * 2, options=options)  # the next bucket
-    assert np.subtract(compilations(), before).tolist() == [2, 2]
+    # The next bucket: a new prefill; the decode chunk runs on a cache of the same length.
+    generate(fresh.sibling(cache_bytes=0), [rng.randint(3, 200, 49)] * 2, options)
+    assert np.subtract(compilations(), before).tolist() == [2, 1]
 
 
 def test_streaming_compiles_no_new_program(hf, generator, greedy_batch):
@@ -151,11 +158,11 @@ def test_streaming_compiles_no_new_program(hf, generator, greedy_batch):
             compiled.append(duration)
 
     options = SamplingOptions(temperature=0.0, max_new_tokens=NEW_TOKENS)
-    generator.generate(hf[3], options=options, on_tokens=lambda chunk: None, stream_every=5)  # warm-up
+    generate(generator.sibling(stream_every=5), hf[3], options, on_tokens=lambda row, new: None)  # warm-up
     jax.monitoring.register_event_duration_secs_listener(count)
     try:
         chunks = []
-        out = generator.generate(hf[3], options=options, on_tokens=chunks.append, stream_every=2)
+        out = generate(generator.sibling(stream_every=2), hf[3], options, on_tokens=lambda row, new: chunks.append(new))
     finally:
         jax.monitoring.unregister_event_duration_listener(count)
     assert out == greedy_batch and len(chunks) >= NEW_TOKENS // 2
@@ -164,7 +171,7 @@ def test_streaming_compiles_no_new_program(hf, generator, greedy_batch):
 
 def test_prompt_that_fills_the_context_is_refused(generator):
     with pytest.raises(PromptTooLongError, match="127 tokens.*context is 128"):
-        generator.generate([np.full(127, 5, np.int32)], options=SamplingOptions(temperature=0.0))
+        generate(generator, [np.full(127, 5, np.int32)], SamplingOptions(temperature=0.0))
 
 
 def test_greedy_choice_is_argmax_with_its_ties_and_nans():
@@ -173,7 +180,7 @@ def test_greedy_choice_is_argmax_with_its_ties_and_nans():
     logits[1] = -np.inf
     logits[2, [7, 30]] = np.nan
     logits[3, 4] = np.inf
-    chosen = np.asarray(jax.jit(generate.first_max)(jnp.asarray(logits)))
+    chosen = np.asarray(jax.jit(engine_module.first_max)(jnp.asarray(logits)))
     assert chosen.dtype == np.int32 and chosen.tolist() == np.argmax(logits, axis=-1).tolist()
     assert chosen[1:4].tolist() == [0, 7, 4]
 
@@ -224,22 +231,20 @@ def test_decode_step_updates_the_cache_in_place(hf, scan):
     from cxrllava_jax.convert.layout import relayout
 
     model = Llama(config, Runtime(scan=scan))
-    spec = generate.DecodeSpec(model, config.eos_token_id, None, attention_bucket=16)
-    tokens = np.ones((2, 8), np.int32)
-    args = (tokens, np.ones(tokens.shape, bool), None, np.full(2, 40, np.int32), jnp.float32(0), jnp.float32(1),
-            jax.random.key(0))
+    spec = engine_module.DecodeSpec(model, config.eos_token_id, None, attention_bucket=16)
     variables = {"params": relayout(params["params"], scan=scan)}
-    state = generate.prefill(spec, variables, *args, cache_length=64)
-    hlo = generate.decode.lower(spec, variables, state, jnp.int32(30)).compile().as_text()
-    cache_shape = state.cache["k"].shape
-    assert cache_shape == (config.num_layers, 2, config.num_kv_heads, 64, config.kv_dim)
-    assert "dynamic-update-slice" in hlo  # the check below looks at the instructions that write the cache
+    rows = engine_module.empty_rows(spec, rows=2, length=64)
+    hlo = engine_module.decode_rows.lower(spec, variables, rows, np.int32(30), np.zeros(2, bool),
+                                          chunk=32).compile().as_text()
+    cache_shape = (config.num_layers, 2, config.num_kv_heads, 64, config.kv_dim)
+    assert isinstance(rows.cache["k"], tuple) != scan  # unrolled: one array per layer
+    assert "scatter" in hlo or "dynamic-update-slice" in hlo  # the check below looks at the cache's writes
     assert _ops_on_whole_cache(hlo, cache_shape) == []
     # What the check catches: stacking the layers' updated caches (the old decode step) does all three.
     stacked = jax.jit(lambda c, kv: jnp.stack([jax.lax.dynamic_update_slice(c[i], kv, (0, 0, 5, 0))
                                                for i in range(c.shape[0])]))
     kv = jnp.ones((2, config.num_kv_heads, 1, config.kv_dim))
-    assert _ops_on_whole_cache(stacked.lower(state.cache["k"], kv).compile().as_text(), cache_shape)
+    assert _ops_on_whole_cache(stacked.lower(jnp.zeros(cache_shape), kv).compile().as_text(), cache_shape)
 
 
 def test_int8_and_int4_weights_track_the_float_logits(hf, greedy_batch):

@@ -76,5 +76,5 @@ def test_report_and_serve_take_the_id(offline_cache, model, tmp_path, monkeypatc
     monkeypatch.setattr(uvicorn, "Server", lambda config: types.SimpleNamespace(run=lambda sockets: None))
     assert cli.main(["serve", "--checkpoint", REPO, "--port", "0"]) == 0
     assert served["name"] == "tiny-release"
-    loaded, expected = (jax.tree.leaves(m.generator.params) for m in (served["model"], model))
+    loaded, expected = (jax.tree.leaves(m.engine.params) for m in (served["model"], model))
     assert len(loaded) == len(expected) and all(np.array_equal(a, b) for a, b in zip(loaded, expected))

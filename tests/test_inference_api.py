@@ -21,7 +21,7 @@ from cxrllava_jax.convert import release
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.models import quantize
 from cxrllava_jax.inference.api import CXRLLaVA, TextStream
-from cxrllava_jax.inference.generate import SamplingOptions
+from cxrllava_jax.inference.engine import EngineImage, Request, SamplingOptions
 from cxrllava_jax.domain.tokenizer import load_tokenizer, train_tokenizer
 from cxrllava_jax.domain.images import InputError
 from tests.dicom_files import write_dicom
@@ -70,12 +70,13 @@ def test_image_prompts_match_the_release_forward_in_pytorch(model, images):
     converted = CXRLLaVA.from_pretrained(release_dir())  # the release's directory, converted on the fly
     # EOS masked on both sides (no token equals it): whole continuations are compared, whatever the untrained
     # model prefers. Stopping at EOS is tests/test_generate.py's.
-    converted.generator.spec = dataclasses.replace(converted.generator.spec, eos_id=NEVER)
+    converted.engine.spec = dataclasses.replace(converted.engine.spec, eos_id=NEVER)
     torch_model = _release_torch_model(tiny_config(converted.config.llama.vocab_size))
     conversations = [REPORT, QUESTION]
     pixels = np.stack([converted.preprocess(i) for i in images[:2]])
-    ours = converted.generator.generate([converted.encode(c) for c in conversations], pixels,
-                                        SamplingOptions(**GREEDY))
+    ours = [c.tokens for c in converted.engine.generate(
+        [Request(converted.encode(c), (EngineImage.of(p),), SamplingOptions(**GREEDY)) for c, p in
+         zip(conversations, pixels)])]
     tokenizer = converted.tokenizer
     for row, turns in enumerate(conversations):
         ids = prompting.encode_prompt(turns, tokenizer, num_image_tokens=1, image_token_id=IMAGE_PLACEHOLDER)
@@ -87,7 +88,7 @@ def test_image_prompts_match_the_release_forward_in_pytorch(model, images):
 
 def test_batch_equals_one_by_one(model, images, monkeypatch):
     # EOS masked: every report is its whole budget long, so rows of a batch cannot end at different steps by luck.
-    monkeypatch.setattr(model.generator, "spec", dataclasses.replace(model.generator.spec, eos_id=NEVER))
+    monkeypatch.setattr(model.engine, "spec", dataclasses.replace(model.engine.spec, eos_id=NEVER))
     reports = model.write_radiologic_reports(images, **GREEDY)
     assert reports == [model.write_radiologic_report(i, **GREEDY) for i in images]
     assert len(set(reports)) > 1  # the images make the answers differ
@@ -110,6 +111,24 @@ def test_every_image_kind_gives_the_same_report(model, images, tmp_path):
     assert reports == [model.write_radiologic_report(kinds[4], **GREEDY)] * 4
 
 
+def test_a_batch_answers_every_input_and_says_how(model, images, tmp_path):
+    """A bad image gets its error in its place, the others their reports; every answer says where it came from."""
+    (tmp_path / "notes.png").write_text("not an image")
+    reports = model.write_radiologic_reports([images[0], tmp_path / "notes.png", images[1]], **GREEDY)
+    assert isinstance(reports[0], str) and isinstance(reports[2], str)
+    assert isinstance(reports[1], InputError) and "notes.png" in str(reports[1])
+    assert reports[0] == model.write_radiologic_report(images[0], **GREEDY)
+    with pytest.raises(InputError, match="notes.png"):
+        model.write_radiologic_report(tmp_path / "notes.png", **GREEDY)
+    index, answer = next(model.iter_generate([[{"role": "user", "content": "Any effusion?"}]], [images[0]], **GREEDY))
+    record = {**model.provenance, **answer.record()}
+    assert record["checkpoint"] == str(checkpoint_dir()) and record["fingerprint"].startswith("sha256:")
+    assert record["adapter"] is None and record["seed"] == 0 and record["temperature"] == 0.0
+    assert record["completion_tokens"] == len(answer.completion.tokens) <= GREEDY["max_new_tokens"]
+    assert record["finish_reason"] == ("length" if record["completion_tokens"] == GREEDY["max_new_tokens"] else "stop")
+    assert record["prompt_tokens"] == len(model.encode([{"role": "user", "content": "Any effusion?"}]))
+
+
 def test_questions_and_chat(model, images):
     question = "Is there a pleural effusion?"
     answer = model.ask_question(question, images[0], **GREEDY)
@@ -126,7 +145,7 @@ def test_questions_and_chat(model, images):
 def test_chat_streams_the_answer(model, images, monkeypatch):
     # EOS masked (no token equals it) and tokens drawn at temperature 1: the answer is 40 tokens long whatever
     # the untrained model prefers, so the stream has many pieces on any CPU.
-    monkeypatch.setattr(model.generator, "spec", dataclasses.replace(model.generator.spec, eos_id=NEVER))
+    monkeypatch.setattr(model.engine, "spec", dataclasses.replace(model.engine.spec, eos_id=NEVER))
     pieces = []
     answer = model.chat([{"role": "user", "content": "Describe the lungs."}], images[1], on_text=pieces.append,
                         temperature=1.0, top_p=1.0, seed=1, max_new_tokens=40)
@@ -141,7 +160,7 @@ def test_text_stream_waits_for_whole_characters(model):
     pieces = []
     stream = TextStream(tokenizer, pieces.append)
     for i in range(len(ids)):
-        stream([ids[i:i + 1]])
+        stream(ids[i:i + 1])
     stream.finish(model.decode(ids))
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)
@@ -156,7 +175,7 @@ def test_streamed_text_waits_for_a_run_of_byte_pieces_to_end(model):
     pieces = []
     stream = TextStream(tokenizer, pieces.append)
     for i in range(len(ids)):
-        stream([ids[i:i + 1]])
+        stream(ids[i:i + 1])
     answer = model.decode(ids)
     stream.finish(answer)
     assert "".join(pieces) == answer and answer.endswith("There is")
@@ -172,7 +191,7 @@ def test_text_stream_waits_for_a_whole_run_of_byte_tokens(model):
     pieces = []
     stream = TextStream(tokenizer, pieces.append)
     for i in range(len(ids)):
-        stream([ids[i:i + 1]])
+        stream(ids[i:i + 1])
     stream.finish(model.decode(ids))
     assert "".join(pieces) == model.decode(ids)
 
@@ -225,16 +244,16 @@ def test_bfloat16_weights_load_as_stored(tmp_path, images):
     for f in tokenizer_dir().iterdir():
         shutil.copy(f, tmp_path / "bf16" / f.name)
     loaded = CXRLLaVA.from_pretrained(tmp_path / "bf16")
-    dtypes = {leaf.dtype for leaf in jax.tree.leaves(loaded.generator.params)}
+    dtypes = {leaf.dtype for leaf in jax.tree.leaves(loaded.engine.params)}
     assert dtypes == {jnp.dtype(jnp.bfloat16)}
     assert isinstance(loaded.write_radiologic_report(images[0], **GREEDY), str)
 
 
 def test_int8_model_answers_and_is_saved_quantized(tmp_path, images):
     int8 = CXRLLaVA.from_pretrained(checkpoint_dir(), quantize="int8")
-    kernel = int8.generator.params["params"]["llm"]["layers"]["block_0"]["q_proj"]["kernel"]
+    kernel = int8.engine.params["params"]["llm"]["layers"]["block_0"]["q_proj"]["kernel"]
     assert quantize.is_quantized(kernel) and kernel.array.qvalue.dtype == jnp.int8
-    assert not quantize.is_quantized(int8.generator.params["params"]["img"]["conv1"]["kernel"])
+    assert not quantize.is_quantized(int8.engine.params["params"]["img"]["conv1"]["kernel"])
     reports = int8.write_radiologic_reports(images[:2], **GREEDY)
     int8.save(tmp_path / "int8")
     again = CXRLLaVA.from_pretrained(tmp_path / "int8")
@@ -249,13 +268,14 @@ import json, sys
 import jax, numpy as np
 
 from cxrllava_jax.inference.api import CXRLLaVA
-from cxrllava_jax.inference.generate import SamplingOptions
+from cxrllava_jax.inference.engine import EngineImage, Request, SamplingOptions
 from cxrllava_jax.reference.tiny_models import checkpoint_dir
 model = CXRLLaVA.from_pretrained(checkpoint_dir())
-kernel = model.generator.params["params"]["llm"]["layers"]["block_0"]["q_proj"]["kernel"]
+kernel = model.engine.params["params"]["llm"]["layers"]["block_0"]["q_proj"]["kernel"]
 pixels = np.zeros((1, 64, 64, 1), np.float32)
-ids = model.generator.generate([model.encode([{"role": "user", "content": "Any effusion?"}])], pixels,
-                               SamplingOptions(temperature=0.0, max_new_tokens=4))
+ids = [c.tokens for c in model.engine.generate([Request(model.encode([{"role": "user", "content": "Any effusion?"}]),
+                                                        (EngineImage.of(pixels[0]),),
+                                                        SamplingOptions(temperature=0.0, max_new_tokens=4))])]
 print("REPORT" + json.dumps({"devices": jax.device_count(), "spec": [str(a) for a in kernel.sharding.spec],
                              "shard": list(kernel.addressable_shards[0].data.shape), "full": list(kernel.shape),
                              "tokens": len(ids[0])}))

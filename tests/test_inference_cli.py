@@ -113,3 +113,29 @@ def test_chat_in_a_terminal(folder, model):
     assert first.endswith(f"cxr-llava> {answer}\n"), (first, answer)
     history += [{"role": "assistant", "content": answer}, {"role": "user", "content": "Which side?"}]
     assert second.endswith(f"cxr-llava> {model.chat(history, image, **GREEDY)}\n")
+
+
+def test_report_processes_take_their_own_slice_and_file(folder, model, tmp_path, monkeypatch, capsys):
+    """With JAX's multi-process variables set, each process reports on every n-th image into its own file; the
+    images are read ahead by a worker pool; every record says which model wrote it, how and why it ended."""
+    out = tmp_path / "reports.jsonl"
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    for process in ("0", "1"):
+        monkeypatch.setenv("JAX_PROCESS_ID", process)
+        assert cli.main(["report", str(folder / "nested"), *map(str, sorted(folder.glob("*.png"))), "--checkpoint",
+                         str(checkpoint_dir()), "--jsonl", str(out), "--workers", "2", *OPTIONS]) == 0
+    written = {name: [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
+               for name in ("reports.00000-of-00002.jsonl", "reports.00001-of-00002.jsonl")}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(written)
+    images = [folder / "nested" / "cxr3.png", *sorted(folder.glob("*.png"))]
+    assert [[r["image"] for r in records] for records in written.values()] == [
+        [str(p) for p in images[0::2]], [str(p) for p in images[1::2]]]
+    records = [r for records in written.values() for r in records]
+    expected = dict(zip(map(str, images), model.write_radiologic_reports(images, **GREEDY)))
+    assert {r["image"]: r["report"] for r in records} == expected
+    provenance = records[0]["provenance"]
+    assert provenance["checkpoint"] == str(checkpoint_dir()) and provenance["fingerprint"] == model.fingerprint
+    assert {"finish_reason", "seed", "temperature", "top_p", "prompt_tokens", "completion_tokens"} <= provenance.keys()
+    monkeypatch.setenv("JAX_PROCESS_ID", "2")
+    assert cli.main(["report", str(folder / "nested"), "--checkpoint", str(checkpoint_dir())]) == 1
+    assert "JAX_PROCESS_ID=2 must be in [0, JAX_NUM_PROCESSES=2)" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import pytest
 from flax import traverse_util
 
 from cxrllava_jax.models import quantize
-from cxrllava_jax.inference.generate import Generator, SamplingOptions
+from cxrllava_jax.inference.engine import Engine, Request, SamplingOptions
 from cxrllava_jax.models.configs import Runtime
 from cxrllava_jax.models.llama import Llama
 from cxrllava_jax.reference.trained_llama import CONFIG, chain_prompts, trained_llama
@@ -67,8 +67,12 @@ def test_int8_greedy_tokens_equal_bf16(trained, int8):
     params, chain = trained
     prompts = list(chain_prompts(chain, count=8, length=12, seed=7))
     greedy = SamplingOptions(temperature=0.0, max_new_tokens=NEW_TOKENS)
-    exact = Generator(Llama(CONFIG, BF16), {"params": params}, eos_id=NEVER).generate(prompts, options=greedy)
+    def generate(model, weights) -> list[list[int]]:
+        engine = Engine(model, {"params": weights}, eos_id=NEVER)
+        return [c.tokens for c in engine.generate([Request(p, sampling=greedy) for p in prompts])]
+
+    exact = generate(Llama(CONFIG, BF16), params)
     # The bf16 model learned the template: its continuations follow the chain, so its choices are decisive.
     assert exact == [chain_prompts(chain, 8, 12 + NEW_TOKENS, seed=7)[i, 12:].tolist() for i in range(8)]
     model, weights = int8
-    assert Generator(model, {"params": weights}, eos_id=NEVER).generate(prompts, options=greedy) == exact
+    assert generate(model, weights) == exact

@@ -19,6 +19,7 @@ import transformers
 from flax import traverse_util
 
 from cxrllava_jax import cli
+from cxrllava_jax.inference.engine import Request
 from cxrllava_jax.convert import checkpoint, hf_llama
 from cxrllava_jax.inference.language_model import LanguageModel
 from cxrllava_jax.reference.wheels import WHEEL_CACHE, wheel
@@ -105,7 +106,7 @@ def test_logits_match_transformers(ours, reference, hf_dir):
     with torch.no_grad():
         expected = exact(torch.tensor([ids])).logits[0].numpy()
     del exact
-    logits = ours.generator.spec.model.apply(ours.generator.params, np.asarray([ids], np.int32))[0][0]
+    logits = ours.engine.spec.model.apply(ours.engine.params, np.asarray([ids], np.int32))[0][0]
     assert np.asarray(logits).dtype == np.float32
     np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=0)
 
@@ -116,8 +117,8 @@ def test_greedy_chat_equals_transformers_generate_token_for_token(ours, referenc
     expected_prompts = [tokenizer.apply_chat_template(chat(q), add_generation_prompt=True,
                                                       return_dict=True)["input_ids"] for q in QUESTIONS]
     assert prompts == expected_prompts
-    ours_tokens = ours.generator.generate([np.asarray(p, np.int32) for p in prompts], None,
-                                          _greedy(NEW_TOKENS))
+    ours_tokens = [c.tokens for c in ours.engine.generate([Request(p, sampling=_greedy(NEW_TOKENS))
+                                                           for p in prompts])]
     for prompt, tokens in zip(prompts, ours_tokens):
         with torch.no_grad():
             output = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
@@ -164,7 +165,7 @@ def test_export_to_hf_llama_and_back_is_bit_exact(imported, reference, tmp_path)
 
 
 def _greedy(max_new_tokens):
-    from cxrllava_jax.inference.generate import SamplingOptions
+    from cxrllava_jax.inference.engine import SamplingOptions
 
     return SamplingOptions(temperature=0.0, max_new_tokens=max_new_tokens)
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from cxrllava_jax.domain.images import load_grayscale
-from cxrllava_jax.inference.generate import SamplingOptions
+from cxrllava_jax.inference.engine import SamplingOptions
 from cxrllava_jax.serving.app import create_app
 from cxrllava_jax.serving.limits import MIB, Limits
 from cxrllava_jax.serving.scheduler import Job

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from cxrllava_jax.domain import prompting
-from cxrllava_jax.inference.generate import Generator
+from cxrllava_jax.inference.engine import Engine
 from cxrllava_jax.serving.app import create_app
 from cxrllava_jax.serving.limits import Limits
 from tests.serving_fixtures import NIH_PNG, NON_CHEST_DICOM, LiveServer, endless_tiny_model
@@ -38,20 +38,17 @@ ANSWER_TOKENS = 32
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
 
 
-class PacedGenerator(Generator):
-    """Hands each chunk of tokens on after a pause, so that a browser polling the page sees the text grow."""
+class PacedEngine(Engine):
+    """Pauses after each chunk of tokens, so that a browser polling the page sees the text grow."""
 
-    def generate(self, *args, on_tokens=None, **kwargs):
-        def paced(chunks):
-            time.sleep(0.15)
-            on_tokens(chunks)
-
-        return super().generate(*args, on_tokens=paced if on_tokens else None, **kwargs)
+    def step(self, *args, **kwargs):
+        super().step(*args, **kwargs)
+        time.sleep(0.15)
 
 
 @pytest.fixture(scope="module")
 def model():
-    return endless_tiny_model(PacedGenerator)
+    return endless_tiny_model(PacedEngine)
 
 
 @pytest.fixture(scope="module")

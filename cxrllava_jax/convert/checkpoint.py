@@ -85,6 +85,22 @@ def tokenizer_fingerprint_of(directory) -> str | None:
     return "sha256:" + hashlib.sha256(json.dumps(pieces, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
+def content_fingerprint(path, sample_bytes: int = 1 << 20) -> str:
+    """A fingerprint of a model directory's (or file's) content, cheap for 14 GB of weights: every file's relative
+    path and size, and its first, middle and last `sample_bytes`. Retrained, converted or damaged weights change
+    it; the same files copied elsewhere keep it."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(path) if file != path else file.name}\0{size}\0".encode())
+        with open(file, "rb") as handle:
+            for offset in sorted({0, max(0, size // 2 - sample_bytes // 2), max(0, size - sample_bytes)}):
+                handle.seek(offset)
+                digest.update(handle.read(sample_bytes))
+    return "sha256:" + digest.hexdigest()[:16]
+
+
 def check_tokenizer(tokenizer_dir, checkpoint_path):
     """Refuses a tokenizer directory whose vocabulary is not the one the checkpoint was saved with."""
     recorded = tokenizer_fingerprint(checkpoint_path)

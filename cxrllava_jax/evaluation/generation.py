@@ -43,20 +43,22 @@ def generate_records(config, model, data_dir, out_path, batch_size: int = 16, li
     conversation = [{"role": "user", "content": PROMPTS[config.task]}]
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    answers = {}
+    with tqdm(total=len(records), desc="generating", unit="image", file=sys.stderr) as progress:
+        # Nothing follows these answers: their keys and values are not kept for follow-ups.
+        for index, answer in model.iter_generate([conversation] * len(records), [r.image for r in records],
+                                                 batch_size=batch_size, keep=False, temperature=0.0):
+            answers[index] = answer
+            progress.update()
     results = []
-    with files.replaced_atomically(out_path) as out, tqdm(total=len(records), desc="generating", unit="image",
-                                                              file=sys.stderr) as progress:
-        for start in range(0, len(records), batch_size):
-            chunk = records[start:start + batch_size]
-            answers = model.generate([conversation] * len(chunk), [r.image for r in chunk], batch_size=batch_size,
-                                     temperature=0.0)
-            for record, answer in zip(chunk, answers):
-                # The path under the data directory: file names alone repeat (CheXpert's view1_frontal.jpg).
-                result = {"id": relative_name(record.image, data_dir), "image": str(record.image),
-                          "generated": answer, "reference": _reference(config.task, record)}
-                out.write(json.dumps(result) + "\n")
-                results.append(result)
-            progress.update(len(chunk))
+    with files.replaced_atomically(out_path) as out:
+        for index, record in enumerate(records):
+            # The path under the data directory: file names alone repeat (CheXpert's view1_frontal.jpg).
+            result = {"id": relative_name(record.image, data_dir), "image": str(record.image),
+                      "generated": answers[index].text, "reference": _reference(config.task, record),
+                      "provenance": {**model.provenance, **answers[index].record()}}
+            out.write(json.dumps(result) + "\n")
+            results.append(result)
     if skipped:
         print(f"[eval] {skipped} {config.dataset} {config.split} records have no reference and were left out")
     return results

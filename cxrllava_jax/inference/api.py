@@ -13,10 +13,12 @@ Generation keywords and their release defaults: temperature=0.2 (0 = greedy), to
 max_new_tokens=512 (and never past the context window), seed=0.
 """
 
+import concurrent.futures
+import dataclasses
 import re
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -30,7 +32,7 @@ from cxrllava_jax.convert.layout import relayout
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.inference import compile_cache, loading
 from cxrllava_jax.models import quantize as quantization
-from cxrllava_jax.inference.generate import Generator, SamplingOptions
+from cxrllava_jax.inference.engine import Completion, Engine, EngineImage, Request, SamplingOptions
 from cxrllava_jax.domain.tokenizer import check_vocabulary, load_tokenizer
 from cxrllava_jax.models import cxr_llava
 from cxrllava_jax.models.configs import CXRLLaVAConfig, Runtime, check_dtype
@@ -47,14 +49,18 @@ class CXRLLaVA:
     """
 
     def __init__(self, config: CXRLLaVAConfig, params: dict, tokenizer, runtime: Runtime = Runtime(),
-                 origin: str = "model", model=None, quantize: str | None = None):
+                 origin: str = "model", model=None, quantize: str | None = None, adapter: str | None = None,
+                 fingerprint: str | None = None, **engine):
         """`model`: the module that runs `params` (a quantized one from `from_pretrained`, with `quantize` its
-        kind), by default `models.cxr_llava.CXRLLaVAModel(config, runtime)`."""
+        kind), by default `models.cxr_llava.CXRLLaVAModel(config, runtime)`. `origin`, `fingerprint`, `adapter`:
+        where the weights came from (`provenance`). `engine`: `inference.engine.Engine`'s settings (max_rows,
+        cache_bytes, ...)."""
         check_vocabulary(tokenizer, config.llama.vocab_size, origin)
         self.config, self.tokenizer, self.runtime, self.quantize = config, tokenizer, runtime, quantize
+        self.origin, self.adapter, self.fingerprint = origin, adapter, fingerprint
         model = cxr_llava.CXRLLaVAModel(config, runtime) if model is None else model
-        self.generator = Generator(model, {"params": params}, eos_id=tokenizer.eos_token_id,
-                                   vocab_limit=len(tokenizer))
+        self.engine = Engine(model, {"params": params}, eos_id=tokenizer.eos_token_id, vocab_limit=len(tokenizer),
+                             **engine)
 
     @classmethod
     def from_pretrained(cls, path, dtype: str | None = None, quantize: str | None = None, adapter=None, *,
@@ -112,7 +118,8 @@ class CXRLLaVA:
         model, params = loading.place_params(tensors, cxr_llava.CXRLLaVAModel(config, runtime), _init_args(config),
                                              dtype=param_dtype, quantize=quantize)
         loaded = cls(config, params, load_tokenizer(tokenizer_path), runtime, origin=str(path), model=model,
-                     quantize=quantize)  # sizes checked
+                     quantize=quantize, adapter=None if adapter is None else str(adapter),
+                     fingerprint=checkpoint.content_fingerprint(path))  # sizes checked
         checkpoint.check_tokenizer(tokenizer_path, path)  # ours records the vocabulary it was saved with
         return loaded
 
@@ -128,14 +135,14 @@ class CXRLLaVA:
                                 nn.meta.unbox(quantization.abstract_params(model, *_init_args(config))))
         params = checkpoint.restore_params(path, abstract)
         loaded = cls(config, params, load_tokenizer(tokenizer_path), runtime, origin=str(path), model=model,
-                     quantize=kind)
+                     quantize=kind, fingerprint=checkpoint.content_fingerprint(path))
         checkpoint.check_tokenizer(tokenizer_path, path)
         return loaded
 
     def save(self, path, *, overwrite: bool = False):
         """Our checkpoint of this model, tokenizer included; quantized weights stay quantized, so quantizing is
         done once and `from_pretrained(path)` loads them as they are."""
-        params = self.generator.params["params"]
+        params = self.engine.params["params"]
         quantized = None
         if self.quantize is not None:
             quantized = {"kind": self.quantize, "param_dtype": str(params["llm"]["embed_tokens"]["embedding"].dtype)}
@@ -145,23 +152,25 @@ class CXRLLaVA:
                                   scan=self.runtime.scan, overwrite=overwrite, quantize=quantized)
 
     # ---------------------------------------------------------------- the release's methods, and batches
+    # The plural methods answer every input: a text, or for an input that cannot be used (a bad image, a prompt
+    # too long) its InputError in that place. The singular ones raise it.
 
     def write_radiologic_report(self, image, **options) -> str:
-        return self.write_radiologic_reports([image], **options)[0]
+        return _one(self.write_radiologic_reports([image], **options))
 
-    def write_radiologic_reports(self, images: Sequence, **options) -> list[str]:
+    def write_radiologic_reports(self, images: Sequence, **options) -> list:
         return self.generate([_task(prompting.REPORT_PROMPT)] * len(images), images, **options)
 
     def write_differential_diagnosis(self, image, **options) -> str:
-        return self.write_differential_diagnoses([image], **options)[0]
+        return _one(self.write_differential_diagnoses([image], **options))
 
-    def write_differential_diagnoses(self, images: Sequence, **options) -> list[str]:
+    def write_differential_diagnoses(self, images: Sequence, **options) -> list:
         return self.generate([_task(prompting.DIFFERENTIAL_PROMPT)] * len(images), images, **options)
 
     def ask_question(self, question: str, image, *, on_text: Callable[[str], None] | None = None, **options) -> str:
-        return self.generate([_task(prompting.question_prompt(question))], [image], on_text=on_text, **options)[0]
+        return _one(self.generate([_task(prompting.question_prompt(question))], [image], on_text=on_text, **options))
 
-    def ask_questions(self, questions: Sequence[str], images: Sequence, **options) -> list[str]:
+    def ask_questions(self, questions: Sequence[str], images: Sequence, **options) -> list:
         if len(questions) != len(images):
             raise ValueError(f"{len(questions)} questions but {len(images)} images")
         return self.generate([_task(prompting.question_prompt(q)) for q in questions], images, **options)
@@ -172,30 +181,36 @@ class CXRLLaVA:
 
         `messages`: {"role": "user"|"assistant", "content"} turns ending with the user's, optionally after
         a {"role": "system"} message that replaces the release's system prompt. The image goes into the
-        first user turn (`<image>\\n` is put in front of it unless it is already there).
+        first user turn (`<image>\\n` is put in front of it unless it is already there). The conversation's
+        earlier turns are not computed again when an earlier request ended with them (the engine's prefix cache).
         """
-        return self.generate([list(messages)], [image], on_text=on_text, **options)[0]
+        return _one(self.generate([list(messages)], [image], on_text=on_text, **options))
 
-    # ---------------------------------------------------------------- the engine under them
+    # ---------------------------------------------------------------- requests to the engine
 
-    def generate(self, conversations: Sequence[Sequence[dict]], images: Sequence, *,
-                 batch_size: int = DEFAULT_BATCH_SIZE, on_text: Callable[[str], None] | None = None,
-                 **options) -> list[str]:
-        """One answer per (conversation, image) pair, in batches of `batch_size`."""
-        answers = [""] * len(conversations)
-        for index, answer in self.iter_generate(conversations, images, batch_size=batch_size, on_text=on_text,
-                                                **options):
-            answers[index] = answer
+    def generate(self, conversations: Sequence[Sequence[dict]], images: Sequence, **kwargs) -> list:
+        """One answer per (conversation, image) pair, in order: its text, or the InputError that stopped it.
+        Keywords: `iter_generate`'s and the generation options."""
+        answers: list = [None] * len(conversations)
+
+        def refused(index, error):
+            answers[index] = error
+
+        for index, answer in self.iter_generate(conversations, images, on_bad_image=refused, **kwargs):
+            answers[index] = answer.text
         return answers
 
     def iter_generate(self, conversations: Sequence[Sequence[dict]], images: Sequence, *,
                       batch_size: int = DEFAULT_BATCH_SIZE, on_text: Callable[[str], None] | None = None,
                       on_bad_image: Callable[[int, InputError], None] | None = None,
-                      allow_non_frontal: bool = False, **options) -> Iterator[tuple[int, str]]:
-        """Yields (index, answer) batch by batch. A bad image (or a prompt that cannot be used: too long, a second
-        `<image>`) raises its InputError, or with `on_bad_image` is reported there and skipped, the others still
-        answered. `on_text` streams the text of a single conversation as it is written. `allow_non_frontal` reads
-        DICOM files whose tags say they are not frontal chest radiographs."""
+                      allow_non_frontal: bool = False, keep: bool = True, workers: int = 0,
+                      **options) -> Iterator[tuple[int, "Answer"]]:
+        """Yields (index, Answer) as each answer ends. A bad image (or a prompt that cannot be used: too long, a
+        second `<image>`) raises its InputError, or with `on_bad_image` is reported there and skipped, the others
+        still answered. `batch_size`: rows decoded together. `on_text` streams the text of a single conversation
+        as it is written. `allow_non_frontal` reads DICOM files whose tags say they are not frontal chest
+        radiographs. `keep`: whether the answers' keys and values stay for follow-up questions. `workers`: threads
+        that read and preprocess images ahead of the engine (0: in this thread, as each is needed)."""
         if isinstance(images, (str, Path)):
             raise TypeError(f"images must be a list (of paths, PIL images or arrays), got the path {images!r}")
         if len(conversations) != len(images):
@@ -205,28 +220,38 @@ class CXRLLaVA:
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size}: must be at least 1")
         sampling = SamplingOptions(**options)
-        for start in range(0, len(conversations), batch_size):
-            indices, prompts, pixels = [], [], []
-            for i in range(start, min(start + batch_size, len(conversations))):
+        order: list[int] = []  # the engine's request number -> the input's index
+
+        def prepare(index):
+            pixels = self.preprocess(images[index], allow_non_frontal)
+            return Request(self.encode(conversations[index]), (EngineImage.of(pixels),), sampling, keep)
+
+        def requests():
+            for index, prepared in _ahead(prepare, range(len(conversations)), workers, 2 * batch_size):
                 try:
-                    prompt = self.encode(conversations[i])
-                    pixels.append(self.preprocess(images[i], allow_non_frontal))
-                    prompts.append(prompt)
+                    request = prepared()
+                    self.engine.check(request)
                 except InputError as error:
                     if on_bad_image is None:
                         raise
-                    on_bad_image(i, error)
+                    on_bad_image(index, error)
                     continue
-                indices.append(i)
-            if not indices:
-                continue
-            stream = TextStream(self.tokenizer, on_text) if on_text else None
-            outputs = self.generator.generate(prompts, np.stack(pixels), sampling, on_tokens=stream)
-            for i, ids in zip(indices, outputs):
-                answer = self.decode(ids)
-                if stream:
-                    stream.finish(answer)
-                yield i, answer
+                order.append(index)
+                yield request
+
+        stream = TextStream(self.tokenizer, on_text) if on_text else None
+        tokens = None if stream is None else (lambda _, new: stream(new))
+        for number, completion in self.engine.run(requests(), max_rows=batch_size, on_tokens=tokens):
+            answer = Answer(self.decode(completion.tokens), completion, sampling)
+            if stream:
+                stream.finish(answer.text)
+            yield order[number], answer
+
+    @property
+    def provenance(self) -> dict:
+        """Which weights answer: the checkpoint, a fingerprint of its content, the adapter, the quantization."""
+        return {"checkpoint": self.origin, "fingerprint": self.fingerprint, "adapter": self.adapter,
+                "quantize": self.quantize}
 
     def preprocess(self, image, allow_non_frontal: bool = False) -> np.ndarray:
         cfg = self.config
@@ -290,6 +315,51 @@ def _task(prompt: str) -> list[dict]:
     return [{"role": "user", "content": prompt}]
 
 
+def _one(answers: list) -> str:
+    if isinstance(answers[0], InputError):
+        raise answers[0]
+    return answers[0]
+
+
+def _ahead(prepare: Callable, indices: Iterable[int], workers: int, window: int) -> Iterator[tuple[int, Callable]]:
+    """(index, a call that returns `prepare(index)` or raises what it raised), in order; with `workers`, up to
+    `window` are prepared ahead in that many threads (decoding DICOM's JPEG 2000 costs more than a decode step)."""
+    if not workers:
+        for index in indices:
+            yield index, lambda index=index: prepare(index)
+        return
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="cxrllava-images") as pool:
+        pending: list = []
+        try:
+            for index in indices:
+                pending.append((index, pool.submit(prepare, index)))
+                if len(pending) >= window:
+                    index, future = pending.pop(0)
+                    yield index, future.result
+            for index, future in pending:
+                yield index, future.result
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """One answer and how it came about."""
+
+    text: str
+    completion: Completion
+    sampling: SamplingOptions
+
+    def record(self) -> dict:
+        """What a JSONL record or an API answer carries beside the text: the sampling settings, the seed, why it
+        ended, the token counts."""
+        c, s = self.completion, self.sampling
+        return {"finish_reason": c.finish_reason, "temperature": s.temperature, "top_p": s.top_p,
+                "max_new_tokens": s.max_new_tokens, "seed": s.seed, "prompt_tokens": c.prompt_tokens,
+                "completion_tokens": len(c.tokens), "cached_tokens": c.cached_tokens}
+
+
 _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")  # SentencePiece's byte-fallback pieces
 
 
@@ -308,8 +378,8 @@ class TextStream:
         self.ids: list[int] = []
         self.sent = ""
 
-    def __call__(self, chunks: list[list[int]]):
-        self.ids += chunks[0]
+    def __call__(self, new: list[int]):
+        self.ids += new
         pieces = self.tokenizer.convert_ids_to_tokens(self.ids)
         settled = len(pieces)
         while settled and _BYTE_PIECE.fullmatch(pieces[settled - 1]):

@@ -30,11 +30,12 @@ from cxrllava_jax.domain import prompting
 from cxrllava_jax.domain.images import is_dicom_file
 from cxrllava_jax.errors import ConfigError, InputError
 from cxrllava_jax.inference import compile_cache, sampling
-from cxrllava_jax.inference.generate import RELEASE_MAX_NEW_TOKENS, SamplingOptions
+from cxrllava_jax.inference.engine import RELEASE_MAX_NEW_TOKENS, SamplingOptions
 from cxrllava_jax.models.configs import DTYPES
 from cxrllava_jax.models.quantize import KINDS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom")
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
 
 def report_main(argv) -> int:
@@ -49,7 +50,10 @@ def report_main(argv) -> int:
                           "recorded in it (after a killed or failed run)")
     existing.add_argument("--overwrite", action="store_true", help="replace an existing --jsonl file (the old one "
                           "is kept until this run is done)")
-    parser.add_argument("--batch-size", type=arguments.positive, default=8, help="images generated together")
+    parser.add_argument("--batch-size", type=arguments.positive, default=8, help="images decoded together")
+    parser.add_argument("--workers", type=arguments.whole_number(0), default=DEFAULT_WORKERS,
+                        help="threads that read and preprocess images ahead of the model (0: one at a time as "
+                             "needed)")
     args = parser.parse_args(argv)
     return _report(args)
 
@@ -85,8 +89,9 @@ def complete_main(argv) -> int:
 
     options = _options(args)
     compile_cache.enable(args.compilation_cache)
+    adapter = None if args.adapter is None else hub.resolve(args.adapter, what="--adapter")
     model = LanguageModel.from_checkpoint(hub.resolve(args.checkpoint, what="--checkpoint"), dtype=args.dtype,
-                                          chat=args.chat)
+                                          adapter=adapter, chat=args.chat)
     if args.chat:
         print(model.chat([{"role": "user", "content": args.text}], **options))
     else:
@@ -113,11 +118,14 @@ def expand_images(paths) -> list[Path]:
 
 
 def _report(args) -> int:
+    process, processes = this_process()
+    if args.jsonl and processes > 1:  # each process writes its own file
+        args.jsonl = args.jsonl.with_name(f"{args.jsonl.stem}.{process:05d}-of-{processes:05d}{args.jsonl.suffix}")
     if args.jsonl:  # before the model loads, so a long run does not end in a refusal
         files.refuse_existing(args.jsonl, args.append or args.resume or args.overwrite,
                               "--append, --resume or --overwrite")
     options = _options(args)
-    paths = expand_images(args.images)
+    paths = expand_images(args.images)[process::processes]
     if args.jsonl and (args.append or args.resume):
         paths = _recorded_before(paths, args.jsonl, skip=args.resume)
         if not paths:
@@ -132,16 +140,17 @@ def _report(args) -> int:
             failed.append(paths[index])
             progress.write(f"cxrllava report: skipped: {error}", file=sys.stderr)
             if out is not None:
-                out.write({"image": files.printable(paths[index]), "error": str(error)})
+                out.write({"image": files.printable(paths[index]), "error": str(error), "provenance": model.provenance})
             progress.update()
 
         conversations = [[{"role": "user", "content": prompting.REPORT_PROMPT}]] * len(paths)
-        for index, report in model.iter_generate(conversations, paths, batch_size=args.batch_size,
-                                                 on_bad_image=bad_image, **options):
+        for index, answer in model.iter_generate(conversations, paths, batch_size=args.batch_size,
+                                                 on_bad_image=bad_image, keep=False, workers=args.workers, **options):
             if out is not None:
-                out.write({"image": files.printable(paths[index]), "report": report})
+                out.write({"image": files.printable(paths[index]), "report": answer.text,
+                           "provenance": {**model.provenance, **answer.record()}})
             else:
-                progress.write(f"== {files.printable(paths[index])} ==\n{report}\n", file=sys.stdout)
+                progress.write(f"== {files.printable(paths[index])} ==\n{answer.text}\n", file=sys.stdout)
             progress.update()
     if failed:
         where = f' (each recorded with an "error" field in {args.jsonl})' if args.jsonl else ""
@@ -239,12 +248,11 @@ def _parser(name: str, description: str, images: bool = True) -> argparse.Argume
     parser.add_argument("--compilation-cache", metavar="DIR",
                         help="where compiled programs are kept ('off' to keep none; default: "
                              f"${compile_cache.ENV} or {compile_cache.default_directory()})")
+    parser.add_argument("--adapter", type=arguments.path, help="a LoRA adapter (PEFT format; a directory or Hub id) to apply to CKPT")
     if images:
         parser.add_argument("--allow-non-frontal", action="store_true",
                             help="read DICOM files whose tags say they are not frontal chest radiographs (the "
                                  "model was trained on those only)")
-        parser.add_argument("--adapter", type=arguments.path,
-                            help="a LoRA adapter (PEFT format; a directory or Hub id) to apply to CKPT")
     return parser
 
 
@@ -258,6 +266,23 @@ def _options(args) -> dict:
     if hasattr(args, "allow_non_frontal"):
         options["allow_non_frontal"] = args.allow_non_frontal
     return options
+
+
+def this_process() -> tuple[int, int]:
+    """(this process's number, how many processes) from JAX's multi-process variables (JAX_PROCESS_ID,
+    JAX_NUM_PROCESSES) or SLURM's (SLURM_PROCID, SLURM_NTASKS); (0, 1) when neither is set. Report processes
+    need no coordinator: each takes every n-th image and writes its own file."""
+    for number, count in (("JAX_PROCESS_ID", "JAX_NUM_PROCESSES"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if count in os.environ:
+            try:
+                process, processes = int(os.environ.get(number, "0")), int(os.environ[count])
+            except ValueError:
+                raise ConfigError(f"{number}={os.environ.get(number)!r}, {count}={os.environ[count]!r}: "
+                                  "must be whole numbers") from None
+            if not 0 <= process < processes:
+                raise ConfigError(f"{number}={process} must be in [0, {count}={processes})")
+            return process, processes
+    return 0, 1
 
 
 def _load(args):

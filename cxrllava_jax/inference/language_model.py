@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from cxrllava_jax import hub
-from cxrllava_jax.convert import checkpoint
+from cxrllava_jax.convert import checkpoint, peft
+from cxrllava_jax.convert.layout import relayout
 from cxrllava_jax.errors import InputError, MismatchError
-from cxrllava_jax.inference.generate import Generator, SamplingOptions
+from cxrllava_jax.inference.engine import Engine, Request, SamplingOptions
 from cxrllava_jax.domain.tokenizer import chat_template, check_vocabulary, load_tokenizer
 from cxrllava_jax.models.configs import LlamaConfig, Runtime
 from cxrllava_jax.models.llama import Llama
@@ -30,16 +31,18 @@ class LanguageModel:
                  origin: str = "model"):
         check_vocabulary(tokenizer, config.vocab_size, origin)
         self.config, self.tokenizer = config, tokenizer
-        self.generator = Generator(Llama(config, runtime), {"params": params}, eos_id=tokenizer.eos_token_id,
-                                   vocab_limit=len(tokenizer))
+        self.engine = Engine(Llama(config, runtime), {"params": params}, eos_id=tokenizer.eos_token_id,
+                             vocab_limit=len(tokenizer))
 
     @classmethod
-    def from_checkpoint(cls, path, dtype: str | None = None, chat: bool = False) -> "LanguageModel":
-        """`path`: a checkpoint directory or a Hub id of one (`hub.resolve`). `chat`: the model will be asked
+    def from_checkpoint(cls, path, dtype: str | None = None, adapter=None, chat: bool = False) -> "LanguageModel":
+        """`path`: a checkpoint directory or a Hub id of one (`hub.resolve`). `adapter`: a LoRA adapter (PEFT
+        format; a directory or Hub id) folded into the weights as they load. `chat`: the model will be asked
         through its chat template, so a tokenizer without one is refused before the weights are read. Refusals
         name the checkpoint: InputError for what is missing, MismatchError for a checkpoint that holds no language
         model (stage 1A's or 1B's)."""
         path = hub.resolve(path)
+        adapter = None if adapter is None else hub.resolve(adapter, what="adapter")
         dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
         # Scanned layers: one compiled layer body, so a 30- or 80-layer model compiles in seconds.
         runtime = Runtime(dtype=dtype, param_dtype=dtype, scan=True)
@@ -53,6 +56,8 @@ class LanguageModel:
         if chat:
             chat_template(tokenizer_path)
         _, config, params = checkpoint.load_model(path, runtime)
+        if adapter is not None:  # it folds into the unscanned kernels it targets (llm/... in a CXR-LLaVA)
+            params = relayout(peft.apply_adapter(relayout(params, scan=False), adapter), scan=True)
         if kind == "cxr_llava":
             config, params = config.llama, params["llm"]
         params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
@@ -78,6 +83,6 @@ class LanguageModel:
 
     def generate(self, prompts: Sequence[Sequence[int]], **options) -> list[str]:
         """Continuations of token-id prompts, decoded without special tokens."""
-        outputs = self.generator.generate([np.asarray(p, np.int32) for p in prompts], None,
-                                          SamplingOptions(**options))
-        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
+        sampling = SamplingOptions(**options)
+        completions = self.engine.generate([Request(np.asarray(p, np.int32), sampling=sampling) for p in prompts])
+        return [self.tokenizer.decode(c.tokens, skip_special_tokens=True) for c in completions]

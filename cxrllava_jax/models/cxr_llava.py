@@ -95,9 +95,15 @@ class CXRLLaVAModel(nn.Module):
     def decode(self, embeds, positions, mask, cache=None, cache_index=0):
         return self.llm.decode(embeds, positions, mask, cache, cache_index)
 
-    def prefill(self, tokens, images, positions, mask, cache):
-        """An image prompt into the cache; returns (the last slot's logits [batch, vocab] fp32, {"cache"})."""
-        return self.llm.last_logits(self.embed(tokens, self.encode_images(images)), positions, mask, cache)
+    def image_features(self, images):
+        """(`encode_images`, {}): the engine encodes images apart from the prompts, so that it can keep them."""
+        return self.encode_images(images), {}
+
+    def extend(self, tokens, features, positions, mask, cache, starts, last):
+        """`Llama.extend_embedded` of a prompt block whose image places hold `features` [batch, places, hidden]
+        (None: the block holds no image places)."""
+        embeds = self.llm.embed(tokens) if features is None else self.embed(tokens, features)
+        return self.llm.extend_embedded(embeds, positions, mask, cache, starts, last)
 
     def step(self, tokens, positions, mask, cache, slot):
         return self.llm.step(tokens, positions, mask, cache, slot)

@@ -108,17 +108,21 @@ def write_and_read(cache, layer, k, v, cache_index, read_length: int):
     The cache is stacked (one [layers, ...] array) or, for unrolled layers (`layer` a Python int), one
     [batch, kv_heads, slots, head_dim] array per layer (`init_cache`), which a step that reads every slot reads
     where it lies; a stacked cache's layer is sliced out first, a copy per layer and token.
-    `cache_index` is one slot for every row, or (one new token per row) a slot per row [batch]: rows that
-    joined a running batch at different steps write at different slots (`inference.continuous`)."""
+    `cache_index` is one first slot for every row, or a first slot per row [batch]: rows of a running batch
+    write at their own slots (`inference.engine`)."""
     new = {"k": k, "v": v}
     updated, read = {}, {}
     for name, whole in cache.items():
         per_layer = isinstance(whole, tuple)
         array = whole[layer] if per_layer else whole
         at = () if per_layer else (layer,)  # the index of the layer's [batch, kv_heads, slots, head_dim]
-        if jnp.ndim(cache_index) == 1:
+        if jnp.ndim(cache_index) == 1 and new[name].shape[1] == 1:
             rows = jnp.arange(array.shape[-4])
             array = array.at[(*at, rows, slice(None), cache_index)].set(new[name][:, 0].astype(array.dtype))
+        elif jnp.ndim(cache_index) == 1:  # a block per row, each at its own first slot
+            rows = jnp.arange(array.shape[-4])[:, None]
+            slots = cache_index[:, None] + jnp.arange(new[name].shape[1])
+            array = array.at[(*at, rows, slice(None), slots)].set(new[name].astype(array.dtype))
         else:
             slots = new[name].astype(array.dtype).swapaxes(1, 2)  # [batch, kv_heads, length, head_dim]
             array = jax.lax.dynamic_update_slice(array, slots.reshape((1,) * len(at) + slots.shape),
@@ -199,17 +203,19 @@ class Llama(nn.Module):
         logits = self.embed_tokens.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
         return logits.astype(jnp.float32)
 
-    def prefill(self, tokens, images, positions, mask, cache):
-        """Runs a prompt into the cache; returns (the last slot's logits [batch, vocab] fp32, {"cache"}) (the
-        lm_head over every prompt slot would cost [batch, length, vocab] for nothing). `images` is None: the
-        argument keeps one signature with `CXRLLaVAModel.prefill`."""
-        if images is not None:
+    def extend(self, tokens, features, positions, mask, cache, starts, last):
+        """`extend_embedded` of token ids; `features` is None (one signature with `CXRLLaVAModel.extend`)."""
+        if features is not None:
             raise ValueError("the language model takes no images")
-        return self.last_logits(self.embed(tokens), positions, mask, cache)
+        return self.extend_embedded(self.embed(tokens), positions, mask, cache, starts, last)
 
-    def last_logits(self, embeds, positions, mask, cache):
-        x, cache = self.layers(embeds, cache, positions, mask, 0)
-        return self.logits(x[:, -1:])[:, 0], {"cache": cache}
+    def extend_embedded(self, embeds, positions, mask, cache, starts, last):
+        """A block of each row's prompt [batch, length, hidden] into the cache at slots starts.. (one first slot,
+        or one per row [batch]) -> (the logits at block index `last` [batch] of each row [batch, vocab] fp32,
+        {"cache"}): rows end their prompts at different places of a right-padded block."""
+        x, cache = self.layers(embeds, cache, positions, mask, starts)
+        hidden = jnp.take_along_axis(x, last[:, None, None], axis=1)
+        return self.logits(hidden)[:, 0], {"cache": cache}
 
     def step(self, tokens, positions, mask, cache, slot):
         """One token per row [batch, 1] at cache slot `slot` -> (logits [batch, vocab] fp32, {"cache"})."""

@@ -26,7 +26,7 @@ KINDS = ("int8", "int4")
 # gather, the norms are vectors, the ViT and the projector are a small share of the weights.
 LANGUAGE_MODEL_MATMULS = r"(llm/)?(layers/.*|lm_head)"
 # The model methods generation calls: inside them every matmul on a quantized weight is intercepted.
-METHODS = ("__call__", "prefill", "step")
+METHODS = ("__call__", "extend", "step", "image_features")
 INT4_GROUP = 128
 
 
@@ -50,7 +50,8 @@ def rules(kind: str, llama_config) -> list:
 def quantized(model: nn.Module, kind: str) -> nn.Module:
     """`model` (a Llama or a CXRLLaVAModel) whose language-model matmuls run on `kind` weights."""
     llama_config = getattr(model.config, "llama", model.config)
-    return qwix.quantize_model(model, qwix.PtqProvider(rules(kind, llama_config)), methods=METHODS)
+    methods = [name for name in METHODS if hasattr(type(model), name)]  # image_features: CXR-LLaVA's only
+    return qwix.quantize_model(model, qwix.PtqProvider(rules(kind, llama_config)), methods=methods)
 
 
 def abstract_params(model: nn.Module, *init_args) -> dict:

@@ -9,7 +9,8 @@ written beside and renamed into place so that processes running at the same time
 - `checkpoint_dir()`: the same weights imported into our checkpoint with the tokenizer under tokenizer/;
 - `small_release_dir()`: a release-layout directory whose language model is a 4-layer, 256-wide LLaMA with
   LLaMA-2's tokenizer (vocabulary 32,000): still small enough for a CPU, but one where decoding, not the
-  work around it, is most of a request's cost (the serving benchmark's second model).
+  work around it, is most of a request's cost (the serving benchmark's second model); with `image_size=512`, the
+  release's 1,024 image positions (the engine benchmark's model).
 """
 
 import dataclasses
@@ -87,15 +88,23 @@ def release_dir() -> Path:
 
 
 @functools.cache
-def small_release_dir() -> Path:
+def small_release_dir(image_size: int | None = None) -> Path:
+    """`image_size` 512: the release's 1,024 image positions (the tiny, narrow vision tower's patch of 16 over a
+    512-pixel image) and a context of 2,048, as a conversation about one radiograph needs."""
+
     def build(out):
         base = CXR_LLAVA_PRESETS["cxr_llava_tiny"]
-        config = dataclasses.replace(base, llama=dataclasses.replace(base.llama, **SMALL_LLAMA))
+        llama = dataclasses.replace(base.llama, **SMALL_LLAMA)
+        vision = base.vision
+        if image_size is not None:
+            vision = dataclasses.replace(vision, image_size=image_size)
+            llama = dataclasses.replace(llama, max_position_embeddings=2048)
+        config = dataclasses.replace(base, llama=llama, vision=vision)
         torch.manual_seed(0)
         save_release_dir(randomize_(ReleaseCXRLLaVA(config), seed=5), config, out, num_shards=2)
         shutil.copy(LLAMA2_TOKENIZER / "tokenizer.model", out / "tokenizer.model")
 
-    return _built("small-release", build)
+    return _built("small-release" if image_size is None else f"small-release-{image_size}", build)
 
 
 @functools.cache

@@ -51,9 +51,10 @@ log = logging.getLogger(__name__)
 
 
 def create_app(model, model_id: str, *, limits: Limits = Limits(), api_key: str | None = None,
-               max_batch_size: int = 16, max_queue: int = 64) -> Starlette:
-    """`model`: a loaded `inference.api.CXRLLaVA`; `model_id`: the name clients pass as `model`."""
-    scheduler = Scheduler(model, max_batch_size=max_batch_size, max_queue=max_queue)
+               max_batch_size: int = 16, max_queue: int = 64, cache_bytes: int | None = None) -> Starlette:
+    """`model`: a loaded `inference.api.CXRLLaVA`; `model_id`: the name clients pass as `model`; `cache_bytes`:
+    the bound of the prefix and image cache (None: the engine's default)."""
+    scheduler = Scheduler(model, max_batch_size=max_batch_size, max_queue=max_queue, cache_bytes=cache_bytes)
     admission = Admission(limits.max_decode_bytes, max_queue, lambda: scheduler.stats()["waiting"])
     programs = compiles.counter()
     created = int(time.time())
@@ -86,7 +87,7 @@ def create_app(model, model_id: str, *, limits: Limits = Limits(), api_key: str 
         parsed = requests.read_json(await _read_body(request, limits.max_body_bytes))
         generation = requests.parse_chat(parsed, model_id, limits)
         job, sink, prompt_tokens = await submit(request, generation)
-        reply = _ChatReply(model_id, prompt_tokens)
+        reply = _ChatReply(model_id, prompt_tokens, model.provenance)
         if generation.stream:
             return StreamingResponse(_chat_events(job, sink, scheduler, reply, generation.include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -99,7 +100,8 @@ def create_app(model, model_id: str, *, limits: Limits = Limits(), api_key: str 
             job, sink, prompt_tokens = await submit(request, requests.parse_task(task, fields, files, limits))
             finished = await _final(request, job, sink, scheduler)
             return JSONResponse({"model": model_id, task: finished.text, "finish_reason": finished.finish_reason,
-                                 "usage": _usage(prompt_tokens, finished.completion_tokens)})
+                                 "usage": _usage(prompt_tokens, finished.completion_tokens),
+                                 "provenance": _provenance(model.provenance, finished)})
 
         return answer
 
@@ -180,15 +182,16 @@ class _Sink:
 class _ChatReply:
     """OpenAI's chat.completion and chat.completion.chunk objects for one request."""
 
-    def __init__(self, model_id: str, prompt_tokens: int):
-        self.model_id, self.prompt_tokens = model_id, prompt_tokens
+    def __init__(self, model_id: str, prompt_tokens: int, provenance: dict):
+        self.model_id, self.prompt_tokens, self.provenance = model_id, prompt_tokens, provenance
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def completion(self, finished: Finished) -> dict:
         return {**self._head("chat.completion"),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": finished.text},
                              "finish_reason": finished.finish_reason}],
-                "usage": _usage(self.prompt_tokens, finished.completion_tokens)}
+                "usage": _usage(self.prompt_tokens, finished.completion_tokens),
+                "provenance": _provenance(self.provenance, finished)}
 
     def chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
         return {**self._head("chat.completion.chunk"),
@@ -196,10 +199,12 @@ class _ChatReply:
 
     def usage_chunk(self, finished: Finished) -> dict:
         return {**self._head("chat.completion.chunk"), "choices": [],
-                "usage": _usage(self.prompt_tokens, finished.completion_tokens)}
+                "usage": _usage(self.prompt_tokens, finished.completion_tokens),
+                "provenance": _provenance(self.provenance, finished)}
 
     def _head(self, kind: str) -> dict:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model_id}
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model_id,
+                "system_fingerprint": self.provenance["fingerprint"]}
 
 
 async def _chat_events(job: Job, sink: _Sink, scheduler: Scheduler, reply: _ChatReply, include_usage: bool):
@@ -260,6 +265,11 @@ def _server_error(event: Failed) -> RequestError:
 
 def _event(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
+
+
+def _provenance(model: dict, finished: Finished) -> dict:
+    """Which weights wrote the answer (checkpoint, fingerprint, adapter), with what settings, and why it ended."""
+    return {**model, **finished.answer.record()}
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:

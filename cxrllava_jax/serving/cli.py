@@ -1,6 +1,7 @@
 """`cxrllava serve`: the OpenAI-compatible API and the web page for one model.
 
-    cxrllava serve --checkpoint CKPT [--host 127.0.0.1] [--port 8000] [--api-key-file FILE] [--quantize int8|int4]
+    cxrllava serve --checkpoint CKPT [--adapter DIR] [--host 127.0.0.1] [--port 8000] [--api-key-file FILE]
+                   [--quantize int8|int4] [--cache-mb MB]
 
 Binds to localhost unless --host says otherwise (`--port 0` picks a free port; the first line on stderr names the
 one bound); with --api-key-file every /v1 route needs `Authorization: Bearer KEY`. Every number is checked, and
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from cxrllava_jax import arguments, files, hub
 from cxrllava_jax.errors import ConfigError
+from cxrllava_jax.inference.prefix_cache import DEFAULT_CACHE_BYTES
 from cxrllava_jax.models.configs import DTYPES
 from cxrllava_jax.models.quantize import KINDS
 from cxrllava_jax.serving.limits import MIB, Limits
@@ -25,6 +27,8 @@ def serve_main(argv) -> int:
     parser.add_argument("--checkpoint", required=True, type=arguments.path,
                         help="our checkpoint directory, the release's PyTorch directory, or a Hub id of either "
                              "(OWNER/NAME[@REVISION])")
+    parser.add_argument("--adapter", type=Path, help="a LoRA adapter (PEFT format; a directory or Hub id) to apply to "
+                        "CKPT")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--api-key-file", type=Path, help="a file holding the bearer key clients must send")
@@ -34,6 +38,9 @@ def serve_main(argv) -> int:
     parser.add_argument("--quantize", choices=KINDS, help="weight-only quantization of the language model")
     parser.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together")
     parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 503")
+    parser.add_argument("--cache-mb", type=float, default=DEFAULT_CACHE_BYTES / MIB,
+                        help="memory for finished conversations' keys and values and images' features, reused by "
+                             "follow-up requests (0: none; default: %(default).0f)")
     defaults = Limits()
     parser.add_argument("--max-image-mb", type=float, default=defaults.max_image_bytes / MIB)
     parser.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels)
@@ -51,6 +58,8 @@ def serve_main(argv) -> int:
         raise ConfigError(f"--host {args.host} --port {args.port}: cannot listen there ({error})") from error
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"cxrllava serve: warning: listening on {args.host} without an API key", file=sys.stderr)
+    if args.cache_mb < 0:
+        raise ConfigError(f"--cache-mb {args.cache_mb}: must be >= 0")
     return _serve(args, listener, limits, api_key)
 
 
@@ -61,11 +70,12 @@ def _serve(args, listener: socket.socket, limits: Limits, api_key: str | None) -
     from cxrllava_jax.serving import observability
     from cxrllava_jax.serving.app import create_app
 
+    adapter = None if args.adapter is None else hub.resolve(args.adapter, what="--adapter")
     model = CXRLLaVA.from_pretrained(hub.resolve(args.checkpoint, what="--checkpoint"), dtype=args.dtype,
-                                     quantize=args.quantize)
+                                     quantize=args.quantize, adapter=adapter)
     name = args.model_name or args.checkpoint.resolve().name
     app = create_app(model, name, limits=limits, api_key=api_key, max_batch_size=args.max_batch_size,
-                     max_queue=args.max_queue)
+                     max_queue=args.max_queue, cache_bytes=int(args.cache_mb * MIB))
     host, port = listener.getsockname()[:2]
     observability.configure_logging(args.log_format)
     started = f"cxrllava serve: model {name!r} at http://{_url_host(host)}:{port}/ (Ctrl-C stops)"

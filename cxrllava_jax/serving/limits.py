@@ -2,7 +2,7 @@
 
 import dataclasses
 
-from cxrllava_jax.inference.generate import RELEASE_MAX_NEW_TOKENS
+from cxrllava_jax.inference.engine import RELEASE_MAX_NEW_TOKENS
 
 MIB = 1 << 20
 

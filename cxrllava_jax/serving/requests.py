@@ -14,7 +14,7 @@ import re
 import numpy as np
 
 from cxrllava_jax.domain import prompting, radiograph_guard
-from cxrllava_jax.inference.generate import SamplingOptions
+from cxrllava_jax.inference.engine import SamplingOptions
 from cxrllava_jax.inference.sampling import SamplingError, shown
 from cxrllava_jax.serving import uploads
 from cxrllava_jax.serving.limits import Limits, RequestError
