@@ -301,7 +301,7 @@ def test_a_completion_keeps_the_space_it_starts_with(imported_checkpoint, monkey
     prompt = lm.tokenizer("The heart size")["input_ids"]
     whole = lm.tokenizer("The heart size is normal")["input_ids"]
     assert whole[:len(prompt)] == prompt and lm.tokenizer.decode(whole[len(prompt):]).startswith("is")
-    monkeypatch.setattr(lm.generator, "generate", lambda prompts, images, options: [whole[len(prompt):]])
+    monkeypatch.setattr(lm, "continuations", lambda prompts, **options: [whole[len(prompt):]])
     assert lm.complete("The heart size", temperature=0.0) == " is normal"
 
 
@@ -321,15 +321,23 @@ def test_chat_commands_and_a_latin1_line(imported_checkpoint, image, monkeypatch
 
 
 def test_report_creates_the_folder_of_its_output(image, tmp_path, monkeypatch):
+    class Answer:
+        text = "No acute findings."
+
+        def record(self):
+            return {}
+
     class Model:  # what `_report` needs of a loaded model: the folder is the point here, not the text
+        provenance = {}
+
         def iter_generate(self, conversations, paths, **options):
-            yield from ((i, "No acute findings.") for i in range(len(paths)))
+            yield from ((i, Answer()) for i in range(len(paths)))
 
     monkeypatch.setattr(inference_cli, "_load", lambda args: Model())
     out = tmp_path / "new" / "folder" / "reports.jsonl"
     assert cli.main(["report", str(image), "--checkpoint", str(tmp_path), "--jsonl", str(out), *GREEDY]) == 0
-    assert [json.loads(line) for line in out.read_text().splitlines()] == [
-        {"image": str(image), "report": "No acute findings."}]
+    assert [(r["image"], r["report"]) for r in map(json.loads, out.read_text().splitlines())] == [
+        (str(image), "No acute findings.")]
 
 
 # ---------------------------------------------------------------- Ctrl-C

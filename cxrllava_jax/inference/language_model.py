@@ -76,13 +76,17 @@ class LanguageModel:
         it ("▁is"), and a continuation decoded alone loses it, so the prompt and continuation are decoded together
         and the prompt's text is cut off."""
         prompt = self.tokenizer(text)["input_ids"]
-        ids = self.generator.generate([np.asarray(prompt, np.int32)], None, SamplingOptions(**options))[0]
+        ids = self.continuations([prompt], **options)[0]
         head = self.tokenizer.decode(prompt, skip_special_tokens=True)
         whole = self.tokenizer.decode(list(prompt) + list(ids), skip_special_tokens=True)
         return whole[len(head):] if whole.startswith(head) else self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def generate(self, prompts: Sequence[Sequence[int]], **options) -> list[str]:
         """Continuations of token-id prompts, decoded without special tokens."""
+        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in self.continuations(prompts, **options)]
+
+    def continuations(self, prompts: Sequence[Sequence[int]], **options) -> list[list[int]]:
+        """The token ids generated after each prompt."""
         sampling = SamplingOptions(**options)
         completions = self.engine.generate([Request(np.asarray(p, np.int32), sampling=sampling) for p in prompts])
-        return [self.tokenizer.decode(c.tokens, skip_special_tokens=True) for c in completions]
+        return [list(c.tokens) for c in completions]
