@@ -357,9 +357,10 @@ def test_folder_mode_finds_dicom_by_content(tmp_path):
 def test_image_marker_in_user_text_is_refused():
     with pytest.raises(InputError, match="contains <image>"):
         prompting.question_prompt("what is <image> here?")
+    # A study's conversation has one place per image (issue 25): two places for one image are refused.
     turns = [{"role": "user", "content": "<image>\n<image>\nDescribe."}]
-    with pytest.raises(InputError, match="carries <image> 2 times"):
-        prompting.chat_text(turns)
+    with pytest.raises(InputError, match="2 <image> place.* for 1 image"):
+        prompting.check_image_count(turns, 1)
 
 
 @pytest.mark.parametrize("options, key", [
