@@ -17,7 +17,7 @@ import pytest
 from cxrllava_jax.models import attention
 from cxrllava_jax.models.configs import Runtime
 from cxrllava_jax.models.cxr_llava import CXRLLaVAModel
-from cxrllava_jax.models.llama import init_cache, prompt_positions_and_mask
+from cxrllava_jax.models.llama import attention_mask, init_cache
 from cxrllava_jax.training.tasks import make_task
 from tests.training_setup import parse, stage_flags
 
@@ -88,9 +88,10 @@ def test_the_demo_on_a_gpu_takes_xla(cudnn_checks, monkeypatch):
     assert trace_train_step(task) == 0
 
 
-def test_inference_prefill_left_padded_and_decode_through_cudnn(cudnn_checks):
-    """A batch of prompts padded on the left, prefilled into a cache (the mask a dense [batch, 1, query, slots]
-    array), then one decode step (one query: matrix-vector products against the cache, no kernel)."""
+def test_inference_prefill_and_decode_through_cudnn(cudnn_checks):
+    """The engine's prefill (`engine.prefill_rows`): right-padded prompt blocks written at each row's own first slot
+    (row 1 continues a reused 5-slot prefix), the mask a dense [batch, 1, query, slots] array over the cache; then
+    one decode step (one query: matrix-vector products against the cache, no kernel)."""
     task = stage_task("2b")
     config = task.config
     model = CXRLLaVAModel(config, Runtime(dtype="bfloat16", param_dtype="bfloat16", attention="cudnn"))
@@ -98,18 +99,25 @@ def test_inference_prefill_left_padded_and_decode_through_cudnn(cudnn_checks):
     tokens = jnp.full((BATCH, length), config.image_token_id, jnp.int32)
     images = jnp.zeros((BATCH, config.vision.image_size, config.vision.image_size, config.vision.in_channels))
     params = jax.eval_shape(model.init, jax.random.key(0), images, tokens)
-    valid = jnp.asarray(np.arange(length)[None, :] >= np.array([[0], [5]]))  # row 1: 5 slots of left padding
-    kv_valid = jnp.pad(valid, ((0, 0), (0, slots - length)))
-    positions, mask = prompt_positions_and_mask(valid, kv_valid[:, :length])
+    features = jnp.zeros((BATCH, config.num_image_tokens, config.llama.hidden_size), jnp.bfloat16)
+    starts = jnp.array([0, 5])
+    positions = starts[:, None] + jnp.arange(length)
+    kv_valid = jnp.arange(slots)[None, :] < (starts + length)[:, None]
+    mask = attention_mask(positions, kv_valid)
+    last = jnp.array([length - 1, length - 3])  # the rows' prompts end at different places of the block
     cache = init_cache(config.llama, BATCH, slots)
 
     def prefill(params, cache):
-        return model.apply(params, tokens, images, positions, mask, cache, method="prefill")
+        return model.apply(params, tokens, features, positions, mask, cache, starts, last, method="extend")
 
-    assert cudnn_calls(prefill, params, cache) == attention_layers(task)
+    def image_features(params):  # the engine encodes images apart from the prompts, so that it can keep them
+        return model.apply(params, images, method="image_features")
+
+    assert cudnn_calls(image_features, params) == config.vision.layers
+    assert cudnn_calls(prefill, params, cache) == config.llama.num_layers
 
     def step(params, cache):
-        step_mask = jnp.ones((BATCH, 1, 1, length + 1), bool)
+        step_mask = attention_mask(positions[:, -1:] + 1, kv_valid)
         return model.apply(params, tokens[:, :1], positions[:, -1:] + 1, step_mask, cache, length, method="step")
 
     jax.make_jaxpr(step)(params, cache)

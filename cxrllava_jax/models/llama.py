@@ -60,14 +60,6 @@ def real_positions(valid):
     return jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
 
 
-def prompt_positions_and_mask(valid, kv_valid=None):
-    """`real_positions` and the causal mask of a whole prompt at slots 0..length-1. valid: [batch, length] bool;
-    kv_valid (default `valid`): the cache's."""
-    positions = real_positions(valid)
-    slots = jnp.broadcast_to(jnp.arange(valid.shape[1]), valid.shape)
-    return positions, attention_mask(slots, valid if kv_valid is None else kv_valid)
-
-
 class DecoderLayer(nn.Module):
     """One block; carries `(x, cache)` so that the cache is updated in place, with or without `nn.scan`."""
 
