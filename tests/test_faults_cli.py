@@ -288,6 +288,48 @@ def test_from_pretrained_refuses_each_kind_of_problem_with_one_type(case, error_
         CXRLLaVA.from_pretrained(path, adapter=adapter)
 
 
+def test_serve_and_complete_answer_with_the_adapter_folded_in(imported_checkpoint, tmp_path, monkeypatch, capsys):
+    """`--adapter` reaches the weights that answer: the server's model and `complete`'s language model hold the
+    adapter's change of layer 0's q_proj, and nothing else changes."""
+    import uvicorn
+
+    from cxrllava_jax.serving import app
+
+    adapter = _adapter(tmp_path / "adapter", LORA)
+    base = LanguageModel.from_checkpoint(imported_checkpoint).engine.params["params"]
+    served = []
+    monkeypatch.setattr(app, "create_app", lambda model, *_, **__: served.append(model))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda *_, **__: None)
+    assert cli.main(["serve", "--checkpoint", str(imported_checkpoint), "--adapter", str(adapter), "--port", "0"]) == 0
+    [model] = served
+    assert model.provenance["adapter"] == str(adapter)
+    llm = model.engine.params["params"]["llm"]
+    _assert_only_q_proj_0_changed(base, llm)
+
+    made = []
+    load = LanguageModel.from_checkpoint
+    monkeypatch.setattr(LanguageModel, "from_checkpoint", lambda *a, **k: made.append(load(*a, **k)) or made[-1])
+    capsys.readouterr()
+    options = ["--temperature", "0", "--max-new-tokens", "3"]
+    assert cli.main(["complete", "--checkpoint", str(imported_checkpoint), "--adapter", str(adapter), "seen",
+                     *options]) == 0
+    [language_model] = made
+    _assert_only_q_proj_0_changed(base, language_model.engine.params["params"])
+    assert capsys.readouterr().out == "seen" + language_model.complete("seen", temperature=0, max_new_tokens=3) + "\n"
+
+
+def _assert_only_q_proj_0_changed(base: dict, adapted: dict):
+    from flax import traverse_util
+
+    from cxrllava_jax.convert.layout import relayout
+
+    base = traverse_util.flatten_dict(relayout(base, scan=False), sep="/")
+    adapted = traverse_util.flatten_dict(relayout(adapted, scan=False), sep="/")
+    assert base.keys() == adapted.keys()
+    changed = [k for k in base if not np.array_equal(np.asarray(base[k]), np.asarray(adapted[k]))]
+    assert changed == ["layers/block_0/q_proj/kernel"]
+
+
 def test_complete_refusals(imported_checkpoint, stage_1a_checkpoint, capsys):
     err = _fails(["complete", "--checkpoint", str(imported_checkpoint), "--chat", "hello"], capsys)
     assert "tokenizer: the tokenizer has no chat template" in err and "without --chat" in err

@@ -92,6 +92,10 @@ def test_batch_equals_one_by_one(model, images, monkeypatch):
     reports = model.write_radiologic_reports(images, **GREEDY)
     assert reports == [model.write_radiologic_report(i, **GREEDY) for i in images]
     assert len(set(reports)) > 1  # the images make the answers differ
+    # More inputs than the engine has rows (and than batch_size): they queue, every one is answered, in order.
+    monkeypatch.setattr(model, "engine", model.engine.sibling(max_rows=2))
+    assert model.write_radiologic_reports(images * 2, batch_size=8, **GREEDY) == reports * 2
+    assert model.engine.stats()["rows"] == 6
 
 
 def _full_range_gray(path):

@@ -108,11 +108,10 @@ def test_chat_in_a_terminal(folder, model):
         if process.poll() is None:
             process.kill()
         os.close(parent)
-    history = [{"role": "user", "content": "Is there a pleural effusion?"}]
-    answer = model.chat(history, image, **GREEDY)
+    conversation = model.conversation(image)  # the ids of each turn kept, as the command keeps them
+    answer = conversation.ask("Is there a pleural effusion?", **GREEDY)
     assert first.endswith(f"cxr-llava> {answer}\n"), (first, answer)
-    history += [{"role": "assistant", "content": answer}, {"role": "user", "content": "Which side?"}]
-    assert second.endswith(f"cxr-llava> {model.chat(history, image, **GREEDY)}\n")
+    assert second.endswith(f"cxr-llava> {conversation.ask('Which side?', **GREEDY)}\n")
 
 
 def test_report_processes_take_their_own_slice_and_file(folder, model, tmp_path, monkeypatch, capsys):

@@ -196,6 +196,25 @@ def encode_prompt(turns: Sequence[dict], tokenizer, num_image_tokens: int, image
     return ids
 
 
+def encode_follow_up(kept: np.ndarray, turns: Sequence[dict], tokenizer, num_image_tokens: int, image_token_id: int,
+                     max_length: int | None = None, system: str = SYSTEM_PROMPT) -> np.ndarray:
+    """The generation prompt of a conversation's next turn, `turns[-1]` (the user's), continuing `kept`: the ids
+    the model read and wrote so far (the last prompt, its answer as generated and the answer's EOS). Re-encoding
+    an answer's text does not give back the ids the model wrote, so a prompt built from the text would share only
+    the first turn with the keys and values kept for the conversation; this one shares all of it. The new turn's
+    ids are those `encode_prompt` gives it within the whole conversation."""
+    if len(turns) < 3 or turns[-1]["role"] != "user":
+        raise InputError("a follow-up continues a conversation with the user's turn")
+    markers = markers_of(tokenizer)
+    whole, before = (tokenize_with_images(chat_text(part, system, markers), tokenizer, num_image_tokens,
+                                          image_token_id) for part in (turns, turns[:-1]))
+    if whole[:len(before)] != before:  # a token across the boundary: the new turn has no ids of its own
+        raise InputError(f"the tokenizer merges the user's turn {turns[-1]['content'][:40]!r} with the answer before it")
+    ids = np.concatenate([np.asarray(kept, np.int32), np.asarray(whole[len(before):], np.int32)])
+    check_fits(len(ids), count_images(turns), num_image_tokens, max_length)
+    return ids
+
+
 def check_fits(prompt_tokens: int, images: int, num_image_tokens: int, max_length: int | None):
     """Refuses a prompt that leaves no token to generate (the release writes at most max_length - prompt length
     - 1), naming where its tokens go; `prompt_tokens` may be the image positions alone, to refuse a study before

@@ -13,8 +13,8 @@ Generation keywords and their release defaults: temperature=0.2 (0 = greedy), to
 max_new_tokens=512 (and never past the context window), seed=0.
 """
 
-import concurrent.futures
 import dataclasses
+import functools
 import re
 import tempfile
 from pathlib import Path
@@ -30,7 +30,7 @@ from cxrllava_jax import hub
 from cxrllava_jax.convert import checkpoint, peft, release
 from cxrllava_jax.convert.layout import relayout
 from cxrllava_jax.domain import prompting
-from cxrllava_jax.inference import compile_cache, loading
+from cxrllava_jax.inference import compile_cache, loading, prefetch
 from cxrllava_jax.models import quantize as quantization
 from cxrllava_jax.inference.engine import Completion, Engine, EngineImage, Request, SamplingOptions
 from cxrllava_jax.domain.tokenizer import check_vocabulary, load_tokenizer
@@ -118,7 +118,7 @@ class CXRLLaVA:
         model, params = loading.place_params(tensors, cxr_llava.CXRLLaVAModel(config, runtime), _init_args(config),
                                              dtype=param_dtype, quantize=quantize)
         loaded = cls(config, params, load_tokenizer(tokenizer_path), runtime, origin=str(path), model=model,
-                     quantize=quantize, adapter=None if adapter is None else str(adapter),
+                     quantize=quantize, adapter=None if adapter is None else str(adapter[1]),
                      fingerprint=checkpoint.content_fingerprint(path))  # sizes checked
         checkpoint.check_tokenizer(tokenizer_path, path)  # ours records the vocabulary it was saved with
         return loaded
@@ -181,10 +181,17 @@ class CXRLLaVA:
 
         `messages`: {"role": "user"|"assistant", "content"} turns ending with the user's, optionally after
         a {"role": "system"} message that replaces the release's system prompt. The image goes into the
-        first user turn (`<image>\\n` is put in front of it unless it is already there). The conversation's
-        earlier turns are not computed again when an earlier request ended with them (the engine's prefix cache).
+        first user turn (`<image>\\n` is put in front of it unless it is already there). The messages are
+        encoded anew, so the engine's prefix cache reuses what an earlier request shares with them token for token:
+        the image and the first question, not an answer (its text re-encoded is not the ids the model wrote).
+        `conversation` keeps those ids and reuses the whole conversation.
         """
         return _one(self.generate([list(messages)], [image], on_text=on_text, **options))
+
+    def conversation(self, image, *, system: str | None = None, allow_non_frontal: bool = False) -> "Conversation":
+        """A chat about `image` that keeps the ids the model read and wrote, so each turn computes only its new
+        question (`Conversation.ask`). The image is read now: a bad one raises its InputError here."""
+        return Conversation(self, image, system, allow_non_frontal)
 
     # ---------------------------------------------------------------- requests to the engine
 
@@ -209,8 +216,9 @@ class CXRLLaVA:
         second `<image>`) raises its InputError, or with `on_bad_image` is reported there and skipped, the others
         still answered. `batch_size`: rows decoded together. `on_text` streams the text of a single conversation
         as it is written. `allow_non_frontal` reads DICOM files whose tags say they are not frontal chest
-        radiographs. `keep`: whether the answers' keys and values stay for follow-up questions. `workers`: threads
-        that read and preprocess images ahead of the engine (0: in this thread, as each is needed)."""
+        radiographs. `keep`: whether the answers' keys and values stay for follow-up questions. `workers`: processes
+        that read and preprocess images ahead of the engine (`prefetch`; the images must pickle: paths, bytes,
+        arrays, PIL images), 0: in this thread, as each is needed."""
         if isinstance(images, (str, Path)):
             raise TypeError(f"images must be a list (of paths, PIL images or arrays), got the path {images!r}")
         if len(conversations) != len(images):
@@ -221,15 +229,12 @@ class CXRLLaVA:
             raise ConfigError(f"batch_size={batch_size}: must be at least 1")
         sampling = SamplingOptions(**options)
         order: list[int] = []  # the engine's request number -> the input's index
-
-        def prepare(index):
-            pixels = self.preprocess(images[index], allow_non_frontal)
-            return Request(self.encode(conversations[index]), (EngineImage.of(pixels),), sampling, keep)
+        work = functools.partial(prefetch.pixels_and_digest, self.preprocessor(allow_non_frontal))
 
         def requests():
-            for index, prepared in _ahead(prepare, range(len(conversations)), workers, 2 * batch_size):
+            for index, prepared in prefetch.ahead(work, images, workers, 2 * batch_size):
                 try:
-                    request = prepared()
+                    request = Request(self.encode(conversations[index]), (EngineImage(*prepared()),), sampling, keep)
                     self.engine.check(request)
                 except InputError as error:
                     if on_bad_image is None:
@@ -239,13 +244,19 @@ class CXRLLaVA:
                 order.append(index)
                 yield request
 
+        for number, answer in self._answers(requests(), sampling, batch_size, on_text):
+            yield order[number], answer
+
+    def _answers(self, requests: Iterable[Request], sampling: SamplingOptions, batch_size: int,
+                 on_text: Callable[[str], None] | None) -> Iterator[tuple[int, "Answer"]]:
+        """(request number, Answer) as each ends; `on_text` streams a single request's text."""
         stream = TextStream(self.tokenizer, on_text) if on_text else None
         tokens = None if stream is None else (lambda _, new: stream(new))
-        for number, completion in self.engine.run(requests(), max_rows=batch_size, on_tokens=tokens):
+        for number, completion in self.engine.run(requests, max_rows=batch_size, on_tokens=tokens):
             answer = Answer(self.decode(completion.tokens), completion, sampling)
             if stream:
                 stream.finish(answer.text)
-            yield order[number], answer
+            yield number, answer
 
     @property
     def provenance(self) -> dict:
@@ -254,15 +265,21 @@ class CXRLLaVA:
                 "quantize": self.quantize}
 
     def preprocess(self, image, allow_non_frontal: bool = False) -> np.ndarray:
+        return self.preprocessor(allow_non_frontal)(image)
+
+    def preprocessor(self, allow_non_frontal: bool = False) -> Callable:
+        """image -> the model's pixels, as a function that pickles (for worker processes)."""
         cfg = self.config
-        return preprocess(image, cfg.vision.image_size, cfg.image_mean, cfg.image_std, min_size=cfg.vision.patch_size,
-                          allow_non_frontal=allow_non_frontal)
+        return functools.partial(preprocess, size=cfg.vision.image_size, mean=cfg.image_mean, std=cfg.image_std,
+                                 min_size=cfg.vision.patch_size, allow_non_frontal=allow_non_frontal)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    def encode(self, turns: Sequence[dict]) -> np.ndarray:
-        """The prompt token ids of a conversation (the turns `chat` takes), image positions included."""
+    def encode(self, turns: Sequence[dict], kept: np.ndarray | None = None) -> np.ndarray:
+        """The prompt token ids of a conversation (the turns `chat` takes), image positions included; with `kept`,
+        the ids the model read and wrote for all turns but the last, continued by the last
+        (`prompting.encode_follow_up`)."""
         turns = list(turns)
         system = prompting.SYSTEM_PROMPT
         if turns and turns[0].get("role") == "system":
@@ -270,6 +287,9 @@ class CXRLLaVA:
         if turns and prompting.IMAGE not in turns[0]["content"]:
             turns[0] = {**turns[0], "content": f"{prompting.IMAGE}\n{turns[0]['content']}"}
         cfg = self.config
+        if kept is not None:
+            return prompting.encode_follow_up(kept, turns, self.tokenizer, cfg.num_image_tokens, cfg.image_token_id,
+                                              max_length=cfg.llama.max_position_embeddings, system=system)
         return prompting.encode_prompt(turns, self.tokenizer, cfg.num_image_tokens, cfg.image_token_id,
                                        max_length=cfg.llama.max_position_embeddings, system=system)
 
@@ -321,26 +341,37 @@ def _one(answers: list) -> str:
     return answers[0]
 
 
-def _ahead(prepare: Callable, indices: Iterable[int], workers: int, window: int) -> Iterator[tuple[int, Callable]]:
-    """(index, a call that returns `prepare(index)` or raises what it raised), in order; with `workers`, up to
-    `window` are prepared ahead in that many threads (decoding DICOM's JPEG 2000 costs more than a decode step)."""
-    if not workers:
-        for index in indices:
-            yield index, lambda index=index: prepare(index)
-        return
-    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="cxrllava-images") as pool:
-        pending: list = []
-        try:
-            for index in indices:
-                pending.append((index, pool.submit(prepare, index)))
-                if len(pending) >= window:
-                    index, future = pending.pop(0)
-                    yield index, future.result
-            for index, future in pending:
-                yield index, future.result
-        finally:
-            for _, future in pending:
-                future.cancel()
+class Conversation:
+    """A chat about one image (`CXRLLaVA.conversation`) that keeps the exact ids of every turn: each prompt is the
+    previous one, the answer the model wrote to it (its ids and EOS, not its text re-encoded) and the new question,
+    so the engine's prefix cache holds all but the new question's ids and prefills only those. `turns`: the
+    conversation as text, `chat`'s messages; `ids`: the ids read and written so far (None before the first turn);
+    `last`: the last turn's Answer (its token counts)."""
+
+    def __init__(self, model: CXRLLaVA, image, system: str | None = None, allow_non_frontal: bool = False):
+        self.model, self.system = model, system
+        self.image = EngineImage(*prefetch.pixels_and_digest(model.preprocessor(allow_non_frontal), image))
+        self.reset()
+
+    def reset(self):
+        """Forgets the turns; the image stays."""
+        self.turns: list[dict] = [] if self.system is None else [{"role": "system", "content": self.system}]
+        self.last: Answer | None = None
+        self.ids: np.ndarray | None = None
+
+    def ask(self, question: str, *, on_text: Callable[[str], None] | None = None, **options) -> str:
+        """The answer to `question` after the turns so far (the generation keywords as elsewhere). A question that
+        cannot be asked (an InputError: `<image>` in it, the context full) leaves the conversation as it was."""
+        prompting.question_prompt(question)  # refuses an empty question, and `<image>` in it
+        turns = self.turns + [{"role": "user", "content": question}]
+        sampling = SamplingOptions(**options)
+        request = Request(self.model.encode(turns, self.ids), (self.image,), sampling)
+        self.model.engine.check(request)
+        [(_, answer)] = self.model._answers([request], sampling, 1, on_text)
+        self.ids = np.concatenate([request.prompt, np.asarray(answer.completion.tokens, np.int32),
+                                     [self.model.engine.spec.eos_id]]).astype(np.int32)
+        self.turns, self.last = turns + [{"role": "assistant", "content": answer.text}], answer
+        return answer.text
 
 
 @dataclasses.dataclass(frozen=True)

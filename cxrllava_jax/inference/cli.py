@@ -52,8 +52,8 @@ def report_main(argv) -> int:
                           "is kept until this run is done)")
     parser.add_argument("--batch-size", type=arguments.positive, default=8, help="images decoded together")
     parser.add_argument("--workers", type=arguments.whole_number(0), default=DEFAULT_WORKERS,
-                        help="threads that read and preprocess images ahead of the model (0: one at a time as "
-                             "needed)")
+                        help="processes that read and preprocess images ahead of the model (0: one at a time, "
+                             "in this process, as needed)")
     args = parser.parse_args(argv)
     return _report(args)
 
@@ -192,11 +192,11 @@ CHAT_COMMANDS = {"/help": "list these commands", "/reset": "forget the conversat
 def _chat(args) -> int:
     options = _options(args)
     model = _load(args)
-    model.preprocess(args.image, args.allow_non_frontal)  # an unreadable image fails now, not after the first question
+    # An unreadable image fails now, not after the first question; the conversation keeps the ids of its turns.
+    conversation = model.conversation(args.image, allow_non_frontal=options.pop("allow_non_frontal"))
     if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is refused below instead of ending the chat
         sys.stdin.reconfigure(errors="surrogateescape")
     print(f"Chatting about {args.image}. Type /help for the commands, /quit or Ctrl-D to leave.", flush=True)
-    history = []
     while True:
         try:
             line = input("you> ").strip()
@@ -209,7 +209,7 @@ def _chat(args) -> int:
             print("\n".join(f"  {name:<7} {about}" for name, about in CHAT_COMMANDS.items()))
             continue
         if line == "/reset":
-            history = []
+            conversation.reset()
             print("(the conversation is forgotten; the image stays)")
             continue
         if line.startswith("/") and line.split()[0] not in CHAT_COMMANDS:
@@ -220,7 +220,7 @@ def _chat(args) -> int:
         try:  # a turn that cannot be answered is dropped; the session and its history go on
             prompting.check_user_text(line)
             print("cxr-llava> ", end="", flush=True)
-            answer = model.chat(history + [{"role": "user", "content": line}], args.image, on_text=_echo, **options)
+            conversation.ask(line, on_text=_echo, **options)
         except prompting.PromptTooLongError as error:
             print(f"\n(the conversation no longer fits the model's context: {error}; type /reset to start anew)")
             continue
@@ -228,7 +228,6 @@ def _chat(args) -> int:
             print(f"\n(not asked: {error})")
             continue
         print(flush=True)
-        history += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
 
 
 def _parser(name: str, description: str, images: bool = True) -> argparse.ArgumentParser:

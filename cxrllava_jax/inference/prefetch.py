@@ -1,0 +1,53 @@
+"""Images read and preprocessed ahead of the engine, in worker processes.
+
+Decoding an image (DICOM's JPEG 2000 above all) and resizing it is pure Python and C code that holds the GIL, so
+threads beside the engine only take turns with it; processes run beside it. At most `window` images are on their
+way at once, so memory stays bounded however long the archive is, and they come back in the order they were asked
+for. A worker returns the preprocessed pixels and their content digest (the key of their features in the prefix
+cache), so the engine's process hashes nothing either.
+
+Workers are forked from Python's fork server, not from this process: forking a process that runs XLA's threads
+can deadlock the child, and spawning would import the main module (JAX and all) into every worker of every pool.
+The fork server imports it once, for the life of this process, and its children share it; this module imports no
+JAX, so what a worker adds is the image code.
+"""
+
+import concurrent.futures
+import multiprocessing
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from cxrllava_jax.inference.prefix_cache import image_digest
+
+
+def pixels_and_digest(preprocessor: Callable, image) -> tuple[np.ndarray, str]:
+    """`preprocessor(image)` and its digest, in a worker (`preprocessor` must pickle: a module-level function or a
+    `functools.partial` of one)."""
+    pixels = preprocessor(image)
+    return pixels, image_digest(pixels)
+
+
+def ahead(work: Callable, items: Sequence, workers: int, window: int) -> Iterator[tuple[int, Callable]]:
+    """(index, a call that returns `work(items[index])` or raises what it raised), in order. With `workers`, up to
+    `window` items are worked on ahead in that many processes (`work` and the items must pickle: paths, bytes,
+    arrays, PIL images); with 0, each is worked on here when its call is made."""
+    if not workers:
+        for index, item in enumerate(items):
+            yield index, lambda item=item: work(item)
+        return
+    context = multiprocessing.get_context("forkserver")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        pending: list = []
+        try:
+            for index, item in enumerate(items):
+                pending.append((index, pool.submit(work, item)))
+                if len(pending) >= window:
+                    index, future = pending.pop(0)
+                    yield index, future.result
+            while pending:
+                index, future = pending.pop(0)
+                yield index, future.result
+        finally:
+            for _, future in pending:
+                future.cancel()
