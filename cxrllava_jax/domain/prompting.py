@@ -150,6 +150,15 @@ def check_image_count(turns: Sequence[dict], images: int, origin="the conversati
                          "give one per image, in the images' order")
 
 
+def check_image_ids(ids: np.ndarray, images: int, num_image_tokens: int, image_token_id: int):
+    """`check_image_count` on a prompt's ids, where each `<image>` is `num_image_tokens` copies of `image_token_id`
+    (what the engine checks of every request, whoever encoded it)."""
+    positions = np.count_nonzero(np.asarray(ids) == image_token_id)
+    if positions != images * num_image_tokens:
+        raise InputError(f"the prompt has {positions} image positions for {images} image(s) of {num_image_tokens} "
+                         "positions each")
+
+
 def tokenize_with_images(text: str, tokenizer, num_image_tokens: int, image_token_id: int) -> list[int]:
     """LLaVA's `tokenizer_image_token`, the release's: `tokenizer(chunk).input_ids` per `<image>`-separated chunk,
     the first chunk's BOS kept and the others' dropped; each `<image>` becomes `num_image_tokens` copies of

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cxrllava_jax.domain import prompting
 from cxrllava_jax.domain.prompting import PromptTooLongError
 from cxrllava_jax.errors import ConfigError, InputError
 from cxrllava_jax.inference import sampling
@@ -475,10 +476,8 @@ class Engine:
         """The request's budget; an InputError if it cannot run (its images do not fit its places)."""
         if self.multimodal:
             config = self.spec.model.config
-            places = int(np.count_nonzero(np.asarray(request.prompt) == config.image_token_id))
-            if places != len(request.images) * config.num_image_tokens:
-                raise InputError(f"the prompt has {places} image places for {len(request.images)} image(s) of "
-                                 f"{config.num_image_tokens} places each")
+            prompting.check_image_ids(request.prompt, len(request.images), config.num_image_tokens,
+                                      config.image_token_id)
         elif request.images:
             raise InputError("the language model takes no images")
         return self.budget(len(request.prompt), request.sampling)
