@@ -5,6 +5,7 @@
     model.write_radiologic_reports(["a.dcm", "b.png"], temperature=0.0)
     model.ask_question("Is there a pneumothorax?", "cxr.png")
     model.chat([{"role": "user", "content": "Any effusion?"}, ...], "cxr.png")
+    conversation = model.conversation("cxr.png"); conversation.ask("Any effusion?"); conversation.ask("Which side?")
 
 Images are paths, PIL images or arrays (8/16-bit PNG/JPEG, DICOM), preprocessed as the release does.
 A DICOM file whose tags say it is not a frontal chest radiograph (Modality, BodyPartExamined, ViewPosition) is
