@@ -11,29 +11,15 @@ from cxrllava_jax.domain import prompting
 from cxrllava_jax.domain.radiograph_guard import NotFrontalChestError
 from cxrllava_jax.domain.studies import Study, latest_studies, studies_in_folder
 from cxrllava_jax.errors import InputError
-from tests.dicom_files import write_dicom
+from tests.dicom_files import NIH, chest_film, write_dicom, write_two_studies
 
-NIH = sorted((Path(__file__).parent / "fixtures" / "real-cxr" / "nih").glob("*.png"))
 SIZE = 32
-
-
-def film(path, index: int, **tags) -> Path:
-    """A real NIH film (downscaled to 128 pixels) as a 12-bit CR chest DICOM file with `tags`."""
-    stored = np.asarray(Image.open(NIH[index]).convert("L").resize((128, 128)), np.uint16) * 16
-    return write_dicom(path, stored, Modality="CR", BodyPartExamined="CHEST", WindowCenter="2048",
-                       WindowWidth="4096", **tags)
 
 
 @pytest.fixture
 def folder(tmp_path):
-    """Patient P1: a PA and a lateral of 2024-01-05 (in a subfolder, the lateral's name sorting first), the PA of
-    2023-03-01 before it; a stray text file."""
-    (tmp_path / "new").mkdir()
-    film(tmp_path / "new" / "a_lateral.dcm", 1, ViewPosition="LL", StudyInstanceUID="1.2.3.2", PatientID="P1",
-         StudyDate="20240105")
-    film(tmp_path / "new" / "b_frontal.dcm", 0, ViewPosition="PA", StudyInstanceUID="1.2.3.2", PatientID="P1",
-         StudyDate="20240105")
-    film(tmp_path / "old.dcm", 1, ViewPosition="PA", StudyInstanceUID="1.2.3.1", PatientID="P1", StudyDate="20230301")
+    """`write_two_studies` and a stray text file."""
+    write_two_studies(tmp_path)
     (tmp_path / "notes.txt").write_text("not an image")
     return tmp_path
 
@@ -83,7 +69,7 @@ def test_a_non_chest_file_is_refused_inside_a_study(folder):
 
 
 def test_files_of_one_study_that_disagree_are_refused(folder):
-    film(folder / "other.dcm", 0, ViewPosition="PA", StudyInstanceUID="1.2.3.2", PatientID="P1", StudyDate="20240106")
+    chest_film(folder / "other.dcm", 0, ViewPosition="PA", StudyInstanceUID="1.2.3.2", PatientID="P1", StudyDate="20240106")
     with pytest.raises(InputError, match="StudyDate is '20240106' but .* says '20240105'"):
         studies_in_folder(folder)
 
