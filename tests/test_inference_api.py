@@ -310,8 +310,6 @@ def test_a_study_is_reported_as_one_prompt_and_one_image_as_the_release(model, i
     for one in (images[0], [images[0]], Study.of(images[0], views=["PA"])):
         np.testing.assert_array_equal(model.encode(task, one), model.encode(REPORT))
     np.testing.assert_array_equal(model.study_pixels(Study.of(images[0]))[0], model.preprocess(images[0]))
-    assert model.write_radiologic_reports([images[0], [images[0]]], **GREEDY) == \
-        [model.write_radiologic_report(images[0], **GREEDY)] * 2
 
     prompt = model.encode(task, study)
     assert (prompt == model.config.image_token_id).sum() == 3 * model.config.num_image_tokens
@@ -320,10 +318,10 @@ def test_a_study_is_reported_as_one_prompt_and_one_image_as_the_release(model, i
     assert prompting.COMPARISON_QUESTION.strip() in text  # the report of a study with a prior compares
     shuffled = [files["prior"], files["lateral"], files["frontal"]]  # grouped by UID, ordered by date
     np.testing.assert_array_equal(model.encode(task, shuffled), prompt)
-    report = model.write_radiologic_report(study, **GREEDY)
-    assert model.write_radiologic_report(shuffled, **GREEDY) == report
-    assert model.ask_question("Is it unchanged?", study, **GREEDY) == \
-        model.chat([{"role": "user", "content": "Is it unchanged?"}], shuffled, **GREEDY)
+    short = dict(GREEDY, max_new_tokens=4)
+    assert model.write_radiologic_reports([study, shuffled], **short) == [model.write_radiologic_report(study, **short)] * 2
+    np.testing.assert_array_equal(model.encode([{"role": "user", "content": "Unchanged?"}], study),
+                                  model.encode([{"role": "user", "content": study.prompt("Unchanged?")}], study))
 
     with pytest.raises(NotFrontalChestError, match="ViewPosition is 'LL'"):
         model.write_radiologic_report(files["lateral"], **GREEDY)

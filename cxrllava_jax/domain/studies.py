@@ -128,8 +128,9 @@ def studies_in_folder(folder) -> list[Study]:
     """Every study in a folder of DICOM files (searched recursively; other files are passed over): files grouped
     by StudyInstanceUID, ordered by patient, then StudyDate and StudyTime, each study's prior the patient's study
     before it (a study without a StudyDate counts as the oldest). A file without a StudyInstanceUID is a study of
-    its own; studies without a PatientID (anonymised
-    exports) are taken as one patient's, as a folder usually is."""
+    its own; studies without a PatientID (anonymised exports) are taken as one patient's, as a folder usually is.
+    (pydicom reads tags leniently: a damaged file usually has none, is a study of its own and fails when its pixels
+    are read, alone.)"""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder of DICOM files")
