@@ -115,12 +115,17 @@ class Study:
                          for pixels in study._own_pixels(size, mode, allow_non_frontal, min_size)])
 
     def _own_pixels(self, size, mode, allow_non_frontal, min_size):
-        out = [images.model_pixels(image.source, size, mode, min_size, allow_non_frontal=allow_non_frontal,
-                                   allow_lateral=self.has_frontal) for image in self.images]
+        out = []
+        for image in self.images:
+            try:
+                out.append(images.model_pixels(image.source, size, mode, min_size, allow_non_frontal=allow_non_frontal,
+                                               allow_lateral=self.has_frontal))
+            except InputError as error:
+                raise _about(error, image.source)
         if not self.has_frontal and not allow_non_frontal:  # laterals without tags that say so (views given)
-            raise NotFrontalChestError(
+            raise _about(NotFrontalChestError(
                 f"{_name(self.images[0].source)}: the study's only view is lateral; the model reads a lateral view "
-                f"beside a frontal one (PA or AP) of the same study; {OVERRIDE}")
+                f"beside a frontal one (PA or AP) of the same study; {OVERRIDE}"), self.images[0].source)
         return out
 
 
@@ -161,11 +166,11 @@ def _member(source, view: str | None = None) -> tuple[StudyImage, dict]:
     """(the image with its view: given, else its ViewPosition, else '') and its DICOM tags ('' each for other
     images). A view given against what the file says (frontal for a lateral, or the reverse) is refused: the guard
     reads a lateral only beside a frontal, so a study's frontal must be one."""
-    tags = _read_tags(source)
+    tags = study_tags(source)
     told = tags["ViewPosition"]
     if view and told and is_lateral(view) != is_lateral(told):
-        raise InputError(f"{_name(source)}: given as a {'lateral' if is_lateral(view) else 'frontal'} view "
-                         f"({view!r}) but its ViewPosition is {told!r}")
+        raise _about(InputError(f"{_name(source)}: given as a {'lateral' if is_lateral(view) else 'frontal'} view "
+                                f"({view!r}) but its ViewPosition is {told!r}"), source)
     return StudyImage(source, str(view or told)), tags
 
 
@@ -194,9 +199,10 @@ def _check_agrees(member, first, keys):
                              "same patient")
 
 
-def _read_tags(source) -> dict:
-    """The tags that place an image in its study, read without its pixel data; '' each for an image that is not a
-    DICOM file (a path, bytes, or an object with `read_bytes()`)."""
+def study_tags(source) -> dict:
+    """The tags that place an image in its study (StudyInstanceUID, PatientID, StudyDate, StudyTime, ViewPosition),
+    read without its pixel data; '' each for an image that is not a DICOM file (a path, bytes, or an object with
+    `read_bytes()`)."""
     import pydicom
 
     readable = _dicom_readable(source)
@@ -205,7 +211,8 @@ def _read_tags(source) -> dict:
     try:
         ds = pydicom.dcmread(readable, stop_before_pixels=True, specific_tags=list(_GROUPING_TAGS))
     except Exception as error:  # pydicom raises many types for broken files
-        raise InputError(f"{_name(source)}: cannot read DICOM ({type(error).__name__}: {error})") from error
+        raise _about(InputError(f"{_name(source)}: cannot read DICOM ({type(error).__name__}: {error})"),
+                     source) from error
     return {tag: str(ds.get(tag) or "").strip() for tag in _GROUPING_TAGS}
 
 
@@ -221,6 +228,13 @@ def _dicom_readable(source):
     else:
         return None
     return io.BytesIO(data) if is_dicom(data) or name.lower().endswith((".dcm", ".dicom")) else None
+
+
+def _about(error: InputError, source) -> InputError:
+    """`error` marked with the image it is about (`error.image`), so that a caller that got the image from a
+    request names the request's field (a server's upload has no path to name)."""
+    error.image = source
+    return error
 
 
 def _name(source) -> str:
