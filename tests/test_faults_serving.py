@@ -127,10 +127,10 @@ BAD_JSON = [
      "messages[0].content[0].view", r"must be PA, AP or a lateral"),
     ("prior_report as a number", json.dumps(_good(prior_report=3)).encode(), 400, "prior_report",
      r"prior_report must be a string"),
-    ("prior_report without a prior", json.dumps(_good(prior_report="Clear.")).encode(), 400, None,
+    ("prior_report without a prior", json.dumps(_good(prior_report="Clear.")).encode(), 400, "prior_report",
      r"the study: prior_report is given but no image of a prior study"),
     ("every image the prior's", json.dumps(_good(messages=[{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_url(NIH_PNG)}, "prior": True}]}])).encode(), 400, None,
+        {"type": "image_url", "image_url": {"url": data_url(NIH_PNG)}, "prior": True}]}])).encode(), 400, "messages",
      r"every image is marked as the prior's"),
     ("a non-frontal DICOM", json.dumps(_good(messages=[image_message("x", data_url(HAND, "application/dicom"))])).encode(), 400,
      "messages[0].content[1].image_url", r"BodyPartExamined.*send allow_non_frontal: true"),
@@ -202,7 +202,7 @@ def test_allow_non_frontal_is_a_request_field(model, server):
     # The chat field reaches the loader: what the job would get, without generating.
     body = _good(messages=[image_message("Describe.", data_url(HAND, "application/dicom"))], allow_non_frontal=True)
     prepared = requests.prepare(requests.parse_chat(body, MODEL_ID, LIMITS), model, LIMITS)
-    np.testing.assert_array_equal(prepared.pixels, model.preprocess(uploads.UploadedImage(HAND, "x.dcm"), True))
+    np.testing.assert_array_equal(prepared.pixels, [model.preprocess(uploads.UploadedImage(HAND, "x.dcm"), True)])
 
 
 def test_null_means_absent_and_tiny_top_p_means_the_top_token(server):

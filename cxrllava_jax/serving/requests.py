@@ -251,31 +251,36 @@ def _study(generation: Generation) -> Study:
     """The request's study: its current images (with the prior's, when parts say which), views and texts."""
     current = [part for part in generation.images if not part.prior]
     prior = [part for part in generation.images if part.prior]
+    if not current:
+        raise RequestError(400, "the study: every image is marked as the prior's; the current study needs at least "
+                                "one", "messages")
+    for key in ("prior_report", "indication"):
+        try:
+            prompting.check_user_text(getattr(generation, key))
+        except InputError as error:
+            raise RequestError(400, f"{key}: {error}", key) from error
     texts = {"indication": generation.indication}
     try:
-        if not current:
-            raise InputError("every image is marked as the prior's; the current study needs at least one")
         if prior:
             texts["prior"] = Study.of([p.image for p in prior], [p.view for p in prior],
                                       report=generation.prior_report)
         study = Study.of([p.image for p in current], [p.view for p in current], **texts)
-        if generation.prior_report and study.prior is None:
-            raise InputError("prior_report is given but no image of a prior study: send the prior's images too "
-                             '(image parts with "prior": true, prior_file fields, or DICOM files of the earlier study)')
-        if generation.prior_report and not prior:  # the prior found among DICOM files of two studies
-            study = dataclasses.replace(study, prior=dataclasses.replace(study.prior, report=generation.prior_report))
-        for text in (generation.prior_report, generation.indication):
-            prompting.check_user_text(text)
     except InputError as error:
-        raise RequestError(400, f"the study: {error}", _field_of(error, generation, None)) from error
+        raise RequestError(400, f"the study: {error}", _field_of(error, generation)) from error
+    if generation.prior_report and study.prior is None:
+        raise RequestError(400, "the study: prior_report is given but no image of a prior study: send the prior's "
+                                'images too (image parts with "prior": true, prior_file fields, or DICOM files of the '
+                                "earlier study)", "prior_report")
+    if generation.prior_report and not prior:  # the prior found among DICOM files of two studies
+        study = dataclasses.replace(study, prior=dataclasses.replace(study.prior, report=generation.prior_report))
     return study
 
 
-def _field_of(error: InputError, generation: Generation, otherwise: str | None = "messages") -> str | None:
+def _field_of(error: InputError, generation: Generation) -> str:
     """The request field of the image an error is about (`InputError.image`, set by `domain.studies`)."""
     image = getattr(error, "image", None)
     return next((part.field for part in generation.images if part.image is image),
-                generation.images[0].field if len(generation.images) == 1 else otherwise)
+                generation.images[0].field if len(generation.images) == 1 else "messages")
 
 
 def image_refusal(error: InputError, field: str) -> RequestError:
