@@ -98,3 +98,24 @@ def test_conversation_files_take_image_lists_with_one_place_each(tmp_path):
     [record] = conversations.load(tmp_path / "s.jsonl")
     assert record.image == (str(tmp_path / "pa.png"), str(tmp_path / "lat.png"))
     assert record.conversations[0][0]["content"] == "<image>\n<image>\nCompare."
+
+
+def test_files_of_two_studies_are_a_study_and_its_prior_and_views_are_read_from_bytes(folder):
+    """`Study.of` groups DICOM files by StudyInstanceUID (the earlier StudyDate the prior), from paths or bytes
+    alike (a lateral upload alone refused by its tag); a view given against the file's is refused; three studies
+    are refused."""
+    new = folder / "new"
+    paths = [folder / "old.dcm", new / "a_lateral.dcm", new / "b_frontal.dcm"]
+    study = Study.of(paths)
+    assert (study.uid, study.date, [i.view for i in study.images]) == ("1.2.3.2", "20240105", ["PA", "LL"])
+    assert (study.prior.uid, study.prior.date, [i.source for i in study.prior.images]) == \
+        ("1.2.3.1", "20230301", [paths[0]])
+    uploads = Study.of([path.read_bytes() for path in paths])
+    assert [i.view for i in uploads.all_images()] == ["PA", "LL", "PA"]
+    np.testing.assert_array_equal(uploads.pixels(SIZE), study.pixels(SIZE))
+    with pytest.raises(NotFrontalChestError, match="ViewPosition is 'LL'"):
+        Study.of(new.joinpath("a_lateral.dcm").read_bytes()).pixels(SIZE)
+    with pytest.raises(InputError, match=r"a_lateral.dcm: given as a frontal view \('PA'\) but its ViewPosition is 'LL'"):
+        Study.of([new / "a_lateral.dcm"], views=["PA"])
+    with pytest.raises(InputError, match="belong to 3 studies"):
+        Study.of(paths + [chest_film(folder / "third.dcm", 0, StudyInstanceUID="1.2.3.9", PatientID="P1")])

@@ -117,9 +117,12 @@ class Study:
     def _own_pixels(self, size, mode, allow_non_frontal, min_size):
         out = []
         for image in self.images:
+            # A lateral is read beside another image of the study that is frontal, never as its own companion
+            # (whatever view it was given: the guard reads its tags again as it decodes).
+            beside_frontal = any(not other.lateral for other in self.images if other is not image)
             try:
                 out.append(images.model_pixels(image.source, size, mode, min_size, allow_non_frontal=allow_non_frontal,
-                                               allow_lateral=self.has_frontal))
+                                               allow_lateral=beside_frontal))
             except InputError as error:
                 raise _about(error, image.source)
         if not self.has_frontal and not allow_non_frontal:  # laterals without tags that say so (views given)
@@ -220,7 +223,8 @@ def _dicom_readable(source):
     """What pydicom reads for a DICOM image (its path, or its bytes as a file); None for other images (an open
     file is left unread: reading it here would leave nothing for the decoder)."""
     if isinstance(source, (str, Path)):
-        return Path(source) if images.is_dicom_file(source) else None
+        dicom = images.is_dicom_file(source) or str(source).lower().endswith((".dcm", ".dicom"))
+        return Path(source) if dicom and Path(source).is_file() else None
     if hasattr(source, "read_bytes"):
         data, name = source.read_bytes(), str(source)
     elif isinstance(source, (bytes, bytearray, memoryview)):
