@@ -89,6 +89,7 @@ class ReportLabeler:
         self._uncertainty_after = _compile(phrases.UNCERTAINTY_AFTER)
         self._pseudo_negation = _compile(phrases.PSEUDO_NEGATION)
         self._scope_stop = re.compile(phrases.FORWARD_SCOPE_STOP)
+        self._back_scope_stop = re.compile(phrases.BACKWARD_SCOPE_STOP)
         self._new_finding = re.compile(phrases.NEW_FINDING_START)
 
     def label(self, report: str) -> dict:
@@ -188,7 +189,7 @@ class ReportLabeler:
                 continue
             # The verb that links the mention to its cue ("pneumonia is not excluded") does not end the scope.
             between = _TRAILING_VERB.sub("", clause[end:cue_start])
-            if self._scope_stop.search(between):
+            if self._back_scope_stop.search(between):
                 continue
             # Back across a comma only through a list: "effusion, consolidation or pneumothorax is not seen".
             if "," in between and not _LIST_LINK.search(between.rsplit(",", 1)[1]):

@@ -53,16 +53,34 @@ _MEDIASTINUM = (
 # (the size is compared with a study the reader cannot see); "borderline heart size" likewise, but "borderline
 # cardiomegaly" and "the heart is borderline enlarged" are positive there.
 _STABLE_STATES = (r"stable", r"unchanged", r"not changed", r"similar to (?:the )?prior")
+# Its rule reads the state of the silhouette, whatever else is said of it ("stable enlarged cardiac silhouette",
+# "heart size and mediastinal contours are unchanged", "stable appearance of the cardiomediastinal silhouette"), so
+# the words between may only be those of such a list: "the heart is enlarged, with stable effusion" is no stable heart.
+_SILHOUETTE_WORDS = (r"(?:the|and|or|of|in|is|are|remains?|appears?|again|also|otherwise|overall|both|appearance|size|"
+                     r"heart|cardiac|mediastinal|cardiomediastinal|mediastinum|hilar|hila|contours?|silhouettes?|"
+                     r"configuration|width|pulmonary|vascularity|vasculature|mild|mildly|moderate|moderately|marked|"
+                     r"markedly|enlarged|borderline|prominent)")
+
+
+def stable_statement(subjects):
+    """'<subject> ... stable' or 'stable ... <subject>' across the words of a cardiomediastinal list only."""
+    subject, state = "|".join(subjects), "|".join(_STABLE_STATES)
+    return (rf"\b(?:{subject})\b(?:[\s,]+{_SILHOUETTE_WORDS}){{0,8}}?[\s,]+(?:{state})\b"
+            rf"|\b(?:{state})(?:\s+{_SILHOUETTE_WORDS}){{0,3}}?\s+(?:{subject})\b")
 
 MENTIONS = {
     "Enlarged Cardiomediastinum": (
         subject_state(_MEDIASTINUM, (r"enlarged", r"enlargement", r"widened", r"widening", r"wide", r"prominent")),
         r"\b(?:cardio)?mediastinal (?:widening|enlargement)\b",
+        # Its phrase " mediastinum" is a mention however the enlargement is worded: "widening of the mediastinum".
+        r"\b(?:widening|enlargement) of the (?:superior |upper )?(?:cardio)?mediastin(?:um|al (?:silhouette|contours?))\b",
     ),
     "Cardiomegaly": (
         r"\bcardiomegaly\b",
-        r"\bcardiac enlargement\b",
+        r"\b(?:cardiac|heart) enlargement\b",
         r"\benlargement of the (?:heart|cardiac silhouette)\b",
+        # Its "heart size" is a mention in any sentence: "interval increase in heart size".
+        r"\bincrease(?:d)? in (?:the )?(?:(?:heart|cardiac) size|size of the (?:heart|cardiac silhouette))\b",
         subject_state(_HEART, (r"enlarged", r"increased", r"large", r"prominent", r"borderline")),
     ),
     "Lung Lesion": (
@@ -166,8 +184,8 @@ NORMAL_STATEMENTS = {
     "Pleural Effusion": (r"\b(?:costophrenic|cp) (?:angles?|sulci) (?:are |is )?(?:sharp|clear)\b",),
 }
 UNCERTAIN_STATEMENTS = {
-    "Enlarged Cardiomediastinum": (subject_state(_MEDIASTINUM, _STABLE_STATES, max_gap=2),),
-    "Cardiomegaly": (subject_state(_HEART, _STABLE_STATES, max_gap=2), r"\bborderline (?:heart|cardiac) size\b",
+    "Enlarged Cardiomediastinum": (stable_statement(_MEDIASTINUM),),
+    "Cardiomegaly": (stable_statement(_HEART), r"\bborderline (?:heart|cardiac) size\b",
                      # The size is borderline, the heart is not said to be enlarged: "heart size is borderline".
                      subject_state(_HEART_SIZE, (r"borderline(?!\s+(?:enlarg|large|cardiomegaly))",), max_gap=2)),
     # Signs that may or may not be edema: uncertain unless negated ("no vascular congestion").
@@ -198,8 +216,14 @@ OTHER_FINDINGS = (
     r"\bcrowding\b", r"\bunfold\w*", r"\bdish\b", r"\bfusion\b",
 )
 
+def _positional(subjects):
+    return rf"\b(?:over|overly|overlying|in|within) the (?:superior |left |right )?(?:{'|'.join(subjects)})\b"
+
+
 UNMENTIONS = {
-    "Cardiomegaly": (r"\b(?:over|overly|overlying|in) the (?:superior |left |right )?heart\b",),
+    # Its positional unmentions: what lies over or in the heart or the mediastinum is something else.
+    "Cardiomegaly": (_positional(_HEART),),
+    "Enlarged Cardiomediastinum": (_positional(_MEDIASTINUM),),
     "Lung Lesion": (r"\bmass effect\b", r"\bcalcified nodul\w*", r"\bmassive\b"),
     # An old, healed infection is a granuloma, not a pneumonia.
     "Pneumonia": (r"\b(?:granulomatous|prior|previous|old|remote|healed|tuberculous|tuberculosis|tb) infect\w+",),
@@ -248,7 +272,7 @@ UNCERTAINTY_BEFORE = (
     r"\bsuspect\w*",
     r"\bconcern\w*",
     r"\bquestion\w*",
-    r"\bsuggest\w*",
+    r"\bsuggestion of\b",  # "suggestive of X" and "suggests X" are positive there: no rule reads them
     r"\bconsider(?:ed|ation)?\b",
     r"\bdifferential\b",
     r"\bversus\b|\bvs\b",
@@ -261,7 +285,9 @@ UNCERTAINTY_BEFORE = (
     r"\bworrisome\b",
     r"\brule out\b|\br/o\b",
     r"\b(?:evaluate|assess) for\b",
-    r"\bcorrelat\w* (?:clinically )?for\b",
+    r"\bcorrelat\w* (?:clinically )?(?:for|as to)\b",  # its "correlate clinically for (symptoms of) X"
+    # Its "X is poorly / incompletely evaluated", said of the evaluation: "evaluation for pneumothorax is limited".
+    r"\b(?:evaluation|assessment) (?:for|of) (?=(?:[\w-]+ ){0,3}?[\w-]+ (?:is|are) (?:limited|suboptimal)\b)",
     r"\bobscuring\b",
     r"\bsecondary to\b",
     r"\b(?:is|are|be) compatible with\b",
@@ -269,7 +295,7 @@ UNCERTAINTY_BEFORE = (
 )
 UNCERTAINTY_AFTER = (
     # Only at the end of the clause: in "opacity is likely atelectasis" the cue belongs to what follows.
-    r"\b(?:is|are|seems|appears)(?: to be)? (?:likely|possible|probable|questionable)\b(?!\s+\w)",
+    r"\b(?:is|are|seems|appears)(?: to be)?(?: also| still)? (?:likely|possible|probable|questionable)\b(?!\s+\w)",
     r"\b(?:suspected|questioned)\b",
     r"\b(?:obscured|(?:poorly|incompletely|not well|not clearly) (?:evaluated|visualized|seen|assessed))\b",
     # What is not appreciated, visualized or evaluated may be there: the CheXpert labeler's uncertainty.
@@ -298,6 +324,11 @@ CLAUSE_BREAKS = (
 # A negation or uncertainty reaching forward stops at a verb ("no effusion is seen and the heart is enlarged")
 # and does not cross a comma into a segment that starts like a new finding ("no pneumothorax, small effusion").
 FORWARD_SCOPE_STOP = r"\b(?:is|are|was|were)\b"
+# A cue reaching back stops at a verb too, and at the verbs that read one finding as another: in "consolidation may
+# represent atelectasis versus infiltrate" the alternatives are atelectasis and infiltrate, the consolidation is seen
+# (the CheXpert labeler's "versus" joins the two nouns of a conj:versus, its "may represent" marks the object only).
+BACKWARD_SCOPE_STOP = (rf"{FORWARD_SCOPE_STOP}|\b(?:represent|reflect|indicat|suggest|favou?r)\w*"
+                       r"|\b(?:consistent|compatible) with\b|\b(?:due|secondary) to\b")
 NEW_FINDING_START = (
     r"(?:small|moderate|large|mild|mildly|severe|minimal|trace|tiny|there|the|a|an|stable|new|persistent|unchanged|"
     r"increased|decreased|interval|improved|improving|worsening|worsened|again|likely|probable|possible|with)\b"
