@@ -90,6 +90,8 @@ class ReportLabeler:
         self._pseudo_negation = _compile(phrases.PSEUDO_NEGATION)
         self._scope_stop = re.compile(phrases.FORWARD_SCOPE_STOP)
         self._back_scope_stop = re.compile(phrases.BACKWARD_SCOPE_STOP)
+        self._device_part = re.compile(phrases.DEVICE_PART)
+        self._device_part_before = re.compile(phrases.DEVICE_PART_BEFORE)
         self._new_finding = re.compile(phrases.NEW_FINDING_START)
 
     def label(self, report: str) -> dict:
@@ -183,13 +185,15 @@ class ReportLabeler:
         return False
 
     def _reached_back(self, clause, cue_spans, mention):
-        end = mention[1]
+        start, end = mention
+        if self._device_part_before.search(clause, 0, start):
+            return False
         for cue_start, _ in cue_spans:
             if cue_start < end:
                 continue
             # The verb that links the mention to its cue ("pneumonia is not excluded") does not end the scope.
             between = _TRAILING_VERB.sub("", clause[end:cue_start])
-            if self._back_scope_stop.search(between):
+            if self._back_scope_stop.search(between) or self._device_part.search(between):
                 continue
             # Back across a comma only through a list: "effusion, consolidation or pneumothorax is not seen".
             if "," in between and not _LIST_LINK.search(between.rsplit(",", 1)[1]):

@@ -155,7 +155,7 @@ MENTIONS = {
         r"\bcatheters?\b",
         r"\bcannulas?\b",
         r"\bport[- ]?a[- ]?cath\b|\bmediport\b",
-        r"\b(?:pacemaker|pacer|aicd|icd|defibrillator)s?\b",
+        r"\b(?:pacemaker|pacer|aicd|icd|defib(?:rillator)?)s?\b",
         r"\b(?:pacing|pacer) (?:leads?|wires?)\b",
         # Sternotomy wires, surgical clips and stents are not among the CheXpert labeler's device phrases; valves,
         # markers, lines, devices and equipment are, whatever word comes before them.
@@ -251,7 +251,7 @@ NEGATION_BEFORE = (
     r"\babsent\b",
     r"\bresolution of\b",
     r"\bresolved\b",
-    r"\bclear of\b",
+    r"\bclear(?:ing)? of\b",
     r"\b(?:removal|history|disappearance|drainage) of\b",
     r"\bneither\b",
     r"\bnor\b",
@@ -315,6 +315,13 @@ PSEUDO_NEGATION = (
     r"\bwithout (?:significant |interval )*change\b",
     r"\bnot only\b",
 )
+
+# A device's tip that is not seen or is obscured says nothing of whether the device is there: the CheXpert
+# labeler's cues attach to the tip, its patterns read the device's own node ("the tip of the catheter is not
+# visualized", "enteric tube tip not seen": the device is present). A cue after a mention does not reach it across
+# its tip, nor from after "tip of the <device>".
+DEVICE_PART = r"\btips?\b"
+DEVICE_PART_BEFORE = r"\btips? of (?:the |an? )?(?:[\w-]+ ){0,2}$"
 
 # Where a cue's scope ends: a new clause. Sentences are cut into clauses here before anything else is read.
 CLAUSE_BREAKS = (
