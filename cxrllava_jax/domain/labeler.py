@@ -125,9 +125,13 @@ class ReportLabeler:
         for observation, vocabulary in self._vocabularies.items():
             if not vocabulary.anything.search(clause):
                 continue
-            normal_spans = _spans(vocabulary.normal, clause)
-            uncertain_spans = _spans(vocabulary.uncertain, clause)
-            excluded = normal_spans + uncertain_spans + _spans(vocabulary.unmentions, clause)
+            # An unmention ("over the heart") takes its words out of statements too: "a generator over the heart
+            # is unchanged" says nothing of the heart's size.
+            unmentions = _spans(vocabulary.unmentions, clause)
+            normal_spans, uncertain_spans = (
+                [s for s in _spans(pattern, clause) if not any(_overlaps(s, u) for u in unmentions)]
+                for pattern in (vocabulary.normal, vocabulary.uncertain))
+            excluded = normal_spans + uncertain_spans + unmentions
             cues = cues or self._cues(clause)
             for _ in normal_spans:
                 yield observation, NEGATIVE

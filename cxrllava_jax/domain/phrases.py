@@ -209,6 +209,7 @@ OTHER_FINDINGS = (
     r"\birregular lucency\b", r"\binflam\w*", r"\bfissures?\b", r"\bhypertension\b", r"\bprominen\w*", r"\bkyphosis\b",
     r"\bbullets?\b", r"\bthoracentesis\b", r"\bbronchitis\b", r"\bvolume loss\b", r"\bdeformit\w*", r"\bhemorrhage\b",
     r"\bhematoma\b", r"\bradiopaque\b", r"\baerophagia\b", r"\barthropathy\b", r"\btracheostomy\b",
+    r"\bdefib\w*",  # in its list as well as among the devices: a defibrillator rules out No Finding there
     # Added here: common chronic findings the CheXpert list lacks, which make a study abnormal all the same.
     r"\btortu\w+", r"\becta(?:sia|tic)\b", r"\bspondylo\w+", r"\b(?:low|decreased) lung volumes?\b",
     r"\bhypo(?:inflat|ventilat|expan)\w*", r"\bcurvature\b", r"\barthriti\w*", r"\bforeign bod(?:y|ies)\b",
@@ -226,7 +227,7 @@ UNMENTIONS = {
     "Enlarged Cardiomediastinum": (_positional(_MEDIASTINUM),),
     "Lung Lesion": (r"\bmass effect\b", r"\bcalcified nodul\w*", r"\bmassive\b"),
     # An old, healed infection is a granuloma, not a pneumonia.
-    "Pneumonia": (r"\b(?:granulomatous|prior|previous|old|remote|healed|tuberculous|tuberculosis|tb) infect\w+",),
+    "Pneumonia": (r"\b(?:granulomatous|prior|previous|old|remote|healed|tuberculous|tuberculosis|tb) (?:[\w-]+ )?infect\w+",),
     "Lung Opacity": (r"\bpleural (?:scar|scarring)\b", r"\bpleuro-?parenchymal scar\w*"),
     "Edema": (r"\b(?:soft tissue|subcutaneous|facial|peripheral|extremity|chest wall) (?:o?edema)\b",),
     "Pleural Effusion": (r"\b(?:pericardial|joint|knee|shoulder) effusions?\b",),
