@@ -273,7 +273,7 @@ UNCERTAINTY_BEFORE = (
     r"\bsuspect\w*",
     r"\bconcern\w*",
     r"\bquestion\w*",
-    r"\bsuggestion of\b",  # "suggestive of X" and "suggests X" are positive there: no rule reads them
+    r"\bsuggest\w*",  # the CheXpert labeler reads only "suggestion of": see the labeler's docstring
     r"\bconsider(?:ed|ation)?\b",
     r"\bdifferential\b",
     r"\bversus\b|\bvs\b",
