@@ -192,6 +192,13 @@ NF = {"No Finding": POSITIVE}
         ("The tip of the right IJ catheter is not visualized.", {"Support Devices": POSITIVE, **NF}),
         ("The endotracheal tube has been removed.", {"Support Devices": NEGATIVE, **NF}),
         ("Defib pads overlie the chest.", {"Support Devices": POSITIVE}),
+        # phrases/mention/edema.txt: vascular congestion / prominence, not cephalization (a finding in no_finding.txt).
+        ("Mild vascular cephalization.", {}),
+        ("Pulmonary venous engorgement.", NF),
+        # post_negation_uncertainty.txt: differential diagnosis includes XXX; compatible with XXX under a copula.
+        ("Differential diagnosis is broad and includes pulmonary edema and atypical infection.",
+         {"Edema": UNCERTAIN, "Pneumonia": UNCERTAIN}),
+        ("The findings are most compatible with pneumonia.", {"Pneumonia": UNCERTAIN}),
     ],
 )
 def test_the_chexpert_labelers_patterns_and_phrases(sentence, expected):

@@ -114,7 +114,6 @@ MENTIONS = {
         r"\bcongestive heart failure\b|\bheart failure\b",
         r"\bchf\b",
         r"\bfluid overload\b",
-        r"\bcephalization\b",
     ),
     "Consolidation": (r"\bconsolidat\w*",),
     "Pneumonia": (
@@ -190,7 +189,7 @@ UNCERTAIN_STATEMENTS = {
                      subject_state(_HEART_SIZE, (r"borderline(?!\s+(?:enlarg|large|cardiomegaly))",), max_gap=2)),
     # Signs that may or may not be edema: uncertain unless negated ("no vascular congestion").
     "Edema": (
-        r"\b(?:pulmonary |central )?(?:vascular|venous) (?:congestion|prominence|engorgement|redistribution)\b",
+        r"\bvascular (?:congestion|prominence)\b",
         r"\bpulmonary congestion\b",
         r"\bindistinctness\b",
     ),
@@ -275,7 +274,7 @@ UNCERTAINTY_BEFORE = (
     r"\bquestion\w*",
     r"\bsuggest\w*",  # the CheXpert labeler reads only "suggestion of": see the labeler's docstring
     r"\bconsider(?:ed|ation)?\b",
-    r"\bdifferential\b",
+    r"\bdifferential\b(?:[^;]*?\bincludes?\b)?",  # its "differential diagnosis includes X", with words between
     r"\bversus\b|\bvs\b",
     r"\bequivocal\b",
     r"\bindeterminate\b",
@@ -291,7 +290,7 @@ UNCERTAINTY_BEFORE = (
     r"\b(?:evaluation|assessment) (?:for|of) (?=(?:[\w-]+ ){0,3}?[\w-]+ (?:is|are) (?:limited|suboptimal)\b)",
     r"\bobscuring\b",
     r"\bsecondary to\b",
-    r"\b(?:is|are|be) compatible with\b",
+    r"\b(?:is|are|be)(?: most| more| also)? compatible with\b",
     r"\bfavou?r(?:s|ed|ing)?\b",
 )
 UNCERTAINTY_AFTER = (
