@@ -199,6 +199,18 @@ NF = {"No Finding": POSITIVE}
         ("Differential diagnosis is broad and includes pulmonary edema and atypical infection.",
          {"Edema": UNCERTAIN, "Pneumonia": UNCERTAIN}),
         ("The findings are most compatible with pneumonia.", {"Pneumonia": UNCERTAIN}),
+        # negation.txt: normal and "not enlarged" (nsubjpass enlarge > neg) reach every subject of a list, commas
+        # included; a normal state does not reach across another state ("large").
+        ("The heart silhouette and mediastinal contours are not enlarged.",
+         {"Cardiomegaly": NEGATIVE, "Enlarged Cardiomediastinum": NEGATIVE, **NF}),
+        ("Normal cardiac size, mediastinum, and central pulmonary vasculature.",
+         {"Cardiomegaly": NEGATIVE, "Enlarged Cardiomediastinum": NEGATIVE, **NF}),
+        ("The heart is large, and the lungs are normal.", {"Cardiomegaly": POSITIVE}),
+        ("Heart size is borderline normal.", {"Cardiomegaly": NEGATIVE, **NF}),  # negation before uncertainty
+        ("Mediastinum, cardiac size grossly stable.",
+         {"Cardiomegaly": UNCERTAIN, "Enlarged Cardiomediastinum": UNCERTAIN}),
+        ("Stable, nonenlarged cardiomediastinal silhouette.", {"Enlarged Cardiomediastinum": UNCERTAIN}),
+        ("Mild prominence of the mediastinum.", {"Enlarged Cardiomediastinum": POSITIVE}),
     ],
 )
 def test_the_chexpert_labelers_patterns_and_phrases(sentence, expected):

@@ -15,13 +15,16 @@ MIT License (its text is at the end of this file). The patterns and code here ar
 """
 
 # Words that may not sit between a subject and its state ("heart ... enlarged"): a clause turn, or the
-# opposite state, so that "heart size is enlarged, lungs are normal" is not read as a normal heart.
-_GAP_STOP = r"(?:but|however|although|though|while|whereas|which|normal|unremarkable|enlarg\w*|widen\w*|increas\w*)\b"
+# opposite state, so that "heart size is enlarged, lungs are normal" (or "the heart is large, ...") is not read as
+# a normal heart.
+_GAP_STOP = (r"(?:but|however|although|though|while|whereas|which|normal|unremarkable|enlarg\w*|widen\w*|increas\w*"
+             r"|large|prominen\w*)\b")
 _NORMAL_STATES = (
     r"normal(?! position)",
     r"unremarkable",
     r"within (?:the )?(?:normal limits|limits of normal)",
     r"(?:at )?(?:the )?upper limits? of normal",
+    r"not (?:significantly )?(?:enlarged|widened)",  # "heart silhouette and mediastinal contours are not enlarged"
 )
 
 
@@ -30,7 +33,7 @@ def subject_state(subjects, states, max_gap=4, before_gap=0):
     or '<state> ... <subject>' with at most `before_gap` ("enlarged heart")."""
     subject, state = "|".join(subjects), "|".join(states)
     gap = rf"(?:[\s,]+(?!{_GAP_STOP})[\w/'-]+){{0,{max_gap}}}?[\s,]+"
-    before = rf"(?:\s+(?!{_GAP_STOP})[\w/'-]+){{0,{before_gap}}}?\s+"
+    before = rf"(?:[\s,]+(?!{_GAP_STOP})[\w/'-]+){{0,{before_gap}}}?[\s,]+"
     return rf"\b(?:{subject})\b{gap}(?:{state})\b|\b(?:{state}){before}(?:{subject})\b"
 
 
@@ -56,9 +59,9 @@ _STABLE_STATES = (r"stable", r"unchanged", r"not changed", r"similar to (?:the )
 # Its rule reads the state of the silhouette, whatever else is said of it ("stable enlarged cardiac silhouette",
 # "heart size and mediastinal contours are unchanged", "stable appearance of the cardiomediastinal silhouette"), so
 # the words between may only be those of such a list: "the heart is enlarged, with stable effusion" is no stable heart.
-_SILHOUETTE_WORDS = (r"(?:the|and|or|of|in|is|are|remains?|appears?|again|also|otherwise|overall|both|appearance|size|"
+_SILHOUETTE_WORDS = (r"(?:the|and|or|of|in|is|are|remains?|appears?|again|also|otherwise|overall|both|grossly|appearance|size|"
                      r"heart|cardiac|mediastinal|cardiomediastinal|mediastinum|hilar|hila|contours?|silhouettes?|"
-                     r"configuration|width|pulmonary|vascularity|vasculature|mild|mildly|moderate|moderately|marked|"
+                     r"configuration|width|pulmonary|vascularity|vasculature|superior|upper|non-?enlarged|mild|mildly|moderate|moderately|marked|"
                      r"markedly|enlarged|borderline|prominent)")
 
 
@@ -66,14 +69,15 @@ def stable_statement(subjects):
     """'<subject> ... stable' or 'stable ... <subject>' across the words of a cardiomediastinal list only."""
     subject, state = "|".join(subjects), "|".join(_STABLE_STATES)
     return (rf"\b(?:{subject})\b(?:[\s,]+{_SILHOUETTE_WORDS}){{0,8}}?[\s,]+(?:{state})\b"
-            rf"|\b(?:{state})(?:\s+{_SILHOUETTE_WORDS}){{0,3}}?\s+(?:{subject})\b")
+            rf"|\b(?:{state})(?:[\s,]+{_SILHOUETTE_WORDS}){{0,3}}?[\s,]+(?:{subject})\b")
 
 MENTIONS = {
     "Enlarged Cardiomediastinum": (
         subject_state(_MEDIASTINUM, (r"enlarged", r"enlargement", r"widened", r"widening", r"wide", r"prominent")),
         r"\b(?:cardio)?mediastinal (?:widening|enlargement)\b",
         # Its phrase " mediastinum" is a mention however the enlargement is worded: "widening of the mediastinum".
-        r"\b(?:widening|enlargement) of the (?:superior |upper )?(?:cardio)?mediastin(?:um|al (?:silhouette|contours?))\b",
+        r"\b(?:widening|enlargement|prominence) of (?:the )?(?:superior |upper )?(?:cardio)?mediastin"
+        r"(?:um|al (?:silhouette|contours?))\b",
     ),
     "Cardiomegaly": (
         r"\bcardiomegaly\b",
@@ -186,7 +190,7 @@ UNCERTAIN_STATEMENTS = {
     "Enlarged Cardiomediastinum": (stable_statement(_MEDIASTINUM),),
     "Cardiomegaly": (stable_statement(_HEART), r"\bborderline (?:heart|cardiac) size\b",
                      # The size is borderline, the heart is not said to be enlarged: "heart size is borderline".
-                     subject_state(_HEART_SIZE, (r"borderline(?!\s+(?:enlarg|large|cardiomegaly))",), max_gap=2)),
+                     subject_state(_HEART_SIZE, (r"borderline(?!\s+(?:enlarg|large|cardiomegaly|normal))",), max_gap=2)),
     # Signs that may or may not be edema: uncertain unless negated ("no vascular congestion").
     "Edema": (
         r"\bvascular (?:congestion|prominence)\b",
