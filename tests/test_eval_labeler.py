@@ -192,6 +192,7 @@ NF = {"No Finding": POSITIVE}
         ("The tip of the right IJ catheter is not visualized.", {"Support Devices": POSITIVE, **NF}),
         ("The endotracheal tube has been removed.", {"Support Devices": NEGATIVE, **NF}),
         ("Defib pads overlie the chest.", {"Support Devices": POSITIVE}),
+        ("Portacatheter with its tip in the SVC.", {"Support Devices": POSITIVE, **NF}),  # its "catheter", inside
         # phrases/mention/edema.txt: vascular congestion / prominence, not cephalization (a finding in no_finding.txt).
         ("Mild vascular cephalization.", {}),
         ("Pulmonary venous engorgement.", NF),

@@ -157,7 +157,7 @@ MENTIONS = {
         r"\bpicc\b",
         r"\bcatheters?\b",
         r"\bcannulas?\b",
-        r"\bport[- ]?a[- ]?cath\b|\bmediport\b",
+        r"\bport[- ]?a?[- ]?cath(?:eter)?s?\b|\bmediport\b",  # its "catheter" inside "portacatheter"
         r"\b(?:pacemaker|pacer|aicd|icd|defib(?:rillator)?)s?\b",
         r"\b(?:pacing|pacer) (?:leads?|wires?)\b",
         # Sternotomy wires, surgical clips and stents are not among the CheXpert labeler's device phrases; valves,
