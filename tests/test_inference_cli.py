@@ -155,13 +155,14 @@ def test_report_studies_writes_one_record_per_study_and_resumes_by_study(model, 
     assert cli.main(argv) == 1
     records = [json.loads(line) for line in out.read_text().splitlines()]
     by_study = {r["study"]: r for r in records}
-    [current] = [study for study in studies_in_folder(folder) if study.uid == CURRENT_UID]
+    _, older, current = studies_in_folder(folder)  # the broken file first (no PatientID), then P1's by date
     assert by_study[CURRENT_UID]["images"] == [{"image": str(paths["frontal"]), "view": "PA"},
                                                {"image": str(paths["lateral"]), "view": "LL"}]
     assert by_study[CURRENT_UID]["date"] == "20240105"
     assert by_study[CURRENT_UID]["prior"] == {"study": PRIOR_UID, "date": "20230301",
                                               "images": [{"image": str(paths["prior"]), "view": "PA"}]}
-    assert by_study[CURRENT_UID]["report"] == model.write_radiologic_report(current, **GREEDY)
+    assert [by_study[study.uid]["report"] for study in (older, current)] == \
+        model.write_radiologic_reports([older, current], **GREEDY)
     assert by_study[PRIOR_UID]["prior"] is None and "report" in by_study[PRIOR_UID]
     assert "broken.dcm: DICOM file without pixel data" in by_study[None]["error"]
     assert "1 of 3 studies failed" in capsys.readouterr().err
