@@ -287,13 +287,15 @@ class CXRLLaVA:
         system = prompting.SYSTEM_PROMPT
         if turns and turns[0].get("role") == "system":
             system, turns = turns[0]["content"], turns[1:]
+        cfg = self.config
         study = None if study is None else Study.of(study)
+        if study is not None:  # before any text is tokenized: its images alone may leave nothing to generate
+            study.check_fits(cfg.num_image_tokens, cfg.llama.max_position_embeddings)
         if turns and prompting.IMAGE not in turns[0]["content"]:
             content = turns[0]["content"]
             turns[0] = {**turns[0], "content": f"{prompting.IMAGE}\n{content}" if study is None else study.prompt(content)}
         if turns:
             prompting.check_image_count(turns, 1 if study is None else len(study.all_images()))
-        cfg = self.config
         return prompting.encode_prompt(turns, self.tokenizer, cfg.num_image_tokens, cfg.image_token_id,
                                        max_length=cfg.llama.max_position_embeddings, system=system)
 
