@@ -305,7 +305,7 @@ def test_a_study_is_reported_as_one_prompt_and_one_image_as_the_release(model, i
     prompt whichever way it is given; a lateral alone is refused naming its tag; a study past the context is refused
     before any image is read."""
     files = write_two_studies(tmp_path)
-    _, study = studies_in_folder(tmp_path)
+    older, study = studies_in_folder(tmp_path)
     task = [{"role": "user", "content": prompting.REPORT_QUESTION}]
     for one in (images[0], [images[0]], Study.of(images[0], views=["PA"])):
         np.testing.assert_array_equal(model.encode(task, one), model.encode(REPORT))
@@ -318,8 +318,8 @@ def test_a_study_is_reported_as_one_prompt_and_one_image_as_the_release(model, i
     assert prompting.COMPARISON_QUESTION.strip() in text  # the report of a study with a prior compares
     shuffled = [files["prior"], files["lateral"], files["frontal"]]  # grouped by UID, ordered by date
     np.testing.assert_array_equal(model.encode(task, shuffled), prompt)
-    first, again = model.write_radiologic_reports([study, shuffled], **GREEDY)
-    assert isinstance(first, str) and again == first
+    # The batch `report --studies` makes of this folder (tests/test_inference_cli.py compares the two).
+    assert all(isinstance(report, str) for report in model.write_radiologic_reports([older, shuffled], **GREEDY))
     np.testing.assert_array_equal(model.encode([{"role": "user", "content": "Unchanged?"}], study),
                                   model.encode([{"role": "user", "content": study.prompt("Unchanged?")}], study))
 
