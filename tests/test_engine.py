@@ -177,14 +177,15 @@ def test_a_conversation_keeps_its_answers_ids_and_prefills_only_each_new_questio
         conversation = endless_model.conversation(images[3])
         for question in ("Write the radiologic report.", "Any effusion?", "Which side?"):
             kept = conversation.ids
-            prompt = endless_model.encode(conversation.turns + [{"role": "user", "content": question}], kept)
+            prompt = endless_model.encode(conversation.turns + [{"role": "user", "content": question}],
+                                          conversation.study, kept)
             conversation.ask(question, **options)
             answer = conversation.last.completion
             if kept is not None:
                 assert np.array_equal(prompt[:len(kept)], kept) and kept[-1] == endless_model.engine.spec.eos_id
                 new = len(prompt) - len(kept)
                 assert answer.prompt_tokens - answer.cached_tokens == new + 1 + (answer.finish_reason == "length")
-            cold = _alone(endless_model, Request(prompt, (conversation.image,), SamplingOptions(**options)))
+            cold = _alone(endless_model, Request(prompt, conversation.images, SamplingOptions(**options)))
             assert answer.tokens == cold and len(cold) == 8
         assert [t["role"] for t in conversation.turns] == ["user", "assistant"] * 3
     finally:

@@ -5,11 +5,16 @@
     model.write_radiologic_reports(["a.dcm", "b.png"], temperature=0.0)
     model.ask_question("Is there a pneumothorax?", "cxr.png")
     model.chat([{"role": "user", "content": "Any effusion?"}, ...], "cxr.png")
+    model.write_radiologic_report(["pa.dcm", "lateral.dcm", "prior_pa.dcm"])     # a study and its prior
+    model.write_radiologic_report(Study.of(["pa.png", "lat.png"], views=["PA", "LL"], prior=Study.of("old.png")))
     conversation = model.conversation("cxr.png"); conversation.ask("Any effusion?"); conversation.ask("Which side?")
 
-Images are paths, PIL images or arrays (8/16-bit PNG/JPEG, DICOM), preprocessed as the release does.
+Images are paths, PIL images or arrays (8/16-bit PNG/JPEG, DICOM), preprocessed as the release does. Where a
+method takes an image it takes a study (`domain.studies.Study`) or a list of images (`Study.of`: views read from
+DICOM, two StudyInstanceUIDs a study and its prior) alike; one image is the release's prompt exactly.
 A DICOM file whose tags say it is not a frontal chest radiograph (Modality, BodyPartExamined, ViewPosition) is
-refused unless `allow_non_frontal=True` is passed to the answering method.
+refused unless `allow_non_frontal=True` is passed to the answering method; a lateral view is read beside a frontal
+one of its study.
 Generation keywords and their release defaults: temperature=0.2 (0 = greedy), top_p=0.8,
 max_new_tokens=512 (and never past the context window), seed=0.
 """
@@ -31,6 +36,7 @@ from cxrllava_jax import hub
 from cxrllava_jax.convert import checkpoint, peft, release
 from cxrllava_jax.convert.layout import relayout
 from cxrllava_jax.domain import prompting
+from cxrllava_jax.domain.studies import Study
 from cxrllava_jax.inference import compile_cache, loading, prefetch
 from cxrllava_jax.models import quantize as quantization
 from cxrllava_jax.inference.engine import Completion, Engine, EngineImage, Request, SamplingOptions
@@ -153,39 +159,40 @@ class CXRLLaVA:
                                   scan=self.runtime.scan, overwrite=overwrite, quantize=quantized)
 
     # ---------------------------------------------------------------- the release's methods, and batches
-    # The plural methods answer every input: a text, or for an input that cannot be used (a bad image, a prompt
-    # too long) its InputError in that place. The singular ones raise it.
+    # `image`: one image, a list of images or a Study (see the module's doc); the plural methods take a list of
+    # those. They answer every input: a text, or for an input that cannot be used (a bad image, a prompt too long)
+    # its InputError in that place. The singular ones raise it.
 
     def write_radiologic_report(self, image, **options) -> str:
         return _one(self.write_radiologic_reports([image], **options))
 
     def write_radiologic_reports(self, images: Sequence, **options) -> list:
-        return self.generate([_task(prompting.REPORT_PROMPT)] * len(images), images, **options)
+        return self.generate([_task(prompting.REPORT_QUESTION)] * len(images), images, **options)
 
     def write_differential_diagnosis(self, image, **options) -> str:
         return _one(self.write_differential_diagnoses([image], **options))
 
     def write_differential_diagnoses(self, images: Sequence, **options) -> list:
-        return self.generate([_task(prompting.DIFFERENTIAL_PROMPT)] * len(images), images, **options)
+        return self.generate([_task(prompting.DIFFERENTIAL_QUESTION)] * len(images), images, **options)
 
     def ask_question(self, question: str, image, *, on_text: Callable[[str], None] | None = None, **options) -> str:
-        return _one(self.generate([_task(prompting.question_prompt(question))], [image], on_text=on_text, **options))
+        return _one(self.generate([_task(prompting.checked_question(question))], [image], on_text=on_text, **options))
 
     def ask_questions(self, questions: Sequence[str], images: Sequence, **options) -> list:
         if len(questions) != len(images):
             raise ValueError(f"{len(questions)} questions but {len(images)} images")
-        return self.generate([_task(prompting.question_prompt(q)) for q in questions], images, **options)
+        return self.generate([_task(prompting.checked_question(q)) for q in questions], images, **options)
 
     def chat(self, messages: Sequence[dict], image, *, on_text: Callable[[str], None] | None = None,
              **options) -> str:
-        """The assistant's next answer in a conversation about `image`.
+        """The assistant's next answer in a conversation about `image` (an image, a list of them or a Study).
 
         `messages`: {"role": "user"|"assistant", "content"} turns ending with the user's, optionally after
-        a {"role": "system"} message that replaces the release's system prompt. The image goes into the
-        first user turn (`<image>\\n` is put in front of it unless it is already there). The messages are
-        encoded anew, so the engine's prefix cache reuses what an earlier request shares with them token for token:
-        the image and the first question, not an answer (its text re-encoded is not the ids the model wrote).
-        `conversation` keeps those ids and reuses the whole conversation.
+        a {"role": "system"} message that replaces the release's system prompt. The images go into the
+        first user turn (`Study.prompt`: `<image>\\n` in front of it for one image) unless it already has their
+        `<image>` places. The messages are encoded anew, so the engine's prefix cache reuses what an earlier request
+        shares with them token for token: the images and the first question, not an answer (its text re-encoded is
+        not the ids the model wrote). `conversation` keeps those ids and reuses the whole conversation.
         """
         return _one(self.generate([list(messages)], [image], on_text=on_text, **options))
 
@@ -197,8 +204,8 @@ class CXRLLaVA:
     # ---------------------------------------------------------------- requests to the engine
 
     def generate(self, conversations: Sequence[Sequence[dict]], images: Sequence, **kwargs) -> list:
-        """One answer per (conversation, image) pair, in order: its text, or the InputError that stopped it.
-        Keywords: `iter_generate`'s and the generation options."""
+        """One answer per (conversation, image or study) pair, in order: its text, or the InputError that stopped
+        it. Keywords: `iter_generate`'s and the generation options."""
         answers: list = [None] * len(conversations)
 
         def refused(index, error):
@@ -230,12 +237,14 @@ class CXRLLaVA:
             raise ConfigError(f"batch_size={batch_size}: must be at least 1")
         sampling = SamplingOptions(**options)
         order: list[int] = []  # the engine's request number -> the input's index
-        work = functools.partial(prefetch.pixels_and_digest, self.preprocessor(allow_non_frontal))
+        work = functools.partial(prefetch.study_pixels, self.study_preprocessor(allow_non_frontal))
 
         def requests():
             for index, prepared in prefetch.ahead(work, images, workers, 2 * batch_size):
                 try:
-                    request = Request(self.encode(conversations[index]), (EngineImage(*prepared()),), sampling, keep)
+                    study, pixels, digests = prepared()
+                    request = Request(self.encode(conversations[index], study), tuple(map(EngineImage, pixels, digests)),
+                                      sampling, keep)
                     self.engine.check(request)
                 except InputError as error:
                     if on_bad_image is None:
@@ -266,28 +275,43 @@ class CXRLLaVA:
                 "quantize": self.quantize}
 
     def preprocess(self, image, allow_non_frontal: bool = False) -> np.ndarray:
-        return self.preprocessor(allow_non_frontal)(image)
-
-    def preprocessor(self, allow_non_frontal: bool = False) -> Callable:
-        """image -> the model's pixels, as a function that pickles (for worker processes)."""
         cfg = self.config
-        return functools.partial(preprocess, size=cfg.vision.image_size, mean=cfg.image_mean, std=cfg.image_std,
-                                 min_size=cfg.vision.patch_size, allow_non_frontal=allow_non_frontal)
+        return preprocess(image, cfg.vision.image_size, cfg.image_mean, cfg.image_std, min_size=cfg.vision.patch_size,
+                          allow_non_frontal=allow_non_frontal)
+
+    def study_pixels(self, study: Study, allow_non_frontal: bool = False) -> np.ndarray:
+        """float32 [images, size, size, 1]: every image of the study (and its prior) in prompt order, preprocessed
+        as `preprocess` does one (a lateral read beside its study's frontal)."""
+        return self.study_preprocessor(allow_non_frontal)(study)
+
+    def study_preprocessor(self, allow_non_frontal: bool = False) -> Callable:
+        """`study_pixels` as a function that pickles (for worker processes)."""
+        cfg = self.config
+        return functools.partial(prefetch.normalised_pixels, size=cfg.vision.image_size, mean=cfg.image_mean,
+                                 std=cfg.image_std, min_size=cfg.vision.patch_size, allow_non_frontal=allow_non_frontal)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    def encode(self, turns: Sequence[dict], kept: np.ndarray | None = None) -> np.ndarray:
-        """The prompt token ids of a conversation (the turns `chat` takes), image positions included; with `kept`,
-        the ids the model read and wrote for all turns but the last, continued by the last
-        (`prompting.encode_follow_up`)."""
+    def encode(self, turns: Sequence[dict], study=None, kept: np.ndarray | None = None) -> np.ndarray:
+        """The prompt token ids of a conversation (the turns `chat` takes) about `study` (a Study, images or an
+        image; None: one image), image positions included. A first user turn without `<image>` gets the study's
+        (`Study.prompt`); one with them must have one per image. A prompt the context cannot hold is refused
+        naming its token counts. With `kept`, the ids the model read and wrote for all turns but the last,
+        continued by the last (`prompting.encode_follow_up`)."""
         turns = list(turns)
         system = prompting.SYSTEM_PROMPT
         if turns and turns[0].get("role") == "system":
             system, turns = turns[0]["content"], turns[1:]
-        if turns and prompting.IMAGE not in turns[0]["content"]:
-            turns[0] = {**turns[0], "content": f"{prompting.IMAGE}\n{turns[0]['content']}"}
         cfg = self.config
+        study = None if study is None else Study.of(study)
+        if study is not None:  # before any text is tokenized: its images alone may leave nothing to generate
+            study.check_fits(cfg.num_image_tokens, cfg.llama.max_position_embeddings)
+        if turns and prompting.IMAGE not in turns[0]["content"]:
+            content = turns[0]["content"]
+            turns[0] = {**turns[0], "content": f"{prompting.IMAGE}\n{content}" if study is None else study.prompt(content)}
+        if turns:
+            prompting.check_image_count(turns, 1 if study is None else len(study.all_images()))
         if kept is not None:
             return prompting.encode_follow_up(kept, turns, self.tokenizer, cfg.num_image_tokens, cfg.image_token_id,
                                               max_length=cfg.llama.max_position_embeddings, system=system)
@@ -343,19 +367,20 @@ def _one(answers: list) -> str:
 
 
 class Conversation:
-    """A chat about one image (`CXRLLaVA.conversation`) that keeps the exact ids of every turn: each prompt is the
-    previous one, the answer the model wrote to it (its ids and EOS, not its text re-encoded) and the new question,
-    so the engine's prefix cache holds all but the new question's ids and prefills only those. `turns`: the
-    conversation as text, `chat`'s messages; `ids`: the ids read and written so far (None before the first turn);
-    `last`: the last turn's Answer (its token counts)."""
+    """A chat about one image or study (`CXRLLaVA.conversation`) that keeps the exact ids of every turn: each prompt
+    is the previous one, the answer the model wrote to it (its ids and EOS, not its text re-encoded) and the new
+    question, so the engine's prefix cache holds all but the new question's ids and prefills only those. `turns`:
+    the conversation as text, `chat`'s messages; `ids`: the ids read and written so far (None before the first
+    turn); `last`: the last turn's Answer (its token counts)."""
 
     def __init__(self, model: CXRLLaVA, image, system: str | None = None, allow_non_frontal: bool = False):
         self.model, self.system = model, system
-        self.image = EngineImage(*prefetch.pixels_and_digest(model.preprocessor(allow_non_frontal), image))
+        self.study, pixels, digests = prefetch.study_pixels(model.study_preprocessor(allow_non_frontal), image)
+        self.images = tuple(map(EngineImage, pixels, digests))
         self.reset()
 
     def reset(self):
-        """Forgets the turns; the image stays."""
+        """Forgets the turns; the images stay."""
         self.turns: list[dict] = [] if self.system is None else [{"role": "system", "content": self.system}]
         self.last: Answer | None = None
         self.ids: np.ndarray | None = None
@@ -363,14 +388,14 @@ class Conversation:
     def ask(self, question: str, *, on_text: Callable[[str], None] | None = None, **options) -> str:
         """The answer to `question` after the turns so far (the generation keywords as elsewhere). A question that
         cannot be asked (an InputError: `<image>` in it, the context full) leaves the conversation as it was."""
-        prompting.question_prompt(question)  # refuses an empty question, and `<image>` in it
+        prompting.checked_question(question)  # refuses an empty question, and `<image>` in it
         turns = self.turns + [{"role": "user", "content": question}]
         sampling = SamplingOptions(**options)
-        request = Request(self.model.encode(turns, self.ids), (self.image,), sampling)
+        request = Request(self.model.encode(turns, self.study, self.ids), self.images, sampling)
         self.model.engine.check(request)
         [(_, answer)] = self.model._answers([request], sampling, 1, on_text)
         self.ids = np.concatenate([request.prompt, np.asarray(answer.completion.tokens, np.int32),
-                                     [self.model.engine.spec.eos_id]]).astype(np.int32)
+                                   [self.model.engine.spec.eos_id]]).astype(np.int32)
         self.turns, self.last = turns + [{"role": "assistant", "content": answer.text}], answer
         return answer.text
 

@@ -3,8 +3,8 @@
 Decoding an image (DICOM's JPEG 2000 above all) and resizing it is pure Python and C code that holds the GIL, so
 threads beside the engine only take turns with it; processes run beside it. At most `window` images are on their
 way at once, so memory stays bounded however long the archive is, and they come back in the order they were asked
-for. A worker returns the preprocessed pixels and their content digest (the key of their features in the prefix
-cache), so the engine's process hashes nothing either.
+for. A worker makes an input's study, its images' preprocessed pixels and their content digests (the keys of their
+features in the prefix cache), so the engine's process decodes and hashes nothing.
 
 Workers are started by Python's fork server, not forked from this process: forking a process that runs XLA's
 threads can deadlock the child. As with "spawn", each worker imports the program's main module (Python's rule, so
@@ -19,14 +19,25 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from cxrllava_jax.domain.images import normalise
+from cxrllava_jax.domain.studies import Study
 from cxrllava_jax.inference.prefix_cache import image_digest
 
 
-def pixels_and_digest(preprocessor: Callable, image) -> tuple[np.ndarray, str]:
-    """`preprocessor(image)` and its digest, in a worker (`preprocessor` must pickle: a module-level function or a
+def study_pixels(pixels_of: Callable, image) -> tuple[Study, np.ndarray, list[str]]:
+    """The study of `image` (an image, a list of them or a Study: `Study.of`), its images' pixels `pixels_of(study)`
+    [images, H, W, C] and their digests, in a worker (`pixels_of` must pickle: a module-level function or a
     `functools.partial` of one)."""
-    pixels = preprocessor(image)
-    return pixels, image_digest(pixels)
+    study = Study.of(image)
+    pixels = pixels_of(study)
+    return study, pixels, [image_digest(p) for p in pixels]
+
+
+def normalised_pixels(study: Study, size: int, mean: float, std: float, min_size: int,
+                      allow_non_frontal: bool) -> np.ndarray:
+    """float32 [images, size, size, 1]: the study's model pixels (`Study.pixels`) normalised as `images.preprocess`
+    normalises one image."""
+    return normalise(study.pixels(size, allow_non_frontal=allow_non_frontal, min_size=min_size), mean, std)
 
 
 def ahead(work: Callable, items: Sequence, workers: int, window: int) -> Iterator[tuple[int, Callable]]:
