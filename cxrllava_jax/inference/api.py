@@ -288,7 +288,8 @@ class CXRLLaVA:
         """`study_pixels` as a function that pickles (for worker processes)."""
         cfg = self.config
         return functools.partial(prefetch.normalised_pixels, size=cfg.vision.image_size, mean=cfg.image_mean,
-                                 std=cfg.image_std, min_size=cfg.vision.patch_size, allow_non_frontal=allow_non_frontal)
+                                 std=cfg.image_std, min_size=cfg.vision.patch_size, allow_non_frontal=allow_non_frontal,
+                                 num_image_tokens=cfg.num_image_tokens, context=cfg.llama.max_position_embeddings)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()

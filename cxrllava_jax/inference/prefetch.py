@@ -33,10 +33,12 @@ def study_pixels(pixels_of: Callable, image) -> tuple[Study, np.ndarray, list[st
     return study, pixels, [image_digest(p) for p in pixels]
 
 
-def normalised_pixels(study: Study, size: int, mean: float, std: float, min_size: int,
-                      allow_non_frontal: bool) -> np.ndarray:
+def normalised_pixels(study: Study, size: int, mean: float, std: float, min_size: int, allow_non_frontal: bool,
+                      num_image_tokens: int, context: int) -> np.ndarray:
     """float32 [images, size, size, 1]: the study's model pixels (`Study.pixels`) normalised as `images.preprocess`
-    normalises one image."""
+    normalises one image; a study whose image positions alone leave nothing to generate in `context` is refused
+    before any image is read (`Study.check_fits`)."""
+    study.check_fits(num_image_tokens, context)
     return normalise(study.pixels(size, allow_non_frontal=allow_non_frontal, min_size=min_size), mean, std)
 
 
