@@ -169,7 +169,7 @@ def test_a_follow_up_prefills_only_what_is_new_and_answers_as_a_cold_run(endless
 def test_a_conversation_keeps_its_answers_ids_and_prefills_only_each_new_question(endless_model, images):
     """`CXRLLaVA.conversation` (what `cxrllava chat` runs): the third turn's prompt is the second's, the answer's
     ids as written and its EOS, then the new question; the cache holds all of it but the tokens not yet fed (EOS,
-    and an answer's last token when its budget ended it), and the answer is a cold run's."""
+    and an answer's last token when its budget ended it), and the third answer is a cold run's."""
     options = dict(temperature=0.8, seed=3, max_new_tokens=8)
     engine_before = endless_model.engine
     endless_model.engine = endless_model.engine.sibling()
@@ -185,9 +185,9 @@ def test_a_conversation_keeps_its_answers_ids_and_prefills_only_each_new_questio
                 assert np.array_equal(prompt[:len(kept)], kept) and kept[-1] == endless_model.engine.spec.eos_id
                 new = len(prompt) - len(kept)
                 assert answer.prompt_tokens - answer.cached_tokens == new + 1 + (answer.finish_reason == "length")
-            cold = _alone(endless_model, Request(prompt, conversation.images, SamplingOptions(**options)))
-            assert answer.tokens == cold and len(cold) == 8
         assert [t["role"] for t in conversation.turns] == ["user", "assistant"] * 3
+        cold = _alone(endless_model, Request(prompt, conversation.images, SamplingOptions(**options)))
+        assert answer.tokens == cold and len(cold) == 8
     finally:
         endless_model.engine = engine_before
 
