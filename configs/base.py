@@ -5,7 +5,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.stage = "2b"
+    c.task = "2b"
     c.seed = 0
 
     c.model = ml_collections.ConfigDict(dict(

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 def test_eval_py_generates_with_a_checkpoint_then_rescores_its_answers(model, tmp_path):
     data = tmp_path / "synthetic"
-    synthetic.generate(data, 40, image_size=64, seed=5)
+    synthetic.write_dataset(data, 40, image_size=64, seed=5)
     test_split = mimic.load(data, "test")[:5]
     common = ["--config=configs/eval_mimic.py", "--config.dataset=synthetic", "--config.bootstrap_samples=50",
               "--config.min_class_count=1"]
@@ -49,7 +49,7 @@ def test_eval_py_generates_with_a_checkpoint_then_rescores_its_answers(model, tm
 
 def test_a_split_without_references_is_refused(tmp_path):
     data = tmp_path / "synthetic"
-    synthetic.generate(data, 10, image_size=64, seed=5)
+    synthetic.write_dataset(data, 10, image_size=64, seed=5)
     config = run.default_config()
     config.update(dataset="synthetic", split="no_such_split")
     with pytest.raises(ValueError, match="no records with a reference"):

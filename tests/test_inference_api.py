@@ -74,7 +74,7 @@ def test_image_prompts_match_the_release_forward_in_pytorch(model, images):
     torch_model = _release_torch_model(tiny_config(converted.config.llama.vocab_size))
     conversations = [REPORT, QUESTION]
     pixels = np.stack([converted.preprocess(i) for i in images[:2]])
-    ours = [c.tokens for c in converted.engine.generate(
+    ours = [c.tokens for c in converted.engine.complete(
         [Request(converted.encode(c), (EngineImage.of(p),), SamplingOptions(**GREEDY)) for c, p in
          zip(conversations, pixels)])]
     tokenizer = converted.tokenizer
@@ -83,7 +83,7 @@ def test_image_prompts_match_the_release_forward_in_pytorch(model, images):
         assert ours[row] == _torch_greedy(torch_model, pixels[row:row + 1], ids, GREEDY["max_new_tokens"], NEVER)
     assert list(map(len, ours)) == [GREEDY["max_new_tokens"]] * 2
     # Our checkpoint of the same weights answers the same.
-    assert model.generate(conversations, images[:2], **GREEDY) == [converted.decode(ids) for ids in ours]
+    assert model.generate(conversations, images[:2], **GREEDY) == [converted.detokenize(ids) for ids in ours]
 
 
 def test_batch_equals_one_by_one(model, images, monkeypatch):
@@ -161,7 +161,7 @@ def test_text_stream_waits_for_whole_characters(model):
     stream = TextStream(tokenizer, pieces.append)
     for i in range(len(ids)):
         stream(ids[i:i + 1])
-    stream.finish(model.decode(ids))
+    stream.finish(model.detokenize(ids))
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)
 
@@ -176,7 +176,7 @@ def test_streamed_text_waits_for_a_run_of_byte_pieces_to_end(model):
     stream = TextStream(tokenizer, pieces.append)
     for i in range(len(ids)):
         stream(ids[i:i + 1])
-    answer = model.decode(ids)
+    answer = model.detokenize(ids)
     stream.finish(answer)
     assert "".join(pieces) == answer and answer.endswith("There is")
 
@@ -192,8 +192,8 @@ def test_text_stream_waits_for_a_whole_run_of_byte_tokens(model):
     stream = TextStream(tokenizer, pieces.append)
     for i in range(len(ids)):
         stream(ids[i:i + 1])
-    stream.finish(model.decode(ids))
-    assert "".join(pieces) == model.decode(ids)
+    stream.finish(model.detokenize(ids))
+    assert "".join(pieces) == model.detokenize(ids)
 
 
 def test_sampling_is_reproducible_by_seed(model, images):
@@ -250,7 +250,7 @@ def test_bfloat16_weights_load_as_stored(tmp_path, images):
     loaded.engine.spec = dataclasses.replace(loaded.engine.spec, eos_id=NEVER)
     (_, answer), = loaded.iter_generate([REPORT], [images[0]], **GREEDY)
     assert len(answer.completion.tokens) == GREEDY["max_new_tokens"]
-    assert answer.text == loaded.decode(answer.completion.tokens)
+    assert answer.text == loaded.detokenize(answer.completion.tokens)
 
 
 def test_int8_model_answers_and_is_saved_quantized(tmp_path, images):
@@ -278,7 +278,7 @@ model = CXRLLaVA.from_pretrained(checkpoint_dir())
 model.engine.spec = dataclasses.replace(model.engine.spec, eos_id=int(sys.argv[1]))
 kernel = model.engine.params["params"]["llm"]["layers"]["block_0"]["q_proj"]["kernel"]
 pixels = np.zeros((1, 64, 64, 1), np.float32)
-ids = [c.tokens for c in model.engine.generate([Request(model.encode([{"role": "user", "content": "Any effusion?"}]),
+ids = [c.tokens for c in model.engine.complete([Request(model.encode([{"role": "user", "content": "Any effusion?"}]),
                                                         (EngineImage.of(pixels[0]),),
                                                         SamplingOptions(temperature=0.0, max_new_tokens=4))])]
 print("REPORT" + json.dumps({"devices": jax.device_count(), "spec": [str(a) for a in kernel.sharding.spec],
@@ -303,7 +303,7 @@ def test_several_devices_hold_the_parameters_split_by_heads(model, monkeypatch):
     # EOS masked on both sides: the whole budget is compared, whatever the untrained model prefers.
     monkeypatch.setattr(model.engine, "spec", dataclasses.replace(model.engine.spec, eos_id=NEVER))
     pixels = np.zeros((64, 64, 1), np.float32)
-    one_device = model.engine.generate([Request(model.encode([{"role": "user", "content": "Any effusion?"}]),
+    one_device = model.engine.complete([Request(model.encode([{"role": "user", "content": "Any effusion?"}]),
                                                 (EngineImage.of(pixels),),
                                                 SamplingOptions(temperature=0.0, max_new_tokens=4))])
     assert report["tokens"] == one_device[0].tokens and len(report["tokens"]) == 4

@@ -130,7 +130,7 @@ def test_streaming_sends_the_answer_in_pieces(endless_model, endless_server, ima
     assert chunks[-1].usage.completion_tokens == 24
 
 
-def test_task_endpoints_take_an_uploaded_file(model, server):
+def test_answer_endpoints_take_an_uploaded_file(model, server):
     body, content_type = multipart({"temperature": "0", "max_tokens": "10"},
                                    {"file": ("cxr.png", NIH_PNG.read_bytes())})
     headers = {"Content-Type": content_type, "Authorization": f"Bearer {KEY}"}

@@ -1,6 +1,6 @@
 """The evaluation protocol end to end: records of generated text -> labels -> scores -> tables and a results JSON.
 
-Two tasks, as in the paper (Figure 2):
+Two kinds of answer (`config.answer_kind`), as in the paper (Figure 2):
 - "report" (MIMIC, Indiana): the generated report and the reference report are both labeled by the report
   labeler (ours, labels from the CheXpert labeler's or CheXbert's files, or CheXbert: see `labelers`), and the
   labels compared; BLEU-1..4 and ROUGE-L of the texts are reported beside them.
@@ -31,7 +31,7 @@ from cxrllava_jax.evaluation import (
 from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
 from cxrllava_jax.errors import ConfigError, InputError
 
-TASKS = ("report", "json_labels")
+ANSWER_KINDS = ("report", "json_labels")
 # What an evaluation writes into its workdir, replaced together (eval.py stages them; see files.staged_directory).
 # generated.jsonl is not among them: a run that re-scores it (--predictions) keeps it.
 OUTPUTS = ("reference_labels.csv", "predicted_labels.csv", "table.md", "table.csv", "results.json",
@@ -43,7 +43,7 @@ class Scoring:
     """What was scored and how, and the figures beside the label scores; results.json carries the fields that
     are set, under their names."""
 
-    task: str  # "report", "json_labels", or "label_files" (two label CSVs scored)
+    answer_kind: str | None  # "report" or "json_labels"; None: two label CSVs were scored
     labeler: str | None = None  # who labeled the report texts (None: the label files were given)
     scored: str | None = None  # the data scored, when it is not config.dataset's split
     text_metrics: dict | None = None  # BLEU and ROUGE-L: `text_metrics.text_scores`
@@ -55,13 +55,24 @@ class Scoring:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
+def checked_answer_kind(config) -> str:
+    """`config.answer_kind`, checked. A config that still sets `config.task` (the key's name before) is refused,
+    naming the new one, rather than evaluated as whatever `config.answer_kind` defaults to."""
+    if "task" in config:
+        raise ConfigError(f"config.task={config.task!r}: the key is now config.answer_kind (one of "
+                          f"{', '.join(ANSWER_KINDS)})")
+    if config.answer_kind not in ANSWER_KINDS:
+        raise ConfigError(f"config.answer_kind={config.answer_kind!r}: expected one of {', '.join(ANSWER_KINDS)}")
+    return config.answer_kind
+
+
 def default_config() -> ml_collections.ConfigDict:
     """The fields every configs/eval_*.py sets; defaults follow the paper's MIMIC evaluation."""
     config = ml_collections.ConfigDict()
     config.dataset = "mimic"
     config.split = "test"
     config.paper_table = "mimic"  # key into paper_tables.TABLES
-    config.task = "report"  # or "json_labels"
+    config.answer_kind = "report"  # or "json_labels"
     config.uncertain = "exclude"  # or "positive", "negative": see metrics.LabelPolicy
     config.missing_reference = "exclude"  # or "negative"
     config.min_class_count = 10
@@ -83,6 +94,7 @@ def evaluate_model(config, checkpoint, data_dir, workdir, batch_size: int = 16, 
     from cxrllava_jax.evaluation import generation
     from cxrllava_jax.inference.api import CXRLLaVA
 
+    checked_answer_kind(config)  # before the model loads
     if model is None:
         adapter = adapter and hub.resolve(adapter, what="--adapter")
         checkpoint = hub.resolve(checkpoint, what="--checkpoint")
@@ -109,7 +121,7 @@ def evaluate_predictions(config, predictions_path, workdir, report_labeler=None,
     """Scores a JSONL generated elsewhere (no model needed): eval's own {id, generated, reference} records, or
     `cxrllava report`'s {image, report} lines joined to `references_csv` by image. `limit`: its first records."""
     if references_csv:
-        records = references.joined_records(predictions_path, references_csv, config.task)
+        records = references.joined_records(predictions_path, references_csv, checked_answer_kind(config))
         scored = f"{pathlib.Path(predictions_path).name} against {pathlib.Path(references_csv).name}"
     elif references.is_report_output(predictions_path):
         raise InputError(f"{predictions_path}: `cxrllava report` lines have no reference; give --references=CSV "
@@ -148,16 +160,15 @@ def evaluate_records(config, records, workdir, report_labeler=None, scored=None,
     `report_labeler` (a `labelers.Labeler`, ours by default) labels every report text. `scored` names the data
     when it is not config.dataset's split (the tables say what was scored). `metric_names`: model-based metrics
     (`model_metrics`) over the report texts."""
-    if config.task not in TASKS:
-        raise ConfigError(f"config.task={config.task!r}: expected one of {TASKS}")
+    answer_kind = checked_answer_kind(config)
     report_labeler = report_labeler or labelers.make("ours")
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     records = list(records)
     ids = [str(r["id"]) for r in records]
     reference_rows = _reference_rows(records, report_labeler)
-    scoring = Scoring(config.task, report_labeler.name, scored or None)
-    if config.task == "report":
+    scoring = Scoring(answer_kind, report_labeler.name, scored or None)
+    if answer_kind == "report":
         predicted_rows = report_labeler.label_reports([r["generated"] for r in records])
         with_text = [r for r in records if isinstance(r["reference"], str)]
         if with_text:  # text metrics compare texts: records whose reference is labels have none
@@ -198,7 +209,7 @@ def evaluate_label_files(config, reference_csv, predicted_csv, workdir) -> dict:
         raise InputError(f"{reference_csv} has {len(reference.ids)} rows but {predicted_csv} has {len(predicted.ids)}")
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    return score_and_write(config, reference, predicted, workdir, Scoring("label_files"))
+    return score_and_write(config, reference, predicted, workdir, Scoring(None))
 
 
 def score_and_write(config, reference, predicted, workdir, scoring: Scoring) -> dict:

@@ -1,4 +1,4 @@
-"""Requests -> generation jobs: OpenAI chat completions, the task endpoints' forms, and what both must pass.
+"""Requests -> generation jobs: OpenAI chat completions, the answer endpoints' forms, and what both must pass.
 
 Every refusal is a RequestError naming the field at fault (`messages[1].content[0].image_url`, `max_tokens`).
 A JSON body is bounded before any work (`read_json`): UTF-8, nesting depth, the length of number literals, no
@@ -21,7 +21,7 @@ from cxrllava_jax.serving.limits import Limits, RequestError
 from cxrllava_jax.errors import InputError
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-TASK_PROMPTS = {"report": prompting.REPORT_PROMPT, "differential_diagnosis": prompting.DIFFERENTIAL_PROMPT}
+ANSWER_PROMPTS = {"report": prompting.REPORT_PROMPT, "differential_diagnosis": prompting.DIFFERENTIAL_PROMPT}
 # OpenAI options the model cannot honour: refused unless they hold their no-op value.
 _UNSUPPORTED = {"n": 1, "stop": None, "logprobs": False, "top_logprobs": None, "tools": None, "tool_choice": None,
                 "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None, "response_format": None}
@@ -42,7 +42,7 @@ MAX_JSON_VALUES = 100_000
 MAX_MESSAGES = 1024
 # A server's client sends the request field where the library's advice (radiograph_guard.OVERRIDE) names a flag.
 _OVERRIDE = ("to read it anyway, send allow_non_frontal: true (a JSON body field of /v1/chat/completions, a form "
-             "field of the task endpoints, a query parameter of /v1/preview)")
+             "field of the answer endpoints, a query parameter of /v1/preview)")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -61,7 +61,7 @@ class Generation:
 
 @dataclasses.dataclass(frozen=True)
 class Prepared:
-    """A Generation made ready for the generator: prompt token ids and preprocessed pixels."""
+    """A Generation made ready for the engine: prompt token ids and preprocessed pixels."""
 
     prompt: np.ndarray
     pixels: np.ndarray
@@ -128,8 +128,8 @@ def parse_chat(body: dict, model_id: str, limits: Limits) -> Generation:
                       allow_non_frontal=_flag(body, "allow_non_frontal"))
 
 
-def parse_task(task: str, fields: dict, files: dict, limits: Limits) -> Generation:
-    """A task endpoint's form (field -> list of values, file field -> list of (filename, bytes)): exactly one
+def parse_answer_form(kind: str, fields: dict, files: dict, limits: Limits) -> Generation:
+    """An answer endpoint's form (field -> list of values, file field -> list of (filename, bytes)): exactly one
     `file` (the image) and optional temperature, top_p, max_tokens, seed and allow_non_frontal."""
     for key, values in {**fields, **files}.items():
         if key not in _FORM_FIELDS:
@@ -144,7 +144,7 @@ def parse_task(task: str, fields: dict, files: dict, limits: Limits) -> Generati
     image = uploads.from_upload(data, filename, "file", limits)
     values = {key: value for key, (value,) in fields.items()}
     numbers = {key: _form_number(key, values[key]) for key in _SAMPLING_FIELDS if key in values}
-    turns = [{"role": "user", "content": TASK_PROMPTS[task]}]
+    turns = [{"role": "user", "content": ANSWER_PROMPTS[kind]}]
     return Generation(turns, image, "file", sampling(numbers, limits),
                       allow_non_frontal=form_flag(values, "allow_non_frontal"))
 
