@@ -154,7 +154,7 @@ def create_app(model, model_id: str, *, limits: Limits = Limits(), api_key: str 
 
 
 def _page(model_id: str, limits: Limits) -> dict[str, tuple[bytes, str]]:
-    """path -> (body, media type); the HTML carries what the script needs: the model id and the task prompts."""
+    """path -> (body, media type); the HTML carries what the script needs: the model id and the answer prompts."""
     files = importlib.resources.files("cxrllava_jax.serving") / "page"
     page = {path: ((files / name).read_bytes(), kind) for path, (name, kind) in PAGE_FILES.items()}
     config = {"model": model_id, "max_output_tokens": limits.max_output_tokens,
