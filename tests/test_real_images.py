@@ -116,8 +116,9 @@ def test_report_command_on_real_files(model, tmp_path, capsys):
     records = {r["image"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert code == 1 and sorted(records) == sorted(map(str, files))
     assert "BodyPartExamined is 'EXTREMITY'" in records[str(EXTREMITY)]["error"]
-    # The API reads the DICOM file from its windowed pixels: the command's reading of the file is checked too.
-    expected = model.write_radiologic_reports([*NIH, load_grayscale(CHEST_PA)], temperature=0, max_new_tokens=4)
+    # The API given the DICOM file's windowed pixels: the command's reading of the file is checked too.
+    expected = [model.write_radiologic_report(image, temperature=0, max_new_tokens=4)
+                for image in [*NIH, load_grayscale(CHEST_PA)]]
     assert [records[str(f)]["report"] for f in [*NIH, CHEST_PA]] == expected
     assert "skipped" in capsys.readouterr().err
     assert cli.main(["report", str(EXTREMITY), "--allow-non-frontal", "--checkpoint", str(checkpoint_dir()),
