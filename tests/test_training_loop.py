@@ -116,8 +116,8 @@ def test_resume_and_best_export_across_the_text_tower_release(data, tmp_path, ca
 def test_a_run_resumed_before_the_release_ends_where_an_uninterrupted_one_does(data, tmp_path):
     """The release is a schedule inside the optimizer: stopping before it and resuming changes nothing."""
     release = {"text_unfreeze_step": 3, "checkpoint.every_steps": 2, "checkpoint.best_metric": ""}
-    for steps in (2, 5):  # stopped at step 2 (before the release at 3), then carried on
-        loop.train_and_evaluate(setup.parse(setup.stage_flags("1b_labels", *data, steps=steps, **release)),
+    for stop_at in (2, 5):  # stopped at step 2 (before the release at 3), then carried on
+        loop.train_and_evaluate(setup.parse(setup.stage_flags("1b_labels", *data, steps=stop_at, **release)),
                                 tmp_path / "resumed")
     loop.train_and_evaluate(setup.parse(setup.stage_flags("1b_labels", *data, steps=5, **release)), tmp_path / "straight")
     a, b = flat_params(tmp_path / "resumed" / "model"), flat_params(tmp_path / "straight" / "model")

@@ -37,7 +37,6 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from cxrllava_jax.domain import prompting
 from cxrllava_jax.serving import compiles, observability, preview, requests, uploads
 from cxrllava_jax.serving.admission import Admission
 from cxrllava_jax.serving.limits import Limits, RequestError

@@ -7,7 +7,6 @@ and the final model export that the next stage starts from. Everything stage-spe
 """
 
 import math
-from pathlib import Path
 
 import jax
 from jax.experimental import multihost_utils
