@@ -102,7 +102,7 @@ def train_and_evaluate(cfg, workdir) -> dict:
                 checkpoints.save(step, state, data.train, metrics=last_eval if evaluate_now else None)
         checkpoints.wait()
         final_params = _to_host(_params_to_export(cfg, checkpoints, state, state_shardings))
-    summary = {"stage": cfg.task, "steps": step, "eval": last_eval, "best_step": checkpoints.best_step()}
+    summary = {"task": cfg.task, "steps": step, "eval": last_eval, "best_step": checkpoints.best_step()}
     if writer:
         exported = task.export(workdir / "model", final_params)
         model_cards.write_cards(workdir, cfg, task.export_kind, step)
