@@ -324,8 +324,10 @@ def test_a_study_is_reported_as_one_prompt_and_one_image_as_the_release(model, i
     assert prompting.COMPARISON_QUESTION.strip() in text  # the report of a study with a prior compares
     shuffled = [files["prior"], files["lateral"], files["frontal"]]  # grouped by UID, ordered by date
     np.testing.assert_array_equal(model.encode(turns, shuffled), prompt)
-    # The batch `report --studies` makes of this folder (tests/test_inference_cli.py compares the two).
-    assert all(isinstance(report, str) for report in model.write_radiologic_reports([older, shuffled], **GREEDY))
+    # The batch `report --studies` makes of this folder (tests/test_inference_cli.py compares the two): each study
+    # answers in it as it does alone, the shuffled files as their study.
+    assert model.write_radiologic_reports([older, shuffled], **GREEDY) == [
+        model.write_radiologic_report(older, **GREEDY), model.write_radiologic_report(study, **GREEDY)]
     np.testing.assert_array_equal(model.encode([{"role": "user", "content": "Unchanged?"}], study),
                                   model.encode([{"role": "user", "content": study.prompt("Unchanged?")}], study))
 
