@@ -21,7 +21,7 @@ from cxrllava_jax.convert import checkpoint as checkpoints
 from cxrllava_jax.errors import ConfigError, InputError, MismatchError
 from cxrllava_jax.evaluation import run
 from cxrllava_jax.inference import cli as inference_cli
-from cxrllava_jax.inference.api import CXRLLaVA
+from cxrllava_jax.inference.api import CXRLLaVA, Conversation
 from cxrllava_jax.inference.language_model import LanguageModel
 from cxrllava_jax.models import configs as mc
 from cxrllava_jax.reference.tiny_models import synthetic_radiograph
@@ -167,6 +167,10 @@ def test_entry_points_parse_as_a_user_meets_them(tmp_path):
                 "override names a key the config does not have"),
         "no_file": (["train.py", "--config=configs/nosuch.py", "--config.data.batch_size=2", workdir], 1,
                     "train.py: --config=configs/nosuch.py: no such config file; see --help for the configs"),
+        "old_train_key": (["train.py", "--config=configs/demo.py:1a", "--config.stage=1b", workdir], 1,
+                          "train.py: --config.stage: the key is now config.task"),
+        "old_eval_key": (["eval.py", "--config=configs/eval_mimic.py", "--config.task=json_labels", workdir], 1,
+                         "eval.py: --config.task: the key is now config.answer_kind"),
         "empty_workdir": (["eval.py", "--config=configs/eval_mimic.py", "--workdir="], 1,
                           "eval.py: flag --workdir=: --workdir must name a directory (not empty"),
     }
@@ -351,7 +355,13 @@ def test_a_completion_keeps_the_space_it_starts_with(imported_checkpoint, monkey
 
 def test_chat_commands_and_a_latin1_line(imported_checkpoint, image, monkeypatch, capsys):
     asked = []
-    monkeypatch.setattr(CXRLLaVA, "chat", lambda self, messages, *a, **k: asked.append(messages) or "answer")
+
+    def ask(conversation, question, **options):  # the turns each question is asked after, then it is answered
+        asked.append([t["content"] for t in conversation.turns] + [question])
+        conversation.turns += [{"role": "user", "content": question}, {"role": "assistant", "content": "answer"}]
+        return "answer"
+
+    monkeypatch.setattr(Conversation, "ask", ask)
     lines = iter([b"Caf\xe9?".decode("utf-8", "surrogateescape"), "/help", "First?", "/reset", "Second?", "/nope",
                   "/quit", "never read"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
@@ -359,7 +369,7 @@ def test_chat_commands_and_a_latin1_line(imported_checkpoint, image, monkeypatch
     out = capsys.readouterr().out
     assert "not asked: the text is not UTF-8" in out and "/reset  forget the conversation" in out
     assert "unknown command /nope" in out
-    assert [[m["content"] for m in messages] for messages in asked] == [["First?"], ["Second?"]]  # /reset forgot
+    assert asked == [["First?"], ["Second?"]]  # /reset forgot
 
 
 def test_report_creates_the_folder_of_its_output(image, tmp_path, monkeypatch):
