@@ -12,7 +12,7 @@ import pytest
 
 from cxrllava_jax import cli, errors, files
 from cxrllava_jax.errors import InputError, MismatchError
-from cxrllava_jax.inference.api import CXRLLaVA
+from cxrllava_jax.inference.api import CXRLLaVA, Conversation
 from cxrllava_jax.reference.tiny_models import release_dir, synthetic_radiograph
 from tests.dicom_files import write_dicom
 from tests.fault_files import STORED, png_header_only, swapped_tokenizer
@@ -119,13 +119,13 @@ def test_image_marker_in_a_question_is_refused(checkpoint, mixed_folder, capsys)
 
 def test_chat_survives_a_bad_follow_up_and_keeps_its_history(checkpoint, mixed_folder, monkeypatch, capsys):
     seen = []
-    real_chat = CXRLLaVA.chat
+    real_ask = Conversation.ask
 
-    def chat(self, messages, image, **options):
-        seen.append([m["content"] for m in messages])
-        return real_chat(self, messages, image, **options)
+    def ask(self, question, **options):  # the turns each question is asked after
+        seen.append([t["content"] for t in self.turns] + [question])
+        return real_ask(self, question, **options)
 
-    monkeypatch.setattr(CXRLLaVA, "chat", chat)
+    monkeypatch.setattr(Conversation, "ask", ask)
     lines = iter(["Any effusion?", "and <image> here?", "x " * 3000, "Heart size?", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     assert cli.main(["chat", str(mixed_folder / "a_good.png"), "--checkpoint", str(checkpoint), *GREEDY]) == 0
