@@ -1,5 +1,8 @@
 """Evaluation speed: reports labeled per second, and the bootstrap for 3,000 reports x 14 findings x 1,000 samples;
-and the labeler's agreement with NegBio's hand-made labels of 3,851 real Open-i reports (positive findings).
+the labeler's agreement with NegBio's hand-made labels of 3,851 real Open-i reports (positive findings) and how
+many of its labels are positive / negative / uncertain there per observation; and its agreement, label by label,
+with every output of the real CheXpert labeler this project has (its published samples and the outputs on real
+reports in its issue tracker: tests/fixtures/chexpert-labeler-*).
 
 Prints the figures and writes benchmarks/results/evaluation.json (with the load average: the machine is shared).
 """
@@ -9,11 +12,14 @@ import os
 import pathlib
 import platform
 import random
+import subprocess
 import tempfile
 import time
 
 import numpy as np
 
+from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS, NEGATIVE, POSITIVE, UNCERTAIN
+from cxrllava_jax.domain.label_files import read_labels_csv
 from cxrllava_jax.domain.labeler import ReportLabeler
 from cxrllava_jax.evaluation import labeler_devset
 from cxrllava_jax.evaluation.metrics import score_labels
@@ -22,6 +28,8 @@ from cxrllava_jax.reference.wheels import torchxrayvision_data
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "evaluation.json"
 GOLD = ROOT / "tests" / "fixtures" / "openi-negbio-gold" / "openi_gld_std14.csv"
+CHEXPERT_OUTPUTS = [ROOT / "tests" / "fixtures" / d / "labeled_reports.csv"
+                    for d in ("chexpert-labeler-samples", "chexpert-labeler-outputs")]
 
 # Sentences in the style of MIMIC-CXR / Indiana findings and impressions; a report draws one per topic.
 TOPICS = (
@@ -79,17 +87,39 @@ def bench_devset():
         (pathlib.Path(root) / "NLMCXR_reports.tgz").write_bytes(torchxrayvision_data()("NLMCXR_reports.tgz"))
         devset = labeler_devset.load(GOLD, root)
     labels, seconds = timed_labeling(devset.reports)
+    counts = {o: {name: int((labels[:, j] == value).sum())
+                  for name, value in (("positive", POSITIVE), ("negative", NEGATIVE), ("uncertain", UNCERTAIN))}
+              for j, o in enumerate(CHEXPERT_OBSERVATIONS)}
     return {"reports": len(devset.reports), "reports_per_second": len(devset.reports) / seconds,
             "mean_report_chars": sum(map(len, devset.reports)) / len(devset.reports),
-            "positive": labeler_devset.score_positive(labels, devset.gold)}
+            "positive": labeler_devset.score_positive(labels, devset.gold), "label_counts": counts}
+
+
+def bench_chexpert_outputs():
+    """Labels (14 per report, not mentioned included) equal to the real CheXpert labeler's, per observation."""
+    tables = [read_labels_csv(path) for path in CHEXPERT_OUTPUTS]
+    reports = [r for t in tables for r in t.reports]
+    theirs = np.concatenate([t.labels for t in tables])
+    ours = ReportLabeler().label_many(reports)
+    same = (ours == theirs) | (np.isnan(ours) & np.isnan(theirs))
+    return {"reports": len(reports), "labels": int(same.size), "labels_equal": int(same.sum()),
+            "per_observation": {o: int(same[:, j].sum()) for j, o in enumerate(CHEXPERT_OBSERVATIONS)},
+            "differing": [{"report": int(i), "observation": CHEXPERT_OBSERVATIONS[j], "chexpert": _cell(theirs[i, j]),
+                           "ours": _cell(ours[i, j])} for i, j in zip(*np.nonzero(~same))]}
+
+
+def _cell(value):
+    return None if np.isnan(value) else float(value)
 
 
 def main():
     machine = {"python": platform.python_version(), "processor": platform.processor() or platform.machine(),
                "load_average": os.getloadavg()}
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     results = {"labeler": bench_labeler(), "bootstrap": bench_bootstrap(), "openi_devset": bench_devset(),
-               "machine": machine}
-    labeler, bootstrap, devset = results["labeler"], results["bootstrap"], results["openi_devset"]
+               "chexpert_outputs": bench_chexpert_outputs(), "commit": commit.strip(), "machine": machine}
+    labeler, bootstrap, devset, chexpert = (results[k] for k in ("labeler", "bootstrap", "openi_devset",
+                                                                 "chexpert_outputs"))
     print(f"labeler: {labeler['reports_per_second']:.0f} reports/s ({labeler['reports']} synthetic reports of "
           f"repeated sentences, {labeler['mean_report_chars']:.0f} characters on average)")
     print(f"bootstrap: {bootstrap['seconds']:.2f} s for {bootstrap['reports']} reports x 14 findings x "
@@ -99,6 +129,11 @@ def main():
     for observation, s in devset["positive"].items():
         print(f"  {observation:18s} gold {s['gold']:5d}  precision {s['precision']:.3f}  recall {s['recall']:.3f}  "
               f"F1 {s['f1']:.3f}")
+    print("  our labels on Open-i, positive / negative / uncertain:")
+    for observation, c in devset["label_counts"].items():
+        print(f"  {observation:26s} {c['positive']:5d} {c['negative']:5d} {c['uncertain']:5d}")
+    print(f"the real CheXpert labeler's outputs ({chexpert['reports']} reports): {chexpert['labels_equal']} of "
+          f"{chexpert['labels']} labels equal; differing: {chexpert['differing']}")
     print(f"load average {machine['load_average']}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")

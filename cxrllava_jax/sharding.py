@@ -6,6 +6,7 @@ name lands on, so changing a parallelism strategy is an edit of `LOGICAL_AXIS_RU
 """
 
 import contextlib
+import logging
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -55,9 +56,13 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
         raise ConfigError(f"{asked} needs {int(np.prod(shape))} devices; this process sees {len(devices)} "
                           f"({devices[0].platform})")
     shape = tuple(shape)
-    try:
-        device_array = mesh_utils.create_device_mesh(shape, devices)
-    except (AssertionError, NotImplementedError, ValueError):
+    try:  # JAX's layout follows the chips' physical links (TPU tori); splitting a physical axis beats losing them
+        device_array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except (AssertionError, NotImplementedError, ValueError) as e:
+        # Its documented refusals: devices that are no contiguous cuboid, megacore chips, shapes with no mapping.
+        # The mesh still works in device order; collectives may be slower, so say so.
+        logging.warning("%s: no topology-aware layout for these %d %s devices (%s); using device order, which can "
+                        "make collectives slower", asked, len(devices), devices[0].platform, e)
         device_array = np.asarray(devices).reshape(shape)
     return Mesh(device_array, MESH_AXES)
 

@@ -1,15 +1,29 @@
 """Shared test set-up (CPU only, deterministic, quiet) and the fixtures several test modules use."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# Tests compile their own programs; they neither read nor fill the user's compilation cache.
+# Tests never read or fill the user's compilation cache. They share one of their own for the run instead: most of
+# a tiny model's test time is XLA compiling the same few programs again in each test and each subprocess (train.py,
+# `cxrllava`), which inherit this environment. Every size counts (JAX keeps only compiles over a second by default).
 os.environ.setdefault("CXRLLAVA_COMPILATION_CACHE", "off")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = RUN_CACHE = tempfile.mkdtemp(prefix="cxrllava-tests-xla-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+else:
+    RUN_CACHE = None
 
 import pytest  # noqa: E402  (after the environment: importing JAX reads it)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if RUN_CACHE:
+        shutil.rmtree(RUN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

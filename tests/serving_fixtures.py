@@ -104,11 +104,13 @@ def image_message(text: str, url: str) -> dict:
 
 
 def multipart(fields: dict, files: dict) -> tuple[bytes, str]:
-    """-> (body, content type) of a multipart/form-data form; files: name -> (filename, bytes)."""
+    """-> (body, content type) of a multipart/form-data form; files: name -> (filename, bytes), or a list of them
+    (the field sent once for each)."""
     boundary = uuid.uuid4().hex
     parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
              for k, v in fields.items()]
-    for name, (filename, data) in files.items():
+    for name, filename, data in [(name, *file) for name, given in files.items()
+                                 for file in (given if isinstance(given, list) else [given])]:
         parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
                      f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"

@@ -115,10 +115,23 @@ BAD_JSON = [
      r"more than 100,000 JSON values \(200,0\d\d commas\)"),
     ("2,000 messages", json.dumps(_good(messages=[{"role": "user", "content": "a"}] * 2000)).encode(), 400,
      "messages", r"messages holds 2,000 turns; this server takes at most 1,024"),
-    ("two images", json.dumps(_good(messages=[{"role": "user", "content": [
+    ("a study's second image broken", json.dumps(_good(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": data_url(NIH_PNG)}},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,!!"}}]}])).encode(), 400, "messages",
-     r"exactly one image .* it holds 2"),
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,!!"}}]}])).encode(), 400,
+     "messages[0].content[1].image_url", r"not valid base64"),
+    ("an unknown key in an image part", json.dumps(_good(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(NIH_PNG)}, "angle": 3}]}])).encode(), 400,
+     "messages[0].content[0].angle", r"unknown key 'angle'"),
+    ("an image part's view oblique", json.dumps(_good(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(NIH_PNG)}, "view": "oblique"}]}])).encode(), 400,
+     "messages[0].content[0].view", r"must be PA, AP or a lateral"),
+    ("prior_report as a number", json.dumps(_good(prior_report=3)).encode(), 400, "prior_report",
+     r"prior_report must be a string"),
+    ("prior_report without a prior", json.dumps(_good(prior_report="Clear.")).encode(), 400, "prior_report",
+     r"the study: prior_report is given but no image of a prior study"),
+    ("every image the prior's", json.dumps(_good(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(NIH_PNG)}, "prior": True}]}])).encode(), 400, "messages",
+     r"every image is marked as the prior's"),
     ("a non-frontal DICOM", json.dumps(_good(messages=[image_message("x", data_url(HAND, "application/dicom"))])).encode(), 400,
      "messages[0].content[1].image_url", r"BodyPartExamined.*send allow_non_frontal: true"),
 ]
@@ -137,7 +150,12 @@ def test_a_bad_chat_request_is_a_4xx_json_naming_the_field(server, case):
 
 @pytest.mark.parametrize("case", [
     # (case, multipart body parts as (name, filename or None, bytes), param, message pattern)
-    ("two files", [("file", "a.png", PNG), ("file", "b.png", PNG)], "file", r"2 'file' fields; send exactly one"),
+    ("two seeds", [("file", "a.png", PNG), ("seed", None, b"1"), ("seed", None, b"2")], "seed",
+     r"2 'seed' fields; send exactly one"),
+    ("two views for one file", [("file", "a.png", PNG), ("view", None, b"PA"), ("view", None, b"LL")], "view",
+     r"2 'view' field\(s\) for 1 'file' file\(s\)"),
+    ("a study's second file broken", [("file", "a.png", PNG), ("file", "b.png", b"not a radiograph")], "file[1]",
+     r"file\[1\]: b\.png: cannot decode image"),
     ("file sent as text", [("file", None, b"cxr.png")], "file", r"'file' field is text, not a file upload"),
     ("2,000 fields", [(f"f{i}", None, b"1") for i in range(2000)], None, r"more than 16 fields"),
     ("unknown field", [("file", "a.png", PNG), ("beams", None, b"4")], "beams", r"unknown form field 'beams'"),
@@ -184,7 +202,7 @@ def test_allow_non_frontal_is_a_request_field(model, server):
     # The chat field reaches the loader: what the job would get, without generating.
     body = _good(messages=[image_message("Describe.", data_url(HAND, "application/dicom"))], allow_non_frontal=True)
     prepared = requests.prepare(requests.parse_chat(body, MODEL_ID, LIMITS), model, LIMITS)
-    np.testing.assert_array_equal(prepared.pixels, model.preprocess(uploads.UploadedImage(HAND, "x.dcm"), True))
+    np.testing.assert_array_equal(prepared.pixels, [model.preprocess(uploads.UploadedImage(HAND, "x.dcm"), True)])
 
 
 def test_null_means_absent_and_tiny_top_p_means_the_top_token(server):

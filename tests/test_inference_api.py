@@ -24,7 +24,9 @@ from cxrllava_jax.inference.api import CXRLLaVA, TextStream
 from cxrllava_jax.inference.engine import EngineImage, Request, SamplingOptions
 from cxrllava_jax.domain.tokenizer import load_tokenizer, train_tokenizer
 from cxrllava_jax.domain.images import InputError
-from tests.dicom_files import write_dicom
+from cxrllava_jax.domain.radiograph_guard import NotFrontalChestError
+from cxrllava_jax.domain.studies import Study, studies_in_folder
+from tests.dicom_files import write_dicom, write_two_studies
 from cxrllava_jax.reference.tiny_models import (checkpoint_dir, release_dir, synthetic_radiograph, tiny_config,
                                                  tokenizer_dir)
 from cxrllava_jax.reference.torch_models import IMAGE_PLACEHOLDER, ReleaseCXRLLaVA
@@ -295,3 +297,34 @@ def test_several_devices_hold_the_parameters_split_by_heads():
     assert report["spec"][1] == "tensor"  # [embed, heads, head_dim]: heads over the tensor axis
     assert report["shard"] == [report["full"][0], report["full"][1] // 4, report["full"][2]]
     assert report["tokens"] <= 4  # it generated (how many before EOS is up to the untrained model)
+
+
+def test_a_study_is_reported_as_one_prompt_and_one_image_as_the_release(model, images, tmp_path):
+    """A DICOM study (a PA and a lateral sharing a StudyInstanceUID, a prior PA of an earlier StudyDate): from its
+    folder, from its files in any order, or as a Study, the same prompt and report; one image stays the release's
+    prompt whichever way it is given; a lateral alone is refused naming its tag; a study past the context is refused
+    before any image is read."""
+    files = write_two_studies(tmp_path)
+    older, study = studies_in_folder(tmp_path)
+    task = [{"role": "user", "content": prompting.REPORT_QUESTION}]
+    for one in (images[0], [images[0]], Study.of(images[0], views=["PA"])):
+        np.testing.assert_array_equal(model.encode(task, one), model.encode(REPORT))
+    np.testing.assert_array_equal(model.study_pixels(Study.of(images[0]))[0], model.preprocess(images[0]))
+
+    prompt = model.encode(task, study)
+    assert (prompt == model.config.image_token_id).sum() == 3 * model.config.num_image_tokens
+    text = model.decode([int(i) for i in prompt if i != model.config.image_token_id])
+    assert "Current study, 2024-01-05" in text and "Prior study, 2023-03-01" in text
+    assert prompting.COMPARISON_QUESTION.strip() in text  # the report of a study with a prior compares
+    shuffled = [files["prior"], files["lateral"], files["frontal"]]  # grouped by UID, ordered by date
+    np.testing.assert_array_equal(model.encode(task, shuffled), prompt)
+    # The batch `report --studies` makes of this folder (tests/test_inference_cli.py compares the two).
+    assert all(isinstance(report, str) for report in model.write_radiologic_reports([older, shuffled], **GREEDY))
+    np.testing.assert_array_equal(model.encode([{"role": "user", "content": "Unchanged?"}], study),
+                                  model.encode([{"role": "user", "content": study.prompt("Unchanged?")}], study))
+
+    with pytest.raises(NotFrontalChestError, match="ViewPosition is 'LL'"):
+        model.write_radiologic_report(files["lateral"], **GREEDY)
+    missing = [tmp_path / f"missing{i}.png" for i in range(32)]  # never read: the counts refuse it first
+    with pytest.raises(prompting.PromptTooLongError, match=r"\(512 of them image positions: 32 images x 16\)"):
+        model.write_radiologic_report(missing, **GREEDY)

@@ -12,7 +12,9 @@ import time
 import pytest
 
 from cxrllava_jax import cli
+from cxrllava_jax.domain.studies import studies_in_folder
 from cxrllava_jax.reference.tiny_models import checkpoint_dir, synthetic_radiograph
+from tests.dicom_files import CURRENT_UID, PRIOR_UID, write_two_studies
 
 OPTIONS = ["--temperature", "0", "--max-new-tokens", "10"]
 GREEDY = dict(temperature=0.0, max_new_tokens=10)
@@ -139,3 +141,34 @@ def test_report_processes_take_their_own_slice_and_file(folder, model, tmp_path,
     monkeypatch.setenv("JAX_PROCESS_ID", "2")
     assert cli.main(["report", str(folder / "nested"), "--checkpoint", str(checkpoint_dir())]) == 1
     assert "JAX_PROCESS_ID=2 must be in [0, JAX_NUM_PROCESSES=2)" in capsys.readouterr().err
+
+
+def test_report_studies_writes_one_record_per_study_and_resumes_by_study(model, tmp_path, capsys):
+    """`report --studies`: the DICOM folder's two studies (the later one read with its lateral and the earlier one
+    as its prior) get a record each naming the study, its images with views and dates, and the prior; a file that
+    is no readable DICOM gets its error record; --resume writes only the study whose record is missing."""
+    folder = tmp_path / "dicom"
+    paths = write_two_studies(folder)
+    (folder / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00garbage")
+    out = tmp_path / "studies.jsonl"
+    argv = ["report", "--studies", str(folder), "--checkpoint", str(checkpoint_dir()), "--jsonl", str(out), *OPTIONS]
+    assert cli.main(argv) == 1
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    by_study = {r["study"]: r for r in records}
+    _, older, current = studies_in_folder(folder)  # the broken file first (no PatientID), then P1's by date
+    assert by_study[CURRENT_UID]["images"] == [{"image": str(paths["frontal"]), "view": "PA"},
+                                               {"image": str(paths["lateral"]), "view": "LL"}]
+    assert by_study[CURRENT_UID]["date"] == "20240105"
+    assert by_study[CURRENT_UID]["prior"] == {"study": PRIOR_UID, "date": "20230301",
+                                              "images": [{"image": str(paths["prior"]), "view": "PA"}]}
+    assert [by_study[study.uid]["report"] for study in (older, current)] == \
+        model.write_radiologic_reports([older, current], **GREEDY)
+    assert by_study[PRIOR_UID]["prior"] is None and "report" in by_study[PRIOR_UID]
+    assert "broken.dcm: DICOM file without pixel data" in by_study[None]["error"]
+    assert "1 of 3 studies failed" in capsys.readouterr().err
+
+    out.write_text("".join(json.dumps(r) + "\n" for r in records if r["study"] != CURRENT_UID))
+    assert cli.main(argv[:-len(OPTIONS)] + ["--resume", *OPTIONS]) == 0
+    assert "2 of 3 studies already have a record" in capsys.readouterr().err
+    again = [json.loads(line) for line in out.read_text().splitlines()][2:]
+    assert again == [by_study[CURRENT_UID]]

@@ -20,7 +20,10 @@ from cxrllava_jax.serving.app import create_app
 from cxrllava_jax.serving.limits import MIB, Limits
 from cxrllava_jax.serving.scheduler import Job
 from cxrllava_jax.reference.tiny_models import checkpoint_dir, synthetic_radiograph
-from tests.dicom_files import write_dicom
+from cxrllava_jax.domain import prompting
+from cxrllava_jax.domain.studies import Study, studies_in_folder
+from cxrllava_jax.serving import requests
+from tests.dicom_files import write_dicom, write_two_studies
 from tests.serving_fixtures import (NIH_PNG, NON_CHEST_DICOM, LiveServer, data_url, endless_tiny_model, image_message,
                               multipart)
 
@@ -184,7 +187,7 @@ def _bad_requests():
         ("missing API key", good, {}, 401, r"missing API key"),
         ("wrong API key", good, {"Authorization": "Bearer not-the-key"}, 401, r"wrong API key"),
         ("no image", {**good, "messages": [{"role": "user", "content": QUESTION}]}, None, 400,
-         r"exactly one image.*it holds 0"),
+         r"holds no image"),
         ("too many tokens asked", {**good, "max_tokens": 100_000}, None, 400, r"max_tokens=100000 is more than .* 400"),
         ("bad temperature", {**good, "temperature": "hot"}, None, 400, r"temperature must be a number"),
         ("several answers", {**good, "n": 3}, None, 400, r"n=3 is not supported"),
@@ -235,7 +238,7 @@ def _blocking_job(model, image) -> tuple[Job, threading.Event, threading.Event]:
         release.wait(timeout=120)
 
     turns = [{"role": "user", "content": QUESTION}]
-    return Job(model.encode(turns), model.preprocess(image), SamplingOptions(temperature=0.0, max_new_tokens=4),
+    return Job(model.encode(turns), model.preprocess(image)[None], SamplingOptions(temperature=0.0, max_new_tokens=4),
                sink), entered, release
 
 
@@ -323,3 +326,54 @@ def test_the_serve_command(tmp_path):
         run = subprocess.run(command[:4] + ["--checkpoint", str(checkpoint_dir()), "--port", "0"] + args,
                              capture_output=True, text=True, timeout=300)
         assert run.returncode == 1 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_a_dicom_study_through_the_server(model, server, client, tmp_path):
+    """The DICOM study (a PA and a lateral sharing a StudyInstanceUID, a prior PA of an earlier StudyDate) as three
+    image_url parts in any order: grouped, ordered and answered as the library answers the study; through the form
+    with the prior as prior_file and its report as text; a lateral alone refused naming its tag and its part."""
+    files = write_two_studies(tmp_path)
+    _, study = studies_in_folder(tmp_path)
+    parts = [{"type": "text", "text": prompting.REPORT_QUESTION}] + [
+        {"type": "image_url", "image_url": {"url": data_url(files[name], "application/dicom")}}
+        for name in ("prior", "lateral", "frontal")]
+    reply = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": parts}], **GREEDY)
+    assert reply.choices[0].message.content == model.write_radiologic_report(study, temperature=0.0, max_new_tokens=10)
+    assert reply.usage.prompt_tokens == len(model.encode([{"role": "user", "content": prompting.REPORT_QUESTION}],
+                                                         study))
+
+    body, content_type = multipart({"temperature": "0", "max_tokens": "10", "prior_report": "Small left effusion."},
+                                   {"file": [("pa.dcm", files["frontal"].read_bytes()),
+                                             ("lat.dcm", files["lateral"].read_bytes())],
+                                    "prior_file": ("old.dcm", files["prior"].read_bytes())})
+    status, answer = server.request("POST", "/v1/report", body, {"Content-Type": content_type,
+                                                                 "Authorization": f"Bearer {KEY}"})
+    assert status == 200, answer
+    with_report = Study.of([files["frontal"], files["lateral"]],
+                           prior=Study.of(files["prior"], report="Small left effusion."))
+    assert answer["report"] == model.write_radiologic_report(with_report, temperature=0.0, max_new_tokens=10)
+
+    lateral = {"type": "image_url", "image_url": {"url": data_url(files["lateral"], "application/dicom")}}
+    for content, field, pattern in (
+            ([{"type": "text", "text": "Any effusion?"}, lateral], "messages[0].content[1].image_url",
+             r"ViewPosition is 'LL'"),
+            ([{**lateral, "image_url": {"url": data_url(NIH_PNG)}, "view": "LL"}], "messages[0].content[0].image_url",
+             r"only view is lateral"),
+            ([lateral, {**lateral, "view": "PA"}], "messages[0].content[1].image_url",
+             r"given as a frontal view \('PA'\) but its ViewPosition is 'LL'")):
+        status, refused = server.post_json("/v1/chat/completions", {"model": MODEL_ID, "messages": [
+            {"role": "user", "content": content}]}, KEY)
+        assert status == 400 and refused["error"]["param"] == field, refused
+        assert re.search(pattern, refused["error"]["message"]), refused["error"]["message"]
+
+
+def test_a_request_is_priced_by_every_image(tmp_path):
+    """Admission holds the decoding budget for the largest of a request's images, whichever part it is in."""
+    small = tmp_path / "small.png"
+    Image.new("L", (64, 64), 128).save(small)
+    parts = [{"type": "image_url", "image_url": {"url": data_url(path)}} for path in (small, NIH_PNG)]
+    generation = requests.parse_chat({"model": MODEL_ID, "messages": [{"role": "user", "content": parts}]}, MODEL_ID,
+                                     LIMITS)
+    costs = [part.image.decode_bytes for part in generation.images]
+    assert costs[0] < costs[1] == generation.decode_bytes
+    assert generation.largest_field == "messages[0].content[1].image_url"

@@ -86,7 +86,8 @@ def test_one_access_line_per_request_and_metrics_that_count_them(server, caplog)
         assert grew(f"cxrllava_{histogram}_seconds_count") == 2
     assert grew("cxrllava_rows_admitted_total") == 2
     assert after[("cxrllava_queue_depth", ())] == 0 and ("cxrllava_batch_rows", ()) in after
-    assert after[("cxrllava_programs_compiled_total", ())] >= 1
+    # compiled here, or loaded from the run's compilation cache when another test compiled it first
+    assert after[("cxrllava_programs_compiled_total", ())] + after[("cxrllava_programs_loaded_total", ())] >= 1
 
 
 @pytest.mark.parametrize("log_format", ["json", "text"])

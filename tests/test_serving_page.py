@@ -2,7 +2,8 @@
 radiograph, see it in the viewer, window it from the keyboard, get the report streamed (a waiting state shown
 until the first words come, the file it is about named with it), ask a follow-up with the keyboard, copy the
 report; then a refused upload clears the image, the conversation and the buttons and says why, and a question may
-come before any report. Writes a screenshot to $TEST_ARTIFACTS (default test-artifacts/).
+come before any report; a study's frontal and lateral DICOM files chosen together are labelled with their views
+and date and reported on as one study, and a lateral alone is refused. Writes a screenshot to $TEST_ARTIFACTS (default test-artifacts/).
 
 Answers come from the tiny model with EOS never ending them (every answer is exactly its token budget long),
 paced so that the stream is seen arriving; the texts shown must equal the library's greedy answers.
@@ -21,6 +22,7 @@ from cxrllava_jax.domain import prompting
 from cxrllava_jax.inference.engine import Engine
 from cxrllava_jax.serving.app import create_app
 from cxrllava_jax.serving.limits import Limits
+from tests.dicom_files import CURRENT_UID, write_two_studies
 from tests.serving_fixtures import NIH_PNG, NON_CHEST_DICOM, LiveServer, endless_tiny_model
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -209,3 +211,29 @@ def test_report_and_follow_up_in_the_browser(model, server, browser, tmp_path):
     assert len(browser.execute_script(band)) == 16
     browser.find_element(By.ID, "reset-window").click()
     assert len(browser.execute_script(band)) == 1
+
+    # A study: a lateral DICOM alone is refused naming its tag; chosen with the frontal of its study, both are
+    # labelled (view, date), the page says which study it is about, and the report on both streams in.
+    browser.find_element(By.ID, "allow-non-frontal").click()  # back to the guard
+    files = write_two_studies(tmp_path / "dicom")
+    browser.find_element(By.ID, "file").send_keys(str(files["lateral"]))
+    WebDriverWait(browser, 60).until(lambda b: "ViewPosition is 'LL'" in b.find_element(By.ID, "status").text)
+    assert "Cannot use a_lateral.dcm, so no image is loaded" in browser.find_element(By.ID, "status").text
+    assert browser.find_element(By.ID, "subject").text == "No image loaded"
+    browser.find_element(By.ID, "file").send_keys(f"{files['frontal']}\n{files['lateral']}")
+    WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, "report-button").is_enabled())
+    labels = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#study-images button")]
+    assert labels == ["b_frontal.dcm: PA, 2024-01-05", "a_lateral.dcm: lateral, 2024-01-05"]
+    assert browser.find_element(By.ID, "subject").text == \
+        f"Study {CURRENT_UID} of 2024-01-05: b_frontal.dcm, a_lateral.dcm"
+    browser.find_elements(By.CSS_SELECTOR, "#study-images button")[1].click()  # the viewer shows the lateral
+    assert "a_lateral.dcm" in browser.find_element(By.ID, "image").get_attribute("aria-label")
+    browser.execute_script("window.seen = []")
+    browser.find_element(By.ID, "report-button").click()
+    _wait_until_answered(browser, 1)
+    report = model.write_radiologic_report([files["frontal"], files["lateral"]], temperature=0.0,
+                                           max_new_tokens=ANSWER_TOKENS)
+    assert _answers(browser) == [report] and _about(browser) == ["the study of 2024-01-05 (2 images)"]
+    partial = [text for text in browser.execute_script("return window.seen") if text and text != report]
+    assert len(set(partial)) >= 2 and all(report.startswith(text) for text in partial)
+    browser.save_screenshot(str(ARTIFACTS / "serve_page_study.png"))

@@ -93,3 +93,22 @@ def test_sharded_forward_equals_single_device(report, layout):
     assert r["logits_shard_shape"][0] == 1  # batch of 4 split over data x fsdp
     assert r["max_abs_logit"] > 0.1
     assert r["max_abs_diff"] <= 1e-5
+
+
+def test_a_layout_jax_refuses_falls_back_to_device_order_and_says_so(monkeypatch, caplog):
+    """JAX's topology-aware layout refuses some device sets (a TPU slice that is no contiguous cuboid, megacore
+    chips); the mesh then keeps device order, and the log says so rather than hiding a slower layout."""
+    import logging
+
+    import jax
+
+    from cxrllava_jax import sharding
+
+    def refuse(*args, **kwargs):
+        raise AssertionError('Constructed mesh contains a "hole"')
+
+    monkeypatch.setattr(sharding.mesh_utils, "create_device_mesh", refuse)
+    with caplog.at_level(logging.WARNING):
+        mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    assert list(mesh.devices.flat) == jax.devices()[:1]
+    assert 'contains a "hole"' in caplog.text and "device order" in caplog.text

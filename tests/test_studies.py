@@ -11,29 +11,15 @@ from cxrllava_jax.domain import prompting
 from cxrllava_jax.domain.radiograph_guard import NotFrontalChestError
 from cxrllava_jax.domain.studies import Study, latest_studies, studies_in_folder
 from cxrllava_jax.errors import InputError
-from tests.dicom_files import write_dicom
+from tests.dicom_files import NIH, chest_film, write_dicom, write_two_studies
 
-NIH = sorted((Path(__file__).parent / "fixtures" / "real-cxr" / "nih").glob("*.png"))
 SIZE = 32
-
-
-def film(path, index: int, **tags) -> Path:
-    """A real NIH film (downscaled to 128 pixels) as a 12-bit CR chest DICOM file with `tags`."""
-    stored = np.asarray(Image.open(NIH[index]).convert("L").resize((128, 128)), np.uint16) * 16
-    return write_dicom(path, stored, Modality="CR", BodyPartExamined="CHEST", WindowCenter="2048",
-                       WindowWidth="4096", **tags)
 
 
 @pytest.fixture
 def folder(tmp_path):
-    """Patient P1: a PA and a lateral of 2024-01-05 (in a subfolder, the lateral's name sorting first), the PA of
-    2023-03-01 before it; a stray text file."""
-    (tmp_path / "new").mkdir()
-    film(tmp_path / "new" / "a_lateral.dcm", 1, ViewPosition="LL", StudyInstanceUID="1.2.3.2", PatientID="P1",
-         StudyDate="20240105")
-    film(tmp_path / "new" / "b_frontal.dcm", 0, ViewPosition="PA", StudyInstanceUID="1.2.3.2", PatientID="P1",
-         StudyDate="20240105")
-    film(tmp_path / "old.dcm", 1, ViewPosition="PA", StudyInstanceUID="1.2.3.1", PatientID="P1", StudyDate="20230301")
+    """`write_two_studies` and a stray text file."""
+    write_two_studies(tmp_path)
     (tmp_path / "notes.txt").write_text("not an image")
     return tmp_path
 
@@ -83,7 +69,7 @@ def test_a_non_chest_file_is_refused_inside_a_study(folder):
 
 
 def test_files_of_one_study_that_disagree_are_refused(folder):
-    film(folder / "other.dcm", 0, ViewPosition="PA", StudyInstanceUID="1.2.3.2", PatientID="P1", StudyDate="20240106")
+    chest_film(folder / "other.dcm", 0, ViewPosition="PA", StudyInstanceUID="1.2.3.2", PatientID="P1", StudyDate="20240106")
     with pytest.raises(InputError, match="StudyDate is '20240106' but .* says '20240105'"):
         studies_in_folder(folder)
 
@@ -112,3 +98,24 @@ def test_conversation_files_take_image_lists_with_one_place_each(tmp_path):
     [record] = conversations.load(tmp_path / "s.jsonl")
     assert record.image == (str(tmp_path / "pa.png"), str(tmp_path / "lat.png"))
     assert record.conversations[0][0]["content"] == "<image>\n<image>\nCompare."
+
+
+def test_files_of_two_studies_are_a_study_and_its_prior_and_views_are_read_from_bytes(folder):
+    """`Study.of` groups DICOM files by StudyInstanceUID (the earlier StudyDate the prior), from paths or bytes
+    alike (a lateral upload alone refused by its tag); a view given against the file's is refused; three studies
+    are refused."""
+    new = folder / "new"
+    paths = [folder / "old.dcm", new / "a_lateral.dcm", new / "b_frontal.dcm"]
+    study = Study.of(paths)
+    assert (study.uid, study.date, [i.view for i in study.images]) == ("1.2.3.2", "20240105", ["PA", "LL"])
+    assert (study.prior.uid, study.prior.date, [i.source for i in study.prior.images]) == \
+        ("1.2.3.1", "20230301", [paths[0]])
+    uploads = Study.of([path.read_bytes() for path in paths])
+    assert [i.view for i in uploads.all_images()] == ["PA", "LL", "PA"]
+    np.testing.assert_array_equal(uploads.pixels(SIZE), study.pixels(SIZE))
+    with pytest.raises(NotFrontalChestError, match="ViewPosition is 'LL'"):
+        Study.of(new.joinpath("a_lateral.dcm").read_bytes()).pixels(SIZE)
+    with pytest.raises(InputError, match=r"a_lateral.dcm: given as a frontal view \('PA'\) but its ViewPosition is 'LL'"):
+        Study.of([new / "a_lateral.dcm"], views=["PA"])
+    with pytest.raises(InputError, match="belong to 3 studies"):
+        Study.of(paths + [chest_film(folder / "third.dcm", 0, StudyInstanceUID="1.2.3.9", PatientID="P1")])

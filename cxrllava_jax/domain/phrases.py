@@ -15,13 +15,16 @@ MIT License (its text is at the end of this file). The patterns and code here ar
 """
 
 # Words that may not sit between a subject and its state ("heart ... enlarged"): a clause turn, or the
-# opposite state, so that "heart size is enlarged, lungs are normal" is not read as a normal heart.
-_GAP_STOP = r"(?:but|however|although|though|while|whereas|which|normal|unremarkable|enlarg\w*|widen\w*|increas\w*)\b"
+# opposite state, so that "heart size is enlarged, lungs are normal" (or "the heart is large, ...") is not read as
+# a normal heart.
+_GAP_STOP = (r"(?:but|however|although|though|while|whereas|which|normal|unremarkable|enlarg\w*|widen\w*|increas\w*"
+             r"|large|prominen\w*)\b")
 _NORMAL_STATES = (
     r"normal(?! position)",
     r"unremarkable",
     r"within (?:the )?(?:normal limits|limits of normal)",
     r"(?:at )?(?:the )?upper limits? of normal",
+    r"not (?:significantly )?(?:enlarged|widened)",  # "heart silhouette and mediastinal contours are not enlarged"
 )
 
 
@@ -30,7 +33,7 @@ def subject_state(subjects, states, max_gap=4, before_gap=0):
     or '<state> ... <subject>' with at most `before_gap` ("enlarged heart")."""
     subject, state = "|".join(subjects), "|".join(states)
     gap = rf"(?:[\s,]+(?!{_GAP_STOP})[\w/'-]+){{0,{max_gap}}}?[\s,]+"
-    before = rf"(?:\s+(?!{_GAP_STOP})[\w/'-]+){{0,{before_gap}}}?\s+"
+    before = rf"(?:[\s,]+(?!{_GAP_STOP})[\w/'-]+){{0,{before_gap}}}?[\s,]+"
     return rf"\b(?:{subject})\b{gap}(?:{state})\b|\b(?:{state}){before}(?:{subject})\b"
 
 
@@ -53,16 +56,35 @@ _MEDIASTINUM = (
 # (the size is compared with a study the reader cannot see); "borderline heart size" likewise, but "borderline
 # cardiomegaly" and "the heart is borderline enlarged" are positive there.
 _STABLE_STATES = (r"stable", r"unchanged", r"not changed", r"similar to (?:the )?prior")
+# Its rule reads the state of the silhouette, whatever else is said of it ("stable enlarged cardiac silhouette",
+# "heart size and mediastinal contours are unchanged", "stable appearance of the cardiomediastinal silhouette"), so
+# the words between may only be those of such a list: "the heart is enlarged, with stable effusion" is no stable heart.
+_SILHOUETTE_WORDS = (r"(?:the|and|or|of|in|is|are|remains?|appears?|again|also|otherwise|overall|both|grossly|appearance|size|"
+                     r"heart|cardiac|mediastinal|cardiomediastinal|mediastinum|hilar|hila|contours?|silhouettes?|"
+                     r"configuration|width|pulmonary|vascularity|vasculature|superior|upper|non-?enlarged|mild|mildly|moderate|moderately|marked|"
+                     r"markedly|enlarged|borderline|prominent)")
+
+
+def stable_statement(subjects):
+    """'<subject> ... stable' or 'stable ... <subject>' across the words of a cardiomediastinal list only."""
+    subject, state = "|".join(subjects), "|".join(_STABLE_STATES)
+    return (rf"\b(?:{subject})\b(?:[\s,]+{_SILHOUETTE_WORDS}){{0,8}}?[\s,]+(?:{state})\b"
+            rf"|\b(?:{state})(?:[\s,]+{_SILHOUETTE_WORDS}){{0,3}}?[\s,]+(?:{subject})\b")
 
 MENTIONS = {
     "Enlarged Cardiomediastinum": (
         subject_state(_MEDIASTINUM, (r"enlarged", r"enlargement", r"widened", r"widening", r"wide", r"prominent")),
         r"\b(?:cardio)?mediastinal (?:widening|enlargement)\b",
+        # Its phrase " mediastinum" is a mention however the enlargement is worded: "widening of the mediastinum".
+        r"\b(?:widening|enlargement|prominence) of (?:the )?(?:superior |upper )?(?:cardio)?mediastin"
+        r"(?:um|al (?:silhouette|contours?))\b",
     ),
     "Cardiomegaly": (
         r"\bcardiomegaly\b",
-        r"\bcardiac enlargement\b",
+        r"\b(?:cardiac|heart) enlargement\b",
         r"\benlargement of the (?:heart|cardiac silhouette)\b",
+        # Its "heart size" is a mention in any sentence: "interval increase in heart size".
+        r"\bincrease(?:d)? in (?:the )?(?:(?:heart|cardiac) size|size of the (?:heart|cardiac silhouette))\b",
         subject_state(_HEART, (r"enlarged", r"increased", r"large", r"prominent", r"borderline")),
     ),
     "Lung Lesion": (
@@ -96,7 +118,6 @@ MENTIONS = {
         r"\bcongestive heart failure\b|\bheart failure\b",
         r"\bchf\b",
         r"\bfluid overload\b",
-        r"\bcephalization\b",
     ),
     "Consolidation": (r"\bconsolidat\w*",),
     "Pneumonia": (
@@ -136,8 +157,8 @@ MENTIONS = {
         r"\bpicc\b",
         r"\bcatheters?\b",
         r"\bcannulas?\b",
-        r"\bport[- ]?a[- ]?cath\b|\bmediport\b",
-        r"\b(?:pacemaker|pacer|aicd|icd|defibrillator)s?\b",
+        r"\bport[- ]?a?[- ]?cath(?:eter)?s?\b|\bmediport\b",  # its "catheter" inside "portacatheter"
+        r"\b(?:pacemaker|pacer|aicd|icd|defib(?:rillator)?)s?\b",
         r"\b(?:pacing|pacer) (?:leads?|wires?)\b",
         # Sternotomy wires, surgical clips and stents are not among the CheXpert labeler's device phrases; valves,
         # markers, lines, devices and equipment are, whatever word comes before them.
@@ -166,13 +187,13 @@ NORMAL_STATEMENTS = {
     "Pleural Effusion": (r"\b(?:costophrenic|cp) (?:angles?|sulci) (?:are |is )?(?:sharp|clear)\b",),
 }
 UNCERTAIN_STATEMENTS = {
-    "Enlarged Cardiomediastinum": (subject_state(_MEDIASTINUM, _STABLE_STATES, max_gap=2),),
-    "Cardiomegaly": (subject_state(_HEART, _STABLE_STATES, max_gap=2), r"\bborderline (?:heart|cardiac) size\b",
+    "Enlarged Cardiomediastinum": (stable_statement(_MEDIASTINUM),),
+    "Cardiomegaly": (stable_statement(_HEART), r"\bborderline (?:heart|cardiac) size\b",
                      # The size is borderline, the heart is not said to be enlarged: "heart size is borderline".
-                     subject_state(_HEART_SIZE, (r"borderline(?!\s+(?:enlarg|large|cardiomegaly))",), max_gap=2)),
+                     subject_state(_HEART_SIZE, (r"borderline(?!\s+(?:enlarg|large|cardiomegaly|normal))",), max_gap=2)),
     # Signs that may or may not be edema: uncertain unless negated ("no vascular congestion").
     "Edema": (
-        r"\b(?:pulmonary |central )?(?:vascular|venous) (?:congestion|prominence|engorgement|redistribution)\b",
+        r"\bvascular (?:congestion|prominence)\b",
         r"\bpulmonary congestion\b",
         r"\bindistinctness\b",
     ),
@@ -191,6 +212,7 @@ OTHER_FINDINGS = (
     r"\birregular lucency\b", r"\binflam\w*", r"\bfissures?\b", r"\bhypertension\b", r"\bprominen\w*", r"\bkyphosis\b",
     r"\bbullets?\b", r"\bthoracentesis\b", r"\bbronchitis\b", r"\bvolume loss\b", r"\bdeformit\w*", r"\bhemorrhage\b",
     r"\bhematoma\b", r"\bradiopaque\b", r"\baerophagia\b", r"\barthropathy\b", r"\btracheostomy\b",
+    r"\bdefib\w*",  # in its list as well as among the devices: a defibrillator rules out No Finding there
     # Added here: common chronic findings the CheXpert list lacks, which make a study abnormal all the same.
     r"\btortu\w+", r"\becta(?:sia|tic)\b", r"\bspondylo\w+", r"\b(?:low|decreased) lung volumes?\b",
     r"\bhypo(?:inflat|ventilat|expan)\w*", r"\bcurvature\b", r"\barthriti\w*", r"\bforeign bod(?:y|ies)\b",
@@ -198,11 +220,17 @@ OTHER_FINDINGS = (
     r"\bcrowding\b", r"\bunfold\w*", r"\bdish\b", r"\bfusion\b",
 )
 
+def _positional(subjects):
+    return rf"\b(?:over|overly|overlying|in|within) the (?:superior |left |right )?(?:{'|'.join(subjects)})\b"
+
+
 UNMENTIONS = {
-    "Cardiomegaly": (r"\b(?:over|overly|overlying|in) the (?:superior |left |right )?heart\b",),
+    # Its positional unmentions: what lies over or in the heart or the mediastinum is something else.
+    "Cardiomegaly": (_positional(_HEART),),
+    "Enlarged Cardiomediastinum": (_positional(_MEDIASTINUM),),
     "Lung Lesion": (r"\bmass effect\b", r"\bcalcified nodul\w*", r"\bmassive\b"),
     # An old, healed infection is a granuloma, not a pneumonia.
-    "Pneumonia": (r"\b(?:granulomatous|prior|previous|old|remote|healed|tuberculous|tuberculosis|tb) infect\w+",),
+    "Pneumonia": (r"\b(?:granulomatous|prior|previous|old|remote|healed|tuberculous|tuberculosis|tb) (?:[\w-]+ )?infect\w+",),
     "Lung Opacity": (r"\bpleural (?:scar|scarring)\b", r"\bpleuro-?parenchymal scar\w*"),
     "Edema": (r"\b(?:soft tissue|subcutaneous|facial|peripheral|extremity|chest wall) (?:o?edema)\b",),
     "Pleural Effusion": (r"\b(?:pericardial|joint|knee|shoulder) effusions?\b",),
@@ -227,7 +255,7 @@ NEGATION_BEFORE = (
     r"\babsent\b",
     r"\bresolution of\b",
     r"\bresolved\b",
-    r"\bclear of\b",
+    r"\bclear(?:ing)? of\b",
     r"\b(?:removal|history|disappearance|drainage) of\b",
     r"\bneither\b",
     r"\bnor\b",
@@ -248,9 +276,9 @@ UNCERTAINTY_BEFORE = (
     r"\bsuspect\w*",
     r"\bconcern\w*",
     r"\bquestion\w*",
-    r"\bsuggest\w*",
+    r"\bsuggest\w*",  # the CheXpert labeler reads only "suggestion of": see the labeler's docstring
     r"\bconsider(?:ed|ation)?\b",
-    r"\bdifferential\b",
+    r"\bdifferential\b(?:[^;]*?\bincludes?\b)?",  # its "differential diagnosis includes X", with words between
     r"\bversus\b|\bvs\b",
     r"\bequivocal\b",
     r"\bindeterminate\b",
@@ -261,15 +289,17 @@ UNCERTAINTY_BEFORE = (
     r"\bworrisome\b",
     r"\brule out\b|\br/o\b",
     r"\b(?:evaluate|assess) for\b",
-    r"\bcorrelat\w* (?:clinically )?for\b",
+    r"\bcorrelat\w* (?:clinically )?(?:for|as to)\b",  # its "correlate clinically for (symptoms of) X"
+    # Its "X is poorly / incompletely evaluated", said of the evaluation: "evaluation for pneumothorax is limited".
+    r"\b(?:evaluation|assessment) (?:for|of) (?=(?:[\w-]+ ){0,3}?[\w-]+ (?:is|are) (?:limited|suboptimal)\b)",
     r"\bobscuring\b",
     r"\bsecondary to\b",
-    r"\b(?:is|are|be) compatible with\b",
+    r"\b(?:is|are|be)(?: most| more| also)? compatible with\b",
     r"\bfavou?r(?:s|ed|ing)?\b",
 )
 UNCERTAINTY_AFTER = (
     # Only at the end of the clause: in "opacity is likely atelectasis" the cue belongs to what follows.
-    r"\b(?:is|are|seems|appears)(?: to be)? (?:likely|possible|probable|questionable)\b(?!\s+\w)",
+    r"\b(?:is|are|seems|appears)(?: to be)?(?: also| still)? (?:likely|possible|probable|questionable)\b(?!\s+\w)",
     r"\b(?:suspected|questioned)\b",
     r"\b(?:obscured|(?:poorly|incompletely|not well|not clearly) (?:evaluated|visualized|seen|assessed))\b",
     # What is not appreciated, visualized or evaluated may be there: the CheXpert labeler's uncertainty.
@@ -290,6 +320,13 @@ PSEUDO_NEGATION = (
     r"\bnot only\b",
 )
 
+# A device's tip that is not seen or is obscured says nothing of whether the device is there: the CheXpert
+# labeler's cues attach to the tip, its patterns read the device's own node ("the tip of the catheter is not
+# visualized", "enteric tube tip not seen": the device is present). A cue after a mention does not reach it across
+# its tip, nor from after "tip of the <device>".
+DEVICE_PART = r"\btips?\b"
+DEVICE_PART_BEFORE = r"\btips? of (?:the |an? )?(?:[\w-]+ ){0,2}$"
+
 # Where a cue's scope ends: a new clause. Sentences are cut into clauses here before anything else is read.
 CLAUSE_BREAKS = (
     r";|\b(?:but|however|although|though|whereas|except|other than|aside from|apart from|which)\b"
@@ -298,6 +335,11 @@ CLAUSE_BREAKS = (
 # A negation or uncertainty reaching forward stops at a verb ("no effusion is seen and the heart is enlarged")
 # and does not cross a comma into a segment that starts like a new finding ("no pneumothorax, small effusion").
 FORWARD_SCOPE_STOP = r"\b(?:is|are|was|were)\b"
+# A cue reaching back stops at a verb too, and at the verbs that read one finding as another: in "consolidation may
+# represent atelectasis versus infiltrate" the alternatives are atelectasis and infiltrate, the consolidation is seen
+# (the CheXpert labeler's "versus" joins the two nouns of a conj:versus, its "may represent" marks the object only).
+BACKWARD_SCOPE_STOP = (rf"{FORWARD_SCOPE_STOP}|\b(?:represent|reflect|indicat|suggest|favou?r)\w*"
+                       r"|\b(?:consistent|compatible) with\b|\b(?:due|secondary) to\b")
 NEW_FINDING_START = (
     r"(?:small|moderate|large|mild|mildly|severe|minimal|trace|tiny|there|the|a|an|stable|new|persistent|unchanged|"
     r"increased|decreased|interval|improved|improving|worsening|worsened|again|likely|probable|possible|with)\b"

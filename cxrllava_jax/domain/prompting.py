@@ -28,7 +28,8 @@ REPORT_PROMPT = f"{IMAGE}\n{REPORT_QUESTION}"
 # A study's report (`study_prompt`): the current films against the prior, each finding's change said.
 COMPARISON_QUESTION = ("Write a radiologic report on the current study, comparing it with the prior study: say for "
                        "each finding whether it is new, resolved, increased, decreased or unchanged.\n")
-DIFFERENTIAL_PROMPT = f"{IMAGE}\nWhat are the possible differential diagnoses for this patient?\n"
+DIFFERENTIAL_QUESTION = "What are the possible differential diagnoses for this patient?\n"
+DIFFERENTIAL_PROMPT = f"{IMAGE}\n{DIFFERENTIAL_QUESTION}"
 # The paper's label-generation prompt (Figure 2b) is not published; this one asks for the same 14 binary
 # labels as a JSON object, which evaluation.json_labels reads.
 LABEL_PROMPT = (f"{IMAGE}\nFor each of the following findings, answer 1 if it is present on the chest radiograph "
@@ -39,10 +40,15 @@ LLAMA2_MARKERS = ("<s>", "</s>")  # BOS and EOS as the chat template writes them
 
 
 def question_prompt(question: str) -> str:
+    return f"{IMAGE}\n{checked_question(question)}"
+
+
+def checked_question(question: str) -> str:
+    """A question a person asked, refused when it is empty or cannot go into a prompt (`check_user_text`)."""
     if not question.strip():
         raise InputError("the question is empty")
     check_user_text(question)
-    return f"{IMAGE}\n{question}"
+    return question
 
 
 def study_prompt(question: str, views: Sequence[str], prior_views: Sequence[str] = (), prior_date: str = "",

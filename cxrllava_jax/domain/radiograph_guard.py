@@ -45,7 +45,8 @@ def check_dicom(ds, origin, allow_lateral: bool = False) -> None:
         _refuse(origin, "BodyPartExamined", body_part, "the chest")
     view = _tag(ds, "ViewPosition")
     if view in LATERAL_VIEWS and not allow_lateral:
-        _refuse(origin, "ViewPosition", view, "a frontal view (PA or AP)")
+        _refuse(origin, "ViewPosition", view, "a frontal view (PA or AP), or a lateral given together with the "
+                "frontal view of its study")
 
 
 def check_image(image, origin) -> None:

@@ -3,9 +3,10 @@
 A `Study` holds its images (each with its view: 'PA', 'AP', a lateral, or '' when nobody said, which reads as
 frontal as a single image always did), its date, an optional report (a prior's), an optional indication and an
 optional prior `Study`. It is made from one image (`Study.of(image)`, today's input), from a list of images
-(`Study.of([...])`, views given or read from each DICOM file's ViewPosition), or from a folder of DICOM files
-(`studies_in_folder`): files grouped by StudyInstanceUID, each patient's studies ordered by StudyDate/StudyTime,
-each linked to the one before it as its prior.
+(`Study.of([...])`, views given or read from each DICOM file's ViewPosition; DICOM files of two studies are the
+current study and its prior, told apart by StudyDate), or from a folder of DICOM files (`studies_in_folder`): files
+grouped by StudyInstanceUID, each patient's studies ordered by StudyDate/StudyTime, each linked to the one before it
+as its prior. DICOM tags are read from files, their bytes, or anything with `read_bytes()` (a server's upload).
 
 Images are read in one order everywhere, the prompt's (`Study.prompt`) and the pixels' (`Study.pixels`): the
 current study's frontal images, its laterals, then the prior's likewise. The radiograph guard reads a lateral view
@@ -13,11 +14,13 @@ only inside a study that has a frontal one; a lateral alone is refused as before
 """
 
 import dataclasses
+import io
 from pathlib import Path
 
 import numpy as np
 
 from cxrllava_jax.domain import images, prompting
+from cxrllava_jax.domain.image_headers import is_dicom
 from cxrllava_jax.domain.radiograph_guard import NotFrontalChestError, OVERRIDE, is_lateral
 from cxrllava_jax.errors import InputError
 
@@ -52,13 +55,33 @@ class Study:
 
     @classmethod
     def of(cls, image_or_images, views=None, **fields) -> "Study":
-        """One image (a path, bytes, PIL image, array...) or a list of them; `views` one per image, else read from
-        DICOM files' ViewPosition ('' where there is none)."""
+        """A study as it is (then nothing else may be given), one image (a path, bytes, PIL image, array...) or a
+        list of them; `views` one per image, else read from DICOM files' ViewPosition ('' where there is none).
+        DICOM files of two StudyInstanceUIDs are a study and its prior (the earlier StudyDate), unless `prior` is
+        given; the other `fields` (date, indication, ...) are the current study's, its date and UID otherwise read
+        from its files."""
+        if isinstance(image_or_images, Study):
+            if views is not None or fields:
+                raise InputError("a Study is taken as it is; give its views and fields when making it")
+            return image_or_images
         sources = list(image_or_images) if isinstance(image_or_images, (list, tuple)) else [image_or_images]
         if views is not None and len(views) != len(sources):
             raise InputError(f"{len(views)} view(s) given for {len(sources)} image(s); give one per image")
-        views = views if views is not None else [_view_of(source) for source in sources]
-        return cls(tuple(StudyImage(s, str(v or "")) for s, v in zip(sources, views)), **fields)
+        members = [_member(source, view) for source, view in zip(sources, views or [None] * len(sources))]
+        groups: dict[str, list] = {}
+        for member in members:
+            groups.setdefault(member[1]["StudyInstanceUID"], []).append(member)
+        if len(set(groups) - {""}) <= 1 or "prior" in fields:
+            return _study(members, **fields)
+        if "" in groups:
+            raise InputError(f"{_name(groups[''][0][0].source)} has no StudyInstanceUID but the other images belong "
+                             f"to studies {sorted(set(groups) - {''})}; give the prior as Study.of(..., prior=...)")
+        if len(groups) > 2:
+            raise InputError(f"the images belong to {len(groups)} studies ({', '.join(groups)}); a study is read "
+                             "with one prior: give the current study's images and its prior's")
+        prior, current = sorted(groups.values(), key=_study_key)
+        _check_agrees(current[0], prior[0], ("PatientID",))
+        return _study(current, prior=_study(prior), **fields)
 
     @property
     def has_frontal(self) -> bool:
@@ -69,8 +92,11 @@ class Study:
         return self.images + (self.prior.images if self.prior else ())
 
     def prompt(self, question: str) -> str:
-        """The first user turn asking `question` about this study (`prompting.study_prompt`)."""
+        """The first user turn asking `question` about this study (`prompting.study_prompt`). The release's report
+        question, asked of a study with a prior, asks for the comparison the prior allows."""
         prior = self.prior
+        if prior is not None and question == prompting.REPORT_QUESTION:
+            question = prompting.COMPARISON_QUESTION
         return prompting.study_prompt(question, [i.view for i in self.images],
                                       [i.view for i in prior.images] if prior else (),
                                       prior.date if prior else "", prior.report if prior else "", self.indication,
@@ -81,19 +107,28 @@ class Study:
         count = len(self.all_images())
         prompting.check_fits(count * num_image_tokens, count, num_image_tokens, max_length)
 
-    def pixels(self, size: int, mode: str = "crop", allow_non_frontal: bool = False) -> np.ndarray:
+    def pixels(self, size: int, mode: str = "crop", allow_non_frontal: bool = False,
+               min_size: int = images.RELEASE_PATCH_SIZE) -> np.ndarray:
         """uint8 model pixels [images, size, size, 1] in prompt order, each image through the one decode path
         and its guard; a lateral view passes only in a (current or prior) study that has a frontal one."""
         return np.stack([pixels for study in (self, self.prior) if study is not None
-                         for pixels in study._own_pixels(size, mode, allow_non_frontal)])
+                         for pixels in study._own_pixels(size, mode, allow_non_frontal, min_size)])
 
-    def _own_pixels(self, size, mode, allow_non_frontal):
-        out = [images.model_pixels(image.source, size, mode, allow_non_frontal=allow_non_frontal,
-                                   allow_lateral=self.has_frontal) for image in self.images]
+    def _own_pixels(self, size, mode, allow_non_frontal, min_size):
+        out = []
+        for image in self.images:
+            # A lateral is read beside another image of the study that is frontal, never as its own companion
+            # (whatever view it was given: the guard reads its tags again as it decodes).
+            beside_frontal = any(not other.lateral for other in self.images if other is not image)
+            try:
+                out.append(images.model_pixels(image.source, size, mode, min_size, allow_non_frontal=allow_non_frontal,
+                                               allow_lateral=beside_frontal))
+            except InputError as error:
+                raise _about(error, image.source)
         if not self.has_frontal and not allow_non_frontal:  # laterals without tags that say so (views given)
-            raise NotFrontalChestError(
+            raise _about(NotFrontalChestError(
                 f"{_name(self.images[0].source)}: the study's only view is lateral; the model reads a lateral view "
-                f"beside a frontal one (PA or AP) of the same study; {OVERRIDE}")
+                f"beside a frontal one (PA or AP) of the same study; {OVERRIDE}"), self.images[0].source)
         return out
 
 
@@ -101,27 +136,23 @@ def studies_in_folder(folder) -> list[Study]:
     """Every study in a folder of DICOM files (searched recursively; other files are passed over): files grouped
     by StudyInstanceUID, ordered by patient, then StudyDate and StudyTime, each study's prior the patient's study
     before it (a study without a StudyDate counts as the oldest). A file without a StudyInstanceUID is a study of
-    its own; studies without a PatientID (anonymised
-    exports) are taken as one patient's, as a folder usually is."""
+    its own; studies without a PatientID (anonymised exports) are taken as one patient's, as a folder usually is.
+    (pydicom reads tags leniently: a damaged file usually has none, is a study of its own and fails when its pixels
+    are read, alone.)"""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder of DICOM files")
-    groups: dict[str, list[tuple[Path, dict]]] = {}
+    groups: dict[str, list] = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and images.is_dicom_file(p)):
-        tags = _read_tags(path)
-        groups.setdefault(tags["StudyInstanceUID"] or f"file:{path}", []).append((path, tags))
+        member = _member(path)
+        groups.setdefault(member[1]["StudyInstanceUID"] or f"file:{path}", []).append(member)
     if not groups:
         raise InputError(f"{folder}: no DICOM files (files starting with the 128-byte preamble and 'DICM')")
-    ordered = sorted(groups.items(), key=lambda group: _study_key(group[1]))
     studies, latest = [], {}
-    for uid, members in ordered:
-        first = members[0][1]
-        for path, tags in members[1:]:
-            _check_agrees(path, tags, first, members[0][0])
-        study = Study(tuple(StudyImage(path, tags["ViewPosition"]) for path, tags in members), date=first["StudyDate"],
-                      prior=latest.get(first["PatientID"]), uid="" if uid.startswith("file:") else uid,
-                      patient=first["PatientID"])
-        latest[first["PatientID"]] = study
+    for members in sorted(groups.values(), key=_study_key):
+        patient = members[0][1]["PatientID"]
+        study = _study(members, prior=latest.get(patient))
+        latest[patient] = study
         studies.append(study)
     return studies
 
@@ -134,35 +165,82 @@ def latest_studies(studies: list[Study]) -> list[Study]:
     return list(latest.values())
 
 
+def _member(source, view: str | None = None) -> tuple[StudyImage, dict]:
+    """(the image with its view: given, else its ViewPosition, else '') and its DICOM tags ('' each for other
+    images). A view given against what the file says (frontal for a lateral, or the reverse) is refused: the guard
+    reads a lateral only beside a frontal, so a study's frontal must be one."""
+    tags = study_tags(source)
+    told = tags["ViewPosition"]
+    if view and told and is_lateral(view) != is_lateral(told):
+        raise _about(InputError(f"{_name(source)}: given as a {'lateral' if is_lateral(view) else 'frontal'} view "
+                                f"({view!r}) but its ViewPosition is {told!r}"), source)
+    return StudyImage(source, str(view or told)), tags
+
+
+def _study(members: list[tuple[StudyImage, dict]], **fields) -> Study:
+    """One study of images whose tags agree (one patient, one date); its date, UID and patient from the tags
+    unless given."""
+    first = members[0]
+    for member in members[1:]:
+        _check_agrees(member, first, ("PatientID", "StudyDate"))
+    read = {field: next((tags[tag] for _, tags in members if tags[tag]), "")
+            for field, tag in (("date", "StudyDate"), ("uid", "StudyInstanceUID"), ("patient", "PatientID"))}
+    return Study(tuple(image for image, _ in members), **{**read, **fields})
+
+
 def _study_key(members):
-    tags = members[0][1]
-    return tags["PatientID"], tags["StudyDate"], tags["StudyTime"], str(members[0][0])
+    image, tags = members[0]
+    return tags["PatientID"], tags["StudyDate"], tags["StudyTime"], _name(image.source)
 
 
-def _check_agrees(path, tags, first, first_path):
-    for key in ("PatientID", "StudyDate"):
-        if tags[key] != first[key]:
-            raise InputError(f"{path}: {key} is {tags[key]!r} but {first_path} of the same StudyInstanceUID says "
-                             f"{first[key]!r}; one study has one patient and one date")
+def _check_agrees(member, first, keys):
+    """Tags that both images have must be equal (one without them, a PNG or an anonymised file, agrees)."""
+    for key in keys:
+        if member[1][key] and first[1][key] and member[1][key] != first[1][key]:
+            raise InputError(f"{_name(member[0].source)}: {key} is {member[1][key]!r} but {_name(first[0].source)} "
+                             f"says {first[1][key]!r}; one study has one patient and one date, and its prior the "
+                             "same patient")
 
 
-def _read_tags(path: Path) -> dict:
-    """The tags that place a file in its study, read without its pixel data."""
+def study_tags(source) -> dict:
+    """The tags that place an image in its study (StudyInstanceUID, PatientID, StudyDate, StudyTime, ViewPosition),
+    read without its pixel data; '' each for an image that is not a DICOM file (a path, bytes, or an object with
+    `read_bytes()`)."""
     import pydicom
 
+    readable = _dicom_readable(source)
+    if readable is None:
+        return dict.fromkeys(_GROUPING_TAGS, "")
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_GROUPING_TAGS))
+        ds = pydicom.dcmread(readable, stop_before_pixels=True, specific_tags=list(_GROUPING_TAGS))
     except Exception as error:  # pydicom raises many types for broken files
-        raise InputError(f"{path}: cannot read DICOM ({type(error).__name__}: {error})") from error
+        raise _about(InputError(f"{_name(source)}: cannot read DICOM ({type(error).__name__}: {error})"),
+                     source) from error
     return {tag: str(ds.get(tag) or "").strip() for tag in _GROUPING_TAGS}
 
 
-def _view_of(source) -> str:
-    """A DICOM file's ViewPosition; '' for anything else (the view of a PNG is what the user says it is)."""
-    if isinstance(source, (str, Path)) and images.is_dicom_file(source):
-        return _read_tags(Path(source))["ViewPosition"]
-    return ""
+def _dicom_readable(source):
+    """What pydicom reads for a DICOM image (its path, or its bytes as a file); None for other images (an open
+    file is left unread: reading it here would leave nothing for the decoder)."""
+    if isinstance(source, (str, Path)):
+        dicom = images.is_dicom_file(source) or str(source).lower().endswith((".dcm", ".dicom"))
+        return Path(source) if dicom and Path(source).is_file() else None
+    if hasattr(source, "read_bytes"):
+        data, name = source.read_bytes(), str(source)
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        data, name = bytes(source), ""
+    else:
+        return None
+    return io.BytesIO(data) if is_dicom(data) or name.lower().endswith((".dcm", ".dicom")) else None
+
+
+def _about(error: InputError, source) -> InputError:
+    """`error` marked with the image it is about (`error.image`), so that a caller that got the image from a
+    request names the request's field (a server's upload has no path to name)."""
+    error.image = source
+    return error
 
 
 def _name(source) -> str:
-    return str(source) if isinstance(source, (str, Path)) else f"image ({type(source).__name__})"
+    return str(source) if isinstance(source, (str, Path)) or hasattr(source, "read_bytes") else \
+        f"image ({type(source).__name__})"

@@ -5,10 +5,15 @@
     model.write_radiologic_reports(["a.dcm", "b.png"], temperature=0.0)
     model.ask_question("Is there a pneumothorax?", "cxr.png")
     model.chat([{"role": "user", "content": "Any effusion?"}, ...], "cxr.png")
+    model.write_radiologic_report(["pa.dcm", "lateral.dcm", "prior_pa.dcm"])     # a study and its prior
+    model.write_radiologic_report(Study.of(["pa.png", "lat.png"], views=["PA", "LL"], prior=Study.of("old.png")))
 
-Images are paths, PIL images or arrays (8/16-bit PNG/JPEG, DICOM), preprocessed as the release does.
+Images are paths, PIL images or arrays (8/16-bit PNG/JPEG, DICOM), preprocessed as the release does. Where a
+method takes an image it takes a study (`domain.studies.Study`) or a list of images (`Study.of`: views read from
+DICOM, two StudyInstanceUIDs a study and its prior) alike; one image is the release's prompt exactly.
 A DICOM file whose tags say it is not a frontal chest radiograph (Modality, BodyPartExamined, ViewPosition) is
-refused unless `allow_non_frontal=True` is passed to the answering method.
+refused unless `allow_non_frontal=True` is passed to the answering method; a lateral view is read beside a frontal
+one of its study.
 Generation keywords and their release defaults: temperature=0.2 (0 = greedy), top_p=0.8,
 max_new_tokens=512 (and never past the context window), seed=0.
 """
@@ -30,13 +35,14 @@ from cxrllava_jax import hub
 from cxrllava_jax.convert import checkpoint, peft, release
 from cxrllava_jax.convert.layout import relayout
 from cxrllava_jax.domain import prompting
+from cxrllava_jax.domain.studies import Study
 from cxrllava_jax.inference import compile_cache, loading
 from cxrllava_jax.models import quantize as quantization
 from cxrllava_jax.inference.engine import Completion, Engine, EngineImage, Request, SamplingOptions
 from cxrllava_jax.domain.tokenizer import check_vocabulary, load_tokenizer
 from cxrllava_jax.models import cxr_llava
 from cxrllava_jax.models.configs import CXRLLaVAConfig, Runtime, check_dtype
-from cxrllava_jax.domain.images import preprocess
+from cxrllava_jax.domain.images import normalise, preprocess
 from cxrllava_jax.errors import ConfigError, InputError, MismatchError
 
 DEFAULT_BATCH_SIZE = 8
@@ -152,45 +158,47 @@ class CXRLLaVA:
                                   scan=self.runtime.scan, overwrite=overwrite, quantize=quantized)
 
     # ---------------------------------------------------------------- the release's methods, and batches
-    # The plural methods answer every input: a text, or for an input that cannot be used (a bad image, a prompt
-    # too long) its InputError in that place. The singular ones raise it.
+    # `image`: one image, a list of images or a Study (see the module's doc); the plural methods take a list of
+    # those. They answer every input: a text, or for an input that cannot be used (a bad image, a prompt too long)
+    # its InputError in that place. The singular ones raise it.
 
     def write_radiologic_report(self, image, **options) -> str:
         return _one(self.write_radiologic_reports([image], **options))
 
     def write_radiologic_reports(self, images: Sequence, **options) -> list:
-        return self.generate([_task(prompting.REPORT_PROMPT)] * len(images), images, **options)
+        return self.generate([_task(prompting.REPORT_QUESTION)] * len(images), images, **options)
 
     def write_differential_diagnosis(self, image, **options) -> str:
         return _one(self.write_differential_diagnoses([image], **options))
 
     def write_differential_diagnoses(self, images: Sequence, **options) -> list:
-        return self.generate([_task(prompting.DIFFERENTIAL_PROMPT)] * len(images), images, **options)
+        return self.generate([_task(prompting.DIFFERENTIAL_QUESTION)] * len(images), images, **options)
 
     def ask_question(self, question: str, image, *, on_text: Callable[[str], None] | None = None, **options) -> str:
-        return _one(self.generate([_task(prompting.question_prompt(question))], [image], on_text=on_text, **options))
+        return _one(self.generate([_task(prompting.checked_question(question))], [image], on_text=on_text, **options))
 
     def ask_questions(self, questions: Sequence[str], images: Sequence, **options) -> list:
         if len(questions) != len(images):
             raise ValueError(f"{len(questions)} questions but {len(images)} images")
-        return self.generate([_task(prompting.question_prompt(q)) for q in questions], images, **options)
+        return self.generate([_task(prompting.checked_question(q)) for q in questions], images, **options)
 
     def chat(self, messages: Sequence[dict], image, *, on_text: Callable[[str], None] | None = None,
              **options) -> str:
-        """The assistant's next answer in a conversation about `image`.
+        """The assistant's next answer in a conversation about `image` (an image, a list of them or a Study).
 
         `messages`: {"role": "user"|"assistant", "content"} turns ending with the user's, optionally after
-        a {"role": "system"} message that replaces the release's system prompt. The image goes into the
-        first user turn (`<image>\\n` is put in front of it unless it is already there). The conversation's
-        earlier turns are not computed again when an earlier request ended with them (the engine's prefix cache).
+        a {"role": "system"} message that replaces the release's system prompt. The images go into the
+        first user turn (`Study.prompt`: `<image>\\n` in front of it for one image) unless it already has their
+        `<image>` places. The conversation's earlier turns are not computed again when an earlier request ended with
+        them (the engine's prefix cache).
         """
         return _one(self.generate([list(messages)], [image], on_text=on_text, **options))
 
     # ---------------------------------------------------------------- requests to the engine
 
     def generate(self, conversations: Sequence[Sequence[dict]], images: Sequence, **kwargs) -> list:
-        """One answer per (conversation, image) pair, in order: its text, or the InputError that stopped it.
-        Keywords: `iter_generate`'s and the generation options."""
+        """One answer per (conversation, image or study) pair, in order: its text, or the InputError that stopped
+        it. Keywords: `iter_generate`'s and the generation options."""
         answers: list = [None] * len(conversations)
 
         def refused(index, error):
@@ -223,8 +231,10 @@ class CXRLLaVA:
         order: list[int] = []  # the engine's request number -> the input's index
 
         def prepare(index):
-            pixels = self.preprocess(images[index], allow_non_frontal)
-            return Request(self.encode(conversations[index]), (EngineImage.of(pixels),), sampling, keep)
+            study = Study.of(images[index])
+            prompt = self.encode(conversations[index], study)  # a prompt too long is refused before any decode
+            pixels = self.study_pixels(study, allow_non_frontal)
+            return Request(prompt, tuple(EngineImage.of(p) for p in pixels), sampling, keep)
 
         def requests():
             for index, prepared in _ahead(prepare, range(len(conversations)), workers, 2 * batch_size):
@@ -258,18 +268,34 @@ class CXRLLaVA:
         return preprocess(image, cfg.vision.image_size, cfg.image_mean, cfg.image_std, min_size=cfg.vision.patch_size,
                           allow_non_frontal=allow_non_frontal)
 
+    def study_pixels(self, study: Study, allow_non_frontal: bool = False) -> np.ndarray:
+        """float32 [images, size, size, 1]: every image of the study (and its prior) in prompt order, preprocessed
+        as `preprocess` does one (a lateral read beside its study's frontal)."""
+        cfg = self.config
+        pixels = study.pixels(cfg.vision.image_size, allow_non_frontal=allow_non_frontal, min_size=cfg.vision.patch_size)
+        return normalise(pixels, cfg.image_mean, cfg.image_std)
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    def encode(self, turns: Sequence[dict]) -> np.ndarray:
-        """The prompt token ids of a conversation (the turns `chat` takes), image positions included."""
+    def encode(self, turns: Sequence[dict], study=None) -> np.ndarray:
+        """The prompt token ids of a conversation (the turns `chat` takes) about `study` (a Study, images or an
+        image; None: one image), image positions included. A first user turn without `<image>` gets the study's
+        (`Study.prompt`); one with them must have one per image. A prompt the context cannot hold is refused
+        naming its token counts."""
         turns = list(turns)
         system = prompting.SYSTEM_PROMPT
         if turns and turns[0].get("role") == "system":
             system, turns = turns[0]["content"], turns[1:]
-        if turns and prompting.IMAGE not in turns[0]["content"]:
-            turns[0] = {**turns[0], "content": f"{prompting.IMAGE}\n{turns[0]['content']}"}
         cfg = self.config
+        study = None if study is None else Study.of(study)
+        if study is not None:  # before any text is tokenized: its images alone may leave nothing to generate
+            study.check_fits(cfg.num_image_tokens, cfg.llama.max_position_embeddings)
+        if turns and prompting.IMAGE not in turns[0]["content"]:
+            content = turns[0]["content"]
+            turns[0] = {**turns[0], "content": f"{prompting.IMAGE}\n{content}" if study is None else study.prompt(content)}
+        if turns:
+            prompting.check_image_count(turns, 1 if study is None else len(study.all_images()))
         return prompting.encode_prompt(turns, self.tokenizer, cfg.num_image_tokens, cfg.image_token_id,
                                        max_length=cfg.llama.max_position_embeddings, system=system)
 

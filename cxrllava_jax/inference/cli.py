@@ -1,16 +1,20 @@
 """`cxrllava report`, `ask`, `chat` and `complete`: the inference API from a terminal.
 
     cxrllava report IMAGE_OR_DIR... --checkpoint CKPT [--jsonl OUT [--append|--resume|--overwrite]] [--batch-size N]
+    cxrllava report --studies DICOM_DIR... --checkpoint CKPT [--jsonl OUT ...]
     cxrllava ask IMAGE "Is there a pneumothorax?" --checkpoint CKPT
     cxrllava chat IMAGE --checkpoint CKPT          (/help lists the commands; /quit or Ctrl-D leaves)
     cxrllava complete --checkpoint LLM_CKPT --chat "What is the capital of France?"
     cxrllava complete --checkpoint LLM_CKPT "The capital of France is"
 
 CKPT is our checkpoint or the release's PyTorch directory. Directories expand to the images under them (DICOM
-found by content, as PACS exports often have no extension). An image that cannot be used is recorded with an
+found by content, as PACS exports often have no extension). With `--studies` the directories hold DICOM studies
+(`domain.studies.studies_in_folder`: grouped by StudyInstanceUID, ordered by StudyDate): one report per study, each
+read with its images' views and the patient's study before it as its prior; its record names the study's UID, its
+images (view, date) and the prior's. An image (or study) that cannot be used is recorded with an
 "error" field and counted; the others still run. Records are appended one by one under a lock, so a kill keeps
 those already written and several processes may share one --jsonl (with --append). `--resume` skips the images
-that already have a record (a report or an error) in --jsonl, so a killed run continues where it stopped;
+(or studies) that already have a record (a report or an error) in --jsonl, so a killed run continues where it stopped;
 `--overwrite` writes a new file beside the old one and replaces it only when the run is done.
 `complete` talks to a converted language model alone (`import-torch` of a Hugging Face LLaMA-family directory,
 or the LLM inside a CXR-LLaVA checkpoint), so a conversion can be checked before a projector is trained on it.
@@ -28,6 +32,7 @@ from tqdm import tqdm
 from cxrllava_jax import arguments, files, hub
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.domain.images import is_dicom_file
+from cxrllava_jax.domain.studies import Study, studies_in_folder
 from cxrllava_jax.errors import ConfigError, InputError
 from cxrllava_jax.inference import compile_cache, sampling
 from cxrllava_jax.inference.engine import RELEASE_MAX_NEW_TOKENS, SamplingOptions
@@ -41,6 +46,8 @@ DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 def report_main(argv) -> int:
     parser = _parser("report", "write a radiologic report for each image")
     parser.add_argument("images", nargs="+", type=arguments.path, help="image files or directories of them")
+    parser.add_argument("--studies", action="store_true", help="the directories hold DICOM studies: one report per "
+                        "study (its images grouped by StudyInstanceUID, the patient's earlier study its prior)")
     parser.add_argument("--jsonl", type=arguments.output_file,
                         help='write {"image", "report"} (or "error") lines to this file (its folder is created)')
     existing = parser.add_mutually_exclusive_group()
@@ -125,64 +132,108 @@ def _report(args) -> int:
         files.refuse_existing(args.jsonl, args.append or args.resume or args.overwrite,
                               "--append, --resume or --overwrite")
     options = _options(args)
-    paths = expand_images(args.images)[process::processes]
+    noun = "study" if args.studies else "image"
+    inputs = (expand_studies(args.images) if args.studies else expand_images(args.images))[process::processes]
     if args.jsonl and (args.append or args.resume):
-        paths = _recorded_before(paths, args.jsonl, skip=args.resume)
-        if not paths:
+        inputs = _recorded_before(inputs, args.jsonl, skip=args.resume, noun=noun)
+        if not inputs:
             return 0
     model = _load(args)
     failed = []
-    show_progress = any(p.is_dir() for p in args.images) or len(paths) > args.batch_size
-    writer = (files.record_appender(args.jsonl, replace=args.overwrite, skip_recorded=_recorded_image if args.resume
+    show_progress = any(p.is_dir() for p in args.images) or len(inputs) > args.batch_size
+    writer = (files.record_appender(args.jsonl, replace=args.overwrite, skip_recorded=_recorded if args.resume
                                     else None) if args.jsonl else contextlib.nullcontext())
-    with writer as out, tqdm(total=len(paths), unit="image", disable=not show_progress, file=sys.stderr) as progress:
-        def bad_image(index, error):
-            failed.append(paths[index])
+    with writer as out, tqdm(total=len(inputs), unit=noun, disable=not show_progress, file=sys.stderr) as progress:
+        def bad_input(index, error):
+            failed.append(inputs[index])
             progress.write(f"cxrllava report: skipped: {error}", file=sys.stderr)
             if out is not None:
-                out.write({"image": files.printable(paths[index]), "error": str(error), "provenance": model.provenance})
+                out.write({**_named(inputs[index]), "error": str(error), "provenance": model.provenance})
             progress.update()
 
-        conversations = [[{"role": "user", "content": prompting.REPORT_PROMPT}]] * len(paths)
-        for index, answer in model.iter_generate(conversations, paths, batch_size=args.batch_size,
-                                                 on_bad_image=bad_image, keep=False, workers=args.workers, **options):
+        conversations = [[{"role": "user", "content": prompting.REPORT_QUESTION}]] * len(inputs)
+        for index, answer in model.iter_generate(conversations, inputs, batch_size=args.batch_size,
+                                                 on_bad_image=bad_input, keep=False, workers=args.workers, **options):
             if out is not None:
-                out.write({"image": files.printable(paths[index]), "report": answer.text,
+                out.write({**_named(inputs[index]), "report": answer.text,
                            "provenance": {**model.provenance, **answer.record()}})
             else:
-                progress.write(f"== {files.printable(paths[index])} ==\n{answer.text}\n", file=sys.stdout)
+                progress.write(f"== {_shown(inputs[index])} ==\n{answer.text}\n", file=sys.stdout)
             progress.update()
     if failed:
         where = f' (each recorded with an "error" field in {args.jsonl})' if args.jsonl else ""
-        print(f"cxrllava report: {len(failed)} of {len(paths)} images failed{where}", file=sys.stderr)
+        print(f"cxrllava report: {len(failed)} of {len(inputs)} {_plural(noun)} failed{where}", file=sys.stderr)
     return 1 if failed else 0
 
 
-def _recorded_image(record: dict) -> str | None:
-    """The image a --jsonl record is done with (it holds a report or an error), as an absolute path (a relative one
-    taken from the current directory), so that `images/a.png` and `/data/images/a.png` match."""
-    if "image" in record and ("report" in record or "error" in record):
-        return os.path.abspath(str(record["image"]))
+def expand_studies(folders) -> list[Study]:
+    """The studies in each folder (`studies_in_folder`), folder by folder."""
+    for folder in folders:
+        if not folder.is_dir():
+            raise InputError(f"{folder}: --studies takes folders of DICOM files; give the folder that holds it")
+    return [study for folder in folders for study in studies_in_folder(folder)]
+
+
+def _named(item) -> dict:
+    """The fields of a --jsonl record that say what it is about: the image, or the study's UID, its images with
+    their views and date, and the prior's (null when it has none)."""
+    if not isinstance(item, Study):
+        return {"image": files.printable(item)}
+
+    def described(study: Study) -> dict:
+        return {"study": study.uid or None, "date": study.date or None,
+                "images": [{"image": files.printable(i.source), "view": i.view or None} for i in study.images]}
+
+    return {**described(item), "prior": item.prior and described(item.prior)}
+
+
+def _shown(item) -> str:
+    if not isinstance(item, Study):
+        return files.printable(item)
+    about = ", ".join(f"{files.printable(i.source)} ({i.view or 'view not given'})" for i in item.images)
+    prior = f"; prior {item.prior.uid or 'study'} of {item.prior.date or 'no date'}" if item.prior else ""
+    return f"study {item.uid or '(no StudyInstanceUID)'} of {item.date or 'no date'}: {about}{prior}"
+
+
+def _plural(noun: str) -> str:
+    return "studies" if noun == "study" else f"{noun}s"
+
+
+def _key(named: dict) -> str:
+    """What a record is about, alike whether read back from --jsonl or made now: a study's UID (its first image's
+    absolute path when it has none), or an image's absolute path (a relative one taken from the current
+    directory, so that `images/a.png` and `/data/images/a.png` match)."""
+    if "study" in named:
+        return "study:" + (named["study"] or os.path.abspath(str(named["images"][0]["image"])))
+    return os.path.abspath(str(named["image"]))
+
+
+def _recorded(record: dict) -> str | None:
+    """The key of the image or study a --jsonl record is done with (it holds a report or an error)."""
+    if ("report" in record or "error" in record) and ("image" in record or record.get("images")):
+        return _key(record)
     return None
 
 
-def _recorded_before(paths: list[Path], jsonl: Path, skip: bool) -> list[Path]:
-    """`paths` without those already recorded in `jsonl` (with `skip`), or all of them with a note of how many
-    will be recorded twice."""
+def _recorded_before(inputs: list, jsonl: Path, skip: bool, noun: str) -> list:
+    """`inputs` (paths or studies) without those already recorded in `jsonl` (with `skip`), or all of them with a
+    note of how many will be recorded twice."""
     if not jsonl.exists():
-        return paths
-    with files.LockedAppender(jsonl, skip_recorded=_recorded_image) as existing:
+        return inputs
+    with files.LockedAppender(jsonl, skip_recorded=_recorded) as existing:
         done = existing.recorded()
-    again = {p for p in paths if os.path.abspath(files.printable(p)) in done}  # named as records name them
+    again = {i for i, item in enumerate(inputs) if _key(_named(item)) in done}
+    nouns = _plural(noun)
     if skip:
-        print(f"cxrllava report: {len(again)} of {len(paths)} images already have a record in {files.printable(jsonl)}; "
-              f"{'nothing to do' if len(again) == len(paths) else f'writing the other {len(paths) - len(again)}'}",
+        print(f"cxrllava report: {len(again)} of {len(inputs)} {nouns} already have a record in "
+              f"{files.printable(jsonl)}; "
+              f"{'nothing to do' if len(again) == len(inputs) else f'writing the other {len(inputs) - len(again)}'}",
               file=sys.stderr)
-        return [p for p in paths if p not in again]
+        return [item for i, item in enumerate(inputs) if i not in again]
     if again:
-        print(f"cxrllava report: {len(again)} of {len(paths)} images already have a record in {files.printable(jsonl)}; --append "
-              "writes them again (--resume skips them)", file=sys.stderr)
-    return paths
+        print(f"cxrllava report: {len(again)} of {len(inputs)} {nouns} already have a record in "
+              f"{files.printable(jsonl)}; --append writes them again (--resume skips them)", file=sys.stderr)
+    return inputs
 
 
 CHAT_COMMANDS = {"/help": "list these commands", "/reset": "forget the conversation so far (same image)",

@@ -1,10 +1,12 @@
 """Admission before any image is decoded: a request's place in line and its share of the decoding memory.
 
-A request is priced by its image header (`UploadedImage.decode_bytes`: the decoder's buffer, numpy's copy of it,
-the 8-bit result, the windowing's blocks) and then
+A request is priced by its image headers (`UploadedImage.decode_bytes`: the decoder's buffer, numpy's copy of it,
+the 8-bit result, the windowing's blocks; a study's images, decoded one after another, by the largest:
+`requests.Generation.decode_bytes`) and then
 - refused with 503 when `max_queue` requests are already waiting, counting those still being decoded as well as
   those queued for the model, so the queue bounds what the server holds;
-- refused with 413 when its image alone needs more than the whole decoding budget (`Limits.max_decode_bytes`);
+- refused with 413 when one of its images alone needs more than the whole decoding budget
+  (`Limits.max_decode_bytes`), naming that image's field;
 - otherwise it waits until the images being decoded leave room for it in that budget, then decodes.
 So at most `max_decode_bytes` of decoding happens at once, whatever arrives together; what a waiting request holds
 is its request body (at most `Limits.max_body_bytes`).
@@ -26,9 +28,10 @@ class Admission:
         self.preparing = 0
         self._room: asyncio.Condition | None = None
 
-    async def run(self, image, field: str | None, work, *args):
-        """`work(*args)` in a worker thread once `image` (an `UploadedImage`) is admitted."""
-        async with self.admitted(image.decode_bytes, field):
+    async def run(self, cost: int, field: str | None, work, *args):
+        """`work(*args)` in a worker thread once `cost` bytes of decoding (what the request's images take, the
+        image in `field` the most) are admitted."""
+        async with self.admitted(cost, field):
             return await run_in_threadpool(work, *args)
 
     @contextlib.asynccontextmanager

@@ -4,8 +4,10 @@
     GET  /health                    {"status": "ok", "model", "waiting", "running", ..., "programs_compiled", ...}
     GET  /metrics                   Prometheus metrics (serving/observability.py; each request is also logged)
     GET  /v1/models                 the one model served
-    POST /v1/chat/completions       OpenAI chat completions; `stream: true` answers with server-sent events
-    POST /v1/report                 multipart form with `file` (PNG, JPEG or DICOM) -> {"report": ...}
+    POST /v1/chat/completions       OpenAI chat completions (a study: several image_url parts); `stream: true`
+                                    answers with server-sent events
+    POST /v1/report                 multipart form with `file` (PNG, JPEG or DICOM; several for a study, with
+                                    `view`, `prior_file`, `prior_report`... : serving/requests.py) -> {"report": ...}
     POST /v1/differential-diagnosis the same -> {"differential_diagnosis": ...}
     POST /v1/preview                the image file as the body -> the 8-bit grayscale PNG the model's loader
                                     decodes (DICOM windowed as its tags say), for the page's viewer;
@@ -41,6 +43,7 @@ from cxrllava_jax.serving.admission import Admission
 from cxrllava_jax.serving.limits import Limits, RequestError
 from cxrllava_jax.serving.scheduler import Failed, Finished, Job, QueueFull, Scheduler, TextDelta
 from cxrllava_jax.domain.images import decode_grayscale
+from cxrllava_jax.domain.studies import study_tags
 from cxrllava_jax.errors import InputError
 
 PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript"),
@@ -110,17 +113,18 @@ def create_app(model, model_id: str, *, limits: Limits = Limits(), api_key: str 
         data = await _read_body(request, limits.max_image_bytes)
         image = uploads.from_upload(data, request.query_params.get("filename", ""), "body", limits)
         allow = requests.form_flag(request.query_params, "allow_non_frontal")
+        in_study = requests.form_flag(request.query_params, "in_study")
         depth = request.query_params.get("depth", "8")
         if depth not in ("8", "full"):
             raise RequestError(400, f"depth must be 8 (the model's view, a PNG) or full (the image's values), got "
                                     f"{depth[:20]!r}", "depth")
         # The full-depth view decodes the file a second time beside the 8-bit result: it is priced at two decodes.
         priced = dataclasses.replace(image, decode_bytes=2 * image.decode_bytes) if depth == "full" else image
-        return await admission.run(priced, "body", _preview, image, allow, depth == "full")
+        return await admission.run(priced.decode_bytes, "body", _preview, image, allow, in_study, depth == "full")
 
     async def submit(request: Request, generation: requests.Generation):
-        prepared = await admission.run(generation.image, generation.image_field, requests.prepare, generation,
-                                       model, limits)
+        prepared = await admission.run(generation.decode_bytes, generation.largest_field, requests.prepare,
+                                       generation, model, limits)
         sink = _Sink(asyncio.get_running_loop())
         job = Job(prepared.prompt, prepared.pixels, generation.sampling, sink, stream=generation.stream)
         observability.watch(request, job, len(prepared.prompt))
@@ -157,9 +161,7 @@ def _page(model_id: str, limits: Limits) -> dict[str, tuple[bytes, str]]:
     """path -> (body, media type); the HTML carries what the script needs: the model id and the task prompts."""
     files = importlib.resources.files("cxrllava_jax.serving") / "page"
     page = {path: ((files / name).read_bytes(), kind) for path, (name, kind) in PAGE_FILES.items()}
-    config = {"model": model_id, "max_output_tokens": limits.max_output_tokens,
-              "prompts": {task: prompt.removeprefix(f"{prompting.IMAGE}\n")
-                          for task, prompt in requests.TASK_PROMPTS.items()}}
+    config = {"model": model_id, "max_output_tokens": limits.max_output_tokens, "prompts": requests.TASK_QUESTIONS}
     html, kind = page["/"]
     page["/"] = (html.replace(b"__SERVER_CONFIG__", json.dumps(config).replace("</", "<\\/").encode()), kind)
     return page
@@ -335,18 +337,24 @@ async def _read_form(request: Request, limits: Limits) -> tuple[dict, dict]:
     return fields, files
 
 
-def _preview(image: uploads.UploadedImage, allow_non_frontal: bool, full_depth: bool) -> Response:
+def _preview(image: uploads.UploadedImage, allow_non_frontal: bool, in_study: bool, full_depth: bool) -> Response:
+    """The image as the loader decodes it, with the DICOM tags that place it in its study as headers (X-View,
+    X-Study-Date, X-Study-UID; empty for other files). `in_study`: a lateral view passes, as it does beside a frontal
+    one of its study (the request that reads the study checks that there is one)."""
     try:
-        gray = decode_grayscale(image.read_bytes(), image, allow_non_frontal)
+        gray = decode_grayscale(image.read_bytes(), image, allow_non_frontal, allow_lateral=in_study)
+        tags = study_tags(image)
     except InputError as error:
         raise requests.image_refusal(error, "body") from error
+    placed = {"X-View": tags["ViewPosition"], "X-Study-Date": tags["StudyDate"],
+              "X-Study-UID": tags["StudyInstanceUID"]}
     if full_depth:
         values = preview.full_depth(image.read_bytes(), image.name, gray, PREVIEW_MAX_SIDE)
-        return Response(values.body(), media_type="application/octet-stream", headers=values.headers())
+        return Response(values.body(), media_type="application/octet-stream", headers={**values.headers(), **placed})
     gray.thumbnail((PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE))
     out = io.BytesIO()
     gray.save(out, format="PNG")
-    return Response(out.getvalue(), media_type="image/png")
+    return Response(out.getvalue(), media_type="image/png", headers=placed)
 
 
 async def _refusal(request: Request, error: RequestError) -> JSONResponse:

@@ -1,5 +1,12 @@
 """Requests -> generation jobs: OpenAI chat completions, the task endpoints' forms, and what both must pass.
 
+A request reads one study (`domain.studies.Study`): one image as the release did, or several. In a chat request
+every image_url part of the user's messages is an image of it, in order; a part may say its `"view"` ("PA", "AP",
+"LL", ...; DICOM files say it themselves) and whether it is the prior study's (`"prior": true`). DICOM files of two
+StudyInstanceUIDs are the study and its prior by StudyDate. The body's `prior_report` and `indication` are text.
+The task endpoints' forms take the same as fields: `file` (one or more), `view` (none, or one per file),
+`prior_file`, `prior_view`, `prior_report`, `indication`.
+
 Every refusal is a RequestError naming the field at fault (`messages[1].content[0].image_url`, `max_tokens`).
 A JSON body is bounded before any work (`read_json`): UTF-8, nesting depth, the length of number literals, no
 lone surrogates in text; then each field is checked for its type and range, a null counting as absent.
@@ -14,6 +21,7 @@ import re
 import numpy as np
 
 from cxrllava_jax.domain import prompting, radiograph_guard
+from cxrllava_jax.domain.studies import Study
 from cxrllava_jax.inference.engine import SamplingOptions
 from cxrllava_jax.inference.sampling import SamplingError, shown
 from cxrllava_jax.serving import uploads
@@ -21,7 +29,7 @@ from cxrllava_jax.serving.limits import Limits, RequestError
 from cxrllava_jax.errors import InputError
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-TASK_PROMPTS = {"report": prompting.REPORT_PROMPT, "differential_diagnosis": prompting.DIFFERENTIAL_PROMPT}
+TASK_QUESTIONS = {"report": prompting.REPORT_QUESTION, "differential_diagnosis": prompting.DIFFERENTIAL_QUESTION}
 # OpenAI options the model cannot honour: refused unless they hold their no-op value.
 _UNSUPPORTED = {"n": 1, "stop": None, "logprobs": False, "top_logprobs": None, "tools": None, "tool_choice": None,
                 "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None, "response_format": None}
@@ -29,11 +37,15 @@ _UNSUPPORTED = {"n": 1, "stop": None, "logprobs": False, "top_logprobs": None, "
 _IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier",
             "prompt_cache_key"}
 _CHAT_FIELDS = {"model", "messages", "stream", "stream_options", "temperature", "top_p", "max_tokens",
-                "max_completion_tokens", "seed", "allow_non_frontal"}
+                "max_completion_tokens", "seed", "allow_non_frontal", "prior_report", "indication"}
+_STUDY_TEXTS = ("prior_report", "indication")
+_PART_FIELDS = {"type", "image_url", "view", "prior"}  # an image_url part's keys (view and prior: ours)
 # Request field -> SamplingOptions field.
 _SAMPLING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "max_tokens": "max_new_tokens",
                     "max_completion_tokens": "max_new_tokens", "seed": "seed"}
-_FORM_FIELDS = ("file", "temperature", "top_p", "max_tokens", "seed", "allow_non_frontal")
+_FORM_FIELDS = ("file", "view", "prior_file", "prior_view", "prior_report", "indication", "temperature", "top_p",
+                "max_tokens", "seed", "allow_non_frontal")
+_REPEATED_FORM_FIELDS = ("file", "view", "prior_file", "prior_view")
 MAX_JSON_DEPTH = 16  # a chat request nests 6 deep (body, messages, message, content, part, image_url)
 MAX_NUMBER_CHARS = 40  # a number literal longer than this is no option's value (and int() of 5,000 digits is slow)
 MAX_FORM_PARTS = 16
@@ -47,21 +59,43 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclasses.dataclass(frozen=True)
+class ImagePart:
+    """An image of the request's study: the upload, the request field it came in, its view and study."""
+
+    image: uploads.UploadedImage
+    field: str
+    view: str = ""
+    prior: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class Generation:
-    """One request's work: the conversation (text turns, the image apart), its image and sampling."""
+    """One request's work: the conversation (text turns, the images apart), its study's images and texts, and
+    sampling."""
 
     turns: list[dict]
-    image: uploads.UploadedImage
-    image_field: str
+    images: tuple[ImagePart, ...]
     sampling: SamplingOptions
     stream: bool = False
     include_usage: bool = False
     allow_non_frontal: bool = False  # read an image whose tags say it is not a frontal chest radiograph
+    prior_report: str = ""
+    indication: str = ""
+
+    @property
+    def decode_bytes(self) -> int:
+        """What decoding the request's images takes at most: they are decoded one after another (`Study.pixels`),
+        each image's buffers gone before the next, so the largest one's (`serving.admission` prices it)."""
+        return max(part.image.decode_bytes for part in self.images)
+
+    @property
+    def largest_field(self) -> str:
+        return max(self.images, key=lambda part: part.image.decode_bytes).field
 
 
 @dataclasses.dataclass(frozen=True)
 class Prepared:
-    """A Generation made ready for the generator: prompt token ids and preprocessed pixels."""
+    """A Generation made ready for the generator: prompt token ids and preprocessed pixels [images, H, W, C]."""
 
     prompt: np.ndarray
     pixels: np.ndarray
@@ -112,7 +146,11 @@ def parse_chat(body: dict, model_id: str, limits: Limits) -> Generation:
                                    and value.get("type") == "text"):
             raise RequestError(400, f"{key}={shown(value)} is not supported by this server", key,
                                "unsupported_parameter")
-    turns, image, image_field = _conversation(body.get("messages"), limits)
+    turns, images = _conversation(body.get("messages"), limits)
+    texts = {key: body.get(key, "") for key in _STUDY_TEXTS}
+    for key, text in texts.items():
+        if not isinstance(text, str):
+            raise RequestError(400, f"{key} must be a string, got {shown(text)}", key)
     stream = _flag(body, "stream")
     options = body.get("stream_options", {})
     if not isinstance(options, dict):
@@ -123,30 +161,43 @@ def parse_chat(body: dict, model_id: str, limits: Limits) -> Generation:
             raise RequestError(400, "max_tokens and max_completion_tokens disagree; send one of them",
                                "max_completion_tokens")
         del given["max_tokens"]
-    return Generation(turns, image, image_field, sampling(given, limits), stream,
+    return Generation(turns, images, sampling(given, limits), stream,
                       include_usage=stream and _flag(options, "include_usage", "stream_options."),
-                      allow_non_frontal=_flag(body, "allow_non_frontal"))
+                      allow_non_frontal=_flag(body, "allow_non_frontal"), **texts)
 
 
 def parse_task(task: str, fields: dict, files: dict, limits: Limits) -> Generation:
-    """A task endpoint's form (field -> list of values, file field -> list of (filename, bytes)): exactly one
-    `file` (the image) and optional temperature, top_p, max_tokens, seed and allow_non_frontal."""
+    """A task endpoint's form (field -> list of values, file field -> list of (filename, bytes)): one or more
+    `file` (the study's images) with their `view`s (none, or one per file), `prior_file`s with their `prior_view`s,
+    `prior_report`, `indication`, and optional temperature, top_p, max_tokens, seed and allow_non_frontal."""
     for key, values in {**fields, **files}.items():
         if key not in _FORM_FIELDS:
             raise RequestError(400, f"unknown form field {shown(key)}; the form takes {', '.join(_FORM_FIELDS)}", key)
-        if len(values) > 1:
+        if len(values) > 1 and key not in _REPEATED_FORM_FIELDS:
             raise RequestError(400, f"the form has {len(values)} {key!r} fields; send exactly one", key)
-    if "file" in fields:
-        raise RequestError(400, "the form's 'file' field is text, not a file upload (curl -F file=@cxr.dcm)", "file")
+    for key in ("file", "prior_file"):
+        if key in fields:
+            raise RequestError(400, f"the form's {key!r} field is text, not a file upload (curl -F {key}=@cxr.dcm)",
+                               key)
     if "file" not in files:
         raise RequestError(400, "the form has no 'file' field (the radiograph: PNG, JPEG or DICOM)", "file")
-    (filename, data), = files["file"]
-    image = uploads.from_upload(data, filename, "file", limits)
-    values = {key: value for key, (value,) in fields.items()}
+    images = []
+    for key, views, prior in (("file", "view", False), ("prior_file", "prior_view", True)):
+        uploaded = files.get(key, [])
+        given = fields.get(views, [])
+        if given and len(given) != len(uploaded):
+            raise RequestError(400, f"the form has {len(given)} {views!r} field(s) for {len(uploaded)} {key!r} "
+                                    f"file(s); send none (DICOM files say their view) or one per file, in order", views)
+        for i, (filename, data) in enumerate(uploaded):
+            field = f"{key}[{i}]" if len(uploaded) > 1 else key
+            view = _view(given[i], views) if given else ""
+            images.append(ImagePart(uploads.from_upload(data, filename, field, limits), field, view, prior))
+    values = {key: value for key, (value,) in fields.items() if key not in _REPEATED_FORM_FIELDS}
     numbers = {key: _form_number(key, values[key]) for key in _SAMPLING_FIELDS if key in values}
-    turns = [{"role": "user", "content": TASK_PROMPTS[task]}]
-    return Generation(turns, image, "file", sampling(numbers, limits),
-                      allow_non_frontal=form_flag(values, "allow_non_frontal"))
+    turns = [{"role": "user", "content": TASK_QUESTIONS[task]}]
+    return Generation(turns, tuple(images), sampling(numbers, limits),
+                      allow_non_frontal=form_flag(values, "allow_non_frontal"),
+                      **{key: values.get(key, "") for key in _STUDY_TEXTS})
 
 
 def form_flag(values, key: str) -> bool:
@@ -177,21 +228,59 @@ def sampling(given: dict, limits: Limits) -> SamplingOptions:
 
 
 def prepare(generation: Generation, model, limits: Limits) -> Prepared:
-    """Tokenizes and preprocesses (the CPU work, done before the job queues, so that errors come early)."""
+    """Tokenizes and preprocesses (the CPU work, done before the job queues, so that errors come early): the
+    prompt first, so that a study the context cannot hold is refused before any image is decoded."""
+    study = _study(generation)
     try:
-        prompt = model.encode(generation.turns)
+        prompt = model.encode(generation.turns, study)
     except prompting.PromptTooLongError as error:
         raise RequestError(400, str(error), "messages", "context_length_exceeded") from error
-    except ValueError as error:
+    except ValueError as error:  # InputError among them: text that cannot go into a prompt
         raise RequestError(400, f"messages: {error}", "messages") from error
     if limits.max_prompt_tokens is not None and len(prompt) > limits.max_prompt_tokens:
         raise RequestError(400, f"the prompt is {len(prompt)} tokens; this server accepts at most "
                                 f"{limits.max_prompt_tokens}", "messages", "context_length_exceeded")
     try:
-        pixels = model.preprocess(generation.image, generation.allow_non_frontal)
+        pixels = model.study_pixels(study, generation.allow_non_frontal)
     except InputError as error:
-        raise image_refusal(error, generation.image_field) from error
+        raise image_refusal(error, _field_of(error, generation)) from error
     return Prepared(prompt, pixels)
+
+
+def _study(generation: Generation) -> Study:
+    """The request's study: its current images (with the prior's, when parts say which), views and texts."""
+    current = [part for part in generation.images if not part.prior]
+    prior = [part for part in generation.images if part.prior]
+    if not current:
+        raise RequestError(400, "the study: every image is marked as the prior's; the current study needs at least "
+                                "one", "messages")
+    for key in ("prior_report", "indication"):
+        try:
+            prompting.check_user_text(getattr(generation, key))
+        except InputError as error:
+            raise RequestError(400, f"{key}: {error}", key) from error
+    texts = {"indication": generation.indication}
+    try:
+        if prior:
+            texts["prior"] = Study.of([p.image for p in prior], [p.view for p in prior],
+                                      report=generation.prior_report)
+        study = Study.of([p.image for p in current], [p.view for p in current], **texts)
+    except InputError as error:
+        raise RequestError(400, f"the study: {error}", _field_of(error, generation)) from error
+    if generation.prior_report and study.prior is None:
+        raise RequestError(400, "the study: prior_report is given but no image of a prior study: send the prior's "
+                                'images too (image parts with "prior": true, prior_file fields, or DICOM files of the '
+                                "earlier study)", "prior_report")
+    if generation.prior_report and not prior:  # the prior found among DICOM files of two studies
+        study = dataclasses.replace(study, prior=dataclasses.replace(study.prior, report=generation.prior_report))
+    return study
+
+
+def _field_of(error: InputError, generation: Generation) -> str:
+    """The request field of the image an error is about (`InputError.image`, set by `domain.studies`)."""
+    image = getattr(error, "image", None)
+    return next((part.field for part in generation.images if part.image is image),
+                generation.images[0].field if len(generation.images) == 1 else "messages")
 
 
 def image_refusal(error: InputError, field: str) -> RequestError:
@@ -202,8 +291,8 @@ def image_refusal(error: InputError, field: str) -> RequestError:
     return RequestError(400, f"{field}: {message}", field, "invalid_image")
 
 
-def _conversation(messages, limits: Limits) -> tuple[list[dict], uploads.UploadedImage, str]:
-    """OpenAI messages -> text turns and the one image (it belongs to the conversation's first user turn)."""
+def _conversation(messages, limits: Limits) -> tuple[list[dict], tuple[ImagePart, ...]]:
+    """OpenAI messages -> text turns and the study's images (they belong to the conversation's first user turn)."""
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "messages must be a non-empty list", "messages")
     if len(messages) > MAX_MESSAGES:
@@ -232,17 +321,41 @@ def _conversation(messages, limits: Limits) -> tuple[list[dict], uploads.Uploade
                                             f"server's limit of {limits.max_text_chars:,} characters",
                                        f"{part_field}.text", "context_length_exceeded")
             elif part.get("type") == "image_url" and role == "user":
-                url = part.get("image_url")
-                images.append((part_field, url.get("url") if isinstance(url, dict) else url))
+                images.append(_image_part(part, part_field))
             else:
                 raise RequestError(400, f"{part_field}: expected a text part or (in a user message) an image_url "
                                         f"part, got type {shown(part.get('type'))}", part_field)
         turns.append({"role": role, "content": "\n".join(texts)})
-    if len(images) != 1:  # counted before any is decoded
-        raise RequestError(400, f"the conversation must hold exactly one image (an image_url part with a data: URL "
-                                f"of a PNG, JPEG or DICOM chest radiograph); it holds {len(images)}", "messages")
-    (field, url), = images
-    return turns, uploads.from_data_url(url, f"{field}.image_url", limits), f"{field}.image_url"
+    if not images:  # counted before any is decoded
+        raise RequestError(400, "the conversation holds no image: send the radiograph (or the study's images) as "
+                                "image_url parts with data: URLs of PNG, JPEG or DICOM files", "messages")
+    if len(images) > MAX_FORM_PARTS:
+        raise RequestError(400, f"the conversation holds {len(images)} images; this server reads at most "
+                                f"{MAX_FORM_PARTS} in one study", "messages")
+    return turns, tuple(ImagePart(uploads.from_data_url(url, f"{field}.image_url", limits), f"{field}.image_url",
+                                  view, prior) for field, url, view, prior in images)
+
+
+def _image_part(part: dict, field: str) -> tuple:
+    """(field, its data: URL, view, prior) of an image_url part, its own fields checked (no image decoded)."""
+    for key in part:
+        if key not in _PART_FIELDS:
+            raise RequestError(400, f"{field}: unknown key {shown(key)}; an image_url part takes "
+                                    f"{', '.join(sorted(_PART_FIELDS))}", f"{field}.{key}")
+    url = part.get("image_url")
+    prior = _flag(part, "prior", f"{field}.")
+    view = _view(part.get("view", ""), f"{field}.view")
+    return field, url.get("url") if isinstance(url, dict) else url, view, prior
+
+
+def _view(value, field: str) -> str:
+    """A view as a request gives it: PA, AP, a lateral (LL, RL, LAT, LATERAL), or empty (not given)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str) or value.strip().upper() not in ("", "PA", "AP", *radiograph_guard.LATERAL_VIEWS):
+        raise RequestError(400, f"{field} must be PA, AP or a lateral ({', '.join(radiograph_guard.LATERAL_VIEWS)}), "
+                                f"got {shown(value)}", field)
+    return value.strip().upper()
 
 
 def _parts(content, field: str) -> list[dict]:

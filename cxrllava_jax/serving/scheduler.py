@@ -55,7 +55,7 @@ class Job:
     called on the engine's thread."""
 
     prompt: np.ndarray
-    pixels: np.ndarray
+    pixels: np.ndarray  # [images, H, W, C], in the order of the prompt's image places
     sampling: SamplingOptions
     sink: Callable[[object], None]
     stream: bool = False
@@ -102,7 +102,7 @@ class Scheduler:
                 text.finish(answer.text)
             job.sink(Finished(answer))
 
-        request = Request(job.prompt, (EngineImage.of(job.pixels),), job.sampling)
+        request = Request(job.prompt, tuple(EngineImage.of(pixels) for pixels in job.pixels), job.sampling)
         try:
             job.handle = self.engine.submit(request, None if text is None else text, on_end)
         except engine.QueueFull as error:

@@ -1,16 +1,19 @@
-// The page: one radiograph, a viewer with window/level, and a conversation streamed from /v1/chat/completions.
+// The page: one radiograph or a study of several (frontal, lateral, the prior), a viewer with window/level, and a
+// conversation streamed from /v1/chat/completions.
 "use strict";
 
 const config = JSON.parse(document.getElementById("server-config").textContent);
 const $ = (id) => document.getElementById(id);
-// `image`: the radiograph the conversation is about ({name, url, allowNonFrontal}), null while none is usable.
-// `loading` counts files chosen: a file read after a later one was chosen is dropped.
+// `image`: what the conversation is about, null while nothing is usable: {name (how the page names it: the file, or
+// the study), images: [{name, url, view, date, uid, prior, bitmap, depth}], allowNonFrontal}.
+// `loading` counts choices of files: files read after a later choice was made are dropped.
 // `task`: the button that began the conversation (its first answer is the report the copy button copies).
 const state = { image: null, pixels: null, messages: [], task: null, controller: null, report: "", loading: 0 };
+const LATERAL_VIEWS = ["LL", "RL", "LAT", "LATERAL"];
 
-// ------------------------------------------------------------------ choosing an image
+// ------------------------------------------------------------------ choosing the images
 
-$("file").addEventListener("change", () => { if ($("file").files.length) load($("file").files[0]); });
+$("file").addEventListener("change", () => { if ($("file").files.length) load([...$("file").files]); });
 const drop = $("drop");
 for (const name of ["dragenter", "dragover"]) {
   drop.addEventListener(name, (e) => { e.preventDefault(); drop.classList.add("over"); });
@@ -20,7 +23,7 @@ for (const name of ["dragleave", "drop"]) {
 }
 drop.addEventListener("drop", (e) => {
   e.preventDefault();
-  if (e.dataTransfer.files.length) load(e.dataTransfer.files[0]);
+  if (e.dataTransfer.files.length) load([...e.dataTransfer.files]);
 });
 
 function mediaType(file, bytes) {
@@ -31,37 +34,105 @@ function mediaType(file, bytes) {
   return "image/jpeg";
 }
 
-async function load(file) {
-  // The previous image, its conversation and every button acting on it go first: whatever happens to this
-  // file, nothing can be asked about an image the file chooser no longer shows.
+async function load(files) {
+  // The previous images, their conversation and every button acting on them go first: whatever happens to these
+  // files, nothing can be asked about images the file chooser no longer shows. One file refused refuses them all.
   const ticket = ++state.loading;
   forgetImage();
-  setStatus(`Reading ${file.name}...`);
   const allowNonFrontal = $("allow-non-frontal").checked;
-  let bitmap, depth, url;
-  try {
-    const bytes = new Uint8Array(await file.arrayBuffer());
-    // The server decodes it as the model will (DICOM windowed by its tags) and returns an 8-bit PNG to show.
-    const query = new URLSearchParams({ filename: file.name, allow_non_frontal: allowNonFrontal });
-    const response = await fetch(`/v1/preview?${query}`, { method: "POST", headers: headers(), body: bytes });
-    if (!response.ok) throw new Error(await errorText(response));
-    bitmap = await createImageBitmap(await response.blob());
-    // Without the values (a busy server, an image past its memory budget) the picture is still shown, unwindowed.
-    depth = await fullDepth(bytes, query).catch(() => null);
-    url = `data:${mediaType(file, bytes)};base64,${await base64(file)}`;
-  } catch (error) {
-    if (ticket === state.loading) {
-      $("file").value = "";  // the chooser shows no file that is not the one loaded (and the same file can be chosen again)
-      setStatus(`Cannot use ${file.name}, so no image is loaded: ${forThePage(error.message)}`, true);
+  const images = [];
+  for (const file of files) {
+    setStatus(`Reading ${file.name}...`);
+    try {
+      images.push(await readImage(file, allowNonFrontal, files.length > 1));
+    } catch (error) {
+      if (ticket === state.loading) refuse(file.name, forThePage(error.message));
+      return;
     }
+    if (ticket !== state.loading) return;
+  }
+  // The server reads a lateral view only beside a frontal one of its study; it checks again when asked.
+  if (!allowNonFrontal && images.every((image) => LATERAL_VIEWS.includes(image.view))) {
+    refuse(images.map((image) => image.name).join(", "), "every view is lateral (ViewPosition " +
+           `${images[0].view}); choose it together with the frontal view (PA or AP) of the same study.`);
     return;
   }
-  if (ticket !== state.loading) return;
-  state.image = { name: file.name, url, allowNonFrontal };
-  showImage(bitmap, file.name, depth);
-  $("subject").textContent = `Image: ${file.name}`;
+  placeInStudy(images);
+  $("file").value = "";  // read: the list and the subject show what is loaded, and the same files can be chosen again
+  state.image = { name: images.length === 1 ? images[0].name : studyName(images), images, allowNonFrontal };
+  showList(images);
+  select(0);
+  $("subject").textContent = images.length === 1 ? `Image: ${images[0].name}` : subject(images);
   enable({ tasks: true, question: true });
-  setStatus(`${file.name} loaded. Write a report, ask for a differential diagnosis, or ask a question.`);
+  setStatus(`${state.image.name} loaded. Write a report, ask for a differential diagnosis, or ask a question.`);
+}
+
+async function readImage(file, allowNonFrontal, inStudy) {
+  const bytes = new Uint8Array(await file.arrayBuffer());
+  // The server decodes it as the model will (DICOM windowed by its tags) and returns an 8-bit PNG to show, with the
+  // DICOM tags that place it in its study (a lateral passes in a study: `in_study`).
+  const query = new URLSearchParams({ filename: file.name, allow_non_frontal: allowNonFrontal, in_study: inStudy });
+  const response = await fetch(`/v1/preview?${query}`, { method: "POST", headers: headers(), body: bytes });
+  if (!response.ok) throw new Error(await errorText(response));
+  const tag = (name) => response.headers.get(name) || "";
+  const bitmap = await createImageBitmap(await response.blob());
+  // Without the values (a busy server, an image past its memory budget) the picture is still shown, unwindowed.
+  const depth = await fullDepth(bytes, query).catch(() => null);
+  const url = `data:${mediaType(file, bytes)};base64,${await base64(file)}`;
+  return { name: file.name, url, bitmap, depth, view: tag("X-View").toUpperCase(), date: tag("X-Study-Date"),
+           uid: tag("X-Study-UID"), prior: false };
+}
+
+function refuse(names, reason) {
+  $("file").value = "";  // the chooser shows no file that is not loaded (and the same files can be chosen again)
+  setStatus(`Cannot use ${names}, so no image is loaded: ${reason}`, true);
+}
+
+// With files of two StudyInstanceUIDs, the earlier study's are the prior's, as the server reads them.
+function placeInStudy(images) {
+  const dated = images.filter((image) => image.uid);
+  if (!dated.length) return;
+  const latest = dated.reduce((a, b) => (b.date > a.date ? b : a));
+  for (const image of dated) image.prior = image.uid !== latest.uid;
+}
+
+const shownDate = (date) => (/^\d{8}$/.test(date) ? `${date.slice(0, 4)}-${date.slice(4, 6)}-${date.slice(6)}` : date);
+
+function label(image) {
+  const view = image.view ? (LATERAL_VIEWS.includes(image.view) ? "lateral" : image.view) : "view not given";
+  return `${image.name}: ${view}, ${image.date ? shownDate(image.date) : "no date"}${image.prior ? ", prior study" : ""}`;
+}
+
+function studyName(images) {
+  const current = images.find((image) => !image.prior);
+  return `the study${current.date ? ` of ${shownDate(current.date)}` : ""} (${images.length} images)`;
+}
+
+function subject(images) {
+  const current = images.filter((image) => !image.prior), prior = images.filter((image) => image.prior);
+  const names = (group) => group.map((image) => image.name).join(", ");
+  const uid = current[0].uid ? ` ${current[0].uid}` : "";
+  return `Study${uid}${current[0].date ? ` of ${shownDate(current[0].date)}` : ""}: ${names(current)}` +
+         (prior.length ? `; prior study of ${shownDate(prior[0].date)}: ${names(prior)}` : "");
+}
+
+function showList(images) {
+  const list = $("study-images");
+  list.replaceChildren(...images.map((image, index) => {
+    const item = document.createElement("li");
+    const button = Object.assign(document.createElement("button"), { type: "button", textContent: label(image) });
+    button.addEventListener("click", () => select(index));
+    item.append(button);
+    return item;
+  }));
+  list.hidden = images.length < 2;
+}
+
+function select(index) {
+  const image = state.image?.images?.[index] ?? null;
+  if (!image) return;
+  [...$("study-images").querySelectorAll("button")].forEach((b, i) => b.setAttribute("aria-pressed", i === index));
+  showImage(image.bitmap, image.name, image.depth);
 }
 
 // The server's advice names its request field; on the page, the setting is what sends it.
@@ -78,6 +149,8 @@ function forgetImage() {
   state.task = null;
   state.report = "";
   $("conversation").replaceChildren();
+  $("study-images").replaceChildren();
+  $("study-images").hidden = true;
   const canvas = $("image");
   canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
   canvas.setAttribute("aria-label", "No image loaded");
@@ -222,7 +295,8 @@ function ask() {
 }
 
 function firstTurn(text) {
-  return { role: "user", content: [{ type: "text", text }, { type: "image_url", image_url: { url: state.image.url } }] };
+  const images = state.image.images.map((image) => ({ type: "image_url", image_url: { url: image.url } }));
+  return { role: "user", content: [{ type: "text", text }, ...images] };
 }
 
 async function answer() {
