@@ -25,7 +25,6 @@ from cxrllava_jax import files
 from cxrllava_jax.evaluation import run as evaluation
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.inference.api import CXRLLaVA
-from cxrllava_jax.inference.engine import EngineImage, Request, SamplingOptions
 from cxrllava_jax.domain.tokenizer import train_tokenizer
 from cxrllava_jax.training import stages
 from cxrllava_jax.training.loop import train_and_evaluate
@@ -92,17 +91,13 @@ def study_step(workdir: Path, steps: int | None = None) -> dict:
 
 
 def study_reports(model: CXRLLaVA, path: Path) -> list[dict]:
-    """Greedy reports for every conversation of a study file (its first turn and all its images): {id,
+    """Greedy reports for every conversation of a study file (its first turn, about all its images): {id,
     generated, reference} records."""
     records = conversations.load(path)
-    greedy = SamplingOptions(temperature=0.0)
-
-    def request(record):
-        pixels = [model.preprocess(image, allow_non_frontal=True) for image in image_paths(record.image)]
-        return Request(model.encode(record.conversations[0][:1]), tuple(map(EngineImage.of, pixels)), greedy,
-                       keep=False)
-
-    generated = {i: model.decode(c.tokens) for i, c in model.engine.run(map(request, records), max_rows=50)}
+    answers = model.iter_generate([r.conversations[0][:1] for r in records],
+                                  [list(image_paths(r.image)) for r in records], batch_size=50, keep=False,
+                                  temperature=0.0)
+    generated = {index: answer.text for index, answer in answers}
     return [{"id": r.origin, "generated": generated[i], "reference": r.report} for i, r in enumerate(records)]
 
 
