@@ -51,7 +51,8 @@ def prepare_data(workdir: Path, num_studies: int = demo_configs.NUM_STUDIES, see
     texts += [prompting.SYSTEM_PROMPT, prompting.REPORT_PROMPT, prompting.DIFFERENTIAL_PROMPT]
     # The study step's words ("resolved", "increased from", "Prior study"...) as whole tokens, not letters.
     texts += [p.report for p in pairs] + [p.prior_report for p in pairs]
-    texts += [r["conversations"][0]["value"] for r in _study_lines(workdir, "studies", "train")[:1]]
+    with open(Path(demo_configs.study_data_dir(workdir)) / "studies-train.jsonl") as lines:
+        texts.append(json.loads(lines.readline())["conversations"][0]["value"])  # a study prompt's template
     train_tokenizer(texts, vocab_size, tokenizer_dir)
     return data_dir, tokenizer_dir
 
@@ -99,11 +100,6 @@ def study_reports(model: CXRLLaVA, path: Path) -> list[dict]:
                                   temperature=0.0)
     generated = {index: answer.text for index, answer in answers}
     return [{"id": r.origin, "generated": generated[i], "reference": r.report} for i, r in enumerate(records)]
-
-
-def _study_lines(workdir: Path, run: str, split: str) -> list[dict]:
-    path = Path(demo_configs.study_data_dir(workdir)) / f"{run}-{split}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def evaluation_config():

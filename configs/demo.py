@@ -73,9 +73,8 @@ def study_config(run: str, root: str = "demo_workdir"):
     c.data.update(train=f"{data}/{run}-train.jsonl", eval=f"{data}/{run}-validate.jsonl",
                   max_images=STUDY_RUNS[run], seq_length=STUDY_SEQ_LENGTH)
     c.frozen = ()
-    steps, _, learning_rate = STUDY_SCHEDULE
-    c.num_train_steps = steps
-    c.optim.learning_rate = learning_rate
+    c.num_train_steps, optimizer, learning_rate = STUDY_SCHEDULE
+    c.optim.update(name=optimizer, learning_rate=learning_rate)
     return c
 
 
