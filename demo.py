@@ -45,9 +45,9 @@ def prepare_data(workdir: Path, num_studies: int = demo_configs.NUM_STUDIES, see
     cfg = demo_configs.get_config("2b", root=str(workdir))
     data_dir, tokenizer_dir = Path(cfg.data.data_dir), Path(cfg.data.tokenizer)
     image_size, vocab_size = demo_configs.IMAGE_SIZE, demo_configs.VOCAB_SIZE
-    studies = synthetic.generate(data_dir, num_studies, image_size, seed, overwrite=True)  # a rerun: same bytes
-    pairs = synthetic.generate_studies(demo_configs.study_data_dir(workdir), demo_configs.NUM_STUDY_PAIRS,
-                                       image_size, seed, overwrite=True)
+    studies = synthetic.write_dataset(data_dir, num_studies, image_size, seed, overwrite=True)  # a rerun: same bytes
+    pairs = synthetic.write_studies(demo_configs.study_data_dir(workdir), demo_configs.NUM_STUDY_PAIRS,
+                                    image_size, seed, overwrite=True)
     texts = [s.report for s in studies] + [turn["content"] for s in studies for c in s.conversations for turn in c]
     texts += [prompting.SYSTEM_PROMPT, prompting.REPORT_PROMPT, prompting.DIFFERENTIAL_PROMPT]
     # The study step's words ("resolved", "increased from", "Prior study"...) as whole tokens, not letters.

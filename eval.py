@@ -24,7 +24,7 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "images per generation batc
 _PREDICTIONS = flags.DEFINE_string("predictions", None, "JSONL of {id, generated, reference} records, or "
                                    "`cxrllava report --jsonl` output (with --references)")
 _REFERENCES = flags.DEFINE_string("references", None, "with --predictions from `cxrllava report`: CSV of image, report "
-                                  "(or image + the 14 observations for config.task=json_labels)")
+                                  "(or image + the 14 observations for config.answer_kind=json_labels)")
 _METRICS = flags.DEFINE_string("metrics", None, "model-based metrics to add, any of "
                                f"{','.join(model_metrics.METRICS)} (pip install 'cxrllava-jax[metrics]'; weights from "
                                "the Hugging Face cache)")
@@ -47,7 +47,7 @@ def main(_argv):
         raise errors.UsageError(f"--limit={_LIMIT.value}: give at least 1 image")
     if _REFERENCES.value and not _PREDICTIONS.value:
         raise errors.UsageError("--references goes with --predictions (a `cxrllava report --jsonl` file)")
-    metric_names = model_metrics.parse(_METRICS.value, _CONFIG.value.task)
+    metric_names = model_metrics.parse(_METRICS.value, run.checked_answer_kind(_CONFIG.value))
     model_metrics.check(metric_names)  # before any generation: a run should not end in a refusal
     with files.staged_directory(_WORKDIR.value, _OVERWRITE.value, owns=run.OUTPUTS) as staging:  # swapped in whole
         evaluate(staging, metric_names)
@@ -76,4 +76,4 @@ def evaluate(workdir, metric_names):
 
 
 if __name__ == "__main__":
-    arguments.run_absl("eval.py", main, configs=("eval_*.py",))
+    arguments.run_absl("eval.py", main, configs=("eval_*.py",), renamed_keys={"task": "answer_kind"})

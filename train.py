@@ -21,4 +21,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    arguments.run_absl("train.py", main, configs=("stage*.py", "finetune.py", "demo.py"))
+    arguments.run_absl("train.py", main, configs=("stage*.py", "finetune.py", "demo.py"),
+                       renamed_keys={"stage": "task"})

@@ -50,7 +50,7 @@ def turns_of(model: CXRLLaVA, image) -> dict:
     report = [{"role": "user", "content": prompting.REPORT_PROMPT}]
     picture = (EngineImage.of(model.preprocess(image)),)
     first = Request(model.encode(report), picture, sampling)
-    answer = model.decode(model.engine.sibling(cache_bytes=0).generate([first])[0].tokens)
+    answer = model.detokenize(model.engine.sibling(cache_bytes=0).complete([first])[0].tokens)
     follow_up = report + [{"role": "assistant", "content": answer}, {"role": "user", "content": "Is there an effusion?"}]
     question = [{"role": "user", "content": "Is the heart enlarged?"}]
     return {"first turn": first, "follow-up": Request(model.encode(follow_up), picture, sampling),
@@ -158,7 +158,7 @@ def main() -> int:
     assert model.config.num_image_tokens == 1024
     requests = turns_of(model, NIH[0])
     results = {"library": library(model, requests)}
-    answer = model.decode(model.engine.sibling(cache_bytes=0).generate([requests["first turn"]])[0].tokens)
+    answer = model.detokenize(model.engine.sibling(cache_bytes=0).complete([requests["first turn"]])[0].tokens)
     results["server"] = server(model, NIH[0], answer)
     print(f"{'':28} {'TTFT':>9} {'cold':>9} {'/ first':>8} {'reused':>7}  equal")
     for name, row in results["library"].items():

@@ -99,7 +99,7 @@ def measure(name, torch_model, config, params, batch_size: int) -> dict:
     greedy = SamplingOptions(temperature=0.0, max_new_tokens=NEW_TOKENS)
     # No prefix cache: every timed run prefills its prompts, as the other contenders do.
     engine = Engine(Llama(config), {"params": params}, eos_id=NEVER, max_rows=batch_size, cache_bytes=0)
-    ours_s, ours = best_time(lambda: [c.tokens for c in engine.generate([Request(p, sampling=greedy)
+    ours_s, ours = best_time(lambda: [c.tokens for c in engine.complete([Request(p, sampling=greedy)
                                                                          for p in prompts])])
 
     def transformers_generate():

@@ -109,7 +109,7 @@ def pipeline_rate(items: list, batches: int, num_workers: int = 0, read_threads:
 
 def records_case(folder: pathlib.Path, workers: int) -> dict:
     """Reading `CxrPixels` records (the synthetic set preprocessed at 512): no decoding, no resizing."""
-    synthetic.generate(folder / "manual", 64, SIZE, seed=5)
+    synthetic.write_dataset(folder / "manual", 64, SIZE, seed=5)
     tfds_builders.build("synthetic", folder / "manual", folder / "tfds", pixels=(SIZE, "crop"))
     stored = [r.image for r in tfds_builders.records("synthetic", folder / "tfds", "train", pixels=(SIZE, "crop"))]
     read = per_image_ms(lambda s: images.model_pixels(s, SIZE), stored, 2000)

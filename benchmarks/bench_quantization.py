@@ -53,7 +53,7 @@ def trained_model():
 
 def greedy_tokens(model, weights, prompts, greedy: SamplingOptions) -> list[list[int]]:
     engine = Engine(model, {"params": weights}, eos_id=NEVER, cache_bytes=0)
-    return [c.tokens for c in engine.generate([Request(p, sampling=greedy) for p in prompts])]
+    return [c.tokens for c in engine.complete([Request(p, sampling=greedy) for p in prompts])]
 
 
 def compare(name, config, runtime, params, prompts) -> dict:

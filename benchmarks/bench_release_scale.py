@@ -122,9 +122,9 @@ def decode_ms_per_token(llama: LlamaConfig) -> float:
     engine = Engine(model, params, eos_id=-1, cache_bytes=0)
     request = Request(np.arange(3, 3 + DECODE_PROMPT, dtype=np.int32),
                       sampling=SamplingOptions(temperature=0.0, max_new_tokens=DECODE_TOKENS))
-    engine.generate([request])  # compiles
+    engine.complete([request])  # compiles
     start = time.perf_counter()
-    engine.generate([request])
+    engine.complete([request])
     return round(1000 * (time.perf_counter() - start) / DECODE_TOKENS, 2)
 
 

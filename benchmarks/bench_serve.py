@@ -59,15 +59,15 @@ MAX_TOKENS = 48
 MAX_BATCH_SIZE = 32
 MODEL_ID = "cxr-llava-tiny"
 NIH = sorted((ROOT / "tests" / "fixtures" / "real-cxr" / "nih").glob("*.png"))
-TASKS = [prompting.REPORT_PROMPT, prompting.DIFFERENTIAL_PROMPT, "Is there a pleural effusion?",
-         "Is the heart enlarged?", "Describe the lungs.", "Is there a pneumothorax?", "Any consolidation?",
-         "What devices are present?"]
+PROMPTS = [prompting.REPORT_PROMPT, prompting.DIFFERENTIAL_PROMPT, "Is there a pleural effusion?",
+           "Is the heart enlarged?", "Describe the lungs.", "Is there a pneumothorax?", "Any consolidation?",
+           "What devices are present?"]
 
 
 def workload(folder: pathlib.Path) -> list[tuple[list[dict], pathlib.Path]]:
     """64 distinct (conversation, image) pairs: 8 prompts x 8 radiographs (the NIH pair and drawn ones)."""
     images = NIH + [synthetic_radiograph(folder / f"cxr{i}.png", seed=i, size=256) for i in range(8 - len(NIH))]
-    return [([{"role": "user", "content": task}], image) for task in TASKS for image in images]
+    return [([{"role": "user", "content": prompt}], image) for prompt in PROMPTS for image in images]
 
 
 def request_body(turns: list[dict], image: pathlib.Path) -> bytes:

@@ -100,16 +100,16 @@ def bert_flops(b, sequences: int, length: int) -> float:
 
 def llama_flops(l, sequences: int, length: int, scored: int) -> float:
     """Decoder layers over `length` tokens, the vocabulary projection over the `scored` positions only."""
-    kv = l.num_kv_heads * l.kv_dim
+    kv = l.num_kv_heads * l.resolved_head_dim
     per_token = 2 * (2 * l.hidden_size**2 + 2 * l.hidden_size * kv + 3 * l.hidden_size * l.intermediate_size)
-    attention = 4 * length * l.num_heads * l.kv_dim
+    attention = 4 * length * l.num_heads * l.resolved_head_dim
     return sequences * (l.num_layers * length * (per_token + attention) + 2 * scored * l.hidden_size * l.vocab_size)
 
 
 def flops_per_step(stage: str, task, batch: int, seq_len: int | None) -> float:
     """Forward x3 where parameters train (forward + backward for activations and weights), x2 where only
     activation gradients pass through (2A's frozen LLM in front of the projector), x1 for a frozen tower in front."""
-    config = task.config
+    config = task.model_config
     if stage == "1a":
         return 3 * vit_flops(config, batch)
     if stage == "1b":

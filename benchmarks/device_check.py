@@ -528,7 +528,8 @@ def part_decode(check: Check) -> dict:
             per_token = seconds / sizes.decode_tokens
             weight_bytes = param_bytes(nn.meta.unbox(run_params)) - llama.vocab_size * llama.hidden_size * 2 * (
                 not llama.tie_word_embeddings)  # the embedding table: one row read a token
-            kv_bytes = 2 * llama.num_layers * batch * llama.num_kv_heads * slots * llama.kv_dim * 2  # every slot
+            # every slot
+            kv_bytes = 2 * llama.num_layers * batch * llama.num_kv_heads * slots * llama.resolved_head_dim * 2
             bandwidth = check.shared.get("copy_bytes_per_s")
             runs.append({"weights": kind, "batch": batch, "ms_per_token": round(per_token * 1e3, 3),
                          "tokens_per_s": round(batch / per_token, 1), "first_call_s": round(compile_s, 2),

@@ -5,7 +5,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.stage = "2b"
+    c.task = "2b"  # which Task trains (training/tasks: 1a, 1b, 2a, 2b, finetune); stages.py sets it per stage
     c.seed = 0
 
     c.model = ml_collections.ConfigDict(dict(

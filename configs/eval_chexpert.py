@@ -9,5 +9,5 @@ def get_config():
     config.dataset = "chexpert"
     config.split = "test"
     config.paper_table = "chexpert"
-    config.task = "json_labels"
+    config.answer_kind = "json_labels"
     return config

@@ -8,7 +8,7 @@ def get_config():
     config.dataset = "indiana"
     config.split = "test"
     config.paper_table = "indiana"
-    config.task = "report"
+    config.answer_kind = "report"
     # Table 4 keeps Pleural Effusion (4.9% positive) and Pneumothorax (1.9%): only the 10-sample rule applied there.
     config.min_class_fraction = 0.0
     return config

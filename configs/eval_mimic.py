@@ -8,5 +8,5 @@ def get_config():
     config.dataset = "mimic"
     config.split = "test"
     config.paper_table = "mimic"
-    config.task = "report"
+    config.answer_kind = "report"
     return config

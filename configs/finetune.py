@@ -19,7 +19,7 @@ from cxrllava_jax.models import lora
 
 def get_config():
     c = base.get_config()
-    c.stage = "finetune"
+    c.task = "finetune"
     c.lora = ml_collections.ConfigDict(dict(
         rank=16, alpha=32.0, dropout=0.05,
         targets=lora.DEFAULT_TARGETS,  # regexes over module paths; add lora.PROJECTOR, lora.VIT to adapt those

@@ -102,10 +102,12 @@ def path(text: str) -> Path:
 
 # ---------------------------------------------------------------- absl (train.py, eval.py)
 
-def run_absl(program: str, main: Callable[[list], int | None], configs: tuple[str, ...] = ()):
+def run_absl(program: str, main: Callable[[list], int | None], configs: tuple[str, ...] = (),
+             renamed_keys: dict[str, str] | None = None):
     """`absl.app.run(main)` with failures reported as by `errors.report_errors`, and a `--help` that exits 0
     listing the config files that match the glob patterns `configs` in the entry point's configs/ folder (each
-    with its docstring's first sentence, and `FILE:VARIANT` for a config that names its variants in `VARIANTS`)."""
+    with its docstring's first sentence, and `FILE:VARIANT` for a config that names its variants in `VARIANTS`).
+    `renamed_keys`: old config key -> its new name; a `--config.OLD=` override is refused, naming the new one."""
     from absl import app, flags, logging
 
     if any(arg in HELP_FLAGS or arg.startswith("--helpfull") for arg in sys.argv[1:]):
@@ -114,6 +116,9 @@ def run_absl(program: str, main: Callable[[list], int | None], configs: tuple[st
         sys.exit(0)
 
     def parse(argv):
+        for old, new in (renamed_keys or {}).items():
+            if any(arg.split("=", 1)[0] == f"--config.{old}" for arg in argv[1:]):
+                raise errors.ConfigError(f"--config.{old}: the key is now config.{new}")
         try:
             parsed = flags.FLAGS(argv)
             if "config" in flags.FLAGS and flags.FLAGS.config is not None:

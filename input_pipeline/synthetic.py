@@ -10,7 +10,7 @@ its drawing, its report sentence and the answers about it share. Reports vary th
 main findings that are absent, so the CheXpert-style labeler reads back exactly the labels written.
 Everything is a function of the seed: the same seed gives the same bytes.
 
-`cxrllava synth --studies --out DIR` writes instead a set of studies that needs the prior (`generate_studies`):
+`cxrllava synth --studies --out DIR` writes instead a set of studies that needs the prior (`write_studies`):
 each has a prior frontal film with its report, and a current frontal and lateral film whose findings appeared,
 resolved, grew, shrank or stayed since; the current report says which ("New ...", "... has resolved",
 "..., increased from ...", "Unchanged ..."). It is written as LLaVA conversation files for fine-tuning: the study
@@ -364,10 +364,10 @@ def _finding_question(abnormal: list[Finding], rng, question_prompt) -> list[dic
 
 # What a dataset directory holds; anything else in it is kept when it is generated anew.
 DATASET_ENTRIES = ("files", "reports", "mimic-cxr-2.0.0-*.csv", "synthetic-instructions.jsonl")
-STUDY_ENTRIES = ("images", "studies-*.jsonl", "single-*.jsonl")  # `generate_studies`
+STUDY_ENTRIES = ("images", "studies-*.jsonl", "single-*.jsonl")  # `write_studies`
 
 
-def generate(out_dir, num: int, image_size: int = 512, seed: int = 0, overwrite: bool = False) -> list[Study]:
+def write_dataset(out_dir, num: int, image_size: int = 512, seed: int = 0, overwrite: bool = False) -> list[Study]:
     """Writes `num` studies in the MIMIC-CXR-JPG layout under `out_dir`; returns them. A dataset already there is
     refused, or with `overwrite` replaced whole once the new one is complete (`files.staged_directory`: never
     written into, so copies hard-linked to its images keep them)."""
@@ -521,10 +521,11 @@ def draw_lateral(findings: list[Finding], size: int, rng: np.random.Generator) -
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
-def generate_studies(out_dir, num: int, image_size: int = 512, seed: int = 0,
-                     overwrite: bool = False) -> list[StudyPair]:
+def write_studies(out_dir, num: int, image_size: int = 512, seed: int = 0,
+                  overwrite: bool = False) -> list[StudyPair]:
     """Writes `num` prior/current study pairs as LLaVA conversation files under `out_dir`; returns them. Pairs
-    already there are refused, or with `overwrite` replaced whole once the new ones are complete (as `generate`)."""
+    already there are refused, or with `overwrite` replaced whole once the new ones are complete (as
+    `write_dataset`)."""
     with files.staged_directory(out_dir, overwrite, owns=STUDY_ENTRIES) as staging:
         return _write_studies(staging, num, image_size, seed)
 
@@ -578,11 +579,11 @@ def main(argv) -> int:
                         help="replace a dataset already in --out (the new one is built beside it and swapped in)")
     args = parser.parse_args(argv)
     if args.studies:
-        pairs = generate_studies(args.out, args.num, args.image_size, args.seed, overwrite=args.overwrite)
+        pairs = write_studies(args.out, args.num, args.image_size, args.seed, overwrite=args.overwrite)
         counts = {split: sum(p.split == split for p in pairs) for split, _ in SPLIT_FRACTIONS}
         print(f"wrote {len(pairs)} synthetic prior/current studies to {args.out} ({counts})")
         return 0
-    studies = generate(args.out, args.num, args.image_size, args.seed, overwrite=args.overwrite)
+    studies = write_dataset(args.out, args.num, args.image_size, args.seed, overwrite=args.overwrite)
     counts = {split: sum(s.split == split for s in studies) for split, _ in SPLIT_FRACTIONS}
     print(f"wrote {len(studies)} synthetic studies to {args.out} ({counts})")
     return 0

@@ -65,7 +65,7 @@ def trace_train_step(task) -> int:
 
 def attention_layers(task) -> int:
     """The attention layers the stage's forward pass runs: the ViT's, plus BERT's or the LLaMA's."""
-    cfg = task.config
+    cfg = task.model_config
     vision = getattr(cfg, "vision", cfg)
     text = getattr(cfg, "text", None) or getattr(cfg, "llama", None)
     return vision.layers + (text.num_layers if text is not None else 0)
@@ -92,7 +92,7 @@ def test_inference_prefill_and_decode_through_cudnn(cudnn_checks):
     (row 1 continues a reused 5-slot prefix), the mask a dense [batch, 1, query, slots] array over the cache; then
     one decode step (one query: matrix-vector products against the cache, no kernel)."""
     task = stage_task("2b")
-    config = task.config
+    config = task.model_config
     model = CXRLLaVAModel(config, Runtime(dtype="bfloat16", param_dtype="bfloat16", attention="cudnn"))
     length, slots = config.num_image_tokens + 9, config.num_image_tokens + 24
     tokens = jnp.full((BATCH, length), config.image_token_id, jnp.int32)

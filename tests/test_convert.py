@@ -128,7 +128,7 @@ def test_llama_configs_of_both_transformers_generations():
         written = hf_llama.config_to_hf(cfg)
         assert hf_llama.config_from_hf(written) == cfg
         theirs = transformers.LlamaConfig(**written)
-        assert (theirs.rope_parameters["rope_theta"], theirs.head_dim) == (cfg.rope_theta, cfg.kv_dim)
+        assert (theirs.rope_parameters["rope_theta"], theirs.head_dim) == (cfg.rope_theta, cfg.resolved_head_dim)
 
 
 def test_llama_family_options_in_both_transformers_generations():

@@ -43,7 +43,7 @@ def _request(model, turns, image, sampling: SamplingOptions) -> Request:
 
 
 def _alone(model, request: Request) -> list[int]:
-    return model.engine.sibling(cache_bytes=0).generate([request])[0].tokens
+    return model.engine.sibling(cache_bytes=0).complete([request])[0].tokens
 
 
 def test_rows_that_join_mid_decode_write_what_they_write_alone(endless_model, requests):
@@ -119,7 +119,7 @@ def test_a_decode_step_reads_every_layers_cache_where_it_lies(endless_model, req
         engine.submit(r)
     engine.step(steps=1)
     config = endless_model.config.llama
-    layer = (len(engine.owners), config.num_kv_heads, engine.length, config.kv_dim)
+    layer = (len(engine.owners), config.num_kv_heads, engine.length, config.resolved_head_dim)
 
     def layer_reads(rows) -> list[str]:
         hlo = decode_rows.lower(engine.spec, engine.params, rows, np.int32(4), np.zeros(len(engine.owners), bool),

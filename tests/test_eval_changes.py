@@ -16,7 +16,7 @@ CHANGE = {"new": "new", "resolved": "resolved", "increased": "worse", "decreased
 @pytest.fixture(scope="module")
 def study_set(tmp_path_factory):
     out = tmp_path_factory.mktemp("studies")
-    return out, synthetic.generate_studies(out, 40, image_size=32, seed=5)
+    return out, synthetic.write_studies(out, 40, image_size=32, seed=5)
 
 
 def test_every_synthetic_change_is_stated_and_read_back(study_set):
@@ -41,7 +41,7 @@ def test_the_study_set_is_read_as_conversations_with_three_images_and_a_single_i
 
 def test_same_seed_same_study_bytes(tmp_path):
     for name in ("a", "b"):
-        synthetic.generate_studies(tmp_path / name, 4, image_size=32, seed=9)
+        synthetic.write_studies(tmp_path / name, 4, image_size=32, seed=9)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     assert files and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
 

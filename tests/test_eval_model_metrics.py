@@ -102,7 +102,7 @@ def test_refusals_name_what_to_install_or_download(tmp_path, monkeypatch):
         model_metrics.check(("green",))
     with pytest.raises(model_metrics.MetricUnavailable, match="unknown bleurt; choose from radgraph, bertscore"):
         model_metrics.parse("bertscore,bleurt")
-    with pytest.raises(model_metrics.MetricUnavailable, match="config.task=json_labels has none"):
+    with pytest.raises(model_metrics.MetricUnavailable, match="config.answer_kind=json_labels has none"):
         model_metrics.parse("bertscore", "json_labels")
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "radeval" else real_find_spec(name))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from cxrllava_jax.errors import ConfigError
 from cxrllava_jax.evaluation import run
 
 ROOT = Path(__file__).parents[1]
@@ -108,9 +109,17 @@ def test_the_papers_column_only_for_the_papers_dataset(tmp_path, dataset, paper_
     assert f"on {dataset} / test" in results["title"]
 
 
-def test_json_labels_task_counts_unparsed_answers(tmp_path):
+def test_the_old_task_key_is_refused_naming_the_new_one(tmp_path):
     config = run.default_config()
-    config.task, config.paper_table, config.bootstrap_samples = "json_labels", "chexpert", 50
+    config.task = "json_labels"  # what configs said before the key was renamed
+    with pytest.raises(ConfigError, match=r"config.task='json_labels': the key is now config.answer_kind"):
+        run.evaluate_records(config, _report_records(2), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_json_labels_answers_count_unparsed_ones(tmp_path):
+    config = run.default_config()
+    config.answer_kind, config.paper_table, config.bootstrap_samples = "json_labels", "chexpert", 50
     records = [
         {"id": "a", "generated": '```json\n{"Cardiomegaly": "yes", "Edema": 0}\n```', "reference": {"Cardiomegaly": 1}},
         {"id": "b", "generated": "I cannot help with that.", "reference": {"Cardiomegaly": 0, "Edema": None}},

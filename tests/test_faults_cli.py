@@ -167,6 +167,10 @@ def test_entry_points_parse_as_a_user_meets_them(tmp_path):
                 "override names a key the config does not have"),
         "no_file": (["train.py", "--config=configs/nosuch.py", "--config.data.batch_size=2", workdir], 1,
                     "train.py: --config=configs/nosuch.py: no such config file; see --help for the configs"),
+        "old_train_key": (["train.py", "--config=configs/demo.py:1a", "--config.stage=1b", workdir], 1,
+                          "train.py: --config.stage: the key is now config.task"),
+        "old_eval_key": (["eval.py", "--config=configs/eval_mimic.py", "--config.task=json_labels", workdir], 1,
+                         "eval.py: --config.task: the key is now config.answer_kind"),
         "empty_workdir": (["eval.py", "--config=configs/eval_mimic.py", "--workdir="], 1,
                           "eval.py: flag --workdir=: --workdir must name a directory (not empty"),
     }

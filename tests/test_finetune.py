@@ -310,6 +310,6 @@ def test_the_run_s_model_and_adapter_carry_model_cards(trained):
     model, adapter = (ModelCard.load(workdir / name / "README.md") for name in ("model", "adapter"))
     assert (model.data.library_name, adapter.data.library_name) == ("cxrllava-jax", "peft")
     for card in (model, adapter):
-        assert f"Stage `finetune` of `train.py`, {STEPS} steps, starting from `config.init.release={release_dir()}`" \
+        assert f"Task `finetune` of `train.py`, {STEPS} steps, starting from `config.init.release={release_dir()}`" \
             in card.text and "For research only" in card.text
         assert card.data.base_model is None  # a local base has no Hub id to name

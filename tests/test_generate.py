@@ -40,21 +40,21 @@ def hf(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def generator(hf):
+def engine(hf):
     _, config, params, _ = hf
     # Spans of 48 and 64 slots: the greedy tests cross from one decode loop into the next.
     return Engine(Llama(config), params, eos_id=NEVER, length_bucket=BUCKET, attention_bucket=24)
 
 
-def generate(engine: Engine, prompts, options: SamplingOptions, on_tokens=None) -> list[list[int]]:
+def complete(engine: Engine, prompts, options: SamplingOptions, on_tokens=None) -> list[list[int]]:
     """The tokens the engine writes for each prompt, every prompt submitted at once."""
-    completions = engine.generate([Request(p, sampling=options) for p in prompts], on_tokens=on_tokens)
+    completions = engine.complete([Request(p, sampling=options) for p in prompts], on_tokens=on_tokens)
     return [c.tokens for c in completions]
 
 
 @pytest.fixture(scope="module")
-def greedy_batch(hf, generator):
-    return generate(generator, hf[3], SamplingOptions(temperature=0.0, max_new_tokens=NEW_TOKENS))
+def greedy_batch(hf, engine):
+    return complete(engine, hf[3], SamplingOptions(temperature=0.0, max_new_tokens=NEW_TOKENS))
 
 
 def _cut(ids, eos):
@@ -89,24 +89,24 @@ def test_cached_decoding_equals_recomputing_the_sequence(hf, greedy_batch):
         assert sequence[len(prompt):] == cached
 
 
-def test_batch_equals_one_by_one(hf, generator, greedy_batch):
+def test_batch_equals_one_by_one(hf, engine, greedy_batch):
     options = SamplingOptions(temperature=0.0, max_new_tokens=NEW_TOKENS)
-    assert [generate(generator, [p], options)[0] for p in hf[3]] == greedy_batch
+    assert [complete(engine, [p], options)[0] for p in hf[3]] == greedy_batch
 
 
 def test_each_row_stops_at_its_eos(hf, greedy_batch):
     _, config, params, prompts = hf
     eos = greedy_batch[0][3]
     stopping = Engine(Llama(config), params, eos_id=eos, length_bucket=BUCKET)
-    out = generate(stopping, prompts, SamplingOptions(temperature=0.0, max_new_tokens=NEW_TOKENS))
+    out = complete(stopping, prompts, SamplingOptions(temperature=0.0, max_new_tokens=NEW_TOKENS))
     assert out == [_cut(row, eos) for row in greedy_batch]
     assert len(out[0]) <= 3 < len(greedy_batch[0])
 
 
-def test_same_seed_same_sample(hf, generator, greedy_batch):
+def test_same_seed_same_sample(hf, engine, greedy_batch):
     def sample(seed):
-        return generate(generator, hf[3], SamplingOptions(temperature=1.0, top_p=0.95, seed=seed,
-                                                          max_new_tokens=NEW_TOKENS))
+        return complete(engine, hf[3], SamplingOptions(temperature=1.0, top_p=0.95, seed=seed,
+                                                       max_new_tokens=NEW_TOKENS))
 
     first = sample(7)
     assert sample(7) == first
@@ -114,9 +114,9 @@ def test_same_seed_same_sample(hf, generator, greedy_batch):
     assert first != greedy_batch
 
 
-def test_streaming_hands_out_every_token_in_chunks(hf, generator, greedy_batch):
+def test_streaming_hands_out_every_token_in_chunks(hf, engine, greedy_batch):
     chunks = {row: [] for row in range(len(hf[3]))}
-    out = generate(generator.sibling(stream_every=3), hf[3], SamplingOptions(temperature=0.0, max_new_tokens=NEW_TOKENS),
+    out = complete(engine.sibling(stream_every=3), hf[3], SamplingOptions(temperature=0.0, max_new_tokens=NEW_TOKENS),
                    on_tokens=lambda row, new: chunks[row].append(new))
     assert out == greedy_batch
     for row, expected in enumerate(greedy_batch):
@@ -136,19 +136,19 @@ def test_prompt_lengths_in_one_bucket_compile_once(hf):
 
     before = compilations()
     for lengths in [(3, 7), (12, 9), (48, 2)]:
-        generate(fresh, [rng.randint(3, 200, n) for n in lengths], options)
-    generate(fresh.sibling(stream_every=2), [rng.randint(3, 200, 10)] * 2, options, on_tokens=lambda row, new: None)
-    generate(fresh, [rng.randint(3, 200, 4)] * 2, SamplingOptions(temperature=0.7, seed=3, max_new_tokens=8))
+        complete(fresh, [rng.randint(3, 200, n) for n in lengths], options)
+    complete(fresh.sibling(stream_every=2), [rng.randint(3, 200, 10)] * 2, options, on_tokens=lambda row, new: None)
+    complete(fresh, [rng.randint(3, 200, 4)] * 2, SamplingOptions(temperature=0.7, seed=3, max_new_tokens=8))
     # Loading the same model again (a new engine of an equal module) reuses the compiled functions.
-    generate(Engine(Llama(config), params, eos_id=config.eos_token_id, length_bucket=48, cache_bytes=0),
+    complete(Engine(Llama(config), params, eos_id=config.eos_token_id, length_bucket=48, cache_bytes=0),
              [rng.randint(3, 200, 30)] * 2, options)
     assert np.subtract(compilations(), before).tolist() == [1, 1]
     # The next bucket: a new prefill; the decode chunk runs on a cache of the same length.
-    generate(fresh.sibling(cache_bytes=0), [rng.randint(3, 200, 49)] * 2, options)
+    complete(fresh.sibling(cache_bytes=0), [rng.randint(3, 200, 49)] * 2, options)
     assert np.subtract(compilations(), before).tolist() == [2, 1]
 
 
-def test_streaming_compiles_no_new_program(hf, generator, greedy_batch):
+def test_streaming_compiles_no_new_program(hf, engine, greedy_batch):
     """Once its shapes have run, a streamed generation hands out every chunk without compiling anything:
     no program per stop step, no device slice per chunk."""
     compiled = []
@@ -159,20 +159,20 @@ def test_streaming_compiles_no_new_program(hf, generator, greedy_batch):
             compiled.append(duration)
 
     options = SamplingOptions(temperature=0.0, max_new_tokens=NEW_TOKENS)
-    generate(generator.sibling(stream_every=5), hf[3], options, on_tokens=lambda row, new: None)  # warm-up
+    complete(engine.sibling(stream_every=5), hf[3], options, on_tokens=lambda row, new: None)  # warm-up
     jax.monitoring.register_event_duration_secs_listener(count)
     try:
         chunks = []
-        out = generate(generator.sibling(stream_every=2), hf[3], options, on_tokens=lambda row, new: chunks.append(new))
+        out = complete(engine.sibling(stream_every=2), hf[3], options, on_tokens=lambda row, new: chunks.append(new))
     finally:
         jax.monitoring.unregister_event_duration_listener(count)
     assert out == greedy_batch and len(chunks) >= NEW_TOKENS // 2
     assert compiled == []
 
 
-def test_prompt_that_fills_the_context_is_refused(generator):
+def test_prompt_that_fills_the_context_is_refused(engine):
     with pytest.raises(PromptTooLongError, match="127 tokens.*context is 128"):
-        generate(generator, [np.full(127, 5, np.int32)], SamplingOptions(temperature=0.0))
+        complete(engine, [np.full(127, 5, np.int32)], SamplingOptions(temperature=0.0))
 
 
 def test_greedy_choice_is_argmax_with_its_ties_and_nans():
@@ -237,14 +237,14 @@ def test_decode_step_updates_the_cache_in_place(hf, scan):
     rows = engine_module.empty_rows(spec, rows=2, length=64)
     hlo = engine_module.decode_rows.lower(spec, variables, rows, np.int32(30), np.zeros(2, bool),
                                           chunk=32).compile().as_text()
-    cache_shape = (config.num_layers, 2, config.num_kv_heads, 64, config.kv_dim)
+    cache_shape = (config.num_layers, 2, config.num_kv_heads, 64, config.resolved_head_dim)
     assert isinstance(rows.cache["k"], tuple) != scan  # unrolled: one array per layer
     assert "scatter" in hlo or "dynamic-update-slice" in hlo  # the check below looks at the cache's writes
     assert _ops_on_whole_cache(hlo, cache_shape) == []
     # What the check catches: stacking the layers' updated caches (the old decode step) does all three.
     stacked = jax.jit(lambda c, kv: jnp.stack([jax.lax.dynamic_update_slice(c[i], kv, (0, 0, 5, 0))
                                                for i in range(c.shape[0])]))
-    kv = jnp.ones((2, config.num_kv_heads, 1, config.kv_dim))
+    kv = jnp.ones((2, config.num_kv_heads, 1, config.resolved_head_dim))
     assert _ops_on_whole_cache(stacked.lower(jnp.zeros(cache_shape), kv).compile().as_text(), cache_shape)
 
 

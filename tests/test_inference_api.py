@@ -76,7 +76,7 @@ def test_image_prompts_match_the_release_forward_in_pytorch(model, images):
     torch_model = _release_torch_model(tiny_config(converted.config.llama.vocab_size))
     conversations = [REPORT, QUESTION]
     pixels = np.stack([converted.preprocess(i) for i in images[:2]])
-    ours = [c.tokens for c in converted.engine.generate(
+    ours = [c.tokens for c in converted.engine.complete(
         [Request(converted.encode(c), (EngineImage.of(p),), SamplingOptions(**GREEDY)) for c, p in
          zip(conversations, pixels)])]
     tokenizer = converted.tokenizer
@@ -85,7 +85,7 @@ def test_image_prompts_match_the_release_forward_in_pytorch(model, images):
         assert ours[row] == _torch_greedy(torch_model, pixels[row:row + 1], ids, GREEDY["max_new_tokens"], NEVER)
     assert list(map(len, ours)) == [GREEDY["max_new_tokens"]] * 2
     # Our checkpoint of the same weights answers the same.
-    assert model.generate(conversations, images[:2], **GREEDY) == [converted.decode(ids) for ids in ours]
+    assert model.generate(conversations, images[:2], **GREEDY) == [converted.detokenize(ids) for ids in ours]
 
 
 def test_batch_equals_one_by_one(model, images, monkeypatch):
@@ -117,9 +117,9 @@ def test_a_batch_answers_every_input_and_says_how(model, images, tmp_path):
     """A bad image gets its error in its place, the others their reports; every answer says where it came from."""
     (tmp_path / "notes.png").write_text("not an image")
     reports = model.write_radiologic_reports([images[0], tmp_path / "notes.png", images[1]], **GREEDY)
-    assert isinstance(reports[0], str) and isinstance(reports[2], str)
     assert isinstance(reports[1], InputError) and "notes.png" in str(reports[1])
-    assert reports[0] == model.write_radiologic_report(images[0], **GREEDY)
+    assert reports[0::2] == [model.write_radiologic_report(images[0], **GREEDY),
+                             model.write_radiologic_report(images[1], **GREEDY)]
     with pytest.raises(InputError, match="notes.png"):
         model.write_radiologic_report(tmp_path / "notes.png", **GREEDY)
     index, answer = next(model.iter_generate([[{"role": "user", "content": "Any effusion?"}]], [images[0]], **GREEDY))
@@ -141,7 +141,8 @@ def test_questions_and_chat(model, images):
     follow_up = model.chat(history, images[0], **GREEDY)
     with_marker = [{**history[0], "content": f"<image>\n{question}"}] + history[1:]
     assert model.chat(with_marker, images[0], **GREEDY) == follow_up
-    assert isinstance(model.write_differential_diagnosis(images[0], **GREEDY), str)
+    differential = [{"role": "user", "content": prompting.DIFFERENTIAL_PROMPT}]
+    assert model.write_differential_diagnosis(images[0], **GREEDY) == model.chat(differential, images[0], **GREEDY)
 
 
 def test_chat_streams_the_answer(model, images, monkeypatch):
@@ -163,7 +164,7 @@ def test_text_stream_waits_for_whole_characters(model):
     stream = TextStream(tokenizer, pieces.append)
     for i in range(len(ids)):
         stream(ids[i:i + 1])
-    stream.finish(model.decode(ids))
+    stream.finish(model.detokenize(ids))
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)
 
@@ -178,7 +179,7 @@ def test_streamed_text_waits_for_a_run_of_byte_pieces_to_end(model):
     stream = TextStream(tokenizer, pieces.append)
     for i in range(len(ids)):
         stream(ids[i:i + 1])
-    answer = model.decode(ids)
+    answer = model.detokenize(ids)
     stream.finish(answer)
     assert "".join(pieces) == answer and answer.endswith("There is")
 
@@ -194,8 +195,8 @@ def test_text_stream_waits_for_a_whole_run_of_byte_tokens(model):
     stream = TextStream(tokenizer, pieces.append)
     for i in range(len(ids)):
         stream(ids[i:i + 1])
-    stream.finish(model.decode(ids))
-    assert "".join(pieces) == model.decode(ids)
+    stream.finish(model.detokenize(ids))
+    assert "".join(pieces) == model.detokenize(ids)
 
 
 def test_sampling_is_reproducible_by_seed(model, images):
@@ -248,7 +249,11 @@ def test_bfloat16_weights_load_as_stored(tmp_path, images):
     loaded = CXRLLaVA.from_pretrained(tmp_path / "bf16")
     dtypes = {leaf.dtype for leaf in jax.tree.leaves(loaded.engine.params)}
     assert dtypes == {jnp.dtype(jnp.bfloat16)}
-    assert isinstance(loaded.write_radiologic_report(images[0], **GREEDY), str)
+    # It answers: EOS masked, the whole budget is written and read back as the answer's text.
+    loaded.engine.spec = dataclasses.replace(loaded.engine.spec, eos_id=NEVER)
+    (_, answer), = loaded.iter_generate([REPORT], [images[0]], **GREEDY)
+    assert len(answer.completion.tokens) == GREEDY["max_new_tokens"]
+    assert answer.text == loaded.detokenize(answer.completion.tokens)
 
 
 def test_int8_model_answers_and_is_saved_quantized(tmp_path, images):
@@ -266,16 +271,17 @@ def test_int8_model_answers_and_is_saved_quantized(tmp_path, images):
 
 
 SHARDED_LOAD = """
-import json, sys
+import dataclasses, json, sys
 import jax, numpy as np
 
 from cxrllava_jax.inference.api import CXRLLaVA
 from cxrllava_jax.inference.engine import EngineImage, Request, SamplingOptions
 from cxrllava_jax.reference.tiny_models import checkpoint_dir
 model = CXRLLaVA.from_pretrained(checkpoint_dir())
+model.engine.spec = dataclasses.replace(model.engine.spec, eos_id=int(sys.argv[1]))
 kernel = model.engine.params["params"]["llm"]["layers"]["block_0"]["q_proj"]["kernel"]
 pixels = np.zeros((1, 64, 64, 1), np.float32)
-ids = [c.tokens for c in model.engine.generate([Request(model.encode([{"role": "user", "content": "Any effusion?"}]),
+ids = [c.tokens for c in model.engine.complete([Request(model.encode([{"role": "user", "content": "Any effusion?"}]),
                                                         (EngineImage.of(pixels[0]),),
                                                         SamplingOptions(temperature=0.0, max_new_tokens=4))])]
 print("REPORT" + json.dumps({"devices": jax.device_count(), "spec": [str(a) for a in kernel.sharding.spec],
@@ -285,18 +291,18 @@ print("REPORT" + json.dumps({"devices": jax.device_count(), "spec": [str(a) for 
 
 
 def test_several_devices_hold_the_parameters_split_by_heads():
-    """With 4 devices the language model's heads are split over them (tensor parallel), and it still answers."""
+    """With 4 devices the language model's heads are split over them (tensor parallel), and it answers."""
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
                PYTHONPATH=str(root))
-    result = subprocess.run([sys.executable, "-c", SHARDED_LOAD], env=env, cwd=root, capture_output=True, text=True,
-                            timeout=900)
+    result = subprocess.run([sys.executable, "-c", SHARDED_LOAD, str(NEVER)], env=env, cwd=root,
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("REPORT"))[6:])
     assert report["devices"] == 4
     assert report["spec"][1] == "tensor"  # [embed, heads, head_dim]: heads over the tensor axis
     assert report["shard"] == [report["full"][0], report["full"][1] // 4, report["full"][2]]
-    assert report["tokens"] <= 4  # it generated (how many before EOS is up to the untrained model)
+    assert report["tokens"] == 4  # EOS masked: the whole budget, whatever the untrained model prefers
 
 
 def test_a_study_is_reported_as_one_prompt_and_one_image_as_the_release(model, images, tmp_path):
@@ -306,20 +312,22 @@ def test_a_study_is_reported_as_one_prompt_and_one_image_as_the_release(model, i
     before any image is read."""
     files = write_two_studies(tmp_path)
     older, study = studies_in_folder(tmp_path)
-    task = [{"role": "user", "content": prompting.REPORT_QUESTION}]
+    turns = [{"role": "user", "content": prompting.REPORT_QUESTION}]
     for one in (images[0], [images[0]], Study.of(images[0], views=["PA"])):
-        np.testing.assert_array_equal(model.encode(task, one), model.encode(REPORT))
+        np.testing.assert_array_equal(model.encode(turns, one), model.encode(REPORT))
     np.testing.assert_array_equal(model.study_pixels(Study.of(images[0]))[0], model.preprocess(images[0]))
 
-    prompt = model.encode(task, study)
+    prompt = model.encode(turns, study)
     assert (prompt == model.config.image_token_id).sum() == 3 * model.config.num_image_tokens
-    text = model.decode([int(i) for i in prompt if i != model.config.image_token_id])
+    text = model.detokenize([int(i) for i in prompt if i != model.config.image_token_id])
     assert "Current study, 2024-01-05" in text and "Prior study, 2023-03-01" in text
     assert prompting.COMPARISON_QUESTION.strip() in text  # the report of a study with a prior compares
     shuffled = [files["prior"], files["lateral"], files["frontal"]]  # grouped by UID, ordered by date
-    np.testing.assert_array_equal(model.encode(task, shuffled), prompt)
-    # The batch `report --studies` makes of this folder (tests/test_inference_cli.py compares the two).
-    assert all(isinstance(report, str) for report in model.write_radiologic_reports([older, shuffled], **GREEDY))
+    np.testing.assert_array_equal(model.encode(turns, shuffled), prompt)
+    # The batch `report --studies` makes of this folder (tests/test_inference_cli.py compares the two): each study
+    # answers in it as it does alone, the shuffled files as their study.
+    assert model.write_radiologic_reports([older, shuffled], **GREEDY) == [
+        model.write_radiologic_report(older, **GREEDY), model.write_radiologic_report(study, **GREEDY)]
     np.testing.assert_array_equal(model.encode([{"role": "user", "content": "Unchanged?"}], study),
                                   model.encode([{"role": "user", "content": study.prompt("Unchanged?")}], study))
 

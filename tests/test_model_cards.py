@@ -9,7 +9,7 @@ from cxrllava_jax.evaluation.run import card_evaluation
 
 TRAINED = {"format": "cxrllava-jax", "model_kind": "cxr_llava", "base_model": "ECOFRI/CXR-LLAVA-v2",
            "base_source": "config.init.release=/cache/models--ECOFRI--CXR-LLAVA-v2/snapshots/abc",
-           "training": {"stage": "finetune", "steps": 120, "config": {"optim.learning_rate": 0.0002, "lora.rank": 16}},
+           "training": {"task": "finetune", "steps": 120, "config": {"optim.learning_rate": 0.0002, "lora.rank": 16}},
            "datasets": ["mimic"], "evaluations": []}
 RESULTS = {"dataset": "mimic", "split": "test", "text_metrics": {"bleu_4": 0.0912, "rouge_l": 0.2754},
            "result": {"averages": {"F1-14": {"micro": {"f1": 0.61234}, "macro": {"f1": 0.4}},
@@ -24,7 +24,7 @@ def test_a_trained_model_s_card_and_its_evaluation(tmp_path):
     assert (card.data.license, card.data.base_model, card.data.library_name, card.data.datasets) == (
         "other", "ECOFRI/CXR-LLAVA-v2", "cxrllava-jax", ["mimic"])
     assert {"medical", "radiology", "chest-x-ray"} <= set(card.data.tags)
-    assert "Stage `finetune` of `train.py`, 120 steps" in card.text and "For research only" in card.text
+    assert "Task `finetune` of `train.py`, 120 steps" in card.text and "For research only" in card.text
     assert card.data.eval_results is None and "Not evaluated yet" in card.text
 
     assert model_card.add_evaluation(model, card_evaluation(RESULTS))

@@ -91,7 +91,7 @@ def test_kv_cache_decoding_equals_the_full_forward(case, forward):
         positions = jnp.take_along_axis(positions, slots, axis=1)
         mask = attention_mask(slots, kv_valid)
         logits, aux = model.apply({"params": params}, model.apply({"params": params}, tokens, method=Llama.embed),
-                                  positions, mask, cache, cache_index, method=Llama.decode)
+                                  positions, mask, cache, cache_index, method=Llama.cached_forward)
         return logits, aux["cache"]
 
     step = jax.jit(step)

@@ -22,7 +22,7 @@ BATCH = 8
 def dataset(tmp_path_factory):
     """(root, examples): 40 synthetic studies; an example is (index, image path)."""
     root = tmp_path_factory.mktemp("synthetic")
-    synthetic.generate(root, 40, SIZE, seed=3)
+    synthetic.write_dataset(root, 40, SIZE, seed=3)
     return root, [(i, r.image) for i, r in enumerate(mimic.load(root))]
 
 
@@ -259,7 +259,7 @@ def test_a_real_batch_is_the_tasks_abstract_batch(demo_data, stage, tmp_path):
     if "seq_buckets" in cfg.data:
         cfg.data.seq_buckets = 0
     task = make_task(cfg)
-    assert task.stage == stage
+    assert task.name == stage
     batch = next(stage_data.make_stage_data(cfg, task).train)
     declared = {k: (s.shape, np.dtype(s.dtype)) for k, s in task.abstract_batch(cfg.data.batch_size).items()}
     assert {k: (np.shape(v), np.asarray(v).dtype) for k, v in batch.items()} == declared
@@ -297,7 +297,8 @@ def test_a_study_batch_is_the_tasks_abstract_batch(tmp_path):
     declared = {k: (s.shape, np.dtype(s.dtype)) for k, s in task.abstract_batch(cfg.data.batch_size).items()}
     assert {k: (np.shape(v), np.asarray(v).dtype) for k, v in batch.items()} == declared
     assert batch["image"][:, :2].reshape(4, 2, -1).max(axis=-1).min() > 0 and not batch["image"][:, 2].any()
-    assert ((batch["tokens"] == task.config.image_token_id).sum(axis=1) == 2 * task.config.num_image_tokens).all()
+    model_config = task.model_config
+    assert ((batch["tokens"] == model_config.image_token_id).sum(axis=1) == 2 * model_config.num_image_tokens).all()
     task.max_images = 1  # as configured by config.data.max_images=1: refused before training starts
     with pytest.raises(ConfigError, match="studies.jsonl:1: 2 images in one example, more than config.data.max_images=1"):
         task.examples(conversations.load(cfg.data.train))
@@ -311,7 +312,7 @@ def test_the_demo_study_runs_read_the_same_reports_against_three_images_or_one(t
     from cxrllava_jax.domain.tokenizer import load_tokenizer, train_tokenizer
     from cxrllava_jax.training.tasks import make_task
 
-    pairs = synthetic.generate_studies(demo.study_data_dir(tmp_path), 12, 32, seed=1)
+    pairs = synthetic.write_studies(demo.study_data_dir(tmp_path), 12, 32, seed=1)
     prompt = prompting.study_prompt(prompting.COMPARISON_QUESTION, ["PA", "LATERAL"], ["PA"], "21791201", "")
     train_tokenizer([p.report for p in pairs] + [p.prior_report for p in pairs] + [prompting.SYSTEM_PROMPT, prompt],
                     400, tmp_path / "tokenizer")

@@ -67,12 +67,12 @@ def test_int8_greedy_tokens_equal_bf16(trained, int8):
     params, chain = trained
     prompts = list(chain_prompts(chain, count=8, length=12, seed=7))
     greedy = SamplingOptions(temperature=0.0, max_new_tokens=NEW_TOKENS)
-    def generate(model, weights) -> list[list[int]]:
+    def complete(model, weights) -> list[list[int]]:
         engine = Engine(model, {"params": weights}, eos_id=NEVER)
-        return [c.tokens for c in engine.generate([Request(p, sampling=greedy) for p in prompts])]
+        return [c.tokens for c in engine.complete([Request(p, sampling=greedy) for p in prompts])]
 
-    exact = generate(Llama(CONFIG, BF16), params)
+    exact = complete(Llama(CONFIG, BF16), params)
     # The bf16 model learned the template: its continuations follow the chain, so its choices are decisive.
     assert exact == [chain_prompts(chain, 8, 12 + NEW_TOKENS, seed=7)[i, 12:].tolist() for i in range(8)]
     model, weights = int8
-    assert generate(model, weights) == exact
+    assert complete(model, weights) == exact

@@ -117,7 +117,7 @@ def test_greedy_chat_equals_transformers_generate_token_for_token(ours, referenc
     expected_prompts = [tokenizer.apply_chat_template(chat(q), add_generation_prompt=True,
                                                       return_dict=True)["input_ids"] for q in QUESTIONS]
     assert prompts == expected_prompts
-    ours_tokens = [c.tokens for c in ours.engine.generate([Request(p, sampling=_greedy(NEW_TOKENS))
+    ours_tokens = [c.tokens for c in ours.engine.complete([Request(p, sampling=_greedy(NEW_TOKENS))
                                                            for p in prompts])]
     for prompt, tokens in zip(prompts, ours_tokens):
         with torch.no_grad():

@@ -25,7 +25,7 @@ def file_hashes(root):
 @pytest.fixture(scope="module")
 def train_set(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    synthetic.generate(root, 600, 64, seed=21)
+    synthetic.write_dataset(root, 600, 64, seed=21)
     return root
 
 
@@ -33,13 +33,13 @@ def train_set(tmp_path_factory):
 def held_out(tmp_path_factory):
     """Studies from another seed: no image shares a draw with the training set."""
     root = tmp_path_factory.mktemp("held_out")
-    synthetic.generate(root, 400, 64, seed=22)
+    synthetic.write_dataset(root, 400, 64, seed=22)
     return root
 
 
 def test_same_seed_same_bytes(tmp_path):
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
-        synthetic.generate(tmp_path / name, 25, 48, seed=seed)
+        synthetic.write_dataset(tmp_path / name, 25, 48, seed=seed)
     hashes = file_hashes(tmp_path / "a")
     assert len(hashes) == 2 * 25 + 4  # images, reports, metadata/labels/split tables and instructions
     assert file_hashes(tmp_path / "b") == hashes
@@ -131,7 +131,7 @@ def test_a_new_finding_is_one_entry(monkeypatch, tmp_path):
         sentences=lambda f: [f"There is an acute {f.side} rib fracture."],
         impression=lambda f: f"acute {f.side} rib fracture", noun=lambda f: "rib fracture",
         question=("Is there a rib fracture?", "No. There is no rib fracture.")))
-    studies = synthetic.generate(tmp_path, 120, 48, seed=4)
+    studies = synthetic.write_dataset(tmp_path, 120, 48, seed=4)
     with_fracture = [s for s in studies if any(f.name == "fracture" for f in s.findings)]
     assert with_fracture and len(with_fracture) < len(studies)
     column = CHEXPERT_OBSERVATIONS.index("Fracture")

@@ -18,7 +18,7 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     manual = tmp_path_factory.mktemp("manual")
-    synthetic.generate(manual, 30, SIZE, seed=11)
+    synthetic.write_dataset(manual, 30, SIZE, seed=11)
     data_dir = tmp_path_factory.mktemp("tfds")
     tfds_builders.build("synthetic", manual, data_dir)
     return manual, data_dir
@@ -67,7 +67,7 @@ def test_16_bit_png_decodes_like_the_file(tmp_path):
 
 def test_bad_image_bytes_are_named_and_can_be_skipped(tmp_path):
     manual = tmp_path / "manual"
-    studies = synthetic.generate(manual, 12, SIZE, seed=12)
+    studies = synthetic.write_dataset(manual, 12, SIZE, seed=12)
     broken = next(manual.glob(f"files/**/{studies[0].dicom_id}.jpg"))
     broken.write_bytes(b"not an image at all")
     tfds_builders.build("synthetic", manual, tmp_path / "tfds")

@@ -2,6 +2,7 @@
 SIGKILL, a non-finite loss stops the run without losing the last checkpoint, sharded and multi-process
 runs give the single-device losses, and every config loads."""
 
+import importlib
 import json
 import os
 import socket
@@ -16,6 +17,7 @@ import pytest
 from flax import traverse_util
 
 from cxrllava_jax.convert import checkpoint as model_checkpoint
+from cxrllava_jax.errors import ConfigError
 from cxrllava_jax.training import loop, stages, steps
 from cxrllava_jax.training.checkpoints import RunCheckpoints
 from cxrllava_jax.training.tasks import make_task
@@ -114,8 +116,8 @@ def test_resume_and_best_export_across_the_text_tower_release(data, tmp_path, ca
 def test_a_run_resumed_before_the_release_ends_where_an_uninterrupted_one_does(data, tmp_path):
     """The release is a schedule inside the optimizer: stopping before it and resuming changes nothing."""
     release = {"text_unfreeze_step": 3, "checkpoint.every_steps": 2, "checkpoint.best_metric": ""}
-    for steps in (2, 5):  # stopped at step 2 (before the release at 3), then carried on
-        loop.train_and_evaluate(setup.parse(setup.stage_flags("1b_labels", *data, steps=steps, **release)),
+    for stop_at in (2, 5):  # stopped at step 2 (before the release at 3), then carried on
+        loop.train_and_evaluate(setup.parse(setup.stage_flags("1b_labels", *data, steps=stop_at, **release)),
                                 tmp_path / "resumed")
     loop.train_and_evaluate(setup.parse(setup.stage_flags("1b_labels", *data, steps=5, **release)), tmp_path / "straight")
     a, b = flat_params(tmp_path / "resumed" / "model"), flat_params(tmp_path / "straight" / "model")
@@ -213,6 +215,13 @@ def test_two_processes_match_one(data, tmp_path):
     assert json.loads((tmp_path / "two" / "model" / "model_config.json").read_text())["scan"] is True
 
 
+def test_the_old_stage_key_is_refused_naming_the_new_one():
+    cfg = importlib.import_module("configs.stage1a").get_config()
+    cfg.stage = "1b"  # what configs said before the key was renamed: not trained as config.task's 1a
+    with pytest.raises(ConfigError, match=r"config.stage='1b': the key is now config.task"):
+        make_task(cfg)
+
+
 def test_every_config_loads_and_takes_overrides():
     configs = sorted(Path(setup.ROOT, "configs").glob("*.py"))
     stages = [p for p in configs if p.stem.startswith("stage")]
@@ -220,11 +229,11 @@ def test_every_config_loads_and_takes_overrides():
     for path in stages:
         cfg = setup.parse([f"--config={path}", "--config.optim.learning_rate=0.5", "--config.mesh.fsdp=4"])
         assert cfg.optim.learning_rate == 0.5 and cfg.mesh.fsdp == 4
-        assert cfg.stage in ("1a", "1b", "2a", "2b")
+        assert cfg.task in ("1a", "1b", "2a", "2b")
     for stage in ("1a", "1b_labels", "1b_reports", "2a", "2b"):
         make_task(setup.parse([f"--config=configs/demo.py:{stage}"]))  # the model builds from the config
     for path in (p for p in configs if p.stem.startswith("eval_")):
-        assert setup.parse([f"--config={path}"]).task in ("report", "json_labels")
+        assert setup.parse([f"--config={path}"]).answer_kind in ("report", "json_labels")
     paper = {p.stem: setup.parse([f"--config={p}"]) for p in stages}
     assert (paper["stage1a"].optim.name, paper["stage1a"].optim.learning_rate) == ("sgd", 1e-3)
     assert (paper["stage2b"].optim.name, paper["stage2b"].optim.learning_rate) == ("adam", 2e-5)

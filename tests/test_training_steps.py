@@ -137,7 +137,7 @@ def test_stage_2a_starts_from_any_llama_family_model(tmp_path):
     cfg.init.update(checkpoint="", llama=str(tmp_path))
     cfg.model.llama_overrides = {}  # the demo shrinks its preset; here the directory says what the model is
     task = make_task(cfg)
-    assert task.config.llama == llama
+    assert task.model_config.llama == llama
     params = task.init(jax.random.key(0), task.dummy_batch(1))["params"]
     params = jax.tree.map(lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value"))
     placement = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), params)
@@ -156,10 +156,10 @@ def test_scored_positions_loss_equals_full_logits_loss():
     batch = fixed_batch(task, "2b", jax.random.key(4))
     rng = np.random.RandomState(1)
     length = batch["tokens"].shape[1]
-    answer_start = rng.randint(task.config.num_image_tokens + 2, length - 50, 8)
+    answer_start = rng.randint(task.model_config.num_image_tokens + 2, length - 50, 8)
     ends = answer_start + rng.randint(5, 45, 8)
     positions = np.arange(length)
-    batch["tokens"] = jnp.asarray(np.where(positions >= task.config.num_image_tokens + 1,
+    batch["tokens"] = jnp.asarray(np.where(positions >= task.model_config.num_image_tokens + 1,
                                            rng.randint(3, 200, (8, length)), np.asarray(batch["tokens"])))
     batch["loss_mask"] = jnp.asarray((positions >= answer_start[:, None]) & (positions < ends[:, None]))
     batch["valid"] = jnp.asarray(positions < (ends + rng.randint(0, 5, 8))[:, None])  # right-padded rows

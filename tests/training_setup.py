@@ -26,7 +26,7 @@ NUM_STUDIES, IMAGE_SIZE = 120, 32
 def dataset(root: str) -> tuple[Path, Path]:
     """(data_dir, tokenizer_dir) under `root`, generated once per test session."""
     data_dir, tokenizer_dir = Path(root) / "data", Path(root) / "tokenizer"
-    studies = synthetic.generate(data_dir, NUM_STUDIES, IMAGE_SIZE, seed=3)
+    studies = synthetic.write_dataset(data_dir, NUM_STUDIES, IMAGE_SIZE, seed=3)
     texts = [s.report for s in studies] + [t["content"] for s in studies for c in s.conversations for t in c]
     train_tokenizer(texts + [prompting.SYSTEM_PROMPT], 512, tokenizer_dir)
     return data_dir, tokenizer_dir

@@ -57,7 +57,7 @@ def _rope_scaling(rope_type: str, rope: dict, origin: str) -> RopeScaling:
 def config_to_hf(cfg: LlamaConfig) -> dict:
     """A config both transformers 4.x (`rope_theta`, `rope_scaling`) and 5.x read."""
     hf = {theirs: getattr(cfg, ours) for ours, theirs in HF_FIELDS.items()}
-    hf["head_dim"] = cfg.kv_dim
+    hf["head_dim"] = cfg.resolved_head_dim
     scaling = cfg.rope_scaling
     hf["rope_scaling"] = None if scaling.rope_type == "default" else {
         k: v for k, v in dataclasses.asdict(scaling).items() if v is not None}

@@ -5,7 +5,7 @@
     DIR/card.json   the facts the card is rendered from, so that an export or a later evaluation re-renders it
 
 Facts: {"format": "cxrllava-jax" | "release" | "hf-llama" | "peft", "model_kind": "cxr_llava" | ...,
-"base_model": a Hub id or null, "base_source": where the weights started (any path), "training": {"stage",
+"base_model": a Hub id or null, "base_source": where the weights started (any path), "training": {"task",
 "steps", "config": {key: value}} or null, "datasets": [...], "evaluations": [{"dataset", "split", "scores":
 {name: value}}]}. The metadata is written with `huggingface_hub.ModelCardData`, whose parser reads it back.
 """
@@ -97,7 +97,7 @@ def _body(facts: dict, name: str) -> str:
     lines += ["## Training", ""]
     training = facts.get("training")
     if training:
-        lines.append(f"Stage `{training['stage']}` of `train.py`, {training['steps']} steps"
+        lines.append(f"Task `{training['task']}` of `train.py`, {training['steps']} steps"
                      + (f", starting from `{base}`" if base else "") + ". Settings:")
         lines += [""] + [f"- `{key}`: `{value}`" for key, value in training.get("config", {}).items()]
     else:

@@ -1,9 +1,10 @@
 """The model's side of an evaluation: answers for every image of a test set, written as JSONL records.
 
-A test set is a dataset adapter's split (`config.dataset`, `config.split`). The task decides the prompt and
-the reference: "report" asks for the radiologic report and compares with the record's report; "json_labels"
-asks for the 14 labels as JSON and compares with the record's labels. Records without a reference are left
-out (and counted). The JSONL is what `eval.py --predictions` reads, so a run can be re-scored without a model.
+A test set is a dataset adapter's split (`config.dataset`, `config.split`). The kind of answer asked for
+(`config.answer_kind`) decides the prompt and the reference: "report" asks for the radiologic report and compares
+with the record's report; "json_labels" asks for the 14 labels as JSON and compares with the record's labels.
+Records without a reference are left out (and counted). The JSONL is what `eval.py --predictions` reads, so a run
+can be re-scored without a model.
 """
 
 import json
@@ -24,11 +25,11 @@ PROMPTS = {"report": prompting.REPORT_PROMPT, "json_labels": prompting.LABEL_PRO
 
 
 def test_records(config, data_dir) -> tuple[list, int]:
-    """(records of the test split that have a reference for the task, number left out without one)."""
+    """(records of the test split that have a reference for the answer kind, number left out without one)."""
     if config.dataset not in ADAPTERS:
         raise ConfigError(f"config.dataset={config.dataset!r}: adapters exist for {sorted(ADAPTERS)}")
     records = ADAPTERS[config.dataset](Path(data_dir), config.split)
-    usable = [r for r in records if _reference(config.task, r) is not None]
+    usable = [r for r in records if _reference(config.answer_kind, r) is not None]
     return usable, len(records) - len(usable)
 
 
@@ -39,8 +40,8 @@ def generate_records(config, model, data_dir, out_path, batch_size: int = 16, li
     records = records[:limit]
     if not records:
         raise InputError(f"{data_dir}: the {config.dataset} {config.split} split has no records with a reference "
-                         f"for the {config.task} task ({skipped} without)")
-    conversation = [{"role": "user", "content": PROMPTS[config.task]}]
+                         f"for {config.answer_kind} answers ({skipped} without)")
+    conversation = [{"role": "user", "content": PROMPTS[config.answer_kind]}]
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     answers = {}
@@ -55,7 +56,7 @@ def generate_records(config, model, data_dir, out_path, batch_size: int = 16, li
         for index, record in enumerate(records):
             # The path under the data directory: file names alone repeat (CheXpert's view1_frontal.jpg).
             result = {"id": relative_name(record.image, data_dir), "image": str(record.image),
-                      "generated": answers[index].text, "reference": _reference(config.task, record),
+                      "generated": answers[index].text, "reference": _reference(config.answer_kind, record),
                       "provenance": {**model.provenance, **answers[index].record()}}
             out.write(json.dumps(result) + "\n")
             results.append(result)
@@ -64,8 +65,8 @@ def generate_records(config, model, data_dir, out_path, batch_size: int = 16, li
     return results
 
 
-def _reference(task: str, record):
-    if task == "report":
+def _reference(answer_kind: str, record):
+    if answer_kind == "report":
         return record.report or None
     if np.isnan(record.labels).all():
         return None

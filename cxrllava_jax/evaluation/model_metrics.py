@@ -74,15 +74,15 @@ METRICS = {
 }
 
 
-def parse(text: str | None, task: str = "report") -> tuple:
-    """'radgraph,bertscore' -> ('radgraph', 'bertscore'); an unknown name, or metrics for a task without report
+def parse(text: str | None, answer_kind: str = "report") -> tuple:
+    """'radgraph,bertscore' -> ('radgraph', 'bertscore'); an unknown name, or metrics for answers without report
     texts, is an error."""
     names = tuple(dict.fromkeys(n.strip() for n in (text or "").split(",") if n.strip()))
     unknown = [n for n in names if n not in METRICS]
     if unknown:
         raise MetricUnavailable(f"--metrics: unknown {', '.join(unknown)}; choose from {', '.join(METRICS)}")
-    if names and task != "report":
-        raise MetricUnavailable(f"--metrics compares report texts; config.task={task} has none")
+    if names and answer_kind != "report":
+        raise MetricUnavailable(f"--metrics compares report texts; config.answer_kind={answer_kind} has none")
     return names
 
 

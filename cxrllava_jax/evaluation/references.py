@@ -2,7 +2,7 @@
 
 `cxrllava report DIR --jsonl r.jsonl` writes one {"image", "report"} line per image (or {"image", "error"} for an
 image it could not read). The reference file is a CSV with an `image` column and either a `report` column (the
-reference report, for the "report" task) or the 14 observation columns (labels, for the "json_labels" task; 1, 0,
+reference report, for "report" answers) or the 14 observation columns (labels, for "json_labels" answers; 1, 0,
 -1 or empty). Images are matched by their path as written; where the two files name an image differently (an
 absolute path on one side, a path under the data directory on the other), by the longest unique tail of the path.
 """
@@ -26,10 +26,10 @@ def is_report_output(path) -> bool:
     return False
 
 
-def joined_records(report_jsonl, references_csv, task: str) -> list:
+def joined_records(report_jsonl, references_csv, answer_kind: str) -> list:
     """{id, image, generated, reference} for each image of `report_jsonl` that has a reference; images that failed
     or have no reference are counted on stderr, and none matching at all is an error."""
-    references = read_references(references_csv, task)
+    references = read_references(references_csv, answer_kind)
     index = _TailIndex(references)
     records, failed, unmatched = [], 0, []
     for line_number, line in files.read_json_lines(report_jsonl):
@@ -55,21 +55,21 @@ def joined_records(report_jsonl, references_csv, task: str) -> list:
     return records
 
 
-def read_references(path, task: str) -> dict:
+def read_references(path, answer_kind: str) -> dict:
     """{image as written: reference report (text) or labels ({observation: 1.0 / 0.0 / -1.0 / None})}."""
     rows = label_files.csv_rows(path)
     header = [name.strip().lower() for name in (rows[0] if rows else [])]
     if "image" not in header:
         raise InputError(f"{path}: a reference file needs an 'image' column (found {rows[0] if rows else 'nothing'})")
     image = header.index("image")
-    if task == "report":
+    if answer_kind == "report":
         text = next((header.index(c) for c in _REPORT_COLUMNS if c in header), None)
         if text is None:
-            raise InputError(f"{path}: the report task needs a 'report' column with each image's reference report")
+            raise InputError(f"{path}: report answers need a 'report' column with each image's reference report")
     else:
         missing = [o for o in CHEXPERT_OBSERVATIONS if o.lower() not in header]
         if missing:
-            raise InputError(f"{path}: the {task} task needs the 14 observation columns; missing {missing}")
+            raise InputError(f"{path}: {answer_kind} answers need the 14 observation columns; missing {missing}")
     references = {}
     for row_number, row in enumerate(rows[1:], start=2):
         if not row:
@@ -80,7 +80,7 @@ def read_references(path, task: str) -> dict:
             raise InputError(f"{path}: row {row_number} has no image")
         if key in references:
             raise InputError(f"{path}: row {row_number}: image {key!r} repeats; each image needs one reference")
-        if task == "report":
+        if answer_kind == "report":
             references[key] = cell(text)
         else:
             where = f"{path}: row {row_number}"

@@ -1,6 +1,6 @@
 """The evaluation protocol end to end: records of generated text -> labels -> scores -> tables and a results JSON.
 
-Two tasks, as in the paper (Figure 2):
+Two kinds of answer (`config.answer_kind`), as in the paper (Figure 2):
 - "report" (MIMIC, Indiana): the generated report and the reference report are both labeled by the report
   labeler (ours, labels from the CheXpert labeler's or CheXbert's files, or CheXbert: see `labelers`), and the
   labels compared; BLEU-1..4 and ROUGE-L of the texts are reported beside them.
@@ -15,6 +15,7 @@ F1-5, micro and macro: `metrics.standard_aggregates`) from the same labels.
 """
 
 import collections
+import dataclasses
 import json
 import pathlib
 
@@ -30,11 +31,39 @@ from cxrllava_jax.evaluation import (
 from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
 from cxrllava_jax.errors import ConfigError, InputError
 
-TASKS = ("report", "json_labels")
+ANSWER_KINDS = ("report", "json_labels")
 # What an evaluation writes into its workdir, replaced together (eval.py stages them; see files.staged_directory).
 # generated.jsonl is not among them: a run that re-scores it (--predictions) keeps it.
 OUTPUTS = ("reference_labels.csv", "predicted_labels.csv", "table.md", "table.csv", "results.json",
            "rexrank_predictions.json")
+
+
+@dataclasses.dataclass
+class Scoring:
+    """What was scored and how, and the figures beside the label scores; results.json carries the fields that
+    are set, under their names."""
+
+    answer_kind: str | None  # "report" or "json_labels"; None: two label CSVs were scored
+    labeler: str | None = None  # who labeled the report texts (None: the label files were given)
+    scored: str | None = None  # the data scored, when it is not config.dataset's split
+    text_metrics: dict | None = None  # BLEU and ROUGE-L: `text_metrics.text_scores`
+    model_metrics: dict | None = None  # `model_metrics.scores` (empty when none were asked for)
+    change_statements: dict | None = None  # `changes.change_scores`, when references compare with a prior study
+    unparsed_predictions: dict | None = None  # json_labels: {"count", "ids"} of answers that were no JSON labels
+
+    def fields(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def checked_answer_kind(config) -> str:
+    """`config.answer_kind`, checked. A config that still sets `config.task` (the key's name before) is refused,
+    naming the new one, rather than evaluated as whatever `config.answer_kind` defaults to."""
+    if "task" in config:
+        raise ConfigError(f"config.task={config.task!r}: the key is now config.answer_kind (one of "
+                          f"{', '.join(ANSWER_KINDS)})")
+    if config.answer_kind not in ANSWER_KINDS:
+        raise ConfigError(f"config.answer_kind={config.answer_kind!r}: expected one of {', '.join(ANSWER_KINDS)}")
+    return config.answer_kind
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -43,7 +72,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.dataset = "mimic"
     config.split = "test"
     config.paper_table = "mimic"  # key into paper_tables.TABLES
-    config.task = "report"  # or "json_labels"
+    config.answer_kind = "report"  # or "json_labels"
     config.uncertain = "exclude"  # or "positive", "negative": see metrics.LabelPolicy
     config.missing_reference = "exclude"  # or "negative"
     config.min_class_count = 10
@@ -65,6 +94,7 @@ def evaluate_model(config, checkpoint, data_dir, workdir, batch_size: int = 16, 
     from cxrllava_jax.evaluation import generation
     from cxrllava_jax.inference.api import CXRLLaVA
 
+    checked_answer_kind(config)  # before the model loads
     if model is None:
         adapter = adapter and hub.resolve(adapter, what="--adapter")
         checkpoint = hub.resolve(checkpoint, what="--checkpoint")
@@ -91,7 +121,7 @@ def evaluate_predictions(config, predictions_path, workdir, report_labeler=None,
     """Scores a JSONL generated elsewhere (no model needed): eval's own {id, generated, reference} records, or
     `cxrllava report`'s {image, report} lines joined to `references_csv` by image. `limit`: its first records."""
     if references_csv:
-        records = references.joined_records(predictions_path, references_csv, config.task)
+        records = references.joined_records(predictions_path, references_csv, checked_answer_kind(config))
         scored = f"{pathlib.Path(predictions_path).name} against {pathlib.Path(references_csv).name}"
     elif references.is_report_output(predictions_path):
         raise InputError(f"{predictions_path}: `cxrllava report` lines have no reference; give --references=CSV "
@@ -130,38 +160,37 @@ def evaluate_records(config, records, workdir, report_labeler=None, scored=None,
     `report_labeler` (a `labelers.Labeler`, ours by default) labels every report text. `scored` names the data
     when it is not config.dataset's split (the tables say what was scored). `metric_names`: model-based metrics
     (`model_metrics`) over the report texts."""
-    if config.task not in TASKS:
-        raise ConfigError(f"config.task={config.task!r}: expected one of {TASKS}")
+    answer_kind = checked_answer_kind(config)
     report_labeler = report_labeler or labelers.make("ours")
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     records = list(records)
     ids = [str(r["id"]) for r in records]
     reference_rows = _reference_rows(records, report_labeler)
-    extra = {"task": config.task, "labeler": report_labeler.name, **({"scored": scored} if scored else {})}
-    if config.task == "report":
+    scoring = Scoring(answer_kind, report_labeler.name, scored or None)
+    if answer_kind == "report":
         predicted_rows = report_labeler.label_reports([r["generated"] for r in records])
         with_text = [r for r in records if isinstance(r["reference"], str)]
         if with_text:  # text metrics compare texts: records whose reference is labels have none
             # The model-based metrics first: they load models, and a refusal should leave nothing written.
-            extra["model_metrics"] = model_metrics.scores(metric_names, [r["reference"] for r in with_text],
-                                                          [r["generated"] for r in with_text])
-            extra["text_metrics"] = text_metrics.text_scores([r["reference"] for r in with_text],
-                                                             [r["generated"] for r in with_text])
+            scoring.model_metrics = model_metrics.scores(metric_names, [r["reference"] for r in with_text],
+                                                         [r["generated"] for r in with_text])
+            scoring.text_metrics = text_metrics.text_scores([r["reference"] for r in with_text],
+                                                            [r["generated"] for r in with_text])
             text_metrics.write_rexrank_json(workdir / "rexrank_predictions.json", with_text, config.split)
             compared = changes.change_scores([r["reference"] for r in with_text], [r["generated"] for r in with_text])
             if compared["statements"]:  # references that compare with a prior study
-                extra["change_statements"] = compared
+                scoring.change_statements = compared
     else:
         parsed = [json_labels.parse_json_labels(r["generated"]) for r in records]
         predicted_rows = [p.as_row() for p in parsed]
         unparsed = [str(r["id"]) for r, p in zip(records, parsed) if not p.parsed]
-        extra["unparsed_predictions"] = {"count": len(unparsed), "ids": unparsed}
+        scoring.unparsed_predictions = {"count": len(unparsed), "ids": unparsed}
     reference = label_files.LabelTable(_rows(reference_rows), ids, [_reference_text(r) for r in records])
     predicted = label_files.LabelTable(_rows(predicted_rows), ids, [r["generated"] for r in records])
     label_files.write_labels_csv(workdir / "reference_labels.csv", reference.reports, reference.labels, ids)
     label_files.write_labels_csv(workdir / "predicted_labels.csv", predicted.reports, predicted.labels, ids)
-    return score_and_write(config, reference, predicted, workdir, extra)
+    return score_and_write(config, reference, predicted, workdir, scoring)
 
 
 def evaluate_label_files(config, reference_csv, predicted_csv, workdir) -> dict:
@@ -180,13 +209,12 @@ def evaluate_label_files(config, reference_csv, predicted_csv, workdir) -> dict:
         raise InputError(f"{reference_csv} has {len(reference.ids)} rows but {predicted_csv} has {len(predicted.ids)}")
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    return score_and_write(config, reference, predicted, workdir, {"task": "label_files"})
+    return score_and_write(config, reference, predicted, workdir, Scoring(None))
 
 
-def score_and_write(config, reference, predicted, workdir, extra=None) -> dict:
+def score_and_write(config, reference, predicted, workdir, scoring: Scoring) -> dict:
     """Scores two LabelTables by the config's protocol and the standard aggregates; writes table.md, table.csv and
     results.json."""
-    extra = extra or {}
     paper = paper_tables.TABLES[config.paper_table]
     result = metrics.score_labels(
         reference.labels,
@@ -201,12 +229,12 @@ def score_and_write(config, reference, predicted, workdir, extra=None) -> dict:
     standard = metrics.standard_aggregates(reference.labels, predicted.labels, config.bootstrap_samples, config.seed,
                                            config.confidence)
     # The paper's figures sit beside ours only where we scored the paper's own test set.
-    paper_columns = config.dataset == paper.dataset and "scored" not in extra
-    title = _title(config, paper, extra.get("scored"), extra.get("labeler", "the label files given"), paper_columns)
+    paper_columns = config.dataset == paper.dataset and scoring.scored is None
+    title = _title(config, paper, scoring.scored, scoring.labeler or "the label files given", paper_columns)
     markdown = tables.markdown_table(result, paper, title, standard, paper_columns)
-    if "text_metrics" in extra:
-        markdown += tables.text_metrics_line(extra["text_metrics"])
-    markdown += model_metrics.summary_line(extra.get("model_metrics", {}))
+    if scoring.text_metrics is not None:
+        markdown += tables.text_metrics_line(scoring.text_metrics)
+    markdown += model_metrics.summary_line(scoring.model_metrics or {})
     files.write_text_atomically(workdir / "table.md", markdown)
     files.write_text_atomically(workdir / "table.csv", tables.csv_table(result, paper, standard, paper_columns))
     results = {
@@ -214,7 +242,7 @@ def score_and_write(config, reference, predicted, workdir, extra=None) -> dict:
         "split": config.split,
         "paper_table": config.paper_table,
         "title": title,
-        **extra,
+        **scoring.fields(),
         "reference_label_counts": _label_counts(reference.labels),
         "predicted_label_counts": _label_counts(predicted.labels),
         "result": result.to_dict(),

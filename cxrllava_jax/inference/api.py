@@ -49,7 +49,7 @@ DEFAULT_BATCH_SIZE = 8
 
 
 class CXRLLaVA:
-    """A loaded model that answers: its config, weights, tokenizer and the generator that runs them.
+    """A loaded model that answers: its config, weights, tokenizer and the engine that runs them.
 
     Every answering method takes the generation keywords (temperature, top_p, max_new_tokens, seed).
     """
@@ -166,21 +166,22 @@ class CXRLLaVA:
         return _one(self.write_radiologic_reports([image], **options))
 
     def write_radiologic_reports(self, images: Sequence, **options) -> list:
-        return self.generate([_task(prompting.REPORT_QUESTION)] * len(images), images, **options)
+        return self.generate([_user_turn(prompting.REPORT_QUESTION)] * len(images), images, **options)
 
     def write_differential_diagnosis(self, image, **options) -> str:
         return _one(self.write_differential_diagnoses([image], **options))
 
     def write_differential_diagnoses(self, images: Sequence, **options) -> list:
-        return self.generate([_task(prompting.DIFFERENTIAL_QUESTION)] * len(images), images, **options)
+        return self.generate([_user_turn(prompting.DIFFERENTIAL_QUESTION)] * len(images), images, **options)
 
     def ask_question(self, question: str, image, *, on_text: Callable[[str], None] | None = None, **options) -> str:
-        return _one(self.generate([_task(prompting.checked_question(question))], [image], on_text=on_text, **options))
+        return _one(self.generate([_user_turn(prompting.checked_question(question))], [image], on_text=on_text,
+                                  **options))
 
     def ask_questions(self, questions: Sequence[str], images: Sequence, **options) -> list:
         if len(questions) != len(images):
             raise ValueError(f"{len(questions)} questions but {len(images)} images")
-        return self.generate([_task(prompting.checked_question(q)) for q in questions], images, **options)
+        return self.generate([_user_turn(prompting.checked_question(q)) for q in questions], images, **options)
 
     def chat(self, messages: Sequence[dict], image, *, on_text: Callable[[str], None] | None = None,
              **options) -> str:
@@ -252,7 +253,7 @@ class CXRLLaVA:
         stream = TextStream(self.tokenizer, on_text) if on_text else None
         tokens = None if stream is None else (lambda _, new: stream(new))
         for number, completion in self.engine.run(requests(), max_rows=batch_size, on_tokens=tokens):
-            answer = Answer(self.decode(completion.tokens), completion, sampling)
+            answer = Answer(self.detokenize(completion.tokens), completion, sampling)
             if stream:
                 stream.finish(answer.text)
             yield order[number], answer
@@ -275,7 +276,7 @@ class CXRLLaVA:
         pixels = study.pixels(cfg.vision.image_size, allow_non_frontal=allow_non_frontal, min_size=cfg.vision.patch_size)
         return normalise(pixels, cfg.image_mean, cfg.image_std)
 
-    def decode(self, ids: list[int]) -> str:
+    def detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def encode(self, turns: Sequence[dict], study=None) -> np.ndarray:
@@ -337,7 +338,7 @@ def _drain(flat: dict):
         yield path, flat.pop(path)
 
 
-def _task(prompt: str) -> list[dict]:
+def _user_turn(prompt: str) -> list[dict]:
     return [{"role": "user", "content": prompt}]
 
 

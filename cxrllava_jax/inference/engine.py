@@ -535,7 +535,7 @@ class Engine:
                 if not handle.done:
                     self.cancel(handle)
 
-    def generate(self, requests: Sequence[Request], **kwargs) -> list[Completion]:
+    def complete(self, requests: Sequence[Request], **kwargs) -> list[Completion]:
         """Every request's completion, in order."""
         completions = [None] * len(requests)
         for index, completion in self.run(requests, **kwargs):

@@ -88,5 +88,5 @@ class LanguageModel:
     def continuations(self, prompts: Sequence[Sequence[int]], **options) -> list[list[int]]:
         """The token ids generated after each prompt."""
         sampling = SamplingOptions(**options)
-        completions = self.engine.generate([Request(np.asarray(p, np.int32), sampling=sampling) for p in prompts])
+        completions = self.engine.complete([Request(np.asarray(p, np.int32), sampling=sampling) for p in prompts])
         return [list(c.tokens) for c in completions]

@@ -1,7 +1,8 @@
 """The Flax models. Every model returns one shape of result, big_vision's `(output, aux)`: the main output first,
 then a dict of named auxiliary tensors (empty when there are none). This holds for `__call__` and for the methods
-callers `apply` as entry points (`extend`, `step`, `decode`, `logits_at`, `image_features`); the parts that composite models call on
-their submodules (`embed`, `encode_images`, `hidden_states`, `Llama.logits`) return one array.
+callers `apply` as entry points (`extend`, `step`, `cached_forward`, `logits_at`, `image_features`); the parts
+that composite models call on their submodules (`embed`, `encode_images`, `hidden_states`, `Llama.logits`) return
+one array.
 
 | model                          | output                                   | aux                                          |
 |--------------------------------|------------------------------------------|----------------------------------------------|
@@ -11,5 +12,5 @@ their submodules (`embed`, `encode_images`, `hidden_states`, `Llama.logits`) ret
 | `bert.TextEncoder`             | contrastive embedding [batch, embed_dim] | pooled (before the projection), tokens (BERT's hidden states) |
 | `clip.ContrastiveModel`        | logits per image [images, texts] fp32    | image_embedding, text_embedding (L2-normalised), logit_scale |
 | `cxr_llava.Projector`          | features in the LLM's width              | (none)                                       |
-| `llama.Llama`, `cxr_llava.CXRLLaVAModel` | next-token logits fp32          | (none); `cache` from extend, step, decode    |
+| `llama.Llama`, `cxr_llava.CXRLLaVAModel` | next-token logits fp32          | (none); `cache` from extend, step, cached_forward |
 """

@@ -117,7 +117,7 @@ class LlamaConfig:
     pad_token_id: int = 0
 
     @property
-    def kv_dim(self) -> int:
+    def resolved_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
 
 

@@ -92,8 +92,8 @@ class CXRLLaVAModel(nn.Module):
         text = self.llm.embed(jnp.where(is_image, 0, tokens))
         return splice_image_features(text, image_features, is_image)
 
-    def decode(self, embeds, positions, mask, cache=None, cache_index=0):
-        return self.llm.decode(embeds, positions, mask, cache, cache_index)
+    def cached_forward(self, embeds, positions, mask, cache=None, cache_index=0):
+        return self.llm.cached_forward(embeds, positions, mask, cache, cache_index)
 
     def image_features(self, images):
         """(`encode_images`, {}): the engine encodes images apart from the prompts, so that it can keep them."""

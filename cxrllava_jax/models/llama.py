@@ -73,9 +73,9 @@ class DecoderLayer(nn.Module):
         kw = dict(use_bias=False, **dtypes(rt))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         h = RMSNorm(cfg.rms_norm_eps, rt, name="input_layernorm")(x)
-        q = dense((cfg.num_heads, cfg.kv_dim), (("embed",), ("heads", "kv")), name="q_proj", **kw)(h)
-        k = dense((cfg.num_kv_heads, cfg.kv_dim), (("embed",), ("kv_heads", "kv")), name="k_proj", **kw)(h)
-        v = dense((cfg.num_kv_heads, cfg.kv_dim), (("embed",), ("kv_heads", "kv")), name="v_proj", **kw)(h)
+        q = dense((cfg.num_heads, cfg.resolved_head_dim), (("embed",), ("heads", "kv")), name="q_proj", **kw)(h)
+        k = dense((cfg.num_kv_heads, cfg.resolved_head_dim), (("embed",), ("kv_heads", "kv")), name="k_proj", **kw)(h)
+        v = dense((cfg.num_kv_heads, cfg.resolved_head_dim), (("embed",), ("kv_heads", "kv")), name="v_proj", **kw)(h)
         inv_freq = inverse_frequencies(cfg, positions)
         q = rotary_embedding(q, positions, inv_freq)
         k = rotary_embedding(k, positions, inv_freq)
@@ -176,7 +176,7 @@ class Llama(nn.Module):
     def embed(self, tokens):
         return nn.with_logical_constraint(self.embed_tokens(tokens), ("batch", "length", "embed"))
 
-    def decode(self, embeds, positions, mask, cache=None, cache_index=0):
+    def cached_forward(self, embeds, positions, mask, cache=None, cache_index=0):
         """embeds: [batch, length, hidden]; mask: [batch, 1, length, kv_len]. Returns (logits fp32, {"cache"}).
 
         With a cache, the new keys/values go to slots `cache_index...` and attention reads the first kv_len slots.
@@ -211,7 +211,7 @@ class Llama(nn.Module):
 
     def step(self, tokens, positions, mask, cache, slot):
         """One token per row [batch, 1] at cache slot `slot` -> (logits [batch, vocab] fp32, {"cache"})."""
-        logits, aux = self.decode(self.embed(tokens), positions, mask, cache, slot)
+        logits, aux = self.cached_forward(self.embed(tokens), positions, mask, cache, slot)
         return logits[:, 0], aux
 
     def __call__(self, tokens, valid=None):
@@ -226,7 +226,7 @@ def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype=jnp.bfloa
     (unrolled layers only), a tuple of one [batch, kv_heads, max_length, head_dim] array per layer, which a
     decode step that attends over every slot reads where it lies (`write_and_read`). Either way the rows are
     axis -4 and the slots axis -2."""
-    shape = (batch, config.num_kv_heads, max_length, config.kv_dim)
+    shape = (batch, config.num_kv_heads, max_length, config.resolved_head_dim)
     if per_layer:
         return {name: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)) for name in ("k", "v")}
     return {name: jnp.zeros((config.num_layers, *shape), dtype) for name in ("k", "v")}

@@ -38,7 +38,7 @@ ADAPTER_SUFFIXES = ("_lora_a", "_lora_b")
 # Everything that is not an adapter: `config.frozen` of a LoRA run.
 BASE_PATTERN = r"(?!.*_lora_[ab]$).*"
 # The model methods that compute with the adapted layers (the training loss calls logits_at).
-METHODS = ("__call__", "encode_images", "embed", "decode", "hidden_states", "logits_at")
+METHODS = ("__call__", "encode_images", "embed", "cached_forward", "hidden_states", "logits_at")
 
 
 @dataclasses.dataclass(frozen=True)

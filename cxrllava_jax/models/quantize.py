@@ -42,7 +42,7 @@ def rules(kind: str, llama_config) -> list:
         # Groups of 128 input channels (LLaMA's widths are multiples of it); smaller models use the largest
         # group that divides their widths.
         c = llama_config
-        group = math.gcd(INT4_GROUP, c.hidden_size, c.intermediate_size, c.kv_dim)
+        group = math.gcd(INT4_GROUP, c.hidden_size, c.intermediate_size, c.resolved_head_dim)
         return [qwix.QuantizationRule(module_path=LANGUAGE_MODEL_MATMULS, weight_qtype="int4", tile_size=group)]
     check_kind(kind)
 

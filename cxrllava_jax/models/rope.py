@@ -16,7 +16,7 @@ ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
 def inverse_frequencies(cfg: LlamaConfig, positions) -> jnp.ndarray:
     """[head_dim / 2] float32 for a forward over `positions` (only 'dynamic' looks at them)."""
-    scaling, dim = cfg.rope_scaling, cfg.kv_dim
+    scaling, dim = cfg.rope_scaling, cfg.resolved_head_dim
     base = jnp.float32(cfg.rope_theta)
     if scaling.rope_type == "dynamic":
         # transformers recomputes the base from the longest sequence a forward call sees (its largest position).

@@ -107,7 +107,7 @@ def hf_llama_config(cfg: LlamaConfig) -> transformers.LlamaConfig:
     return transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.kv_dim, rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
+        head_dim=cfg.resolved_head_dim, rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
         max_position_embeddings=cfg.max_position_embeddings, bos_token_id=cfg.bos_token_id,
         eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id, tie_word_embeddings=cfg.tie_word_embeddings,
         rope_scaling=None if cfg.rope_scaling.rope_type == "default" else {

@@ -1,4 +1,4 @@
-"""The Starlette application: the OpenAI-compatible routes, the task endpoints, the page and the API key.
+"""The Starlette application: the OpenAI-compatible routes, the answer endpoints, the page and the API key.
 
     GET  /                          the web page (page/)
     GET  /health                    {"status": "ok", "model", "waiting", "running", ..., "programs_compiled", ...}
@@ -37,7 +37,6 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from cxrllava_jax.domain import prompting
 from cxrllava_jax.serving import compiles, observability, preview, requests, uploads
 from cxrllava_jax.serving.admission import Admission
 from cxrllava_jax.serving.limits import Limits, RequestError
@@ -96,13 +95,13 @@ def create_app(model, model_id: str, *, limits: Limits = Limits(), api_key: str 
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return JSONResponse(reply.completion(await _final(request, job, sink, scheduler)))
 
-    def task_endpoint(task: str):
+    def answer_endpoint(kind: str):
         async def answer(request: Request):
             authorize(request)
             fields, files = await _read_form(request, limits)
-            job, sink, prompt_tokens = await submit(request, requests.parse_task(task, fields, files, limits))
+            job, sink, prompt_tokens = await submit(request, requests.parse_answer_form(kind, fields, files, limits))
             finished = await _final(request, job, sink, scheduler)
-            return JSONResponse({"model": model_id, task: finished.text, "finish_reason": finished.finish_reason,
+            return JSONResponse({"model": model_id, kind: finished.text, "finish_reason": finished.finish_reason,
                                  "usage": _usage(prompt_tokens, finished.completion_tokens),
                                  "provenance": _provenance(model.provenance, finished)})
 
@@ -144,8 +143,8 @@ def create_app(model, model_id: str, *, limits: Limits = Limits(), api_key: str 
         Route("/health", health),
         Route("/v1/models", models),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/report", task_endpoint("report"), methods=["POST"]),
-        Route("/v1/differential-diagnosis", task_endpoint("differential_diagnosis"), methods=["POST"]),
+        Route("/v1/report", answer_endpoint("report"), methods=["POST"]),
+        Route("/v1/differential-diagnosis", answer_endpoint("differential_diagnosis"), methods=["POST"]),
         Route("/v1/preview", preview_image, methods=["POST"]),
     ]
     metrics = observability.Metrics(scheduler, programs)
@@ -158,10 +157,10 @@ def create_app(model, model_id: str, *, limits: Limits = Limits(), api_key: str 
 
 
 def _page(model_id: str, limits: Limits) -> dict[str, tuple[bytes, str]]:
-    """path -> (body, media type); the HTML carries what the script needs: the model id and the task prompts."""
+    """path -> (body, media type); the HTML carries what the script needs: the model id and the answer prompts."""
     files = importlib.resources.files("cxrllava_jax.serving") / "page"
     page = {path: ((files / name).read_bytes(), kind) for path, (name, kind) in PAGE_FILES.items()}
-    config = {"model": model_id, "max_output_tokens": limits.max_output_tokens, "prompts": requests.TASK_QUESTIONS}
+    config = {"model": model_id, "max_output_tokens": limits.max_output_tokens, "prompts": requests.ANSWER_QUESTIONS}
     html, kind = page["/"]
     page["/"] = (html.replace(b"__SERVER_CONFIG__", json.dumps(config).replace("</", "<\\/").encode()), kind)
     return page

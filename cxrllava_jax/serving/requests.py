@@ -1,10 +1,10 @@
-"""Requests -> generation jobs: OpenAI chat completions, the task endpoints' forms, and what both must pass.
+"""Requests -> generation jobs: OpenAI chat completions, the answer endpoints' forms, and what both must pass.
 
 A request reads one study (`domain.studies.Study`): one image as the release did, or several. In a chat request
 every image_url part of the user's messages is an image of it, in order; a part may say its `"view"` ("PA", "AP",
 "LL", ...; DICOM files say it themselves) and whether it is the prior study's (`"prior": true`). DICOM files of two
 StudyInstanceUIDs are the study and its prior by StudyDate. The body's `prior_report` and `indication` are text.
-The task endpoints' forms take the same as fields: `file` (one or more), `view` (none, or one per file),
+The answer endpoints' forms take the same as fields: `file` (one or more), `view` (none, or one per file),
 `prior_file`, `prior_view`, `prior_report`, `indication`.
 
 Every refusal is a RequestError naming the field at fault (`messages[1].content[0].image_url`, `max_tokens`).
@@ -29,7 +29,7 @@ from cxrllava_jax.serving.limits import Limits, RequestError
 from cxrllava_jax.errors import InputError
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-TASK_QUESTIONS = {"report": prompting.REPORT_QUESTION, "differential_diagnosis": prompting.DIFFERENTIAL_QUESTION}
+ANSWER_QUESTIONS = {"report": prompting.REPORT_QUESTION, "differential_diagnosis": prompting.DIFFERENTIAL_QUESTION}
 # OpenAI options the model cannot honour: refused unless they hold their no-op value.
 _UNSUPPORTED = {"n": 1, "stop": None, "logprobs": False, "top_logprobs": None, "tools": None, "tool_choice": None,
                 "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None, "response_format": None}
@@ -54,7 +54,7 @@ MAX_JSON_VALUES = 100_000
 MAX_MESSAGES = 1024
 # A server's client sends the request field where the library's advice (radiograph_guard.OVERRIDE) names a flag.
 _OVERRIDE = ("to read it anyway, send allow_non_frontal: true (a JSON body field of /v1/chat/completions, a form "
-             "field of the task endpoints, a query parameter of /v1/preview)")
+             "field of the answer endpoints, a query parameter of /v1/preview)")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -95,7 +95,7 @@ class Generation:
 
 @dataclasses.dataclass(frozen=True)
 class Prepared:
-    """A Generation made ready for the generator: prompt token ids and preprocessed pixels [images, H, W, C]."""
+    """A Generation made ready for the engine: prompt token ids and preprocessed pixels [images, H, W, C]."""
 
     prompt: np.ndarray
     pixels: np.ndarray
@@ -166,8 +166,8 @@ def parse_chat(body: dict, model_id: str, limits: Limits) -> Generation:
                       allow_non_frontal=_flag(body, "allow_non_frontal"), **texts)
 
 
-def parse_task(task: str, fields: dict, files: dict, limits: Limits) -> Generation:
-    """A task endpoint's form (field -> list of values, file field -> list of (filename, bytes)): one or more
+def parse_answer_form(kind: str, fields: dict, files: dict, limits: Limits) -> Generation:
+    """An answer endpoint's form (field -> list of values, file field -> list of (filename, bytes)): one or more
     `file` (the study's images) with their `view`s (none, or one per file), `prior_file`s with their `prior_view`s,
     `prior_report`, `indication`, and optional temperature, top_p, max_tokens, seed and allow_non_frontal."""
     for key, values in {**fields, **files}.items():
@@ -194,7 +194,7 @@ def parse_task(task: str, fields: dict, files: dict, limits: Limits) -> Generati
             images.append(ImagePart(uploads.from_upload(data, filename, field, limits), field, view, prior))
     values = {key: value for key, (value,) in fields.items() if key not in _REPEATED_FORM_FIELDS}
     numbers = {key: _form_number(key, values[key]) for key in _SAMPLING_FIELDS if key in values}
-    turns = [{"role": "user", "content": TASK_QUESTIONS[task]}]
+    turns = [{"role": "user", "content": ANSWER_QUESTIONS[kind]}]
     return Generation(turns, tuple(images), sampling(numbers, limits),
                       allow_non_frontal=form_flag(values, "allow_non_frontal"),
                       **{key: values.get(key, "") for key in _STUDY_TEXTS})

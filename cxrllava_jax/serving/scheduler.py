@@ -97,7 +97,7 @@ class Scheduler:
             if handle.error is not None:
                 job.sink(Failed(handle.error))
                 return
-            answer = Answer(self.model.decode(handle.completion.tokens), handle.completion, job.sampling)
+            answer = Answer(self.model.detokenize(handle.completion.tokens), handle.completion, job.sampling)
             if text is not None:
                 text.finish(answer.text)
             job.sink(Finished(answer))

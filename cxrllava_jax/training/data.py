@@ -49,7 +49,7 @@ def make_stage_data(cfg, task) -> StageData:
             evaluation = pipelines.batches(eval_examples, encode, cfg.data.eval_batch_size, **settings)
             eval_fn = evaluation.__iter__
         else:  # said out loud: without evaluation there is no best checkpoint either
-            print(f"[stage {cfg.stage}] no evaluation: the {cfg.data.eval_split!r} split has {len(eval_examples)} "
+            print(f"[stage {cfg.task}] no evaluation: the {cfg.data.eval_split!r} split has {len(eval_examples)} "
                   f"examples, fewer than config.data.eval_batch_size={cfg.data.eval_batch_size}", flush=True)
     return StageData(train=train.__iter__(), eval=eval_fn,
                      steps_per_epoch=math.ceil(len(train_examples) / batch_size))

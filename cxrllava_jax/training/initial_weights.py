@@ -21,7 +21,7 @@ from cxrllava_jax.training.tasks.base import runtime
 
 def load(cfg, params, shardings):
     """Returns `params` with the configured pretrained parts swapped in, placed with `shardings`."""
-    if cfg.stage == "finetune":
+    if cfg.task == "finetune":
         return _placed(_with_base_weights(cfg, params), shardings)
     params = dict(params)
     scan = cfg.runtime.scan

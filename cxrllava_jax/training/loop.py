@@ -7,7 +7,6 @@ and the final model export that the next stage starts from. Everything stage-spe
 """
 
 import math
-from pathlib import Path
 
 import jax
 from jax.experimental import multihost_utils
@@ -50,11 +49,11 @@ def train_and_evaluate(cfg, workdir) -> dict:
     total_steps = cfg.num_train_steps or math.ceil(cfg.num_epochs * data.steps_per_epoch)
     tx, schedule = task.optimizer(total_steps)
     if (warning := warmup_warning(cfg.optim, total_steps)) and writer:
-        print(f"[stage {cfg.stage}] {warning}", flush=True)
+        print(f"[stage {cfg.task}] {warning}", flush=True)
     checkpoints = RunCheckpoints(workdir / "checkpoints", cfg.checkpoint, task.unsaved, task.base_reference())
     checkpoints.check_base()
     if cfg.checkpoint.best_metric and cfg.checkpoint.every_steps % cfg.eval_every_steps:
-        print(f"[stage {cfg.stage}] note: only checkpoints on evaluation steps carry {cfg.checkpoint.best_metric!r}; "
+        print(f"[stage {cfg.task}] note: only checkpoints on evaluation steps carry {cfg.checkpoint.best_metric!r}; "
               f"checkpoint.every_steps={cfg.checkpoint.every_steps} is not a multiple of eval_every_steps="
               f"{cfg.eval_every_steps}, so the best step is chosen among fewer checkpoints", flush=True)
 
@@ -66,12 +65,12 @@ def train_and_evaluate(cfg, workdir) -> dict:
             checkpoints.close()
             if claim:
                 claim.close()
-            print(f"[stage {cfg.stage}] {workdir} has already done its {step} steps; its records are kept "
+            print(f"[stage {cfg.task}] {workdir} has already done its {step} steps; its records are kept "
                   "(train further with a larger num_train_steps, or start anew in another --workdir)", flush=True)
             return finished
         if writer:
             run_records.record_config(workdir, cfg)
-        reporter = Reporter(workdir, total_steps, task.unit, cfg.stage, step)
+        reporter = Reporter(workdir, total_steps, task.unit, cfg.task, step)
         train_step = jit_train_step(task, tx, task.frozen, state_shardings)
         eval_step = jax.jit(make_eval_step(task))
         rng = jax.random.key(cfg.seed + 1)
@@ -86,7 +85,7 @@ def train_and_evaluate(cfg, workdir) -> dict:
             log_now = step % cfg.log_every_steps == 0 or step == total_steps
             save_now = step % cfg.checkpoint.every_steps == 0 or step == total_steps
             if log_now or save_now:  # the host waits for the device only here, not every step
-                _check_finite(loss, step, cfg.stage, checkpoints)
+                _check_finite(loss, step, cfg.task, checkpoints)
             if log_now:
                 values = _host_values(collected)
                 if data.train.bad_records:  # only runs with config.data.max_bad_fraction > 0 skip any
@@ -97,13 +96,13 @@ def train_and_evaluate(cfg, workdir) -> dict:
             if evaluate_now:
                 last_eval = evaluate(task, eval_step, state.params, data, mesh)
                 reporter.scalars(step, last_eval, "eval")
-                print(f"[stage {cfg.stage}] eval at step {step}: " +
+                print(f"[stage {cfg.task}] eval at step {step}: " +
                       ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()), flush=True)
             if save_now:
                 checkpoints.save(step, state, data.train, metrics=last_eval if evaluate_now else None)
         checkpoints.wait()
         final_params = _to_host(_params_to_export(cfg, checkpoints, state, state_shardings))
-    summary = {"stage": cfg.stage, "steps": step, "eval": last_eval, "best_step": checkpoints.best_step()}
+    summary = {"task": cfg.task, "steps": step, "eval": last_eval, "best_step": checkpoints.best_step()}
     if writer:
         exported = task.export(workdir / "model", final_params)
         model_cards.write_cards(workdir, cfg, task.export_kind, step)
@@ -113,7 +112,7 @@ def train_and_evaluate(cfg, workdir) -> dict:
     if claim:
         claim.close()
     if writer:
-        print(f"[stage {cfg.stage}] done after {step} steps: " + ", ".join(map(str, exported)), flush=True)
+        print(f"[stage {cfg.task}] done after {step} steps: " + ", ".join(map(str, exported)), flush=True)
     return summary
 
 
@@ -130,7 +129,7 @@ def _initial_state(cfg, task, tx, mesh, checkpoints, train_iterator):
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     if latest is not None:
         state = checkpoints.restore(latest, state, train_iterator)
-        print(f"[stage {cfg.stage}] resumed from step {latest}", flush=True)
+        print(f"[stage {cfg.task}] resumed from step {latest}", flush=True)
     return state, state_shardings
 
 
@@ -172,5 +171,5 @@ def _params_to_export(cfg, checkpoints, state, state_shardings):
         return state.params
     # Only the parameters: the best step's optimizer state may cover other parameters (before a release).
     params = checkpoints.restore_params(best, state.params)
-    print(f"[stage {cfg.stage}] exporting the best step {best} by {cfg.checkpoint.best_metric}", flush=True)
+    print(f"[stage {cfg.task}] exporting the best step {best} by {cfg.checkpoint.best_metric}", flush=True)
     return params

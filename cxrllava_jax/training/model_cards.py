@@ -20,7 +20,7 @@ def write_cards(workdir, cfg, kind: str, steps: int):
     hub_ids = [found for found in map(hub.hub_id, sources.values()) if found]
     facts = {"format": "cxrllava-jax", "model_kind": kind, "base_model": hub_ids[0] if len(hub_ids) == 1 else hub_ids
              or None, "base_source": ", ".join(f"config.init.{k}={v}" for k, v in sources.items()) or None,
-             "training": {"stage": cfg.stage, "steps": int(steps), "config": _settings(cfg)},
+             "training": {"task": cfg.task, "steps": int(steps), "config": _settings(cfg)},
              "datasets": list(cfg.get("data", {}).get("sources", ())), "evaluations": []}
     model_card.write(workdir / "model", facts)
     if (workdir / "adapter").is_dir():

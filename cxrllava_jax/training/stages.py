@@ -14,7 +14,7 @@ from cxrllava_jax.errors import ConfigError
 @dataclasses.dataclass(frozen=True)
 class Stage:
     name: str  # the run: configs/stage<name>.py, configs/demo.py:<name>, its directory under the chain's root
-    task: str  # config.stage: which task trains it (training/tasks/)
+    task: str  # config.task: which task trains it (training/tasks/)
     previous: str | None = None  # the stage whose exported model it starts from
     towers: tuple[str, ...] = ()  # the top-level parameter groups it takes from that model
 
@@ -41,9 +41,9 @@ def run_dir(root, name: str) -> Path:
 
 
 def start_from_previous(cfg, name: str, root):
-    """Sets `config.stage` and points `config.init` at the previous stage's model in the chain under `root`."""
+    """Sets `config.task` and points `config.init` at the previous stage's model in the chain under `root`."""
     stage = get(name)
-    cfg.stage = stage.task
+    cfg.task = stage.task
     previous = str(run_dir(root, stage.previous) / "model") if stage.previous else ""
     cfg.init.update(checkpoint=previous, towers=stage.towers)
     return cfg

@@ -19,7 +19,7 @@ from cxrllava_jax.errors import ConfigError, MismatchError
 from cxrllava_jax.models.attention import KERNELS
 from cxrllava_jax.models.configs import DTYPES
 from cxrllava_jax.models.layers import NAMED_REMAT_POLICIES, remat_policy_of
-from cxrllava_jax.training.tasks import TASKS
+from cxrllava_jax.training.tasks import task_key
 
 CONFIG, SUMMARY, LOCK = "config.json", "summary.json", "run.lock"
 MODEL_REFERENCES = ("checkpoint", "release", "llama", "bert")  # config.init fields that name a model
@@ -32,8 +32,7 @@ _NON_NEGATIVE = ("num_train_steps", "optim.warmup_steps", "text_unfreeze_step")
 
 def check_config(cfg):
     """Raises ConfigError naming the first `config.key=value` that cannot work."""
-    if cfg.stage not in TASKS:
-        raise ConfigError(f"config.stage={cfg.stage!r}: expected one of {tuple(TASKS)}")
+    task_key(cfg)
     for key in _POSITIVE:
         _check(cfg, key, lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1")
     for key in _NON_NEGATIVE:
@@ -111,7 +110,7 @@ def claim(workdir: Path):
 
 def identity(cfg) -> str:
     """What a workdir's checkpoints are: the stage, and for 1B which texts its text tower learns."""
-    return f"1b/{cfg.data.text_kind}" if cfg.stage == "1b" else cfg.stage
+    return f"1b/{cfg.data.text_kind}" if cfg.task == "1b" else cfg.task
 
 
 def check_stage(workdir: Path, cfg):
@@ -120,9 +119,10 @@ def check_stage(workdir: Path, cfg):
     if not recorded.is_file():
         return
     previous = files.read_json(recorded)
-    data = previous.get("data", {}) if isinstance(previous, dict) else {}
-    theirs = (f"1b/{data.get('text_kind')}" if previous.get("stage") == "1b" else previous.get("stage")) \
-        if isinstance(previous, dict) else None
+    previous = previous if isinstance(previous, dict) else {}
+    data = previous.get("data", {})
+    key = previous.get("task", previous.get("stage"))  # "stage": its name in older workdirs
+    theirs = f"1b/{data.get('text_kind')}" if key == "1b" else key
     if theirs != identity(cfg):
         raise MismatchError(f"{workdir} holds a stage {theirs} run ({recorded}); this config is stage "
                             f"{identity(cfg)}: give another --workdir")

@@ -7,8 +7,8 @@ const $ = (id) => document.getElementById(id);
 // `image`: what the conversation is about, null while nothing is usable: {name (how the page names it: the file, or
 // the study), images: [{name, url, view, date, uid, prior, bitmap, depth}], allowNonFrontal}.
 // `loading` counts choices of files: files read after a later choice was made are dropped.
-// `task`: the button that began the conversation (its first answer is the report the copy button copies).
-const state = { image: null, pixels: null, messages: [], task: null, controller: null, report: "", loading: 0 };
+// `answerKind`: the button that began the conversation (its first answer is the report the copy button copies).
+const state = { image: null, pixels: null, messages: [], answerKind: null, controller: null, report: "", loading: 0 };
 const LATERAL_VIEWS = ["LL", "RL", "LAT", "LATERAL"];
 
 // ------------------------------------------------------------------ choosing the images
@@ -63,7 +63,7 @@ async function load(files) {
   showList(images);
   select(0);
   $("subject").textContent = images.length === 1 ? `Image: ${images[0].name}` : subject(images);
-  enable({ tasks: true, question: true });
+  enable({ answers: true, question: true });
   setStatus(`${state.image.name} loaded. Write a report, ask for a differential diagnosis, or ask a question.`);
 }
 
@@ -146,7 +146,7 @@ function forgetImage() {
   state.image = null;
   state.pixels = null;
   state.messages = [];
-  state.task = null;
+  state.answerKind = null;
   state.report = "";
   $("conversation").replaceChildren();
   $("study-images").replaceChildren();
@@ -157,7 +157,7 @@ function forgetImage() {
   $("window-controls").disabled = true;
   $("subject").textContent = "No image loaded";
   $("copy-button").disabled = true;
-  enable({ tasks: false, question: false });
+  enable({ answers: false, question: false });
 }
 
 function base64(file) {
@@ -262,9 +262,9 @@ $("image").addEventListener("pointerup", () => { drag = null; });
 
 // ------------------------------------------------------------------ the conversation
 
-$("report-button").addEventListener("click", () => startTask(config.prompts.report, "Write a report", "report"));
+$("report-button").addEventListener("click", () => startAnswer(config.prompts.report, "Write a report", "report"));
 $("differential-button").addEventListener("click",
-  () => startTask(config.prompts.differential_diagnosis, "Differential diagnosis", "differential diagnosis"));
+  () => startAnswer(config.prompts.differential_diagnosis, "Differential diagnosis", "differential diagnosis"));
 $("stop-button").addEventListener("click", stop);
 $("question-form").addEventListener("submit", (e) => { e.preventDefault(); ask(); });
 $("question").addEventListener("keydown", (e) => {
@@ -272,10 +272,10 @@ $("question").addEventListener("keydown", (e) => {
 });
 $("copy-button").addEventListener("click", copyReport);
 
-function startTask(prompt, shown, task) {
+function startAnswer(prompt, shown, kind) {
   if (!state.image || state.controller) return;
   state.messages = [firstTurn(prompt)];
-  state.task = task;
+  state.answerKind = kind;
   state.report = "";
   $("copy-button").disabled = true;
   $("conversation").replaceChildren();
@@ -287,8 +287,8 @@ function ask() {
   const question = $("question").value.trim();
   if (!question || !state.image || state.controller) return;
   $("question").value = "";
-  // A question may come first: the image then goes with it, as with a task's prompt.
-  if (!state.messages.length) state.task = null;
+  // A question may come first: the image then goes with it, as with a button's prompt.
+  if (!state.messages.length) state.answerKind = null;
   state.messages.push(state.messages.length ? { role: "user", content: question } : firstTurn(question));
   addMessage("user", question);
   answer();
@@ -305,7 +305,7 @@ async function answer() {
   const bubble = addMessage("assistant", "", image.name);
   bubble.setAttribute("aria-busy", "true");
   state.controller = new AbortController();
-  enable({ tasks: false, question: false });
+  enable({ answers: false, question: false });
   $("stop-button").disabled = false;
   let text = "", finish = null;
   // The first words can take long: a new server compiles its programs for each new shape of request.
@@ -335,9 +335,9 @@ async function answer() {
     }
     if (!current()) return;
     state.messages.push({ role: "assistant", content: text });
-    const task = state.messages.length === 2 ? state.task : null;
-    if (task) { state.report = text; $("copy-button").disabled = false; }
-    setStatus(`Done: the ${task || "answer"} about ${image.name}` +
+    const kind = state.messages.length === 2 ? state.answerKind : null;
+    if (kind) { state.report = text; $("copy-button").disabled = false; }
+    setStatus(`Done: the ${kind || "answer"} about ${image.name}` +
               (finish === "length" ? " (stopped at the answer length limit)." : "."));
   } catch (error) {
     if (!current()) return;
@@ -351,7 +351,7 @@ async function answer() {
     if (current()) {
       state.controller = null;
       $("stop-button").disabled = true;
-      enable({ tasks: true, question: true });
+      enable({ answers: true, question: true });
     }
   }
 }
@@ -415,9 +415,9 @@ function addMessage(role, text, about = null) {
   return body;
 }
 
-function enable({ tasks, question }) {
+function enable({ answers, question }) {
   const haveImage = state.image !== null;
-  $("report-button").disabled = $("differential-button").disabled = !(tasks && haveImage);
+  $("report-button").disabled = $("differential-button").disabled = !(answers && haveImage);
   $("question").disabled = $("ask-button").disabled = !(question && haveImage);
 }
 

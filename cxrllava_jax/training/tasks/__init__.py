@@ -2,7 +2,7 @@
 
 The loop (`training/loop.py`), the data (`training/data.py`), the export and the benchmarks call only this:
 
-    task = make_task(cfg)                 # by config.stage: "1a", "1b", "2a", "2b", "finetune" (LoRA)
+    task = make_task(cfg)                 # by config.task: "1a", "1b", "2a", "2b", "finetune" (LoRA)
     # data
     task.examples(records)                # common-schema records -> [Example] (image + label/text/conversation)
     task.encoder()                        # -> encode(example) -> {name: np.ndarray}, one row of a batch
@@ -11,7 +11,7 @@ The loop (`training/loop.py`), the data (`training/data.py`), the export and the
     task.sequence_buckets(examples)       # lengths batches are cut to, chosen from the data (stage 2), or None
     task.model_images(batch["image"])     # the uint8 model pixels batches carry, normalised on the device
     # model, loss, metrics
-    task.model, task.config               # the Flax module and its config (what the export writes)
+    task.model, task.model_config         # the Flax module and its config (what the export writes)
     task.init(rng, batch)                 # -> variables
     task.loss(params, batch, rng, train)  # -> (scalar loss, outputs); pure, jitted by training/steps.py
     task.train_metrics                    # clu Collection, built from `outputs` inside the jitted train step
@@ -44,10 +44,18 @@ from cxrllava_jax.training.tasks.instruction import InstructionTask
 TASKS = {"1a": ClassificationTask, "1b": ContrastiveTask, "2a": InstructionTask, "2b": InstructionTask,
          "finetune": FinetuneTask}
 
-__all__ = ["Example", "Task", "TASKS", "make_task"]
+__all__ = ["Example", "Task", "TASKS", "make_task", "task_key"]
+
+
+def task_key(cfg) -> str:
+    """`config.task`, checked. A config that still sets `config.stage` (the key's name before) is refused, naming
+    the new one, rather than trained as whatever task `config.task` defaults to."""
+    if "stage" in cfg:
+        raise ConfigError(f"config.stage={cfg.stage!r}: the key is now config.task (one of {', '.join(TASKS)})")
+    if cfg.task not in TASKS:
+        raise ConfigError(f"config.task={cfg.task!r}: expected one of {', '.join(TASKS)}")
+    return cfg.task
 
 
 def make_task(cfg) -> Task:
-    if cfg.stage not in TASKS:
-        raise ConfigError(f"config.stage must be one of {sorted(TASKS)}, got {cfg.stage!r}")
-    return TASKS[cfg.stage](cfg)
+    return TASKS[task_key(cfg)](cfg)

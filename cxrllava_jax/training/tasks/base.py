@@ -58,7 +58,7 @@ class Task(abc.ABC):
     """A stage's examples, batches, model, loss, metrics, trainable parameters over time and export.
 
     Subclasses set the class attributes and implement `examples`, `encode`, `abstract_batch`, `init` and
-    `loss`; `__init__` builds `self.model` and `self.config` (the model's config, as exported).
+    `loss`; `__init__` builds `self.model` and `self.model_config` (the model's config, as exported).
     """
 
     unit: str  # what throughput counts: "img" or "tok"
@@ -68,7 +68,7 @@ class Task(abc.ABC):
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.stage = cfg.stage
+        self.name = cfg.task  # its key in TASKS
         # Which parameters train when: `frozen` never (no gradient, no optimizer state); each (regex, step) of
         # `releases` from that step on, gated by the optimizer so its state and the compiled step never change.
         self.frozen = tuple(cfg.frozen)
@@ -94,7 +94,7 @@ class Task(abc.ABC):
         return {k: jnp.zeros(s.shape, s.dtype) for k, s in self.abstract_batch(batch_size).items()}
 
     def image_size(self) -> int:
-        return (self.config.vision if hasattr(self.config, "vision") else self.config).image_size
+        return (self.model_config.vision if hasattr(self.model_config, "vision") else self.model_config).image_size
 
     def image(self, example: Example) -> np.ndarray:
         """The example's image as uint8 model pixels [size, size, 1]: a quarter of float32's bytes to move, and
@@ -149,7 +149,7 @@ class Task(abc.ABC):
     def export(self, path, params) -> list:
         """Writes the trained model in our checkpoint format: the next stage's `config.init.checkpoint`. Returns
         the directories written."""
-        return [model_checkpoint.save_model(path, self.export_kind, self.config, jax.device_get(params),
+        return [model_checkpoint.save_model(path, self.export_kind, self.model_config, jax.device_get(params),
                                             tokenizer_dir=self.export_tokenizer(), scan=self.cfg.runtime.scan,
                                             overwrite=True)]
 

@@ -20,7 +20,7 @@ class ClassificationTask(Task):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.model = ViTClassifier(vision_config(cfg), runtime(cfg))
-        self.config = self.model.config
+        self.model_config = self.model.config
 
     def examples(self, records) -> list[Example]:
         """Records whose labels decide normal vs abnormal (under `config.data.uncertain_policy`)."""

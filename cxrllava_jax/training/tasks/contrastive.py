@@ -21,8 +21,9 @@ class ContrastiveTask(Task):
     def __init__(self, cfg):
         super().__init__(cfg)
         text = preset(mc.BERT_PRESETS, cfg, "text")
-        self.config = mc.ContrastiveConfig(vision=vision_config(cfg), text=text, text_pooling=cfg.model.text_pooling)
-        self.model = ContrastiveModel(self.config, runtime(cfg))
+        self.model_config = mc.ContrastiveConfig(vision=vision_config(cfg), text=text,
+                                                 text_pooling=cfg.model.text_pooling)
+        self.model = ContrastiveModel(self.model_config, runtime(cfg))
         self.text_length = cfg.data.text_length
         if cfg.text_unfreeze_step > 0:  # the paper's text tower waits for the image tower (70k steps)
             self.releases = (("txt/.*", cfg.text_unfreeze_step),)
@@ -42,7 +43,7 @@ class ContrastiveTask(Task):
             raise ConfigError("stage 1B needs config.data.text_tokenizer (or config.init.bert): a BERT tokenizer dir")
         # Padding on the right is what the text tower's attention promises its kernels (models/bert.py).
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, padding_side="right")
-        check_vocabulary(tokenizer, self.config.text.vocab_size, path)
+        check_vocabulary(tokenizer, self.model_config.text.vocab_size, path)
 
         def encode(e):
             out = tokenizer(e.text, max_length=self.text_length, padding="max_length", truncation=True)

@@ -34,7 +34,7 @@ class FinetuneTask(InstructionTask):
         self.frozen = self.unsaved = (lora.BASE_PATTERN,)
         self.base_dtype = jnp.dtype(cfg.lora.base_dtype)
 
-    def model_config(self):
+    def make_model_config(self):
         """The base model's own architecture and normalisation, whatever the presets and config.data say."""
         return base_model.config(self.cfg)
 
@@ -47,12 +47,12 @@ class FinetuneTask(InstructionTask):
 
     def adapted(self, settings: lora.LoraSettings | None):
         """The base model with `settings`' adapters (None: the bare base, which QLoRA quantizes)."""
-        base = CXRLLaVAModel(self.config, runtime(self.cfg))
+        base = CXRLLaVAModel(self.model_config, runtime(self.cfg))
         return base if settings is None else lora.with_lora(base, settings)
 
     def normalisation(self) -> tuple[float, float]:
         # Batches carry uint8 pixels like every stage's; they are normalised as the base model was trained.
-        return self.config.image_mean, self.config.image_std
+        return self.model_config.image_mean, self.model_config.image_std
 
     def init(self, rng, batch):
         # Without logical rules in force: Qwix 0.1.8 unboxes the kernel's partitioning box around the new adapter
@@ -78,8 +78,8 @@ class FinetuneTask(InstructionTask):
     def loss(self, params, batch, rng, train: bool = True):
         # Qwix's LoRA dropout is always on: evaluation runs the same adapters without it.
         model = self.model if train else self.adapted(dataclasses.replace(self.settings, dropout=0.0))
-        return next_token_loss(model, params, self.model_images(batch["image"]), batch, self.config.num_image_tokens,
-                               rngs={"dropout": rng})
+        return next_token_loss(model, params, self.model_images(batch["image"]), batch,
+                               self.model_config.num_image_tokens, rngs={"dropout": rng})
 
     def export(self, path, params) -> list:
         try:

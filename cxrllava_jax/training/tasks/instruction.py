@@ -51,14 +51,14 @@ class InstructionTask(Task):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.config = self.model_config()
+        self.model_config = self.make_model_config()
         self.model = self.build_model()
         self.seq_length = cfg.data.seq_length
         self.max_images = cfg.data.max_images
         self.tokenizer_dir = self.find_tokenizer()
 
     # What a subclass that starts from a finished model (fine-tuning) replaces.
-    def model_config(self) -> mc.CXRLLaVAConfig:
+    def make_model_config(self) -> mc.CXRLLaVAConfig:
         """The model the stage trains: the presets and `config.init` as the stage config sets them."""
         cfg = self.cfg
         return mc.CXRLLaVAConfig(vision=vision_config(cfg), llama=language_model_config(cfg),
@@ -66,7 +66,7 @@ class InstructionTask(Task):
                                  image_std=cfg.data.image_std, projector_pool=cfg.model.projector_pool)
 
     def build_model(self):
-        return CXRLLaVAModel(self.config, runtime(self.cfg))
+        return CXRLLaVAModel(self.model_config, runtime(self.cfg))
 
     def find_tokenizer(self):
         return self.cfg.data.tokenizer
@@ -87,7 +87,7 @@ class InstructionTask(Task):
 
     def encoder(self):
         tokenizer = load_tokenizer(self.tokenizer_dir)
-        check_vocabulary(tokenizer, self.config.llama.vocab_size, self.tokenizer_dir)
+        check_vocabulary(tokenizer, self.model_config.llama.vocab_size, self.tokenizer_dir)
         if self.cfg.init.get("checkpoint"):  # the previous stage's model learned this tokenizer's ids, no other's
             model_checkpoint.check_tokenizer(self.tokenizer_dir, self.cfg.init.checkpoint)
 
@@ -95,7 +95,7 @@ class InstructionTask(Task):
             origin = ", ".join(image_paths(e.image))
             prompting.check_image_count(e.conversation, len(image_paths(e.image)), origin)
             tokens, mask = self._tokens(e, tokenizer)
-            tokens, mask, valid = fit_length(tokens, mask, self.seq_length, origin, self.config.image_token_id)
+            tokens, mask, valid = fit_length(tokens, mask, self.seq_length, origin, self.model_config.image_token_id)
             return {"image": self.image(e), "tokens": tokens, "loss_mask": mask, "valid": valid}
 
         return encode
@@ -119,8 +119,8 @@ class InstructionTask(Task):
         return jax.ShapeDtypeStruct((batch_size, self.max_images, *one.shape[1:]), one.dtype)
 
     def _tokens(self, example, tokenizer):
-        return prompting.encode_conversation(example.conversation, tokenizer, self.config.num_image_tokens,
-                                             self.config.image_token_id)
+        return prompting.encode_conversation(example.conversation, tokenizer, self.model_config.num_image_tokens,
+                                             self.model_config.image_token_id)
 
     def sequence_buckets(self, examples, sample_size: int = 2000) -> pipelines.Buckets | None:
         """`config.data.seq_buckets` lengths chosen from a seeded sample of the examples' token counts, plus
@@ -145,7 +145,8 @@ class InstructionTask(Task):
     def dummy_batch(self, batch_size: int):
         """All-valid rows with the image positions right after BOS, as tokenisation places them; no answer."""
         batch = super().dummy_batch(batch_size)
-        batch["tokens"] = batch["tokens"].at[:, 1:1 + self.config.num_image_tokens].set(self.config.image_token_id)
+        places = slice(1, 1 + self.model_config.num_image_tokens)
+        batch["tokens"] = batch["tokens"].at[:, places].set(self.model_config.image_token_id)
         batch["valid"] = jnp.ones_like(batch["valid"])
         return batch
 
@@ -154,7 +155,7 @@ class InstructionTask(Task):
 
     def loss(self, params, batch, rng, train: bool = True):
         return next_token_loss(self.model, params, self.model_images(batch["image"]), batch,
-                               self.config.num_image_tokens)
+                               self.model_config.num_image_tokens)
 
     def units(self, batch) -> int:
         return int(batch["valid"].sum())
