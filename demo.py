@@ -41,13 +41,14 @@ STUDY_GOAL = 0.80
 
 
 def prepare_data(workdir: Path, num_studies: int = demo_configs.NUM_STUDIES, seed: int = 0):
-    """The synthetic dataset and a tokenizer where the demo configs of the chain under `workdir` read them."""
+    """The synthetic dataset, the study set and a tokenizer where the demo configs of the chain under `workdir` read
+    them."""
     cfg = demo_configs.get_config("2b", root=str(workdir))
     data_dir, tokenizer_dir = Path(cfg.data.data_dir), Path(cfg.data.tokenizer)
     image_size, vocab_size = demo_configs.IMAGE_SIZE, demo_configs.VOCAB_SIZE
     studies = synthetic.write_dataset(data_dir, num_studies, image_size, seed, overwrite=True)  # a rerun: same bytes
-    pairs = synthetic.write_studies(demo_configs.study_data_dir(workdir), demo_configs.NUM_STUDY_PAIRS,
-                                    image_size, seed, overwrite=True)
+    num_pairs = num_studies * demo_configs.NUM_STUDY_PAIRS // demo_configs.NUM_STUDIES  # scales with --num-studies
+    pairs = synthetic.write_studies(demo_configs.study_data_dir(workdir), num_pairs, image_size, seed, overwrite=True)
     texts = [s.report for s in studies] + [turn["content"] for s in studies for c in s.conversations for turn in c]
     texts += [prompting.SYSTEM_PROMPT, prompting.REPORT_PROMPT, prompting.DIFFERENTIAL_PROMPT]
     # The study step's words ("resolved", "increased from", "Prior study"...) as whole tokens, not letters.

@@ -327,6 +327,7 @@ def test_the_demo_study_runs_read_the_same_reports_against_three_images_or_one(t
         batch = next(stage_data.make_stage_data(cfg, task).train)
         assert batch["image"].shape[:2] == ((4, slots) if slots > 1 else (4, 64))
         assert batch["image"].reshape(4 * slots, -1).max(axis=-1).min() > 0  # no empty slot
-        assert ((batch["tokens"] == task.config.image_token_id).sum(axis=1) == slots * task.config.num_image_tokens).all()
+        image_places = (batch["tokens"] == task.model_config.image_token_id).sum(axis=1)
+        assert (image_places == slots * task.model_config.num_image_tokens).all()
         answers[run] = [tuple(t[m]) for t, m in zip(batch["tokens"], batch["loss_mask"])]
     assert answers["studies"] == answers["single"]
