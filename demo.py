@@ -147,11 +147,11 @@ def main(argv=None) -> int:
               f"findings that changed ({scored['accuracy'] or 0.0:.3f} of all {scored['statements']}; {kinds})")
 
     measured = {"stage1a_validation_auroc": _best_auroc(stages.run_dir(workdir, "1a")),
-                "report_micro_f1": results["result"]["averages"]["Average"]["micro"]["f1"]}
+                "report_micro_f1": _micro_f1(results["result"])}
     study_accuracy = changes["studies"]["changed_accuracy"] or 0.0  # None: no reference stated a change
     summary = {
         "measured": measured, "required": REQUIRED,
-        "passed": all(measured[k] >= v for k, v in REQUIRED.items()),
+        "passed": all(measured[k] is not None and measured[k] >= v for k, v in REQUIRED.items()),
         "stages": summaries, "evaluation": {k: results[k] for k in ("dataset", "split", "result")},
         "example": {"study_id": example.study_id, "reference": example.report, "generated": report,
                     "follow_up_answer": answer},
@@ -161,7 +161,8 @@ def main(argv=None) -> int:
     }
     files.write_text_atomically(workdir / "summary.json", json.dumps(summary, indent=2))
     for name, value in measured.items():
-        print(f"[demo] {name} = {value:.3f} (required >= {REQUIRED[name]})")
+        shown = "not measured (this run is too short or too small to score)" if value is None else f"{value:.3f}"
+        print(f"[demo] {name} = {shown} (required >= {REQUIRED[name]})")
     print(f"[demo] study change statements right on findings that changed = {study_accuracy:.3f}, single-image "
           f"baseline {changes['single']['changed_accuracy'] or 0.0:.3f} (goal >= {STUDY_GOAL}: "
           f"{'met' if study_accuracy >= STUDY_GOAL else 'NOT met'})")
@@ -170,12 +171,19 @@ def main(argv=None) -> int:
     return 0 if summary["passed"] else 1
 
 
-def _best_auroc(stage_dir: Path) -> float:
-    """The stage 1A validation AUROC of the exported (best by validation loss) step."""
+def _micro_f1(result: dict) -> float | None:
+    """The report micro-F1 over the findings scored; None when the exclusion rules left none (a tiny run)."""
+    average = result["averages"].get("Average")
+    return average["micro"]["f1"] if average else None
+
+
+def _best_auroc(stage_dir: Path) -> float | None:
+    """The stage 1A validation AUROC of the exported (best by validation loss) step; None (which fails the check,
+    and says why) when the run was too short to evaluate, e.g. `--steps 3`."""
     evals = [json.loads(line) for line in open(stage_dir / "metrics.jsonl") if '"split": "eval"' in line]
     best = json.loads((stage_dir / "summary.json").read_text())["best_step"]
     chosen = [e for e in evals if e["step"] == best] or evals[-1:]
-    return chosen[-1]["auroc"]
+    return chosen[-1]["auroc"] if chosen else None
 
 
 if __name__ == "__main__":
