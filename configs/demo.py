@@ -1,5 +1,8 @@
 """Tiny CPU variants of every stage on the synthetic dataset: `--config=configs/demo.py:1a` (1a, 1b_labels,
-1b_reports, 2a, 2b). Same code paths as the full stages, sizes shrunk so all five run in minutes.
+1b_reports, 2a, 2b). Same code paths as the full stages, sizes shrunk so all five run in minutes. Two more
+fine-tune the stage-2B model on the synthetic prior/current studies (`cxrllava synth --studies`): `studies`
+reads the current frontal and lateral films and the prior film with its report, `single` the same reports
+against the current frontal film alone, trained the same way (the baseline that cannot know what changed).
 
 Paths default to `demo_workdir/` (what `make demo` uses); `demo.py` points them at its workdir.
 Optimizers differ from the paper's where a few hundred steps must do the work of many epochs: Adam in
@@ -10,15 +13,22 @@ import importlib
 
 from cxrllava_jax.training import stages
 
-VARIANTS = stages.NAMES  # --config=configs/demo.py:VARIANT (train.py --help lists them)
+# The study fine-tunes: run -> image slots a row (the conversation files `synth --studies` writes are named so).
+STUDY_RUNS = {"studies": 3, "single": 1}
+VARIANTS = stages.NAMES + tuple(STUDY_RUNS)  # --config=configs/demo.py:VARIANT (train.py --help lists them)
 NUM_STUDIES, IMAGE_SIZE, VOCAB_SIZE = 2000, 64, 1024
+NUM_STUDY_PAIRS = 1000  # prior/current pairs for the study fine-tunes (80% train, 10% validate, 10% held out)
 # stage -> (steps, optimizer, learning rate)
 SCHEDULE = {"1a": (300, "adam", 1e-3), "1b_labels": (300, "adam", 1e-3), "1b_reports": (150, "adam", 1e-3),
             "2a": (150, "adam", 2e-3), "2b": (900, "adam", 1e-3)}
+STUDY_SCHEDULE = (600, "adam", 1e-3)  # both study fine-tunes
+STUDY_SEQ_LENGTH = 320  # a study's prompt (three images of 16 tokens, the prior report) and its report
 
 
 def get_config(stage: str = "2b", root: str = "demo_workdir"):
-    """Stage `stage` of the demo chain whose runs live under `root`."""
+    """Stage `stage` of the demo chain whose runs live under `root`, or one of its STUDY_RUNS."""
+    if stage in STUDY_RUNS:
+        return study_config(stage, root)
     c = importlib.import_module(f"configs.stage{stages.get(stage).name}").get_config()
     c.model.update(vision="vit_tiny_64", llama="llama_tiny", text="minilm_l6", text_pooling="mean")
     c.model.vision_overrides = {"image_size": IMAGE_SIZE}
@@ -44,6 +54,27 @@ def get_config(stage: str = "2b", root: str = "demo_workdir"):
     c.text_unfreeze_step = 0
     if stage.startswith("1b"):
         c.frozen = ("txt/bert/.*",)
+    return c
+
+
+def study_data_dir(root) -> str:
+    return f"{root}/study_data"
+
+
+def study_run_dir(root, run: str) -> str:
+    return f"{root}/finetune_{run}"
+
+
+def study_config(run: str, root: str = "demo_workdir"):
+    """Fine-tuning the chain's stage-2B model (every tower) on the study set's `run` conversation files."""
+    c = get_config("2b", root)
+    c.init.update(checkpoint=f"{stages.run_dir(root, '2b')}/model", towers=("img", "projector", "llm"))
+    data = study_data_dir(root)
+    c.data.update(train=f"{data}/{run}-train.jsonl", eval=f"{data}/{run}-validate.jsonl",
+                  max_images=STUDY_RUNS[run], seq_length=STUDY_SEQ_LENGTH)
+    c.frozen = ()
+    c.num_train_steps, optimizer, learning_rate = STUDY_SCHEDULE
+    c.optim.update(name=optimizer, learning_rate=learning_rate)
     return c
 
 

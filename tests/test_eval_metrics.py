@@ -8,6 +8,7 @@ from cxrllava_jax.evaluation.metrics import (
     ExclusionRules, LabelPolicy, exclusions, pair_outcomes, precision_recall_f1, score_labels, standard_aggregates,
 )
 from cxrllava_jax.domain.findings import CHEXPERT_OBSERVATIONS
+from cxrllava_jax.errors import ConfigError
 
 NAN = np.nan
 CM, PE = CHEXPERT_OBSERVATIONS.index("Cardiomegaly"), CHEXPERT_OBSERVATIONS.index("Pleural Effusion")
@@ -174,3 +175,10 @@ def test_named_averages_use_their_findings_only():
                           averages={"effusion only": ("Pleural Effusion", "Pneumonia"), "all": None})
     assert result.averages["effusion only"]["micro"].f1 == pytest.approx(0.6)
     assert result.averages["all"]["micro"].f1 == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize("samples", [0, -5, 2.5])
+def test_a_bootstrap_of_no_samples_is_refused_naming_the_setting(samples):
+    labels = np.zeros((4, 14))
+    with pytest.raises(ConfigError, match=r"config\.bootstrap_samples"):
+        score_labels(labels, labels, bootstrap_samples=samples)

@@ -71,7 +71,7 @@ def test_notebook_runs_top_to_bottom(path, kernel_dir, tmp_path, monkeypatch):
         assert (tmp_path / "cxr-llava-jax" / "model_config.json").is_file()
     if path.name == "training_demo.ipynb":
         assert sorted(p.name for p in tmp_path.joinpath("demo_workdir").iterdir()) == [
-            "1a", "1b_labels", "1b_reports", "2a", "2b", "data", "eval", "tokenizer"]
+            "1a", "1b_labels", "1b_reports", "2a", "2b", "data", "eval", "study_data", "tokenizer"]
         assert (tmp_path / "demo_workdir" / "eval" / "table.md").is_file()
     if path.name == "finetune_lora.ipynb":
         workdir = tmp_path / "finetune_workdir"

@@ -302,3 +302,32 @@ def test_a_study_batch_is_the_tasks_abstract_batch(tmp_path):
     task.max_images = 1  # as configured by config.data.max_images=1: refused before training starts
     with pytest.raises(ConfigError, match="studies.jsonl:1: 2 images in one example, more than config.data.max_images=1"):
         task.examples(conversations.load(cfg.data.train))
+
+
+def test_the_demo_study_runs_read_the_same_reports_against_three_images_or_one(tmp_path):
+    """configs/demo.py's study fine-tunes on `synth --studies` data: `studies` gives a row the current frontal, the
+    lateral and the prior (every slot filled), `single` the current frontal alone, and both score the same reports."""
+    from configs import demo
+    from cxrllava_jax.domain import prompting
+    from cxrllava_jax.domain.tokenizer import load_tokenizer, train_tokenizer
+    from cxrllava_jax.training.tasks import make_task
+
+    pairs = synthetic.write_studies(demo.study_data_dir(tmp_path), 12, 32, seed=1)
+    prompt = prompting.study_prompt(prompting.COMPARISON_QUESTION, ["PA", "LATERAL"], ["PA"], "21791201", "")
+    train_tokenizer([p.report for p in pairs] + [p.prior_report for p in pairs] + [prompting.SYSTEM_PROMPT, prompt],
+                    400, tmp_path / "tokenizer")
+    answers = {}
+    for run, slots in demo.STUDY_RUNS.items():
+        cfg = demo.get_config(run, root=str(tmp_path))
+        assert cfg.init.checkpoint == str(tmp_path / "2b" / "model")  # from the chain's stage-2B model
+        cfg.init.checkpoint = ""
+        cfg.data.update(batch_size=4, seq_buckets=0, seq_length=1024)  # this small tokenizer spells words out
+        cfg.model.llama_overrides.vocab_size = len(load_tokenizer(tmp_path / "tokenizer"))
+        task = make_task(cfg)
+        batch = next(stage_data.make_stage_data(cfg, task).train)
+        assert batch["image"].shape[:2] == ((4, slots) if slots > 1 else (4, 64))
+        assert batch["image"].reshape(4 * slots, -1).max(axis=-1).min() > 0  # no empty slot
+        image_places = (batch["tokens"] == task.model_config.image_token_id).sum(axis=1)
+        assert (image_places == slots * task.model_config.num_image_tokens).all()
+        answers[run] = [tuple(t[m]) for t, m in zip(batch["tokens"], batch["loss_mask"])]
+    assert answers["studies"] == answers["single"]

@@ -169,6 +169,9 @@ def score_labels(
 
     `averages` names subsets of findings to average over ({name: findings, or None for all included}); excluded
     findings drop out of every subset. Default: one "Average" over all included findings."""
+    if not isinstance(bootstrap_samples, int) or bootstrap_samples < 1:
+        raise ConfigError(f"bootstrap_samples={bootstrap_samples!r} (config.bootstrap_samples): the confidence intervals "
+                          "need at least 1 resample")
     truth, called, counted = pair_outcomes(reference, predicted, policy)
     if not len(truth):
         raise InputError("no reports to score")
