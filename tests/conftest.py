@@ -26,6 +26,23 @@ def pytest_sessionfinish(session, exitstatus):
         shutil.rmtree(RUN_CACHE, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def server_logging_restored():
+    """Each test leaves the server's loggers as it found them: `cxrllava serve` run in-process (or
+    `configure_logging`) points them at this test's captured stderr, which is closed once the test ends, and every
+    later log line would then fail to write."""
+    import logging
+
+    names = ("cxrllava", "cxrllava_jax", "uvicorn")  # observability.SERVER_LOGGERS, without importing the server
+    saved = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).level,
+                    logging.getLogger(name).propagate) for name in names}
+    yield
+    for name, (handlers, level, propagate) in saved.items():
+        logger = logging.getLogger(name)
+        logger.handlers[:], logger.propagate = handlers, propagate
+        logger.setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def model():
     """The tiny CXR-LLaVA behind the Python API (cxrllava_jax/reference/tiny_models.py), loaded once per run."""

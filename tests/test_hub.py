@@ -66,11 +66,8 @@ def test_report_and_serve_take_the_id(offline_cache, model, tmp_path, monkeypatc
     import uvicorn
 
     from cxrllava_jax.serving import app as serving_app
-    from cxrllava_jax.serving import observability
 
     served = {}
-    # The process's logging stays as the other tests expect it (configure_logging would point it at this capture).
-    monkeypatch.setattr(observability, "configure_logging", lambda log_format: None)
     monkeypatch.setattr(serving_app, "create_app", lambda model, name, **_: served.update(model=model, name=name))
     monkeypatch.setattr(uvicorn, "Config", lambda app, **_: app)  # the command returns at once, serving nothing
     monkeypatch.setattr(uvicorn, "Server", lambda config: types.SimpleNamespace(run=lambda sockets: None))

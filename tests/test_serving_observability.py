@@ -92,17 +92,11 @@ def test_one_access_line_per_request_and_metrics_that_count_them(server, caplog)
 
 @pytest.mark.parametrize("log_format", ["json", "text"])
 def test_log_formats(log_format, capsys):
-    loggers = [logging.getLogger(name) for name in observability.SERVER_LOGGERS]
-    saved = [(logger.handlers[:], logger.level, logger.propagate) for logger in loggers]
-    try:
-        observability.configure_logging(log_format)
-        record = observability.RequestRecord("GET", "/health")
-        record.status, record.total_s = 200, 0.25
-        observability.access_log.info("request", extra={"access": record.fields()})
-    finally:  # the process's logging as it was, for the tests that follow
-        for logger, (handlers, level, propagate) in zip(loggers, saved):
-            logger.handlers[:], logger.propagate = handlers, propagate
-            logger.setLevel(level)
+    assert set(observability.SERVER_LOGGERS) == {"cxrllava", "cxrllava_jax", "uvicorn"}  # what conftest restores
+    observability.configure_logging(log_format)  # undone after the test (conftest.server_logging_restored)
+    record = observability.RequestRecord("GET", "/health")
+    record.status, record.total_s = 200, 0.25
+    observability.access_log.info("request", extra={"access": record.fields()})
     line = capsys.readouterr().err.strip()
     assert len(line.splitlines()) == 1
     if log_format == "json":
