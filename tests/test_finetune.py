@@ -77,7 +77,7 @@ def trained(tmp_path_factory):
 def test_lora_learns_the_template_and_leaves_the_base_untouched(trained):
     workdir, image = trained
     base = Assistant.from_pretrained(release_dir())
-    assert base.decode(base.tokenizer.encode(TEMPLATE, add_special_tokens=False)) == TEMPLATE
+    assert base.detokenize(base.tokenizer.encode(TEMPLATE, add_special_tokens=False)) == TEMPLATE
     before = report(base, image)
     losses = setup.train_losses(workdir)
     print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; before: {before!r}")
