@@ -279,8 +279,9 @@ def reference_values(sizes: Sizes) -> dict:
     cpu = jax.devices("cpu")[0]
     with jax.default_device(cpu):  # the same weights on both sides: made on the CPU, then placed
         model32 = CXRLLaVAModel(config, Runtime())
-        params = model32.init(jax.random.key(0), jnp.zeros((1, size, size, 1)),
-                              jnp.full((1, config.num_image_tokens + 1), config.image_token_id, jnp.int32))["params"]
+        # Jitted: run eagerly, every primitive of the forward pass is a compile of its own (hundreds, on CPU).
+        params = jax.jit(model32.init)(jax.random.key(0), jnp.zeros((1, size, size, 1)), jnp.full(
+            (1, config.num_image_tokens + 1), config.image_token_id, jnp.int32))["params"]
     params = jax.device_put(nn.meta.unbox(params), jax.devices()[0])
     out = {}
     with jax.default_matmul_precision("highest"):  # float32 parity: no TF32 on the GPU
@@ -288,9 +289,9 @@ def reference_values(sizes: Sizes) -> dict:
         out["greedy"] = api.write_radiologic_reports(images, temperature=0.0, max_new_tokens=8)
     tokens = jnp.asarray(np.stack([api.encode([{"role": "user", "content": "<image>\nDescribe the lungs."}])] * 2))
     pixels = jnp.asarray(np.stack([api.preprocess(image) for image in images]))
-    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
-    logits, _ = CXRLLaVAModel(config, Runtime(dtype="bfloat16", param_dtype="bfloat16")).apply(
-        {"params": bf16}, pixels, tokens)
+    model16 = CXRLLaVAModel(config, Runtime(dtype="bfloat16", param_dtype="bfloat16"))
+    logits, _ = jax.jit(lambda params, pixels, tokens: model16.apply(
+        {"params": jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)}, pixels, tokens))(params, pixels, tokens)
     out["bf16_logits"] = np.asarray(logits[:, -8:], np.float32)
     with jax.default_matmul_precision("highest"):
         out["train_losses"] = train_step_losses(sizes)
@@ -316,6 +317,7 @@ def train_state(task, cfg, mesh, key):
     optimizer state on the parameters' shards; and the loop's jitted step."""
     import flax.linen as nn
     import jax
+    import numpy as np
 
     from cxrllava_jax import sharding
     from cxrllava_jax.training.steps import TrainState, hold_frozen, init_opt_state, jit_train_step
@@ -327,7 +329,9 @@ def train_state(task, cfg, mesh, key):
         shardings = nn.meta.unbox(sharding.logical_shardings(jax.eval_shape(init, key), mesh))
         params = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=shardings)(key)
     params = task.quantize_frozen(hold_frozen(params, frozen, cfg.runtime.dtype))
-    state = TrainState(step=jax.numpy.int32(0), params=params, opt_state=init_opt_state(tx, params, frozen))
+    # The step counter placed as the loop places it: an uncommitted one would compile the step a second time.
+    step_count = jax.device_put(np.int32(0), sharding.replicated(mesh))
+    state = TrainState(step=step_count, params=params, opt_state=init_opt_state(tx, params, frozen))
     step = jit_train_step(task, tx, frozen, jax.tree.map(lambda x: x.sharding, state))
     return state, step
 
