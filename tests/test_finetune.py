@@ -239,16 +239,16 @@ def test_an_adapter_made_by_peft_imports_back(tmp_path, rslora):
 @pytest.mark.slow
 def test_resume_after_sigkill_is_exact(tmp_path):
     train_file = write_template_data(tmp_path / "data", count=16)
-    args = finetune_flags(train_file, steps=24, **{"checkpoint.every_steps": 4, "lora.dropout": 0.1})
+    # Killed at step 8 of 16: the 8 steps, checkpoints and export still ahead are the margin that the SIGKILL lands
+    # before the run ends.
+    args = finetune_flags(train_file, steps=16, **{"checkpoint.every_steps": 4, "lora.dropout": 0.1})
     killed = setup.TrainProcess(args, tmp_path / "killed", log_name="killed.log")
     kill_when(killed, (tmp_path / "killed" / "checkpoints" / "8" / "commit_success.txt").exists, "checkpoint at step 8")
     resumed = setup.TrainProcess(args, tmp_path / "killed", log_name="resumed.log")
     output = resumed.finish()
     assert resumed.returncode == 0 and "resumed from step" in output, output
     assert output.strip().splitlines()[-1].endswith(f"{tmp_path / 'killed' / 'adapter'}, {tmp_path / 'killed' / 'model'}")
-    straight = setup.TrainProcess(args, tmp_path / "straight")
-    output = straight.finish()
-    assert straight.returncode == 0, output
+    loop.train_and_evaluate(setup.parse(args), tmp_path / "straight")  # the uninterrupted run, in this process
     a, b = (safetensors.numpy.load_file(tmp_path / run / "adapter" / peft.WEIGHTS_NAME) for run in ("killed", "straight"))
     assert a.keys() == b.keys()
     for key in a:

@@ -24,10 +24,10 @@ def notebook_environment(name: str) -> dict:
         # The release layout (the notebook converts it); short answers: a random tiny model's chat history
         # would soon overflow its 512-token context.
         return {"CXRLLAVA_CHECKPOINT": RELEASE_ID, "CXRLLAVA_MAX_NEW_TOKENS": "24"}
-    if name == "training_demo.ipynb":  # every stage for a few steps: the code paths, not the learning
-        return {"CXRLLAVA_DEMO_STUDIES": "100", "CXRLLAVA_DEMO_STEPS": "3"}
-    if name == "finetune_lora.ipynb":  # the tiny release as the base, a few steps: the code paths
-        return {"CXRLLAVA_BASE": RELEASE_ID, "CXRLLAVA_FT_STEPS": "3", "CXRLLAVA_FT_STUDIES": "40"}
+    if name == "training_demo.ipynb":  # every stage for one step: the code paths, not the learning
+        return {"CXRLLAVA_DEMO_STUDIES": "100", "CXRLLAVA_DEMO_STEPS": "1"}
+    if name == "finetune_lora.ipynb":  # the tiny release as the base, one step: the code paths
+        return {"CXRLLAVA_BASE": RELEASE_ID, "CXRLLAVA_FT_STEPS": "1", "CXRLLAVA_FT_STUDIES": "40"}
     return {}
 
 
