@@ -30,7 +30,9 @@ def test_bucketed_training_equals_padded_training(tmp_path_factory):
     assert buckets.sizes[-1] == cfg.data.seq_length and len(buckets.sizes) > 1, buckets.sizes
 
     tx, _ = task.optimizer(100)
-    params = jax.tree.map(lambda x: getattr(x, "value", x), task.init(jax.random.key(0), task.dummy_batch(1))["params"],
+    # Jitted: made eagerly, every primitive of the model's forward pass is a compile of its own.
+    params = jax.tree.map(lambda x: getattr(x, "value", x),
+                          jax.jit(lambda rng: task.init(rng, task.dummy_batch(1))["params"])(jax.random.key(0)),
                           is_leaf=lambda x: hasattr(x, "value"))
     step = jax.jit(make_train_step(task, tx, tuple(cfg.frozen)))
 
