@@ -181,7 +181,9 @@ def test_sharded_and_remeshed_runs_match_one_device(data, tmp_path):
     subprocess.run(["cp", "-r", str(tmp_path / "single"), str(tmp_path / "remeshed")], check=True)
     runs = {str(tmp_path / "sharded"): setup.stage_flags("2b", *data, steps=3, **mesh),
             str(tmp_path / "remeshed"): setup.stage_flags("2b", *data, steps=5, **mesh)}
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    # Level 0: the 8-device programs are this process's own and run a few steps (LLVM's optimisation costs more).
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"}
     result = subprocess.run([sys.executable, "-c", SHARDED.format(root=str(setup.ROOT)), json.dumps(runs)],
                             cwd=setup.ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -206,7 +208,8 @@ def test_two_processes_match_one(data, tmp_path):
     loop.train_and_evaluate(setup.parse(args), tmp_path / "one")
     port = _free_port()
     workers = [setup.TrainProcess(args, tmp_path / "two", log_name=f"process{i}.log", env={
-        "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}"})
+        "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+        "XLA_FLAGS": "--xla_backend_optimization_level=0"})  # their own programs, 3 steps: as the 8-device run's
         for i in range(2)]
     outputs = [w.finish(timeout=300) for w in workers]
     assert [w.returncode for w in workers] == [0, 0], "\n\n".join(outputs)
