@@ -182,11 +182,16 @@ def _study_of(*argv) -> Study:
     return inference_cli.study_from_arguments(parser.parse_intermixed_args(list(map(str, argv))))
 
 
-def test_arguments_make_the_study_as_the_server_makes_a_requests(folder, tmp_path):
+def test_arguments_make_the_study_as_the_server_makes_a_requests(folder, tmp_path, capsys):
     """One file is the release's input; files with --view, --prior (--prior-view), --prior-report and --indication;
-    DICOM files of two studies (the prior report going to the earlier one); a folder: its latest study."""
+    DICOM files of two studies (the prior report going to the earlier one); a folder: its latest study. A view that
+    is none is argparse's refusal (exit 2), naming the flag."""
     a, b, c = (folder / f"cxr{i}.png" for i in range(3))
     assert _study_of(a) == Study.of(a)
+    with pytest.raises(SystemExit) as exit_:
+        _study_of(a, "--view", "oblique")
+    assert exit_.value.code == 2 and "argument --view: must be PA, AP or a lateral (LL, RL, LAT, LATERAL), got " \
+        "'oblique'" in capsys.readouterr().err
     assert _study_of(a, b, "--view", "pa", "--view", "lateral", "--prior", c, "--prior-view", "AP", "--prior-report",
                      "Small left effusion.", "--indication", "Dyspnea.") == Study.of(
         [a, b], views=["PA", "LATERAL"], indication="Dyspnea.", prior=Study.of(c, views=["AP"],
