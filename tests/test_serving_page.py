@@ -298,8 +298,8 @@ def test_report_and_follow_up_in_the_browser(model, server, browser, tmp_path):
     browser.save_screenshot(str(ARTIFACTS / "serve_page_study.png"))
 
     # PNG files say neither their view nor their study: the user sets the lateral one's view and gives the indication,
-    # and the report is the library's on that study. Marking a file as the prior's relabels it, starts the
-    # conversation anew, and goes to the server as the part's "prior".
+    # and the report is the library's on that study. Marking a file as the prior's relabels it and goes to the server
+    # as the part's "prior".
     other = NIH[1] if NIH[1] != NIH_PNG else NIH[0]
     browser.find_element(By.ID, "file").send_keys(f"{NIH_PNG}\n{other}")
     WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, "report-button").is_enabled())
@@ -313,9 +313,12 @@ def test_report_and_follow_up_in_the_browser(model, server, browser, tmp_path):
     _wait_until_answered(browser, 1)
     assert _answers(browser) == [report] and _about(browser) == ["the study (2 images)"]
     browser.save_screenshot(str(ARTIFACTS / "serve_page_png_study.png"))
+    # A prior report starts the conversation anew and, with no image marked as the prior's, is refused by the page.
+    browser.find_element(By.ID, "prior-report").send_keys("Clear.")
+    browser.find_element(By.ID, "report-button").click()
+    assert _answers(browser) == [] and "goes with the prior study's images" in browser.find_element(By.ID, "status").text
     browser.find_elements(By.CSS_SELECTOR, "#study-images input.prior")[0].click()
     assert browser.find_elements(By.CSS_SELECTOR, "#study-images button")[0].text == \
         f"{NIH_PNG.name}: view not given, no date, prior study"
-    assert _answers(browser) == [] and "the conversation starts anew" in browser.find_element(By.ID, "status").text
     sent = browser.execute_script("return firstTurn('x').content.slice(1).map(p => [p.view ?? null, p.prior ?? null])")
     assert sent == [[None, True], ["LL", None]]

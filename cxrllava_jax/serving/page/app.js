@@ -328,7 +328,7 @@ $("question").addEventListener("keydown", (e) => {
 $("copy-button").addEventListener("click", copyReport);
 
 function startAnswer(prompt, shown, kind) {
-  if (!state.image || state.controller) return;
+  if (!state.image || state.controller || priorMissing()) return;
   clearConversation();
   state.messages = [firstTurn(prompt)];
   state.answerKind = kind;
@@ -338,13 +338,21 @@ function startAnswer(prompt, shown, kind) {
 
 function ask() {
   const question = $("question").value.trim();
-  if (!question || !state.image || state.controller) return;
+  if (!question || !state.image || state.controller || priorMissing()) return;
   $("question").value = "";
   // A question may come first: the image then goes with it, as with a button's prompt.
   if (!state.messages.length) state.answerKind = null;
   state.messages.push(state.messages.length ? { role: "user", content: question } : firstTurn(question));
   addMessage("user", question);
   answer();
+}
+
+// The server refuses a prior report without the prior's images; the page says so in its own words, before asking.
+function priorMissing() {
+  if (!state.image.priorReport || state.image.images.some((image) => image.prior)) return false;
+  setStatus('The prior report goes with the prior study\'s images: choose them together with this study\'s files ' +
+            'and mark them "prior study" (or clear the prior report).', true);
+  return true;
 }
 
 // The server's study fields: each image's view where the user gave it (DICOM files say theirs) and its prior mark.
