@@ -137,15 +137,16 @@ function showList(images) {
       }
       view.addEventListener("change", () => {
         Object.assign(image, { view: view.value, viewGiven: true });
-        studyChanged(`The view of ${image.name}`);
+        studyChanged(`The view of ${image.name} changed`);
       });
       item.append(view);
     }
     if (!image.uid) {
       const prior = Object.assign(document.createElement("input"), { type: "checkbox", className: "prior" });
+      prior.setAttribute("aria-label", `${image.name} is an image of the prior study`);
       prior.addEventListener("change", () => {
         image.prior = prior.checked;
-        studyChanged(`Whether ${image.name} is the prior's`);
+        studyChanged(`${image.name} is ${prior.checked ? "now" : "no longer"} marked as the prior study's`);
       });
       const text = Object.assign(document.createElement("label"), { textContent: " prior study" });
       text.prepend(prior);
@@ -159,7 +160,8 @@ function showList(images) {
 // What the user says of the study (a view, a prior mark, the indication, the prior report) goes into the
 // conversation's first prompt, so a change starts the conversation anew.
 for (const id of ["indication", "prior-report"]) {
-  $(id).addEventListener("change", () => studyChanged(id === "indication" ? "The indication" : "The prior report"));
+  $(id).addEventListener("change",
+                         () => studyChanged(`${id === "indication" ? "The indication" : "The prior report"} changed`));
 }
 
 function studyChanged(what) {
@@ -174,7 +176,7 @@ function studyChanged(what) {
   }
   if (state.messages.length) {
     clearConversation();
-    setStatus(`${what} changed, so the conversation starts anew about ${image.name}.`);
+    setStatus(`${what}, so the conversation starts anew about ${image.name}.`);
   }
 }
 
