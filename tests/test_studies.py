@@ -9,7 +9,7 @@ from PIL import Image
 
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.domain.radiograph_guard import NotFrontalChestError
-from cxrllava_jax.domain.studies import Study, latest_studies, studies_in_folder
+from cxrllava_jax.domain.studies import Study, latest_study, studies_in_folder
 from cxrllava_jax.errors import InputError
 from tests.dicom_files import NIH, chest_film, write_dicom, write_two_studies
 
@@ -29,7 +29,7 @@ def test_folder_is_grouped_by_study_and_ordered_by_date_with_the_prior_linked(fo
     assert (older.uid, older.date, older.prior) == ("1.2.3.1", "20230301", None)
     assert (current.uid, current.date, current.prior) == ("1.2.3.2", "20240105", older)
     assert [(Path(i.source).name, i.view) for i in current.images] == [("b_frontal.dcm", "PA"), ("a_lateral.dcm", "LL")]
-    assert latest_studies([older, current]) == [current]
+    assert latest_study(folder) == current  # what `ask` and `chat` read of a folder
     pixels = current.pixels(SIZE)  # frontal, lateral, then the prior's frontal: the prompt's order
     assert pixels.shape == (3, SIZE, SIZE, 1) and pixels.dtype == np.uint8
     np.testing.assert_array_equal(pixels[2], Study.of(folder / "old.dcm").pixels(SIZE)[0])

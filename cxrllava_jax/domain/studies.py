@@ -7,6 +7,9 @@ optional prior `Study`. It is made from one image (`Study.of(image)`, today's in
 current study and its prior, told apart by StudyDate), or from a folder of DICOM files (`studies_in_folder`): files
 grouped by StudyInstanceUID, each patient's studies ordered by StudyDate/StudyTime, each linked to the one before it
 as its prior. DICOM tags are read from files, their bytes, or anything with `read_bytes()` (a server's upload).
+What a person gives (a command's arguments, a request's fields: images, views, the prior's images, the prior report,
+the indication) becomes a study in one place, `study_as_given`; a folder asked about is its latest study
+(`latest_study`).
 
 Images are read in one order everywhere, the prompt's (`Study.prompt`) and the pixels' (`Study.pixels`): the
 current study's frontal images, its laterals, then the prior's likewise. The radiograph guard reads a lateral view
@@ -21,7 +24,7 @@ import numpy as np
 
 from cxrllava_jax.domain import images, prompting
 from cxrllava_jax.domain.image_headers import is_dicom
-from cxrllava_jax.domain.radiograph_guard import NotFrontalChestError, OVERRIDE, is_lateral
+from cxrllava_jax.domain.radiograph_guard import LATERAL_VIEWS, NotFrontalChestError, OVERRIDE, is_lateral
 from cxrllava_jax.errors import InputError
 
 _GROUPING_TAGS = ("StudyInstanceUID", "PatientID", "StudyDate", "StudyTime", "ViewPosition")
@@ -157,12 +160,50 @@ def studies_in_folder(folder) -> list[Study]:
     return studies
 
 
-def latest_studies(studies: list[Study]) -> list[Study]:
-    """Each patient's most recent study (with its priors behind it): what a folder asks to be reported."""
-    latest = {}
+def latest_study(folder) -> Study:
+    """The study a question about a folder of one patient's DICOM files is about: the latest by StudyDate and
+    StudyTime, with the study before it as its prior (`studies_in_folder`). A folder of several patients' studies is
+    refused, naming them: which one to read is the user's choice."""
+    studies = studies_in_folder(folder)
+    patients: dict[str, Study] = {}
     for study in studies:
-        latest[study.patient] = study
-    return list(latest.values())
+        patients.setdefault(study.patient, study)
+    if len(patients) > 1:
+        named = "; ".join(f"{patient or 'no PatientID'}: {_name(study.images[0].source)}"
+                          for patient, study in patients.items())
+        raise InputError(f"{folder}: holds the studies of {len(patients)} patients ({named}); give one patient's "
+                         "folder or files")
+    return studies[-1]
+
+
+class PriorReportWithoutPrior(InputError):
+    """A prior report given for a study with no prior images (neither given nor found among its DICOM files)."""
+
+
+def study_as_given(images, views=None, prior_images=(), prior_views=None, prior_report: str = "",
+                   indication: str = "") -> Study:
+    """The study a person gives in a command's arguments or a request's fields: the current images with their views
+    (None or '' each: DICOM files say theirs, other images read as frontal), the prior study's images with theirs,
+    the prior's report and the indication as text. Without prior images, DICOM files of two StudyInstanceUIDs among
+    `images` are the study and its prior (`Study.of`), and the prior report is that earlier study's. One image and
+    nothing else is `Study.of(image)`: the release's input."""
+    fields = {"indication": indication}
+    if prior_images:
+        fields["prior"] = Study.of(list(prior_images), prior_views, report=prior_report)
+    study = Study.of(list(images), views, **fields)
+    if prior_report and study.prior is None:
+        raise PriorReportWithoutPrior("a prior report is given but no image of a prior study")
+    if prior_report and not prior_images:  # the prior found among DICOM files of two studies
+        study = dataclasses.replace(study, prior=dataclasses.replace(study.prior, report=prior_report))
+    return study
+
+
+def given_view(text) -> str:
+    """A view as a person names it, upper-cased: PA, AP, a lateral (LL, RL, LAT, LATERAL), or '' (not given)."""
+    view = text.strip().upper() if isinstance(text, str) else None
+    if view not in ("", "PA", "AP", *LATERAL_VIEWS):
+        raise InputError(f"must be PA, AP or a lateral ({', '.join(LATERAL_VIEWS)}), got {repr(text)[:40]}")
+    return view
 
 
 def _member(source, view: str | None = None) -> tuple[StudyImage, dict]:

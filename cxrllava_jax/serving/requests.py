@@ -21,6 +21,7 @@ import re
 import numpy as np
 
 from cxrllava_jax.domain import prompting, radiograph_guard
+from cxrllava_jax.domain import studies
 from cxrllava_jax.domain.studies import Study
 from cxrllava_jax.inference.engine import SamplingOptions
 from cxrllava_jax.inference.sampling import SamplingError, shown
@@ -259,21 +260,15 @@ def _study(generation: Generation) -> Study:
             prompting.check_user_text(getattr(generation, key))
         except InputError as error:
             raise RequestError(400, f"{key}: {error}", key) from error
-    texts = {"indication": generation.indication}
     try:
-        if prior:
-            texts["prior"] = Study.of([p.image for p in prior], [p.view for p in prior],
-                                      report=generation.prior_report)
-        study = Study.of([p.image for p in current], [p.view for p in current], **texts)
-    except InputError as error:
-        raise RequestError(400, f"the study: {error}", _field_of(error, generation)) from error
-    if generation.prior_report and study.prior is None:
+        return studies.study_as_given([p.image for p in current], [p.view for p in current], [p.image for p in prior],
+                                      [p.view for p in prior], generation.prior_report, generation.indication)
+    except studies.PriorReportWithoutPrior as error:
         raise RequestError(400, "the study: prior_report is given but no image of a prior study: send the prior's "
                                 'images too (image parts with "prior": true, prior_file fields, or DICOM files of the '
-                                "earlier study)", "prior_report")
-    if generation.prior_report and not prior:  # the prior found among DICOM files of two studies
-        study = dataclasses.replace(study, prior=dataclasses.replace(study.prior, report=generation.prior_report))
-    return study
+                                "earlier study)", "prior_report") from error
+    except InputError as error:
+        raise RequestError(400, f"the study: {error}", _field_of(error, generation)) from error
 
 
 def _field_of(error: InputError, generation: Generation) -> str:
@@ -352,10 +347,10 @@ def _view(value, field: str) -> str:
     """A view as a request gives it: PA, AP, a lateral (LL, RL, LAT, LATERAL), or empty (not given)."""
     if value is None:
         return ""
-    if not isinstance(value, str) or value.strip().upper() not in ("", "PA", "AP", *radiograph_guard.LATERAL_VIEWS):
-        raise RequestError(400, f"{field} must be PA, AP or a lateral ({', '.join(radiograph_guard.LATERAL_VIEWS)}), "
-                                f"got {shown(value)}", field)
-    return value.strip().upper()
+    try:
+        return studies.given_view(value)
+    except InputError as error:
+        raise RequestError(400, f"{field} {error}", field) from None
 
 
 def _parts(content, field: str) -> list[dict]:
