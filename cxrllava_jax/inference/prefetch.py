@@ -15,6 +15,9 @@ worker of the command loads only the image code.
 
 import concurrent.futures
 import multiprocessing
+import os
+import signal
+import threading
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -51,7 +54,7 @@ def ahead(work: Callable, items: Sequence, workers: int, window: int) -> Iterato
             yield index, lambda item=item: work(item)
         return
     context = multiprocessing.get_context("forkserver")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_started) as pool:
         pending: list = []
         try:
             for index, item in enumerate(items):
@@ -65,3 +68,13 @@ def ahead(work: Callable, items: Sequence, workers: int, window: int) -> Iterato
         finally:
             for _, future in pending:
                 future.cancel()
+
+
+def _worker_started():
+    """A worker leaves stopping to the process it works for: Ctrl-C reaches the whole terminal's process group, and
+    the command, interrupted, shuts the pool down (a worker interrupted too would print its own traceback); and a
+    worker ends when that process is gone (killed: SIGTERM, SIGKILL, out of memory), instead of waiting forever for
+    work, with the fork server, beside nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()  # its sentinel is readable once the process that asked is gone
+    threading.Thread(target=lambda: (parent.join(), os._exit(1)), name="parent-watch", daemon=True).start()
