@@ -226,3 +226,20 @@ def test_prefetch_workers_leave_interrupts_to_the_command_and_end_with_it(tmp_pa
             return
         subprocess.run(["sleep", "0.1"])
     pytest.fail(f"the prefetch worker {worker} outlived its command")
+
+
+def test_prefetch_skips_an_input_that_kills_its_worker():
+    """A file whose decoding kills its worker process is an InputError naming it; those before and after it (on
+    their way in the same pool) are still worked on, and a work's own error reaches the caller as it was."""
+    from cxrllava_jax.errors import InputError
+    from cxrllava_jax.inference import prefetch
+    from tests.prefetch_work import dies_on_crash
+
+    got = []
+    for index, outcome in prefetch.ahead(dies_on_crash, ["a", "crash", "b", "bad", "c"], workers=2, window=3):
+        try:
+            got.append((index, outcome()))
+        except InputError as error:
+            got.append((index, str(error)))
+    assert got == [(0, "A"), (1, "crash: reading it ended its worker process abruptly (killed by the system, e.g. for "
+                               "memory, or a crash in an image decoder)"), (2, "B"), (3, "bad: not an image"), (4, "C")]
