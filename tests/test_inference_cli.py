@@ -15,7 +15,9 @@ import pytest
 
 from cxrllava_jax import arguments, cli
 from cxrllava_jax.domain.studies import Study, latest_study, studies_in_folder
+from cxrllava_jax.errors import ConfigError
 from cxrllava_jax.inference import cli as inference_cli
+from cxrllava_jax.inference.cli import this_process
 from cxrllava_jax.reference.tiny_models import checkpoint_dir, synthetic_radiograph
 from tests.dicom_files import CURRENT_UID, PRIOR_UID, chest_film, write_two_studies
 
@@ -143,6 +145,26 @@ def test_report_processes_take_their_own_slice_and_file(folder, model, tmp_path,
     monkeypatch.setenv("JAX_PROCESS_ID", "2")
     assert cli.main(["report", str(folder / "nested"), "--checkpoint", str(checkpoint_dir())]) == 1
     assert "JAX_PROCESS_ID=2 must be in [0, JAX_NUM_PROCESSES=2)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variables, expected", [
+    ({"JAX_NUM_PROCESSES": "2"}, "JAX_NUM_PROCESSES=2 is set but JAX_PROCESS_ID is not"),  # each would be process 0
+    ({"SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "4"}, "SLURM_NTASKS=4 is set but SLURM_PROCID is not"),
+    ({"SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "4", "SLURM_PROCID": "3"}, (3, 4)),  # a task of `srun -n 4`
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "0"}, (0, 1)),  # sbatch -n 4 without srun: one process
+    ({"JAX_NUM_PROCESSES": "1"}, (0, 1)), ({"JAX_NUM_PROCESSES": "3", "JAX_PROCESS_ID": "2"}, (2, 3))])
+def test_report_process_variables_name_what_is_missing(variables, expected, monkeypatch):
+    """Which share of the images a `report` process takes: a launcher's variables that do not name this process
+    are refused, and a SLURM allocation without a step (`srun`) is one process, not the first of several."""
+    for name in ("JAX_PROCESS_ID", "JAX_NUM_PROCESSES", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NODELIST"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    if isinstance(expected, tuple):
+        assert this_process() == expected
+    else:
+        with pytest.raises(ConfigError, match=expected):
+            this_process()
 
 
 def test_report_studies_writes_one_record_per_study_and_resumes_by_study(model, tmp_path, capsys):

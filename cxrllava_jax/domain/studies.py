@@ -18,6 +18,8 @@ only inside a study that has a frontal one; a lateral alone is refused as before
 
 import dataclasses
 import io
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,7 @@ from cxrllava_jax.domain.image_headers import is_dicom
 from cxrllava_jax.domain.radiograph_guard import LATERAL_VIEWS, NotFrontalChestError, OVERRIDE, is_lateral
 from cxrllava_jax.errors import InputError
 
-_GROUPING_TAGS = ("StudyInstanceUID", "PatientID", "StudyDate", "StudyTime", "ViewPosition")
+_GROUPING_TAGS = ("StudyInstanceUID", "PatientID", "StudyDate", "StudyTime", "ViewPosition", "SOPInstanceUID")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +57,12 @@ class Study:
             raise InputError("a study needs at least one image")
         # Frontal views first, each group in the order given: the order the prompt names them in.
         object.__setattr__(self, "images", tuple(sorted(self.images, key=lambda image: image.lateral)))
+        _check_distinct(self.all_images())
+        if self.prior is not None and _day(self.prior.date) and _day(self.date) and \
+                _day(self.prior.date) > _day(self.date):
+            raise _about(InputError(f"{_name(self.prior.images[0].source)}: the prior study is dated {self.prior.date}, "
+                                    f"after the current study ({self.date}); the prior is the earlier study"),
+                         self.prior.images[0].source)
 
     @classmethod
     def of(cls, image_or_images, views=None, **fields) -> "Study":
@@ -71,6 +79,13 @@ class Study:
         if views is not None and len(views) != len(sources):
             raise InputError(f"{len(views)} view(s) given for {len(sources)} image(s); give one per image")
         members = [_member(source, view) for source, view in zip(sources, views or [None] * len(sources))]
+        for i, (image, tags) in enumerate(members):
+            twin = next((other for other, other_tags in members[:i]
+                         if tags["SOPInstanceUID"] and other_tags["SOPInstanceUID"] == tags["SOPInstanceUID"]), None)
+            if twin is not None:
+                raise _about(InputError(f"{_name(image.source)}: the same image as {_name(twin.source)} (SOPInstanceUID "
+                                        f"{tags['SOPInstanceUID']}), given twice; a study reads each image once"),
+                             image.source)
         groups: dict[str, list] = {}
         for member in members:
             groups.setdefault(member[1]["StudyInstanceUID"], []).append(member)
@@ -146,8 +161,13 @@ def studies_in_folder(folder) -> list[Study]:
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder of DICOM files")
     groups: dict[str, list] = {}
+    instances = set()
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and images.is_dicom_file(p)):
         member = _member(path)
+        instance = member[1]["SOPInstanceUID"]
+        if instance in instances:  # the same image exported twice (PACS exports repeat files): read once
+            continue
+        instances.add(instance or None)
         groups.setdefault(member[1]["StudyInstanceUID"] or f"file:{path}", []).append(member)
     if not groups:
         raise InputError(f"{folder}: no DICOM files (files starting with the 128-byte preamble and 'DICM')")
@@ -253,11 +273,13 @@ def study_tags(source) -> dict:
     if readable is None:
         return dict.fromkeys(_GROUPING_TAGS, "")
     try:
-        ds = pydicom.dcmread(readable, stop_before_pixels=True, specific_tags=list(_GROUPING_TAGS))
+        with warnings.catch_warnings():  # a value pydicom finds invalid (a StudyDate of 2022-13-45) is kept as text
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(readable, stop_before_pixels=True, specific_tags=list(_GROUPING_TAGS))
+            return {tag: str(ds.get(tag) or "").strip() for tag in _GROUPING_TAGS}
     except Exception as error:  # pydicom raises many types for broken files
         raise _about(InputError(f"{_name(source)}: cannot read DICOM ({type(error).__name__}: {error})"),
                      source) from error
-    return {tag: str(ds.get(tag) or "").strip() for tag in _GROUPING_TAGS}
 
 
 def _dicom_readable(source):
@@ -273,6 +295,31 @@ def _dicom_readable(source):
     else:
         return None
     return io.BytesIO(data) if is_dicom(data) or name.lower().endswith((".dcm", ".dicom")) else None
+
+
+def _check_distinct(study_images):
+    """Refuses an image given twice in a study with its prior (the same file, or the same bytes): read as its own
+    prior it would be reported unchanged."""
+    for i, image in enumerate(study_images):
+        twin = next((other for other in study_images[:i] if _same_source(image.source, other.source)), None)
+        if twin is not None:
+            raise _about(InputError(f"{_name(image.source)}: the same image as {_name(twin.source)}, given twice in one "
+                                    "study (or as its own prior); a study reads each image once"), image.source)
+
+
+def _same_source(a, b) -> bool:
+    """The same file (paths), the same bytes (bytes, uploads), or the same object (arrays, PIL images)."""
+    if isinstance(a, (str, Path)) and isinstance(b, (str, Path)):
+        return Path(a).resolve() == Path(b).resolve()
+    data = [bytes(x) if isinstance(x, (bytes, bytearray, memoryview)) else
+            x.read_bytes() if hasattr(x, "read_bytes") and not isinstance(x, (str, Path)) else None for x in (a, b)]
+    return data[0] == data[1] if None not in data else a is b
+
+
+def _day(date: str) -> str:
+    """A date as YYYYMMDD (DICOM's, or 2023-03-01 as a user writes it), '' when it is no such date."""
+    digits = re.sub(r"\D", "", date or "")
+    return digits if len(digits) == 8 else ""
 
 
 def _about(error: InputError, source) -> InputError:

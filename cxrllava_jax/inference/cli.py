@@ -388,10 +388,18 @@ def _options(args) -> dict:
 
 def this_process() -> tuple[int, int]:
     """(this process's number, how many processes) from JAX's multi-process variables (JAX_PROCESS_ID,
-    JAX_NUM_PROCESSES) or SLURM's (SLURM_PROCID, SLURM_NTASKS); (0, 1) when neither is set. Report processes
-    need no coordinator: each takes every n-th image and writes its own file."""
-    for number, count in (("JAX_PROCESS_ID", "JAX_NUM_PROCESSES"), ("SLURM_PROCID", "SLURM_NTASKS")):
+    JAX_NUM_PROCESSES) or, in a SLURM job step (`srun`), SLURM's (SLURM_PROCID, SLURM_NTASKS); (0, 1) when neither is
+    set. An `sbatch` script or `salloc` shell has SLURM_NTASKS for its allocation but is one process (as in
+    `training.distributed`), so it takes every image. Report processes need no coordinator: each takes every n-th
+    image and writes its own file."""
+    sets = [("JAX_PROCESS_ID", "JAX_NUM_PROCESSES")]
+    if "SLURM_STEP_NODELIST" in os.environ:
+        sets.append(("SLURM_PROCID", "SLURM_NTASKS"))
+    for number, count in sets:
         if count in os.environ:
+            if number not in os.environ and os.environ[count].strip() not in ("0", "1"):  # each would be process 0
+                raise ConfigError(f"{count}={os.environ[count]} is set but {number} is not: set it to this process's "
+                                  f"number (0 to {count} - 1)")
             try:
                 process, processes = int(os.environ.get(number, "0")), int(os.environ[count])
             except ValueError:
