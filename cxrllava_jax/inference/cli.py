@@ -336,17 +336,32 @@ def _chat(args) -> int:
             continue
         if not line:
             continue
-        try:  # a turn that cannot be answered is dropped; the session and its history go on
+        answering = _Answering()
+        try:  # a turn that cannot be answered is dropped (refused before its answer starts); the session goes on
             prompting.check_user_text(line)
-            print("cxr-llava> ", end="", flush=True)
-            conversation.ask(line, on_text=_echo, **options)
+            conversation.ask(line, on_text=answering.show, **options)
         except prompting.PromptTooLongError as error:
-            print(f"\n(the conversation no longer fits the model's context: {error}; type /reset to start anew)")
+            print(f"(the conversation no longer fits the model's context: {error}; type /reset to start anew)")
             continue
         except InputError as error:
-            print(f"\n(not asked: {error})")
+            print(f"(not asked: {error})")
             continue
+        answering.show("")
         print(flush=True)
+
+
+class _Answering:
+    """Echoes an answer behind its 'cxr-llava> ' prompt, printed with the first text (or an empty answer's end):
+    a turn refused while the conversation is encoded prints no answer prompt before its refusal."""
+
+    def __init__(self):
+        self.started = False
+
+    def show(self, text: str):
+        if not self.started:
+            print("cxr-llava> ", end="", flush=True)
+            self.started = True
+        _echo(text)
 
 
 def _parser(name: str, description: str, images: bool = True) -> argparse.ArgumentParser:
