@@ -77,6 +77,14 @@ def input_file(text: str) -> Path:
     return given
 
 
+def input_path(text: str) -> Path:
+    """An argparse type: an existing file or directory, refused by argparse naming the flag and the path."""
+    given = path(text)
+    if not given.exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file or directory")
+    return given
+
+
 def output_file(text: str) -> Path:
     """An argparse type: a file to write (its folder is created when it is written); a directory is refused."""
     given = path(text)

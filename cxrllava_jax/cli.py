@@ -17,8 +17,8 @@ COMMANDS = {
     "import-torch": ("cxrllava_jax.convert.cli:import_main", "PyTorch safetensors directory -> our checkpoint"),
     "export-torch": ("cxrllava_jax.convert.cli:export_main", "our checkpoint -> PyTorch safetensors directory"),
     "report": ("cxrllava_jax.inference.cli:report_main", "write a radiologic report for each image"),
-    "ask": ("cxrllava_jax.inference.cli:ask_main", "ask a question about an image"),
-    "chat": ("cxrllava_jax.inference.cli:chat_main", "interactive multi-turn chat about an image"),
+    "ask": ("cxrllava_jax.inference.cli:ask_main", "ask a question about an image or a study"),
+    "chat": ("cxrllava_jax.inference.cli:chat_main", "interactive multi-turn chat about an image or a study"),
     "complete": ("cxrllava_jax.inference.cli:complete_main", "talk to a converted language model alone"),
     "serve": ("cxrllava_jax.serving.cli:serve_main", "an OpenAI-compatible HTTP API and a web page for the model"),
 }

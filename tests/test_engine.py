@@ -2,7 +2,10 @@
 shares its batch (greedy and sampled); rows join mid-decode and leave when they end; the running batch's cache is
 read where it lies; finished prefixes and image features are reused, with the output of a cold run."""
 
+import dataclasses
+import gc
 import re
+import weakref
 
 import numpy as np
 import pytest
@@ -207,3 +210,21 @@ def test_the_cache_keeps_within_its_bound_evicting_the_least_recently_used():
     assert len(cache) == 3 and cache.longest(np.concatenate([keys[0], [99, 1]]))[0] == 6
     cache.add_prefix(np.arange(3, dtype=np.int64), {"k": None}, 301)
     assert cache.nbytes == 300 and PrefixCache(0).nbytes == 0
+
+
+def test_a_run_lets_go_of_each_request_as_it_ends(endless_model, requests):
+    """Over an archive of thousands of images, `run` holds only the requests in flight: a finished request (its
+    prompt, its images' pixels, its tokens) is not kept until the run ends (at most the last one taken, which
+    Python's `enumerate` holds on to)."""
+    engine = endless_model.engine.sibling(max_rows=4, cache_bytes=0)
+    kept = []
+
+    def one_by_one():
+        for request in requests[:4]:
+            image = dataclasses.replace(request.images[0])  # held by this generator and the engine alone
+            kept.append(weakref.ref(image))
+            yield dataclasses.replace(request, images=(image,))
+
+    for index, _ in engine.run(one_by_one(), max_rows=2):
+        gc.collect()
+        assert all(ref() is None for ref in kept[:max(index - 1, 0)]), index

@@ -111,8 +111,10 @@ def test_reader_study_refuses_sheets_without_their_columns(tmp_path, capsys):
 
 def test_questions_and_images_of_the_wrong_kind(tmp_path, capsys):
     assert "the question is empty" in _fails(["ask", str(ROOT / "README.md"), " ", "--checkpoint", str(tmp_path)], capsys)
-    assert f"argument image: {tmp_path} is a directory; give a file" in _usage_error(
+    assert f"{tmp_path}: no DICOM files" in _fails(  # a folder is a DICOM study's
         ["ask", str(tmp_path), "Effusion?", "--checkpoint", str(tmp_path)], capsys)
+    assert f"argument IMAGE: {tmp_path / 'none.png'}: no such file or directory" in _usage_error(
+        ["ask", str(tmp_path / "none.png"), "Effusion?", "--checkpoint", str(tmp_path)], capsys)
 
 
 def test_an_output_folder_is_made_and_a_long_list_of_problems_is_cut(tmp_path, capsys):

@@ -131,6 +131,7 @@ def test_chat_survives_a_bad_follow_up_and_keeps_its_history(checkpoint, mixed_f
     assert cli.main(["chat", str(mixed_folder / "a_good.png"), "--checkpoint", str(checkpoint), *GREEDY]) == 0
     out = capsys.readouterr().out
     assert "not asked: the text contains <image>" in out and "no longer fits" in out
+    assert out.count("cxr-llava> ") == 2  # the refused turns print no answer prompt before their refusal
     assert len(seen) == 3 and seen[-1][0] == "Any effusion?" and seen[-1][2] == "Heart size?"  # history kept
 
 

@@ -190,3 +190,56 @@ def test_sigkill_at_each_write_point_keeps_earlier_outputs(earlier_outputs, impo
         assert [p.name for p in (r / workdir).iterdir()] == ["results.json"], workdir
     assert [p.name for p in (r / "synth").iterdir()] == ["mimic-cxr-2.0.0-split.csv"]
 
+
+
+PREFETCH_SCRIPT = '''
+import os, signal, sys, time
+from cxrllava_jax.inference import prefetch
+
+def worker_pid(item):
+    return os.getpid()
+
+if __name__ == "__main__":
+    items = prefetch.ahead(worker_pid, range(3), workers=1, window=1)
+    print(next(items)[1](), flush=True)
+    try:
+        os.killpg(0, signal.SIGINT)  # Ctrl-C: the terminal interrupts the whole process group
+        time.sleep(30)
+    except KeyboardInterrupt:
+        pass
+    time.sleep(0.5)  # time for an interrupted worker to print its traceback
+    os.kill(os.getpid(), signal.SIGKILL)  # the command dies without shutting its pool down
+'''
+
+
+def test_prefetch_workers_leave_interrupts_to_the_command_and_end_with_it(tmp_path):
+    """A Ctrl-C prints no worker's traceback, and a worker whose command was killed ends instead of waiting forever
+    for work (`prefetch._worker_started`)."""
+    (tmp_path / "script.py").write_text(PREFETCH_SCRIPT)
+    code, out, err = finish(start([str(tmp_path / "script.py")], start_new_session=True), timeout=60)
+    assert code == -signal.SIGKILL and "Traceback" not in err, err
+    worker = int(out.split()[0])
+    for _ in range(100):
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return
+        subprocess.run(["sleep", "0.1"])
+    pytest.fail(f"the prefetch worker {worker} outlived its command")
+
+
+def test_prefetch_skips_an_input_that_kills_its_worker():
+    """A file whose decoding kills its worker process is an InputError naming it; those before and after it (on
+    their way in the same pool) are still worked on, and a work's own error reaches the caller as it was."""
+    from cxrllava_jax.errors import InputError
+    from cxrllava_jax.inference import prefetch
+    from tests.prefetch_work import dies_on_crash
+
+    got = []
+    for index, outcome in prefetch.ahead(dies_on_crash, ["a", "crash", "b", "bad", "c"], workers=2, window=3):
+        try:
+            got.append((index, outcome()))
+        except InputError as error:
+            got.append((index, str(error)))
+    assert got == [(0, "A"), (1, "crash: reading it ended its worker process abruptly (killed by the system, e.g. for "
+                               "memory, or a crash in an image decoder)"), (2, "B"), (3, "bad: not an image"), (4, "C")]

@@ -103,6 +103,12 @@ BAD_JSON = [
      r"must be true or false"),
     ("text past the limit", json.dumps(_good(messages=[image_message("a" * 10_001, data_url(NIH_PNG))])).encode(),
      400, "messages[0].content[0].text", r"longer than this server's limit of 10,000 characters"),
+    ("indication past the limit with the messages' text", json.dumps(_good(
+        messages=[image_message("a" * 5_000, data_url(NIH_PNG))], indication="a" * 5_001)).encode(), 400, "indication",
+     r"indication: the request's text is longer than this server's limit of 10,000 characters"),
+    ("a text part's text a number", json.dumps(_good(messages=[{"role": "user", "content": [
+        {"type": "text", "text": 5}, {"type": "image_url", "image_url": {"url": data_url(NIH_PNG)}}]}])).encode(), 400,
+     "messages[0].content[0].text", r"messages\[0\]\.content\[0\]\.text must be a string, got 5"),
     ("model as a 5,000-character string", json.dumps(_good(model="m" * 5000)).encode(), 404, "model",
      r"model 'mmmmmmmmmmmmmmmmmmm\.\.\. \(5,002 characters\) does not exist"),
     ("base64 with a bad padding", json.dumps(_good(messages=[image_message("x", "data:image/png;base64,iVBORw0")]))
@@ -157,6 +163,8 @@ def test_a_bad_chat_request_is_a_4xx_json_naming_the_field(server, case):
     ("a study's second file broken", [("file", "a.png", PNG), ("file", "b.png", b"not a radiograph")], "file[1]",
      r"file\[1\]: b\.png: cannot decode image"),
     ("file sent as text", [("file", None, b"cxr.png")], "file", r"'file' field is text, not a file upload"),
+    ("prior_report past the limit", [("file", "a.png", PNG), ("prior_report", None, b"a" * 10_001)], "prior_report",
+     r"prior_report: the request's text is longer than this server's limit of 10,000 characters"),
     ("2,000 fields", [(f"f{i}", None, b"1") for i in range(2000)], None, r"more than 16 fields"),
     ("unknown field", [("file", "a.png", PNG), ("beams", None, b"4")], "beams", r"unknown form field 'beams'"),
     ("a 5,000-digit seed", [("file", "a.png", PNG), ("seed", None, b"9" * 5000)], "seed",
@@ -191,6 +199,15 @@ def test_a_bad_form_is_a_4xx_json_naming_the_field(server, case):
     assert got == 400, reply
     assert reply["error"]["param"] == param and re.search(pattern, reply["error"]["message"]), reply["error"]
     assert "--allow-non-frontal" not in reply["error"]["message"]
+
+
+def test_a_form_gives_each_file_its_view():
+    """`-F file=@pa.png -F file=@lat.png -F view=PA -F view=LL`, as the README shows it (was a 500: the repeated
+    view field was unpacked as a single one)."""
+    generation = requests.parse_answer_form("report", {"view": ["PA", "LL"], "max_tokens": ["2"]},
+                                            {"file": [("pa.png", PNG), ("lat.png", PNG)]}, LIMITS)
+    assert [(part.field, part.view) for part in generation.images] == [("file[0]", "PA"), ("file[1]", "LL")]
+    assert generation.sampling.max_new_tokens == 2
 
 
 def test_allow_non_frontal_is_a_request_field(model, server):

@@ -1,5 +1,7 @@
-"""`cxrllava report`, `ask` and `chat` on the tiny model; chat is driven through a pseudo-terminal."""
+"""`cxrllava report`, `ask` and `chat` on the tiny model; chat is driven through a pseudo-terminal; the study `ask`
+and `chat` read from their arguments."""
 
+import dataclasses
 import json
 import os
 import pty
@@ -11,10 +13,13 @@ import time
 
 import pytest
 
-from cxrllava_jax import cli
-from cxrllava_jax.domain.studies import studies_in_folder
+from cxrllava_jax import arguments, cli
+from cxrllava_jax.domain.studies import Study, latest_study, studies_in_folder
+from cxrllava_jax.errors import ConfigError
+from cxrllava_jax.inference import cli as inference_cli
+from cxrllava_jax.inference.cli import this_process
 from cxrllava_jax.reference.tiny_models import checkpoint_dir, synthetic_radiograph
-from tests.dicom_files import CURRENT_UID, PRIOR_UID, write_two_studies
+from tests.dicom_files import CURRENT_UID, PRIOR_UID, chest_film, write_two_studies
 
 OPTIONS = ["--temperature", "0", "--max-new-tokens", "10"]
 GREEDY = dict(temperature=0.0, max_new_tokens=10)
@@ -142,6 +147,26 @@ def test_report_processes_take_their_own_slice_and_file(folder, model, tmp_path,
     assert "JAX_PROCESS_ID=2 must be in [0, JAX_NUM_PROCESSES=2)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("variables, expected", [
+    ({"JAX_NUM_PROCESSES": "2"}, "JAX_NUM_PROCESSES=2 is set but JAX_PROCESS_ID is not"),  # each would be process 0
+    ({"SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "4"}, "SLURM_NTASKS=4 is set but SLURM_PROCID is not"),
+    ({"SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "4", "SLURM_PROCID": "3"}, (3, 4)),  # a task of `srun -n 4`
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "0"}, (0, 1)),  # sbatch -n 4 without srun: one process
+    ({"JAX_NUM_PROCESSES": "1"}, (0, 1)), ({"JAX_NUM_PROCESSES": "3", "JAX_PROCESS_ID": "2"}, (2, 3))])
+def test_report_process_variables_name_what_is_missing(variables, expected, monkeypatch):
+    """Which share of the images a `report` process takes: a launcher's variables that do not name this process
+    are refused, and a SLURM allocation without a step (`srun`) is one process, not the first of several."""
+    for name in ("JAX_PROCESS_ID", "JAX_NUM_PROCESSES", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NODELIST"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    if isinstance(expected, tuple):
+        assert this_process() == expected
+    else:
+        with pytest.raises(ConfigError, match=expected):
+            this_process()
+
+
 def test_report_studies_writes_one_record_per_study_and_resumes_by_study(model, tmp_path, capsys):
     """`report --studies`: the DICOM folder's two studies (the later one read with its lateral and the earlier one
     as its prior) get a record each naming the study, its images with views and dates, and the prior; a file that
@@ -171,3 +196,82 @@ def test_report_studies_writes_one_record_per_study_and_resumes_by_study(model, 
     assert "2 of 3 studies already have a record" in capsys.readouterr().err
     again = [json.loads(line) for line in out.read_text().splitlines()][2:]
     assert again == [by_study[CURRENT_UID]]
+
+
+def _study_of(*argv) -> Study:
+    parser = arguments.parser("cxrllava ask", "")
+    inference_cli.add_study_arguments(parser)
+    return inference_cli.study_from_arguments(parser.parse_intermixed_args(list(map(str, argv))))
+
+
+def test_arguments_make_the_study_as_the_server_makes_a_requests(folder, tmp_path, capsys):
+    """One file is the release's input; files with --view, --prior (--prior-view), --prior-report and --indication;
+    DICOM files of two studies (the prior report going to the earlier one); a folder: its latest study. A view that
+    is none is argparse's refusal (exit 2), naming the flag."""
+    a, b, c = (folder / f"cxr{i}.png" for i in range(3))
+    assert _study_of(a) == Study.of(a)
+    with pytest.raises(SystemExit) as exit_:
+        _study_of(a, "--view", "oblique")
+    assert exit_.value.code == 2 and "argument --view: must be PA, AP or a lateral (LL, RL, LAT, LATERAL), got " \
+        "'oblique'" in capsys.readouterr().err
+    assert _study_of(a, b, "--view", "pa", "--view", "lateral", "--prior", c, "--prior-view", "AP", "--prior-report",
+                     "Small left effusion.", "--indication", "Dyspnea.") == Study.of(
+        [a, b], views=["PA", "LATERAL"], indication="Dyspnea.", prior=Study.of(c, views=["AP"],
+                                                                            report="Small left effusion."))
+    files = write_two_studies(tmp_path)
+    current = latest_study(tmp_path)
+    with_report = dataclasses.replace(current, prior=dataclasses.replace(current.prior, report="Clear."))
+    assert _study_of(files["prior"], files["lateral"], files["frontal"], "--prior-report", "Clear.") == with_report
+    assert _study_of(tmp_path, "--prior-report", "Clear.") == with_report
+    assert [i.view for i in with_report.all_images()] == ["PA", "LL", "PA"] and with_report.prior.uid == PRIOR_UID
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["cxr1.png", "--view", "PA"], "--view is given 1 time(s) for 2 image(s)"),
+    (["--prior-view", "AP"], "--prior-view is given 1 time(s) for 0 image(s)"),
+    (["--prior-report", "Clear."], "--prior-report is given but no image of a prior study"),
+    (["--indication", "see <image>"], "--indication: the text contains <image>"),
+    (["dicom", "--view", "PA"], "dicom: a folder is read as one patient's DICOM studies"),
+    (["dicom"], "dicom: holds the studies of 2 patients (P1: "),
+    (["dicom/new/b_frontal.dcm", "dicom/new/a_lateral.dcm", "--view", "LL", "--view", "LL"],
+     "b_frontal.dcm: given as a lateral view ('LL') but its ViewPosition is 'PA'"),
+])
+def test_a_study_that_cannot_be_made_is_refused_before_the_model_loads(folder, tmp_path, monkeypatch, capsys, extra,
+                                                                        message):
+    write_two_studies(tmp_path / "dicom")
+    chest_film(tmp_path / "dicom" / "other.dcm", 0, ViewPosition="PA", StudyInstanceUID="9.9", PatientID="P2")
+    monkeypatch.chdir(tmp_path)
+    images = [] if extra and extra[0].startswith("dicom") else [str(folder / "cxr0.png")]
+    extra = [str(folder / e) if e.endswith(".png") else e for e in extra]
+    argv = ["ask", *images, *extra, "Effusion?", "--checkpoint", str(tmp_path / "never-read")]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and "never-read" not in err, err
+
+
+def test_ask_and_chat_about_a_two_image_study(folder, model, tmp_path, monkeypatch, capsys):
+    """`ask` and `chat` about a frontal and a lateral film (views given, with the indication) answer as the library
+    does about that study, the chat keeping its conversation on it; a lateral alone is refused, naming its view
+    (a DICOM file's ViewPosition, or the one given). The commands get the session's model (loading is tested above)."""
+    monkeypatch.setattr(inference_cli, "_load", lambda args: model)
+    a, b = folder / "cxr0.png", folder / "cxr1.png"
+    study = Study.of([a, b], views=["PA", "LL"], indication="Cough.")
+    options = ["--view", "PA", "--view", "LL", "--indication", "Cough.", "--checkpoint", str(checkpoint_dir()), *OPTIONS]
+    question = "Is there a pleural effusion?"
+    assert cli.main(["ask", str(a), str(b), question, *options]) == 0
+    assert capsys.readouterr().out == model.ask_question(question, study, **GREEDY) + "\n"
+
+    lines = iter([question, "Which side?", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert cli.main(["chat", str(a), str(b), *options]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"Chatting about study: {a} (PA), {b} (LL). ")
+    conversation = model.conversation(study)
+    answers = [conversation.ask(question, **GREEDY), conversation.ask("Which side?", **GREEDY)]
+    assert out.split("cxr-llava> ")[1:] == [f"{answer}\n" for answer in answers]
+
+    lateral = write_two_studies(tmp_path)["lateral"]
+    for argv, message in (([str(lateral)], "ViewPosition is 'LL'"), ([str(a), "--view", "LL"], "only view is lateral")):
+        assert cli.main(["ask", *argv, question, "--checkpoint", str(checkpoint_dir()), *OPTIONS]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err

@@ -3,7 +3,8 @@ radiograph, see it in the viewer, window it from the keyboard, get the report st
 until the first words come, the file it is about named with it), ask a follow-up with the keyboard, copy the
 report; then a refused upload clears the image, the conversation and the buttons and says why, and a question may
 come before any report; a study's frontal and lateral DICOM files chosen together are labelled with their views
-and date and reported on as one study, and a lateral alone is refused. Writes a screenshot to $TEST_ARTIFACTS (default test-artifacts/).
+and date and reported on as one study, and a lateral alone is refused; two PNG files, one set to lateral by the user,
+with an indication, are reported on as that study. Writes a screenshot to $TEST_ARTIFACTS (default test-artifacts/).
 
 Answers come from the tiny model with EOS never ending them (every answer is exactly its token budget long);
 the texts shown must equal the library's greedy answers. The engine decodes a chunk only when the test lets it
@@ -20,11 +21,12 @@ import pytest
 from PIL import Image
 
 from cxrllava_jax.domain import prompting
+from cxrllava_jax.domain.studies import Study
 from cxrllava_jax.inference.api import TextStream
 from cxrllava_jax.inference.engine import Engine
 from cxrllava_jax.serving.app import create_app
 from cxrllava_jax.serving.limits import Limits
-from tests.dicom_files import CURRENT_UID, write_two_studies
+from tests.dicom_files import CURRENT_UID, NIH, write_two_studies
 from tests.serving_fixtures import NIH_PNG, NON_CHEST_DICOM, LiveServer, endless_tiny_model
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -35,7 +37,7 @@ if not (CHROMIUM and CHROMEDRIVER) and not os.environ.get("CI"):  # .ci/run inst
 from selenium import webdriver  # noqa: E402  (the skip above comes first)
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 KEY = "page-test-key"
 ANSWER_TOKENS = 32
@@ -294,3 +296,29 @@ def test_report_and_follow_up_in_the_browser(model, server, browser, tmp_path):
     _report_streams_in(browser, server, model.tokenizer, report, waiting="about the study of 2024-01-05 (2 images)")
     assert _answers(browser) == [report] and _about(browser) == ["the study of 2024-01-05 (2 images)"]
     browser.save_screenshot(str(ARTIFACTS / "serve_page_study.png"))
+
+    # PNG files say neither their view nor their study: the user sets the lateral one's view and gives the indication,
+    # and the report is the library's on that study. Marking a file as the prior's relabels it and goes to the server
+    # as the part's "prior".
+    other = NIH[1] if NIH[1] != NIH_PNG else NIH[0]
+    browser.find_element(By.ID, "file").send_keys(f"{NIH_PNG}\n{other}")
+    WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, "report-button").is_enabled())
+    Select(browser.find_elements(By.CSS_SELECTOR, "#study-images select.view")[1]).select_by_value("LL")
+    browser.find_element(By.ID, "indication").send_keys("Cough.")
+    labels = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#study-images button")]
+    assert labels == [f"{NIH_PNG.name}: view not given, no date", f"{other.name}: lateral, no date"]
+    report = model.write_radiologic_report(Study.of([NIH_PNG, other], views=["", "LL"], indication="Cough."),
+                                           temperature=0.0, max_new_tokens=ANSWER_TOKENS)
+    browser.find_element(By.ID, "report-button").click()
+    _wait_until_answered(browser, 1)
+    assert _answers(browser) == [report] and _about(browser) == ["the study (2 images)"]
+    browser.save_screenshot(str(ARTIFACTS / "serve_page_png_study.png"))
+    # A prior report starts the conversation anew and, with no image marked as the prior's, is refused by the page.
+    browser.find_element(By.ID, "prior-report").send_keys("Clear.")
+    browser.find_element(By.ID, "report-button").click()
+    assert _answers(browser) == [] and "goes with the prior study's images" in browser.find_element(By.ID, "status").text
+    browser.find_elements(By.CSS_SELECTOR, "#study-images input.prior")[0].click()
+    assert browser.find_elements(By.CSS_SELECTOR, "#study-images button")[0].text == \
+        f"{NIH_PNG.name}: view not given, no date, prior study"
+    sent = browser.execute_script("return firstTurn('x').content.slice(1).map(p => [p.view ?? null, p.prior ?? null])")
+    assert sent == [[None, True], ["LL", None]]

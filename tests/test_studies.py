@@ -1,6 +1,7 @@
 """Studies from real films written as DICOM: grouped by StudyInstanceUID, ordered by StudyDate, a lateral read
 beside its frontal and refused alone; the study prompt (one frontal film: the release's prompt)."""
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ from PIL import Image
 
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.domain.radiograph_guard import NotFrontalChestError
-from cxrllava_jax.domain.studies import Study, latest_studies, studies_in_folder
+from cxrllava_jax.domain.studies import Study, latest_study, studies_in_folder
 from cxrllava_jax.errors import InputError
 from tests.dicom_files import NIH, chest_film, write_dicom, write_two_studies
 
@@ -29,7 +30,7 @@ def test_folder_is_grouped_by_study_and_ordered_by_date_with_the_prior_linked(fo
     assert (older.uid, older.date, older.prior) == ("1.2.3.1", "20230301", None)
     assert (current.uid, current.date, current.prior) == ("1.2.3.2", "20240105", older)
     assert [(Path(i.source).name, i.view) for i in current.images] == [("b_frontal.dcm", "PA"), ("a_lateral.dcm", "LL")]
-    assert latest_studies([older, current]) == [current]
+    assert latest_study(folder) == current  # what `ask` and `chat` read of a folder
     pixels = current.pixels(SIZE)  # frontal, lateral, then the prior's frontal: the prompt's order
     assert pixels.shape == (3, SIZE, SIZE, 1) and pixels.dtype == np.uint8
     np.testing.assert_array_equal(pixels[2], Study.of(folder / "old.dcm").pixels(SIZE)[0])
@@ -75,7 +76,7 @@ def test_files_of_one_study_that_disagree_are_refused(folder):
 
 
 def test_a_study_too_long_for_the_context_is_refused_naming_the_token_counts():
-    study = Study.of([NIH[0], NIH[1]], views=["PA", "LL"], prior=Study.of(NIH[1]))
+    study = Study.of([NIH[0], NIH[1]], views=["PA", "LL"], prior=Study.of(np.zeros((64, 64), np.uint8)))
     with pytest.raises(prompting.PromptTooLongError, match=r"3072 tokens \(3072 of them image positions: 3 images x 1024\) .* context is 3000"):
         study.check_fits(1024, 3000)
     study.check_fits(256, 4096)
@@ -119,3 +120,28 @@ def test_files_of_two_studies_are_a_study_and_its_prior_and_views_are_read_from_
         Study.of([new / "a_lateral.dcm"], views=["PA"])
     with pytest.raises(InputError, match="belong to 3 studies"):
         Study.of(paths + [chest_film(folder / "third.dcm", 0, StudyInstanceUID="1.2.3.9", PatientID="P1")])
+
+
+def test_an_image_given_twice_or_a_prior_after_the_study_is_refused(folder):
+    """The same file, the same bytes or the same DICOM instance twice in a study (or as its own prior, which would
+    read as unchanged) is refused naming it; in a folder a repeated instance is read once. A prior dated after the
+    current study is refused naming both dates."""
+    frontal = folder / "new" / "b_frontal.dcm"
+    copy = folder / "copy_of_frontal.dcm"
+    copy.write_bytes(frontal.read_bytes())
+    for images, kwargs in (([frontal, frontal], {}), ([frontal.read_bytes()] * 2, {}), ([frontal, copy], {}),
+                           ([NIH[0]], {"prior": Study.of(NIH[0])})):
+        with pytest.raises(InputError, match="the same image as .* a study reads each image once"):
+            Study.of(images, **kwargs)
+    older, current = studies_in_folder(folder)
+    assert [i.view for i in current.images] == ["PA", "LL"]  # the copy or the original, once
+    with pytest.raises(InputError, match=r"the prior study is dated 2025-01-01, after the current study \(20240105\)"):
+        Study.of([frontal], prior=Study.of(NIH[0], date="2025-01-01"))
+    Study.of([frontal], prior=Study.of(NIH[0], date="2024-01-05"))  # the same day
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns of the value as it writes it
+        bad_date = chest_film(folder / "bad_date.dcm", 0, ViewPosition="PA", StudyInstanceUID="1.2.3.7",
+                              StudyDate="2022-13-45")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pydicom's warning about the value named no file of ours
+        assert Study.of(bad_date).date == "2022-13-45"

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
+from cxrllava_jax.domain.radiograph_guard import is_lateral
 from cxrllava_jax.errors import InputError
 
 SYSTEM_PROMPT = ("You are a helpful radiologist. Try to interpret chest x ray image and answer to the question "
@@ -75,8 +76,7 @@ def study_prompt(question: str, views: Sequence[str], prior_views: Sequence[str]
 
 def _view_name(view: str) -> str:
     """'PA view', 'AP view', 'lateral view', or 'frontal view' for an image whose view nobody gave."""
-    view = view.strip()
-    return f"{'lateral' if view.upper() in ('LL', 'RL', 'LAT', 'LATERAL') else (view.upper() or 'frontal')} view"
+    return f"{'lateral' if is_lateral(view) else (view.strip().upper() or 'frontal')} view"
 
 
 def _dated(date: str) -> str:

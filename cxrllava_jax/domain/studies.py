@@ -7,6 +7,9 @@ optional prior `Study`. It is made from one image (`Study.of(image)`, today's in
 current study and its prior, told apart by StudyDate), or from a folder of DICOM files (`studies_in_folder`): files
 grouped by StudyInstanceUID, each patient's studies ordered by StudyDate/StudyTime, each linked to the one before it
 as its prior. DICOM tags are read from files, their bytes, or anything with `read_bytes()` (a server's upload).
+What a person gives (a command's arguments, a request's fields: images, views, the prior's images, the prior report,
+the indication) becomes a study in one place, `study_as_given`; a folder asked about is its latest study
+(`latest_study`).
 
 Images are read in one order everywhere, the prompt's (`Study.prompt`) and the pixels' (`Study.pixels`): the
 current study's frontal images, its laterals, then the prior's likewise. The radiograph guard reads a lateral view
@@ -15,16 +18,18 @@ only inside a study that has a frontal one; a lateral alone is refused as before
 
 import dataclasses
 import io
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from cxrllava_jax.domain import images, prompting
 from cxrllava_jax.domain.image_headers import is_dicom
-from cxrllava_jax.domain.radiograph_guard import NotFrontalChestError, OVERRIDE, is_lateral
+from cxrllava_jax.domain.radiograph_guard import LATERAL_VIEWS, NotFrontalChestError, OVERRIDE, is_lateral
 from cxrllava_jax.errors import InputError
 
-_GROUPING_TAGS = ("StudyInstanceUID", "PatientID", "StudyDate", "StudyTime", "ViewPosition")
+_GROUPING_TAGS = ("StudyInstanceUID", "PatientID", "StudyDate", "StudyTime", "ViewPosition", "SOPInstanceUID")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +57,12 @@ class Study:
             raise InputError("a study needs at least one image")
         # Frontal views first, each group in the order given: the order the prompt names them in.
         object.__setattr__(self, "images", tuple(sorted(self.images, key=lambda image: image.lateral)))
+        _check_distinct(self.all_images())
+        if self.prior is not None and _day(self.prior.date) and _day(self.date) and \
+                _day(self.prior.date) > _day(self.date):
+            raise _about(InputError(f"{_name(self.prior.images[0].source)}: the prior study is dated {self.prior.date}, "
+                                    f"after the current study ({self.date}); the prior is the earlier study"),
+                         self.prior.images[0].source)
 
     @classmethod
     def of(cls, image_or_images, views=None, **fields) -> "Study":
@@ -68,6 +79,13 @@ class Study:
         if views is not None and len(views) != len(sources):
             raise InputError(f"{len(views)} view(s) given for {len(sources)} image(s); give one per image")
         members = [_member(source, view) for source, view in zip(sources, views or [None] * len(sources))]
+        for i, (image, tags) in enumerate(members):
+            twin = next((other for other, other_tags in members[:i]
+                         if tags["SOPInstanceUID"] and other_tags["SOPInstanceUID"] == tags["SOPInstanceUID"]), None)
+            if twin is not None:
+                raise _about(InputError(f"{_name(image.source)}: the same image as {_name(twin.source)} (SOPInstanceUID "
+                                        f"{tags['SOPInstanceUID']}), given twice; a study reads each image once"),
+                             image.source)
         groups: dict[str, list] = {}
         for member in members:
             groups.setdefault(member[1]["StudyInstanceUID"], []).append(member)
@@ -143,8 +161,13 @@ def studies_in_folder(folder) -> list[Study]:
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder of DICOM files")
     groups: dict[str, list] = {}
+    instances = set()
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and images.is_dicom_file(p)):
         member = _member(path)
+        instance = member[1]["SOPInstanceUID"]
+        if instance in instances:  # the same image exported twice (PACS exports repeat files): read once
+            continue
+        instances.add(instance or None)
         groups.setdefault(member[1]["StudyInstanceUID"] or f"file:{path}", []).append(member)
     if not groups:
         raise InputError(f"{folder}: no DICOM files (files starting with the 128-byte preamble and 'DICM')")
@@ -157,12 +180,50 @@ def studies_in_folder(folder) -> list[Study]:
     return studies
 
 
-def latest_studies(studies: list[Study]) -> list[Study]:
-    """Each patient's most recent study (with its priors behind it): what a folder asks to be reported."""
-    latest = {}
+def latest_study(folder) -> Study:
+    """The study a question about a folder of one patient's DICOM files is about: the latest by StudyDate and
+    StudyTime, with the study before it as its prior (`studies_in_folder`). A folder of several patients' studies is
+    refused, naming them: which one to read is the user's choice."""
+    studies = studies_in_folder(folder)
+    patients: dict[str, Study] = {}
     for study in studies:
-        latest[study.patient] = study
-    return list(latest.values())
+        patients.setdefault(study.patient, study)
+    if len(patients) > 1:
+        named = "; ".join(f"{patient or 'no PatientID'}: {_name(study.images[0].source)}"
+                          for patient, study in patients.items())
+        raise InputError(f"{folder}: holds the studies of {len(patients)} patients ({named}); give one patient's "
+                         "folder or files")
+    return studies[-1]
+
+
+class PriorReportWithoutPrior(InputError):
+    """A prior report given for a study with no prior images (neither given nor found among its DICOM files)."""
+
+
+def study_as_given(images, views=None, prior_images=(), prior_views=None, prior_report: str = "",
+                   indication: str = "") -> Study:
+    """The study a person gives in a command's arguments or a request's fields: the current images with their views
+    (None or '' each: DICOM files say theirs, other images read as frontal), the prior study's images with theirs,
+    the prior's report and the indication as text. Without prior images, DICOM files of two StudyInstanceUIDs among
+    `images` are the study and its prior (`Study.of`), and the prior report is that earlier study's. One image and
+    nothing else is `Study.of(image)`: the release's input."""
+    fields = {"indication": indication}
+    if prior_images:
+        fields["prior"] = Study.of(list(prior_images), prior_views, report=prior_report)
+    study = Study.of(list(images), views, **fields)
+    if prior_report and study.prior is None:
+        raise PriorReportWithoutPrior("a prior report is given but no image of a prior study")
+    if prior_report and not prior_images:  # the prior found among DICOM files of two studies
+        study = dataclasses.replace(study, prior=dataclasses.replace(study.prior, report=prior_report))
+    return study
+
+
+def given_view(text) -> str:
+    """A view as a person names it, upper-cased: PA, AP, a lateral (LL, RL, LAT, LATERAL), or '' (not given)."""
+    view = text.strip().upper() if isinstance(text, str) else None
+    if view not in ("", "PA", "AP", *LATERAL_VIEWS):
+        raise InputError(f"must be PA, AP or a lateral ({', '.join(LATERAL_VIEWS)}), got {repr(text)[:40]}")
+    return view
 
 
 def _member(source, view: str | None = None) -> tuple[StudyImage, dict]:
@@ -212,11 +273,13 @@ def study_tags(source) -> dict:
     if readable is None:
         return dict.fromkeys(_GROUPING_TAGS, "")
     try:
-        ds = pydicom.dcmread(readable, stop_before_pixels=True, specific_tags=list(_GROUPING_TAGS))
+        with warnings.catch_warnings():  # a value pydicom finds invalid (a StudyDate of 2022-13-45) is kept as text
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(readable, stop_before_pixels=True, specific_tags=list(_GROUPING_TAGS))
+            return {tag: str(ds.get(tag) or "").strip() for tag in _GROUPING_TAGS}
     except Exception as error:  # pydicom raises many types for broken files
         raise _about(InputError(f"{_name(source)}: cannot read DICOM ({type(error).__name__}: {error})"),
                      source) from error
-    return {tag: str(ds.get(tag) or "").strip() for tag in _GROUPING_TAGS}
 
 
 def _dicom_readable(source):
@@ -232,6 +295,31 @@ def _dicom_readable(source):
     else:
         return None
     return io.BytesIO(data) if is_dicom(data) or name.lower().endswith((".dcm", ".dicom")) else None
+
+
+def _check_distinct(study_images):
+    """Refuses an image given twice in a study with its prior (the same file, or the same bytes): read as its own
+    prior it would be reported unchanged."""
+    for i, image in enumerate(study_images):
+        twin = next((other for other in study_images[:i] if _same_source(image.source, other.source)), None)
+        if twin is not None:
+            raise _about(InputError(f"{_name(image.source)}: the same image as {_name(twin.source)}, given twice in one "
+                                    "study (or as its own prior); a study reads each image once"), image.source)
+
+
+def _same_source(a, b) -> bool:
+    """The same file (paths), the same bytes (bytes, uploads), or the same object (arrays, PIL images)."""
+    if isinstance(a, (str, Path)) and isinstance(b, (str, Path)):
+        return Path(a).resolve() == Path(b).resolve()
+    data = [bytes(x) if isinstance(x, (bytes, bytearray, memoryview)) else
+            x.read_bytes() if hasattr(x, "read_bytes") and not isinstance(x, (str, Path)) else None for x in (a, b)]
+    return data[0] == data[1] if None not in data else a is b
+
+
+def _day(date: str) -> str:
+    """A date as YYYYMMDD (DICOM's, or 2023-03-01 as a user writes it), '' when it is no such date."""
+    digits = re.sub(r"\D", "", date or "")
+    return digits if len(digits) == 8 else ""
 
 
 def _about(error: InputError, source) -> InputError:

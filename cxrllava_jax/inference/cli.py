@@ -2,8 +2,8 @@
 
     cxrllava report IMAGE_OR_DIR... --checkpoint CKPT [--jsonl OUT [--append|--resume|--overwrite]] [--batch-size N]
     cxrllava report --studies DICOM_DIR... --checkpoint CKPT [--jsonl OUT ...]
-    cxrllava ask IMAGE "Is there a pneumothorax?" --checkpoint CKPT
-    cxrllava chat IMAGE --checkpoint CKPT          (/help lists the commands; /quit or Ctrl-D leaves)
+    cxrllava ask IMAGE... "Is there a pneumothorax?" --checkpoint CKPT [study options]
+    cxrllava chat IMAGE... --checkpoint CKPT [study options]   (/help lists the commands; /quit or Ctrl-D leaves)
     cxrllava complete --checkpoint LLM_CKPT --chat "What is the capital of France?"
     cxrllava complete --checkpoint LLM_CKPT "The capital of France is"
 
@@ -11,7 +11,11 @@ CKPT is our checkpoint or the release's PyTorch directory. Directories expand to
 found by content, as PACS exports often have no extension). With `--studies` the directories hold DICOM studies
 (`domain.studies.studies_in_folder`: grouped by StudyInstanceUID, ordered by StudyDate): one report per study, each
 read with its images' views and the patient's study before it as its prior; its record names the study's UID, its
-images (view, date) and the prior's. An image (or study) that cannot be used is recorded with an
+images (view, date) and the prior's. `ask` and `chat` are about one image or one study (`study_from_arguments`):
+several files (views from DICOM's ViewPosition or `--view`, one per file; DICOM files of two StudyInstanceUIDs are
+the study and its prior), or a folder of one patient's DICOM studies (the latest, the one before it as its prior);
+`--prior` files, `--prior-view`, `--prior-report` and `--indication` as the server's fields of those names.
+An image (or study) that cannot be used is recorded with an
 "error" field and counted; the others still run. Records are appended one by one under a lock, so a kill keeps
 those already written and several processes may share one --jsonl (with --append). `--resume` skips the images
 (or studies) that already have a record (a report or an error) in --jsonl, so a killed run continues where it stopped;
@@ -32,8 +36,9 @@ from tqdm import tqdm
 from cxrllava_jax import arguments, files, hub
 from cxrllava_jax.domain import prompting
 from cxrllava_jax.domain.images import is_dicom_file
-from cxrllava_jax.domain.studies import Study, studies_in_folder
-from cxrllava_jax.errors import ConfigError, InputError
+from cxrllava_jax.domain.studies import (PriorReportWithoutPrior, Study, given_view, latest_study,
+                                         studies_in_folder, study_as_given)
+from cxrllava_jax.errors import ConfigError, InputError, UsageError
 from cxrllava_jax.inference import compile_cache, sampling
 from cxrllava_jax.inference.engine import RELEASE_MAX_NEW_TOKENS, SamplingOptions
 from cxrllava_jax.models.configs import DTYPES
@@ -66,23 +71,80 @@ def report_main(argv) -> int:
 
 
 def ask_main(argv) -> int:
-    parser = _parser("ask", "ask a question about an image")
-    parser.add_argument("image", type=arguments.input_file, help="a PNG, JPEG or DICOM file")
+    parser = _parser("ask", "ask a question about an image or a study")
+    add_study_arguments(parser)
     parser.add_argument("question", help="the question, in quotes")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # the images and the question, wherever the options come between
     prompting.question_prompt(args.question)  # a question that cannot be asked is refused before the model loads
     options = _options(args)
+    study = study_from_arguments(args)
     model = _load(args)
-    model.ask_question(args.question, args.image, on_text=_echo, **options)
+    model.ask_question(args.question, study, on_text=_echo, **options)
     print()
     return 0
 
 
 def chat_main(argv) -> int:
-    parser = _parser("chat", "interactive multi-turn chat about an image")
-    parser.add_argument("image", type=arguments.input_file, help="a PNG, JPEG or DICOM file")
-    args = parser.parse_args(argv)
+    parser = _parser("chat", "interactive multi-turn chat about an image or a study")
+    add_study_arguments(parser)
+    args = parser.parse_intermixed_args(argv)
     return _chat(args)
+
+
+def add_study_arguments(parser: argparse.ArgumentParser):
+    """The image or study `ask` and `chat` are about, named as the server's fields are (view, prior, prior_view,
+    prior_report, indication)."""
+    parser.add_argument("images", nargs="+", type=arguments.input_path, metavar="IMAGE",
+                        help="a PNG, JPEG or DICOM file; a study's files (its frontal and lateral views; DICOM files of "
+                             "two studies: the study and its prior); or a folder of one patient's DICOM files (its "
+                             "latest study, the one before it as its prior)")
+    study = parser.add_argument_group("the study", "views and the prior study (DICOM files say their own view and study)")
+    study.add_argument("--view", action="append", type=_view, help="the view of each IMAGE, in order (PA, AP, LL, "
+                       "...; once per image, or not at all: other images than DICOM read as frontal)")
+    study.add_argument("--prior", action="append", type=arguments.input_file, metavar="IMAGE",
+                       help="an image of the prior study (once per image)")
+    study.add_argument("--prior-view", action="append", type=_view, help="the view of each --prior image, in order")
+    study.add_argument("--prior-report", metavar="TEXT", help="the prior study's report")
+    study.add_argument("--indication", metavar="TEXT", help="the indication or clinical history")
+
+
+def _view(text: str) -> str:
+    try:
+        return given_view(text)
+    except InputError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def study_from_arguments(args) -> Study:
+    """The study the IMAGE arguments and the study options name, made as the server makes a request's
+    (`studies.study_as_given`): one file and nothing else is the release's input; a folder is its latest study
+    (`studies.latest_study`). Refused before the model loads, naming the option or the file at fault."""
+    texts = {"prior_report": args.prior_report or "", "indication": args.indication or ""}
+    for key, text in texts.items():
+        try:
+            prompting.check_user_text(text)
+        except InputError as error:
+            raise InputError(f"--{key.replace('_', '-')}: {error}") from None
+    images, views = args.images, args.view
+    prior, prior_views = args.prior or [], args.prior_view
+    folder = next((path for path in images if path.is_dir()), None)
+    if folder is not None:
+        if len(images) > 1 or views or prior or prior_views:
+            raise UsageError(f"{folder}: a folder is read as one patient's DICOM studies, views and prior from their "
+                             "tags; give it alone, without --view, --prior or --prior-view (or give its files)")
+        latest = latest_study(folder)
+        images, views = [i.source for i in latest.images], [i.view for i in latest.images]
+        if latest.prior is not None:
+            prior, prior_views = [i.source for i in latest.prior.images], [i.view for i in latest.prior.images]
+    for flag, given, named in (("--view", views, images), ("--prior-view", prior_views, prior)):
+        if given and len(given) != len(named):
+            raise UsageError(f"{flag} is given {len(given)} time(s) for {len(named)} image(s); give it once per "
+                             "image, in order, or not at all (DICOM files say their view)")
+    try:
+        return study_as_given(images, views, prior, prior_views, **texts)
+    except PriorReportWithoutPrior:
+        raise UsageError("--prior-report is given but no image of a prior study: give its images with --prior (or "
+                         "the DICOM files of the earlier study)") from None
 
 
 def complete_main(argv) -> int:
@@ -190,9 +252,13 @@ def _named(item) -> dict:
 def _shown(item) -> str:
     if not isinstance(item, Study):
         return files.printable(item)
-    about = ", ".join(f"{files.printable(i.source)} ({i.view or 'view not given'})" for i in item.images)
-    prior = f"; prior {item.prior.uid or 'study'} of {item.prior.date or 'no date'}" if item.prior else ""
-    return f"study {item.uid or '(no StudyInstanceUID)'} of {item.date or 'no date'}: {about}{prior}"
+
+    def described(study: Study, what: str) -> str:
+        named = " ".join(filter(None, (what, study.uid, study.date and f"of {study.date}")))
+        return f"{named}: " + ", ".join(f"{files.printable(i.source)} ({i.view or 'view not given'})"
+                                        for i in study.images)
+
+    return described(item, "study") + (f"; {described(item.prior, 'prior study')}" if item.prior else "")
 
 
 def _plural(noun: str) -> str:
@@ -236,18 +302,20 @@ def _recorded_before(inputs: list, jsonl: Path, skip: bool, noun: str) -> list:
     return inputs
 
 
-CHAT_COMMANDS = {"/help": "list these commands", "/reset": "forget the conversation so far (same image)",
+CHAT_COMMANDS = {"/help": "list these commands", "/reset": "forget the conversation so far (same images)",
                  "/quit": "leave (also /exit or Ctrl-D)"}
 
 
 def _chat(args) -> int:
     options = _options(args)
+    study = study_from_arguments(args)
     model = _load(args)
     # An unreadable image fails now, not after the first question; the conversation keeps the ids of its turns.
-    conversation = model.conversation(args.image, allow_non_frontal=options.pop("allow_non_frontal"))
+    conversation = model.conversation(study, allow_non_frontal=options.pop("allow_non_frontal"))
     if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is refused below instead of ending the chat
         sys.stdin.reconfigure(errors="surrogateescape")
-    print(f"Chatting about {args.image}. Type /help for the commands, /quit or Ctrl-D to leave.", flush=True)
+    about = _shown(study.images[0].source if len(study.all_images()) == 1 else study)
+    print(f"Chatting about {about}. Type /help for the commands, /quit or Ctrl-D to leave.", flush=True)
     while True:
         try:
             line = input("you> ").strip()
@@ -261,24 +329,39 @@ def _chat(args) -> int:
             continue
         if line == "/reset":
             conversation.reset()
-            print("(the conversation is forgotten; the image stays)")
+            print("(the conversation is forgotten; the images stay)")
             continue
         if line.startswith("/") and line.split()[0] not in CHAT_COMMANDS:
             print(f"(unknown command {line.split()[0]}; /help lists them)")
             continue
         if not line:
             continue
-        try:  # a turn that cannot be answered is dropped; the session and its history go on
+        answering = _Answering()
+        try:  # a turn that cannot be answered is dropped (refused before its answer starts); the session goes on
             prompting.check_user_text(line)
-            print("cxr-llava> ", end="", flush=True)
-            conversation.ask(line, on_text=_echo, **options)
+            conversation.ask(line, on_text=answering.show, **options)
         except prompting.PromptTooLongError as error:
-            print(f"\n(the conversation no longer fits the model's context: {error}; type /reset to start anew)")
+            print(f"(the conversation no longer fits the model's context: {error}; type /reset to start anew)")
             continue
         except InputError as error:
-            print(f"\n(not asked: {error})")
+            print(f"(not asked: {error})")
             continue
+        answering.show("")
         print(flush=True)
+
+
+class _Answering:
+    """Echoes an answer behind its 'cxr-llava> ' prompt, printed with the first text (or an empty answer's end):
+    a turn refused while the conversation is encoded prints no answer prompt before its refusal."""
+
+    def __init__(self):
+        self.started = False
+
+    def show(self, text: str):
+        if not self.started:
+            print("cxr-llava> ", end="", flush=True)
+            self.started = True
+        _echo(text)
 
 
 def _parser(name: str, description: str, images: bool = True) -> argparse.ArgumentParser:
@@ -320,10 +403,18 @@ def _options(args) -> dict:
 
 def this_process() -> tuple[int, int]:
     """(this process's number, how many processes) from JAX's multi-process variables (JAX_PROCESS_ID,
-    JAX_NUM_PROCESSES) or SLURM's (SLURM_PROCID, SLURM_NTASKS); (0, 1) when neither is set. Report processes
-    need no coordinator: each takes every n-th image and writes its own file."""
-    for number, count in (("JAX_PROCESS_ID", "JAX_NUM_PROCESSES"), ("SLURM_PROCID", "SLURM_NTASKS")):
+    JAX_NUM_PROCESSES) or, in a SLURM job step (`srun`), SLURM's (SLURM_PROCID, SLURM_NTASKS); (0, 1) when neither is
+    set. An `sbatch` script or `salloc` shell has SLURM_NTASKS for its allocation but is one process (as in
+    `training.distributed`), so it takes every image. Report processes need no coordinator: each takes every n-th
+    image and writes its own file."""
+    sets = [("JAX_PROCESS_ID", "JAX_NUM_PROCESSES")]
+    if "SLURM_STEP_NODELIST" in os.environ:
+        sets.append(("SLURM_PROCID", "SLURM_NTASKS"))
+    for number, count in sets:
         if count in os.environ:
+            if number not in os.environ and os.environ[count].strip() not in ("0", "1"):  # each would be process 0
+                raise ConfigError(f"{count}={os.environ[count]} is set but {number} is not: set it to this process's "
+                                  f"number (0 to {count} - 1)")
             try:
                 process, processes = int(os.environ.get(number, "0")), int(os.environ[count])
             except ValueError:

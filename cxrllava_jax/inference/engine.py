@@ -508,29 +508,30 @@ class Engine:
         caps the rows these requests use. Leaving the loop early cancels the rest."""
         limit = min(max_rows or self.max_rows, self.max_rows)
         pending = enumerate(requests)
-        handles: list[Handle] = []
+        live: list[Handle] = []  # only these: a finished request (its images, its tokens) is not held for the run
         ended: collections.deque[tuple[int, Handle]] = collections.deque()
         exhausted = False
         try:
             while True:
-                while not exhausted and sum(not h.done for h in handles) < limit:
+                while not exhausted and len(live) < limit:
                     item = next(pending, None)
                     if item is None:
                         exhausted = True
                         break
                     index, request = item
                     tokens = None if on_tokens is None else functools.partial(on_tokens, index)
-                    handles.append(self.submit(request, tokens, lambda h, i=index: ended.append((i, h))))
+                    live.append(self.submit(request, tokens, lambda h, i=index: ended.append((i, h))))
                 while ended:
                     index, handle = ended.popleft()
+                    live.remove(handle)
                     if handle.error is not None:
                         raise handle.error
                     yield index, handle.completion
-                if exhausted and all(h.done for h in handles):
+                if exhausted and not live:
                     return
                 self.step(streaming=on_tokens is not None)
         finally:
-            for handle in handles:
+            for handle in live:
                 if not handle.done:
                     self.cancel(handle)
 

@@ -13,14 +13,20 @@ every worker: seconds each, measured. `cxrllava`'s entry point imports nothing h
 worker of the command loads only the image code.
 """
 
+import collections
 import concurrent.futures
+import functools
 import multiprocessing
+import os
+import signal
+import threading
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from cxrllava_jax.domain.images import normalise
 from cxrllava_jax.domain.studies import Study
+from cxrllava_jax.errors import InputError
 from cxrllava_jax.inference.prefix_cache import image_digest
 
 
@@ -45,23 +51,77 @@ def normalised_pixels(study: Study, size: int, mean: float, std: float, min_size
 def ahead(work: Callable, items: Sequence, workers: int, window: int) -> Iterator[tuple[int, Callable]]:
     """(index, a call that returns `work(items[index])` or raises what it raised), in order. With `workers`, up to
     `window` items are worked on ahead in that many processes (`work` and the items must pickle: paths, bytes,
-    arrays, PIL images); with 0, each is worked on here when its call is made."""
+    arrays, PIL images); with 0, each is worked on here when its call is made.
+
+    A worker that dies (killed by the system for memory, a crash in a decoder's C code) takes the pool and every
+    item on its way with it: the pool is started again and the item at the head is worked on alone, in a pool of
+    its own; if that kills its worker too, the item's call raises an InputError naming it, and the rest go on. So
+    one file that crashes its decoder is skipped and recorded like any bad image, not the end of an archive's run
+    (which `--resume` would meet again at the same file)."""
     if not workers:
         for index, item in enumerate(items):
             yield index, lambda item=item: work(item)
         return
-    context = multiprocessing.get_context("forkserver")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        pending: list = []
+    upcoming = enumerate(items)
+    pending: collections.deque = collections.deque()  # (index, item, future), at most `window`
+    pool = _pool(workers)
+    try:
+        while True:
+            while len(pending) < window and (following := next(upcoming, None)) is not None:
+                pending.append((*following, pool.submit(work, following[1])))
+            if not pending:
+                return
+            index, item, future = pending.popleft()
+            try:
+                outcome = _outcome(future)
+            except concurrent.futures.process.BrokenProcessPool:
+                pool.shutdown(wait=True, cancel_futures=True)
+                outcome = _alone(work, item, index)
+                pool = _pool(workers)
+                pending = collections.deque((i, it, pool.submit(work, it)) for i, it, _ in pending)
+            yield index, outcome
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
+                                                  initializer=_worker_started)
+
+
+def _outcome(future) -> Callable:
+    """A call that returns the future's value or raises the work's error; a dead pool's BrokenProcessPool is raised
+    now."""
+    try:
+        value = future.result()
+    except concurrent.futures.process.BrokenProcessPool:
+        raise
+    except Exception as error:  # noqa: BLE001 - the work's own error, raised where the caller takes the result
+        return functools.partial(_raise, error)
+    return lambda: value
+
+
+def _alone(work: Callable, item, index: int) -> Callable:
+    """`item` worked on in a pool of its own, after a worker died while it was on its way: a death now is its own."""
+    with _pool(1) as pool:
         try:
-            for index, item in enumerate(items):
-                pending.append((index, pool.submit(work, item)))
-                if len(pending) >= window:
-                    index, future = pending.pop(0)
-                    yield index, future.result
-            while pending:
-                index, future = pending.pop(0)
-                yield index, future.result
-        finally:
-            for _, future in pending:
-                future.cancel()
+            return _outcome(pool.submit(work, item))
+        except concurrent.futures.process.BrokenProcessPool:
+            name = item if isinstance(item, (str, os.PathLike)) else f"input {index}"
+            return functools.partial(_raise, InputError(
+                f"{name}: reading it ended its worker process abruptly (killed by the system, e.g. for memory, or a "
+                "crash in an image decoder)"))
+
+
+def _raise(error: Exception):
+    raise error
+
+
+def _worker_started():
+    """A worker leaves stopping to the process it works for: Ctrl-C reaches the whole terminal's process group, and
+    the command, interrupted, shuts the pool down (a worker interrupted too would print its own traceback); and a
+    worker ends when that process is gone (killed: SIGTERM, SIGKILL, out of memory), instead of waiting forever for
+    work, with the fork server, beside nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()  # its sentinel is readable once the process that asked is gone
+    threading.Thread(target=lambda: (parent.join(), os._exit(1)), name="parent-watch", daemon=True).start()

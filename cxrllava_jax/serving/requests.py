@@ -21,6 +21,7 @@ import re
 import numpy as np
 
 from cxrllava_jax.domain import prompting, radiograph_guard
+from cxrllava_jax.domain import studies
 from cxrllava_jax.domain.studies import Study
 from cxrllava_jax.inference.engine import SamplingOptions
 from cxrllava_jax.inference.sampling import SamplingError, shown
@@ -146,11 +147,8 @@ def parse_chat(body: dict, model_id: str, limits: Limits) -> Generation:
                                    and value.get("type") == "text"):
             raise RequestError(400, f"{key}={shown(value)} is not supported by this server", key,
                                "unsupported_parameter")
-    turns, images = _conversation(body.get("messages"), limits)
-    texts = {key: body.get(key, "") for key in _STUDY_TEXTS}
-    for key, text in texts.items():
-        if not isinstance(text, str):
-            raise RequestError(400, f"{key} must be a string, got {shown(text)}", key)
+    turns, images, characters = _conversation(body.get("messages"), limits)
+    texts = _study_texts(body, limits, characters)
     stream = _flag(body, "stream")
     options = body.get("stream_options", {})
     if not isinstance(options, dict):
@@ -192,12 +190,11 @@ def parse_answer_form(kind: str, fields: dict, files: dict, limits: Limits) -> G
             field = f"{key}[{i}]" if len(uploaded) > 1 else key
             view = _view(given[i], views) if given else ""
             images.append(ImagePart(uploads.from_upload(data, filename, field, limits), field, view, prior))
-    values = {key: value for key, (value,) in fields.items() if key not in _REPEATED_FORM_FIELDS}
+    values = {key: given[0] for key, given in fields.items() if key not in _REPEATED_FORM_FIELDS}
     numbers = {key: _form_number(key, values[key]) for key in _SAMPLING_FIELDS if key in values}
     turns = [{"role": "user", "content": ANSWER_QUESTIONS[kind]}]
     return Generation(turns, tuple(images), sampling(numbers, limits),
-                      allow_non_frontal=form_flag(values, "allow_non_frontal"),
-                      **{key: values.get(key, "") for key in _STUDY_TEXTS})
+                      allow_non_frontal=form_flag(values, "allow_non_frontal"), **_study_texts(values, limits))
 
 
 def form_flag(values, key: str) -> bool:
@@ -259,21 +256,15 @@ def _study(generation: Generation) -> Study:
             prompting.check_user_text(getattr(generation, key))
         except InputError as error:
             raise RequestError(400, f"{key}: {error}", key) from error
-    texts = {"indication": generation.indication}
     try:
-        if prior:
-            texts["prior"] = Study.of([p.image for p in prior], [p.view for p in prior],
-                                      report=generation.prior_report)
-        study = Study.of([p.image for p in current], [p.view for p in current], **texts)
-    except InputError as error:
-        raise RequestError(400, f"the study: {error}", _field_of(error, generation)) from error
-    if generation.prior_report and study.prior is None:
+        return studies.study_as_given([p.image for p in current], [p.view for p in current], [p.image for p in prior],
+                                      [p.view for p in prior], generation.prior_report, generation.indication)
+    except studies.PriorReportWithoutPrior as error:
         raise RequestError(400, "the study: prior_report is given but no image of a prior study: send the prior's "
                                 'images too (image parts with "prior": true, prior_file fields, or DICOM files of the '
-                                "earlier study)", "prior_report")
-    if generation.prior_report and not prior:  # the prior found among DICOM files of two studies
-        study = dataclasses.replace(study, prior=dataclasses.replace(study.prior, report=generation.prior_report))
-    return study
+                                "earlier study)", "prior_report") from error
+    except InputError as error:
+        raise RequestError(400, f"the study: {error}", _field_of(error, generation)) from error
 
 
 def _field_of(error: InputError, generation: Generation) -> str:
@@ -291,8 +282,24 @@ def image_refusal(error: InputError, field: str) -> RequestError:
     return RequestError(400, f"{field}: {message}", field, "invalid_image")
 
 
-def _conversation(messages, limits: Limits) -> tuple[list[dict], tuple[ImagePart, ...]]:
-    """OpenAI messages -> text turns and the study's images (they belong to the conversation's first user turn)."""
+def _study_texts(given: dict, limits: Limits, characters: int = 0) -> dict:
+    """The request's prior_report and indication (absent: ''), text counted with the conversation's `characters`
+    against the server's limit before anything is tokenized."""
+    texts = {}
+    for key in _STUDY_TEXTS:
+        text = texts[key] = given.get(key, "")
+        if not isinstance(text, str):
+            raise RequestError(400, f"{key} must be a string, got {shown(text)}", key)
+        characters += len(text)
+        if characters > limits.max_text_chars:
+            raise RequestError(400, f"{key}: the request's text is longer than this server's limit of "
+                                    f"{limits.max_text_chars:,} characters", key, "context_length_exceeded")
+    return texts
+
+
+def _conversation(messages, limits: Limits) -> tuple[list[dict], tuple[ImagePart, ...], int]:
+    """OpenAI messages -> text turns, the study's images (they belong to the conversation's first user turn) and
+    the number of characters of text."""
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "messages must be a non-empty list", "messages")
     if len(messages) > MAX_MESSAGES:
@@ -313,7 +320,10 @@ def _conversation(messages, limits: Limits) -> tuple[list[dict], tuple[ImagePart
         texts = []
         for j, part in enumerate(_parts(message.get("content"), f"{field}.content")):
             part_field = f"{field}.content[{j}]"
-            if part.get("type") == "text" and isinstance(part.get("text"), str):
+            if part.get("type") == "text":
+                if not isinstance(part.get("text"), str):
+                    raise RequestError(400, f"{part_field}.text must be a string, got {shown(part.get('text'))}",
+                                       f"{part_field}.text")
                 texts.append(part["text"])
                 characters += len(part["text"])
                 if characters > limits.max_text_chars:
@@ -333,7 +343,7 @@ def _conversation(messages, limits: Limits) -> tuple[list[dict], tuple[ImagePart
         raise RequestError(400, f"the conversation holds {len(images)} images; this server reads at most "
                                 f"{MAX_FORM_PARTS} in one study", "messages")
     return turns, tuple(ImagePart(uploads.from_data_url(url, f"{field}.image_url", limits), f"{field}.image_url",
-                                  view, prior) for field, url, view, prior in images)
+                                  view, prior) for field, url, view, prior in images), characters
 
 
 def _image_part(part: dict, field: str) -> tuple:
@@ -352,10 +362,10 @@ def _view(value, field: str) -> str:
     """A view as a request gives it: PA, AP, a lateral (LL, RL, LAT, LATERAL), or empty (not given)."""
     if value is None:
         return ""
-    if not isinstance(value, str) or value.strip().upper() not in ("", "PA", "AP", *radiograph_guard.LATERAL_VIEWS):
-        raise RequestError(400, f"{field} must be PA, AP or a lateral ({', '.join(radiograph_guard.LATERAL_VIEWS)}), "
-                                f"got {shown(value)}", field)
-    return value.strip().upper()
+    try:
+        return studies.given_view(value)
+    except InputError as error:
+        raise RequestError(400, f"{field} {error}", field) from None
 
 
 def _parts(content, field: str) -> list[dict]:

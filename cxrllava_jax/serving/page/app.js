@@ -5,7 +5,9 @@
 const config = JSON.parse(document.getElementById("server-config").textContent);
 const $ = (id) => document.getElementById(id);
 // `image`: what the conversation is about, null while nothing is usable: {name (how the page names it: the file, or
-// the study), images: [{name, url, view, date, uid, prior, bitmap, depth}], allowNonFrontal}.
+// the study), images: [{name, url, view, date, uid, prior, viewGiven, bitmap, depth}], allowNonFrontal, indication,
+// priorReport}. DICOM files say their view and study (`uid`); for other files the user sets the view (`viewGiven`)
+// and marks the prior's.
 // `loading` counts choices of files: files read after a later choice was made are dropped.
 // `answerKind`: the button that began the conversation (its first answer is the report the copy button copies).
 const state = { image: null, pixels: null, messages: [], answerKind: null, controller: null, report: "", loading: 0 };
@@ -59,7 +61,8 @@ async function load(files) {
   }
   placeInStudy(images);
   $("file").value = "";  // read: the list and the subject show what is loaded, and the same files can be chosen again
-  state.image = { name: images.length === 1 ? images[0].name : studyName(images), images, allowNonFrontal };
+  state.image = { name: images.length === 1 ? images[0].name : studyName(images), images, allowNonFrontal,
+                  indication: "", priorReport: "" };
   showList(images);
   select(0);
   $("subject").textContent = images.length === 1 ? `Image: ${images[0].name}` : subject(images);
@@ -80,7 +83,7 @@ async function readImage(file, allowNonFrontal, inStudy) {
   const depth = await fullDepth(bytes, query).catch(() => null);
   const url = `data:${mediaType(file, bytes)};base64,${await base64(file)}`;
   return { name: file.name, url, bitmap, depth, view: tag("X-View").toUpperCase(), date: tag("X-Study-Date"),
-           uid: tag("X-Study-UID"), prior: false };
+           uid: tag("X-Study-UID"), prior: false, viewGiven: false };
 }
 
 function refuse(names, reason) {
@@ -105,17 +108,20 @@ function label(image) {
 
 function studyName(images) {
   const current = images.find((image) => !image.prior);
-  return `the study${current.date ? ` of ${shownDate(current.date)}` : ""} (${images.length} images)`;
+  return `the study${current?.date ? ` of ${shownDate(current.date)}` : ""} (${images.length} images)`;
 }
 
 function subject(images) {
   const current = images.filter((image) => !image.prior), prior = images.filter((image) => image.prior);
   const names = (group) => group.map((image) => image.name).join(", ");
-  const uid = current[0].uid ? ` ${current[0].uid}` : "";
-  return `Study${uid}${current[0].date ? ` of ${shownDate(current[0].date)}` : ""}: ${names(current)}` +
-         (prior.length ? `; prior study of ${shownDate(prior[0].date)}: ${names(prior)}` : "");
+  const dated = (image) => (image?.date ? ` of ${shownDate(image.date)}` : "");
+  const uid = current[0]?.uid ? ` ${current[0].uid}` : "";
+  return `Study${uid}${dated(current[0])}: ${names(current)}` +
+         (prior.length ? `; prior study${dated(prior[0])}: ${names(prior)}` : "");
 }
 
+// Each image of a study: its label (which shows it in the viewer) and, where the file does not say them (a PNG or
+// JPEG has no ViewPosition or StudyInstanceUID), its view and whether it is the prior study's.
 function showList(images) {
   const list = $("study-images");
   list.replaceChildren(...images.map((image, index) => {
@@ -123,9 +129,55 @@ function showList(images) {
     const button = Object.assign(document.createElement("button"), { type: "button", textContent: label(image) });
     button.addEventListener("click", () => select(index));
     item.append(button);
+    if (!image.view) {
+      const view = Object.assign(document.createElement("select"), { className: "view" });
+      view.setAttribute("aria-label", `View of ${image.name}`);
+      for (const [value, text] of [["", "view not given"], ["PA", "PA"], ["AP", "AP"], ["LL", "lateral"]]) {
+        view.append(new Option(text, value));
+      }
+      view.addEventListener("change", () => {
+        Object.assign(image, { view: view.value, viewGiven: true });
+        studyChanged(`The view of ${image.name} changed`);
+      });
+      item.append(view);
+    }
+    if (!image.uid) {
+      const prior = Object.assign(document.createElement("input"), { type: "checkbox", className: "prior" });
+      prior.setAttribute("aria-label", `${image.name} is an image of the prior study`);
+      prior.addEventListener("change", () => {
+        image.prior = prior.checked;
+        studyChanged(`${image.name} is ${prior.checked ? "now" : "no longer"} marked as the prior study's`);
+      });
+      const text = Object.assign(document.createElement("label"), { textContent: " prior study" });
+      text.prepend(prior);
+      item.append(text);
+    }
     return item;
   }));
   list.hidden = images.length < 2;
+}
+
+// What the user says of the study (a view, a prior mark, the indication, the prior report) goes into the
+// conversation's first prompt, so a change starts the conversation anew.
+for (const id of ["indication", "prior-report"]) {
+  $(id).addEventListener("change",
+                         () => studyChanged(`${id === "indication" ? "The indication" : "The prior report"} changed`));
+}
+
+function studyChanged(what) {
+  const image = state.image;
+  if (!image) return;
+  image.indication = $("indication").value.trim();
+  image.priorReport = $("prior-report").value.trim();
+  if (image.images.length > 1) {
+    image.name = studyName(image.images);
+    $("subject").textContent = subject(image.images);
+    $("study-images").querySelectorAll("li > button").forEach((b, i) => { b.textContent = label(image.images[i]); });
+  }
+  if (state.messages.length) {
+    clearConversation();
+    setStatus(`${what}, so the conversation starts anew about ${image.name}.`);
+  }
 }
 
 function select(index) {
@@ -141,14 +193,20 @@ function forThePage(message) {
                          'to read it anyway, tick "Read DICOM files whose tags say..." under Settings and choose the file again.');
 }
 
-function forgetImage() {
-  stop();
-  state.image = null;
-  state.pixels = null;
+function clearConversation() {
   state.messages = [];
   state.answerKind = null;
   state.report = "";
   $("conversation").replaceChildren();
+  $("copy-button").disabled = true;
+}
+
+function forgetImage() {
+  stop();
+  state.image = null;
+  state.pixels = null;
+  clearConversation();
+  $("indication").value = $("prior-report").value = "";  // they were about the images that go
   $("study-images").replaceChildren();
   $("study-images").hidden = true;
   const canvas = $("image");
@@ -156,7 +214,6 @@ function forgetImage() {
   canvas.setAttribute("aria-label", "No image loaded");
   $("window-controls").disabled = true;
   $("subject").textContent = "No image loaded";
-  $("copy-button").disabled = true;
   enable({ answers: false, question: false });
 }
 
@@ -273,19 +330,17 @@ $("question").addEventListener("keydown", (e) => {
 $("copy-button").addEventListener("click", copyReport);
 
 function startAnswer(prompt, shown, kind) {
-  if (!state.image || state.controller) return;
+  if (!state.image || state.controller || priorMissing()) return;
+  clearConversation();
   state.messages = [firstTurn(prompt)];
   state.answerKind = kind;
-  state.report = "";
-  $("copy-button").disabled = true;
-  $("conversation").replaceChildren();
   addMessage("user", shown);
   answer();
 }
 
 function ask() {
   const question = $("question").value.trim();
-  if (!question || !state.image || state.controller) return;
+  if (!question || !state.image || state.controller || priorMissing()) return;
   $("question").value = "";
   // A question may come first: the image then goes with it, as with a button's prompt.
   if (!state.messages.length) state.answerKind = null;
@@ -294,8 +349,19 @@ function ask() {
   answer();
 }
 
+// The server refuses a prior report without the prior's images; the page says so in its own words, before asking.
+function priorMissing() {
+  if (!state.image.priorReport || state.image.images.some((image) => image.prior)) return false;
+  setStatus('The prior report goes with the prior study\'s images: choose them together with this study\'s files ' +
+            'and mark them "prior study" (or clear the prior report).', true);
+  return true;
+}
+
+// The server's study fields: each image's view where the user gave it (DICOM files say theirs) and its prior mark.
 function firstTurn(text) {
-  const images = state.image.images.map((image) => ({ type: "image_url", image_url: { url: image.url } }));
+  const images = state.image.images.map((image) => ({
+    type: "image_url", image_url: { url: image.url }, ...(image.viewGiven && { view: image.view }),
+    ...(image.prior && { prior: true }) }));
   return { role: "user", content: [{ type: "text", text }, ...images] };
 }
 
@@ -320,7 +386,9 @@ async function answer() {
       headers: { ...headers(), "Content-Type": "application/json" },
       body: JSON.stringify({ model: config.model, messages: state.messages, stream: true,
                              temperature: +$("temperature").value, max_tokens: +$("max-tokens").value,
-                             allow_non_frontal: image.allowNonFrontal }),
+                             allow_non_frontal: image.allowNonFrontal,
+                             ...(image.indication && { indication: image.indication }),
+                             ...(image.priorReport && { prior_report: image.priorReport }) }),
     });
     if (!response.ok) throw new Error(await errorText(response));
     for await (const event of serverSentEvents(response)) {
@@ -419,6 +487,9 @@ function enable({ answers, question }) {
   const haveImage = state.image !== null;
   $("report-button").disabled = $("differential-button").disabled = !(answers && haveImage);
   $("question").disabled = $("ask-button").disabled = !(question && haveImage);
+  // The study is not changed under an answer being written about it.
+  $("study-texts").disabled = !(answers && haveImage);
+  $("study-images").querySelectorAll("select, input").forEach((e) => { e.disabled = !(answers && haveImage); });
 }
 
 function headers() {
