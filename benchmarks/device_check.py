@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 import traceback
+import typing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -385,7 +386,7 @@ def part_parity(check: Check) -> dict:
     device = reference_values(check.sizes)
     if "cpu_reference" not in check.shared:  # the dry run: after this process compiled the same CPU programs
         check.shared["cpu_reference"] = start_cpu_reference(check.dry_run)
-    child, path = check.shared["cpu_reference"]
+    child, path, log = check.shared["cpu_reference"]
     try:
         # The dry run waits as long as it takes: a loaded CI machine must not turn slowness into a failure.
         child.wait(timeout=600 if check.dry_run else max(check.part_left(), 1))
@@ -393,7 +394,8 @@ def part_parity(check: Check) -> dict:
         child.kill()
         raise TimeoutError("the CPU reference did not finish within the part's budget")
     if child.returncode != 0:
-        raise RuntimeError(f"the CPU reference failed: {child.stderr.read()[-1500:]}")
+        log.seek(0)
+        raise RuntimeError(f"the CPU reference failed: {log.read()[-1500:]}")
     with np.load(path, allow_pickle=False) as saved:
         cpu = {"greedy": list(saved["greedy"]), "bf16_logits": saved["bf16_logits"],
                "train_losses": list(saved["train_losses"])}
@@ -728,12 +730,15 @@ def train_throughput(stage: str, overrides: dict, mesh, peak_flops) -> dict:
 
 # ---------------------------------------------------------------- the run
 
-def start_cpu_reference(dry_run: bool) -> tuple[subprocess.Popen, str]:
+def start_cpu_reference(dry_run: bool) -> tuple[subprocess.Popen, str, typing.IO]:
     path = tempfile.mktemp(suffix=".npz", prefix="device-check-cpu-")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(
         [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
     command = [sys.executable, __file__, "--cpu-reference", path] + (["--dry-run"] if dry_run else [])
-    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), path
+    # Its stderr goes to a file, not a pipe: the parent reads it only after the child ends, and a child that wrote
+    # more than a pipe holds (64 KiB: compile logs, warnings) would wait on it until the part's time ran out.
+    log = tempfile.TemporaryFile("w+")
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True), path, log
 
 
 def write_cpu_reference(path: str, sizes: Sizes):
