@@ -34,9 +34,9 @@ from input_pipeline.records import image_paths
 # What the demo must show to count as learned (the training issue's bar).
 REQUIRED = {"stage1a_validation_auroc": 0.90, "report_micro_f1": 0.70}
 # The studies issue's goal for the study fine-tune: change statements right on >= 80% of the held-out findings that
-# changed. Reported beside the baseline's, not yet required: the tiny run within the demo's minutes does not reach
-# it (0.46 against the baseline's 0.42 with seed 0; 0.73 against 0.52 with seed 1), and a bar it does not meet
-# would fail every `make demo`.
+# changed, reported beside the single-image baseline's. Met with seeds 0 and 1 (SEED0_FIGURE; 0.818 against 0.492), by
+# a few findings of the ~250 that changed, so it is reported (`goal_met`) but does not fail the demo: another CPU's
+# arithmetic moves a tiny model's 900 steps by that much.
 STUDY_GOAL = 0.80
 
 

@@ -12,8 +12,9 @@ Everything is a function of the seed: the same seed gives the same bytes.
 
 `cxrllava synth --studies --out DIR` writes instead a set of studies that needs the prior (`write_studies`):
 each has a prior frontal film with its report, and a current frontal and lateral film whose findings appeared,
-resolved, grew, shrank or stayed since; the current report says which ("New ...", "... has resolved",
-"..., increased from ...", "Unchanged ..."). It is written as LLaVA conversation files for fine-tuning: the study
+resolved, grew, shrank or stayed since; the current report says which ("..., not seen previously: new.", "The
+previously seen ... has resolved.", "Moderate ..., previously small: increased.", "..., previously moderate:
+unchanged."). It is written as LLaVA conversation files for fine-tuning: the study
 (`studies-SPLIT.jsonl`, three images and the prior report) and the same reports against the current frontal film
 alone (`single-SPLIT.jsonl`, the baseline that cannot know what changed).
 """
@@ -36,6 +37,9 @@ MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, MAX_STUDIES = 8, 4096, 10_000_000
 SEVERITIES = ("small", "moderate", "large")  # size of an effusion, pneumothorax, consolidation or nodule
 DEGREES = ("mild", "moderate", "severe")  # degree of cardiomegaly or edema
 SPLIT_FRACTIONS = (("train", 0.8), ("validate", 0.1), ("test", 0.1))
+# The study set is made larger than the image set (a study's report depends on three images and a text), so a smaller
+# share of it holds out as many studies.
+STUDY_SPLIT_FRACTIONS = (("train", 0.9), ("validate", 0.05), ("test", 0.05))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +102,7 @@ def draw_radiograph(findings: list[Finding], size: int, rng: np.random.Generator
         rib = np.exp(-(((y - 0.3 - 0.08 * k) - 0.15 * (x - 0.5) ** 2 * 4) ** 2) / 2e-4)
         img = img + 0.06 * rib * (lungs["right"] + lungs["left"])
     enlarged = {f.name: f.severity for f in findings}.get("cardiomegaly")
-    heart_width = {None: 0.12, "mild": 0.17, "moderate": 0.2, "severe": 0.23}[enlarged]
+    heart_width = {None: 0.12, "mild": 0.165, "moderate": 0.205, "severe": 0.245}[enlarged]
     heart = _ellipse(x, y, 0.53, 0.62, heart_width + rng.normal(0, 0.008), 0.14)
     img = img + 0.4 * heart + 0.3 * _ellipse(x, y, 0.5, 0.35, 0.05, 0.2)  # heart and mediastinum
     img = img + 0.4 * (y > 0.78 + 0.05 * np.abs(x - 0.5)) * body  # diaphragm and abdomen
@@ -126,7 +130,7 @@ def _lung(f: Finding, lungs):
 
 
 def _scale(f: Finding) -> float:
-    return {"small": 0.7, "moderate": 1.0, "large": 1.3}.get(f.severity, 1.0)
+    return {"small": 0.6, "moderate": 1.0, "large": 1.45}.get(f.severity, 1.0)
 
 
 def _draw_effusion(img, f, x, y, lungs, rng):  # fluid fills the lung base with a meniscus
@@ -147,7 +151,7 @@ def _draw_consolidation(img, f, x, y, lungs, rng):
 
 
 def _draw_edema(img, f, x, y, lungs, rng):  # bilateral perihilar haze
-    density = {"mild": 0.22, "moderate": 0.3, "severe": 0.4}.get(f.severity, 0.3)
+    density = {"mild": 0.18, "moderate": 0.3, "severe": 0.45}.get(f.severity, 0.3)
     return img + density * _lung(f, lungs) * (_blob(x, y, 0.36, 0.5, 0.09) + _blob(x, y, 0.64, 0.5, 0.09))
 
 
@@ -159,7 +163,7 @@ def _draw_atelectasis(img, f, x, y, lungs, rng):  # a horizontal band at the bas
 
 def _draw_nodule(img, f, x, y, lungs, rng):  # a large one is a mass
     cy = 0.38 if f.zone == "upper" else 0.6
-    radius = {"small": 0.018, "moderate": 0.025, "large": 0.045}.get(f.severity, 0.025)
+    radius = {"small": 0.02, "moderate": 0.03, "large": 0.05}.get(f.severity, 0.03)
     return img + 0.55 * (_blob(x, y, _centre(f) + rng.normal(0, 0.02), cy, radius) > 0.5)
 
 
@@ -171,6 +175,10 @@ def _draw_device(img, f, x, y, lungs, rng):  # an endotracheal tube down the mid
 
 def _capitalised(text: str) -> str:
     return text[0].upper() + text[1:]
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 KINDS: dict[str, FindingKind] = {
@@ -201,10 +209,11 @@ KINDS: dict[str, FindingKind] = {
     "consolidation": FindingKind(
         "Consolidation", _draw_consolidation, grades=SEVERITIES, sided=True, zoned=True,
         negation="focal consolidation",
-        sentences=lambda f: [f"Patchy consolidation in the {f.side} {f.zone} lobe.",
-                             f"There is focal consolidation in the {f.side} {f.zone} lobe.",
-                             f"Airspace consolidation in the {f.side} {f.zone} lobe."],
-        impression=lambda f: f"{f.side} {f.zone} lobe consolidation", noun=lambda f: "consolidation",
+        sentences=lambda f: [f"{_capitalised(f.severity)} patchy consolidation in the {f.side} {f.zone} lobe.",
+                             f"There is {_article(f.severity)} {f.severity} focal consolidation in the {f.side} "
+                             f"{f.zone} lobe.",
+                             f"{_capitalised(f.severity)} airspace consolidation in the {f.side} {f.zone} lobe."],
+        impression=lambda f: f"{f.severity} {f.side} {f.zone} lobe consolidation", noun=lambda f: "consolidation",
         question=("Is there any consolidation?", "No. There is no focal consolidation.")),
     "edema": FindingKind(
         "Edema", _draw_edema, grades=DEGREES,
@@ -223,7 +232,7 @@ KINDS: dict[str, FindingKind] = {
         "Lung Lesion", _draw_nodule, grades=SEVERITIES, sided=True, zoned=True,
         sentences=lambda f: [f"A {f.severity} {_lesion(f)} is seen in the {f.side} {f.zone} lung.",
                              f"There is a {f.severity} {f.side} {f.zone} lung {_lesion(f)}."],
-        impression=lambda f: f"{f.side} {f.zone} lung {_lesion(f)}", noun=lambda f: f"lung {_lesion(f)}",
+        impression=lambda f: f"{f.severity} {f.side} {f.zone} lung {_lesion(f)}", noun=lambda f: f"lung {_lesion(f)}",
         question=("Is there a lung nodule or mass?", "No. There is no lung nodule or mass.")),
     "device": FindingKind(
         "Support Devices", _draw_device,
@@ -400,14 +409,14 @@ def _write_dataset(out: Path, num: int, image_size: int, seed: int) -> list[Stud
     return studies
 
 
-def _split(i: int, num: int) -> str:
+def _split(i: int, num: int, fractions=SPLIT_FRACTIONS) -> str:
     position = (i + 0.5) / num
     edge = 0.0
-    for name, fraction in SPLIT_FRACTIONS:
+    for name, fraction in fractions:
         edge += fraction
         if position < edge:
             return name
-    return SPLIT_FRACTIONS[-1][0]
+    return fractions[-1][0]
 
 
 def _write_tables(out: Path, studies: list[Study], size: int):
@@ -477,15 +486,17 @@ def evolve(prior: list[Finding], rng: np.random.Generator) -> tuple[list[Finding
 
 
 def comparison_sentence(name: str, change: str, prior: dict[str, Finding], current: dict[str, Finding]) -> str:
-    """The report's sentence for one finding's change since the prior study."""
+    """The report's sentence for one finding's change since the prior study. A finding still there is described as
+    the current films show it, then as the prior report gave it, then judged ("Moderate right pleural effusion,
+    previously small: increased."): the verdict follows the prior grade it compares with. (With the verdict first,
+    or a word between the prior grade and the verdict, the demo's 2-layer model judged increased and decreased
+    little better than chance: its verdict then needs a grade further back.)"""
     if change == "resolved":
         return f"The previously seen {KINDS[name].impression(prior[name])} has resolved."
-    phrase = KINDS[name].impression(current[name])
+    phrase = _capitalised(KINDS[name].impression(current[name]))
     if change == "new":
-        return f"New {phrase}."
-    if change == "unchanged":
-        return f"Unchanged {phrase}."
-    return f"{_capitalised(phrase)}, {change} from {prior[name].severity}."
+        return f"{phrase}, not seen previously: new."
+    return f"{phrase}, previously {prior[name].severity or 'present'}: {change}."
 
 
 def write_comparison_report(pair: StudyPair, rng: np.random.Generator) -> str:
@@ -493,10 +504,11 @@ def write_comparison_report(pair: StudyPair, rng: np.random.Generator) -> str:
     changes, or no change at all."""
     prior = {f.name: f for f in pair.prior}
     current = {f.name: f for f in pair.current}
-    sentences = [comparison_sentence(n, pair.changes[n], prior, current) for n in KINDS if n in pair.changes]
+    names = [n for n in KINDS if n in pair.changes]
+    sentences = [comparison_sentence(n, pair.changes[n], prior, current) for n in names]
     absent = sorted(n for n, kind in KINDS.items() if kind.negation and n not in current and n not in pair.changes)
     findings = " ".join(sentences + ([_negation(absent, rng)] if absent else []))
-    changed = [s for n, s in zip([n for n in KINDS if n in pair.changes], sentences) if pair.changes[n] != "unchanged"]
+    changed = [s for n, s in zip(names, sentences) if pair.changes[n] != "unchanged"]
     impression = " ".join(changed) if changed else "No interval change."
     return f"FINDINGS: {findings}\n\nIMPRESSION: {impression}"
 
@@ -509,7 +521,7 @@ def draw_lateral(findings: list[Finding], size: int, rng: np.random.Generator) -
     lung = _ellipse(x, y, 0.52 + rng.normal(0, 0.01), 0.48, 0.26, 0.32) * (y < 0.8)
     img = 0.15 + 0.05 * rng.random() + 0.35 * body - 0.3 * lung
     enlarged = {f.name: f.severity for f in findings}.get("cardiomegaly")
-    heart_width = {None: 0.11, "mild": 0.15, "moderate": 0.18, "severe": 0.21}[enlarged]
+    heart_width = {None: 0.11, "mild": 0.145, "moderate": 0.18, "severe": 0.215}[enlarged]
     img = img + 0.4 * _ellipse(x, y, 0.36, 0.62, heart_width, 0.15) + 0.45 * (np.abs(x - 0.8) < 0.04) * body
     for f in findings:
         if f.name == "effusion":
@@ -539,7 +551,7 @@ def _write_studies(out: Path, num: int, image_size: int, seed: int) -> list[Stud
     for i in range(num):
         prior = [f for f in sample_findings(rng) if KINDS[f.name].impression is not None]
         current, changes = evolve(prior, rng)
-        pair = StudyPair(i, _split(i, num), prior, current, changes)
+        pair = StudyPair(i, _split(i, num, STUDY_SPLIT_FRACTIONS), prior, current, changes)
         pair.prior_report, _ = write_report(prior, rng)
         pair.report = write_comparison_report(pair, rng)
         names = {}
@@ -580,7 +592,7 @@ def main(argv) -> int:
     args = parser.parse_args(argv)
     if args.studies:
         pairs = write_studies(args.out, args.num, args.image_size, args.seed, overwrite=args.overwrite)
-        counts = {split: sum(p.split == split for p in pairs) for split, _ in SPLIT_FRACTIONS}
+        counts = {split: sum(p.split == split for p in pairs) for split, _ in STUDY_SPLIT_FRACTIONS}
         print(f"wrote {len(pairs)} synthetic prior/current studies to {args.out} ({counts})")
         return 0
     studies = write_dataset(args.out, args.num, args.image_size, args.seed, overwrite=args.overwrite)

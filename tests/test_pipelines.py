@@ -317,7 +317,7 @@ def test_the_demo_study_runs_read_the_same_reports_against_three_images_or_one(t
     train_tokenizer([p.report for p in pairs] + [p.prior_report for p in pairs] + [prompting.SYSTEM_PROMPT, prompt],
                     400, tmp_path / "tokenizer")
     answers = {}
-    for run, slots in demo.STUDY_RUNS.items():
+    for run, (slots, _) in demo.STUDY_RUNS.items():
         cfg = demo.get_config(run, root=str(tmp_path))
         assert cfg.init.checkpoint == str(tmp_path / "2b" / "model")  # from the chain's stage-2B model
         cfg.init.checkpoint = ""

@@ -119,6 +119,19 @@ def test_a_linear_classifier_sees_the_findings(train_set, held_out):
     assert auroc(scores, y_test) >= 0.9 and accuracy >= 0.85, (auroc(scores, y_test), accuracy)
 
 
+@pytest.mark.parametrize("name", [n for n, kind in synthetic.KINDS.items() if kind.grades])
+def test_each_grade_step_is_visible_at_the_demo_size(name):
+    """The study set's reports say a finding grew or shrank by one grade, and the demo reads 64-pixel films: one
+    step must change a region, not a few pixels' shade (edema's mild -> moderate once changed none by more than 25
+    levels, a small -> moderate nodule 8)."""
+    kind = synthetic.KINDS[name]
+    drawn = [synthetic.draw_radiograph([synthetic.Finding(name, "left" if kind.sided else "", grade,
+                                                          "lower" if kind.zoned else "")], 64,
+                                       np.random.default_rng(3)).astype(int) for grade in kind.grades]
+    changed = [int((np.abs(a - b) > 25).sum()) for a, b in zip(drawn, drawn[1:])]
+    assert min(changed) >= 10, changed
+
+
 def test_a_new_finding_is_one_entry(monkeypatch, tmp_path):
     """Registering one `FindingKind` is all it takes: it is sampled, drawn, reported, denied when absent, labelled
     (as our labeler reads it back), asked about, and written to disk."""
