@@ -235,6 +235,9 @@ def test_arguments_make_the_study_as_the_server_makes_a_requests(folder, tmp_pat
     (["dicom"], "dicom: holds the studies of 2 patients (P1: "),
     (["dicom/new/b_frontal.dcm", "dicom/new/a_lateral.dcm", "--view", "LL", "--view", "LL"],
      "b_frontal.dcm: given as a lateral view ('LL') but its ViewPosition is 'PA'"),
+    (["dicom/new/a_lateral.dcm"], "a_lateral.dcm: ViewPosition is 'LL', but the model reads frontal"),
+    (["--view", "LAT"], "cxr0.png: the study's only view is lateral"),
+    (["--prior", "dicom/new/a_lateral.dcm"], "a_lateral.dcm: ViewPosition is 'LL'"),
 ])
 def test_a_study_that_cannot_be_made_is_refused_before_the_model_loads(folder, tmp_path, monkeypatch, capsys, extra,
                                                                         message):

@@ -43,7 +43,12 @@ def check_dicom(ds, origin, allow_lateral: bool = False) -> None:
     body_part = _tag(ds, "BodyPartExamined")
     if body_part and not any(part in body_part for part in CHEST_BODY_PARTS):
         _refuse(origin, "BodyPartExamined", body_part, "the chest")
-    view = _tag(ds, "ViewPosition")
+    check_view(_tag(ds, "ViewPosition"), origin, allow_lateral)
+
+
+def check_view(view: str, origin, allow_lateral: bool = False) -> None:
+    """Refuses a DICOM ViewPosition that names a lateral view, unless `allow_lateral` (inside a study that has a
+    frontal one)."""
     if view in LATERAL_VIEWS and not allow_lateral:
         _refuse(origin, "ViewPosition", view, "a frontal view (PA or AP), or a lateral given together with the "
                 "frontal view of its study")

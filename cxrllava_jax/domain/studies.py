@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrllava_jax.domain import images, prompting
+from cxrllava_jax.domain import images, prompting, radiograph_guard
 from cxrllava_jax.domain.image_headers import is_dicom
 from cxrllava_jax.domain.radiograph_guard import LATERAL_VIEWS, NotFrontalChestError, OVERRIDE, is_lateral
 from cxrllava_jax.errors import InputError
@@ -36,6 +36,7 @@ _GROUPING_TAGS = ("StudyInstanceUID", "PatientID", "StudyDate", "StudyTime", "Vi
 class StudyImage:
     source: object  # what `images.model_pixels` reads: a path, bytes, an open file, a PIL image or an array
     view: str = ""  # 'PA', 'AP', a lateral ('LL', 'RL', 'LAT', 'LATERAL'), or '' (not given: frontal)
+    view_tag: str = ""  # what the file itself says: its DICOM ViewPosition ('' for other images)
 
     @property
     def lateral(self) -> bool:
@@ -125,10 +126,29 @@ class Study:
         count = len(self.all_images())
         prompting.check_fits(count * num_image_tokens, count, num_image_tokens, max_length)
 
+    def check_views(self, allow_non_frontal: bool = False):
+        """Refuses, before any image is read, a study (or its prior) whose every image is a lateral view: the model
+        reads a lateral only beside a frontal view of its study. A DICOM file's refusal names its ViewPosition, as
+        the guard's does when it decodes one."""
+        if allow_non_frontal:
+            return
+        for study in (self, self.prior):
+            if study is None or study.has_frontal:
+                continue
+            first = study.images[0]
+            try:
+                radiograph_guard.check_view(first.view_tag, _name(first.source))
+                raise NotFrontalChestError(  # laterals by the views given, the files saying nothing
+                    f"{_name(first.source)}: the study's only view is lateral; the model reads a lateral view beside a "
+                    f"frontal one (PA or AP) of the same study; {OVERRIDE}")
+            except InputError as error:
+                raise _about(error, first.source)
+
     def pixels(self, size: int, mode: str = "crop", allow_non_frontal: bool = False,
                min_size: int = images.RELEASE_PATCH_SIZE) -> np.ndarray:
         """uint8 model pixels [images, size, size, 1] in prompt order, each image through the one decode path
         and its guard; a lateral view passes only in a (current or prior) study that has a frontal one."""
+        self.check_views(allow_non_frontal)
         return np.stack([pixels for study in (self, self.prior) if study is not None
                          for pixels in study._own_pixels(size, mode, allow_non_frontal, min_size)])
 
@@ -143,10 +163,6 @@ class Study:
                                                allow_lateral=beside_frontal))
             except InputError as error:
                 raise _about(error, image.source)
-        if not self.has_frontal and not allow_non_frontal:  # laterals without tags that say so (views given)
-            raise _about(NotFrontalChestError(
-                f"{_name(self.images[0].source)}: the study's only view is lateral; the model reads a lateral view "
-                f"beside a frontal one (PA or AP) of the same study; {OVERRIDE}"), self.images[0].source)
         return out
 
 
@@ -235,7 +251,7 @@ def _member(source, view: str | None = None) -> tuple[StudyImage, dict]:
     if view and told and is_lateral(view) != is_lateral(told):
         raise _about(InputError(f"{_name(source)}: given as a {'lateral' if is_lateral(view) else 'frontal'} view "
                                 f"({view!r}) but its ViewPosition is {told!r}"), source)
-    return StudyImage(source, str(view or told)), tags
+    return StudyImage(source, str(view or told), str(told or "")), tags
 
 
 def _study(members: list[tuple[StudyImage, dict]], **fields) -> Study:

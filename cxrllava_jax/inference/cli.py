@@ -141,10 +141,12 @@ def study_from_arguments(args) -> Study:
             raise UsageError(f"{flag} is given {len(given)} time(s) for {len(named)} image(s); give it once per "
                              "image, in order, or not at all (DICOM files say their view)")
     try:
-        return study_as_given(images, views, prior, prior_views, **texts)
+        study = study_as_given(images, views, prior, prior_views, **texts)
     except PriorReportWithoutPrior:
         raise UsageError("--prior-report is given but no image of a prior study: give its images with --prior (or "
                          "the DICOM files of the earlier study)") from None
+    study.check_views(args.allow_non_frontal)  # a lateral alone: its tags say so without a decode or a model
+    return study
 
 
 def complete_main(argv) -> int:
