@@ -410,13 +410,18 @@ def _write_dataset(out: Path, num: int, image_size: int, seed: int) -> list[Stud
 
 
 def _split(i: int, num: int, fractions=SPLIT_FRACTIONS) -> str:
-    position = (i + 0.5) / num
-    edge = 0.0
-    for name, fraction in fractions:
-        edge += fraction
-        if position < edge:
+    """The split of item `i` of `num`: the first split's fraction first, then each held-out one's, in order. With at
+    least one item a split, none is left empty (12 study pairs held out none at 5%, and a fine-tune on them found no
+    validation file)."""
+    sizes = [int(fraction * num + 0.5) for _, fraction in fractions[1:]]
+    if num >= len(fractions):
+        sizes = [max(1, size) for size in sizes]
+    end = num
+    for (name, _), size in zip(reversed(fractions[1:]), reversed(sizes)):
+        end -= size
+        if i >= end:
             return name
-    return fractions[-1][0]
+    return fractions[0][0]
 
 
 def _write_tables(out: Path, studies: list[Study], size: int):

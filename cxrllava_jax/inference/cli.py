@@ -77,7 +77,7 @@ def ask_main(argv) -> int:
     args = parser.parse_intermixed_args(argv)  # the images and the question, wherever the options come between
     prompting.question_prompt(args.question)  # a question that cannot be asked is refused before the model loads
     options = _options(args)
-    study = study_from_arguments(args)
+    study = study_from_arguments(args, args.allow_non_frontal)
     model = _load(args)
     model.ask_question(args.question, study, on_text=_echo, **options)
     print()
@@ -115,10 +115,11 @@ def _view(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def study_from_arguments(args) -> Study:
+def study_from_arguments(args, allow_non_frontal: bool = False) -> Study:
     """The study the IMAGE arguments and the study options name, made as the server makes a request's
     (`studies.study_as_given`): one file and nothing else is the release's input; a folder is its latest study
-    (`studies.latest_study`). Refused before the model loads, naming the option or the file at fault."""
+    (`studies.latest_study`). Refused before the model loads, naming the option or the file at fault (a study whose
+    only views are lateral too, unless `allow_non_frontal`)."""
     texts = {"prior_report": args.prior_report or "", "indication": args.indication or ""}
     for key, text in texts.items():
         try:
@@ -145,7 +146,7 @@ def study_from_arguments(args) -> Study:
     except PriorReportWithoutPrior:
         raise UsageError("--prior-report is given but no image of a prior study: give its images with --prior (or "
                          "the DICOM files of the earlier study)") from None
-    study.check_views(args.allow_non_frontal)  # a lateral alone: its tags say so without a decode or a model
+    study.check_views(allow_non_frontal)  # a lateral alone: its tags say so without a decode or a model
     return study
 
 
@@ -310,7 +311,7 @@ CHAT_COMMANDS = {"/help": "list these commands", "/reset": "forget the conversat
 
 def _chat(args) -> int:
     options = _options(args)
-    study = study_from_arguments(args)
+    study = study_from_arguments(args, args.allow_non_frontal)
     model = _load(args)
     # An unreadable image fails now, not after the first question; the conversation keeps the ids of its turns.
     conversation = model.conversation(study, allow_non_frontal=options.pop("allow_non_frontal"))
