@@ -317,7 +317,10 @@ def encode_images(spec: DecodeSpec, params, pixels):
 def prefill_rows(spec: DecodeSpec, params, cache, tokens, features, starts, kv_valid, last, temperature, top_p,
                  key, *, read: int):
     """A group's prompts past their reused prefixes: tokens [n, S] (right-padded) at slots starts..starts+S of
-    `cache` (starts [n], or 0 for all), attending over the first `read` slots. -> (cache, first tokens [n])."""
+    `cache` (starts [n], or 0 for all; None: an empty one), attending over the first `read` slots.
+    -> (cache, first tokens [n])."""
+    if cache is None:  # made here, not by a program of its own: a short request pays for every dispatch
+        cache = empty_cache(spec, rows=tokens.shape[0], length=kv_valid.shape[1])
     positions = jnp.reshape(starts, (-1, 1)) + jnp.arange(tokens.shape[1])
     positions = jnp.broadcast_to(positions, tokens.shape)
     mask = attention_mask(positions, kv_valid[:, :read])
@@ -340,6 +343,14 @@ def place_rows(rows: Rows, at, cache, kv_valid, slot, first, budget, temperature
         written=put(rows.written, jnp.ones(at.shape, jnp.int32)), budget=put(rows.budget, budget),
         done=put(rows.done, (first == eos_id) | (budget <= 1)), temperature=put(rows.temperature, temperature),
         top_p=put(rows.top_p, top_p), key=put(rows.key, key))
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def start_rows(spec: DecodeSpec, cache, kv_valid, slot, first, budget, temperature, top_p, key) -> Rows:
+    """A batch of just these admitted rows [n, ...]: `place_rows` into `empty_rows`, as one program."""
+    n, length = kv_valid.shape
+    return place_rows(empty_rows(spec, rows=n, length=length), jnp.arange(n, dtype=jnp.int32), cache, kv_valid,
+                      slot, first, budget, temperature, top_p, key, eos_id=spec.eos_id)
 
 
 @functools.partial(jax.jit, static_argnames=("length",))
@@ -689,9 +700,11 @@ class Engine:
         for i, (prompt, start) in enumerate(zip(prompts, starts)):
             tokens[i, :len(prompt) - start] = prompt[start:]
             kv_valid[i, :len(prompt)] = True
-        cache = empty_cache(self.spec, rows=n, length=self.length)
+        cache = None
         for i, admission in enumerate(group):
             if admission.prefix is not None:
+                if cache is None:
+                    cache = empty_cache(self.spec, rows=n, length=self.length)
                 slots = min(round_up(admission.start, self.length_bucket), self.length)
                 cache = put_prefix(cache, np.int32(i), admission.prefix.kv, slots=slots)
         samplings = [a.handle.request.sampling for a in group]
@@ -702,11 +715,15 @@ class Engine:
         cache, first = prefill_rows(self.spec, self.params, cache, tokens, self._group_features(group), 
                                     starts if starts.any() else np.int32(0), kv_valid,
                                     np.array(suffixes, np.int32) - 1, temperature, top_p, keys, read=read)
-        at = self._make_room(n)
-        self._stop -= set(at)  # a row freed by `cancel` and not yet stopped is taken over, not stopped
-        self.rows = place_rows(self.rows, np.array(at, np.int32), cache, kv_valid,
-                               np.array([len(p) for p in prompts], np.int32), first, np.array(budgets, np.int32),
-                               temperature, top_p, keys, eos_id=self.spec.eos_id)
+        placed = (cache, kv_valid, np.array([len(p) for p in prompts], np.int32), first, np.array(budgets, np.int32),
+                  temperature, top_p, keys)
+        if self.rows is None:
+            at, self.owners = list(range(n)), [None] * n
+            self.rows = start_rows(self.spec, *placed)
+        else:
+            at = self._make_room(n)
+            self._stop -= set(at)  # a row freed by `cancel` and not yet stopped is taken over, not stopped
+            self.rows = place_rows(self.rows, np.array(at, np.int32), *placed, eos_id=self.spec.eos_id)
         for row, admission, token in zip(at, group, np.asarray(first).tolist()):
             handle = admission.handle
             handle.key, handle.admitted_at = admission.key, time.monotonic()
@@ -790,9 +807,6 @@ class Engine:
     def _make_room(self, n: int) -> list[int]:
         """Free row indices for `n` rows, doubling the batch until it holds them (by doubling and halving only,
         resizing compiles two programs per batch size)."""
-        if self.rows is None:
-            self.rows = empty_rows(self.spec, rows=n, length=self.length)
-            self.owners = [None] * n
         in_use = sum(h is not None for h in self.owners)
         while in_use + n > len(self.owners):
             self._resize(list(range(len(self.owners))) + [-1] * len(self.owners))

@@ -108,6 +108,8 @@ def write_and_read(cache, layer, k, v, cache_index, read_length: int):
         per_layer = isinstance(whole, tuple)
         array = whole[layer] if per_layer else whole
         at = () if per_layer else (layer,)  # the index of the layer's [batch, kv_heads, slots, head_dim]
+        if jnp.ndim(cache_index) == 1 and array.shape[-4] == 1:  # one row: its slot is the batch's (no scatter)
+            cache_index = cache_index[0]
         if jnp.ndim(cache_index) == 1 and new[name].shape[1] == 1:
             rows = jnp.arange(array.shape[-4])
             array = array.at[(*at, rows, slice(None), cache_index)].set(new[name][:, 0].astype(array.dtype))
