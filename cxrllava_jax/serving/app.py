@@ -42,6 +42,7 @@ from cxrllava_jax.serving.admission import Admission
 from cxrllava_jax.serving.limits import Limits, RequestError
 from cxrllava_jax.serving.scheduler import Failed, Finished, Job, QueueFull, Scheduler, TextDelta
 from cxrllava_jax.domain.images import decode_grayscale
+from cxrllava_jax.domain.radiograph_guard import LATERAL_VIEWS
 from cxrllava_jax.domain.studies import study_tags
 from cxrllava_jax.errors import InputError
 
@@ -157,10 +158,12 @@ def create_app(model, model_id: str, *, limits: Limits = Limits(), api_key: str 
 
 
 def _page(model_id: str, limits: Limits) -> dict[str, tuple[bytes, str]]:
-    """path -> (body, media type); the HTML carries what the script needs: the model id and the answer prompts."""
+    """path -> (body, media type); the HTML carries what the script needs: the model id, the answer prompts and the
+    guard's lateral view names (the page labels a study's views and refuses a lateral alone by the same rule)."""
     files = importlib.resources.files("cxrllava_jax.serving") / "page"
     page = {path: ((files / name).read_bytes(), kind) for path, (name, kind) in PAGE_FILES.items()}
-    config = {"model": model_id, "max_output_tokens": limits.max_output_tokens, "prompts": requests.ANSWER_QUESTIONS}
+    config = {"model": model_id, "max_output_tokens": limits.max_output_tokens, "prompts": requests.ANSWER_QUESTIONS,
+              "lateral_views": LATERAL_VIEWS}
     html, kind = page["/"]
     page["/"] = (html.replace(b"__SERVER_CONFIG__", json.dumps(config).replace("</", "<\\/").encode()), kind)
     return page

@@ -11,7 +11,7 @@ const $ = (id) => document.getElementById(id);
 // `loading` counts choices of files: files read after a later choice was made are dropped.
 // `answerKind`: the button that began the conversation (its first answer is the report the copy button copies).
 const state = { image: null, pixels: null, messages: [], answerKind: null, controller: null, report: "", loading: 0 };
-const LATERAL_VIEWS = ["LL", "RL", "LAT", "LATERAL"];
+const LATERAL_VIEWS = config.lateral_views;  // the server's guard's list
 
 // ------------------------------------------------------------------ choosing the images
 
