@@ -138,11 +138,11 @@ class Study:
             first = study.images[0]
             try:
                 radiograph_guard.check_view(first.view_tag, _name(first.source))
-                raise NotFrontalChestError(  # laterals by the views given, the files saying nothing
-                    f"{_name(first.source)}: the study's only view is lateral; the model reads a lateral view beside a "
-                    f"frontal one (PA or AP) of the same study; {OVERRIDE}")
             except InputError as error:
                 raise _about(error, first.source)
+            raise _about(NotFrontalChestError(  # laterals by the views given, the files saying nothing
+                f"{_name(first.source)}: the study's only view is lateral; the model reads a lateral view beside a "
+                f"frontal one (PA or AP) of the same study; {OVERRIDE}"), first.source)
 
     def pixels(self, size: int, mode: str = "crop", allow_non_frontal: bool = False,
                min_size: int = images.RELEASE_PATCH_SIZE) -> np.ndarray:
