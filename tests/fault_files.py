@@ -71,15 +71,17 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def png_8bit_gray(path, pixels: np.ndarray, interlace: bool = False, keep_rows: int | None = None):
+def png_8bit_gray(path, pixels: np.ndarray, interlace: bool = False, keep_bytes: int | None = None):
     """An 8-bit gray PNG written chunk by chunk: optionally Adam7-interlaced, and optionally holding only the first
-    `keep_rows` rows of its (non-interlaced) data in a well-formed IDAT chunk: the file ends properly, with IEND,
-    but its compressed data stops half way (Pillow then fills the rest with black)."""
+    `keep_bytes` bytes of its data (each row is a filter byte and its pixels, pass after pass) in a well-formed
+    IDAT chunk: the file ends properly, with IEND, but its compressed data stops short (Pillow then fills the
+    rest with black)."""
     height, width = pixels.shape
     passes = [pixels[y0::dy, x0::dx] for x0, y0, dx, dy in ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4),
                                                              (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))] \
-        if interlace else [pixels[:keep_rows]]
+        if interlace else [pixels]
     raw = b"".join(b"\0" + row.astype(np.uint8).tobytes() for image in passes if image.size for row in image)
+    raw = raw[:keep_bytes]
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, int(interlace))
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(raw))
                      + _png_chunk(b"IEND", b""))

@@ -104,7 +104,7 @@ def _tiff_pages(path, count: int):
 
 
 DAMAGED = {  # name -> (how the file is made, what the error must say)
-    "half_data.png": (lambda p: png_8bit_gray(p, textured(64, 64), keep_rows=32),
+    "half_data.png": (lambda p: png_8bit_gray(p, textured(64, 64), keep_bytes=32 * 65),
                       r"the PNG image data ends early \(2,080 of 4,160 bytes, about 32 of 64 rows\)"),
     "rows_cropped.dcm": (lambda p: _dicom_with(p, Rows=20),
                          r"the pixel data holds 2,048 bytes, but Rows 20 x Columns 32 x 1 sample\(s\) x 16 bits make 1,280"),
@@ -183,6 +183,34 @@ def test_interlaced_png_passes_the_completeness_check(tmp_path):
     pixels = textured(53, 37)
     path = png_8bit_gray(tmp_path / "adam7.png", pixels, interlace=True)
     np.testing.assert_array_equal(np.asarray(images.load_grayscale(path)), pixels)
+
+
+@pytest.mark.parametrize("interlace", [False, True], ids=["rows", "adam7"])
+@pytest.mark.parametrize("height", [22, 23])  # Adam7's last odd row is the last row or the one before it
+def test_a_png_whose_data_stops_at_any_byte_is_refused(tmp_path, interlace, height):
+    """Cut after every byte of its data (mid-row, mid-pass), a PNG is refused, and whole it is read: the check's
+    shortcut (a byte other than zero in the last row the decoder writes) never passes a cut file. The pixels
+    have no zero byte, so every row written shows; Pillow's memory is first dirtied with white images, so that
+    rows it did not write would show too if it did not zero them."""
+    pixels = np.maximum(textured(height, 19), 1)
+    whole = png_8bit_gray(tmp_path / "whole.png", pixels, interlace).read_bytes()
+    dirty = [Image.new("L", (19, height), 255).copy() for _ in range(64)]
+    del dirty
+    keep = 0
+    while (path := png_8bit_gray(tmp_path / "cut.png", pixels, interlace, keep_bytes=keep)).read_bytes() != whole:
+        with pytest.raises(InputError, match=r"cut.png: (the PNG image data ends early|cannot decode image)"):
+            images.load_grayscale(path)
+        keep += 1
+    assert keep >= height * (1 + 19)  # every byte of the data was a place to stop
+    np.testing.assert_array_equal(np.asarray(images.load_grayscale(tmp_path / "whole.png")), pixels)
+
+
+def test_a_whole_png_whose_last_row_is_black_is_read(tmp_path):
+    """The check's other path: a black last row proves nothing, so the data is inflated and counted."""
+    pixels = textured(24, 19)
+    pixels[-1] = 0
+    np.testing.assert_array_equal(np.asarray(images.load_grayscale(png_8bit_gray(tmp_path / "black.png", pixels))),
+                                  pixels)
 
 
 def test_jpeg_exif_orientation_is_applied(tmp_path):

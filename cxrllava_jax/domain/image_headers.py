@@ -163,11 +163,18 @@ def _pil_header(image: Image.Image, data: bytes, origin) -> ImageHeader:
                        bytes_per_sample=max(1, _MODE_BITS[mode] // 8), frames=frames)
 
 
-def check_png_complete(data: bytes, origin):
-    """Pillow fills the rows of a PNG whose compressed data ends early with black and reports no error: inflate
-    the IDAT chunks (in bounded pieces) and compare the length with what the header's size and depth require."""
+def check_png_complete(image: Image.Image, data: bytes, origin):
+    """Pillow fills the rows of a PNG whose compressed data ends early with black and reports no error. `image`
+    is the PNG as Pillow decoded `data`, before any turn. Its decoder writes a row only once it has all of the
+    row, into an image that starts zeroed, and the stream's last row is the image's last (Adam7: the last odd
+    row, which the seventh pass fills whole): a byte other than zero there shows the data reached the end.
+    Otherwise (that row is black, or there is none) inflate the IDAT chunks (in bounded pieces) and compare the
+    length with what the header's size and depth require: a second decompression, which most radiographs skip."""
     width, height, depth, colour, interlace = int.from_bytes(data[16:20]), int.from_bytes(data[20:24]), data[24], \
         data[25], data[28]
+    last = height - 1 if not interlace or height % 2 == 0 else height - 2
+    if last >= 0 and image.crop((0, last, width, last + 1)).tobytes().strip(b"\0"):
+        return
     bits = depth * _PNG_CHANNELS.get(colour, 1)
     passes = [(width, height)] if not interlace else [  # Adam7: each pass's (columns, rows)
         (math.ceil((width - x0) / dx), math.ceil((height - y0) / dy))

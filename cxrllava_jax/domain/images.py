@@ -92,11 +92,13 @@ def _load(image: Image.Image, data: bytes, origin) -> Image.Image:
     """Decodes a header-checked PIL image, checks it is complete and turns it as its EXIF orientation says."""
     try:
         image.load()
+        if image.format == "PNG":  # before the turn: the check reads the last row the decoder wrote
+            check_png_complete(image, data, origin)
         ImageOps.exif_transpose(image, in_place=True)
+    except InputError:
+        raise
     except Exception as error:  # decoders raise many types for broken files; each is this file's failure
         raise InputError(f"{origin}: cannot decode image ({type(error).__name__}: {error})") from error
-    if image.format == "PNG":
-        check_png_complete(data, origin)
     return image
 
 

@@ -440,7 +440,8 @@ def _check_tree(value, path: str, depth: int):
 
 
 def _check_text(text: str, where: str, path: str):
-    if (match := _SURROGATE.search(text)) is not None:
+    # isascii() reads a flag CPython keeps on every str: a data URL's hundreds of kilobytes are not scanned
+    if not text.isascii() and (match := _SURROGATE.search(text)) is not None:
         raise RequestError(400, f"{where}: character {match.start():,} is a lone UTF-16 surrogate "
                                 f"({ascii(match[0])}), which is not text", path or None)
 
