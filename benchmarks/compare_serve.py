@@ -17,11 +17,8 @@ import asyncio
 import json
 import os
 import pathlib
-import re
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 
@@ -29,36 +26,15 @@ import aiohttp
 import numpy as np
 
 import bench_serve
-from cxrllava_jax import accelerator
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-class Server:
-    """`cxrllava serve` from `tree` on a free port; its stderr drained."""
-
-    def __init__(self, tree: pathlib.Path, extra: list[str], checkpoint: pathlib.Path, clients: int):
-        command = [sys.executable, "-m", "cxrllava_jax.cli", "serve", "--checkpoint", str(checkpoint), "--port", "0",
-                   "--model-name", bench_serve.MODEL_ID, "--max-batch-size", str(bench_serve.MAX_BATCH_SIZE),
-                   "--max-queue", str(max(64, clients)), *extra]
-        env = {**os.environ, "PYTHONPATH": str(tree), **accelerator.shared_memory_env(3)}
-        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=tree, env=env)
-        for line in self.process.stderr:
-            if match := re.search(r"http://([\d.]+):(\d+)/", line):
-                self.url = f"http://{match[1]}:{match[2]}"
-                break
-        else:
-            raise RuntimeError(f"cxrllava serve from {tree} exited with {self.process.wait()}")
-        threading.Thread(target=lambda: [None for _ in self.process.stderr], daemon=True).start()
-
-    def cpu_seconds(self) -> float:
-        fields = pathlib.Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def programs(self) -> int:
-        with urllib.request.urlopen(self.url + "/health") as reply:
-            health = json.load(reply)
-        return health.get("programs_compiled", 0) + health.get("programs_loaded", 0)
+def programs(server: bench_serve.Server) -> int:
+    """Programs the server has compiled or loaded so far (its /health)."""
+    with urllib.request.urlopen(server.url + "/health") as reply:
+        health = json.load(reply)
+    return health.get("programs_compiled", 0) + health.get("programs_loaded", 0)
 
 
 async def answers(url: str, bodies: list[bytes], clients: int) -> tuple[float, list]:
@@ -77,11 +53,11 @@ async def answers(url: str, bodies: list[bytes], clients: int) -> tuple[float, l
         return time.perf_counter() - start, replies
 
 
-def one_pass(server: Server, bodies: list[bytes], clients: int) -> dict:
-    programs, cpu = server.programs(), server.cpu_seconds()
+def one_pass(server: bench_serve.Server, bodies: list[bytes], clients: int) -> dict:
+    compiled, cpu = programs(server), server.cpu_seconds()
     wall, replies = asyncio.run(answers(server.url, bodies, clients))
     return {"requests_per_s": len(bodies) / wall, "server_cpu_ms_per_request": (server.cpu_seconds() - cpu)
-            / len(bodies) * 1e3, "programs": server.programs() - programs, "load": os.getloadavg()[0],
+            / len(bodies) * 1e3, "programs": programs(server) - compiled, "load": os.getloadavg()[0],
             "replies": replies}
 
 
@@ -101,8 +77,8 @@ def main() -> int:
         pairs = bench_serve.workload(pathlib.Path(folder))
         distinct = [bench_serve.request_body(turns, image) for turns, image in pairs]
     bodies = [distinct[i % len(distinct)] for i in range(args.requests)]
-    servers = {"a": Server(args.a.resolve(), args.a_extra.split(), checkpoint, args.clients),
-               "b": Server(args.b.resolve(), args.b_extra.split(), checkpoint, args.clients)}
+    servers = {name: bench_serve.Server(checkpoint, max(64, args.clients), tree.resolve(), tuple(extra.split()))
+               for name, tree, extra in (("a", args.a, args.a_extra), ("b", args.b, args.b_extra))}
     try:
         for name, server in servers.items():
             for _ in range(bench_serve.MAX_WARM_UP_PASSES):
@@ -120,7 +96,7 @@ def main() -> int:
                       f"programs {result['programs']}", flush=True)
     finally:
         for server in servers.values():
-            server.process.terminate()
+            server.close()
     ratios = [b["requests_per_s"] / a["requests_per_s"] for a, b in zip(passes["a"], passes["b"])]
     summary = {"trees": {"a": str(args.a), "b": str(args.b)}, "options": {"a": args.a_extra, "b": args.b_extra},
                "clients": args.clients, "requests": args.requests, "cpu_count": os.cpu_count(), "passes": passes,
