@@ -97,9 +97,11 @@ def test_import_reads_the_llama_family_options(imported, hf_dir):
 
 
 def test_logits_match_transformers(ours, reference, hf_dir):
-    """Within 1e-4 of transformers computing in float64. (SmolLM2's residual stream reaches ~4,400, so float32
+    """Within 2e-4 of transformers computing in float64. (SmolLM2's residual stream reaches ~4,400, so float32
     rounding alone moves its logits by ~1e-4: transformers' own eager and SDPA float32 logits differ by ~6e-5 and
-    lie ~1e-4 from the float64 ones; against either, ours differ by ~1.1e-4, the two float32 errors added.)"""
+    lie ~1e-4 from the float64 ones; against either, ours differ by ~1.1e-4, the two float32 errors added. How
+    XLA orders a float32 sum depends on the CPU: on an AVX2-only AMD EPYC 2 of 1.8M logits lay 1.04e-4 from the
+    float64 ones. A wrong rotation, norm or mask moves them by far more than 1e-2.)"""
     _, tokenizer = reference
     ids = tokenizer.apply_chat_template(chat(FRANCE), add_generation_prompt=True, return_dict=True)["input_ids"]
     exact = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float64).eval()
@@ -108,7 +110,7 @@ def test_logits_match_transformers(ours, reference, hf_dir):
     del exact
     logits = ours.engine.spec.model.apply(ours.engine.params, np.asarray([ids], np.int32))[0][0]
     assert np.asarray(logits).dtype == np.float32
-    np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(logits), expected, atol=2e-4, rtol=0)
 
 
 def test_greedy_chat_equals_transformers_generate_token_for_token(ours, reference):
