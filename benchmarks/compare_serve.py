@@ -7,8 +7,9 @@ On a shared 2-core machine one tree's passes spread by +-20% from minute to minu
 tree cannot tell a 10% difference. Here both servers (the small model, `bench_serve`'s workload: 384 greedy chat
 completions at 16 clients by default) load and compile first, each until a pass compiles no new program; then
 rounds run one pass on each, the order alternating (a b, b a, ...), so that a slow minute falls on both. Reported:
-each pass's requests/s and the server's CPU ms per request, the paired ratio b/a of each round and their median,
-and how many answers the two servers gave alike (they must all be equal: same model, greedy). Writes
+each pass's requests/s and the server's CPU ms per request, with the rows a decode chunk ran on average and the groups
+prefilled (from /health: whether the two servers batched alike), the paired ratio b/a of each round and their
+median, and how many answers the two servers gave alike (they must all be equal: same model, greedy). Writes
 benchmarks/results/compare_serve.json. The servers' /metrics are not read: an older tree may have none.
 """
 
@@ -30,11 +31,15 @@ import bench_serve
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def programs(server: bench_serve.Server) -> int:
-    """Programs the server has compiled or loaded so far (its /health)."""
+BATCHING = ("batches", "chunks", "row_chunks")  # the batcher's counts in /health (both trees keep them)
+
+
+def health(server: bench_serve.Server) -> dict:
+    """Programs the server has compiled or loaded so far, and its batcher's counts (its /health)."""
     with urllib.request.urlopen(server.url + "/health") as reply:
         health = json.load(reply)
-    return health.get("programs_compiled", 0) + health.get("programs_loaded", 0)
+    return {"programs": health.get("programs_compiled", 0) + health.get("programs_loaded", 0),
+            **{key: health.get(key, 0) for key in BATCHING}}
 
 
 async def answers(url: str, bodies: list[bytes], clients: int) -> tuple[float, list]:
@@ -54,11 +59,16 @@ async def answers(url: str, bodies: list[bytes], clients: int) -> tuple[float, l
 
 
 def one_pass(server: bench_serve.Server, bodies: list[bytes], clients: int) -> dict:
-    compiled, cpu = programs(server), server.cpu_seconds()
+    """One pass's figures; beside them, the rows a decode chunk ran on average and the groups prefilled, which
+    show whether the two servers batched alike."""
+    before, cpu = health(server), server.cpu_seconds()
     wall, replies = asyncio.run(answers(server.url, bodies, clients))
+    after = health(server)
+    counts = {key: after[key] - before[key] for key in after}
     return {"requests_per_s": len(bodies) / wall, "server_cpu_ms_per_request": (server.cpu_seconds() - cpu)
-            / len(bodies) * 1e3, "programs": programs(server) - compiled, "load": os.getloadavg()[0],
-            "replies": replies}
+            / len(bodies) * 1e3, "programs": counts["programs"], "load": os.getloadavg()[0],
+            "rows_per_chunk": counts["row_chunks"] / max(counts["chunks"], 1), "chunks": counts["chunks"],
+            "prefill_groups": counts["batches"], "replies": replies}
 
 
 def main() -> int:
@@ -93,7 +103,8 @@ def main() -> int:
                 passes[name].append({key: round(value, 2) for key, value in result.items()})
                 print(f"round {round_} {name}: {result['requests_per_s']:6.2f} req/s, server CPU "
                       f"{result['server_cpu_ms_per_request']:6.1f} ms/request, load {result['load']:.2f}, "
-                      f"programs {result['programs']}", flush=True)
+                      f"programs {result['programs']}, {result['chunks']} chunks of {result['rows_per_chunk']:.1f} "
+                      f"rows, {result['prefill_groups']} prefills", flush=True)
     finally:
         for server in servers.values():
             server.close()

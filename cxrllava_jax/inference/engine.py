@@ -55,6 +55,16 @@ log = logging.getLogger(__name__)
 RELEASE_MAX_NEW_TOKENS = 512
 NO_TOKEN = -1  # in a chunk's tokens: the row wrote nothing at that step (it had ended)
 LONGEST_CHUNK = 256  # decode steps between trips to the host when no request streams and none waits
+# The first span of slots a decode step attends over; spans double from it (`attention_spans`). A step reads its
+# span's keys and values for every row: with a first span of 256, rows of ~80-token prompts writing 48 tokens read
+# twice the slots they hold, and those reads were about 30% of a decode step's time (XLA's CPU profile, the small
+# model at 16 rows). From 64, they read 128 until a row passes it, and the server's requests/s against the one
+# before the engine (`benchmarks/compare_serve.py`, paired) went from 0.97x to 1.22x. Each smaller span adds one
+# loop to the compiled decode chunk.
+ATTENTION_BUCKET = 64
+# The fewest slots a batch's rows have. Placing, resizing and decoding compile per cache length: lengths from 256
+# keep those programs as few as spans from 256 did (a server's prompts of 40 and of 100 tokens share them).
+SHORTEST_CACHE = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +202,7 @@ class DecodeSpec:
     model: object  # models.llama.Llama or models.cxr_llava.CXRLLaVAModel
     eos_id: int
     vocab_limit: int | None  # the tokenizer's size: ids past it (a padded embedding table) are never sampled
-    attention_bucket: int = 256  # the first span of slots a decode step attends over; spans double from it
+    attention_bucket: int = ATTENTION_BUCKET
 
     @property
     def llama_config(self):
@@ -430,7 +440,8 @@ class Engine:
 
     def __init__(self, model, params, *, eos_id: int, vocab_limit: int | None = None, max_rows: int = 16,
                  max_waiting: int | None = None, check_every: int = 16, stream_every: int = 4,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, length_bucket: int = 64, attention_bucket: int = 256):
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, length_bucket: int = 64,
+                 attention_bucket: int = ATTENTION_BUCKET):
         if max_rows < 1 or (max_waiting is not None and max_waiting < 1):
             raise ConfigError(f"the batch and the queue must hold at least one request, got {max_rows} rows and "
                               f"{max_waiting} waiting")
@@ -797,6 +808,10 @@ class Engine:
     # ---------------------------------------------------------------- the batch's size and slots
 
     def _lengthen(self, needed: int):
+        """Gives every row at least `needed` slots: the first span that holds them, and never fewer than
+        SHORTEST_CACHE (the spans a step reads start shorter than the cache lengths, which programs are compiled
+        for)."""
+        needed = min(max(needed, SHORTEST_CACHE), self.max_length)
         length = next(span for span in attention_spans(0, self.max_length, self.spec.attention_bucket)
                       if span >= needed)
         if length > self.length:
