@@ -212,6 +212,41 @@ def test_the_cache_keeps_within_its_bound_evicting_the_least_recently_used():
     assert cache.nbytes == 300 and PrefixCache(0).nbytes == 0
 
 
+def test_the_cache_holds_a_key_when_one_entry_holds_all_of_it_and_that_entry_is_used_last():
+    cache = PrefixCache(max_bytes=200)
+    first, second = np.arange(6, dtype=np.int64), np.arange(6, dtype=np.int64) + 100
+    cache.add_prefix(first, {"k": None}, 100)
+    cache.add_prefix(second, {"k": None}, 100)
+    assert cache.holds(first) and cache.holds(first[:4])
+    assert not cache.holds(np.concatenate([first, [7]])) and not cache.holds(np.array([0, 1, 9], np.int64))
+    cache.add_features("image", object(), 100)  # the oldest goes: `second`, since holding `first` used it
+    assert cache.holds(first) and not cache.holds(second)
+
+
+def test_the_same_conversation_finished_again_is_kept_once(endless_model, requests):
+    """A request answered a second time (a retry, a client resending it) finds every position it would keep
+    already kept: the entry kept the first time stays (nothing is copied out again), and the answer is the first's.
+    One that writes further is kept whole, replacing the entry it extends."""
+    engine = endless_model.engine.sibling()
+
+    def finish(request: Request):
+        handle = engine.submit(request)
+        while not handle.done:
+            engine.step()
+        # its prompt's key and the tokens fed back (it ends at its budget: its last token was not fed)
+        return handle, np.concatenate([handle.key, handle.tokens[:-1]])
+
+    first, key = finish(requests[0])
+    entry = engine.cache.longest(key)[1]
+    again, _ = finish(requests[0])
+    assert again.tokens == first.tokens and again.cached_tokens == len(requests[0].prompt) - 1
+    assert engine.cache.longest(key)[1] is entry and len(engine.cache) == 2  # the prefix and the image's features
+    longer, longer_key = finish(dataclasses.replace(requests[0], sampling=dataclasses.replace(requests[0].sampling,
+                                                                                                max_new_tokens=9)))
+    assert longer.tokens[:len(first.tokens)] == first.tokens and len(longer_key) > len(key)
+    assert engine.cache.holds(longer_key) and engine.cache.longest(key)[1] is not entry and len(engine.cache) == 2
+
+
 def test_a_run_lets_go_of_each_request_as_it_ends(endless_model, requests):
     """Over an archive of thousands of images, `run` holds only the requests in flight: a finished request (its
     prompt, its images' pixels, its tokens) is not kept until the run ends (at most the last one taken, which

@@ -794,8 +794,11 @@ class Engine:
                                handle.cached_tokens))
 
     def _keep(self, row: int, handle: Handle, fed: list[int]):
-        """The row's keys and values (its prompt and the tokens fed back) into the prefix cache."""
+        """The row's keys and values (its prompt and the tokens fed back) into the prefix cache, unless an entry
+        holds them all already (the same conversation again: a retry, a client resending a finished one)."""
         key = np.concatenate([handle.key, np.asarray(fed, np.int64)])
+        if self.cache.holds(key):
+            return
         slots = min(round_up(len(key), self.length_bucket), self.length)
         kv = take_prefix(self.rows.cache, np.int32(row), length=slots)
         self.cache.add_prefix(key, kv, sum(a.nbytes for a in kv.values()))

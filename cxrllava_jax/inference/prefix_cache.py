@@ -83,6 +83,14 @@ class PrefixCache:
         self.counts["prefix_hits"] += 1
         self.counts["prefix_tokens"] += tokens
 
+    def holds(self, key: np.ndarray) -> bool:
+        """Whether an entry holds every position of `key`; if so, that entry becomes the most recently used."""
+        for name, entry in self._entries.items():
+            if name[0] == "prefix" and len(entry.key) >= len(key) and np.array_equal(entry.key[:len(key)], key):
+                self._entries.move_to_end(name)
+                return True
+        return False
+
     def add_prefix(self, key: np.ndarray, kv: dict, nbytes: int):
         """Keeps a finished request's prefix; entries that it extends are dropped (it holds all they hold)."""
         for name, entry in list(self._entries.items()):
