@@ -59,8 +59,8 @@ LONGEST_CHUNK = 256  # decode steps between trips to the host when no request st
 # span's keys and values for every row: with a first span of 256, rows of ~80-token prompts writing 48 tokens read
 # twice the slots they hold, and those reads were about 30% of a decode step's time (XLA's CPU profile, the small
 # model at 16 rows). From 64, they read 128 until a row passes it, and the server's requests/s against the one
-# before the engine (`benchmarks/compare_serve.py`, paired) went from 0.97x to 1.22x. Each smaller span adds one
-# loop to the compiled decode chunk.
+# before the engine (`benchmarks/compare_serve.py`, paired, no prefix cache) went from 0.97x to 1.07x. Each smaller
+# span adds one loop to the compiled decode chunk.
 ATTENTION_BUCKET = 64
 # The fewest slots a batch's rows have. Placing, resizing and decoding compile per cache length: lengths from 256
 # keep those programs as few as spans from 256 did (a server's prompts of 40 and of 100 tokens share them).
